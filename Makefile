@@ -1,0 +1,34 @@
+# deidflow: the two set-up commands are `make demo` and `make test` (both create .venv first).
+PYTHON ?= python3
+VENV   := .venv
+BIN    := $(VENV)/bin
+STAMP  := $(VENV)/.installed-stamp
+CORES  ?= 2
+
+.PHONY: install demo test test-fast bench lint clean
+
+$(STAMP): pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --upgrade pip
+	$(BIN)/python -m pip install --quiet -e ".[test]"
+	touch $(STAMP)
+
+install: $(STAMP)  ## create .venv with deidflow (editable) and the test extras
+
+demo: install  ## generate the demo patients and de-identify them (ephemeral key)
+	$(BIN)/deidflow demo --cores $(CORES)
+
+test: install  ## the whole suite, real-data and slow tests included (what CI runs)
+	$(BIN)/python -m pytest -q
+
+test-fast: install  ## skip the slow and real-data tests
+	$(BIN)/python -m pytest -q -m "not slow and not realdata"
+
+bench: install  ## throughput and overhead benchmarks, printed as tables
+	$(BIN)/python benchmarks/run.py
+
+lint: install
+	DEIDFLOW_KEY=lint-only-key-0123456789 $(BIN)/snakemake --lint --config input=tests output=/tmp/deidflow-lint-release
+
+clean:
+	rm -rf $(VENV) demo .snakemake .pytest_cache

@@ -1,0 +1,23 @@
+# deidflow: de-identify a medical-imaging export into a shareable release.
+# Run from a clone:  snakemake --cores 8 --config input=/data/export output=/data/release
+# or through the CLI: deidflow run /data/export /data/release --cores 8
+from snakemake.utils import min_version, validate
+
+min_version("9.0")
+
+
+configfile: os.path.join(workflow.basedir, "config", "config.yaml")
+
+
+validate(config, os.path.join(workflow.basedir, "config", "schema.yaml"))
+
+
+include: "rules/common.smk"
+include: "rules/dicom.smk"
+include: "rules/mapping.smk"
+
+
+rule all:
+    input:
+        final_outputs(),
+    default_target: True

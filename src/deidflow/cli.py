@@ -1,0 +1,169 @@
+"""Command line: ``deidflow run | inventory | demo``.
+
+``run`` wraps Snakemake: it validates the configuration first (a bad value fails before any job,
+naming the key), writes the effective configuration into the restricted folder and starts
+Snakemake there, so ``.snakemake/`` and every log stay out of the release.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import yaml
+
+from . import __version__
+from .fsutil import RESTRICTED_FILE_MODE, atomic_write_text, make_restricted_dir
+from .pseudonym import KEY_ENV, MissingKeyError, ephemeral_key, load_key
+from .settings import (SNAKEFILE, ConfigError, deep_update, load_defaults, parse_set, resolve_paths,
+                       validate, workflow_files_present)
+
+
+def _effective_config(args: argparse.Namespace) -> dict:
+    config = load_defaults()
+    if getattr(args, "config", None):
+        deep_update(config, yaml.safe_load(Path(args.config).read_text()) or {})
+    deep_update(config, parse_set(getattr(args, "set", None) or []))
+    config["input"] = str(Path(args.input).resolve())
+    config["output"] = str(Path(args.output).resolve())
+    if getattr(args, "restricted", None):
+        config["restricted"] = str(Path(args.restricted).resolve())
+    if getattr(args, "key_file", None):
+        config["key_file"] = str(Path(args.key_file).resolve())
+    if getattr(args, "strict", False):
+        config["strict"] = True
+    return validate(config)
+
+
+def run_workflow(config: dict, *, cores: int | str = "all", profile: str | None = None,
+                 dry_run: bool = False, env: dict | None = None, extra: list[str] | None = None) -> int:
+    """Run the Snakemake workflow for ``config`` (already validated); return its exit status."""
+    if not workflow_files_present():
+        raise SystemExit("deidflow: the workflow files (Snakefile, config/) were not found next to the "
+                         "package; install deidflow from a clone with 'pip install -e .'")
+    paths = resolve_paths(config)
+    if not paths.input.is_dir():
+        raise SystemExit(f"deidflow: input folder {paths.input} does not exist")
+    make_restricted_dir(paths.restricted)
+    cfg_file = paths.restricted / "run-config.yaml"
+    atomic_write_text(cfg_file, yaml.safe_dump(config, sort_keys=True), RESTRICTED_FILE_MODE)
+    cmd = [sys.executable, "-m", "snakemake", "--snakefile", str(SNAKEFILE), "--directory",
+           str(paths.restricted), "--configfile", str(cfg_file), "--cores", str(cores)]
+    if profile:
+        cmd += ["--profile", profile]
+    if dry_run:
+        cmd += ["--dry-run"]
+    cmd += extra or []
+    rc = subprocess.call(cmd, env=env)
+    if rc == 0 and not dry_run:
+        print(f"deidflow: release in {paths.output}; mappings, audit and quarantine list in {paths.restricted}")
+    return rc
+
+
+def _cmd_run(args: argparse.Namespace) -> int:
+    try:
+        config = _effective_config(args)
+        load_key(config.get("key_file") or None)  # refuse before starting anything
+    except (ConfigError, MissingKeyError) as exc:
+        print(f"deidflow: {exc}", file=sys.stderr)
+        return 2
+    return run_workflow(config, cores=args.cores, profile=args.profile, dry_run=args.dry_run,
+                        extra=args.snakemake_args)
+
+
+def _cmd_inventory(args: argparse.Namespace) -> int:
+    from . import inventory, pipeline
+    try:
+        config = _effective_config(args)
+        key = load_key(config.get("key_file") or None)
+    except (ConfigError, MissingKeyError) as exc:
+        print(f"deidflow: {exc}", file=sys.stderr)
+        return 2
+    paths = resolve_paths(config)
+    make_restricted_dir(paths.restricted)
+    inv = inventory.build(paths.input, pipeline.pseudonymizer(key, config),
+                          previous=paths.restricted / "inventory.parquet",
+                          unmapped=config["pseudonym"]["unmapped"])
+    target = inventory.write(inv, paths.restricted)
+    ok = sum(r["status"] == "ok" for r in inv.rows)
+    print(f"{len(inv.rows)} files: {ok} to release for {len(inv.subjects)} subjects, "
+          f"{len(inv.rows) - ok} quarantined; inventory in {target}")
+    return 0
+
+
+def _cmd_demo(args: argparse.Namespace) -> int:
+    from .demo import make_demo_input
+    base = Path(args.dest).resolve()
+    inp, out = base / "input", base / "release"
+    for p in (inp, out, out.with_name(out.name + "_restricted")):
+        if p.exists():
+            shutil.rmtree(p)
+    patients = make_demo_input(inp)
+    print(f"deidflow demo: generated {len(patients)} fake patients under {inp}")
+    print("deidflow demo: using an EPHEMERAL random key (demo only): pseudonyms change on every run; "
+          f"real runs need ${KEY_ENV} or --key-file")
+    env = dict(os.environ)
+    env[KEY_ENV] = ephemeral_key().decode()
+    args.input, args.output = str(inp), str(out)
+    args.restricted = args.key_file = None
+    try:
+        config = _effective_config(args)
+    except ConfigError as exc:
+        print(f"deidflow: {exc}", file=sys.stderr)
+        return 2
+    return run_workflow(config, cores=args.cores, env=env)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="deidflow", description=__doc__.splitlines()[0])
+    p.add_argument("--version", action="version", version=f"deidflow {__version__}")
+    sub = p.add_subparsers(dest="command", required=True)
+
+    def common(sp: argparse.ArgumentParser) -> None:
+        sp.add_argument("--config", help="YAML file with config keys (see config/README.md)")
+        sp.add_argument("--set", action="append", metavar="KEY=VALUE", help="set one config key (repeatable)")
+        sp.add_argument("--restricted", help="restricted folder (default: <OUTPUT>_restricted)")
+        sp.add_argument("--key-file", help=f"file holding the secret key (default: ${KEY_ENV})")
+
+    r = sub.add_parser("run", help="de-identify INPUT into the release OUTPUT",
+                       epilog="Arguments after a lone -- are passed to Snakemake unchanged.")
+    r.add_argument("input")
+    r.add_argument("output")
+    common(r)
+    r.add_argument("--cores", default="all", help="cores for Snakemake (default: all)")
+    r.add_argument("--profile", help="Snakemake profile (e.g. profiles/slurm)")
+    r.add_argument("--strict", action="store_true", help="fail when any input file is quarantined")
+    r.add_argument("--dry-run", action="store_true", help="show the jobs without running them")
+    r.set_defaults(func=_cmd_run)
+
+    i = sub.add_parser("inventory", help="inventory INPUT into the restricted folder of OUTPUT")
+    i.add_argument("input")
+    i.add_argument("output")
+    common(i)
+    i.set_defaults(func=_cmd_inventory)
+
+    d = sub.add_parser("demo", help="generate fake patients and de-identify them (ephemeral key)")
+    d.add_argument("--dest", default="demo", help="folder for demo input, release and restricted (default: demo)")
+    d.add_argument("--cores", default="all")
+    d.add_argument("--set", action="append", metavar="KEY=VALUE")
+    d.add_argument("--config")
+    d.set_defaults(func=_cmd_demo)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    extra: list[str] = []
+    if "--" in argv:
+        cut = argv.index("--")
+        argv, extra = argv[:cut], argv[cut + 1:]
+    args = build_parser().parse_args(argv)
+    args.snakemake_args = extra
+    return args.func(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,351 @@
+"""DICOM de-identification rules: the PS3.15 profile applied to a data set.
+
+:class:`Scrubber` walks a pydicom data set (and its sequences, to any depth), applies the
+resolved :class:`~deidflow.profile.Plan` to every element and marks the data set as
+de-identified.  Reading and writing files, with pixel data streamed untouched, lives in
+:mod:`deidflow.dicomio`.
+"""
+from __future__ import annotations
+
+import copy
+from dataclasses import dataclass, field
+from functools import lru_cache
+from pathlib import Path
+
+from pydicom.datadict import dictionary_keyword, dictionary_VR
+from pydicom.dataelem import DataElement
+from pydicom.dataset import Dataset
+from pydicom.sequence import Sequence
+from pydicom.uid import UID_dictionary
+
+from . import __version__, dates, textclean
+from .profile import Plan, Rule, method_codes
+from .pseudonym import Pseudonymizer
+
+_TEXT_VRS = {"LO", "SH", "ST", "LT", "UT", "UC", "CS", "AE", "UR"}
+CLEAN_TEXT_SOURCES = (
+    "PatientName", "PatientID", "OtherPatientIDs", "OtherPatientNames", "PatientBirthName",
+    "PatientMotherBirthName", "AccessionNumber", "StudyID", "InstitutionName", "InstitutionAddress",
+    "InstitutionalDepartmentName", "StationName", "DeviceSerialNumber", "PatientAddress",
+    "PatientTelephoneNumbers", "ReferringPhysicianName", "PerformingPhysicianName",
+    "OperatorsName", "NameOfPhysiciansReadingStudy", "RequestingPhysician", "PhysiciansOfRecord",
+)
+
+
+@dataclass
+class SubjectContext:
+    """Everything the engine needs to know about the subject a file belongs to."""
+
+    pseudo: Pseudonymizer
+    subject: str
+    date_offset: int
+    uid_map: dict[str, str] = field(default_factory=dict)  # original -> new, for restricted/mapping
+
+
+@lru_cache(maxsize=4096)
+def _dict_info(tag: int) -> tuple[str, str] | None:
+    """(VR, keyword) of a public tag from the data dictionary, None when unknown."""
+    try:
+        return dictionary_VR(tag), dictionary_keyword(tag)
+    except KeyError:
+        return None
+
+
+def _tag_label(tag: int) -> str:
+    return f"({tag >> 16:04X},{tag & 0xFFFF:04X})"
+
+
+class Scrubber:
+    """Apply a :class:`Plan` to datasets of one subject (reusable across that subject's files)."""
+
+    def __init__(self, plan: Plan, ctx: SubjectContext):
+        self.plan = plan
+        self.ctx = ctx
+        self.shift_dates = "retain_long_modified_dates" in plan.options
+        self.needs_text = any(o in plan.options for o in (
+            "clean_descriptors", "clean_structured_content", "clean_graphics",
+            "retain_patient_characteristics", "retain_device_identity"))
+        self._identifiers = None
+        self._markers: Dataset | None = None
+        self.actions: dict[str, str] = {}
+
+    # -- public -------------------------------------------------------------------------------
+    def scrub(self, ds: Dataset) -> dict[str, str]:
+        """De-identify ``ds`` in place; return the actions taken (attribute path -> code)."""
+        self.begin(ds)
+        self._walk(ds, "")
+        self._mark(ds)
+        return self.actions
+
+    # -- walking ------------------------------------------------------------------------------
+    def _walk(self, ds: Dataset, prefix: str) -> None:
+        creators: dict[int, str] = {}  # (group << 8 | block) -> creator
+        kept_blocks: set[int] = set()
+        for btag in list(ds.keys()):
+            tag = int(btag)
+            group, elem = tag >> 16, tag & 0xFFFF
+            if group & 1:
+                self._private(ds, tag, group, elem, creators, kept_blocks, prefix)
+            elif elem == 0 or group == 0x0002:
+                del ds[tag]  # group lengths (recomputed) and misplaced file meta
+            else:
+                rule = self.plan.rule_for(tag)
+                if rule is None:
+                    self._unlisted(ds, tag, prefix)
+                else:
+                    self._apply(ds, tag, rule, prefix)
+        for key in set(creators) - kept_blocks:  # creators whose block lost every element
+            ctag = ((key >> 8) << 16) | (key & 0xFF)
+            if ctag in ds:
+                del ds[ctag]
+
+    def _private(self, ds, tag, group, elem, creators, kept_blocks, prefix) -> None:
+        policy = self.plan.private_policy
+        if 0x10 <= elem <= 0xFF:
+            if policy != "remove":
+                creators[(group << 8) | elem] = str(ds[tag].value or "").strip()
+                return  # kept for now; dropped at the end if its block keeps nothing
+            del ds[tag]
+            self._record(prefix, _tag_label(tag), "X")
+            return
+        block = (group << 8) | (elem >> 8)
+        creator = creators.get(block) if elem >= 0x1000 else None
+        keep = creator is not None and (
+            policy == "keep" or (policy == "safe" and self.plan.is_safe_private(creator, group, elem)))
+        if not keep:
+            del ds[tag]
+            self._record(prefix, _tag_label(tag), "X")
+            return
+        kept_blocks.add(block)
+        if self._vr(ds, tag) == "SQ":  # public attributes nested in a kept private sequence
+            self._recurse(ds, tag, prefix + _tag_label(tag))
+
+    def _unlisted(self, ds: Dataset, tag: int, prefix: str) -> None:
+        """Attributes the profile does not list: kept, with three conservative exceptions."""
+        info = _dict_info(tag)
+        if info is None:
+            del ds[tag]  # unknown public attribute: its meaning (and content) cannot be judged
+            self._record(prefix, _tag_label(tag), "X")
+            return
+        vr, keyword = info
+        raw_vr = self._vr(ds, tag)
+        if raw_vr == "SQ":
+            self._recurse(ds, tag, prefix + keyword)
+        elif raw_vr == "PN":
+            self._apply(ds, tag, Rule("Z", keyword), prefix)
+        elif raw_vr == "UI" and not keyword.endswith(("ClassUID", "SyntaxUID")):
+            self._apply(ds, tag, Rule("U", keyword), prefix)
+
+    def _apply(self, ds: Dataset, tag: int, rule: Rule, prefix: str) -> None:
+        code = rule.action
+        name = self._name(tag, rule)
+        if code == "K":
+            if self._vr(ds, tag) == "SQ":
+                self._recurse(ds, tag, prefix + name)
+            return
+        if code == "X":
+            del ds[tag]
+            self._record(prefix, name, "X")
+            return
+        vr = self._vr(ds, tag)
+        if vr == "SQ":
+            if code == "Z":
+                ds[tag] = DataElement(tag, "SQ", Sequence([]))
+                self._record(prefix, name, "Z")
+            else:  # D, U, C on a sequence: keep its structure, de-identify every item
+                self._recurse(ds, tag, prefix + name)
+            return
+        if code in ("Z", "P", "R"):
+            self._set(ds, tag, vr, self.new_value(code, vr, rule))
+        elif code == "D":
+            if self._is_empty(ds, tag):
+                return
+            if vr == "UI":
+                return self._apply(ds, tag, Rule("U", rule.name), prefix)
+            self._set(ds, tag, vr, self.new_value(code, vr, rule))
+        elif code == "U":
+            if not self._replace_uids(ds, tag):
+                return
+        elif code == "C":
+            if not self._clean(ds, tag, vr):
+                return
+        self._record(prefix, name, code)
+
+    def new_value(self, code: str, vr: str, rule: Rule) -> str | None:
+        """The value written by Z, P, R and D, none of which depends on the original value."""
+        if code == "Z":
+            return None
+        if code == "P":
+            return self.ctx.subject
+        if code == "R":
+            return rule.value
+        return self.plan.dummy.get(vr)
+
+    def map_uid(self, value: str) -> str:
+        """The keyed replacement of one UID; registered (well-known) UIDs stay as they are."""
+        v = value.strip("\x00 ")
+        if not v or v in UID_dictionary:
+            return v
+        new = self.ctx.pseudo.uid(v)
+        self.ctx.uid_map[v] = new
+        return new
+
+    def _recurse(self, ds: Dataset, tag: int, path: str) -> None:
+        for i, item in enumerate(ds[tag].value or ()):
+            self._walk(item, f"{path}[{i}].")
+
+    # -- actions ------------------------------------------------------------------------------
+    def _replace_uids(self, ds: Dataset, tag: int) -> bool:
+        elem = ds[tag]
+        vals = elem.value
+        if not vals:
+            return False
+        multi = not isinstance(vals, str)
+        out = [self.map_uid(str(v)) for v in (vals if multi else [vals])]
+        elem.value = out if multi else out[0]
+        return True
+
+    def _clean(self, ds: Dataset, tag: int, vr: str) -> bool:
+        elem = ds[tag]
+        value = elem.value
+        if value in (None, "", b""):
+            return False
+        if vr in ("DA", "DT"):
+            if self.shift_dates:
+                try:
+                    elem.value = dates.shift(str(value) if isinstance(value, str) else "\\".join(map(str, value)),
+                                             vr, self.ctx.date_offset)
+                except dates.DateError:
+                    elem.value = self.plan.dummy[vr]  # unparseable: cannot be shifted, so replaced
+            return True
+        if vr == "TM":
+            return False  # times are kept by the longitudinal options
+        if vr == "PN":
+            elem.value = self.plan.dummy["PN"]
+            return True
+        if vr == "UI":
+            return self._replace_uids(ds, tag)
+        if vr in _TEXT_VRS:
+            parts = [value] if isinstance(value, str) else list(value)
+            cleaned = [textclean.clean_text(str(p), self._identifiers) for p in parts]
+            if vr in ("SH", "CS", "AE"):
+                cleaned = [c[:16] for c in cleaned]
+            elem.value = cleaned[0] if isinstance(value, str) else cleaned
+            return cleaned != [str(p) for p in parts]
+        return False
+
+    def _mark(self, ds: Dataset) -> None:
+        """Record what was done in the data set itself (PS3.15 E.1.1, PS3.3 C.12.1)."""
+        for elem in self.marker_dataset():
+            ds[elem.tag] = copy.deepcopy(elem)
+
+    def marker_dataset(self) -> Dataset:
+        """PatientIdentityRemoved, DeidentificationMethod(CodeSequence) and
+        LongitudinalTemporalInformationModified for this plan (built once)."""
+        if self._markers is None:
+            m = Dataset()
+            m.PatientIdentityRemoved = "YES"
+            m.DeidentificationMethod = [f"deidflow {__version__}"[:64], "PS3.15 2024b E.1-1 Basic Profile",
+                                        f"private attributes: {self.plan.private_policy}"]
+            seq = []
+            for value, meaning in method_codes(self.plan):
+                item = Dataset()
+                item.CodeValue = value
+                item.CodingSchemeDesignator = "DCM"
+                item.CodeMeaning = meaning
+                seq.append(item)
+            m.DeidentificationMethodCodeSequence = seq
+            if "retain_long_full_dates" in self.plan.options:
+                m.LongitudinalTemporalInformationModified = "UNMODIFIED"
+            elif self.shift_dates:
+                m.LongitudinalTemporalInformationModified = "MODIFIED"
+            else:
+                m.LongitudinalTemporalInformationModified = "REMOVED"
+            self._markers = m
+        return self._markers
+
+    def begin(self, identifier_source: Dataset | None) -> None:
+        """Start a new file: reset the action record; collect the file's identifiers when the
+        plan cleans free text (``identifier_source`` must still hold the original values)."""
+        self.actions = {}
+        self._identifiers = (self._collect_identifiers(identifier_source)
+                             if self.needs_text and identifier_source is not None else None)
+
+    def fast_action(self, tag: int, vr: str | None) -> str | None:
+        """``K`` or ``X`` when a public element can be kept or dropped without decoding it,
+        else None (the element must go through :meth:`apply_to`)."""
+        rule = self.plan.rule_for(tag)
+        if rule is None:
+            info = _dict_info(tag)
+            if info is None:
+                return "X"
+            vr = vr or info[0]
+            if vr in ("SQ", "PN", "UN") or (vr == "UI" and not info[1].endswith(("ClassUID", "SyntaxUID"))):
+                return None
+            return "K"
+        if rule.action == "X":
+            return "X"
+        if rule.action == "K" and vr not in ("SQ", "UN", None):
+            return "K"
+        return None
+
+    def apply_to(self, ds: Dataset, tag: int) -> None:
+        """Apply the plan to the public element ``tag`` of ``ds`` (decoding it as needed)."""
+        rule = self.plan.rule_for(tag)
+        if rule is None:
+            self._unlisted(ds, tag, "")
+        else:
+            self._apply(ds, tag, rule, "")
+
+    def record_drop(self, tag: int) -> None:
+        """Record that top-level element ``tag`` was removed without decoding it."""
+        info = None if (tag >> 16) & 1 else _dict_info(tag)
+        self._record("", info[1] if info and info[1] else _tag_label(tag), "X")
+
+    def recurse_private(self, ds: Dataset, tag: int) -> None:
+        """Apply the profile to public attributes nested in a kept private sequence."""
+        self._recurse(ds, tag, _tag_label(tag))
+
+    # -- helpers ------------------------------------------------------------------------------
+    @staticmethod
+    def _vr(ds: Dataset, tag: int) -> str:
+        """The element's VR: as encoded, else (implicit VR or UN) from the data dictionary."""
+        raw = ds.get_item(tag)
+        vr = raw.VR if raw is not None else None
+        if vr is None or (vr == "UN" and not (tag >> 16) & 1):
+            info = _dict_info(tag)
+            if info is not None:
+                vr = info[0].split(" or ")[0]
+        if vr is None or vr == "UN":
+            undefined = raw is not None and getattr(raw, "is_undefined_length", False)
+            return "SQ" if undefined else "UN"
+        return vr
+
+    @staticmethod
+    def _is_empty(ds: Dataset, tag: int) -> bool:
+        raw = ds.get_item(tag)
+        return raw is None or raw.value in (None, b"", "", [])
+
+    @staticmethod
+    def _set(ds: Dataset, tag: int, vr: str, value) -> None:
+        if vr in ("US", "SS", "UL", "SL", "FL", "FD", "SV", "UV", "AT", "OB", "OW", "OF", "OD", "OL", "OV", "UN"):
+            value = None if value in ("", None) else (0 if vr not in ("OB", "OW", "OF", "OD", "OL", "OV", "UN") else b"")
+        ds[tag] = DataElement(tag, vr, value)
+
+    def _record(self, prefix: str, name: str, code: str) -> None:
+        self.actions[prefix + name] = code
+
+    @staticmethod
+    def _name(tag: int, rule: Rule) -> str:
+        info = None if (tag >> 16) & 1 else _dict_info(tag)
+        return info[1] if info and info[1] else rule.name
+
+    def _collect_identifiers(self, ds: Dataset):
+        values: list[str] = []
+        for kw in CLEAN_TEXT_SOURCES:
+            v = ds.get(kw)
+            if v is None or v == "":
+                continue
+            values.extend(str(x) for x in (v if isinstance(v, (list, tuple)) or hasattr(v, "__iter__") and not isinstance(v, str) else [v]))
+        bd = str(ds.get("PatientBirthDate", "") or "")
+        return textclean.compile_identifiers(textclean.name_parts(values) | textclean.date_forms(bd))

@@ -1,0 +1,435 @@
+"""Read a DICOM file, de-identify it, write it: headers parsed, pixel data streamed untouched.
+
+The fast path memory-maps the source, walks the top-level elements with ``struct`` and copies
+every element the profile keeps (and the pixel data) as raw bytes; only elements whose value
+changes, and sequences, are decoded with pydicom and re-encoded.  Files the fast path cannot
+stream (no preamble or file meta, deflated transfer syntax) go through pydicom as a whole.
+Any problem raises :class:`DicomError` with a one-line reason for the quarantine list.
+"""
+from __future__ import annotations
+
+import mmap
+import os
+import struct
+from dataclasses import dataclass
+from pathlib import Path
+from typing import BinaryIO
+
+import pydicom
+from pydicom.charset import convert_encodings
+from pydicom.datadict import tag_for_keyword
+from pydicom.dataelem import RawDataElement
+from pydicom.dataset import Dataset, FileMetaDataset
+from pydicom.filebase import DicomBytesIO, DicomFileLike
+from pydicom.filereader import _read_file_meta_info, read_preamble
+from pydicom.filewriter import write_data_element, write_file_meta_info
+from pydicom.tag import BaseTag
+from pydicom.uid import (DeflatedExplicitVRLittleEndian, ExplicitVRBigEndian,
+                         ExplicitVRLittleEndian, ImplicitVRLittleEndian)
+
+from . import __version__
+from .dicom import CLEAN_TEXT_SOURCES, Scrubber
+
+IMPLEMENTATION_CLASS_UID = "2.25.173526497432135315340637374432658215186"  # fixed, deidflow's own
+IMPLEMENTATION_VERSION = ("DEIDFLOW_" + __version__.split("+")[0].replace(".", ""))[:16]
+PIXEL_TAGS = frozenset((0x7FE00008, 0x7FE00009, 0x7FE00010))
+UNDEFINED = 0xFFFFFFFF
+_LONG_VRS = frozenset((b"OB", b"OW", b"OF", b"OD", b"OL", b"OV", b"SQ", b"UN", b"UC", b"UR", b"UT", b"SV", b"UV"))
+_ITEM, _ITEM_END, _SEQ_END = (0xFFFE, 0xE000), (0xFFFE, 0xE00D), (0xFFFE, 0xE0DD)
+_CHARSET, _SOP_CLASS, _SOP_INSTANCE = 0x00080005, 0x00080016, 0x00080018
+_IDENTIFIER_TAGS = frozenset(tag_for_keyword(k) for k in (*CLEAN_TEXT_SOURCES, "PatientBirthDate"))
+
+
+class DicomError(ValueError):
+    """A file that cannot be de-identified safely; the message is a one-line quarantine reason."""
+
+
+@dataclass
+class FileResult:
+    """What happened to one file: attribute path -> action code (changes only, never values)."""
+
+    actions: dict[str, str]
+    sop_instance_uid: str
+    pixel_bytes: int
+
+
+@dataclass(frozen=True)
+class _Elem:
+    tag: int
+    vr: bytes | None  # None in implicit VR
+    start: int  # first byte of the element header
+    vstart: int  # first byte of the value
+    vend: int  # end of the value (before the delimiter for undefined length)
+    end: int  # first byte after the element
+    undefined: bool
+
+
+class _Walker:
+    """Element-by-element scanner over a memory-mapped file body."""
+
+    def __init__(self, buf, size: int, implicit: bool, little: bool):
+        self.buf, self.size, self.implicit = buf, size, implicit
+        e = "<" if little else ">"
+        self.hh, self.l4, self.h2, self.hhl = (struct.Struct(e + f) for f in ("HH", "L", "H", "HHL"))
+
+    def element(self, pos: int) -> _Elem:
+        buf, size = self.buf, self.size
+        if pos + 8 > size:
+            raise DicomError("file ends inside an element header (truncated)")
+        group, el = self.hh.unpack_from(buf, pos)
+        if self.implicit:
+            vr = None
+            (length,) = self.l4.unpack_from(buf, pos + 4)
+            vstart = pos + 8
+        else:
+            vr = bytes(buf[pos + 4:pos + 6])
+            if vr in _LONG_VRS:
+                if pos + 12 > size:
+                    raise DicomError("file ends inside an element header (truncated)")
+                (length,) = self.l4.unpack_from(buf, pos + 8)
+                vstart = pos + 12
+            elif vr.isalpha() and vr.isupper():
+                (length,) = self.h2.unpack_from(buf, pos + 6)
+                vstart = pos + 8
+            else:
+                raise DicomError(f"invalid VR at ({group:04X},{el:04X})")
+        tag = group << 16 | el
+        if length == UNDEFINED:
+            # UN of undefined length holds implicit VR little endian items (PS3.5 6.2.2)
+            walker = self if vr != b"UN" or self.implicit else self.implicit_twin()
+            vend, end = walker.skip_items(vstart)
+            return _Elem(tag, vr, pos, vstart, vend, end, True)
+        end = vstart + length
+        if end > size:
+            raise DicomError(f"element ({group:04X},{el:04X}) truncated: needs {length} bytes, "
+                             f"file has {size - vstart}")
+        return _Elem(tag, vr, pos, vstart, end, end, False)
+
+    def implicit_twin(self) -> "_Walker":
+        return _Walker(self.buf, self.size, True, True)
+
+    def skip_items(self, pos: int) -> tuple[int, int]:
+        """Skip the items of an undefined-length value; return (delimiter position, end)."""
+        while True:
+            if pos + 8 > self.size:
+                raise DicomError("sequence or encapsulated pixel data truncated (no delimiter)")
+            group, el, length = self.hhl.unpack_from(self.buf, pos)
+            if (group, el) == _SEQ_END:
+                return pos, pos + 8
+            if (group, el) != _ITEM:
+                raise DicomError(f"malformed sequence: ({group:04X},{el:04X}) where an item was expected")
+            if length == UNDEFINED:
+                pos = self.skip_item_elements(pos + 8)
+            else:
+                pos += 8 + length
+                if pos > self.size:
+                    raise DicomError("sequence item truncated")
+
+    def skip_item_elements(self, pos: int) -> int:
+        while True:
+            if pos + 8 > self.size:
+                raise DicomError("sequence item truncated (no item delimiter)")
+            if self.hh.unpack_from(self.buf, pos) == _ITEM_END:
+                return pos + 8
+            pos = self.element(pos).end
+
+
+def _str_value(buf, el: _Elem) -> str:
+    return bytes(buf[el.vstart:el.vend]).decode("latin-1").strip("\x00 ")
+
+
+def _transfer_syntax(fp: BinaryIO) -> tuple[FileMetaDataset | None, str | None]:
+    """Read preamble and file meta; (None, None) when the file has no Part-10 header."""
+    try:
+        if read_preamble(fp, force=True) is None:
+            return None, None
+        meta = _read_file_meta_info(fp)
+    except Exception:
+        return None, None
+    ts = meta.get("TransferSyntaxUID")
+    return meta, (str(ts) if ts else None)
+
+
+def deidentify_file(src: Path, out: BinaryIO, scrubber: Scrubber) -> FileResult:
+    """Write the de-identified version of the DICOM file ``src`` to ``out``."""
+    src = Path(src)
+    size = src.stat().st_size
+    if size == 0:
+        raise DicomError("zero-byte file")
+    with open(src, "rb") as fp:
+        meta, ts = _transfer_syntax(fp)
+        if ts not in (ImplicitVRLittleEndian, ExplicitVRBigEndian) and not _is_explicit_le_family(ts):
+            return _deidentify_dataset(src, out, scrubber)
+        body = fp.tell()
+        with mmap.mmap(fp.fileno(), 0, access=mmap.ACCESS_READ) as mm:
+            return _stream(mm, size, body, meta, ts, out, scrubber)
+
+
+def _is_explicit_le_family(ts: str | None) -> bool:
+    """Explicit VR little endian data sets, native or with encapsulated pixel data (not deflated)."""
+    if ts is None or ts == DeflatedExplicitVRLittleEndian or ts == ImplicitVRLittleEndian:
+        return False
+    if ts == ExplicitVRBigEndian:
+        return False
+    return ts == ExplicitVRLittleEndian or ts.startswith("1.2.840.10008.1.2.")
+
+
+def _stream(mm, size: int, body: int, meta: FileMetaDataset, ts: str, out: BinaryIO,
+            scrubber: Scrubber) -> FileResult:
+    implicit, little = ts == ImplicitVRLittleEndian, ts != ExplicitVRBigEndian
+    walker = _Walker(mm, size, implicit, little)
+    elems = []
+    pos = body
+    while pos < size:
+        el = walker.element(pos)
+        elems.append(el)
+        pos = el.end
+    charset = None
+    by_tag = {el.tag: el for el in elems}
+    if _CHARSET in by_tag:
+        charset = [c.strip() for c in _str_value(mm, by_tag[_CHARSET]).split("\\")]
+    encodings = convert_encodings(charset)
+    scrubber.begin(_identifier_source(mm, elems, charset, implicit, little) if scrubber.needs_text else None)
+
+    def encode(elem) -> bytes:
+        enc = DicomBytesIO()
+        enc.is_little_endian, enc.is_implicit_VR = little, implicit
+        write_data_element(enc, elem, encodings)
+        return enc.getvalue()
+
+    def tmp_dataset(el: _Elem, vr: str | None) -> Dataset:
+        ds = Dataset()
+        if charset:
+            ds.SpecificCharacterSet = charset
+        value = bytes(mm[el.vstart:el.vend])
+        ds[el.tag] = RawDataElement(BaseTag(el.tag), vr, len(value), value, el.vstart,
+                                    implicit, little, True)
+        return ds
+
+    markers = [(m.tag, encode(m)) for m in scrubber.marker_dataset()]
+    chunks: list = []
+    creators: dict[int, int] = {}  # block -> chunk index of the creator element
+    creator_names: dict[int, str] = {}
+    kept_blocks: set[int] = set()
+    policy = scrubber.plan.private_policy
+    sop_class = sop_instance = None
+    pixel_bytes = 0
+    for el in elems:
+        tag = el.tag
+        while markers and markers[0][0] < tag:
+            chunks.append(markers.pop(0)[1])
+        if markers and markers[0][0] == tag:
+            chunks.append(markers.pop(0)[1])
+            continue
+        group, num = tag >> 16, tag & 0xFFFF
+        if tag in PIXEL_TAGS:
+            chunks.append((el.start, el.end))
+            pixel_bytes += el.end - el.start
+            continue
+        if group == 0x0002 or num == 0 or group == 0xFFFE:
+            continue
+        vr = el.vr.decode("ascii") if el.vr else None
+        if group & 1:  # private
+            if policy == "remove" or num < 0x10 or 0x100 <= num < 0x1000:
+                scrubber.record_drop(tag)
+                continue
+            if num <= 0xFF:
+                block = group << 8 | num
+                creators[block] = len(chunks)
+                creator_names[block] = _str_value(mm, el)
+                chunks.append((el.start, el.end))
+                continue
+            block = group << 8 | num >> 8
+            creator = creator_names.get(block)
+            if creator is None or (policy == "safe" and not scrubber.plan.is_safe_private(creator, group, num)):
+                scrubber.record_drop(tag)
+                continue
+            kept_blocks.add(block)
+            if vr == "SQ" or (vr in (None, "UN") and el.undefined):
+                ds = tmp_dataset(el, "SQ" if vr == "SQ" or el.undefined else vr)
+                scrubber.recurse_private(ds, tag)
+                chunks.append(encode(ds[tag]))
+            else:
+                chunks.append((el.start, el.end))
+            continue
+        fast = scrubber.fast_action(tag, vr)
+        if fast == "K":
+            chunks.append((el.start, el.end))
+            if tag == _SOP_CLASS:
+                sop_class = _str_value(mm, el)
+            elif tag == _SOP_INSTANCE:
+                sop_instance = _str_value(mm, el)
+            continue
+        if fast == "X":
+            scrubber.record_drop(tag)
+            continue
+        simple = _simple_replacement(scrubber, mm, el, vr, implicit, little)
+        if simple is not None:
+            chunks.append(simple)
+            if tag == _SOP_INSTANCE:
+                sop_instance = simple[8:].decode("ascii").strip("\x00 ")  # UI: 8-byte header
+            continue
+        ds = tmp_dataset(el, "SQ" if vr is None and el.undefined else vr)
+        try:
+            scrubber.apply_to(ds, tag)
+        except (ValueError, TypeError, KeyError) as exc:
+            raise DicomError(f"cannot de-identify ({group:04X},{num:04X}): {type(exc).__name__}") from None
+        if tag in ds:
+            chunks.append(encode(ds[tag]))
+            if tag == _SOP_INSTANCE:
+                sop_instance = str(ds[tag].value)
+            elif tag == _SOP_CLASS:
+                sop_class = str(ds[tag].value)
+    chunks.extend(m[1] for m in markers)
+    for block, idx in creators.items():
+        if block not in kept_blocks:
+            chunks[idx] = b""
+    if not sop_instance:
+        raise DicomError("no SOPInstanceUID in the data set")
+    sop_class = sop_class or (str(meta.get("MediaStorageSOPClassUID", "")) or None)
+    if not sop_class:
+        raise DicomError("no SOPClassUID in the data set or file meta")
+    out.write(b"\x00" * 128 + b"DICM")
+    write_file_meta_info(DicomFileLike(out), _new_meta(sop_class, sop_instance, ts))
+    view = memoryview(mm)
+    try:
+        for c in chunks:
+            if isinstance(c, tuple):
+                out.write(view[c[0]:c[1]])
+            elif c:
+                out.write(c)
+    finally:
+        view.release()
+    return FileResult(dict(scrubber.actions), sop_instance, pixel_bytes)
+
+
+_SIMPLE_TEXT_VRS = frozenset(("AE", "AS", "CS", "DA", "DS", "DT", "IS", "LO", "LT", "PN", "SH", "ST", "TM", "UC", "UT", "UI"))
+
+
+def _simple_replacement(scrubber: Scrubber, mm, el: _Elem, vr: str | None, implicit: bool,
+                        little: bool) -> bytes | None:
+    """Encoded element for the common cases that need no decoding (Z, P, R, D with an ASCII
+    value, U on a UI element); None when the element must go through pydicom."""
+    rule = scrubber.plan.rule_for(el.tag)
+    if rule is None or el.undefined:
+        return None
+    if vr is None:
+        from .dicom import _dict_info
+        info = _dict_info(el.tag)
+        vr = info[0] if info else None
+    if vr not in _SIMPLE_TEXT_VRS:
+        return None
+    code = rule.action
+    if code == "D" and vr == "UI":
+        code = "U"
+    if code == "U":
+        if vr != "UI":
+            return None
+        old = bytes(mm[el.vstart:el.vend]).decode("ascii", "replace")
+        if not old.strip("\x00 "):
+            return bytes(mm[el.start:el.end])
+        text = "\\".join(scrubber.map_uid(v) for v in old.split("\\"))
+    elif code in ("Z", "P", "R", "D"):
+        if code == "D" and el.vend == el.vstart:
+            return bytes(mm[el.start:el.end])  # empty stays empty
+        text = scrubber.new_value(code, vr, rule)
+        if code != "Z" and text is None:
+            return None
+        text = text or ""
+    else:
+        return None
+    try:
+        value = text.encode("ascii")
+    except UnicodeEncodeError:
+        return None
+    if len(value) % 2:
+        value += b"\x00" if vr == "UI" else b" "
+    scrubber._record("", scrubber._name(el.tag, rule), code)
+    return _header(el.tag, vr, len(value), implicit, little) + value
+
+
+def _header(tag: int, vr: str, length: int, implicit: bool, little: bool) -> bytes:
+    e = "<" if little else ">"
+    if implicit:
+        return struct.pack(e + "HHL", tag >> 16, tag & 0xFFFF, length)
+    if vr.encode() in _LONG_VRS:
+        return struct.pack(e + "HH2sHL", tag >> 16, tag & 0xFFFF, vr.encode(), 0, length)
+    return struct.pack(e + "HH2sH", tag >> 16, tag & 0xFFFF, vr.encode(), length)
+
+
+def _identifier_source(mm, elems, charset, implicit, little) -> Dataset:
+    """A data set with the original identifying elements (for cleaning free text)."""
+    wanted = _IDENTIFIER_TAGS
+    ds = Dataset()
+    if charset:
+        ds.SpecificCharacterSet = charset
+    for el in elems:
+        if el.tag in wanted and not el.undefined:
+            value = bytes(mm[el.vstart:el.vend])
+            vr = el.vr.decode("ascii") if el.vr else None
+            ds[el.tag] = RawDataElement(BaseTag(el.tag), vr, len(value), value, el.vstart, implicit, little, True)
+    return ds
+
+
+def _new_meta(sop_class: str, sop_instance: str, ts: str) -> FileMetaDataset:
+    meta = FileMetaDataset()
+    meta.MediaStorageSOPClassUID = sop_class
+    meta.MediaStorageSOPInstanceUID = sop_instance
+    meta.TransferSyntaxUID = ts
+    meta.ImplementationClassUID = IMPLEMENTATION_CLASS_UID
+    meta.ImplementationVersionName = IMPLEMENTATION_VERSION
+    return meta
+
+
+def _deidentify_dataset(src: Path, out: BinaryIO, scrubber: Scrubber) -> FileResult:
+    """Slow path for files without a Part-10 header or with a deflated data set."""
+    try:
+        ds = pydicom.dcmread(src, force=True)
+        if not len(ds):
+            raise DicomError("no data elements (not a DICOM data set)")
+        implicit, little = ds.original_encoding
+    except DicomError:
+        raise
+    except Exception as exc:  # pydicom raises many types on damaged input
+        raise DicomError(f"not readable as DICOM: {type(exc).__name__}") from None
+    if implicit is None:
+        raise DicomError("no data elements (not a DICOM data set)")
+    old_meta = getattr(ds, "file_meta", None) or FileMetaDataset()
+    ts = str(old_meta.get("TransferSyntaxUID", "")) or {
+        (True, True): ImplicitVRLittleEndian, (False, True): ExplicitVRLittleEndian,
+        (False, False): ExplicitVRBigEndian}[(implicit, little)]
+    try:
+        actions = scrubber.scrub(ds)
+    except (ValueError, TypeError, KeyError) as exc:
+        raise DicomError(f"cannot de-identify: {type(exc).__name__}") from None
+    if not ds.get("SOPInstanceUID"):
+        raise DicomError("no SOPInstanceUID in the data set")
+    sop_class = ds.get("SOPClassUID") or old_meta.get("MediaStorageSOPClassUID")
+    if not sop_class:
+        raise DicomError("no SOPClassUID in the data set or file meta")
+    ds.file_meta = _new_meta(str(sop_class), str(ds.SOPInstanceUID), ts)
+    ds.preamble = b"\x00" * 128
+    try:
+        pydicom.dcmwrite(out, ds, enforce_file_format=True)
+    except Exception as exc:
+        raise DicomError(f"cannot write de-identified file: {type(exc).__name__}") from None
+    pix = ds.get("PixelData")
+    return FileResult(actions, str(ds.SOPInstanceUID), len(pix) if pix else 0)
+
+
+def deidentify_path(src: Path, dst: Path, scrubber: Scrubber) -> FileResult:
+    """De-identify ``src`` into ``dst`` atomically (temporary file in the same folder, rename)."""
+    dst = Path(dst)
+    dst.parent.mkdir(parents=True, exist_ok=True)
+    tmp = dst.with_name(f".tmp-{dst.name}.{os.getpid()}")
+    try:
+        with open(tmp, "wb") as fh:
+            result = deidentify_file(src, fh, scrubber)
+        os.replace(tmp, dst)
+    except BaseException:
+        try:
+            os.unlink(tmp)
+        except FileNotFoundError:
+            pass
+        raise
+    return result

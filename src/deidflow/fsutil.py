@@ -1,0 +1,91 @@
+"""File-system helpers: atomic writes, restricted folders, read-only input handling."""
+from __future__ import annotations
+
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+RESTRICTED_DIR_MODE = 0o700
+RESTRICTED_FILE_MODE = 0o600
+
+
+def make_restricted_dir(path: Path) -> Path:
+    """Create ``path`` (and parents) and force mode 0700 on it."""
+    path = Path(path)
+    path.mkdir(parents=True, exist_ok=True)
+    os.chmod(path, RESTRICTED_DIR_MODE)
+    return path
+
+
+def atomic_write_bytes(path: Path, data: bytes, mode: int | None = None) -> None:
+    """Write ``data`` to ``path`` through a temporary file in the same folder and a rename."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".tmp-", suffix=".part")
+    try:
+        with os.fdopen(fd, "wb") as fh:
+            fh.write(data)
+        if mode is not None:
+            os.chmod(tmp, mode)
+        os.replace(tmp, path)
+    except BaseException:
+        _unlink_quietly(tmp)
+        raise
+
+
+def atomic_write_text(path: Path, text: str, mode: int | None = None) -> None:
+    """Text variant of :func:`atomic_write_bytes` (UTF-8)."""
+    atomic_write_bytes(path, text.encode("utf-8"), mode)
+
+
+def write_if_changed(path: Path, data: bytes, mode: int | None = None) -> bool:
+    """Atomically write ``data`` unless ``path`` already holds exactly it (keeps mtimes stable).
+
+    Returns True when the file was (re)written.
+    """
+    path = Path(path)
+    try:
+        if path.stat().st_size == len(data) and path.read_bytes() == data:
+            return False
+    except FileNotFoundError:
+        pass
+    atomic_write_bytes(path, data, mode)
+    return True
+
+
+def publish_dir(staging: Path, final: Path) -> None:
+    """Move a completely written staging folder into place in one rename."""
+    final = Path(final)
+    final.parent.mkdir(parents=True, exist_ok=True)
+    if final.exists():
+        trash = final.with_name(f".trash-{final.name}-{os.getpid()}")
+        os.replace(final, trash)
+        os.replace(staging, final)
+        shutil.rmtree(trash, ignore_errors=True)
+    else:
+        os.replace(staging, final)
+
+
+def staging_dir_for(final: Path, restricted: Path) -> Path:
+    """A fresh staging folder for ``final``: inside ``restricted`` when on the same file system
+    (so nothing partial is ever visible in the release), else a hidden sibling of ``final``."""
+    final = Path(final)
+    final.parent.mkdir(parents=True, exist_ok=True)
+    tmp_root = make_restricted_dir(Path(restricted) / "tmp")
+    if os.stat(tmp_root).st_dev == os.stat(final.parent).st_dev:
+        base = tmp_root
+    else:
+        base = final.parent
+    stage = base / f".staging-{final.name}"
+    if stage.exists():
+        shutil.rmtree(stage)
+    stage.mkdir()
+    return stage
+
+
+def _unlink_quietly(path: str | Path) -> None:
+    try:
+        os.unlink(path)
+    except FileNotFoundError:
+        pass

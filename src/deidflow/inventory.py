@@ -1,0 +1,329 @@
+"""Inventory of an input tree: what every file is, whose it is, and where it goes in the release.
+
+The walk reads only headers (DICOM up to group 0020), reuses the rows of an earlier inventory for
+files whose size and mtime are unchanged, and groups DICOM into patient → study → series.  Every
+file ends as ``status == "ok"`` (with a subject and a release path) or ``"quarantine"`` with a
+one-line reason.  The table lives in the restricted folder: it holds original identifiers.
+"""
+from __future__ import annotations
+
+import json
+import mmap
+import os
+import re
+import stat
+from collections import defaultdict
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pydicom
+from pydicom.charset import convert_encodings
+from pydicom.dataelem import RawDataElement
+from pydicom.dataset import Dataset
+from pydicom.tag import BaseTag
+from pydicom.uid import ExplicitVRBigEndian, ImplicitVRLittleEndian
+
+from . import dicomio, sniff
+from .fsutil import RESTRICTED_FILE_MODE, write_if_changed
+from .pseudonym import Pseudonymizer, patient_key
+
+SUPPORTED = {"dicom"}
+DICOMDIR_CLASS = "1.2.840.10008.1.3.10"
+HEADER_TAGS = {
+    0x00080005: "charset", 0x00080016: "sop_class", 0x00080018: "sop_uid", 0x00080020: "study_date",
+    0x00080050: "accession", 0x00080060: "modality", 0x00100010: "patient_name",
+    0x00100020: "patient_id", 0x00100021: "issuer", 0x00100030: "birth_date",
+    0x0020000D: "study_uid", 0x0020000E: "series_uid", 0x00200011: "series_number",
+    0x00200013: "instance_number",
+}
+STR_COLUMNS = ("relpath", "format", "status", "reason", "transfer_syntax", *[
+    c for c in HEADER_TAGS.values() if c not in ("series_number", "instance_number")],
+    "subject", "session", "series_label", "out_relpath", "src_id")
+INT_COLUMNS = ("size", "mtime_ns", "series_number", "instance_number", "date_offset")
+CACHED = ("relpath", "size", "mtime_ns", "format", "reason", "transfer_syntax",
+          *HEADER_TAGS.values())
+
+
+class InventoryError(RuntimeError):
+    """The inventory cannot be built (a problem with the whole input, not one file)."""
+
+
+@dataclass
+class Inventory:
+    """Rows (one dict per input file) and the subjects that have something to release."""
+
+    input_dir: Path
+    rows: list[dict]
+    subjects: list[str] = field(default_factory=list)
+
+    def by_subject(self) -> dict[str, list[dict]]:
+        out: dict[str, list[dict]] = defaultdict(list)
+        for r in self.rows:
+            if r["status"] == "ok":
+                out[r["subject"]].append(r)
+        return out
+
+    def quarantined(self) -> list[dict]:
+        return [r for r in self.rows if r["status"] == "quarantine"]
+
+
+# ------------------------------------------------------------------------------------------------
+# Header reading
+# ------------------------------------------------------------------------------------------------
+def read_dicom_header(path: Path) -> dict:
+    """Identity and grouping fields of a DICOM file (groups ≤ 0020 only); raises DicomError."""
+    size = path.stat().st_size
+    with open(path, "rb") as fp:
+        meta, ts = dicomio._transfer_syntax(fp)
+        if ts not in (ImplicitVRLittleEndian, ExplicitVRBigEndian) and not dicomio._is_explicit_le_family(ts):
+            return _read_with_pydicom(path, ts)
+        body = fp.tell()
+        implicit, little = ts == ImplicitVRLittleEndian, ts != ExplicitVRBigEndian
+        with mmap.mmap(fp.fileno(), 0, access=mmap.ACCESS_READ) as mm:
+            walker = dicomio._Walker(mm, size, implicit, little)
+            ds = Dataset()
+            pos = body
+            while pos < size:
+                el = walker.element(pos)
+                if el.tag > 0x0020FFFF:
+                    break
+                if el.tag in HEADER_TAGS and not el.undefined:
+                    value = bytes(mm[el.vstart:el.vend])
+                    vr = el.vr.decode("ascii") if el.vr else None
+                    ds[el.tag] = RawDataElement(BaseTag(el.tag), vr, len(value), value, el.vstart,
+                                                implicit, little, True)
+                pos = el.end
+    out = _fields(ds)
+    out["transfer_syntax"] = ts
+    if not out.get("sop_class") and meta is not None:
+        out["sop_class"] = str(meta.get("MediaStorageSOPClassUID", "") or "")
+    return out
+
+
+def _read_with_pydicom(path: Path, ts: str | None) -> dict:
+    try:
+        ds = pydicom.filereader.read_partial(open(path, "rb"), stop_when=_after_group_20, force=True)
+    except Exception as exc:
+        raise dicomio.DicomError(f"header unreadable: {type(exc).__name__}") from None
+    if not len(ds) or ds.original_encoding[0] is None:
+        raise dicomio.DicomError("no data elements (not a DICOM data set)")
+    out = _fields(ds)
+    out["transfer_syntax"] = ts or ""
+    return out
+
+
+def _after_group_20(tag, vr, length) -> bool:
+    return tag.group > 0x0020
+
+
+def _fields(ds: Dataset) -> dict:
+    out: dict = {}
+    try:
+        if 0x00080005 in ds:
+            convert_encodings(ds.SpecificCharacterSet)
+        for tag, name in HEADER_TAGS.items():
+            if tag not in ds:
+                continue
+            value = ds[tag].value
+            if name in ("series_number", "instance_number"):
+                out[name] = int(value) if value not in (None, "") else None
+            elif name == "charset":
+                out[name] = "\\".join(value) if isinstance(value, (list, pydicom.multival.MultiValue)) else str(value or "")
+            else:
+                out[name] = str(value if value is not None else "").strip("\x00 ")
+    except Exception as exc:
+        raise dicomio.DicomError(f"identity attributes unreadable: {type(exc).__name__}") from None
+    return out
+
+
+# ------------------------------------------------------------------------------------------------
+# Walking
+# ------------------------------------------------------------------------------------------------
+def _walk(input_dir: Path):
+    """Yield (relpath, lstat or None, problem) for every entry below ``input_dir`` (sorted)."""
+    for root, dirs, files in os.walk(input_dir, followlinks=False, onerror=None):
+        dirs.sort()
+        rel_root = Path(root).relative_to(input_dir)
+        for d in list(dirs):
+            full = Path(root) / d
+            if full.is_symlink():
+                dirs.remove(d)
+                yield (rel_root / d).as_posix(), None, "symbolic link to a folder (not followed)"
+            elif not os.access(full, os.R_OK | os.X_OK):
+                dirs.remove(d)
+                yield (rel_root / d).as_posix(), None, "folder not readable (permission denied)"
+        for name in sorted(files):
+            rel = (rel_root / name).as_posix()
+            full = Path(root) / name
+            try:
+                st = full.lstat()
+            except OSError as exc:
+                yield rel, None, f"cannot stat file: {exc.strerror}"
+                continue
+            if stat.S_ISLNK(st.st_mode):
+                yield rel, None, "symbolic link (not followed)"
+            elif not stat.S_ISREG(st.st_mode):
+                yield rel, None, "not a regular file"
+            else:
+                yield rel, st, None
+
+
+def _examine(full: Path, rel: str, st: os.stat_result) -> dict:
+    row = {"relpath": rel, "size": st.st_size, "mtime_ns": st.st_mtime_ns, "reason": ""}
+    if st.st_size == 0:
+        row.update(format="empty", reason="zero-byte file")
+        return row
+    try:
+        fmt = sniff.sniff(full)
+    except OSError as exc:
+        row.update(format="unreadable", reason=f"file not readable: {exc.strerror}")
+        return row
+    row["format"] = fmt
+    if fmt == "dicom":
+        try:
+            row.update(read_dicom_header(full))
+        except dicomio.DicomError as exc:
+            row["reason"] = str(exc)
+        except OSError as exc:
+            row["reason"] = f"file not readable: {exc.strerror}"
+    elif fmt == "unknown":
+        row["reason"] = "unknown format (not DICOM, NIfTI, Analyze, MINC, PAR/REC, twix, TIFF, MGH or JSON)"
+    elif fmt not in SUPPORTED:
+        row["reason"] = f"{fmt}: this format is not yet de-identified by deidflow {__import__('deidflow').__version__}"
+    return row
+
+
+# ------------------------------------------------------------------------------------------------
+# Grouping and release layout
+# ------------------------------------------------------------------------------------------------
+def _assign(rows: list[dict], pseudo: Pseudonymizer, unmapped: str) -> None:
+    """Validate DICOM rows, then give each ok row its subject, session, series and release path."""
+    for r in rows:
+        r.setdefault("status", "ok")
+        if r.get("reason"):
+            r["status"] = "quarantine"
+            continue
+        if r["format"] != "dicom":
+            continue
+        if r.get("sop_class") == DICOMDIR_CLASS:
+            _quarantine(r, "DICOMDIR index file (the release has its own layout)")
+        elif not r.get("patient_id"):
+            _quarantine(r, "no PatientID (0010,0020): the patient cannot be identified")
+        elif not r.get("sop_uid"):
+            _quarantine(r, "no SOPInstanceUID (0008,0018)")
+        elif not r.get("study_uid") or not r.get("series_uid"):
+            _quarantine(r, "no StudyInstanceUID or SeriesInstanceUID")
+        elif pseudo.mapping and r["patient_id"].strip() not in pseudo.mapping and unmapped == "quarantine":
+            _quarantine(r, "PatientID not in the pseudonym mapping file")
+    ok = [r for r in rows if r["status"] == "ok" and r["format"] == "dicom"]
+    # One patient per series, one file per SOPInstanceUID.
+    patients_of_series: dict[str, set] = defaultdict(set)
+    for r in ok:
+        patients_of_series[r["series_uid"]].add(patient_key(r["patient_id"], r.get("issuer", "")))
+    seen_sop: dict[str, str] = {}
+    for r in ok:
+        n = len(patients_of_series[r["series_uid"]])
+        if n > 1:
+            _quarantine(r, f"series holds {n} different patients (PatientID differs between its files)")
+        elif r["sop_uid"] in seen_sop:
+            _quarantine(r, "duplicate SOPInstanceUID (another input file has the same one)")
+        else:
+            seen_sop[r["sop_uid"]] = r["relpath"]
+    ok = [r for r in ok if r["status"] == "ok"]
+    owner: dict[str, str] = {}
+    series_members: dict[str, list[dict]] = defaultdict(list)
+    for r in ok:
+        pkey = patient_key(r["patient_id"], r.get("issuer", ""))
+        r["subject"] = pseudo.subject(pkey, r["patient_id"])
+        if owner.setdefault(r["subject"], pkey) != pkey:
+            raise InventoryError(f"two patients share the pseudonym {r['subject']}: raise pseudonym.length")
+        r["date_offset"] = pseudo.date_offset(pkey)
+        r["session"] = pseudo.session(r["study_uid"])
+        modality = re.sub(r"[^A-Za-z0-9]", "", r.get("modality") or "") or "OT"
+        number = r.get("series_number")
+        r["series_label"] = f"{modality}{'' if number is None else f'{number:03d}'}-{pseudo.series(r['series_uid'])}"
+        series_members[r["series_uid"]].append(r)
+    for members in series_members.values():
+        members.sort(key=lambda r: (r.get("instance_number") is None, r.get("instance_number") or 0,
+                                    pseudo.uid(r["sop_uid"])))
+        for i, r in enumerate(members, start=1):
+            r["out_relpath"] = f"{r['session']}/{r['series_label']}/{i:04d}.dcm"
+    for r in rows:
+        r["src_id"] = pseudo.source_id(r["relpath"])
+
+
+def _quarantine(row: dict, reason: str) -> None:
+    row["status"] = "quarantine"
+    row["reason"] = reason
+
+
+def build(input_dir: Path, pseudo: Pseudonymizer, *, previous: Path | None = None,
+          unmapped: str = "quarantine") -> Inventory:
+    """Inventory ``input_dir``; rows of ``previous`` (an inventory.parquet) are reused for files
+    whose size and mtime are unchanged, so re-runs only read new or changed headers."""
+    input_dir = Path(input_dir).resolve()
+    if not input_dir.is_dir():
+        raise InventoryError(f"input folder {input_dir} does not exist or is not a folder")
+    cache = _load_cache(previous) if previous else {}
+    rows = []
+    for rel, st, problem in _walk(input_dir):
+        if problem:
+            rows.append({"relpath": rel, "format": "unreadable" if st is None else "other", "reason": problem,
+                         "size": None, "mtime_ns": None})
+            continue
+        hit = cache.get(rel)
+        if hit and hit["size"] == st.st_size and hit["mtime_ns"] == st.st_mtime_ns:
+            rows.append(dict(hit))
+        else:
+            rows.append(_examine(input_dir / rel, rel, st))
+    _assign(rows, pseudo, unmapped)
+    subjects = sorted({r["subject"] for r in rows if r["status"] == "ok" and r.get("subject")})
+    return Inventory(input_dir, rows, subjects)
+
+
+def _load_cache(path: Path) -> dict[str, dict]:
+    try:
+        table = pq.read_table(path, columns=list(CACHED))
+    except (OSError, pa.ArrowInvalid, KeyError):
+        return {}
+    return {r["relpath"]: r for r in table.to_pylist()}
+
+
+# ------------------------------------------------------------------------------------------------
+# Writing
+# ------------------------------------------------------------------------------------------------
+def to_table(inv: Inventory) -> pa.Table:
+    cols = {}
+    for c in STR_COLUMNS:
+        cols[c] = pa.array([r.get(c) or "" for r in inv.rows], pa.string())
+    for c in INT_COLUMNS:
+        cols[c] = pa.array([r.get(c) for r in inv.rows], pa.int64())
+    return pa.table(cols)
+
+
+def write(inv: Inventory, restricted: Path) -> Path:
+    """Write ``inventory.parquet`` and one manifest per subject into ``restricted``; files whose
+    content is unchanged keep their mtime, so Snakemake re-runs only what changed."""
+    restricted = Path(restricted)
+    sink = pa.BufferOutputStream()
+    pq.write_table(to_table(inv), sink, compression="zstd")
+    target = restricted / "inventory.parquet"
+    write_if_changed(target, sink.getvalue().to_pybytes(), RESTRICTED_FILE_MODE)
+    mdir = restricted / "manifests"
+    mdir.mkdir(mode=0o700, exist_ok=True)
+    for subject, rows in inv.by_subject().items():
+        manifest = {
+            "subject": subject,
+            "input_dir": str(inv.input_dir),
+            "date_offset": rows[0]["date_offset"],
+            "files": [{k: r.get(k) for k in ("relpath", "size", "mtime_ns", "src_id", "out_relpath", "format")}
+                      for r in sorted(rows, key=lambda r: r["out_relpath"])],
+        }
+        write_if_changed(mdir / f"{subject}.json", json.dumps(manifest, indent=1).encode(), RESTRICTED_FILE_MODE)
+    return target
+
+
+def read(restricted: Path) -> pa.Table:
+    return pq.read_table(Path(restricted) / "inventory.parquet")

@@ -1,0 +1,78 @@
+"""What the Snakefile does at parse time: check the key, lay out folders, refresh the inventory.
+
+Runs in Snakemake's main process only; cluster and subprocess jobs read the subject list from
+the inventory that the main process wrote.
+"""
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Mapping
+
+import pyarrow.parquet as pq
+
+from . import inventory
+from .fsutil import RESTRICTED_FILE_MODE, make_restricted_dir, write_if_changed
+from .pseudonym import Pseudonymizer, fingerprint, load_key, load_mapping
+from .settings import Paths, resolve_paths
+
+FINGERPRINT_FILE = "key_fingerprint"
+
+
+class ReleaseKeyMismatch(RuntimeError):
+    """The release folder was made with another key."""
+
+
+@dataclass(frozen=True)
+class Prepared:
+    paths: Paths
+    subjects: list[str]
+    fingerprint: str
+
+
+def pseudonymizer(key: bytes, config: Mapping[str, Any]) -> Pseudonymizer:
+    """The Pseudonymizer the configuration asks for."""
+    ps = config["pseudonym"]
+    mapping = load_mapping(ps["mapping_csv"]) if ps.get("mapping_csv") else {}
+    lo, hi = ps["date_offset_days"]
+    return Pseudonymizer(key, length=ps["length"], offset_range=(lo, hi), mapping=mapping)
+
+
+def prepare(config: Mapping[str, Any], *, main_process: bool = True) -> Prepared:
+    """Resolve folders, load the key and (main process) refresh the inventory and manifests."""
+    paths = resolve_paths(config)
+    key = load_key(config.get("key_file") or None)
+    fp = fingerprint(key)
+    if not main_process:
+        table = pq.read_table(paths.restricted / "inventory.parquet", columns=["subject", "status"])
+        subjects = sorted({s for s, st in zip(table["subject"].to_pylist(), table["status"].to_pylist())
+                           if st == "ok" and s})
+        return Prepared(paths, subjects, fp)
+    make_restricted_dir(paths.restricted)
+    _check_fingerprint(paths, fp)
+    inv = inventory.build(paths.input, pseudonymizer(key, config),
+                          previous=paths.restricted / "inventory.parquet",
+                          unmapped=config["pseudonym"]["unmapped"])
+    inventory.write(inv, paths.restricted)
+    return Prepared(paths, inv.subjects, fp)
+
+
+def _check_fingerprint(paths: Paths, fp: str) -> None:
+    """Refuse to add to a release made with another key (pseudonyms would not match)."""
+    marker = paths.restricted / FINGERPRINT_FILE
+    if marker.exists():
+        old = marker.read_text().strip()
+        if old != fp:
+            raise ReleaseKeyMismatch(
+                f"{paths.output} was made with the key whose fingerprint is {old}; the key given now "
+                f"has fingerprint {fp}. Use the original key, or release into a new output folder.")
+    else:
+        write_if_changed(marker, (fp + "\n").encode(), RESTRICTED_FILE_MODE)
+
+
+def run_record(paths: Paths, fp: str, settings: Mapping[str, Any]) -> str:
+    """JSON text describing the run (no secrets, no PHI) for restricted/run.json."""
+    from . import __version__
+    return json.dumps({"deidflow": __version__, "key_fingerprint": fp, "settings": dict(settings),
+                       "output": str(paths.output)}, indent=1, sort_keys=True)
