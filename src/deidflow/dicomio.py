@@ -139,13 +139,19 @@ def _str_value(buf, el: _Elem) -> str:
 
 
 def _transfer_syntax(fp: BinaryIO) -> tuple[FileMetaDataset | None, str | None]:
-    """Read preamble and file meta; (None, None) when the file has no Part-10 header."""
+    """Read preamble and file meta; (None, None) when the file has no Part-10 header.
+    Raises DicomError when the preamble is there but the meta group is damaged."""
     try:
         if read_preamble(fp, force=True) is None:
             return None, None
-        meta = _read_file_meta_info(fp)
     except Exception:
         return None, None
+    try:
+        meta = _read_file_meta_info(fp)
+    except Exception as exc:
+        raise DicomError(f"file meta information unreadable (truncated or damaged): {type(exc).__name__}") from None
+    if fp.tell() >= os.fstat(fp.fileno()).st_size:
+        raise DicomError("file ends in or right after the file meta information (truncated, no data set)")
     ts = meta.get("TransferSyntaxUID")
     return meta, (str(ts) if ts else None)
 
