@@ -1,7 +1,9 @@
 # Parse-time set-up and input functions. The inventory (restricted, holds PHI) is refreshed here,
 # in the main process only, so subjects are known before any job is scheduled; wildcards carry
 # pseudonyms only.
+import json
 import os
+import sys
 
 from deidflow.pipeline import prepare, run_record
 from deidflow.settings import _check_semantics, profile_settings
@@ -10,12 +12,15 @@ _check_semantics(config)
 PREPARED = prepare(config, main_process=workflow.is_main_process)
 OUT = str(PREPARED.paths.output)
 RESTRICTED = str(PREPARED.paths.restricted)
-SUBJECTS = PREPARED.subjects if config["outputs"]["dicom"] else []
+UNITS = list(PREPARED.units) if config["outputs"]["dicom"] else []
 SETTINGS = {**profile_settings(config), "key_fingerprint": PREPARED.fingerprint}
+SETTINGS_JSON = json.dumps(SETTINGS, sort_keys=True)
+# Jobs run the interpreter that runs Snakemake, or the env's own python under --sdm conda.
+PYTHON = "python" if "conda" in str(workflow.deployment_settings.deployment_method).lower() else sys.executable
 
 
 wildcard_constraints:
-    subject=r"sub-[A-Za-z0-9]+",
+    unit=r"(sub|batch)-[A-Za-z0-9]+",
 
 
 def restricted(path):
@@ -28,9 +33,14 @@ def release(path):
     return os.path.join(OUT, path)
 
 
-def per_subject(pattern):
-    """``pattern`` expanded over the subjects that have something to release."""
-    return expand(pattern, subject=SUBJECTS)
+def restricted_of(wildcards, output):
+    """The restricted folder, derived from a job's output (<restricted>/done/dicom/<unit>.json)."""
+    return os.path.dirname(os.path.dirname(os.path.dirname(output.done)))
+
+
+def per_unit(pattern):
+    """``pattern`` expanded over the job units (subjects or batches of small subjects)."""
+    return expand(pattern, unit=UNITS)
 
 
 def final_outputs():
@@ -42,7 +52,7 @@ def final_outputs():
         restricted("quarantine.tsv"),
         restricted("run.json"),
     ]
-    targets += per_subject(release("sourcedata/dicom/{subject}"))
+    targets += per_unit(restricted("done/dicom/{unit}.json"))
     if config["strict"]:
         targets.append(restricted("strict.ok"))
     return targets

@@ -1,21 +1,28 @@
 rule dicom:
-    """De-identify one subject's DICOM with the PS3.15 profile (pixel data copied byte for byte)."""
+    """De-identify the DICOM of one job unit: a subject, or a batch of small subjects
+    (see deidflow.batching). Pixel data are copied byte for byte; each subject's release folder
+    appears in one rename."""
     input:
-        manifest=restricted("manifests/{subject}.json"),
+        manifest=restricted("manifests/{unit}.json"),
     output:
-        release=directory(release("sourcedata/dicom/{subject}")),
-        audit=restricted("audit/{subject}.jsonl"),
-        uids=restricted("work/{subject}/uids.csv"),
-        quarantine=restricted("work/{subject}/quarantine.tsv"),
+        done=restricted("done/dicom/{unit}.json"),
+        uids=restricted("work/{unit}/uids.csv"),
+        quarantine=restricted("work/{unit}/quarantine.tsv"),
     params:
-        settings=SETTINGS,
+        python=PYTHON,
+        settings=SETTINGS_JSON,
+        release_root=release("sourcedata/dicom"),
+        restricted=restricted_of,
     log:
-        restricted("logs/dicom/{subject}.log"),
+        restricted("logs/dicom/{unit}.log"),
     threads: 1
     resources:
         mem_mb=config["resources"]["dicom_mem_mb"],
         runtime=config["resources"]["dicom_runtime_min"],
     conda:
         "../envs/core.yaml"
-    script:
-        "../scripts/dicom.py"
+    shell:
+        "{params.python:q} -m deidflow.jobs dicom --manifest {input.manifest:q}"
+        " --release-root {params.release_root:q} --restricted {params.restricted:q}"
+        " --done {output.done:q} --uids {output.uids:q} --quarantine {output.quarantine:q}"
+        " --settings {params.settings:q} --log {log:q} 2>> {log:q}"

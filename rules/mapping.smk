@@ -8,8 +8,8 @@ rule mapping:
     """Pseudonym, UID and date mappings and the quarantine list, across subjects (restricted)."""
     input:
         inventory=restricted("inventory.parquet"),
-        uids=per_subject(restricted("work/{subject}/uids.csv")),
-        quarantine=per_subject(restricted("work/{subject}/quarantine.tsv")),
+        uids=per_unit(restricted("work/{unit}/uids.csv")),
+        quarantine=per_unit(restricted("work/{unit}/quarantine.tsv")),
     output:
         patients=restricted("mapping/patients.csv"),
         uids=restricted("mapping/uids.csv"),

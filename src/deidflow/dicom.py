@@ -8,6 +8,7 @@ de-identified.  Reading and writing files, with pixel data streamed untouched, l
 from __future__ import annotations
 
 import copy
+import re
 from dataclasses import dataclass, field
 from functools import lru_cache
 from pathlib import Path
@@ -15,6 +16,7 @@ from pathlib import Path
 from pydicom.datadict import dictionary_keyword, dictionary_VR
 from pydicom.dataelem import DataElement
 from pydicom.dataset import Dataset
+from pydicom.multival import MultiValue
 from pydicom.sequence import Sequence
 from pydicom.uid import UID_dictionary
 
@@ -42,6 +44,15 @@ class SubjectContext:
     uid_map: dict[str, str] = field(default_factory=dict)  # original -> new, for restricted/mapping
 
 
+# A UID embedded in binary or text: at least six numeric components, not part of a longer number.
+_EMBEDDED_UID = re.compile(rb"(?<![0-9.])(?:0|[1-9][0-9]*)(?:\.(?:0|[1-9][0-9]*)){5,}(?![0-9.])")
+
+
+def looks_like_items(value) -> bool:
+    """True when an unknown-VR value starts with a sequence item tag (FFFE,E000), little endian."""
+    return isinstance(value, (bytes, bytearray)) and value[:4] == b"\xfe\xff\x00\xe0"
+
+
 @lru_cache(maxsize=4096)
 def _dict_info(tag: int) -> tuple[str, str] | None:
     """(VR, keyword) of a public tag from the data dictionary, None when unknown."""
@@ -62,9 +73,8 @@ class Scrubber:
         self.plan = plan
         self.ctx = ctx
         self.shift_dates = "retain_long_modified_dates" in plan.options
-        self.needs_text = any(o in plan.options for o in (
-            "clean_descriptors", "clean_structured_content", "clean_graphics",
-            "retain_patient_characteristics", "retain_device_identity"))
+        # Free-text cleaning needs the file's own identifiers: collect them only when some rule cleans.
+        self.needs_text = plan.cleans
         self._identifiers = None
         self._markers: Dataset | None = None
         self.actions: dict[str, str] = {}
@@ -117,8 +127,22 @@ class Scrubber:
             self._record(prefix, _tag_label(tag), "X")
             return
         kept_blocks.add(block)
-        if self._vr(ds, tag) == "SQ":  # public attributes nested in a kept private sequence
+        vr = self._vr(ds, tag)
+        if vr == "UN":
+            raw = ds.get_item(tag)
+            vr = self.plan.private_vr(creator, tag) or (
+                "SQ" if looks_like_items(getattr(raw, "value", None)) else "UN")
+            if vr == "SQ" and getattr(raw, "is_raw", False):
+                ds[tag] = raw._replace(VR="SQ")  # implicit VR: parse it as the sequence it is
+        if vr == "SQ":  # public attributes nested in a kept private sequence
             self._recurse(ds, tag, prefix + _tag_label(tag))
+            return
+        raw = ds.get_item(tag)
+        if getattr(raw, "is_raw", False) and raw.value:
+            new = self.scrub_blob(raw.value)
+            if new is not raw.value:
+                ds[tag] = raw._replace(value=new)
+                self._record(prefix, _tag_label(tag), "C")
 
     def _unlisted(self, ds: Dataset, tag: int, prefix: str) -> None:
         """Attributes the profile does not list: kept, with three conservative exceptions."""
@@ -190,6 +214,15 @@ class Scrubber:
         self.ctx.uid_map[v] = new
         return new
 
+    def scrub_blob(self, value: bytes) -> bytes:
+        """Replace UIDs embedded in a kept private value (e.g. the Siemens CSA protocol's
+        reference-image UIDs, which also carry the device serial number) by keyed UIDs of the
+        same length, so binary offsets stay valid.  Returns ``value`` itself when nothing changed."""
+        if not _EMBEDDED_UID.search(value):
+            return value
+        return _EMBEDDED_UID.sub(
+            lambda m: self.ctx.pseudo.same_length_uid(m.group().decode("ascii")).encode("ascii"), value)
+
     def _recurse(self, ds: Dataset, tag: int, path: str) -> None:
         for i, item in enumerate(ds[tag].value or ()):
             self._walk(item, f"{path}[{i}].")
@@ -210,16 +243,18 @@ class Scrubber:
         value = elem.value
         if value in (None, "", b""):
             return False
-        if vr in ("DA", "DT"):
-            if self.shift_dates:
-                try:
-                    elem.value = dates.shift(str(value) if isinstance(value, str) else "\\".join(map(str, value)),
-                                             vr, self.ctx.date_offset)
-                except dates.DateError:
-                    elem.value = self.plan.dummy[vr]  # unparseable: cannot be shifted, so replaced
+        if vr in ("DA", "DT"):  # cleaning a date = shifting it by the patient's offset
+            try:
+                elem.value = dates.shift(str(value) if isinstance(value, str) else "\\".join(map(str, value)),
+                                         vr, self.ctx.date_offset)
+            except dates.DateError:
+                elem.value = self.plan.dummy[vr]  # unparseable: cannot be shifted, so replaced
             return True
         if vr == "TM":
-            return False  # times are kept by the longitudinal options
+            if self.shift_dates:
+                return False  # whole-day shifts keep the time of day (Modified Dates option)
+            elem.value = self.plan.dummy["TM"]
+            return True
         if vr == "PN":
             elem.value = self.plan.dummy["PN"]
             return True
@@ -299,8 +334,12 @@ class Scrubber:
 
     def record_drop(self, tag: int) -> None:
         """Record that top-level element ``tag`` was removed without decoding it."""
+        self.record_change(tag, "X")
+
+    def record_change(self, tag: int, code: str) -> None:
+        """Record action ``code`` on top-level element ``tag`` (streaming path)."""
         info = None if (tag >> 16) & 1 else _dict_info(tag)
-        self._record("", info[1] if info and info[1] else _tag_label(tag), "X")
+        self._record("", info[1] if info and info[1] else _tag_label(tag), code)
 
     def recurse_private(self, ds: Dataset, tag: int) -> None:
         """Apply the profile to public attributes nested in a kept private sequence."""
@@ -346,6 +385,6 @@ class Scrubber:
             v = ds.get(kw)
             if v is None or v == "":
                 continue
-            values.extend(str(x) for x in (v if isinstance(v, (list, tuple)) or hasattr(v, "__iter__") and not isinstance(v, str) else [v]))
+            values.extend(str(x) for x in (v if isinstance(v, (list, tuple, MultiValue)) else [v]))
         bd = str(ds.get("PatientBirthDate", "") or "")
         return textclean.compile_identifiers(textclean.name_parts(values) | textclean.date_forms(bd))

@@ -13,7 +13,7 @@ import os
 import struct
 from dataclasses import dataclass
 from pathlib import Path
-from typing import BinaryIO
+from typing import BinaryIO, NamedTuple
 
 import pydicom
 from pydicom.charset import convert_encodings
@@ -28,7 +28,7 @@ from pydicom.uid import (DeflatedExplicitVRLittleEndian, ExplicitVRBigEndian,
                          ExplicitVRLittleEndian, ImplicitVRLittleEndian)
 
 from . import __version__
-from .dicom import CLEAN_TEXT_SOURCES, Scrubber
+from .dicom import CLEAN_TEXT_SOURCES, Scrubber, looks_like_items
 
 IMPLEMENTATION_CLASS_UID = "2.25.173526497432135315340637374432658215186"  # fixed, deidflow's own
 IMPLEMENTATION_VERSION = ("DEIDFLOW_" + __version__.split("+")[0].replace(".", ""))[:16]
@@ -53,8 +53,7 @@ class FileResult:
     pixel_bytes: int
 
 
-@dataclass(frozen=True)
-class _Elem:
+class _Elem(NamedTuple):
     tag: int
     vr: bytes | None  # None in implicit VR
     start: int  # first byte of the element header
@@ -82,7 +81,7 @@ class _Walker:
             (length,) = self.l4.unpack_from(buf, pos + 4)
             vstart = pos + 8
         else:
-            vr = bytes(buf[pos + 4:pos + 6])
+            vr = buf[pos + 4:pos + 6]
             if vr in _LONG_VRS:
                 if pos + 12 > size:
                     raise DicomError("file ends inside an element header (truncated)")
@@ -230,7 +229,7 @@ def _stream(mm, size: int, body: int, meta: FileMetaDataset, ts: str, out: Binar
         group, num = tag >> 16, tag & 0xFFFF
         if tag in PIXEL_TAGS:
             chunks.append((el.start, el.end))
-            pixel_bytes += el.end - el.start
+            pixel_bytes += el.vend - el.vstart
             continue
         if group == 0x0002 or num == 0 or group == 0xFFFE:
             continue
@@ -251,12 +250,21 @@ def _stream(mm, size: int, body: int, meta: FileMetaDataset, ts: str, out: Binar
                 scrubber.record_drop(tag)
                 continue
             kept_blocks.add(block)
-            if vr == "SQ" or (vr in (None, "UN") and el.undefined):
-                ds = tmp_dataset(el, "SQ" if vr == "SQ" or el.undefined else vr)
+            if vr in (None, "UN"):
+                vr = "SQ" if el.undefined else (scrubber.plan.private_vr(creator, tag) or (
+                    "SQ" if looks_like_items(mm[el.vstart:el.vstart + 4]) else vr))
+            if vr == "SQ":
+                ds = tmp_dataset(el, "SQ")
                 scrubber.recurse_private(ds, tag)
                 chunks.append(encode(ds[tag]))
             else:
-                chunks.append((el.start, el.end))
+                value = mm[el.vstart:el.vend]
+                new = scrubber.scrub_blob(value)
+                if new is value:
+                    chunks.append((el.start, el.end))
+                else:
+                    chunks.append(mm[el.start:el.vstart] + new)
+                    scrubber.record_change(tag, "C")
             continue
         fast = scrubber.fast_action(tag, vr)
         if fast == "K":
@@ -401,6 +409,8 @@ def _deidentify_dataset(src: Path, out: BinaryIO, scrubber: Scrubber) -> FileRes
     if implicit is None:
         raise DicomError("no data elements (not a DICOM data set)")
     old_meta = getattr(ds, "file_meta", None) or FileMetaDataset()
+    if str(old_meta.get("TransferSyntaxUID", "")) != DeflatedExplicitVRLittleEndian:
+        _check_complete(src, implicit, little)
     ts = str(old_meta.get("TransferSyntaxUID", "")) or {
         (True, True): ImplicitVRLittleEndian, (False, True): ExplicitVRLittleEndian,
         (False, False): ExplicitVRBigEndian}[(implicit, little)]
@@ -421,6 +431,19 @@ def _deidentify_dataset(src: Path, out: BinaryIO, scrubber: Scrubber) -> FileRes
         raise DicomError(f"cannot write de-identified file: {type(exc).__name__}") from None
     pix = ds.get("PixelData")
     return FileResult(actions, str(ds.SOPInstanceUID), len(pix) if pix else 0)
+
+
+def _check_complete(src: Path, implicit: bool, little: bool) -> None:
+    """pydicom reads a truncated file without complaint; walk every element to be sure it is whole."""
+    size = src.stat().st_size
+    with open(src, "rb") as fp, mmap.mmap(fp.fileno(), 0, access=mmap.ACCESS_READ) as mm:
+        pos = 132 if size >= 132 and mm[128:132] == b"DICM" else 0
+        meta = _Walker(mm, size, False, True)
+        while pos + 4 <= size and mm[pos:pos + 2] == b"\x02\x00":
+            pos = meta.element(pos).end
+        body = _Walker(mm, size, implicit, little)
+        while pos < size:
+            pos = body.element(pos).end
 
 
 def deidentify_path(src: Path, dst: Path, scrubber: Scrubber) -> FileResult:

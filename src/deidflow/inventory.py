@@ -81,24 +81,43 @@ def read_dicom_header(path: Path) -> dict:
             return _read_with_pydicom(path, ts)
         body = fp.tell()
         implicit, little = ts == ImplicitVRLittleEndian, ts != ExplicitVRBigEndian
+        raw: dict[int, tuple[bytes, str | None]] = {}
         with mmap.mmap(fp.fileno(), 0, access=mmap.ACCESS_READ) as mm:
             walker = dicomio._Walker(mm, size, implicit, little)
-            ds = Dataset()
             pos = body
             while pos < size:
                 el = walker.element(pos)
                 if el.tag > 0x0020FFFF:
                     break
                 if el.tag in HEADER_TAGS and not el.undefined:
-                    value = bytes(mm[el.vstart:el.vend])
-                    vr = el.vr.decode("ascii") if el.vr else None
-                    ds[el.tag] = RawDataElement(BaseTag(el.tag), vr, len(value), value, el.vstart,
-                                                implicit, little, True)
+                    raw[el.tag] = (mm[el.vstart:el.vend], el.vr.decode("ascii") if el.vr else None)
                 pos = el.end
-    out = _fields(ds)
+    out = _fields_fast(raw, implicit, little)
     out["transfer_syntax"] = ts
     if not out.get("sop_class") and meta is not None:
         out["sop_class"] = str(meta.get("MediaStorageSOPClassUID", "") or "")
+    return out
+
+
+def _fields_fast(raw: dict[int, tuple[bytes, str | None]], implicit: bool, little: bool) -> dict:
+    """Decode the identity fields; plain ASCII directly, anything else through pydicom's
+    character-set handling."""
+    if any(max(v, default=0) > 0x7F or b"\x1b" in v for v, _ in raw.values()):
+        ds = Dataset()
+        for tag, (value, vr) in raw.items():
+            ds[tag] = RawDataElement(BaseTag(tag), vr, len(value), value, 0, implicit, little, True)
+        return _fields(ds)
+    out: dict = {}
+    for tag, (value, _vr) in raw.items():
+        name = HEADER_TAGS[tag]
+        text = value.decode("ascii").strip("\x00 ")
+        if name in ("series_number", "instance_number"):
+            try:
+                out[name] = int(text.split("\\")[0]) if text else None
+            except ValueError:
+                raise dicomio.DicomError(f"{name} is not an integer string") from None
+        else:
+            out[name] = text
     return out
 
 
@@ -303,9 +322,10 @@ def to_table(inv: Inventory) -> pa.Table:
     return pa.table(cols)
 
 
-def write(inv: Inventory, restricted: Path) -> Path:
-    """Write ``inventory.parquet`` and one manifest per subject into ``restricted``; files whose
-    content is unchanged keep their mtime, so Snakemake re-runs only what changed."""
+def write(inv: Inventory, restricted: Path, units: dict[str, list[str]] | None = None) -> Path:
+    """Write ``inventory.parquet`` and one manifest per job unit (default: one per subject) into
+    ``restricted``; files whose content is unchanged keep their mtime, so Snakemake re-runs only
+    what changed."""
     restricted = Path(restricted)
     sink = pa.BufferOutputStream()
     pq.write_table(to_table(inv), sink, compression="zstd")
@@ -313,16 +333,22 @@ def write(inv: Inventory, restricted: Path) -> Path:
     write_if_changed(target, sink.getvalue().to_pybytes(), RESTRICTED_FILE_MODE)
     mdir = restricted / "manifests"
     mdir.mkdir(mode=0o700, exist_ok=True)
-    for subject, rows in inv.by_subject().items():
-        manifest = {
-            "subject": subject,
-            "input_dir": str(inv.input_dir),
-            "date_offset": rows[0]["date_offset"],
-            "files": [{k: r.get(k) for k in ("relpath", "size", "mtime_ns", "src_id", "out_relpath", "format")}
-                      for r in sorted(rows, key=lambda r: r["out_relpath"])],
-        }
-        write_if_changed(mdir / f"{subject}.json", json.dumps(manifest, indent=1).encode(), RESTRICTED_FILE_MODE)
+    by_subject = inv.by_subject()
+    for unit, subjects in (units or {s: [s] for s in inv.subjects}).items():
+        manifest = {"unit": unit, "input_dir": str(inv.input_dir),
+                    "subjects": [_subject_manifest(s, by_subject[s]) for s in subjects]}
+        write_if_changed(mdir / f"{unit}.json", json.dumps(manifest, indent=1).encode(), RESTRICTED_FILE_MODE)
     return target
+
+
+def _subject_manifest(subject: str, rows: list[dict]) -> dict:
+    return {"subject": subject, "date_offset": rows[0]["date_offset"],
+            "files": [{k: r.get(k) for k in ("relpath", "size", "mtime_ns", "src_id", "out_relpath", "format")}
+                      for r in sorted(rows, key=lambda r: r["out_relpath"])]}
+
+
+def files_per_subject(inv: Inventory) -> dict[str, int]:
+    return {s: len(rows) for s, rows in inv.by_subject().items()}
 
 
 def read(restricted: Path) -> pa.Table:

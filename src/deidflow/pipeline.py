@@ -13,6 +13,7 @@ from typing import Any, Mapping
 import pyarrow.parquet as pq
 
 from . import inventory
+from .batching import plan_units
 from .fsutil import RESTRICTED_FILE_MODE, make_restricted_dir, write_if_changed
 from .pseudonym import Pseudonymizer, fingerprint, load_key, load_mapping
 from .settings import Paths, resolve_paths
@@ -28,6 +29,7 @@ class ReleaseKeyMismatch(RuntimeError):
 class Prepared:
     paths: Paths
     subjects: list[str]
+    units: dict[str, list[str]]  # job unit (sub-… or batch-…) -> subjects
     fingerprint: str
 
 
@@ -46,16 +48,24 @@ def prepare(config: Mapping[str, Any], *, main_process: bool = True) -> Prepared
     fp = fingerprint(key)
     if not main_process:
         table = pq.read_table(paths.restricted / "inventory.parquet", columns=["subject", "status"])
-        subjects = sorted({s for s, st in zip(table["subject"].to_pylist(), table["status"].to_pylist())
-                           if st == "ok" and s})
-        return Prepared(paths, subjects, fp)
+        counts: dict[str, int] = {}
+        for subject, status in zip(table["subject"].to_pylist(), table["status"].to_pylist()):
+            if status == "ok" and subject:
+                counts[subject] = counts.get(subject, 0) + 1
+        return Prepared(paths, sorted(counts), _units(counts, config), fp)
     make_restricted_dir(paths.restricted)
     _check_fingerprint(paths, fp)
     inv = inventory.build(paths.input, pseudonymizer(key, config),
                           previous=paths.restricted / "inventory.parquet",
                           unmapped=config["pseudonym"]["unmapped"])
-    inventory.write(inv, paths.restricted)
-    return Prepared(paths, inv.subjects, fp)
+    units = _units(inventory.files_per_subject(inv), config)
+    inventory.write(inv, paths.restricted, units)
+    return Prepared(paths, inv.subjects, units, fp)
+
+
+def _units(counts: Mapping[str, int], config: Mapping[str, Any]) -> dict[str, list[str]]:
+    jobs = config["jobs"]
+    return plan_units(counts, jobs["files_per_job"], jobs["min_batches"])
 
 
 def _check_fingerprint(paths: Paths, fp: str) -> None:

@@ -24,7 +24,7 @@ from importlib import resources
 from typing import Iterable, Mapping
 
 import yaml
-from pydicom.datadict import keyword_for_tag, tag_for_keyword
+from pydicom.datadict import keyword_for_tag, private_dictionary_VR, tag_for_keyword
 
 OPTIONS = (
     "retain_safe_private",
@@ -73,8 +73,14 @@ class Plan:
     curve: Rule | None  # any element of groups 50xx
     overlay: dict[int, Rule]  # element number -> rule, groups 60xx
     overlay_group: Rule  # what happens to the overlay group as a whole (X removes it)
-    safe_private: frozenset[tuple[str, int, int]] = field(default_factory=frozenset)
+    safe_private: Mapping[tuple[str, int, int], str] = field(default_factory=dict)  # -> VR
     dummy: Mapping[str, str] = field(default_factory=dict)
+
+    @property
+    def cleans(self) -> bool:
+        """True when some rule cleans (C), so a file's own identifiers must be collected."""
+        rules = [*self.by_tag.values(), *self.overlay.values(), self.curve]
+        return any(r is not None and r.action == "C" for r in rules)
 
     def rule_for(self, tag: int) -> Rule | None:
         """The rule of a public tag, including repeating groups; None for unlisted tags."""
@@ -90,6 +96,16 @@ class Plan:
 
     def is_safe_private(self, creator: str, group: int, elem: int) -> bool:
         return (creator.strip(), group, elem & 0xFF) in self.safe_private
+
+    def private_vr(self, creator: str, tag: int) -> str | None:
+        """VR of a private element from the safe list, else pydicom's private dictionary."""
+        vr = safe_private_table().get((creator.strip(), tag >> 16, tag & 0xFF))
+        if vr:
+            return vr.split("/")[0]
+        try:
+            return private_dictionary_VR(tag, creator.strip()).split(" or ")[0]
+        except KeyError:
+            return None
 
 
 def _read_tsv(name: str) -> list[dict[str, str]]:
@@ -117,12 +133,10 @@ def defaults() -> dict:
 
 
 @lru_cache(maxsize=None)
-def safe_private_table() -> tuple[tuple[str, int, int], ...]:
-    """(creator, group, element-low-byte) of the safe private attributes (data/private_safe.tsv)."""
-    out = []
-    for r in _read_tsv("private_safe.tsv"):
-        out.append((r["creator"].strip(), int(r["group"], 16), int(r["element"], 16)))
-    return tuple(out)
+def safe_private_table() -> dict[tuple[str, int, int], str]:
+    """(creator, group, element-low-byte) -> VR of the safe private attributes (data/private_safe.tsv)."""
+    return {(r["creator"].strip(), int(r["group"], 16), int(r["element"], 16)): r["vr"].strip()
+            for r in _read_tsv("private_safe.tsv")}
 
 
 def resolve(row: ProfileRow, options: Iterable[str]) -> str:
@@ -202,7 +216,7 @@ def build_plan(options: Iterable[str] = (), private: str | None = None,
         if action == "R" and ov.get("value") is None:
             raise ValueError(f"override of {ov['attribute']} with action replace needs a value")
         by_tag[tag] = Rule(action, keyword_for_tag(tag) or f"{tag:08X}", ov.get("value"))
-    safe = frozenset(safe_private_table()) if private == "safe" else frozenset()
+    safe = safe_private_table() if private == "safe" else {}
     return Plan(frozenset(opts), private, by_tag, curve, overlay, overlay_group, safe, cfg["dummy"])
 
 

@@ -113,6 +113,25 @@ class Pseudonymizer:
             self._uid_cache[original] = hit
         return hit
 
+    def same_length_uid(self, original: str) -> str:
+        """A keyed UID of exactly the original's length and dot pattern, for UIDs embedded in
+        binary private blobs (Siemens CSA) where offsets must not move."""
+        digest = self._digest("embedded-uid", original)
+        stream = "".join(str(b % 10) for b in digest * (len(original) // len(digest) + 1))
+        out, i = [], 0
+        for k, ch in enumerate(original):
+            if ch == ".":
+                out.append(".")
+                continue
+            d = stream[i]
+            i += 1
+            first = k == 0 or original[k - 1] == "."
+            last = k + 1 == len(original) or original[k + 1] == "."
+            if first and not last and d == "0":
+                d = "1"  # no leading zero in a multi-digit component
+            out.append(d)
+        return "".join(out)
+
     def date_offset(self, pkey: str) -> int:
         """Per-patient day offset in ``offset_range`` (inclusive); times are not shifted."""
         lo, hi = self.offset_range

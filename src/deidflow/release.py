@@ -25,24 +25,44 @@ def pseudonymizer_from_settings(settings: Mapping[str, Any]) -> Pseudonymizer:
     return Pseudonymizer(key, length=settings["pseudonym_length"], offset_range=(lo, hi), mapping=mapping)
 
 
-def deidentify_subject(manifest: Path, release_dir: Path, restricted: Path, audit: Path,
-                       uids: Path, quarantine: Path, settings: Mapping[str, Any]) -> dict:
-    """De-identify every DICOM file of one subject into ``release_dir`` (published in one rename).
+def deidentify_unit(manifest: Path, release_root: Path, restricted: Path, done: Path, uids: Path,
+                    quarantine: Path, settings: Mapping[str, Any]) -> dict:
+    """De-identify every subject of one job unit (see :mod:`deidflow.batching`).
 
-    Writes the per-file audit (actions per attribute, never values), the subject's UID map and the
-    files it had to quarantine.  Returns counts.
+    Each subject is written to a staging folder and published as ``release_root/<subject>`` in one
+    rename; its audit goes to ``restricted/audit/<subject>.jsonl``.  The unit's UID map and
+    quarantined files go to ``uids`` and ``quarantine``; ``done`` lists what was released.
     """
     m = json.loads(Path(manifest).read_text())
-    subject = m["subject"]
     plan = build_plan(settings["options"], settings["private"], settings["overrides"])
     pseudo = pseudonymizer_from_settings(settings)
-    ctx = SubjectContext(pseudo, subject, m["date_offset"])
-    scrubber = Scrubber(plan, ctx)
     input_dir = Path(m["input_dir"])
-    stage = staging_dir_for(Path(release_dir), Path(restricted))
+    uid_map: dict[str, str] = {}
+    bad: list[tuple[str, str]] = []
+    summary = []
+    for subj in m["subjects"]:
+        ctx = SubjectContext(pseudo, subj["subject"], subj["date_offset"], uid_map)
+        n, subject_bad = _subject(subj, input_dir, Path(release_root), Path(restricted), Scrubber(plan, ctx))
+        bad += subject_bad
+        summary.append({"subject": subj["subject"], "files": n, "quarantined": len(subject_bad)})
+    for p in (done, uids, quarantine):
+        make_restricted_dir(Path(p).parent)
+    atomic_write_text(uids, _csv([("id_old", "id_new"), *sorted(uid_map.items())]), RESTRICTED_FILE_MODE)
+    atomic_write_text(quarantine, "".join(f"{p}\t{r}\n" for p, r in sorted(bad)), RESTRICTED_FILE_MODE)
+    atomic_write_text(done, json.dumps({"unit": m["unit"], "subjects": summary}, indent=1) + "\n",
+                      RESTRICTED_FILE_MODE)
+    return {"subjects": len(summary), "files": sum(s["files"] for s in summary), "quarantined": len(bad)}
+
+
+def _subject(subj: Mapping[str, Any], input_dir: Path, release_root: Path, restricted: Path,
+             scrubber: Scrubber) -> tuple[int, list[tuple[str, str]]]:
+    """One subject: files into a staging folder, published in one rename; audit written."""
+    subject = subj["subject"]
+    final = release_root / subject
+    stage = staging_dir_for(final, restricted)
     audit_lines: list[str] = []
     bad: list[tuple[str, str]] = []
-    for f in m["files"]:
+    for f in subj["files"]:
         try:
             res = deidentify_path(input_dir / f["relpath"], stage / f["out_relpath"], scrubber)
         except DicomError as exc:
@@ -53,13 +73,10 @@ def deidentify_subject(manifest: Path, release_dir: Path, restricted: Path, audi
             continue
         audit_lines.append(json.dumps({"file": f"{subject}/{f['out_relpath']}", "source": f["src_id"],
                                        "actions": res.actions}, sort_keys=True))
-    publish_dir(stage, Path(release_dir))
-    for p in (audit, uids, quarantine):
-        make_restricted_dir(Path(p).parent)
+    publish_dir(stage, final)
+    audit = make_restricted_dir(restricted / "audit") / f"{subject}.jsonl"
     atomic_write_text(audit, "".join(line + "\n" for line in audit_lines), RESTRICTED_FILE_MODE)
-    atomic_write_text(uids, _csv([("id_old", "id_new"), *sorted(ctx.uid_map.items())]), RESTRICTED_FILE_MODE)
-    atomic_write_text(quarantine, "".join(f"{p}\t{r}\n" for p, r in bad), RESTRICTED_FILE_MODE)
-    return {"subject": subject, "files": len(audit_lines), "quarantined": len(bad)}
+    return len(audit_lines), bad
 
 
 def _csv(rows) -> str:
