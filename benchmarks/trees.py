@@ -18,30 +18,34 @@ def _uid(*parts) -> str:
     return "2.25." + str(uuid.uuid5(uuid.NAMESPACE_OID, "/".join(map(str, parts))).int)
 
 
-def real_header_tree(source: Path, dest: Path, patients: int) -> int:
-    """Write ``patients`` copies of every series under ``source``; return the number of files."""
+def real_header_tree(source: Path, dest: Path, patients: int, studies: int = 1) -> int:
+    """Write, for each of ``patients`` fake patients, ``studies`` studies holding a copy of every
+    series under ``source``; return the number of files."""
     files = sorted(source.rglob("*.dcm"))
-    if dest.exists() and sum(1 for _ in dest.rglob("*.dcm")) == patients * len(files):
-        return patients * len(files)
-    n = 0
+    total = patients * studies * len(files)
+    if dest.exists() and sum(1 for _ in dest.rglob("*.dcm")) == total:
+        return total
+    if dest.exists():
+        import shutil
+        shutil.rmtree(dest)
+    sources = [(f, pydicom.dcmread(f)) for f in files]
     for p in range(patients):
         pid = f"BENCH{p:05d}"
-        for f in files:
-            ds = pydicom.dcmread(f)
-            series = f.parent.name
-            ds.PatientName = f"BENCHMARK^PATIENT{p:05d}"
-            ds.PatientID = pid
-            ds.PatientBirthDate = f"19{50 + p % 40:02d}0{1 + p % 9}1{p % 9}"
-            ds.StudyInstanceUID = _uid(pid, "study")
-            ds.SeriesInstanceUID = _uid(pid, series)
-            ds.SOPInstanceUID = _uid(pid, series, f.name)
-            ds.FrameOfReferenceUID = _uid(pid, series, "for")
-            ds.file_meta.MediaStorageSOPInstanceUID = ds.SOPInstanceUID
-            out = dest / pid / series / f"{f.stem[:4]}.dcm"
-            out.parent.mkdir(parents=True, exist_ok=True)
-            ds.save_as(out, enforce_file_format=True)
-            n += 1
-    return n
+        for st in range(studies):
+            for f, ds in sources:
+                series = f.parent.name
+                ds.PatientName = f"BENCHMARK^PATIENT{p:05d}"
+                ds.PatientID = pid
+                ds.PatientBirthDate = f"19{50 + p % 40:02d}0{1 + p % 9}1{p % 9}"
+                ds.StudyInstanceUID = _uid(pid, st, "study")
+                ds.SeriesInstanceUID = _uid(pid, st, series)
+                ds.SOPInstanceUID = _uid(pid, st, series, f.name)
+                ds.FrameOfReferenceUID = _uid(pid, st, series, "for")
+                ds.file_meta.MediaStorageSOPInstanceUID = ds.SOPInstanceUID
+                out = dest / pid / f"study{st}" / series / f"{f.stem[:4]}.dcm"
+                out.parent.mkdir(parents=True, exist_ok=True)
+                ds.save_as(out, enforce_file_format=True)
+    return total
 
 
 def tiny_subject_tree(dest: Path, subjects: int) -> int:

@@ -15,6 +15,10 @@ rule mapping:
         uids=restricted("mapping/uids.csv"),
         dates=restricted("mapping/dates.csv"),
         quarantine=restricted("quarantine.tsv"),
+        uids_list=temp(restricted("work/mapping-uids.list")),
+        quarantine_list=temp(restricted("work/mapping-quarantine.list")),
+    params:
+        python=PYTHON,
     log:
         restricted("logs/mapping.log"),
     threads: 1
@@ -23,8 +27,13 @@ rule mapping:
         runtime=30,
     conda:
         "../envs/core.yaml"
-    script:
-        "../scripts/mapping.py"
+    shell:
+        "printf '%s\\n' {input.uids:q} > {output.uids_list:q}; "
+        "printf '%s\\n' {input.quarantine:q} > {output.quarantine_list:q}; "
+        "{params.python:q} -m deidflow.jobs mapping --inventory {input.inventory:q}"
+        " --uids-list {output.uids_list:q} --quarantine-list {output.quarantine_list:q}"
+        " --patients {output.patients:q} --uids {output.uids:q} --dates {output.dates:q}"
+        " --quarantine {output.quarantine:q} --log {log:q} 2>> {log:q}"
 
 
 rule run_record:
@@ -32,6 +41,7 @@ rule run_record:
     output:
         restricted("run.json"),
     params:
+        python=PYTHON,
         record=run_record(PREPARED.paths, PREPARED.fingerprint, SETTINGS),
     log:
         restricted("logs/run_record.log"),
@@ -41,8 +51,9 @@ rule run_record:
         runtime=5,
     conda:
         "../envs/core.yaml"
-    script:
-        "../scripts/run_record.py"
+    shell:
+        "{params.python:q} -m deidflow.jobs run-record --output {output:q} --record {params.record:q}"
+        " --log {log:q} 2>> {log:q}"
 
 
 rule strict_check:
@@ -51,6 +62,8 @@ rule strict_check:
         restricted("quarantine.tsv"),
     output:
         restricted("strict.ok"),
+    params:
+        python=PYTHON,
     log:
         restricted("logs/strict_check.log"),
     threads: 1
@@ -59,5 +72,6 @@ rule strict_check:
         runtime=5,
     conda:
         "../envs/core.yaml"
-    script:
-        "../scripts/strict_check.py"
+    shell:
+        "{params.python:q} -m deidflow.jobs strict --quarantine {input:q} --output {output:q}"
+        " --log {log:q} 2>> {log:q}"

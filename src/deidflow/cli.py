@@ -35,7 +35,7 @@ def _effective_config(args: argparse.Namespace) -> dict:
         config["key_file"] = str(Path(args.key_file).resolve())
     if getattr(args, "strict", False):
         config["strict"] = True
-    return validate(config)
+    return validate(config, semantics=False)  # profile semantics are checked at Snakefile parse
 
 
 def run_workflow(config: dict, *, cores: int | str = "all", profile: str | None = None,
@@ -50,7 +50,7 @@ def run_workflow(config: dict, *, cores: int | str = "all", profile: str | None 
     make_restricted_dir(paths.restricted)
     cfg_file = paths.restricted / "run-config.yaml"
     atomic_write_text(cfg_file, yaml.safe_dump(config, sort_keys=True), RESTRICTED_FILE_MODE)
-    cmd = [sys.executable, "-m", "snakemake", "--snakefile", str(SNAKEFILE), "--directory",
+    cmd = [sys.executable, "-m", "deidflow._snakemake", "--snakefile", str(SNAKEFILE), "--directory",
            str(paths.restricted), "--configfile", str(cfg_file), "--cores", str(cores)]
     if profile:
         cmd += ["--profile", profile]

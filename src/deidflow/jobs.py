@@ -4,6 +4,8 @@ Rules call these through ``shell:`` rather than ``script:``: a ``script:`` job c
 of Snakemake preamble on top of Python's start, which for per-subject jobs of a few hundred
 files was a third of the run.  Arguments carry paths and non-secret settings only (the key comes
 from the environment or the key file), so nothing identifying shows in the process list.
+Each stage is a thin adapter: parse arguments, route logging to the job's restricted log, call
+the library.
 """
 from __future__ import annotations
 
@@ -24,13 +26,54 @@ def _dicom(a: argparse.Namespace) -> None:
         log.info("%(subjects)d subjects: released %(files)d files, quarantined %(quarantined)d", counts)
 
 
+def _mapping(a: argparse.Namespace) -> None:
+    from .mapping import write_mappings
+    with job_logging(a.log, "mapping job") as log:
+        counts = write_mappings(inventory=a.inventory, uid_files=_listed(a.uids_list),
+                                quarantine_files=_listed(a.quarantine_list), patients=a.patients,
+                                uids=a.uids, dates=a.dates, quarantine=a.quarantine)
+        log.info("patients %(patients)d, uids %(uids)d, quarantined %(quarantined)d", counts)
+
+
+def _run_record(a: argparse.Namespace) -> None:
+    from .fsutil import RESTRICTED_FILE_MODE, atomic_write_text
+    with job_logging(a.log, "run record"):
+        atomic_write_text(a.output, a.record + "\n", RESTRICTED_FILE_MODE)
+
+
+def _strict(a: argparse.Namespace) -> None:
+    from .fsutil import RESTRICTED_FILE_MODE, atomic_write_text
+    from .mapping import read_quarantine
+    with job_logging(a.log, "strict check"):
+        bad = read_quarantine(a.quarantine)
+        if bad:
+            raise RuntimeError(f"strict: {len(bad)} input file(s) quarantined, see {a.quarantine}")
+        atomic_write_text(a.output, "no quarantined files\n", RESTRICTED_FILE_MODE)
+
+
+def _listed(path: str) -> list[str]:
+    """Paths listed one per line in ``path`` (keeps long lists off the command line)."""
+    return [line for line in Path(path).read_text().splitlines() if line]
+
+
+STAGES = {
+    "dicom": (_dicom, ("manifest", "release-root", "restricted", "done", "uids", "quarantine", "settings"),
+              "de-identify the DICOM of one job unit (subject or batch)"),
+    "mapping": (_mapping, ("inventory", "uids-list", "quarantine-list", "patients", "uids", "dates", "quarantine"),
+                "restricted mappings and the quarantine list"),
+    "run-record": (_run_record, ("output", "record"), "write restricted/run.json"),
+    "strict": (_strict, ("quarantine", "output"), "fail when anything was quarantined"),
+}
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m deidflow.jobs")
     sub = p.add_subparsers(dest="stage", required=True)
-    d = sub.add_parser("dicom", help="de-identify the DICOM of one job unit (subject or batch)")
-    for name in ("manifest", "release-root", "restricted", "done", "uids", "quarantine", "settings", "log"):
-        d.add_argument(f"--{name}", required=True)
-    d.set_defaults(func=_dicom)
+    for name, (func, args, helptext) in STAGES.items():
+        sp = sub.add_parser(name, help=helptext)
+        for arg in (*args, "log"):
+            sp.add_argument(f"--{arg}", required=True)
+        sp.set_defaults(func=func)
     args = p.parse_args(argv)
     args.func(args)
     return 0

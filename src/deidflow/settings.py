@@ -54,8 +54,10 @@ def parse_set(pairs: Iterable[str]) -> dict:
     return out
 
 
-def validate(config: dict) -> dict:
-    """Validate ``config`` against schema.yaml (no defaults filled); raise ConfigError naming the key."""
+def validate(config: dict, *, semantics: bool = True) -> dict:
+    """Validate ``config`` against schema.yaml (no defaults filled) and, with ``semantics``, the
+    profile rules (option conflicts, override attributes); raise ConfigError naming the key.
+    The Snakefile runs the semantic check at parse time, so the CLI can skip its import cost."""
     schema = yaml.safe_load(SCHEMA.read_text())
     validator = jsonschema.Draft202012Validator(schema)
     errors = sorted(validator.iter_errors(config), key=lambda e: list(e.absolute_path))
@@ -63,7 +65,8 @@ def validate(config: dict) -> dict:
         e = errors[0]
         where = ".".join(str(p) for p in e.absolute_path) or "(top level)"
         raise ConfigError(f"config key {where}: {e.message}")
-    _check_semantics(config)
+    if semantics:
+        _check_semantics(config)
     return config
 
 
