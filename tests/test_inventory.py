@@ -144,3 +144,17 @@ def test_write_is_stable_and_restricted(demo_input, tmp_path):
     assert [m.stat().st_mtime_ns for m in manifests] == mtimes  # unchanged content, untouched file
     for p in [restricted / "inventory.parquet", *manifests]:
         assert p.stat().st_mode & 0o777 == 0o600
+
+
+def test_trust_centre_mapping_and_unmapped_patients(demo_input, tmp_path):
+    from deidflow.pseudonym import load_mapping
+    d, patients = demo_input
+    f = tmp_path / "map.csv"
+    f.write_text(f"id_old,id_new\n{patients[0].patient_id},TC0001\n")
+    ps = Pseudonymizer(KEY, mapping=load_mapping(f))
+    inv = inventory.build(d, ps, unmapped="quarantine")
+    assert inv.subjects == ["sub-TC0001"]
+    reasons = {r["reason"] for r in inv.rows if r["status"] == "quarantine"}
+    assert reasons == {"PatientID not in the pseudonym mapping file"}
+    inv = inventory.build(d, ps, unmapped="hmac")
+    assert "sub-TC0001" in inv.subjects and len(inv.subjects) == len(patients)
