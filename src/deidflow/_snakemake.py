@@ -1,8 +1,9 @@
-"""Run Snakemake's command line with daemon timers (``python -m deidflow._snakemake ARGS``).
+"""Run Snakemake's command line in this process, with daemon scheduler timers.
 
 Snakemake's scheduler re-arms a non-daemon ``threading.Timer`` of one rate-limit window (1 s by
 default) on every scheduling pass, and Python waits for it at exit: every run ended with an idle
-second.  Making the timers daemons changes nothing else (they only wake the scheduler)."""
+second.  Making the timers daemons changes nothing else (they only wake the scheduler).  Running in
+the ``deidflow run`` process also saves a second interpreter start."""
 from __future__ import annotations
 
 import sys
@@ -15,12 +16,19 @@ class _DaemonTimer(threading.Timer):
         self.daemon = True
 
 
-def main() -> None:
+def run_snakemake(args: list[str]) -> int:
+    """``snakemake ARGS``; returns its exit status."""
     threading.Timer = _DaemonTimer  # type: ignore[misc]
     from snakemake.cli import main as snakemake_main
-    sys.argv[0] = "snakemake"
-    snakemake_main()
+    argv, sys.argv = sys.argv, ["snakemake", *args]
+    try:
+        snakemake_main()
+    except SystemExit as exc:
+        return exc.code if isinstance(exc.code, int) else (0 if exc.code is None else 1)
+    finally:
+        sys.argv = argv
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(run_snakemake(sys.argv[1:]))

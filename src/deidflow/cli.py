@@ -1,15 +1,14 @@
 """Command line: ``deidflow run | inventory | demo``.
 
 ``run`` wraps Snakemake: it validates the configuration first (a bad value fails before any job,
-naming the key), writes the effective configuration into the restricted folder and starts
-Snakemake there, so ``.snakemake/`` and every log stay out of the release.
+naming the key), writes the effective configuration into the restricted folder and runs
+Snakemake there (in this process), so ``.snakemake/`` and every log stay out of the release.
 """
 from __future__ import annotations
 
 import argparse
 import os
 import shutil
-import subprocess
 import sys
 from pathlib import Path
 
@@ -18,6 +17,7 @@ import yaml
 from . import __version__
 from .fsutil import RESTRICTED_FILE_MODE, atomic_write_text, make_restricted_dir
 from .pseudonym import KEY_ENV, MissingKeyError, ephemeral_key, load_key
+from ._snakemake import run_snakemake
 from .settings import (SNAKEFILE, ConfigError, deep_update, load_defaults, parse_set, resolve_paths,
                        validate, workflow_files_present)
 
@@ -50,14 +50,16 @@ def run_workflow(config: dict, *, cores: int | str = "all", profile: str | None 
     make_restricted_dir(paths.restricted)
     cfg_file = paths.restricted / "run-config.yaml"
     atomic_write_text(cfg_file, yaml.safe_dump(config, sort_keys=True), RESTRICTED_FILE_MODE)
-    cmd = [sys.executable, "-m", "deidflow._snakemake", "--snakefile", str(SNAKEFILE), "--directory",
-           str(paths.restricted), "--configfile", str(cfg_file), "--cores", str(cores)]
+    args = ["--snakefile", str(SNAKEFILE), "--directory", str(paths.restricted),
+            "--configfile", str(cfg_file), "--cores", str(cores)]
     if profile:
-        cmd += ["--profile", profile]
+        args += ["--profile", profile]
     if dry_run:
-        cmd += ["--dry-run"]
-    cmd += extra or []
-    rc = subprocess.call(cmd, env=env)
+        args += ["--dry-run"]
+    args += extra or []
+    if env is not None:
+        os.environ.update(env)  # e.g. the demo's ephemeral key: environment, never an argument
+    rc = run_snakemake(args)
     if rc == 0 and not dry_run:
         print(f"deidflow: release in {paths.output}; mappings, audit and quarantine list in {paths.restricted}")
     return rc
