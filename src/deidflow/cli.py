@@ -7,9 +7,11 @@ Snakemake there (in this process), so ``.snakemake/`` and every log stay out of 
 from __future__ import annotations
 
 import argparse
+import fcntl
 import os
 import shutil
 import sys
+import time
 from pathlib import Path
 
 import yaml
@@ -48,10 +50,17 @@ def run_workflow(config: dict, *, cores: int | str = "all", profile: str | None 
     if not paths.input.is_dir():
         raise SystemExit(f"deidflow: input folder {paths.input} does not exist")
     make_restricted_dir(paths.restricted)
+    # One run per restricted folder: a kernel lock that dies with the process, so a killed run
+    # never leaves a stale lock behind (Snakemake's own lock is turned off with --nolock).
+    lock = os.fdopen(os.open(paths.restricted / ".deidflow.lock", os.O_RDWR | os.O_CREAT, RESTRICTED_FILE_MODE), "r+")
+    try:
+        fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        raise SystemExit(f"deidflow: another deidflow run is using {paths.restricted}") from None
     cfg_file = paths.restricted / "run-config.yaml"
     atomic_write_text(cfg_file, yaml.safe_dump(config, sort_keys=True), RESTRICTED_FILE_MODE)
     args = ["--snakefile", str(SNAKEFILE), "--directory", str(paths.restricted),
-            "--configfile", str(cfg_file), "--cores", str(cores)]
+            "--configfile", str(cfg_file), "--cores", str(cores), "--nolock"]
     if profile:
         args += ["--profile", profile]
     if dry_run:
@@ -59,10 +68,25 @@ def run_workflow(config: dict, *, cores: int | str = "all", profile: str | None 
     args += extra or []
     if env is not None:
         os.environ.update(env)  # e.g. the demo's ephemeral key: environment, never an argument
+    started = time.time()
     rc = run_snakemake(args)
     if rc == 0 and not dry_run:
         print(f"deidflow: release in {paths.output}; mappings, audit and quarantine list in {paths.restricted}")
+    elif rc:
+        for line in _job_failures(paths.restricted / "logs", started):
+            print(line, file=sys.stderr)
     return rc
+
+
+def _job_failures(logs: Path, since: float) -> list[str]:
+    """The one-line failure summaries jobs wrote during this run (public by construction:
+    see deidflow.joblog), so the reason reaches the terminal without the job's traceback."""
+    out = []
+    for log in sorted(logs.rglob("*.log")) if logs.is_dir() else ():
+        if log.stat().st_mtime >= since:
+            out += [ln for ln in log.read_text(errors="replace").splitlines()
+                    if ln.startswith("deidflow: ") and " failed" in ln]
+    return out
 
 
 def _cmd_run(args: argparse.Namespace) -> int:

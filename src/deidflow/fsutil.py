@@ -55,11 +55,14 @@ def write_if_changed(path: Path, data: bytes, mode: int | None = None) -> bool:
 
 
 def publish_dir(staging: Path, final: Path) -> None:
-    """Move a completely written staging folder into place in one rename."""
-    final = Path(final)
+    """Move a completely written staging folder into place.  A previous version of ``final`` is
+    first renamed into the staging folder's parent (never left in the release) and then deleted."""
+    staging, final = Path(staging), Path(final)
     final.parent.mkdir(parents=True, exist_ok=True)
     if final.exists():
-        trash = final.with_name(f".trash-{final.name}-{os.getpid()}")
+        trash = staging.with_name(f".trash-{final.name}")
+        if trash.exists():
+            shutil.rmtree(trash)
         os.replace(final, trash)
         os.replace(staging, final)
         shutil.rmtree(trash, ignore_errors=True)

@@ -8,6 +8,7 @@ import sys
 import traceback
 from pathlib import Path
 
+from .errors import public_reason
 from .fsutil import RESTRICTED_FILE_MODE, make_restricted_dir
 
 
@@ -24,10 +25,12 @@ def job_logging(log_path: str | Path, what: str):
     log_path.chmod(RESTRICTED_FILE_MODE)
     try:
         yield logging.getLogger("deidflow")
-    except Exception:
+    except Exception as exc:
         logging.getLogger("deidflow").error("job failed:\n%s", traceback.format_exc())
         handler.flush()
-        print(f"deidflow: {what} failed; details in {log_path}", file=sys.stderr)
+        public = public_reason(exc)  # other messages may hold identifying values
+        reason = f": {public}" if public else ""
+        print(f"deidflow: {what} failed{reason}; details in {log_path}", file=sys.stderr)
         raise SystemExit(1) from None
     finally:
         root.removeHandler(handler)

@@ -14,6 +14,7 @@ import json
 import sys
 from pathlib import Path
 
+from .errors import PublicError
 from .joblog import job_logging
 
 
@@ -47,7 +48,7 @@ def _strict(a: argparse.Namespace) -> None:
     with job_logging(a.log, "strict check"):
         bad = read_quarantine(a.quarantine)
         if bad:
-            raise RuntimeError(f"strict: {len(bad)} input file(s) quarantined, see {a.quarantine}")
+            raise PublicError(f"strict: {len(bad)} input file(s) quarantined, listed in {a.quarantine}")
         atomic_write_text(a.output, "no quarantined files\n", RESTRICTED_FILE_MODE)
 
 

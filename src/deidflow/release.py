@@ -4,15 +4,21 @@ from __future__ import annotations
 import csv
 import io
 import json
+import shutil
 from pathlib import Path
 from typing import Any, Mapping
 
 from .dicom import Scrubber, SubjectContext
 from .dicomio import DicomError, deidentify_path
+from .errors import OUTPUT_ERRNOS, PublicError
 from .fsutil import (RESTRICTED_FILE_MODE, atomic_write_text, make_restricted_dir, publish_dir,
                      staging_dir_for)
 from .profile import build_plan
 from .pseudonym import Pseudonymizer, fingerprint, load_key, load_mapping
+
+
+class OutputError(PublicError):
+    """The release (not an input file) cannot be written: the job fails, nothing is quarantined."""
 
 
 def pseudonymizer_from_settings(settings: Mapping[str, Any]) -> Pseudonymizer:
@@ -62,18 +68,24 @@ def _subject(subj: Mapping[str, Any], input_dir: Path, release_root: Path, restr
     stage = staging_dir_for(final, restricted)
     audit_lines: list[str] = []
     bad: list[tuple[str, str]] = []
-    for f in subj["files"]:
-        try:
-            res = deidentify_path(input_dir / f["relpath"], stage / f["out_relpath"], scrubber)
-        except DicomError as exc:
-            bad.append((f["relpath"], str(exc)))
-            continue
-        except OSError as exc:
-            bad.append((f["relpath"], f"file not readable: {exc.strerror}"))
-            continue
-        audit_lines.append(json.dumps({"file": f"{subject}/{f['out_relpath']}", "source": f["src_id"],
-                                       "actions": res.actions}, sort_keys=True))
-    publish_dir(stage, final)
+    try:
+        for f in subj["files"]:
+            try:
+                res = deidentify_path(input_dir / f["relpath"], stage / f["out_relpath"], scrubber)
+            except DicomError as exc:
+                bad.append((f["relpath"], str(exc)))
+                continue
+            except OSError as exc:
+                if exc.errno in OUTPUT_ERRNOS:  # the release cannot be written: fail the job
+                    raise OutputError(f"cannot write the release of {subject}: {exc.strerror}") from None
+                bad.append((f["relpath"], f"file not readable: {exc.strerror}"))
+                continue
+            audit_lines.append(json.dumps({"file": f"{subject}/{f['out_relpath']}", "source": f["src_id"],
+                                           "actions": res.actions}, sort_keys=True))
+        publish_dir(stage, final)
+    except BaseException:
+        shutil.rmtree(stage, ignore_errors=True)  # nothing partial stays behind
+        raise
     audit = make_restricted_dir(restricted / "audit") / f"{subject}.jsonl"
     atomic_write_text(audit, "".join(line + "\n" for line in audit_lines), RESTRICTED_FILE_MODE)
     return len(audit_lines), bad
