@@ -71,7 +71,11 @@ def run_workflow(config: dict, *, cores: int | str = "all", profile: str | None 
     started = time.time()
     rc = run_snakemake(args)
     if rc == 0 and not dry_run:
+        quarantine = paths.restricted / "quarantine.tsv"
+        n_bad = max(0, len(quarantine.read_text().splitlines()) - 1) if quarantine.exists() else 0
         print(f"deidflow: release in {paths.output}; mappings, audit and quarantine list in {paths.restricted}")
+        if n_bad:
+            print(f"deidflow: {n_bad} input file(s) quarantined, each with its reason in {quarantine}")
     elif rc:
         for line in _job_failures(paths.restricted / "logs", started):
             print(line, file=sys.stderr)
