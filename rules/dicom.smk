@@ -7,7 +7,7 @@ rule dicom:
     output:
         done=restricted("done/dicom/{unit}.json"),
         uids=restricted("work/{unit}/uids.csv"),
-        quarantine=restricted("work/{unit}/quarantine.tsv"),
+        quarantine=restricted("work/{unit}/quarantine.jsonl"),
     params:
         python=PYTHON,
         settings=SETTINGS_JSON,

@@ -9,7 +9,7 @@ rule mapping:
     input:
         inventory=restricted("inventory.parquet"),
         uids=per_unit(restricted("work/{unit}/uids.csv")),
-        quarantine=per_unit(restricted("work/{unit}/quarantine.tsv")),
+        quarantine=per_unit(restricted("work/{unit}/quarantine.jsonl")),
     output:
         patients=restricted("mapping/patients.csv"),
         uids=restricted("mapping/uids.csv"),

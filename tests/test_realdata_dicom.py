@@ -776,7 +776,7 @@ def test_bundled_file_without_patient_id_released_once_it_has_one(name, tmp_path
 @pytest.mark.realdata
 def test_bundled_files_together_quarantine_is_explicit(tmp_path, key_env):
     """All selected bundled files in one input folder: variants that share a SOPInstanceUID are
-    quarantined as duplicates (the first in path order is released), files without PatientID are
+    quarantined as duplicates (the largest file is released, ties by path), files without PatientID are
     quarantined for that, and the rest of the release is scanned like above."""
     names = [n for n in BUNDLED if (PYDICOM_TEST_FILES / n).is_file()]
     inp = _bundled_input(tmp_path, names)
@@ -784,7 +784,7 @@ def test_bundled_files_together_quarantine_is_explicit(tmp_path, key_env):
               for n in names}
     expected = {n: "no PatientID" for n in NO_PATIENT_ID if n in names}
     first_of: dict[str, str] = {}
-    for n in sorted(names):
+    for n in sorted(names, key=lambda n: (-(inp / n).stat().st_size, n)):
         if n in expected:
             continue
         if sop_of[n] in first_of:

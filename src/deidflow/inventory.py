@@ -241,15 +241,16 @@ def _assign(rows: list[dict], pseudo: Pseudonymizer, unmapped: str) -> None:
     patients_of_series: dict[str, set] = defaultdict(set)
     for r in ok:
         patients_of_series[r["series_uid"]].add(patient_key(r["patient_id"], r.get("issuer", "")))
-    seen_sop: dict[str, str] = {}
-    for r in ok:
+    # Of several files with one SOPInstanceUID the largest is released (a cut-off copy is smaller).
+    kept_sop: dict[str, dict] = {}
+    for r in sorted(ok, key=lambda r: (-(r["size"] or 0), r["relpath"])):
         n = len(patients_of_series[r["series_uid"]])
         if n > 1:
             _quarantine(r, f"series holds {n} different patients (PatientID differs between its files)")
-        elif r["sop_uid"] in seen_sop:
-            _quarantine(r, "duplicate SOPInstanceUID (another input file has the same one)")
+        elif r["sop_uid"] in kept_sop:
+            _quarantine(r, "duplicate SOPInstanceUID (a file with the same UID and at least its size is released)")
         else:
-            seen_sop[r["sop_uid"]] = r["relpath"]
+            kept_sop[r["sop_uid"]] = r
     ok = [r for r in ok if r["status"] == "ok"]
     owner: dict[str, str] = {}
     series_members: dict[str, list[dict]] = defaultdict(list)
@@ -292,9 +293,9 @@ def build(input_dir: Path, pseudo: Pseudonymizer, *, previous: Path | None = Non
             rows.append({"relpath": rel, "format": "unreadable" if st is None else "other", "reason": problem,
                          "size": None, "mtime_ns": None})
             continue
-        hit = cache.get(rel)
+        hit = cache.get(display_path(rel))
         if hit and hit["size"] == st.st_size and hit["mtime_ns"] == st.st_mtime_ns:
-            rows.append(dict(hit))
+            rows.append({**hit, "relpath": rel})
         else:
             rows.append(_examine(input_dir / rel, rel, st))
     _assign(rows, pseudo, unmapped)
@@ -313,10 +314,16 @@ def _load_cache(path: Path) -> dict[str, dict]:
 # ------------------------------------------------------------------------------------------------
 # Writing
 # ------------------------------------------------------------------------------------------------
+def display_path(rel: str) -> str:
+    """A file name as text: undecodable bytes become ``\\xNN`` escapes (names are bytes on POSIX)."""
+    return os.fsencode(rel).decode("utf-8", "backslashreplace")
+
+
 def to_table(inv: Inventory) -> pa.Table:
     cols = {}
     for c in STR_COLUMNS:
-        cols[c] = pa.array([r.get(c) or "" for r in inv.rows], pa.string())
+        conv = display_path if c == "relpath" else str
+        cols[c] = pa.array([conv(r.get(c) or "") for r in inv.rows], pa.string())
     for c in INT_COLUMNS:
         cols[c] = pa.array([r.get(c) for r in inv.rows], pa.int64())
     return pa.table(cols)

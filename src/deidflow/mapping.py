@@ -3,14 +3,22 @@ from __future__ import annotations
 
 import csv
 import io
+import json
 from pathlib import Path
 from typing import Iterable
 
 import pyarrow.parquet as pq
 
 from .fsutil import RESTRICTED_FILE_MODE, atomic_write_text, make_restricted_dir
+from .inventory import display_path
 
 QUARANTINE_HEADER = "file\treason\n"
+
+
+def tsv_field(text: str) -> str:
+    """One TSV field on one line: backslash, tab, newline and carriage return escaped."""
+    return (text.replace("\\", "\\\\").replace("\t", "\\t").replace("\n", "\\n")
+            .replace("\r", "\\r"))
 
 
 def _csv(rows: Iterable[tuple]) -> str:
@@ -36,17 +44,19 @@ def write_mappings(inventory: Path, uid_files: Iterable[Path], quarantine_files:
             next(reader, None)
             uid_rows.update((a, b) for a, b in reader)
     bad = [(r["relpath"], r["reason"]) for r in t if r["status"] == "quarantine"]
-    for f in quarantine_files:
+    for f in quarantine_files:  # JSON lines written by the jobs: {"file": ..., "reason": ...}
         for line in Path(f).read_text().splitlines():
             if line:
-                bad.append(tuple(line.split("\t", 1)))
+                item = json.loads(line)
+                bad.append((display_path(item["file"]), item["reason"]))
     bad.sort()
     for p in (patients, uids, dates, quarantine):
         make_restricted_dir(Path(p).parent)
     atomic_write_text(patients, _csv([("id_old", "id_new"), *pat]), RESTRICTED_FILE_MODE)
     atomic_write_text(uids, _csv([("id_old", "id_new"), *sorted(uid_rows)]), RESTRICTED_FILE_MODE)
     atomic_write_text(dates, _csv([("subject", "offset_days"), *offsets]), RESTRICTED_FILE_MODE)
-    atomic_write_text(quarantine, QUARANTINE_HEADER + "".join(f"{a}\t{b}\n" for a, b in bad), RESTRICTED_FILE_MODE)
+    atomic_write_text(quarantine, QUARANTINE_HEADER + "".join(f"{tsv_field(a)}\t{tsv_field(b)}\n" for a, b in bad),
+                      RESTRICTED_FILE_MODE)
     return {"patients": len(pat), "uids": len(uid_rows), "quarantined": len(bad)}
 
 

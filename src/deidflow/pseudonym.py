@@ -99,8 +99,8 @@ class Pseudonymizer:
         return self._label("series", series_uid, 6)
 
     def source_id(self, relpath: str) -> str:
-        """Opaque id of an input file, used in audits instead of its name."""
-        return self._label("source", relpath, 16)
+        """Opaque id of an input file, used in audits instead of its name (any file-name bytes)."""
+        return self._label("source", os.fsencode(relpath).hex(), 16)
 
     def uid(self, original: str) -> str:
         """``2.25.<int>`` from the HMAC of the original UID (a UUIDv8-shaped 128-bit integer)."""

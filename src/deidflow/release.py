@@ -54,7 +54,8 @@ def deidentify_unit(manifest: Path, release_root: Path, restricted: Path, done: 
     for p in (done, uids, quarantine):
         make_restricted_dir(Path(p).parent)
     atomic_write_text(uids, _csv([("id_old", "id_new"), *sorted(uid_map.items())]), RESTRICTED_FILE_MODE)
-    atomic_write_text(quarantine, "".join(f"{p}\t{r}\n" for p, r in sorted(bad)), RESTRICTED_FILE_MODE)
+    atomic_write_text(quarantine, "".join(json.dumps({"file": p, "reason": r}) + "\n" for p, r in sorted(bad)),
+                      RESTRICTED_FILE_MODE)
     atomic_write_text(done, json.dumps({"unit": m["unit"], "subjects": summary}, indent=1) + "\n",
                       RESTRICTED_FILE_MODE)
     return {"subjects": len(summary), "files": sum(s["files"] for s in summary), "quarantined": len(bad)}
