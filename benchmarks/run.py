@@ -5,7 +5,9 @@ Tables printed:
 2. DICOM engine files/s (one core, default profile) vs plain pydicom read+write of the same files;
 3. `deidflow run --cores 2` wall time vs the same work done by the library in 2 worker processes
    without Snakemake (the difference is Snakemake's share: start-up, scheduling, job processes);
-4. dry-run DAG construction for 1,000 synthetic subjects.
+4. dry runs (inventory + DAG) for 100, 1,000 and 10,000 synthetic subjects, one job per subject
+   and batched, with peak memory;
+5. a real run over 1,000 tiny subjects vs the library doing the same work in one process.
 """
 from __future__ import annotations
 
@@ -122,11 +124,36 @@ def deidflow_run(tree: Path, out: Path, *extra: str) -> float:
     return dt
 
 
+def timed_rss(tree: Path, out: Path, *extra: str) -> tuple[float, float]:
+    """Wall seconds and peak RSS (MB, the largest process of the run) of ``deidflow run``."""
+    env = dict(os.environ, DEIDFLOW_KEY=KEY)
+    t = time.perf_counter()
+    r = subprocess.run(["/usr/bin/time", "-f", "%M", sys.executable, "-m", "deidflow.cli", "run", str(tree),
+                        str(out), "--cores", "2", *extra], env=env, capture_output=True, text=True)
+    dt = time.perf_counter() - t
+    if r.returncode:
+        raise SystemExit(f"deidflow run failed:\n{r.stderr[-3000:]}")
+    return dt, int(r.stderr.strip().splitlines()[-1]) / 1024
+
+
+def library_tiny(tree: Path, scratch: Path) -> float:
+    """Inventory plus every subject, in this process (the work without Snakemake or job starts)."""
+    os.environ["DEIDFLOW_KEY"] = KEY
+    restricted = scratch / "tiny_lib_restricted"
+    restricted.mkdir(mode=0o700)
+    t = time.perf_counter()
+    inv = inventory.build(tree, Pseudonymizer(KEY.encode()))
+    inventory.write(inv, restricted)
+    for s in inv.subjects:
+        _one_subject((restricted, scratch / "tiny_lib_release", s))
+    return time.perf_counter() - t
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__)
     ap.add_argument("--patients", type=int, default=6, help="fake patients in the real-header tree")
     ap.add_argument("--studies", type=int, default=15, help="studies per patient (70 real-header files each)")
-    ap.add_argument("--dag-subjects", type=int, default=1000)
+    ap.add_argument("--dag-subjects", type=int, nargs="+", default=[100, 1000, 10000])
     ap.add_argument("--work", default=os.environ.get("DEIDFLOW_BENCH_DIR", tempfile.gettempdir() + "/deidflow-bench"))
     ap.add_argument("--baseline", nargs=2, metavar=("TREE", "SCRATCH"), help=argparse.SUPPRESS)
     args = ap.parse_args()
@@ -159,17 +186,29 @@ def main() -> None:
                ("plain Python program, library in 2 processes (start-up included)", f"{ideal:.2f}"),
                ("deidflow run --cores 2 wall", f"{wall:.2f}"),
                ("Snakemake share of wall", f"{overhead:.0%} (target <= 20%)")])
-        tiny = work / f"tiny_{args.dag_subjects}"
-        tiny_subject_tree(tiny, args.dag_subjects)
-        first = deidflow_run(tiny, scratch / "dag_release", "--dry-run")
-        second = deidflow_run(tiny, scratch / "dag_release", "--dry-run")
-        table(f"4. Dry run, {args.dag_subjects} synthetic subjects",
-              [("measure", "seconds", "target"), ("first dry run (inventory + DAG)", f"{first:.2f}", "<= 15"),
-               ("repeat dry run (cached inventory)", f"{second:.2f}", "<= 15")])
+        rows = [("subjects", "jobs", "first dry run s", "repeat s", "peak RSS MB", "target")]
+        dry = {}
+        for n_subj in args.dag_subjects:
+            tiny = work / f"tiny_{n_subj}"
+            tiny_subject_tree(tiny, n_subj)
+            for layout, extra in (("one per subject", ("--set", "jobs.files_per_job=0")), ("batched", ())):
+                out = scratch / f"dag_{n_subj}_{layout[0]}"
+                first, rss1 = timed_rss(tiny, out, "--dry-run", *extra)
+                second, rss2 = timed_rss(tiny, out, "--dry-run", *extra)
+                target = "<= 15 s" if n_subj == 1000 else ("<= 60 s, <= 2,048 MB" if n_subj == 10000 else "")
+                rows.append((f"{n_subj:,}", layout, f"{first:.2f}", f"{second:.2f}", f"{max(rss1, rss2):,.0f}", target))
+                dry[f"{n_subj}_{layout}"] = [round(first, 2), round(second, 2), round(max(rss1, rss2))]
+        table("4. Dry runs (inventory + DAG), synthetic subjects", rows)
+        tiny = work / "tiny_1000"
+        lib = library_tiny(tiny, scratch)
+        real, _ = timed_rss(tiny, scratch / "tiny_release")
+        table("5. Real run, 1,000 tiny subjects (default batching)",
+              [("measure", "seconds"), ("library, one process (inventory + every subject)", f"{lib:.2f}"),
+               ("deidflow run --cores 2", f"{real:.2f}"), ("ratio", f"{real / lib:.2f}x (target <= 3x)")])
         print(json.dumps({"inventory_files_per_s": round(inv_rate), "engine_files_per_s": round(engine),
                           "pydicom_files_per_s": round(base), "run_wall_s": round(wall, 2),
                           "library_2proc_s": round(ideal, 2), "snakemake_share": round(overhead, 3),
-                          "dry_run_first_s": round(first, 2), "dry_run_repeat_s": round(second, 2)}))
+                          "dry_runs": dry, "tiny_1000_library_s": round(lib, 2), "tiny_1000_run_s": round(real, 2)}))
     finally:
         shutil.rmtree(scratch, ignore_errors=True)
 

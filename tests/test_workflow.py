@@ -206,3 +206,35 @@ def test_dates_shift_keeps_intervals(demo):
     (a0, a1), (b0, b1) = before[0], after[0]
     assert (day(a1) - day(a0)) == (day(b1) - day(b0))
     assert -365 <= (day(b0) - day(a0)).days <= -1
+
+
+def test_incremental_release_processes_only_new_subjects(tmp_path):
+    """Adding patients re-runs only their jobs (one job per subject here): earlier subjects'
+    files are not rewritten and keep their pseudonyms; changing the profile re-runs everything."""
+    import shutil
+    full = tmp_path / "full"
+    make_demo_input(full)
+    inp = tmp_path / "input"
+    inp.mkdir()
+    folders = sorted(full.iterdir())
+    for d in folders[:3]:
+        shutil.copytree(d, inp / d.name)
+    out = tmp_path / "release"
+    args = ("run", str(inp), str(out), "--cores", "2", "--set", "jobs.files_per_job=0")
+    assert run_cli(*args).returncode == 0
+    dicom = out / "sourcedata" / "dicom"
+    before = {p: p.stat().st_mtime_ns for p in dicom.rglob("*.dcm")}
+    old_subjects = {p.name for p in dicom.iterdir()}
+    for d in folders[3:]:
+        shutil.copytree(d, inp / d.name)
+    r = run_cli(*args)
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert {p.name for p in dicom.iterdir()} > old_subjects
+    assert {p: p.stat().st_mtime_ns for p in before} == before  # untouched
+    complete = tmp_path / "complete"
+    assert run_cli("run", str(full), str(complete), "--cores", "2", "--set", "jobs.files_per_job=0").returncode == 0
+    strip = lambda h: {k: v for k, v in h.items() if not k.endswith(".snakemake_timestamp")}  # noqa: E731
+    assert strip(tree_hashes(out)) == strip(tree_hashes(complete))  # same as releasing all at once
+    r = run_cli(*args[:-1], "jobs.files_per_job=0", "--set", "dicom.private=safe")
+    assert r.returncode == 0
+    assert all(p.stat().st_mtime_ns != t for p, t in before.items() if p.exists())  # profile change: all re-run
