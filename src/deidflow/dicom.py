@@ -11,7 +11,6 @@ import copy
 import re
 from dataclasses import dataclass, field
 from functools import lru_cache
-from pathlib import Path
 
 from pydicom.datadict import dictionary_keyword, dictionary_VR
 from pydicom.dataelem import DataElement
