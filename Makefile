@@ -5,7 +5,7 @@ BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed-stamp
 CORES  ?= 2
 
-.PHONY: install demo test test-fast bench lint clean
+.PHONY: install demo test test-fast fuzz bench lint clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -23,6 +23,9 @@ test: install  ## the whole suite, real-data and slow tests included (what CI ru
 
 test-fast: install  ## skip the slow and real-data tests
 	$(BIN)/python -m pytest -q -m "not slow and not realdata"
+
+fuzz: install  ## long fuzz run of the DICOM de-identification (20000 random examples per strategy)
+	DEIDFLOW_FUZZ_EXAMPLES=20000 $(BIN)/python -m pytest -q tests/test_fuzz_dicom.py -p no:cacheprovider
 
 bench: install  ## throughput and overhead benchmarks, printed as tables
 	$(BIN)/python benchmarks/run.py
