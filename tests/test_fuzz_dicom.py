@@ -35,7 +35,7 @@ test-SR with identifiers planted in them).
 
 By default (CI) the examples are derandomized and the module takes about 75 s on two cores.
 ``DEIDFLOW_FUZZ_EXAMPLES=N`` raises every strategy to N examples with a random seed (``make
-fuzz``).  Defects found are documented by the ``xfail(strict=True)`` regression tests at the end
+fuzz``).  Defects found are kept as regression tests at the end
 (minimal inputs built byte by byte); the property tests tolerate exactly those failure
 signatures (``known_bug``, ``leaks_in``, ``check_output``) so that they keep looking for new
 ones, and count them as hypothesis events (``--hypothesis-show-statistics``).
@@ -746,7 +746,7 @@ class Ctx:
     absent: frozenset  # planted tokens that must not survive
     cs: Charset
     damaged: bool  # mutated: identifiers may have moved into elements kept by design
-    be_un_sequence: bool = False  # big endian with a sequence written as UN (defect "un-sequence-big-endian")
+    be_un_sequence: bool = False  # big endian with a sequence written as UN (PS3.5 6.2.2 items)
 
 
 def must_be_absent(planted, plan: Plan, priv_in_safe: bool) -> set[str]:
@@ -818,16 +818,6 @@ def _dictionary(tag: int) -> tuple[str, str] | None:
         return None
 
 
-def _in_mis_encoded_sequence(span: Span) -> bool:
-    """Nested in a public attribute whose dictionary VR is SQ but whose explicit VR is neither SQ
-    nor UN (defect "sequence-as-other-vr-kept")."""
-    for tag, vr in span.ancestors:
-        info = _dictionary(tag)
-        if not (tag >> 16) & 1 and info is not None and info[0] == "SQ" and vr not in (None, b"SQ", b"UN"):
-            return True
-    return False
-
-
 def leaks_in(raw: bytes, ctx: Ctx) -> tuple[list[str], set[str]]:
     """Planted identifiers found in ``raw``: (unexplained ones, ids of the known defects that
     explain the others).  For a damaged input those inside elements kept by design (see
@@ -842,21 +832,9 @@ def leaks_in(raw: bytes, ctx: Ctx) -> tuple[list[str], set[str]]:
                 where = min(inside, key=lambda sp: sp.vend - sp.vstart) if inside else None
                 if where is not None and ctx.damaged and _kept_by_design(where, plan):
                     continue
-                nested = where is not None and bool(where.ancestors)
-                if where is not None and _in_mis_encoded_sequence(where):
-                    known.add("sequence-as-other-vr-kept")
-                elif nested and ctx.be_un_sequence:
-                    known.add("un-sequence-big-endian")
-                else:
-                    found.append(f"{t} at byte {m.start()}" + (
-                        f" in ({where.tag >> 16:04X},{where.tag & 0xFFFF:04X})" if where else ""))
+                found.append(f"{t} at byte {m.start()}" + (
+                    f" in ({where.tag >> 16:04X},{where.tag & 0xFFFF:04X})" if where else ""))
     return found, known
-
-
-def _charset_not_cs(raw: bytes) -> bool:
-    """The output's SpecificCharacterSet is encoded with an explicit VR other than CS (defect
-    "charset-vr-copied")."""
-    return any(sp.tag == 0x00080005 and sp.vr not in (None, b"CS", b"UN") for sp in scan(raw)[1])
 
 
 def check_output(raw: bytes, result, ctx: Ctx, again: bool = True) -> str | None:
@@ -869,8 +847,6 @@ def check_output(raw: bytes, result, ctx: Ctx, again: bool = True) -> str | None
         else:
             texts = _decoded_text(ds)  # every element, nested ones too, decodes
     except Exception:
-        if ctx.damaged and _charset_not_cs(raw):
-            return "charset-vr-copied"
         raise
     assert ds.file_meta.TransferSyntaxUID
     assert ds.get("PatientIdentityRemoved") == "YES"
@@ -927,18 +903,9 @@ def _frames(exc: BaseException, lines: bool = False):
 
 
 def known_bug(exc: BaseException) -> str | None:
-    """The id of a documented defect (see the ``xfail`` regression tests at the end of this
-    module) that the escaped exception ``exc`` is, else None."""
-    frames = set(_frames(exc))
-    if ("dicomio.py", "_transfer_syntax") in frames:
-        return "meta-value-uncaught"  # TransferSyntaxUID decoded outside the try block
-    if ("dicomio.py", "_stream", "chunks.append(encode(ds[tag]))") in set(_frames(exc, lines=True)):
-        return "stream-encode-uncaught"  # de-identified element decoded/re-encoded outside the try block
-    if ("dicomio.py", "_deidentify_dataset") in frames and ("dicom.py", "scrub") not in frames and (
-            ("dataelem.py", "convert_raw_data_element") in frames):
-        return "dataset-sop-uncaught"  # SOP UIDs decoded after scrub(), outside the try block
-    if any(f == "dicom.py" for f, _ in frames) and ("dataelem.py", "convert_raw_data_element") in frames:
-        return "scrub-decode-uncaught"  # pydicom's OSError, NotImplementedError... not caught
+    """The id of a documented, still open defect that the escaped exception ``exc`` is, else None.
+    All defects this fuzzer found are fixed (their regression tests are at the end of this module);
+    a new one must be added here only together with a strict xfail regression test."""
     return None
 
 
@@ -1085,9 +1052,8 @@ def test_mutation_fields_cover_nested_items():
 
 # ------------------------------------------------------------------------------ regressions (defects found)
 #
-# Minimal inputs built byte by byte, so that each reproduction is exact.  Each ``xfail(strict=True)``
-# starts to XPASS (and fails the run) once its defect is fixed: then delete the marker and the
-# matching branch of ``known_bug`` / ``check_output``.
+# Minimal inputs built byte by byte, so that each reproduction is exact.  Each was a defect the
+# fuzzer found (escaped exception or leak); all are fixed and kept as regression tests.
 
 _LONG = (b"OB", b"OW", b"OF", b"OD", b"OL", b"OV", b"SQ", b"UN", b"UC", b"UR", b"UT", b"SV", b"UV")
 ITEM_DELIM = b"\xfe\xff\x0d\xe0\x00\x00\x00\x00"
@@ -1156,14 +1122,7 @@ def test_regression_inputs_are_what_they_claim(tmp_path):
         _quarantined_or_clean(engine, _write(tmp_path, data))
 
 
-_STREAM_ENCODE = pytest.mark.xfail(
-    strict=True, raises=(NotImplementedError, UnicodeEncodeError, TypeError), reason=(
-        "BUG stream-encode-uncaught: dicomio._stream decodes and re-encodes a de-identified element "
-        "(chunks.append(encode(ds[tag]))) outside its try block, so pydicom's errors escape "
-        "deidentify_file instead of becoming a DicomError (the dataset engine quarantines these files)"))
-
-
-@pytest.mark.parametrize("engine", [pytest.param("stream", marks=_STREAM_ENCODE), "dataset"])
+@pytest.mark.parametrize("engine", ["stream", "dataset"])
 def test_regression_unknown_vr_on_replaced_element(tmp_path, engine):
     """PatientName with the (alphabetic, upper-case, unknown) VR "XX": the stream engine raises
     NotImplementedError("write_data_element: unknown Value Representation 'XX'")."""
@@ -1171,7 +1130,7 @@ def test_regression_unknown_vr_on_replaced_element(tmp_path, engine):
     _quarantined_or_clean(engine, path)
 
 
-@pytest.mark.parametrize("engine", [pytest.param("stream", marks=_STREAM_ENCODE), "dataset"])
+@pytest.mark.parametrize("engine", ["stream", "dataset"])
 def test_regression_replace_value_unencodable_in_file_charset(tmp_path, engine):
     """A ``replace`` override whose value the file's character set cannot encode (no
     SpecificCharacterSet, a CJK value): the stream engine raises UnicodeEncodeError."""
@@ -1179,7 +1138,7 @@ def test_regression_replace_value_unencodable_in_file_charset(tmp_path, engine):
     _quarantined_or_clean(engine, path, PlanCfg(frozenset(), None, (("Modality", "replace", "名前"),)))
 
 
-@pytest.mark.parametrize("engine", [pytest.param("stream", marks=_STREAM_ENCODE), "dataset"])
+@pytest.mark.parametrize("engine", ["stream", "dataset"])
 def test_regression_uid_action_on_sequence_encoded_as_ob(tmp_path, engine):
     """ReferencedImageSequence (U under the basic profile) written with VR OB, holding one item:
     the stream engine raises TypeError("a bytes-like object is required, not 'MultiValue'")."""
@@ -1187,10 +1146,6 @@ def test_regression_uid_action_on_sequence_encoded_as_ob(tmp_path, engine):
     _quarantined_or_clean(engine, path)
 
 
-@pytest.mark.xfail(strict=True, raises=NotImplementedError, reason=(
-    "BUG meta-value-uncaught: dicomio._transfer_syntax reads meta.get('TransferSyntaxUID') outside "
-    "its try block; pydicom raises NotImplementedError for the unknown VR, which escapes "
-    "deidentify_file and inventory.read_dicom_header"))
 @pytest.mark.parametrize("function", ["deidentify_file", "read_dicom_header"])
 def test_regression_transfer_syntax_with_unknown_vr(tmp_path, function):
     """(0002,0010) TransferSyntaxUID written with VR "XX" instead of UI."""
@@ -1210,7 +1165,6 @@ _SCRUB_DECODE = (
     "(unknown VR) and OSError (damaged nested items), which escape")
 
 
-@pytest.mark.xfail(strict=True, raises=NotImplementedError, reason=_SCRUB_DECODE)
 @pytest.mark.parametrize("engine", ["stream", "dataset"])
 def test_regression_uid_with_unknown_vr(tmp_path, engine):
     """(0020,000D) StudyInstanceUID (action U) written with VR "XX" instead of UI."""
@@ -1218,21 +1172,13 @@ def test_regression_uid_with_unknown_vr(tmp_path, engine):
     _quarantined_or_clean(engine, path)
 
 
-@pytest.mark.parametrize("engine", [
-    pytest.param("stream", marks=pytest.mark.xfail(strict=True, raises=NotImplementedError, reason=(
-        "BUG stream-encode-uncaught: the untouched empty element is decoded by ds[tag] on the "
-        "re-encoding line, outside the try block"))),
-    pytest.param("dataset", marks=pytest.mark.xfail(strict=True, raises=NotImplementedError,
-                                                    reason=_SCRUB_DECODE + "; here in Scrubber._vr")),
-])
+@pytest.mark.parametrize("engine", ["stream", "dataset"])
 def test_regression_empty_dummy_element_with_unknown_vr(tmp_path, engine):
     """(0008,0021) SeriesDate (action D, which leaves an empty value empty), empty, VR "XX"."""
     path = _write(tmp_path, _part10(_SOP + _el(8, 0x21, b"XX", b"")))
     _quarantined_or_clean(engine, path)
 
 
-@pytest.mark.xfail(strict=True, raises=OSError, reason=_SCRUB_DECODE + (
-    "; here the damage sits inside a defined-length sequence, which the structure check skips"))
 @pytest.mark.parametrize("engine", ["stream", "dataset"])
 def test_regression_damaged_nested_sequence_delimiter(tmp_path, engine):
     """ReferencedImageSequence (defined length) > item (undefined length) > SourceImageSequence
@@ -1242,22 +1188,12 @@ def test_regression_damaged_nested_sequence_delimiter(tmp_path, engine):
     _quarantined_or_clean(engine, path)
 
 
-@pytest.mark.xfail(strict=True, raises=TypeError, reason=(
-    "BUG charset-vr-copied: the stream engine reads SpecificCharacterSet whatever its VR and copies "
-    "the element as it is; with VR AT the output cannot be read by pydicom.dcmread (TypeError in "
-    "convert_encodings) - the dataset engine quarantines the file"))
 def test_regression_charset_with_wrong_vr_makes_output_unreadable(tmp_path):
     """(0008,0005) SpecificCharacterSet "ISO_IR 100" written with VR AT instead of CS."""
     path = _write(tmp_path, _part10(_el(8, 5, b"AT", b"ISO_IR 100") + _SOP + _NAME))
     _quarantined_or_clean("stream", path)
 
 
-@pytest.mark.xfail(strict=True, raises=AssertionError, reason=(
-    "BUG sequence-as-other-vr-kept (leak): a public sequence attribute that the plan keeps (an "
-    "unlisted sequence such as DerivationCodeSequence under the basic profile, or K such as "
-    "ReferencedImageSequence under retain_uids) but written with an explicit VR other than SQ/UN "
-    "is copied verbatim, at any depth, so the identifiers in its items survive; sequences are "
-    "otherwise de-identified item by item"))
 @pytest.mark.parametrize("engine", ["stream", "dataset"])
 @pytest.mark.parametrize("keyword, tag, options", [
     ("DerivationCodeSequence", 0x9215, frozenset()),
@@ -1269,10 +1205,6 @@ def test_regression_kept_sequence_encoded_as_ob_leaks_nested_name(tmp_path, engi
     _quarantined_or_clean(engine, path, PlanCfg(options, None, ()))
 
 
-@pytest.mark.xfail(strict=True, raises=NotImplementedError, reason=(
-    "BUG dataset-sop-uncaught: _deidentify_dataset reads ds.get('SOPInstanceUID') and "
-    "ds.get('SOPClassUID') after scrub() outside any try block; pydicom's NotImplementedError for "
-    "the unknown VR escapes (deidentify_file takes this path for files without preamble/meta)"))
 @pytest.mark.parametrize("layout", ["part10-dataset-engine", "bare"])
 def test_regression_sop_class_uid_with_unknown_vr(tmp_path, layout):
     """(0008,0016) SOPClassUID written with VR "TI" instead of UI (one flipped bit)."""
@@ -1285,11 +1217,6 @@ def test_regression_sop_class_uid_with_unknown_vr(tmp_path, layout):
         _quarantined_or_clean("dataset", _write(tmp_path, _part10(body)))
 
 
-@pytest.mark.xfail(strict=True, raises=AssertionError, reason=(
-    "BUG un-sequence-big-endian (leak): in an explicit VR big endian file a sequence written as UN "
-    "holds implicit VR little endian items (PS3.5 6.2.2); both engines let pydicom parse it as big "
-    "endian, the item is misread as an element (1000,1000) US holding the name, which is kept "
-    "(an unlisted public attribute)"))
 @pytest.mark.parametrize("engine", ["stream", "dataset"])
 def test_regression_un_sequence_in_big_endian_file_leaks_nested_name(tmp_path, engine):
     """SourceImageSequence (0008,2112) as UN, defined length, one item with PatientName."""

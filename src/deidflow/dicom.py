@@ -97,6 +97,9 @@ class Scrubber:
                 self._private(ds, tag, group, elem, creators, kept_blocks, prefix)
             elif elem == 0 or group == 0x0002:
                 del ds[tag]  # group lengths (recomputed) and misplaced file meta
+            elif self._malformed(ds, tag):
+                del ds[tag]
+                self._record(prefix, _tag_label(tag), "X")
             else:
                 rule = self.plan.rule_for(tag)
                 if rule is None:
@@ -308,6 +311,8 @@ class Scrubber:
     def fast_action(self, tag: int, vr: str | None) -> str | None:
         """``K`` or ``X`` when a public element can be kept or dropped without decoding it,
         else None (the element must go through :meth:`apply_to`)."""
+        if vr is not None and vr != "UN" and self.vr_mismatch(tag, vr):
+            return "X"
         rule = self.plan.rule_for(tag)
         if rule is None:
             info = _dict_info(tag)
@@ -322,6 +327,18 @@ class Scrubber:
         if rule.action == "K" and vr not in ("SQ", "UN", None):
             return "K"
         return None
+
+    def _malformed(self, ds: Dataset, tag: int) -> bool:
+        raw = ds.get_item(tag)
+        vr = getattr(raw, "VR", None)
+        return vr not in (None, "UN") and self.vr_mismatch(tag, vr)
+
+    @staticmethod
+    def vr_mismatch(tag: int, vr: str) -> bool:
+        """True when a public element is encoded with a VR its dictionary entry does not allow
+        (e.g. a sequence written as OB): its content cannot be judged, so it is removed."""
+        info = _dict_info(tag)
+        return info is not None and vr not in info[0].split(" or ")
 
     def apply_to(self, ds: Dataset, tag: int) -> None:
         """Apply the plan to the public element ``tag`` of ``ds`` (decoding it as needed)."""

@@ -28,12 +28,14 @@ from pydicom.uid import (DeflatedExplicitVRLittleEndian, ExplicitVRBigEndian,
                          ExplicitVRLittleEndian, ImplicitVRLittleEndian)
 
 from . import __version__
-from .dicom import CLEAN_TEXT_SOURCES, Scrubber, looks_like_items
+from .dicom import CLEAN_TEXT_SOURCES, Scrubber, _dict_info, looks_like_items
 
 IMPLEMENTATION_CLASS_UID = "2.25.173526497432135315340637374432658215186"  # fixed, deidflow's own
 IMPLEMENTATION_VERSION = ("DEIDFLOW_" + __version__.split("+")[0].replace(".", ""))[:16]
 PIXEL_TAGS = frozenset((0x7FE00008, 0x7FE00009, 0x7FE00010))
 UNDEFINED = 0xFFFFFFFF
+_SHORT_VRS = frozenset((b"AE", b"AS", b"AT", b"CS", b"DA", b"DS", b"DT", b"FL", b"FD", b"IS", b"LO", b"LT",
+                        b"PN", b"SH", b"SL", b"SS", b"ST", b"TM", b"UI", b"UL", b"US"))
 _LONG_VRS = frozenset((b"OB", b"OW", b"OF", b"OD", b"OL", b"OV", b"SQ", b"UN", b"UC", b"UR", b"UT", b"SV", b"UV"))
 _ITEM, _ITEM_END, _SEQ_END = (0xFFFE, 0xE000), (0xFFFE, 0xE00D), (0xFFFE, 0xE0DD)
 _CHARSET, _SOP_CLASS, _SOP_INSTANCE = 0x00080005, 0x00080016, 0x00080018
@@ -67,7 +69,7 @@ class _Walker:
     """Element-by-element scanner over a memory-mapped file body."""
 
     def __init__(self, buf, size: int, implicit: bool, little: bool):
-        self.buf, self.size, self.implicit = buf, size, implicit
+        self.buf, self.size, self.implicit, self.little = buf, size, implicit, little
         e = "<" if little else ">"
         self.hh, self.l4, self.h2, self.hhl = (struct.Struct(e + f) for f in ("HH", "L", "H", "HHL"))
 
@@ -87,7 +89,7 @@ class _Walker:
                     raise DicomError("file ends inside an element header (truncated)")
                 (length,) = self.l4.unpack_from(buf, pos + 8)
                 vstart = pos + 12
-            elif vr.isalpha() and vr.isupper():
+            elif vr in _SHORT_VRS:
                 (length,) = self.h2.unpack_from(buf, pos + 6)
                 vstart = pos + 8
             else:
@@ -133,6 +135,11 @@ class _Walker:
             pos = self.element(pos).end
 
 
+def _dict_sq(tag: int) -> bool:
+    info = None if (tag >> 16) & 1 else _dict_info(tag)
+    return info is not None and info[0] == "SQ"
+
+
 def _str_value(buf, el: _Elem) -> str:
     return bytes(buf[el.vstart:el.vend]).decode("latin-1").strip("\x00 ")
 
@@ -151,7 +158,10 @@ def _transfer_syntax(fp: BinaryIO) -> tuple[FileMetaDataset | None, str | None]:
         raise DicomError(f"file meta information unreadable (truncated or damaged): {type(exc).__name__}") from None
     if fp.tell() >= os.fstat(fp.fileno()).st_size:
         raise DicomError("file ends in or right after the file meta information (truncated, no data set)")
-    ts = meta.get("TransferSyntaxUID")
+    try:
+        ts = meta.get("TransferSyntaxUID")
+    except Exception as exc:  # a damaged meta element fails only when decoded
+        raise DicomError(f"file meta information unreadable: {type(exc).__name__}") from None
     return meta, (str(ts) if ts else None)
 
 
@@ -207,8 +217,13 @@ def _stream(mm, size: int, body: int, meta: FileMetaDataset, ts: str, out: Binar
         if charset:
             ds.SpecificCharacterSet = charset
         value = bytes(mm[el.vstart:el.vend])
+        enc_implicit, enc_little = implicit, little
+        if el.vr == b"UN" and (vr == "SQ" or _dict_sq(el.tag)):
+            # a sequence stored as UN holds implicit VR little endian items, whatever the file's
+            # encoding (PS3.5 6.2.2): parse it so, also in big endian files
+            vr, enc_implicit, enc_little = "SQ", True, True
         ds[el.tag] = RawDataElement(BaseTag(el.tag), vr, len(value), value, el.vstart,
-                                    implicit, little, True)
+                                    enc_implicit, enc_little, True)
         return ds
 
     markers = [(m.tag, encode(m)) for m in scrubber.marker_dataset()]
@@ -254,9 +269,13 @@ def _stream(mm, size: int, body: int, meta: FileMetaDataset, ts: str, out: Binar
                 vr = "SQ" if el.undefined else (scrubber.plan.private_vr(creator, tag) or (
                     "SQ" if looks_like_items(mm[el.vstart:el.vstart + 4]) else vr))
             if vr == "SQ":
-                ds = tmp_dataset(el, "SQ")
-                scrubber.recurse_private(ds, tag)
-                chunks.append(encode(ds[tag]))
+                try:
+                    ds = tmp_dataset(el, "SQ")
+                    scrubber.recurse_private(ds, tag)
+                    chunks.append(encode(ds[tag]))
+                except Exception as exc:
+                    raise DicomError(f"cannot de-identify private sequence ({group:04X},{num:04X}): "
+                                     f"{type(exc).__name__}") from None
             else:
                 value = mm[el.vstart:el.vend]
                 new = scrubber.scrub_blob(value)
@@ -283,13 +302,14 @@ def _stream(mm, size: int, body: int, meta: FileMetaDataset, ts: str, out: Binar
             if tag == _SOP_INSTANCE:
                 sop_instance = simple[8:].decode("ascii").strip("\x00 ")  # UI: 8-byte header
             continue
-        ds = tmp_dataset(el, "SQ" if vr is None and el.undefined else vr)
         try:
+            ds = tmp_dataset(el, "SQ" if vr is None and el.undefined else vr)
             scrubber.apply_to(ds, tag)
-        except (ValueError, TypeError, KeyError) as exc:
+            if tag in ds:
+                chunks.append(encode(ds[tag]))
+        except Exception as exc:  # pydicom raises many types on values it cannot decode or encode
             raise DicomError(f"cannot de-identify ({group:04X},{num:04X}): {type(exc).__name__}") from None
         if tag in ds:
-            chunks.append(encode(ds[tag]))
             if tag == _SOP_INSTANCE:
                 sop_instance = str(ds[tag].value)
             elif tag == _SOP_CLASS:
@@ -408,6 +428,9 @@ def _deidentify_dataset(src: Path, out: BinaryIO, scrubber: Scrubber) -> FileRes
         raise DicomError(f"not readable as DICOM: {type(exc).__name__}") from None
     if implicit is None:
         raise DicomError("no data elements (not a DICOM data set)")
+    if not little and any(getattr(ds.get_item(t), "VR", None) == "UN" for t in ds.keys()):
+        # pydicom would parse UN sequences of a big endian data set in the wrong byte order
+        raise DicomError("UN element in a big-endian data set without file meta (ambiguous encoding)")
     old_meta = getattr(ds, "file_meta", None) or FileMetaDataset()
     if str(old_meta.get("TransferSyntaxUID", "")) != DeflatedExplicitVRLittleEndian:
         _check_complete(src, implicit, little)
@@ -416,11 +439,12 @@ def _deidentify_dataset(src: Path, out: BinaryIO, scrubber: Scrubber) -> FileRes
         (False, False): ExplicitVRBigEndian}[(implicit, little)]
     try:
         actions = scrubber.scrub(ds)
-    except (ValueError, TypeError, KeyError) as exc:
+        sop_instance = ds.get("SOPInstanceUID")
+        sop_class = ds.get("SOPClassUID") or old_meta.get("MediaStorageSOPClassUID")
+    except Exception as exc:  # pydicom raises many types on values it cannot decode
         raise DicomError(f"cannot de-identify: {type(exc).__name__}") from None
-    if not ds.get("SOPInstanceUID"):
+    if not sop_instance:
         raise DicomError("no SOPInstanceUID in the data set")
-    sop_class = ds.get("SOPClassUID") or old_meta.get("MediaStorageSOPClassUID")
     if not sop_class:
         raise DicomError("no SOPClassUID in the data set or file meta")
     ds.file_meta = _new_meta(str(sop_class), str(ds.SOPInstanceUID), ts)
