@@ -5,7 +5,7 @@ import json
 import os
 import sys
 
-from deidflow.pipeline import prepare, run_record
+from deidflow.pipeline import prepare, write_run_record
 from deidflow.settings import _check_semantics, profile_settings
 
 _check_semantics(config)
@@ -15,6 +15,8 @@ RESTRICTED = str(PREPARED.paths.restricted)
 UNITS = list(PREPARED.units) if config["outputs"]["dicom"] else []
 SETTINGS = {**profile_settings(config), "key_fingerprint": PREPARED.fingerprint}
 SETTINGS_JSON = json.dumps(SETTINGS, sort_keys=True)
+if workflow.is_main_process:
+    write_run_record(PREPARED, SETTINGS)  # restricted/run.json: versions, settings, key fingerprint
 # Jobs run the interpreter that runs Snakemake, or the env's own python under --sdm conda.
 PYTHON = "python" if "conda" in str(workflow.deployment_settings.deployment_method).lower() else sys.executable
 
@@ -50,7 +52,6 @@ def final_outputs():
         restricted("mapping/uids.csv"),
         restricted("mapping/dates.csv"),
         restricted("quarantine.tsv"),
-        restricted("run.json"),
     ]
     targets += per_unit(restricted("done/dicom/{unit}.json"))
     if config["strict"]:

@@ -1,6 +1,5 @@
 localrules:
     mapping,
-    run_record,
     strict_check,
 
 
@@ -34,26 +33,6 @@ rule mapping:
         " --uids-list {output.uids_list:q} --quarantine-list {output.quarantine_list:q}"
         " --patients {output.patients:q} --uids {output.uids:q} --dates {output.dates:q}"
         " --quarantine {output.quarantine:q} --log {log:q} 2>> {log:q}"
-
-
-rule run_record:
-    """restricted/run.json: versions, settings and key fingerprint (never the key)."""
-    output:
-        restricted("run.json"),
-    params:
-        python=PYTHON,
-        record=run_record(PREPARED.paths, PREPARED.fingerprint, SETTINGS),
-    log:
-        restricted("logs/run_record.log"),
-    threads: 1
-    resources:
-        mem_mb=200,
-        runtime=5,
-    conda:
-        "../envs/core.yaml"
-    shell:
-        "{params.python:q} -m deidflow.jobs run-record --output {output:q} --record {params.record:q}"
-        " --log {log:q} 2>> {log:q}"
 
 
 rule strict_check:

@@ -526,7 +526,7 @@ def tree_hashes(root: Path) -> dict[str, str]:
 def _forms(rel: str) -> list[str]:
     """How a path may be written in quarantine.tsv: raw, or escaped (a fix may escape control
     characters, backslash style or JSON style)."""
-    from deidflow.inventory import display_path
+    from deidflow.fsutil import display_path
     from deidflow.mapping import tsv_field
     return list(dict.fromkeys([tsv_field(display_path(rel)), rel, rel.encode("unicode_escape").decode("ascii"),
                                json.dumps(rel)]))

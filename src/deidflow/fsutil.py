@@ -87,6 +87,11 @@ def staging_dir_for(final: Path, restricted: Path) -> Path:
     return stage
 
 
+def display_path(rel: str) -> str:
+    """A file name as text: undecodable bytes become ``\\xNN`` escapes (names are bytes on POSIX)."""
+    return os.fsencode(rel).decode("utf-8", "backslashreplace")
+
+
 def _unlink_quietly(path: str | Path) -> None:
     try:
         os.unlink(path)

@@ -26,7 +26,7 @@ from pydicom.tag import BaseTag
 from pydicom.uid import ExplicitVRBigEndian, ImplicitVRLittleEndian
 
 from . import dicomio, sniff
-from .fsutil import RESTRICTED_FILE_MODE, write_if_changed
+from .fsutil import RESTRICTED_FILE_MODE, display_path, write_if_changed
 from .pseudonym import Pseudonymizer, patient_key
 
 SUPPORTED = {"dicom"}
@@ -314,11 +314,6 @@ def _load_cache(path: Path) -> dict[str, dict]:
 # ------------------------------------------------------------------------------------------------
 # Writing
 # ------------------------------------------------------------------------------------------------
-def display_path(rel: str) -> str:
-    """A file name as text: undecodable bytes become ``\\xNN`` escapes (names are bytes on POSIX)."""
-    return os.fsencode(rel).decode("utf-8", "backslashreplace")
-
-
 def to_table(inv: Inventory) -> pa.Table:
     cols = {}
     for c in STR_COLUMNS:

@@ -36,12 +36,6 @@ def _mapping(a: argparse.Namespace) -> None:
         log.info("patients %(patients)d, uids %(uids)d, quarantined %(quarantined)d", counts)
 
 
-def _run_record(a: argparse.Namespace) -> None:
-    from .fsutil import RESTRICTED_FILE_MODE, atomic_write_text
-    with job_logging(a.log, "run record"):
-        atomic_write_text(a.output, a.record + "\n", RESTRICTED_FILE_MODE)
-
-
 def _strict(a: argparse.Namespace) -> None:
     from .fsutil import RESTRICTED_FILE_MODE, atomic_write_text
     from .mapping import read_quarantine
@@ -62,7 +56,6 @@ STAGES = {
               "de-identify the DICOM of one job unit (subject or batch)"),
     "mapping": (_mapping, ("inventory", "uids-list", "quarantine-list", "patients", "uids", "dates", "quarantine"),
                 "restricted mappings and the quarantine list"),
-    "run-record": (_run_record, ("output", "record"), "write restricted/run.json"),
     "strict": (_strict, ("quarantine", "output"), "fail when anything was quarantined"),
 }
 

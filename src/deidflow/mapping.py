@@ -9,8 +9,7 @@ from typing import Iterable
 
 import pyarrow.parquet as pq
 
-from .fsutil import RESTRICTED_FILE_MODE, atomic_write_text, make_restricted_dir
-from .inventory import display_path
+from .fsutil import RESTRICTED_FILE_MODE, atomic_write_text, display_path, make_restricted_dir
 
 QUARANTINE_HEADER = "file\treason\n"
 

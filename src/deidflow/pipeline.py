@@ -80,8 +80,11 @@ def _check_fingerprint(paths: Paths, fp: str) -> None:
         write_if_changed(marker, (fp + "\n").encode(), RESTRICTED_FILE_MODE)
 
 
-def run_record(paths: Paths, fp: str, settings: Mapping[str, Any]) -> str:
-    """JSON text describing the run (no secrets, no PHI) for restricted/run.json."""
+def write_run_record(prepared: Prepared, settings: Mapping[str, Any]) -> None:
+    """``restricted/run.json``: deidflow version, settings and key fingerprint (never the key,
+    no PHI); rewritten only when it changes."""
     from . import __version__
-    return json.dumps({"deidflow": __version__, "key_fingerprint": fp, "settings": dict(settings),
-                       "output": str(paths.output)}, indent=1, sort_keys=True)
+    text = json.dumps({"deidflow": __version__, "key_fingerprint": prepared.fingerprint,
+                       "settings": dict(settings), "output": str(prepared.paths.output)},
+                      indent=1, sort_keys=True) + "\n"
+    write_if_changed(prepared.paths.restricted / "run.json", text.encode(), RESTRICTED_FILE_MODE)
