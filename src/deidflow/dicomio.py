@@ -348,7 +348,6 @@ def _simple_replacement(scrubber: Scrubber, mm, el: _Elem, vr: str | None, impli
     if rule is None or el.undefined:
         return None
     if vr is None:
-        from .dicom import _dict_info
         info = _dict_info(el.tag)
         vr = info[0] if info else None
     if vr not in _SIMPLE_TEXT_VRS:

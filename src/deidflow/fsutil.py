@@ -1,6 +1,8 @@
 """File-system helpers: atomic writes, restricted folders, read-only input handling."""
 from __future__ import annotations
 
+import csv
+import io
 import os
 import shutil
 import tempfile
@@ -85,6 +87,13 @@ def staging_dir_for(final: Path, restricted: Path) -> Path:
         shutil.rmtree(stage)
     stage.mkdir()
     return stage
+
+
+def csv_text(rows) -> str:
+    """Rows as CSV text with \\n line ends (deterministic bytes for the mapping files)."""
+    buf = io.StringIO()
+    csv.writer(buf, lineterminator="\n").writerows(rows)
+    return buf.getvalue()
 
 
 def display_path(rel: str) -> str:

@@ -2,14 +2,13 @@
 from __future__ import annotations
 
 import csv
-import io
 import json
 from pathlib import Path
 from typing import Iterable
 
 import pyarrow.parquet as pq
 
-from .fsutil import RESTRICTED_FILE_MODE, atomic_write_text, display_path, make_restricted_dir
+from .fsutil import RESTRICTED_FILE_MODE, atomic_write_text, csv_text, display_path, make_restricted_dir
 
 QUARANTINE_HEADER = "file\treason\n"
 
@@ -18,12 +17,6 @@ def tsv_field(text: str) -> str:
     """One TSV field on one line: backslash, tab, newline and carriage return escaped."""
     return (text.replace("\\", "\\\\").replace("\t", "\\t").replace("\n", "\\n")
             .replace("\r", "\\r"))
-
-
-def _csv(rows: Iterable[tuple]) -> str:
-    buf = io.StringIO()
-    csv.writer(buf, lineterminator="\n").writerows(rows)
-    return buf.getvalue()
 
 
 def write_mappings(inventory: Path, uid_files: Iterable[Path], quarantine_files: Iterable[Path],
@@ -51,9 +44,9 @@ def write_mappings(inventory: Path, uid_files: Iterable[Path], quarantine_files:
     bad.sort()
     for p in (patients, uids, dates, quarantine):
         make_restricted_dir(Path(p).parent)
-    atomic_write_text(patients, _csv([("id_old", "id_new"), *pat]), RESTRICTED_FILE_MODE)
-    atomic_write_text(uids, _csv([("id_old", "id_new"), *sorted(uid_rows)]), RESTRICTED_FILE_MODE)
-    atomic_write_text(dates, _csv([("subject", "offset_days"), *offsets]), RESTRICTED_FILE_MODE)
+    atomic_write_text(patients, csv_text([("id_old", "id_new"), *pat]), RESTRICTED_FILE_MODE)
+    atomic_write_text(uids, csv_text([("id_old", "id_new"), *sorted(uid_rows)]), RESTRICTED_FILE_MODE)
+    atomic_write_text(dates, csv_text([("subject", "offset_days"), *offsets]), RESTRICTED_FILE_MODE)
     atomic_write_text(quarantine, QUARANTINE_HEADER + "".join(f"{tsv_field(a)}\t{tsv_field(b)}\n" for a, b in bad),
                       RESTRICTED_FILE_MODE)
     return {"patients": len(pat), "uids": len(uid_rows), "quarantined": len(bad)}

@@ -1,8 +1,6 @@
-"""One subject's DICOM release: the body of the per-subject ``dicom`` job."""
+"""The DICOM release of one job unit (a subject or a batch of small subjects): the ``dicom`` job."""
 from __future__ import annotations
 
-import csv
-import io
 import json
 import shutil
 from pathlib import Path
@@ -11,7 +9,7 @@ from typing import Any, Mapping
 from .dicom import Scrubber, SubjectContext
 from .dicomio import DicomError, deidentify_path
 from .errors import OUTPUT_ERRNOS, PublicError
-from .fsutil import (RESTRICTED_FILE_MODE, atomic_write_text, make_restricted_dir, publish_dir,
+from .fsutil import (RESTRICTED_FILE_MODE, atomic_write_text, csv_text, make_restricted_dir, publish_dir,
                      staging_dir_for)
 from .profile import build_plan
 from .pseudonym import Pseudonymizer, fingerprint, load_key, load_mapping
@@ -53,7 +51,7 @@ def deidentify_unit(manifest: Path, release_root: Path, restricted: Path, done: 
         summary.append({"subject": subj["subject"], "files": n, "quarantined": len(subject_bad)})
     for p in (done, uids, quarantine):
         make_restricted_dir(Path(p).parent)
-    atomic_write_text(uids, _csv([("id_old", "id_new"), *sorted(uid_map.items())]), RESTRICTED_FILE_MODE)
+    atomic_write_text(uids, csv_text([("id_old", "id_new"), *sorted(uid_map.items())]), RESTRICTED_FILE_MODE)
     atomic_write_text(quarantine, "".join(json.dumps({"file": p, "reason": r}) + "\n" for p, r in sorted(bad)),
                       RESTRICTED_FILE_MODE)
     atomic_write_text(done, json.dumps({"unit": m["unit"], "subjects": summary}, indent=1) + "\n",
@@ -92,7 +90,3 @@ def _subject(subj: Mapping[str, Any], input_dir: Path, release_root: Path, restr
     return len(audit_lines), bad
 
 
-def _csv(rows) -> str:
-    buf = io.StringIO()
-    csv.writer(buf, lineterminator="\n").writerows(rows)
-    return buf.getvalue()
