@@ -173,25 +173,31 @@ def deidentify_file(src: Path, out: BinaryIO, scrubber: Scrubber) -> FileResult:
         raise DicomError("zero-byte file")
     with open(src, "rb") as fp:
         meta, ts = _transfer_syntax(fp)
-        if ts not in (ImplicitVRLittleEndian, ExplicitVRBigEndian) and not _is_explicit_le_family(ts):
+        encoding = stream_encoding(ts)
+        if encoding is None:
             return _deidentify_dataset(src, out, scrubber)
         body = fp.tell()
         with mmap.mmap(fp.fileno(), 0, access=mmap.ACCESS_READ) as mm:
-            return _stream(mm, size, body, meta, ts, out, scrubber)
+            return _stream(mm, size, body, meta, ts, encoding, out, scrubber)
 
 
-def _is_explicit_le_family(ts: str | None) -> bool:
-    """Explicit VR little endian data sets, native or with encapsulated pixel data (not deflated)."""
-    if ts is None or ts == DeflatedExplicitVRLittleEndian or ts == ImplicitVRLittleEndian:
-        return False
+def stream_encoding(ts: str | None) -> tuple[bool, bool] | None:
+    """(implicit VR, little endian) of a transfer syntax whose data set can be walked byte by
+    byte; None for files that go through pydicom (no file meta, deflated)."""
+    if ts is None or ts == DeflatedExplicitVRLittleEndian:
+        return None
+    if ts == ImplicitVRLittleEndian:
+        return True, True
     if ts == ExplicitVRBigEndian:
-        return False
-    return ts == ExplicitVRLittleEndian or ts.startswith("1.2.840.10008.1.2.")
+        return False, False
+    if ts == ExplicitVRLittleEndian or ts.startswith("1.2.840.10008.1.2."):  # native or encapsulated
+        return False, True
+    return None
 
 
-def _stream(mm, size: int, body: int, meta: FileMetaDataset, ts: str, out: BinaryIO,
-            scrubber: Scrubber) -> FileResult:
-    implicit, little = ts == ImplicitVRLittleEndian, ts != ExplicitVRBigEndian
+def _stream(mm, size: int, body: int, meta: FileMetaDataset, ts: str, encoding: tuple[bool, bool],
+            out: BinaryIO, scrubber: Scrubber) -> FileResult:
+    implicit, little = encoding
     walker = _Walker(mm, size, implicit, little)
     elems = []
     pos = body
@@ -307,13 +313,12 @@ def _stream(mm, size: int, body: int, meta: FileMetaDataset, ts: str, out: Binar
             scrubber.apply_to(ds, tag)
             if tag in ds:
                 chunks.append(encode(ds[tag]))
+                if tag == _SOP_INSTANCE:
+                    sop_instance = str(ds[tag].value)
+                elif tag == _SOP_CLASS:
+                    sop_class = str(ds[tag].value)
         except Exception as exc:  # pydicom raises many types on values it cannot decode or encode
             raise DicomError(f"cannot de-identify ({group:04X},{num:04X}): {type(exc).__name__}") from None
-        if tag in ds:
-            if tag == _SOP_INSTANCE:
-                sop_instance = str(ds[tag].value)
-            elif tag == _SOP_CLASS:
-                sop_class = str(ds[tag].value)
     chunks.extend(m[1] for m in markers)
     for block, idx in creators.items():
         if block not in kept_blocks:

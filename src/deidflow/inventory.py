@@ -23,7 +23,6 @@ from pydicom.charset import convert_encodings
 from pydicom.dataelem import RawDataElement
 from pydicom.dataset import Dataset
 from pydicom.tag import BaseTag
-from pydicom.uid import ExplicitVRBigEndian, ImplicitVRLittleEndian
 
 from . import dicomio, sniff
 from .fsutil import RESTRICTED_FILE_MODE, display_path, write_if_changed
@@ -77,10 +76,11 @@ def read_dicom_header(path: Path) -> dict:
     size = path.stat().st_size
     with open(path, "rb") as fp:
         meta, ts = dicomio._transfer_syntax(fp)
-        if ts not in (ImplicitVRLittleEndian, ExplicitVRBigEndian) and not dicomio._is_explicit_le_family(ts):
+        encoding = dicomio.stream_encoding(ts)
+        if encoding is None:
             return _read_with_pydicom(path, ts)
         body = fp.tell()
-        implicit, little = ts == ImplicitVRLittleEndian, ts != ExplicitVRBigEndian
+        implicit, little = encoding
         raw: dict[int, tuple[bytes, str | None]] = {}
         with mmap.mmap(fp.fileno(), 0, access=mmap.ACCESS_READ) as mm:
             walker = dicomio._Walker(mm, size, implicit, little)
