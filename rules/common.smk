@@ -45,6 +45,28 @@ def per_unit(pattern):
     return expand(pattern, unit=UNITS)
 
 
+# Stages register themselves when their rules file is included: UNIT_STAGES names the per-unit
+# stages whose done marker restricted/done/<stage>/<unit>.json must exist before a unit is
+# verified; EXTRA_TARGETS are aggregate targets (dataset files, report) added to rule all.
+UNIT_STAGES = []
+EXTRA_TARGETS = []
+
+
+def register_unit_stage(stage):
+    """Declare a per-unit stage whose done marker is a target of the run."""
+    UNIT_STAGES.append(stage)
+
+
+def unit_done(stage):
+    """The done markers of ``stage`` for every job unit."""
+    return per_unit(restricted(f"done/{stage}/{{unit}}.json"))
+
+
+def stages_done_of_unit(wildcards):
+    """Input function: the done markers of every registered stage for one unit."""
+    return [restricted(f"done/{stage}/{wildcards.unit}.json") for stage in UNIT_STAGES]
+
+
 def final_outputs():
     """Targets of rule all."""
     targets = [
@@ -53,7 +75,9 @@ def final_outputs():
         restricted("mapping/dates.csv"),
         restricted("quarantine.tsv"),
     ]
-    targets += per_unit(restricted("done/dicom/{unit}.json"))
+    for stage in UNIT_STAGES:
+        targets += unit_done(stage)
+    targets += EXTRA_TARGETS
     if config["strict"]:
         targets.append(restricted("strict.ok"))
     return targets

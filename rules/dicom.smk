@@ -26,3 +26,6 @@ rule dicom:
         " --release-root {params.release_root:q} --restricted {params.restricted:q}"
         " --done {output.done:q} --uids {output.uids:q} --quarantine {output.quarantine:q}"
         " --settings {params.settings:q} --log {log:q} 2>> {log:q}"
+
+
+register_unit_stage("dicom")
