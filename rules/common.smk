@@ -69,12 +69,7 @@ def stages_done_of_unit(wildcards):
 
 def final_outputs():
     """Targets of rule all."""
-    targets = [
-        restricted("mapping/patients.csv"),
-        restricted("mapping/uids.csv"),
-        restricted("mapping/dates.csv"),
-        restricted("quarantine.tsv"),
-    ]
+    targets = [restricted("mapping/uids.csv"), restricted("quarantine.tsv")]
     for stage in UNIT_STAGES:
         targets += unit_done(stage)
     targets += EXTRA_TARGETS

@@ -4,15 +4,14 @@ localrules:
 
 
 rule mapping:
-    """Pseudonym, UID and date mappings and the quarantine list, across subjects (restricted)."""
+    """UID mapping and quarantine list across subjects (restricted). patients.csv, dates.csv and
+    the inventory's own quarantine lines are written at parse time (deidflow.pipeline.prepare)."""
     input:
-        inventory=restricted("inventory.parquet"),
         uids=per_unit(restricted("work/{unit}/uids.csv")),
-        quarantine=per_unit(restricted("work/{unit}/quarantine.jsonl")),
+        quarantine=[restricted("work/inventory-quarantine.jsonl")]
+        + per_unit(restricted("work/{unit}/quarantine.jsonl")),
     output:
-        patients=restricted("mapping/patients.csv"),
         uids=restricted("mapping/uids.csv"),
-        dates=restricted("mapping/dates.csv"),
         quarantine=restricted("quarantine.tsv"),
         uids_list=temp(restricted("work/mapping-uids.list")),
         quarantine_list=temp(restricted("work/mapping-quarantine.list")),
@@ -29,10 +28,9 @@ rule mapping:
     shell:
         "printf '%s\\n' {input.uids:q} > {output.uids_list:q}; "
         "printf '%s\\n' {input.quarantine:q} > {output.quarantine_list:q}; "
-        "{params.python:q} -m deidflow.jobs mapping --inventory {input.inventory:q}"
+        "{params.python:q} -m deidflow.jobs mapping"
         " --uids-list {output.uids_list:q} --quarantine-list {output.quarantine_list:q}"
-        " --patients {output.patients:q} --uids {output.uids:q} --dates {output.dates:q}"
-        " --quarantine {output.quarantine:q} --log {log:q} 2>> {log:q}"
+        " --uids {output.uids:q} --quarantine {output.quarantine:q} --log {log:q} 2>> {log:q}"
 
 
 rule strict_check:

@@ -122,8 +122,18 @@ def slurm(tmp_path_factory):
             SLURM_CONF.write_bytes(backup)
 
 
+# `make install` keeps the SLURM executor plugins out of the venv's site-packages (Snakemake would
+# import them at every start); this test, and SLURM's batch jobs through the inherited environment,
+# find them here.
+PLUGINS = Path(sys.prefix) / "slurm-plugins"
+
+
 def _run(inp: Path, out: Path, *extra: str) -> subprocess.CompletedProcess:
     env = dict(os.environ, DEIDFLOW_KEY=TEST_KEY)
+    if "--profile" in extra:
+        if not (PLUGINS / "snakemake_executor_plugin_slurm").is_dir():
+            _unavailable(f"the SLURM executor plugin is not in {PLUGINS} (run make install)")
+        env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(PLUGINS), env.get("PYTHONPATH", "")]))
     return subprocess.run([sys.executable, "-m", "deidflow.cli", "run", str(inp), str(out), "--cores", "2",
                            "--set", "jobs.files_per_job=0", *extra],
                           env=env, cwd=ROOT, capture_output=True, text=True, timeout=600)

@@ -28,12 +28,11 @@ def _dicom(a: argparse.Namespace) -> None:
 
 
 def _mapping(a: argparse.Namespace) -> None:
-    from .mapping import write_mappings
+    from .mapping import merge_job_outputs
     with job_logging(a.log, "mapping job") as log:
-        counts = write_mappings(inventory=a.inventory, uid_files=_listed(a.uids_list),
-                                quarantine_files=_listed(a.quarantine_list), patients=a.patients,
-                                uids=a.uids, dates=a.dates, quarantine=a.quarantine)
-        log.info("patients %(patients)d, uids %(uids)d, quarantined %(quarantined)d", counts)
+        counts = merge_job_outputs(uid_files=_listed(a.uids_list), quarantine_files=_listed(a.quarantine_list),
+                                   uids=a.uids, quarantine=a.quarantine)
+        log.info("uids %(uids)d, quarantined %(quarantined)d", counts)
 
 
 def _strict(a: argparse.Namespace) -> None:
@@ -54,8 +53,8 @@ def _listed(path: str) -> list[str]:
 STAGES = {
     "dicom": (_dicom, ("manifest", "release-root", "restricted", "done", "uids", "quarantine", "settings"),
               "de-identify the DICOM of one job unit (subject or batch)"),
-    "mapping": (_mapping, ("inventory", "uids-list", "quarantine-list", "patients", "uids", "dates", "quarantine"),
-                "restricted mappings and the quarantine list"),
+    "mapping": (_mapping, ("uids-list", "quarantine-list", "uids", "quarantine"),
+                "merge the jobs' UID maps and quarantine lists (restricted)"),
     "strict": (_strict, ("quarantine", "output"), "fail when anything was quarantined"),
 }
 

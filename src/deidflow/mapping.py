@@ -4,13 +4,15 @@ from __future__ import annotations
 import csv
 import json
 from pathlib import Path
-from typing import Iterable
+from typing import Iterable, Mapping
 
-import pyarrow.parquet as pq
-
-from .fsutil import RESTRICTED_FILE_MODE, atomic_write_text, csv_text, display_path, make_restricted_dir
+from .fsutil import (RESTRICTED_FILE_MODE, atomic_write_text, csv_text, display_path, make_restricted_dir,
+                     write_if_changed)
 
 QUARANTINE_HEADER = "file\treason\n"
+PATIENTS = "mapping/patients.csv"
+DATES = "mapping/dates.csv"
+INVENTORY_QUARANTINE = "work/inventory-quarantine.jsonl"
 
 
 def tsv_field(text: str) -> str:
@@ -19,37 +21,52 @@ def tsv_field(text: str) -> str:
             .replace("\r", "\\r"))
 
 
-def write_mappings(inventory: Path, uid_files: Iterable[Path], quarantine_files: Iterable[Path],
-                   patients: Path, uids: Path, dates: Path, quarantine: Path) -> dict:
-    """Write ``patients.csv`` and ``uids.csv`` (``id_old,id_new``, the MIDI-B validator's form),
-    ``dates.csv`` (subject → day offset) and ``quarantine.tsv`` (file, reason); sorted, so equal
-    inputs give equal bytes.  Returns counts."""
-    t = pq.read_table(inventory, columns=["relpath", "status", "reason", "patient_id", "subject",
-                                          "date_offset"]).to_pylist()
-    ok = [r for r in t if r["status"] == "ok" and r["subject"]]
-    pat = sorted({(r["patient_id"], r["subject"]) for r in ok})
+def write_inventory_mappings(rows: Iterable[Mapping], restricted: Path) -> dict:
+    """At parse time, from the inventory rows in memory: ``mapping/patients.csv``
+    (``id_old,id_new``, the MIDI-B validator's form), ``mapping/dates.csv`` (subject → day offset)
+    and ``work/inventory-quarantine.jsonl`` (files the inventory already refused).  Files are
+    rewritten only when their content changes, so Snakemake sees no new input on a re-run."""
+    rows = list(rows)
+    ok = [r for r in rows if r.get("status") == "ok" and r.get("subject")]
+    pat = sorted({(r["patient_id"] or "", r["subject"]) for r in ok})
     offsets = sorted({(r["subject"], r["date_offset"]) for r in ok})
+    bad = sorted((display_path(r["relpath"]), r["reason"]) for r in rows if r.get("status") == "quarantine")
+    restricted = Path(restricted)
+    for sub in ("mapping", "work"):
+        make_restricted_dir(restricted / sub)
+    write_if_changed(restricted / PATIENTS, csv_text([("id_old", "id_new"), *pat]).encode(), RESTRICTED_FILE_MODE)
+    write_if_changed(restricted / DATES, csv_text([("subject", "offset_days"), *offsets]).encode(),
+                     RESTRICTED_FILE_MODE)
+    write_if_changed(restricted / INVENTORY_QUARANTINE,
+                     "".join(json.dumps({"file": f, "reason": r}) + "\n" for f, r in bad).encode(),
+                     RESTRICTED_FILE_MODE)
+    return {"patients": len(pat), "quarantined": len(bad)}
+
+
+def merge_job_outputs(uid_files: Iterable[Path], quarantine_files: Iterable[Path], uids: Path,
+                      quarantine: Path) -> dict:
+    """The mapping job: merge the jobs' UID maps into ``mapping/uids.csv`` and their quarantine
+    lines (JSON lines ``{"file", "reason"}``) into ``quarantine.tsv`` (file, reason); sorted, so
+    equal inputs give equal bytes.  Returns counts."""
     uid_rows: set[tuple[str, str]] = set()
     for f in uid_files:
         with open(f, newline="") as fh:
             reader = csv.reader(fh)
             next(reader, None)
             uid_rows.update((a, b) for a, b in reader)
-    bad = [(r["relpath"], r["reason"]) for r in t if r["status"] == "quarantine"]
-    for f in quarantine_files:  # JSON lines written by the jobs: {"file": ..., "reason": ...}
+    bad: list[tuple[str, str]] = []
+    for f in quarantine_files:
         for line in Path(f).read_text().splitlines():
             if line:
                 item = json.loads(line)
                 bad.append((display_path(item["file"]), item["reason"]))
     bad.sort()
-    for p in (patients, uids, dates, quarantine):
+    for p in (uids, quarantine):
         make_restricted_dir(Path(p).parent)
-    atomic_write_text(patients, csv_text([("id_old", "id_new"), *pat]), RESTRICTED_FILE_MODE)
     atomic_write_text(uids, csv_text([("id_old", "id_new"), *sorted(uid_rows)]), RESTRICTED_FILE_MODE)
-    atomic_write_text(dates, csv_text([("subject", "offset_days"), *offsets]), RESTRICTED_FILE_MODE)
     atomic_write_text(quarantine, QUARANTINE_HEADER + "".join(f"{tsv_field(a)}\t{tsv_field(b)}\n" for a, b in bad),
                       RESTRICTED_FILE_MODE)
-    return {"patients": len(pat), "uids": len(uid_rows), "quarantined": len(bad)}
+    return {"uids": len(uid_rows), "quarantined": len(bad)}
 
 
 def read_quarantine(path: Path) -> list[tuple[str, str]]:

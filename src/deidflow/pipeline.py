@@ -14,6 +14,7 @@ import pyarrow.parquet as pq
 from . import inventory
 from .batching import plan_units
 from .fsutil import RESTRICTED_FILE_MODE, make_restricted_dir, write_if_changed
+from .mapping import write_inventory_mappings
 from .pseudonym import Pseudonymizer, fingerprint, load_key, load_mapping
 from .settings import Paths, resolve_paths
 
@@ -59,6 +60,7 @@ def prepare(config: Mapping[str, Any], *, main_process: bool = True) -> Prepared
                           unmapped=config["pseudonym"]["unmapped"])
     units = _units(inventory.files_per_subject(inv), config)
     inventory.write(inv, paths.restricted, units)
+    write_inventory_mappings(inv.rows, paths.restricted)
     return Prepared(paths, inv.subjects, units, fp)
 
 
