@@ -7,6 +7,7 @@ Snakemake there (in this process), so ``.snakemake/`` and every log stay out of 
 from __future__ import annotations
 
 import argparse
+import atexit
 import fcntl
 import os
 import shutil
@@ -195,5 +196,16 @@ def main(argv: list[str] | None = None) -> int:
     return args.func(args)
 
 
+def console_main() -> None:
+    """The ``deidflow`` console script: :func:`main`, then exit without the interpreter's module
+    teardown, which after a Snakemake run took 0.3-0.5 s of every run's wall time. Output is
+    flushed and exit handlers (logging shutdown, temporary-folder finalizers) still run."""
+    rc = main()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    atexit._run_exitfuncs()
+    os._exit(rc)
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    console_main()
