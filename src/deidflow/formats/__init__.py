@@ -38,7 +38,7 @@ from .base import Format, FormatError, ScrubContext, ScrubResult
 # sniff.py format name -> module defining FORMAT
 _MODULES = {
     "nifti1": "nifti", "nifti2": "nifti", "analyze": "nifti", "mgh": "mgh",
-    "minc1": "minc1", "minc2": "minc2", "parrec": "parrec", "twix": "twix",
+    "minc1": "minc", "minc2": "minc", "parrec": "parrec", "twix": "twix",
     "json": "bidsjson", "tiff": "tiff",
 }
 # Formats that are only ever companions of another file (handled by its scrub).
