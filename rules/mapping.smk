@@ -9,7 +9,8 @@ rule mapping:
     input:
         uids=per_unit(restricted("work/{unit}/uids.csv")),
         quarantine=[restricted("work/inventory-quarantine.jsonl")]
-        + per_unit(restricted("work/{unit}/quarantine.jsonl")),
+        + per_unit(restricted("work/{unit}/quarantine.jsonl"))
+        + per_unit(restricted("work/{unit}/other-quarantine.jsonl")),
     output:
         uids=restricted("mapping/uids.csv"),
         quarantine=restricted("quarantine.tsv"),

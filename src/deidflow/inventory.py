@@ -24,7 +24,7 @@ from pydicom.dataelem import RawDataElement
 from pydicom.dataset import Dataset
 from pydicom.tag import BaseTag
 
-from . import dicomio, sniff
+from . import dicomio, formats, sniff
 from .fsutil import RESTRICTED_FILE_MODE, display_path, write_if_changed
 from .pseudonym import Pseudonymizer, patient_key
 
@@ -39,7 +39,7 @@ HEADER_TAGS = {
 }
 STR_COLUMNS = ("relpath", "format", "status", "reason", "transfer_syntax", *[
     c for c in HEADER_TAGS.values() if c not in ("series_number", "instance_number")],
-    "subject", "session", "series_label", "out_relpath", "src_id")
+    "subject", "session", "series_label", "out_relpath", "src_id", "release_dir", "primary")
 INT_COLUMNS = ("size", "mtime_ns", "series_number", "instance_number", "date_offset")
 CACHED = ("relpath", "size", "mtime_ns", "format", "reason", "transfer_syntax",
           *HEADER_TAGS.values())
@@ -208,16 +208,50 @@ def _examine(full: Path, rel: str, st: os.stat_result) -> dict:
         except OSError as exc:
             row["reason"] = f"file not readable: {exc.strerror}"
     elif fmt == "unknown":
-        row["reason"] = "unknown format (not DICOM, NIfTI, Analyze, MINC, PAR/REC, twix, TIFF, MGH or JSON)"
+        row["reason"] = _unknown_reason(rel)
+    elif fmt in formats.COMPANION_FORMATS:
+        pass  # paired with its header in _assign_other
+    elif formats.supported(fmt):
+        _examine_other(full, row, fmt)
     elif fmt not in SUPPORTED:
         row["reason"] = f"{fmt}: this format is not yet de-identified by deidflow {__import__('deidflow').__version__}"
     return row
 
 
+_COMPANION_SUFFIXES = {".img": "Analyze/NIfTI .img without its .hdr header",
+                       ".rec": "Philips .REC without its .PAR header"}
+IDENTITY_KEYS = ("patient_id", "patient_name", "birth_date", "study_date", "study_uid")
+
+
+def _unknown_reason(rel: str) -> str:
+    why = _COMPANION_SUFFIXES.get(os.path.splitext(rel)[1].lower())
+    return why or "unknown format (not DICOM, NIfTI, Analyze, MINC, PAR/REC, twix, TIFF, MGH or JSON)"
+
+
+def _examine_other(full: Path, row: dict, fmt: str) -> None:
+    """Identity of a non-DICOM file from its header (see :mod:`deidflow.formats`)."""
+    try:
+        ident = formats.get(fmt).identity(full)
+        row["out_ext"] = formats.get(fmt).extension(full)
+    except formats.FormatError as exc:
+        row["reason"] = f"{fmt}: {exc}"
+        return
+    except OSError as exc:
+        row["reason"] = f"file not readable: {exc.strerror}"
+        return
+    except Exception as exc:  # a reader bug must not stop the inventory: quarantine the file
+        row["reason"] = f"{fmt}: header unreadable ({type(exc).__name__})"
+        return
+    for k in IDENTITY_KEYS:
+        if ident.get(k):
+            row[k] = str(ident[k])
+
+
 # ------------------------------------------------------------------------------------------------
 # Grouping and release layout
 # ------------------------------------------------------------------------------------------------
-def _assign(rows: list[dict], pseudo: Pseudonymizer, unmapped: str) -> None:
+def _assign(rows: list[dict], pseudo: Pseudonymizer, unmapped: str,
+            subject_pattern: re.Pattern | None = None, owner: dict[str, str] | None = None) -> None:
     """Validate DICOM rows, then give each ok row its subject, session, series and release path."""
     for r in rows:
         r.setdefault("status", "ok")
@@ -252,7 +286,7 @@ def _assign(rows: list[dict], pseudo: Pseudonymizer, unmapped: str) -> None:
         else:
             kept_sop[r["sop_uid"]] = r
     ok = [r for r in ok if r["status"] == "ok"]
-    owner: dict[str, str] = {}
+    owner = {} if owner is None else owner
     series_members: dict[str, list[dict]] = defaultdict(list)
     for r in ok:
         pkey = patient_key(r["patient_id"], r.get("issuer", ""))
@@ -272,6 +306,100 @@ def _assign(rows: list[dict], pseudo: Pseudonymizer, unmapped: str) -> None:
             r["out_relpath"] = f"{r['session']}/{r['series_label']}/{i:04d}.dcm"
     for r in rows:
         r["src_id"] = pseudo.source_id(r["relpath"])
+        if r.get("status") == "ok" and r["format"] == "dicom":
+            r["release_dir"] = "sourcedata/dicom"
+    _assign_other(rows, pseudo, unmapped, subject_pattern, owner)
+
+
+_MASKED_ID = re.compile(r"^[xX*0\s_-]*$")
+_HDR_PAIRED = {"analyze", "nifti1", "nifti2"}
+
+
+def _subject_identity(r: dict, pattern: re.Pattern | None) -> tuple[str, str]:
+    """(identity string, where it came from) of a non-DICOM file: header identity, else the
+    configured ``subject_pattern``'s named group, else the top-level folder (a file at the top
+    level: its name without extension)."""
+    for key in ("patient_id", "patient_name"):
+        v = (r.get(key) or "").strip()
+        if v and not _MASKED_ID.match(v):
+            return v, "header"
+    rel = display_path(r["relpath"])
+    if pattern is not None:
+        m = pattern.search(rel)
+        if m:
+            groups = [g for g in m.groupdict().values() if g]
+            if groups:
+                return groups[0], "pattern"
+    parts = rel.split("/")
+    return (parts[0] if len(parts) > 1 else formats.base.stem_of(parts[0])), "folder"
+
+
+def _sibling(index: dict[str, dict], rel: str, suffixes: tuple[str, ...]) -> dict | None:
+    base = rel[: -len(os.path.splitext(rel)[1])] if os.path.splitext(rel)[1] else rel
+    for suf in suffixes:
+        hit = index.get(base + suf)
+        if hit is not None:
+            return hit
+    return None
+
+
+def _assign_other(rows: list[dict], pseudo: Pseudonymizer, unmapped: str, pattern: re.Pattern | None,
+                  owner: dict[str, str]) -> None:
+    """Subjects and release paths of non-DICOM files; companions (.img, .REC) and BIDS JSON
+    sidecars follow their image; anything unpaired is quarantined with a reason."""
+    index = {r["relpath"]: r for r in rows}
+    claimed: set[str] = set()
+    primaries = [r for r in rows if r.get("status") == "ok" and r["format"] not in ("dicom", "json")
+                 and r["format"] not in formats.COMPANION_FORMATS]
+    for r in primaries:
+        comp = None
+        if r["format"] in _HDR_PAIRED and not r.get("out_ext", "").startswith(".nii"):
+            comp = _sibling(index, r["relpath"], (".img", ".IMG", ".Img"))
+            if comp is None or comp["format"] != "img":
+                _quarantine(r, f"{r['format']}: .hdr without its .img image file")
+                continue
+        elif r["format"] == "parrec":
+            comp = _sibling(index, r["relpath"], (".REC", ".rec", ".Rec"))
+            if comp is None or comp["format"] != "rec":
+                _quarantine(r, "parrec: PAR header without its REC image file")
+                continue
+        ident, _source = _subject_identity(r, pattern)
+        if pseudo.mapping and ident not in pseudo.mapping and unmapped == "quarantine":
+            _quarantine(r, "subject identity not in the pseudonym mapping file")
+            continue
+        pkey = patient_key(ident, "")
+        subject = pseudo.subject(pkey, ident)
+        if owner.setdefault(subject, pkey) != pkey:
+            raise InventoryError(f"two patients share the pseudonym {subject}: raise pseudonym.length")
+        fmt = formats.get(r["format"])
+        stem = r["src_id"]
+        r.update(subject=subject, patient_id=ident, date_offset=pseudo.date_offset(pkey),
+                 release_dir=f"sourcedata/{fmt.release_dir}", out_relpath=stem + r.get("out_ext", ""), primary="")
+        if comp is not None:
+            claimed.add(comp["relpath"])
+            ext = ".img" if r["format"] in _HDR_PAIRED else ".rec"
+            comp.update(status="ok", reason="", subject=subject, patient_id=ident, date_offset=r["date_offset"],
+                        release_dir=r["release_dir"], out_relpath=stem + ext, primary=r["relpath"])
+    by_stem: dict[str, dict] = {}
+    for r in primaries:
+        if r.get("status") == "ok":
+            by_stem.setdefault(formats.base.stem_of(r["relpath"]).lower(), r)
+    for r in rows:
+        if r["format"] in formats.COMPANION_FORMATS and r["relpath"] not in claimed:
+            why = _COMPANION_SUFFIXES.get(os.path.splitext(r["relpath"])[1].lower(), "companion file without its header")
+            _quarantine(r, why.replace("without its", "whose") + " was quarantined" if _sibling_exists(index, r)
+                        else why)
+        elif r["format"] == "json" and r.get("status") == "ok":
+            img = by_stem.get(formats.base.stem_of(r["relpath"]).lower())
+            if img is None:
+                _quarantine(r, "json: not a BIDS sidecar (no NIfTI/Analyze/MINC/MGH/PAR image with its name beside it)")
+                continue
+            r.update(subject=img["subject"], patient_id=img["patient_id"], date_offset=img["date_offset"],
+                     release_dir=img["release_dir"], out_relpath=img["src_id"] + ".json", primary=img["relpath"])
+
+
+def _sibling_exists(index: dict[str, dict], r: dict) -> bool:
+    return _sibling(index, r["relpath"], (".hdr", ".HDR", ".Hdr", ".PAR", ".par", ".Par")) is not None
 
 
 def _quarantine(row: dict, reason: str) -> None:
@@ -280,7 +408,7 @@ def _quarantine(row: dict, reason: str) -> None:
 
 
 def build(input_dir: Path, pseudo: Pseudonymizer, *, previous: Path | None = None,
-          unmapped: str = "quarantine") -> Inventory:
+          unmapped: str = "quarantine", subject_pattern: str = "") -> Inventory:
     """Inventory ``input_dir``; rows of ``previous`` (an inventory.parquet) are reused for files
     whose size and mtime are unchanged, so re-runs only read new or changed headers."""
     input_dir = Path(input_dir).resolve()
@@ -294,13 +422,27 @@ def build(input_dir: Path, pseudo: Pseudonymizer, *, previous: Path | None = Non
                          "size": None, "mtime_ns": None})
             continue
         hit = cache.get(display_path(rel))
-        if hit and hit["size"] == st.st_size and hit["mtime_ns"] == st.st_mtime_ns:
+        if hit and hit["format"] == "dicom" and hit["size"] == st.st_size and hit["mtime_ns"] == st.st_mtime_ns:
             rows.append({**hit, "relpath": rel})
         else:
             rows.append(_examine(input_dir / rel, rel, st))
-    _assign(rows, pseudo, unmapped)
+    _assign(rows, pseudo, unmapped, compile_subject_pattern(subject_pattern))
     subjects = sorted({r["subject"] for r in rows if r["status"] == "ok" and r.get("subject")})
     return Inventory(input_dir, rows, subjects)
+
+
+def compile_subject_pattern(pattern: str) -> re.Pattern | None:
+    """The ``formats.subject_pattern`` regex (searched in input-relative paths of non-DICOM files
+    without header identity); it must have a named group, whose match is the subject identity."""
+    if not pattern:
+        return None
+    try:
+        compiled = re.compile(pattern)
+    except re.error as exc:
+        raise InventoryError(f"config key formats.subject_pattern: not a regular expression ({exc})") from None
+    if not compiled.groupindex:
+        raise InventoryError("config key formats.subject_pattern: needs a named group, e.g. (?P<subject>[^/]+)")
+    return compiled
 
 
 def _load_cache(path: Path) -> dict[str, dict]:
@@ -345,8 +487,16 @@ def write(inv: Inventory, restricted: Path, units: dict[str, list[str]] | None =
 
 def _subject_manifest(subject: str, rows: list[dict]) -> dict:
     return {"subject": subject, "date_offset": rows[0]["date_offset"],
-            "files": [{k: r.get(k) for k in ("relpath", "size", "mtime_ns", "src_id", "out_relpath", "format")}
-                      for r in sorted(rows, key=lambda r: r["out_relpath"])]}
+            "files": [_file_manifest(r) for r in sorted(rows, key=lambda r: (r.get("release_dir") or "",
+                                                                             r["out_relpath"]))]}
+
+
+def _file_manifest(r: dict) -> dict:
+    out = {k: r.get(k) for k in ("relpath", "size", "mtime_ns", "src_id", "out_relpath", "format")}
+    if r["format"] != "dicom":  # where it goes, what it follows, and the identity to clean text of
+        out.update(release_dir=r.get("release_dir"), primary=r.get("primary") or "",
+                   known=[r[k] for k in ("patient_id", "patient_name", "birth_date") if r.get(k)])
+    return out
 
 
 def files_per_subject(inv: Inventory) -> dict[str, int]:

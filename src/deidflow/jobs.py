@@ -45,6 +45,16 @@ def _strict(a: argparse.Namespace) -> None:
         atomic_write_text(a.output, "no quarantined files\n", RESTRICTED_FILE_MODE)
 
 
+def _other(a: argparse.Namespace) -> None:
+    from .formats.stage import release_unit
+    with job_logging(a.log, f"other job {Path(a.manifest).stem}") as log:
+        counts = release_unit(manifest=a.manifest, release=a.release, restricted=a.restricted, done=a.done,
+                              quarantine=a.quarantine, settings=json.loads(a.settings),
+                              formats_config=json.loads(a.formats))
+        log.info("%(subjects)d subjects with non-DICOM files: released %(files)d files, quarantined %(quarantined)d",
+                 counts)
+
+
 def _listed(path: str) -> list[str]:
     """Paths listed one per line in ``path`` (keeps long lists off the command line)."""
     return [line for line in Path(path).read_text().splitlines() if line]
@@ -56,6 +66,8 @@ STAGES = {
     "mapping": (_mapping, ("uids-list", "quarantine-list", "uids", "quarantine"),
                 "merge the jobs' UID maps and quarantine lists (restricted)"),
     "strict": (_strict, ("quarantine", "output"), "fail when anything was quarantined"),
+    "other": (_other, ("manifest", "release", "restricted", "done", "quarantine", "settings", "formats"),
+              "de-identify the non-DICOM files of one job unit (NIfTI, Analyze, MINC, PAR/REC, MGH, twix, JSON)"),
 }
 
 

@@ -57,7 +57,8 @@ def prepare(config: Mapping[str, Any], *, main_process: bool = True) -> Prepared
     _check_fingerprint(paths, fp)
     inv = inventory.build(paths.input, pseudonymizer(key, config),
                           previous=paths.restricted / "inventory.parquet",
-                          unmapped=config["pseudonym"]["unmapped"])
+                          unmapped=config["pseudonym"]["unmapped"],
+                          subject_pattern=(config.get("formats") or {}).get("subject_pattern") or "")
     units = _units(inventory.files_per_subject(inv), config)
     inventory.write(inv, paths.restricted, units)
     write_inventory_mappings(inv.rows, paths.restricted)

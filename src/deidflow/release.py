@@ -63,12 +63,15 @@ def _subject(subj: Mapping[str, Any], input_dir: Path, release_root: Path, restr
              scrubber: Scrubber) -> tuple[int, list[tuple[str, str]]]:
     """One subject: files into a staging folder, published in one rename; audit written."""
     subject = subj["subject"]
+    files = [f for f in subj["files"] if f.get("format", "dicom") == "dicom"]  # the rest: other stages
+    if not files:
+        return 0, []
     final = release_root / subject
     stage = staging_dir_for(final, restricted)
     audit_lines: list[str] = []
     bad: list[tuple[str, str]] = []
     try:
-        for f in subj["files"]:
+        for f in files:
             try:
                 res = deidentify_path(input_dir / f["relpath"], stage / f["out_relpath"], scrubber)
             except DicomError as exc:
