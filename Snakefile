@@ -14,6 +14,7 @@ validate(config, os.path.join(workflow.basedir, "config", "schema.yaml"))
 
 include: "rules/common.smk"
 include: "rules/dicom.smk"
+include: "rules/convert.smk"
 include: "rules/other.smk"
 include: "rules/mapping.smk"
 

@@ -12,7 +12,8 @@ _check_semantics(config)
 PREPARED = prepare(config, main_process=workflow.is_main_process)
 OUT = str(PREPARED.paths.output)
 RESTRICTED = str(PREPARED.paths.restricted)
-UNITS = list(PREPARED.units) if config["outputs"]["dicom"] else []
+# The dicom stage also runs for a BIDS-only release: its output is the converter's input.
+UNITS = list(PREPARED.units) if config["outputs"]["dicom"] or config["outputs"].get("bids", True) else []
 SETTINGS = {**profile_settings(config), "key_fingerprint": PREPARED.fingerprint}
 SETTINGS_JSON = json.dumps(SETTINGS, sort_keys=True)
 if workflow.is_main_process:
@@ -38,6 +39,12 @@ def release(path):
 def restricted_of(wildcards, output):
     """The restricted folder, derived from a job's output (<restricted>/done/dicom/<unit>.json)."""
     return os.path.dirname(os.path.dirname(os.path.dirname(output.done)))
+
+
+def release_root_of(wildcards):
+    """The release folder as a params function (as a plain string it prefixes the sibling
+    <output>_restricted paths, which Snakemake's linter reads as a hard-coded path prefix)."""
+    return OUT
 
 
 def per_unit(pattern):

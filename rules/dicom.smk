@@ -1,3 +1,8 @@
+# With outputs.dicom false the de-identified DICOM goes to a work area inside the restricted folder
+# (still converted to BIDS), not to the release.
+DICOM_ROOT = release("sourcedata/dicom") if config["outputs"]["dicom"] else restricted("work/dicom")
+
+
 rule dicom:
     """De-identify the DICOM of one job unit: a subject, or a batch of small subjects
     (see deidflow.batching). Pixel data are copied byte for byte; each subject's release folder
@@ -11,7 +16,7 @@ rule dicom:
     params:
         python=PYTHON,
         settings=SETTINGS_JSON,
-        release_root=release("sourcedata/dicom"),
+        release_root=DICOM_ROOT,
         restricted=restricted_of,
     log:
         restricted("logs/dicom/{unit}.log"),

@@ -55,6 +55,24 @@ def _other(a: argparse.Namespace) -> None:
                  counts)
 
 
+def _convert(a: argparse.Namespace) -> None:
+    from .bids.convert import convert_unit
+    with job_logging(a.log, f"convert job {Path(a.manifest).stem}") as log:
+        counts = convert_unit(manifest=a.manifest, dicom_root=a.dicom_root, release_root=a.release_root,
+                              restricted=a.restricted, done=a.done, settings=json.loads(a.settings),
+                              bids=json.loads(a.bids))
+        log.info("%(subjects)d subjects: %(images)d BIDS images, %(unsorted)d unsorted, "
+                 "%(not_converted)d series not converted", counts)
+
+
+def _bids_dataset(a: argparse.Namespace) -> None:
+    from .bids.dataset import write_dataset
+    with job_logging(a.log, "BIDS dataset files") as log:
+        counts = write_dataset(done_files=_listed(a.done_list), release_root=a.release_root, marker=a.output,
+                               settings=json.loads(a.settings), bids=json.loads(a.bids))
+        log.info("%(files)d dataset files, %(changed)d rewritten", counts)
+
+
 def _listed(path: str) -> list[str]:
     """Paths listed one per line in ``path`` (keeps long lists off the command line)."""
     return [line for line in Path(path).read_text().splitlines() if line]
@@ -66,6 +84,10 @@ STAGES = {
     "mapping": (_mapping, ("uids-list", "quarantine-list", "uids", "quarantine"),
                 "merge the jobs' UID maps and quarantine lists (restricted)"),
     "strict": (_strict, ("quarantine", "output"), "fail when anything was quarantined"),
+    "convert": (_convert, ("manifest", "dicom-root", "release-root", "restricted", "done", "settings", "bids"),
+                "BIDS NIfTI of one job unit from its de-identified DICOM (dcm2niix)"),
+    "bids_dataset": (_bids_dataset, ("done-list", "release-root", "settings", "bids", "output"),
+                     "dataset_description.json, participants.tsv/json, README, CHANGES, .bidsignore"),
     "other": (_other, ("manifest", "release", "restricted", "done", "quarantine", "settings", "formats"),
               "de-identify the non-DICOM files of one job unit (NIfTI, Analyze, MINC, PAR/REC, MGH, twix, JSON)"),
 }

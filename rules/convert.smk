@@ -1,0 +1,83 @@
+# BIDS release (docs/bids.md): dcm2niix on the de-identified DICOM of each job unit, then the
+# dataset-level files once every unit is converted. Enabled by outputs.bids.
+from deidflow.bids.heuristic import rules_for as _bids_rules
+
+try:
+    _bids_rules(config["bids"]["mapping"])  # a bad user rule fails before any job runs
+except ValueError as _exc:
+    raise ValueError(f"config key {_exc}") from None
+
+BIDS_JSON = json.dumps(
+    {
+        "mapping": config["bids"]["mapping"],
+        "name": config["bids"]["name"],
+        "dicom_released": bool(config["outputs"]["dicom"]),
+    },
+    sort_keys=True,
+)
+
+
+localrules:
+    bids_dataset,
+
+
+rule convert:
+    """NIfTI + scrubbed sidecars of one job unit, converted from its de-identified DICOM; each
+    subject's BIDS folder (and its sourcedata/unsorted folder) appears in one rename."""
+    input:
+        manifest=restricted("manifests/{unit}.json"),
+        dicom=restricted("done/dicom/{unit}.json"),
+    output:
+        done=restricted("done/convert/{unit}.json"),
+    params:
+        python=PYTHON,
+        settings=SETTINGS_JSON,
+        bids=BIDS_JSON,
+        dicom_root=DICOM_ROOT,
+        release_root=release_root_of,
+        restricted=restricted_of,
+    log:
+        restricted("logs/convert/{unit}.log"),
+    threads: 1
+    resources:
+        mem_mb=config["resources"]["convert_mem_mb"],
+        runtime=config["resources"]["convert_runtime_min"],
+    conda:
+        "../envs/dcm2niix.yaml"
+    shell:
+        "{params.python:q} -m deidflow.jobs convert --manifest {input.manifest:q}"
+        " --dicom-root {params.dicom_root:q} --release-root {params.release_root:q}"
+        " --restricted {params.restricted:q} --done {output.done:q} --settings {params.settings:q}"
+        " --bids {params.bids:q} --log {log:q} 2>> {log:q}"
+
+
+rule bids_dataset:
+    """dataset_description.json, participants.tsv/json, README, CHANGES and .bidsignore."""
+    input:
+        done=unit_done("convert"),
+    output:
+        done=restricted("done/bids_dataset.json"),
+        done_list=temp(restricted("work/bids-done.list")),
+    params:
+        python=PYTHON,
+        settings=SETTINGS_JSON,
+        bids=BIDS_JSON,
+        release_root=release_root_of,
+    log:
+        restricted("logs/bids_dataset.log"),
+    threads: 1
+    resources:
+        mem_mb=500,
+        runtime=10,
+    conda:
+        "../envs/core.yaml"
+    shell:
+        "printf '%s\\n' {input.done:q} > {output.done_list:q}; "
+        "{params.python:q} -m deidflow.jobs bids_dataset --done-list {output.done_list:q}"
+        " --release-root {params.release_root:q} --settings {params.settings:q} --bids {params.bids:q}"
+        " --output {output.done:q} --log {log:q} 2>> {log:q}"
+
+
+if config["outputs"].get("bids", True):
+    register_unit_stage("convert")
+    EXTRA_TARGETS.append(restricted("done/bids_dataset.json"))

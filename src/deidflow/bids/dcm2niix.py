@@ -1,0 +1,100 @@
+"""Run dcm2niix on one de-identified series folder and collect what it wrote.
+
+dcm2niix comes from the pinned PyPI wheel (``dcm2niix`` package, binary inside) or, under
+``--sdm conda``, from the environment's PATH.  Options: BIDS sidecar on, its own anonymisation on
+(``-ba y``), no recursion, no compression (deidflow gzips with a fixed header so the same input
+gives the same bytes whatever gzip or pigz the machine has).
+"""
+from __future__ import annotations
+
+import gzip
+import json
+import shutil
+import subprocess
+from dataclasses import dataclass, field
+from pathlib import Path
+
+BASENAME = "series"
+# gzip level for released NIfTI (dcm2niix's own default is 6)
+GZIP_LEVEL = 6
+
+
+class ConversionError(RuntimeError):
+    """dcm2niix failed on a series (the message holds no identifying value)."""
+
+
+@dataclass
+class Output:
+    """One image dcm2niix wrote for a series: ``series<tag>.nii`` (+ .json, .bval, .bvec)."""
+
+    tag: str  # what dcm2niix appended to the base name: "", "_e2", "_ph", "_e2_ph", "a", "_i00001"…
+    nifti: Path
+    sidecar: dict = field(default_factory=dict)
+    bval: Path | None = None
+    bvec: Path | None = None
+
+    @property
+    def bvals(self) -> list[float]:
+        if self.bval is None:
+            return []
+        return [float(x) for x in self.bval.read_text().split()]
+
+
+def executable() -> str:
+    """Path of the dcm2niix binary: the pinned wheel's, else the one on PATH."""
+    try:
+        import dcm2niix  # the PyPI wheel ships the binary inside the package
+        if Path(dcm2niix.bin).is_file():
+            return str(dcm2niix.bin)
+    except ImportError:
+        pass
+    found = shutil.which("dcm2niix")
+    if not found:
+        raise ConversionError("dcm2niix not found: install the pinned 'dcm2niix' package (pip) or envs/dcm2niix.yaml")
+    return found
+
+
+def version() -> str:
+    """dcm2niix's version string (``v1.0.20260724``)."""
+    out = subprocess.run([executable(), "--version"], capture_output=True, text=True, check=False)
+    for word in (out.stdout + out.stderr).split():
+        if word.startswith("v1.") or word.startswith("v2."):
+            return word
+    return "unknown"
+
+
+def convert_series(series_dir: Path, workdir: Path, *, log=None) -> list[Output]:
+    """Convert the DICOM files directly in ``series_dir`` into ``workdir`` (created empty).
+
+    Returns the images written, sorted by tag; an empty list when dcm2niix found nothing it can
+    convert (SR documents, presentation states…).  Raises :class:`ConversionError` when dcm2niix
+    itself fails."""
+    workdir = Path(workdir)
+    if workdir.exists():
+        shutil.rmtree(workdir)
+    workdir.mkdir(parents=True)
+    cmd = [executable(), "-b", "y", "-ba", "y", "-z", "n", "-d", "0", "-f", BASENAME, "-w", "2",
+           "-o", str(workdir), str(series_dir)]
+    proc = subprocess.run(cmd, capture_output=True, text=True, errors="replace", check=False)
+    if log is not None:
+        for line in (proc.stdout + proc.stderr).splitlines():
+            if line.strip():
+                log.info("dcm2niix: %s", line.strip())
+    if proc.returncode not in (0, 2):  # 2: no valid DICOM found
+        raise ConversionError(f"dcm2niix exited with status {proc.returncode}")
+    outputs = []
+    for nii in sorted(workdir.glob(f"{BASENAME}*.nii")):
+        stem = nii.name[:-len(".nii")]
+        sidecar_path = nii.with_name(stem + ".json")
+        sidecar = json.loads(sidecar_path.read_text(encoding="utf-8", errors="replace")) if sidecar_path.is_file() else {}
+        bval, bvec = nii.with_name(stem + ".bval"), nii.with_name(stem + ".bvec")
+        outputs.append(Output(stem[len(BASENAME):], nii, sidecar, bval if bval.is_file() else None,
+                              bvec if bvec.is_file() else None))
+    return outputs
+
+
+def gzip_file(src: Path, dst: Path) -> None:
+    """``src`` gzipped into ``dst`` with a fixed header (no name, mtime 0): same bytes every run."""
+    with open(src, "rb") as fin, open(dst, "wb") as raw:
+        with gzip.GzipFile(filename="", mode="wb", fileobj=raw, compresslevel=GZIP_LEVEL, mtime=0) as gz:
+            shutil.copyfileobj(fin, gz, 1 << 20)
