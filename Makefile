@@ -30,7 +30,7 @@ test-fast: install  ## skip the slow and real-data tests
 	$(BIN)/python -m pytest -q -m "not slow and not realdata"
 
 fuzz: install  ## long fuzz run of the DICOM de-identification (20000 random examples per strategy)
-	DEIDFLOW_FUZZ_EXAMPLES=20000 $(BIN)/python -m pytest -q tests/test_fuzz_dicom.py -p no:cacheprovider
+	DEIDFLOW_FUZZ_EXAMPLES=20000 $(BIN)/python -m pytest -q tests/test_fuzz_dicom.py tests/test_fuzz_formats.py -p no:cacheprovider
 
 bench: install  ## throughput and overhead benchmarks, printed as tables
 	$(BIN)/python benchmarks/run.py

@@ -612,7 +612,7 @@ def test_shared_release_has_no_original_identifiers(name, tmp_path, key_env, sha
 def _shared_expected(name: str, input_dir: Path):
     parts, expected = SHARED_CASES[name]
     if expected == "json sidecars":
-        expected = {p.name: "json: this format is not yet de-identified" for p in input_dir.glob("*.json")}
+        expected = {p.name: "json: not a BIDS sidecar" for p in input_dir.glob("*.json")}
     return expected
 
 
