@@ -143,6 +143,7 @@ def image_attributes(series: SeriesInfo, out: Output) -> dict[str, Any]:
     attrs["ConverterTag"] = out.tag
     attrs["Volumes"] = nifti_volumes(out.nifti)
     bvals = out.bvals
+    attrs["HasBValues"] = bool(bvals) and out.bvec is not None
     attrs["BValueMax"] = max(bvals) if bvals else 0.0
     attrs["EchoNumber"] = int(sc.get("EchoNumber") or 1)
     image_type = [str(x).upper() for x in (sc.get("ImageType") or [])]
