@@ -1,0 +1,61 @@
+"""`deidflow run` on a small mixed tree (DICOM + every non-DICOM format): release layout,
+quarantine, and no planted identifier or original file name anywhere in the release."""
+from __future__ import annotations
+
+import csv
+import gzip
+import shutil
+
+import pytest
+
+from deidflow.demo import make_demo_input
+
+from .conftest import require_shared
+from .test_formats import NAME, PID, _plant_minc1, _plant_twix
+from .test_workflow import run_cli
+
+pytestmark = [pytest.mark.workflow, pytest.mark.slow, pytest.mark.realdata]
+
+
+def test_mixed_tree_release(tmp_path):
+    inp = tmp_path / "in"
+    make_demo_input(inp)
+    site = inp / "site_DOE_JOHNATHAN"
+    site.mkdir()
+    d = require_shared("nibabel")
+    for f in ("phantom_EPI_asc_CLEAR_2_1.PAR", "phantom_EPI_asc_CLEAR_2_1.REC", "example4d.nii.gz", "small.mnc"):
+        shutil.copy(d / f, site / f)
+    for f in ("avg152T1.hdr", "avg152T1.img"):
+        shutil.copy(require_shared("analyze_spm99", "canonical", f), site / f)
+    _plant_minc1(site / "minc1_planted.mnc")
+    _plant_twix(require_shared("twix", "example_data", "epi.dat"), site / "meas_MID00360_epi.dat")
+    (site / "example4d.json").write_text('{"RepetitionTime": 2.0, "PatientName": "DOE^JOHNATHAN"}')
+    (site / "lonely.hdr").write_bytes(require_shared("analyze_spm99", "templates", "PET.hdr").read_bytes())
+    (site / "cut.nii").write_bytes((d / "anatomical.nii").read_bytes()[:30000])
+    (site / "cut.dat").write_bytes(require_shared("twix", "example_data", "gre.dat").read_bytes()[:700000])
+    out = tmp_path / "release"
+    r = run_cli("run", str(inp), str(out), "--cores", "2")
+    assert r.returncode == 0, r.stderr[-3000:]
+    src = out / "sourcedata"
+    assert {"dicom", "nifti", "analyze", "minc", "parrec", "twix"} <= {p.name for p in src.iterdir()}
+    names = sorted(p.relative_to(src).as_posix() for p in src.rglob("*") if p.is_file() and p.relative_to(src).parts[0] in ("nifti", "analyze", "minc", "parrec", "twix"))
+    assert any(n.endswith(".nii.gz") for n in names) and any(n.endswith(".json") for n in names)
+    assert any(n.endswith(".rec") for n in names) and any(n.endswith(".img") for n in names)
+    for n in names:
+        parts = n.split("/")
+        assert parts[1].startswith("sub-") and len(parts) == 3
+    with open(tmp_path / "release_restricted" / "quarantine.tsv") as fh:
+        q = {row["file"]: row["reason"] for row in csv.DictReader(fh, delimiter="\t")}
+    assert "without its .img" in q["site_DOE_JOHNATHAN/lonely.hdr"]
+    assert "truncated" in q["site_DOE_JOHNATHAN/cut.nii"]
+    assert "truncated" in q["site_DOE_JOHNATHAN/cut.dat"]
+    planted = [NAME, "JOHNATHAN", PID, "phantom", "avg152", "example4d", "meas_MID", "Sankt Plantus", "DZNE",
+               "Sigmund", "planted-history-user"]
+    for p in out.rglob("*"):
+        assert not any(v.lower() in p.name.lower() for v in planted), p
+        if p.is_file():
+            blob = p.read_bytes()
+            if blob[:2] == b"\x1f\x8b":
+                blob += gzip.decompress(blob)
+            left = [v for v in planted if v.encode() in blob]
+            assert not left, (p.relative_to(out), left)
