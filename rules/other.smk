@@ -16,7 +16,7 @@ rule other:
         python=PYTHON,
         settings=SETTINGS_JSON,
         formats=FORMATS_JSON,
-        release=OUT,
+        release=release(""),
         restricted=restricted_of,
     log:
         restricted("logs/other/{unit}.log"),
