@@ -17,6 +17,8 @@ include: "rules/dicom.smk"
 include: "rules/convert.smk"
 include: "rules/other.smk"
 include: "rules/mapping.smk"
+include: "rules/verify.smk"
+include: "rules/report.smk"
 
 
 rule all:

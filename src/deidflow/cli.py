@@ -1,4 +1,4 @@
-"""Command line: ``deidflow run | inventory | demo``.
+"""Command line: ``deidflow run | inventory | demo | verify``.
 
 ``run`` wraps Snakemake: it validates the configuration first (a bad value fails before any job,
 naming the key), writes the effective configuration into the restricted folder and runs
@@ -77,10 +77,52 @@ def run_workflow(config: dict, *, cores: int | str = "all", profile: str | None 
         print(f"deidflow: release in {paths.output}; mappings, audit and quarantine list in {paths.restricted}")
         if n_bad:
             print(f"deidflow: {n_bad} input file(s) quarantined, each with its reason in {quarantine}")
+        _print_qc(paths)
     elif rc:
         for line in _job_failures(paths.restricted / "logs", started):
             print(line, file=sys.stderr)
     return rc
+
+
+def _print_qc(paths) -> None:
+    """One summary line per stage, then where the QC report is."""
+    from .qc.report import QC_SUBDIR, stage_summaries
+    for line in stage_summaries(paths.restricted):
+        print(line)
+    report = paths.output / QC_SUBDIR / "report.html"
+    if report.exists():
+        print(f"deidflow: QC report: {report} (restricted copy with before-images: "
+              f"{paths.restricted / 'qc' / 'report-full.html'})")
+
+
+def _cmd_verify(args: argparse.Namespace) -> int:
+    from .qc import leakscan
+    out = Path(args.output).resolve()
+    restricted = Path(args.restricted).resolve() if args.restricted else out.with_name(out.name + "_restricted")
+    if not out.is_dir() or not (restricted / "manifests").is_dir():
+        print(f"deidflow verify: {out} is not a release or {restricted} is not its restricted folder", file=sys.stderr)
+        return 2
+    result = leakscan.verify(out, restricted, pixel_data=args.pixel_data)
+    lines = leakscan.hit_lines(result)
+    for line in lines:
+        print(line)
+    subs = {s: r for u in result["units"] for s, r in u["subjects"].items()}
+    excluded: dict[str, int] = {}
+    for u in result["units"]:
+        for k, n in u["excluded_forms"].items():
+            excluded[k] = excluded.get(k, 0) + n
+    files = sum(r["files"] for r in subs.values()) + result["dataset"]["files"]
+    scanned = sum(r["bytes_scanned"] for r in subs.values()) + result["dataset"]["bytes_scanned"]
+    skipped = sum(r["bytes_not_scanned"] for r in subs.values()) + result["dataset"]["bytes_not_scanned"]
+    print(f"deidflow verify: {len(subs)} subjects, {files} files, {scanned:,} bytes searched"
+          f" ({skipped:,} bytes of image samples not searched{'' if skipped == 0 else '; --pixel-data searches them'});"
+          f" forms excluded by rule: {', '.join(f'{k} {n}' for k, n in sorted(excluded.items())) or 'none'}")
+    leaky = sorted({s for s, r in subs.items() if r["hits"]} | ({"dataset"} if result["dataset"]["hits"] else set()))
+    if lines:
+        print(f"deidflow verify: LEAK: {len(lines)} hit(s) in {', '.join(leaky)}")
+        return 1
+    print("deidflow verify: no identifying value found")
+    return 0
 
 
 def _job_failures(logs: Path, since: float) -> list[str]:
@@ -182,6 +224,13 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--set", action="append", metavar="KEY=VALUE")
     d.add_argument("--config")
     d.set_defaults(func=_cmd_demo)
+
+    v = sub.add_parser("verify", help="leak-scan the release OUTPUT for its subjects' original identifiers "
+                                      "(exit status 1 on any hit)")
+    v.add_argument("output")
+    v.add_argument("--restricted", help="restricted folder (default: <OUTPUT>_restricted)")
+    v.add_argument("--pixel-data", action="store_true", help="also search pixel data and NIfTI image blocks")
+    v.set_defaults(func=_cmd_verify)
     return p
 
 

@@ -11,6 +11,7 @@ import copy
 import re
 from dataclasses import dataclass, field
 from functools import lru_cache
+from typing import TYPE_CHECKING
 
 from pydicom.datadict import dictionary_keyword, dictionary_VR
 from pydicom.dataelem import DataElement
@@ -22,6 +23,9 @@ from pydicom.uid import UID_dictionary
 from . import __version__, dates, textclean
 from .profile import Plan, Rule, method_codes
 from .pseudonym import Pseudonymizer
+
+if TYPE_CHECKING:
+    from .qc.identifiers import IdentifierCollector
 
 _TEXT_VRS = {"LO", "SH", "ST", "LT", "UT", "UC", "CS", "AE", "UR"}
 CLEAN_TEXT_SOURCES = (
@@ -41,6 +45,8 @@ class SubjectContext:
     subject: str
     date_offset: int
     uid_map: dict[str, str] = field(default_factory=dict)  # original -> new, for restricted/mapping
+    # Original values the profile removes or replaces, for the leak scan (restricted); None: not collected.
+    identifiers: "IdentifierCollector | None" = None
 
 
 # A UID embedded in binary or text: at least six numeric components, not part of a longer number.
@@ -77,6 +83,7 @@ class Scrubber:
         self._identifiers = None
         self._markers: Dataset | None = None
         self.actions: dict[str, str] = {}
+        self.collect = ctx.identifiers  # deidflow.qc.identifiers.IdentifierCollector or None
 
     # -- public -------------------------------------------------------------------------------
     def scrub(self, ds: Dataset) -> dict[str, str]:
@@ -125,6 +132,8 @@ class Scrubber:
         keep = creator is not None and (
             policy == "keep" or (policy == "safe" and self.plan.is_safe_private(creator, group, elem)))
         if not keep:
+            if self.collect is not None:
+                self._collect(ds, tag)
             del ds[tag]
             self._record(prefix, _tag_label(tag), "X")
             return
@@ -170,10 +179,14 @@ class Scrubber:
                 self._recurse(ds, tag, prefix + name)
             return
         if code == "X":
+            if self.collect is not None:
+                self._collect(ds, tag)
             del ds[tag]
             self._record(prefix, name, "X")
             return
         vr = self._vr(ds, tag)
+        if self.collect is not None and vr != "SQ" and code in ("Z", "P", "R", "D", "C"):
+            original = self._original(ds, tag)
         if vr == "SQ":
             if code == "Z":
                 ds[tag] = DataElement(tag, "SQ", Sequence([]))
@@ -195,6 +208,8 @@ class Scrubber:
         elif code == "C":
             if not self._clean(ds, tag, vr):
                 return
+        if self.collect is not None and code in ("Z", "P", "R", "D", "C"):
+            self.collect.element(tag, vr, original)
         self._record(prefix, name, code)
 
     def new_value(self, code: str, vr: str, rule: Rule) -> str | None:
@@ -214,6 +229,8 @@ class Scrubber:
             return v
         new = self.ctx.pseudo.uid(v)
         self.ctx.uid_map[v] = new
+        if self.collect is not None:
+            self.collect.add("uid", "UID", v)
         return new
 
     def scrub_blob(self, value: bytes) -> bytes:
@@ -222,8 +239,13 @@ class Scrubber:
         same length, so binary offsets stay valid.  Returns ``value`` itself when nothing changed."""
         if not _EMBEDDED_UID.search(value):
             return value
-        return _EMBEDDED_UID.sub(
-            lambda m: self.ctx.pseudo.same_length_uid(m.group().decode("ascii")).encode("ascii"), value)
+
+        def replace(m: re.Match) -> bytes:
+            uid = m.group().decode("ascii")
+            if self.collect is not None:
+                self.collect.add("uid", "embedded UID", uid)
+            return self.ctx.pseudo.same_length_uid(uid).encode("ascii")
+        return _EMBEDDED_UID.sub(replace, value)
 
     def _recurse(self, ds: Dataset, tag: int, path: str) -> None:
         for i, item in enumerate(ds[tag].value or ()):
@@ -375,6 +397,26 @@ class Scrubber:
             undefined = raw is not None and getattr(raw, "is_undefined_length", False)
             return "SQ" if undefined else "UN"
         return vr
+
+    @staticmethod
+    def _original(ds: Dataset, tag: int):
+        """The decoded value of an element, None when it cannot be decoded."""
+        try:
+            return ds[tag].value
+        except Exception:
+            return None
+
+    def _collect(self, ds: Dataset, tag: int) -> None:
+        """Hand the original value(s) of an element about to be removed to the collector."""
+        vr = self._vr(ds, tag)
+        try:
+            if vr == "SQ":
+                for item in ds[tag].value or ():
+                    self.collect.dataset(item)
+            else:
+                self.collect.element(tag, vr, ds[tag].value)
+        except Exception:  # an undecodable value cannot be searched for; removing it is what matters
+            pass
 
     @staticmethod
     def _is_empty(ds: Dataset, tag: int) -> bool:

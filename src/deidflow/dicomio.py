@@ -238,6 +238,9 @@ def _stream(mm, size: int, body: int, meta: FileMetaDataset, ts: str, encoding: 
     creator_names: dict[int, str] = {}
     kept_blocks: set[int] = set()
     policy = scrubber.plan.private_policy
+    collect = scrubber.collect  # original identifying values for the leak scan, or None
+    if collect is not None:
+        collect.file_meta(meta)  # the meta group is rebuilt: its AE titles and UIDs go
     sop_class = sop_instance = None
     pixel_bytes = 0
     for el in elems:
@@ -258,6 +261,8 @@ def _stream(mm, size: int, body: int, meta: FileMetaDataset, ts: str, encoding: 
         if group & 1:  # private
             if policy == "remove" or num < 0x10 or 0x100 <= num < 0x1000:
                 scrubber.record_drop(tag)
+                if collect is not None:
+                    collect.raw(tag, vr, mm, el.vstart, el.vend, encodings)
                 continue
             if num <= 0xFF:
                 block = group << 8 | num
@@ -269,6 +274,8 @@ def _stream(mm, size: int, body: int, meta: FileMetaDataset, ts: str, encoding: 
             creator = creator_names.get(block)
             if creator is None or (policy == "safe" and not scrubber.plan.is_safe_private(creator, group, num)):
                 scrubber.record_drop(tag)
+                if collect is not None:
+                    collect.raw(tag, vr, mm, el.vstart, el.vend, encodings)
                 continue
             kept_blocks.add(block)
             if vr in (None, "UN"):
@@ -301,9 +308,19 @@ def _stream(mm, size: int, body: int, meta: FileMetaDataset, ts: str, encoding: 
             continue
         if fast == "X":
             scrubber.record_drop(tag)
+            if collect is not None:
+                if vr == "SQ" or el.undefined or (vr is None and _dict_sq(tag)):
+                    try:
+                        scrubber._collect(tmp_dataset(el, "SQ"), tag)
+                    except Exception:
+                        pass  # a damaged sequence that is dropped anyway
+                else:
+                    collect.raw(tag, vr, mm, el.vstart, el.vend, encodings)
             continue
         simple = _simple_replacement(scrubber, mm, el, vr, implicit, little)
         if simple is not None:
+            if collect is not None and (vr or "") != "UI":
+                collect.raw(tag, vr, mm, el.vstart, el.vend, encodings)
             chunks.append(simple)
             if tag == _SOP_INSTANCE:
                 sop_instance = simple[8:].decode("ascii").strip("\x00 ")  # UI: 8-byte header
@@ -436,6 +453,8 @@ def _deidentify_dataset(src: Path, out: BinaryIO, scrubber: Scrubber) -> FileRes
         # pydicom would parse UN sequences of a big endian data set in the wrong byte order
         raise DicomError("UN element in a big-endian data set without file meta (ambiguous encoding)")
     old_meta = getattr(ds, "file_meta", None) or FileMetaDataset()
+    if scrubber.collect is not None:
+        scrubber.collect.file_meta(old_meta)
     if str(old_meta.get("TransferSyntaxUID", "")) != DeflatedExplicitVRLittleEndian:
         _check_complete(src, implicit, little)
     ts = str(old_meta.get("TransferSyntaxUID", "")) or {

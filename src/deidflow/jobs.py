@@ -73,6 +73,37 @@ def _bids_dataset(a: argparse.Namespace) -> None:
         log.info("%(files)d dataset files, %(changed)d rewritten", counts)
 
 
+def _verify(a: argparse.Namespace) -> None:
+    from .qc.leakscan import verify_unit
+    with job_logging(a.log, f"verify job {Path(a.manifest).stem}") as log:
+        c = verify_unit(a.manifest, a.release, a.restricted, a.done, strict=a.strict == "true",
+                        pixel_data=a.pixel_data == "true")
+        for line in c["lines"]:
+            log.warning(line)
+        log.info("%(subjects)d subjects, %(files)d files: %(hits)d leak-scan hits", c)
+
+
+def _verify_dataset(a: argparse.Namespace) -> None:
+    from .qc.leakscan import verify_dataset
+    with job_logging(a.log, "verify_dataset job") as log:
+        c = verify_dataset(a.release, a.restricted, a.output, strict=a.strict == "true",
+                           pixel_data=a.pixel_data == "true")
+        log.info("%(files)d dataset-level files: %(hits)d leak-scan hits", c)
+
+
+def _qc_report(a: argparse.Namespace) -> None:
+    from .qc.report import write_report
+    with job_logging(a.log, "qc report job") as log:
+        log.info("report written: %s", write_report(a.release, a.restricted, a.output, a.charts, a.table,
+                                                    a.full))
+
+
+def _audit(a: argparse.Namespace) -> None:
+    from .qc.audit import consolidate
+    with job_logging(a.log, "audit job") as log:
+        log.info("%d audit rows", consolidate(a.restricted, a.output))
+
+
 def _listed(path: str) -> list[str]:
     """Paths listed one per line in ``path`` (keeps long lists off the command line)."""
     return [line for line in Path(path).read_text().splitlines() if line]
@@ -84,6 +115,13 @@ STAGES = {
     "mapping": (_mapping, ("uids-list", "quarantine-list", "uids", "quarantine"),
                 "merge the jobs' UID maps and quarantine lists (restricted)"),
     "strict": (_strict, ("quarantine", "output"), "fail when anything was quarantined"),
+    "verify": (_verify, ("manifest", "release", "restricted", "done", "strict", "pixel-data"),
+               "leak-scan the release files of one job unit"),
+    "verify_dataset": (_verify_dataset, ("release", "restricted", "output", "strict", "pixel-data"),
+                       "leak-scan the dataset-level release files"),
+    "qc_report": (_qc_report, ("release", "restricted", "output", "charts", "table", "full"),
+                  "the self-contained HTML QC report"),
+    "audit": (_audit, ("restricted", "output"), "restricted/audit/*.jsonl into restricted/audit.parquet"),
     "convert": (_convert, ("manifest", "dicom-root", "release-root", "restricted", "done", "settings", "bids"),
                 "BIDS NIfTI of one job unit from its de-identified DICOM (dcm2niix)"),
     "bids_dataset": (_bids_dataset, ("done-list", "release-root", "settings", "bids", "output"),

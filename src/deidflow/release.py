@@ -13,6 +13,7 @@ from .fsutil import (RESTRICTED_FILE_MODE, atomic_write_text, csv_text, make_res
                      staging_dir_for)
 from .profile import build_plan
 from .pseudonym import Pseudonymizer, fingerprint, load_key, load_mapping
+from .qc import identifiers
 
 
 class OutputError(PublicError):
@@ -45,8 +46,11 @@ def deidentify_unit(manifest: Path, release_root: Path, restricted: Path, done: 
     bad: list[tuple[str, str]] = []
     summary = []
     for subj in m["subjects"]:
-        ctx = SubjectContext(pseudo, subj["subject"], subj["date_offset"], uid_map)
+        ctx = SubjectContext(pseudo, subj["subject"], subj["date_offset"], uid_map,
+                             identifiers=identifiers.IdentifierCollector())
         n, subject_bad = _subject(subj, input_dir, Path(release_root), Path(restricted), Scrubber(plan, ctx))
+        # the values the profile removed or replaced, for the leak scan (restricted)
+        identifiers.write(restricted, m["unit"], "dicom", subj["subject"], ctx.identifiers.entries())
         bad += subject_bad
         summary.append({"subject": subj["subject"], "files": n, "quarantined": len(subject_bad)})
     for p in (done, uids, quarantine):

@@ -1,0 +1,74 @@
+# Leak scan (docs/qc.md): each job unit's release files are searched for the original identifying
+# values of its subjects once every other per-unit stage is done; then the dataset-level files.
+# verify is not a registered unit stage (it would wait for itself): its markers are extra targets.
+VERIFY_STRICT = "true" if config["strict"] else "false"
+VERIFY_PIXEL_DATA = "true" if config.get("verify", {}).get("pixel_data", False) else "false"
+VERIFY_DATASET = restricted("done/verify_dataset.json")
+
+
+localrules:
+    verify_dataset,
+
+
+def _other_aggregate_targets(wildcards):
+    """Every aggregate target of the other stages (dataset files must exist before their scan)."""
+    return [t for t in EXTRA_TARGETS if t not in QC_TARGETS]
+
+
+rule verify:
+    """Leak scan of one job unit: every release file of its subjects (names, bytes, gunzipped
+    content, DICOM elements at any depth, NIfTI extensions, JSON) against their original values."""
+    input:
+        stages=stages_done_of_unit,
+        manifest=restricted("manifests/{unit}.json"),
+    output:
+        done=restricted("done/verify/{unit}.json"),
+    params:
+        python=PYTHON,
+        release=OUT,
+        restricted=restricted_of,
+        strict=VERIFY_STRICT,
+        pixel_data=VERIFY_PIXEL_DATA,
+    log:
+        restricted("logs/verify/{unit}.log"),
+    threads: 1
+    resources:
+        mem_mb=1000,
+        runtime=60,
+    conda:
+        "../envs/core.yaml"
+    shell:
+        "{params.python:q} -m deidflow.jobs verify --manifest {input.manifest:q} --release {params.release:q}"
+        " --restricted {params.restricted:q} --done {output.done:q} --strict {params.strict}"
+        " --pixel-data {params.pixel_data} --log {log:q} 2>> {log:q}"
+
+
+rule verify_dataset:
+    """Leak scan of the dataset-level release files (no subject folder) against every subject."""
+    input:
+        units=unit_done("verify"),
+        aggregates=_other_aggregate_targets,
+    output:
+        done=VERIFY_DATASET,
+    params:
+        python=PYTHON,
+        release=OUT,
+        restricted=RESTRICTED,
+        strict=VERIFY_STRICT,
+        pixel_data=VERIFY_PIXEL_DATA,
+    log:
+        restricted("logs/verify_dataset.log"),
+    threads: 1
+    resources:
+        mem_mb=1000,
+        runtime=60,
+    conda:
+        "../envs/core.yaml"
+    shell:
+        "{params.python:q} -m deidflow.jobs verify_dataset --release {params.release:q}"
+        " --restricted {params.restricted:q} --output {output.done:q} --strict {params.strict}"
+        " --pixel-data {params.pixel_data} --log {log:q} 2>> {log:q}"
+
+
+QC_TARGETS = [*unit_done("verify"), VERIFY_DATASET]
+EXTRA_TARGETS.extend(QC_TARGETS)

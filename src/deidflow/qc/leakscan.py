@@ -1,0 +1,914 @@
+"""Leak scan: search every file of a release for the original identifying values of its subjects.
+
+What is searched for (per subject, from :mod:`deidflow.qc.identifiers` and the unit's manifest):
+names and their parts, IDs, UIDs, dates in common textual forms, times, original file and folder
+names.  Forms that identify nobody are excluded by the rules in ``data/leakscan.yaml`` and counted.
+
+Where: every release file of the subject's folders (``sub-X/``, ``sourcedata/*/sub-X/``,
+``derivatives/**/sub-X/``, files named ``sub-X_*``) — its path, its raw bytes, the content of
+gzip files, DICOM headers at any depth (a DICOM header's bytes *are* its elements, nested and private
+ones included; files in character sets other than ASCII/Latin-1/UTF-8 and deflated files are parsed
+and searched element by element), NIfTI headers and extensions, JSON strings after unescaping.
+Dataset-level files (``participants.tsv``, the report, …) are searched for every subject's values.
+
+Matching: case-insensitive, as whole tokens (a value that starts or ends with a letter must not
+touch another letter there, one with a digit not another digit or a decimal point between digits),
+so ``MARY`` is not found in ``PRIMARY`` and a date is not found inside a UID; UIDs match whole
+UIDs; values with non-ASCII characters match anywhere (CJK text has no word breaks).  A hit names
+the file and the place (DICOM element path, NIfTI field or extension, JSON key, line, byte offset)
+and a keyed hash of the value, never the value.
+"""
+from __future__ import annotations
+
+import gzip
+import hashlib
+import io
+import json
+import os
+import re
+import secrets
+import struct
+import zlib
+from collections import Counter
+from dataclasses import dataclass, field
+from functools import lru_cache
+from importlib import resources
+from pathlib import Path
+from typing import Iterable, Iterator, Mapping
+
+import yaml
+
+from ..fsutil import RESTRICTED_FILE_MODE, atomic_write_bytes, display_path, make_restricted_dir
+from . import identifiers as idmod
+
+SALT_FILE = "qc/leakscan.salt"
+_TOKEN = re.compile(rb"[a-z]+|[0-9]+")
+_UID_TOKEN = re.compile(rb"[0-9]+(?:\.[0-9]+)+")
+_SPLIT_WORDS = re.compile(r"[\s,;]+")
+_ALNUM = re.compile(r"[A-Za-z]+|[0-9]+")
+_CHARSET_TERMS = re.compile(rb"ISO[ _]2022[ _]IR[ _]\d+|ISO_IR[ _]\d+|GB18030|GBK")
+_SAFE_CHARSETS = {b"ISO_IR 6", b"ISO_IR 100", b"ISO_IR 192", b"ISO 2022 IR 6", b"ISO 2022 IR 100"}
+_DEFLATED = b"1.2.840.10008.1.2.1.99"
+_SUBJECT_DIR = re.compile(r"^sub-[A-Za-z0-9]+$")
+_SUBJECT_FILE = re.compile(r"^(sub-[A-Za-z0-9]+)_")
+_MONTHS = ("january", "february", "march", "april", "may", "june", "july", "august", "september",
+           "october", "november", "december")
+_NIFTI1_FIELDS = ((4, 14, "data_type"), (14, 32, "db_name"), (148, 228, "descrip"), (228, 252, "aux_file"),
+                  (328, 344, "intent_name"))
+_NIFTI2_FIELDS = ((240, 320, "descrip"), (320, 344, "aux_file"), (508, 524, "intent_name"))
+CHUNK = 1 << 24
+
+
+@lru_cache(maxsize=1)
+def rules() -> dict:
+    """The exclusion rules (``data/leakscan.yaml``)."""
+    text = resources.files("deidflow").joinpath("data", "leakscan.yaml").read_text(encoding="utf-8")
+    r = yaml.safe_load(text)
+    r["common"] = frozenset(str(c).casefold() for c in r["common"])
+    return r
+
+
+# ------------------------------------------------------------------------------------------------
+# Forms of a value
+# ------------------------------------------------------------------------------------------------
+def date_forms(yyyymmdd: str) -> set[str]:
+    """Textual forms of a date: 19640716, 1964-07-16, 1964/07/16, 1964.07.16, 16.07.1964, 16/07/1964,
+    07/16/1964, 16-07-1964, 07-16-1964, 16.7.1964, 7/16/1964, 16 Jul 1964, 16-JUL-1964,
+    July 16, 1964, Jul 16 1964, 16 July 1964."""
+    if len(yyyymmdd) != 8 or not yyyymmdd.isdigit():
+        return set()
+    y, m, d = yyyymmdd[:4], yyyymmdd[4:6], yyyymmdd[6:]
+    if not (1 <= int(m) <= 12 and 1 <= int(d) <= 31):
+        return {yyyymmdd}
+    mi, di = int(m), int(d)
+    full = _MONTHS[mi - 1]
+    short = full[:3]
+    return {yyyymmdd, f"{y}-{m}-{d}", f"{y}/{m}/{d}", f"{y}.{m}.{d}", f"{d}.{m}.{y}", f"{d}/{m}/{y}",
+            f"{m}/{d}/{y}", f"{d}-{m}-{y}", f"{m}-{d}-{y}", f"{di}.{mi}.{y}", f"{mi}/{di}/{y}",
+            f"{di}/{mi}/{y}", f"{d} {short} {y}", f"{d}-{short}-{y}", f"{di} {short} {y}",
+            f"{full} {di}, {y}", f"{short} {di}, {y}", f"{short} {d} {y}", f"{di} {full} {y}",
+            f"{d}. {full} {y}", f"{di}. {full} {y}"}
+
+
+def name_forms(value: str) -> set[str]:
+    """A DICOM person name (``FAMILY^GIVEN^MIDDLE^PREFIX^SUFFIX``, ``=`` between representations)
+    or a plain name: the whole value, each representation, each component and word in it, and
+    ``given family``, ``family given``, ``family, given``, ``family^given``."""
+    out = {value}
+    for group in value.split("="):
+        if not group:
+            continue
+        out.add(group)
+        comps = [c.strip() for c in group.split("^")]
+        for c in comps:
+            if c:
+                out.add(c)
+                out.update(w.strip(".") for w in _SPLIT_WORDS.split(c) if w.strip("."))
+        family, given = (comps + ["", ""])[:2]
+        if family and given:
+            out |= {f"{given} {family}", f"{family} {given}", f"{family}, {given}", f"{family}^{given}"}
+        if "^" not in group and " " in group.strip():  # a plain "Given Family" name
+            out.update(w for w in group.split() if w)
+    return {o.strip() for o in out if o.strip()}
+
+
+def time_forms(value: str) -> set[str]:
+    """A DICOM TM value: as written, HHMMSS and HH:MM:SS."""
+    v = value.strip()
+    out = {v}
+    hms = v.split(".")[0]
+    if len(hms) == 6 and hms.isdigit():
+        out |= {hms, f"{hms[:2]}:{hms[2:4]}:{hms[4:]}"}
+    return out
+
+
+def forms(kind: str, value: str) -> set[str]:
+    """Every textual form of one original value that the scan searches for."""
+    value = value.strip()
+    if kind == "name":
+        return name_forms(value)
+    if kind == "date":
+        return date_forms(value) | {value}
+    if kind == "datetime":
+        return {value, value[:14]} | date_forms(value[:8])
+    if kind == "time":
+        return time_forms(value)
+    if kind == "id":
+        out = {value}
+        digits = re.sub(r"\D", "", value)
+        if digits != value and re.fullmatch(r"[\d\s()./+-]+", value):
+            out.add(digits)  # 123-45-6789 also as 123456789
+        return out
+    if kind == "path":
+        stem = value.split(".")[0] if not value.startswith(".") else value
+        return {value, stem}
+    return {value}
+
+
+def excluded_by(form: str, kind: str) -> str | None:
+    """The rule that excludes ``form`` from the search, None when it is searched for."""
+    r = rules()
+    if kind == "uid":
+        return None if len(form) >= r["min_length"] else "too_short"
+    weight = sum(1 if ord(c) < 128 else r["non_ascii_weight"] for c in form if not c.isspace())
+    if weight < r["min_length"]:
+        return "too_short"
+    if form.casefold() in r["common"]:
+        return "common"
+    if re.fullmatch(r"[\d\s()./:+-]+", form) and sum(c.isdigit() for c in form) < r["min_digits"]:
+        return "too_few_digits"
+    if kind == "path" and re.fullmatch(r"[^\W\d_]+", form):
+        return "plain_word_path"  # a folder label like "unreadable"; names in paths are searched as names
+    return None
+
+
+# ------------------------------------------------------------------------------------------------
+# The matcher
+# ------------------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class Needle:
+    """One searchable byte form of an original value (lower-cased as the scanned text is)."""
+
+    text: bytes
+    kind: str
+    field: str
+    digest: str  # keyed hash of the original value: the only trace of it a hit shows
+    owner: str  # the subject the value belongs to
+
+
+@dataclass
+class Hit:
+    file: str
+    location: str
+    kind: str
+    field: str
+    value_hash: str
+    owner: str
+
+    def as_dict(self) -> dict:
+        return dict(self.__dict__)
+
+
+def _is_letter(b: int) -> bool:
+    return 97 <= b <= 122 or 65 <= b <= 90 or b >= 128
+
+
+def _is_digit(b: int) -> bool:
+    return 48 <= b <= 57
+
+
+def _bounded(hay: bytes, s: int, e: int) -> bool:
+    """Whether hay[s:e] is a whole token (see the module docstring)."""
+    first, last = hay[s], hay[e - 1]
+    if s > 0:
+        left = hay[s - 1]
+        if _is_letter(first) and _is_letter(left):
+            return False
+        if _is_digit(first) and (_is_digit(left) or (left == 46 and s > 1 and _is_digit(hay[s - 2]))):
+            return False
+    if e < len(hay):
+        right = hay[e]
+        if _is_letter(last) and _is_letter(right):
+            return False
+        if _is_digit(last) and (_is_digit(right) or (right == 46 and e + 1 < len(hay) and _is_digit(hay[e + 1]))):
+            return False
+    return True
+
+
+class Matcher:
+    """Finds many needles in a text in one pass over its tokens (cost independent of how many
+    values a subject has): ASCII needles are indexed by their longest token, UIDs by value,
+    non-ASCII needles are searched as substrings."""
+
+    def __init__(self, needles: Iterable[Needle]):
+        self.anchors: dict[bytes, list[tuple[Needle, int]]] = {}
+        self.uids: dict[bytes, list[Needle]] = {}
+        self.substrings: list[Needle] = []
+        self.count = 0
+        seen = set()
+        for n in needles:
+            key = (n.text, n.owner, n.digest)
+            if key in seen:
+                continue
+            seen.add(key)
+            self.count += 1
+            if n.kind == "uid" and _UID_TOKEN.fullmatch(n.text):
+                self.uids.setdefault(n.text, []).append(n)
+            elif n.text.isascii():
+                toks = [(m.start(), m.group()) for m in _TOKEN.finditer(n.text)]
+                if not toks:
+                    self.substrings.append(n)
+                    continue
+                off, tok = max(toks, key=lambda t: (len(t[1]), -t[0]))
+                self.anchors.setdefault(tok, []).append((n, off))
+            else:
+                self.substrings.append(n)
+        self.anchor_keys = frozenset(self.anchors)
+        self.uid_keys = frozenset(self.uids)
+
+    def __len__(self) -> int:
+        return self.count
+
+    def find(self, text: bytes) -> list[tuple[int, Needle]]:
+        """(offset, needle) of every occurrence in ``text`` (any case)."""
+        if not self.count or not text:
+            return []
+        low = text.lower()
+        hits: list[tuple[int, Needle]] = []
+        if self.anchor_keys:
+            for tok in self.anchor_keys.intersection(_TOKEN.findall(low)):
+                for needle, off in self.anchors[tok]:
+                    n = len(needle.text)
+                    i = low.find(tok)
+                    while i >= 0:
+                        s = i - off
+                        if s >= 0 and low.startswith(needle.text, s) and _bounded(low, s, s + n):
+                            hits.append((s, needle))
+                        i = low.find(tok, i + 1)
+        if self.uid_keys and b"." in low:
+            for uid in self.uid_keys.intersection(_UID_TOKEN.findall(low)):
+                i = low.find(uid)
+                while i >= 0:
+                    if _bounded(low, i, i + len(uid)):
+                        hits.extend((i, n) for n in self.uids[uid])
+                    i = low.find(uid, i + 1)
+        for needle in self.substrings:
+            i = low.find(needle.text)
+            if i >= 0:
+                hits.append((i, needle))
+        return hits
+
+
+def _digest(salt: bytes, value: str) -> str:
+    return hashlib.blake2s(value.encode("utf-8"), key=salt, digest_size=6).hexdigest()
+
+
+def load_salt(restricted: Path) -> bytes:
+    """The restricted folder's random key for value hashes (created on first use): hashes in the
+    report identify a value only to someone who holds the restricted folder."""
+    path = Path(restricted) / SALT_FILE
+    try:
+        return path.read_bytes()
+    except FileNotFoundError:
+        make_restricted_dir(path.parent)
+        atomic_write_bytes(path, secrets.token_bytes(16), RESTRICTED_FILE_MODE)
+        return path.read_bytes()
+
+
+def needles_for(subject: str, entries: Iterable[tuple[str, str, str]], salt: bytes,
+                excluded: Counter | None = None) -> list[Needle]:
+    """The searchable forms of a subject's identifier entries ``(kind, field, value)``; excluded
+    forms are counted per rule in ``excluded``."""
+    out: list[Needle] = []
+    done: set[tuple[str, str]] = set()
+    for kind, fld, value in entries:
+        digest = _digest(salt, value)
+        for form in forms(kind, value):
+            if (form, kind) in done:
+                continue
+            done.add((form, kind))
+            rule = excluded_by(form, kind)
+            if rule:
+                if excluded is not None:
+                    excluded[rule] += 1
+                continue
+            variants = {form} if form.isascii() else {form, form.lower(), form.upper(), form.casefold()}
+            for v in variants:
+                for enc in ("utf-8", "latin-1"):
+                    try:
+                        b = v.encode(enc).lower()
+                    except UnicodeEncodeError:
+                        continue
+                    out.append(Needle(b, kind, fld, digest, subject))
+    return out
+
+
+def manifest_paths(subject_entry: Mapping) -> list[tuple[str, str, str]]:
+    """Original folder and file names of a subject's input files (from its manifest entry)."""
+    parts: set[str] = set()
+    for f in subject_entry.get("files", ()):
+        rel = display_path(f["relpath"]) if isinstance(f["relpath"], str) else str(f["relpath"])
+        parts.update(p for p in rel.split("/") if p)
+    return [("path", "file or folder name", p) for p in sorted(parts)]
+
+
+# ------------------------------------------------------------------------------------------------
+# Files of a subject
+# ------------------------------------------------------------------------------------------------
+def subject_files(release: Path, subject: str) -> list[Path]:
+    """The release files that belong to ``subject`` (its folders anywhere in the usual layouts,
+    and files named ``<subject>_*``)."""
+    release = Path(release)
+    parents = [release, *sorted(p for p in (release / "sourcedata").glob("*") if p.is_dir()),
+               *sorted(p for p in release.glob("derivatives/*") if p.is_dir()),
+               *sorted(p for p in release.glob("derivatives/*/*") if p.is_dir())]
+    out: list[Path] = []
+    for parent in parents:
+        d = parent / subject
+        if d.is_dir():
+            out += _walk_files(d)
+        try:
+            out += sorted(p for p in parent.iterdir() if p.is_file() and p.name.startswith(subject + "_"))
+        except FileNotFoundError:
+            pass
+    return out
+
+
+def dataset_files(release: Path) -> list[Path]:
+    """Release files that belong to no subject (dataset description, participants table, report…)."""
+    out = []
+    for root, dirs, files in os.walk(release):
+        dirs[:] = sorted(d for d in dirs if not _SUBJECT_DIR.match(d))
+        out += [Path(root) / f for f in sorted(files) if not _SUBJECT_FILE.match(f)]
+    return out
+
+
+def _walk_files(d: Path) -> list[Path]:
+    out = []
+    for root, dirs, files in os.walk(d):
+        dirs.sort()
+        out += [Path(root) / f for f in sorted(files)]
+    return out
+
+
+# ------------------------------------------------------------------------------------------------
+# Scanning one file
+# ------------------------------------------------------------------------------------------------
+@dataclass
+class FileScan:
+    hits: list[Hit] = field(default_factory=list)
+    scanned: int = 0  # bytes searched
+    skipped: int = 0  # image bytes not searched (pixel data, NIfTI image block)
+    notes: list[str] = field(default_factory=list)
+
+
+def scan_file(path: Path, rel: str, matcher: Matcher, *, pixel_data: bool = False) -> FileScan:
+    """Search one release file (its path and its content) for the matcher's values."""
+    res = FileScan()
+    if not len(matcher):
+        return res
+    name_bytes = rel.encode("utf-8", "surrogateescape")
+    for off, n in matcher.find(name_bytes):
+        where = "file name" if off >= name_bytes.rfind(b"/") + 1 else "folder name"
+        res.hits.append(_hit(rel, where, n))
+    try:
+        size = path.stat().st_size
+        with open(path, "rb") as fh:
+            head = fh.read(540)
+            low = path.name.lower()
+            if head[128:132] == b"DICM":
+                _scan_dicom(path, rel, head, size, matcher, res, pixel_data)
+            elif head[:2] == b"\x1f\x8b":
+                _scan_gzip(path, rel, matcher, res, pixel_data, nifti=low.endswith((".nii.gz", ".hdr.gz")))
+            elif low.endswith((".nii", ".hdr")) and _nifti_kind(head):
+                fh.seek(0)
+                _scan_nifti(fh.read(), rel, "", matcher, res, pixel_data, size)
+            elif low.endswith(".img") and not pixel_data and (path.with_suffix(".hdr").exists()):
+                res.skipped += size  # Analyze / NIfTI-pair image block: samples only
+            elif low.endswith(".json"):
+                fh.seek(0)
+                _scan_json(fh.read(), rel, "", matcher, res)
+            else:
+                fh.seek(0)
+                _scan_stream(fh, rel, "", matcher, res, text=low.endswith((".tsv", ".csv", ".txt", ".html",
+                                                                          ".md", ".bval", ".bvec")))
+    except OSError as exc:
+        res.notes.append(f"{rel}: not readable ({exc.strerror})")
+    return res
+
+
+def _hit(rel: str, location: str, n: Needle) -> Hit:
+    return Hit(rel, location, n.kind, n.field, n.digest, n.owner)
+
+
+def _scan_stream(fh, rel: str, prefix: str, matcher: Matcher, res: FileScan, *, text: bool) -> None:
+    """Raw bytes, in chunks that overlap by more than the longest value."""
+    overlap = 4096
+    carry = b""
+    start = 0  # file offset of buf[0]
+    lines = 0  # newlines before buf[0]
+    while True:
+        chunk = fh.read(CHUNK)
+        if not chunk:
+            break
+        buf = carry + chunk
+        for off, n in matcher.find(buf):
+            if carry and off + len(n.text) <= len(carry):
+                continue  # found in the previous chunk already
+            line = lines + buf.count(b"\n", 0, off) + 1
+            where = f"line {line}" if text else f"byte offset {start + off}"
+            res.hits.append(_hit(rel, prefix + where, n))
+        res.scanned += len(chunk)
+        carry = buf[-overlap:]
+        lines += buf.count(b"\n", 0, len(buf) - len(carry))
+        start += len(buf) - len(carry)
+    _dedupe(res)
+
+
+def _dedupe(res: FileScan) -> None:
+    seen, out = set(), []
+    for h in res.hits:
+        key = (h.file, h.location, h.value_hash, h.owner, h.kind)
+        if key not in seen:
+            seen.add(key)
+            out.append(h)
+    res.hits = out
+
+
+def _scan_json(data: bytes, rel: str, prefix: str, matcher: Matcher, res: FileScan) -> None:
+    res.scanned += len(data)
+    try:
+        doc = json.loads(data)
+    except ValueError:
+        for off, n in matcher.find(data):
+            res.hits.append(_hit(rel, prefix + f"byte offset {off}", n))
+        return
+    for where, text in _json_strings(doc, ""):
+        for _, n in matcher.find(text.encode("utf-8")):
+            res.hits.append(_hit(rel, prefix + f"JSON {where or '(top level)'}", n))
+    for off, n in matcher.find(data):  # also the raw text (escapes, numbers written as such)
+        if not any(h.value_hash == n.digest and h.file == rel for h in res.hits):
+            res.hits.append(_hit(rel, prefix + f"byte offset {off}", n))
+    _dedupe(res)
+
+
+def _json_strings(doc, path: str) -> Iterator[tuple[str, str]]:
+    if isinstance(doc, dict):
+        for k, v in doc.items():
+            sub = f"{path}.{k}" if path else str(k)
+            yield f"{sub} (key)", str(k)
+            yield from _json_strings(v, sub)
+    elif isinstance(doc, list):
+        for i, v in enumerate(doc):
+            yield from _json_strings(v, f"{path}[{i}]")
+    elif doc is not None:
+        yield path, str(doc)
+
+
+def _nifti_kind(head: bytes) -> int:
+    """1 or 2 for a NIfTI-1/Analyze or NIfTI-2 header (either byte order), else 0."""
+    if len(head) < 348:
+        return 0
+    for e in "<>":
+        (n,) = struct.unpack(e + "i", head[:4])
+        if n == 348:
+            return 1
+        if n == 540:
+            return 2
+    return 0
+
+
+def _scan_nifti(data: bytes, rel: str, prefix: str, matcher: Matcher, res: FileScan, pixel_data: bool,
+                total: int) -> None:
+    """Header fields and extensions; the image block only with ``pixel_data``."""
+    kind = _nifti_kind(data)
+    little = struct.unpack("<i", data[:4])[0] in (348, 540)
+    e = "<" if little else ">"
+    if kind == 2:
+        vox = int(struct.unpack(e + "q", data[168:176])[0])
+        ext_start, fields = 544, _NIFTI2_FIELDS
+    else:
+        vox = int(struct.unpack(e + "f", data[108:112])[0])
+        ext_start, fields = 352, _NIFTI1_FIELDS
+    header_end = min(len(data), vox) if vox > 0 else len(data)
+    header_end = max(header_end, min(len(data), ext_start))
+    if rel.lower().endswith((".hdr", ".hdr.gz")):
+        header_end = len(data)  # header of a pair: everything in it is header
+    head = data[:header_end]
+    res.scanned += len(head)
+    exts = _nifti_extensions(head, ext_start, e)
+    for off, n in matcher.find(head):
+        res.hits.append(_hit(rel, prefix + _nifti_location(off, fields, exts, ext_start), n))
+    body = total - header_end
+    if pixel_data and len(data) > header_end:
+        for off, n in matcher.find(data[header_end:]):
+            res.hits.append(_hit(rel, prefix + f"image data, byte offset {header_end + off}", n))
+        res.scanned += len(data) - header_end
+    elif body > 0:
+        res.skipped += body
+    _dedupe(res)
+
+
+def _nifti_extensions(head: bytes, start: int, e: str) -> list[tuple[int, int, int]]:
+    """(start, end, ecode) of each extension."""
+    out = []
+    if len(head) < start or head[start - 4] == 0:
+        return out
+    pos = start
+    while pos + 8 <= len(head):
+        esize, ecode = struct.unpack(e + "ii", head[pos:pos + 8])
+        if esize < 8 or pos + esize > len(head):
+            break
+        out.append((pos, pos + esize, ecode))
+        pos += esize
+    return out
+
+
+def _nifti_location(off: int, fields, exts, ext_start: int) -> str:
+    for a, b, name in fields:
+        if a <= off < b:
+            return f"NIfTI header field {name}"
+    for i, (a, b, code) in enumerate(exts):
+        if a <= off < b:
+            return f"NIfTI extension {i} (ecode {code})"
+    if off >= ext_start:
+        return f"NIfTI extension area, byte offset {off}"
+    return f"NIfTI header, byte offset {off}"
+
+
+def _scan_gzip(path: Path, rel: str, matcher: Matcher, res: FileScan, pixel_data: bool, nifti: bool) -> None:
+    limit = rules()["max_gunzip_bytes"]
+    prefix = "gunzipped content, "
+    try:
+        with gzip.open(path, "rb") as gz:
+            if nifti:
+                head = gz.read(544)
+                if _nifti_kind(head):
+                    e = "<" if struct.unpack("<i", head[:4])[0] in (348, 540) else ">"
+                    vox = (int(struct.unpack(e + "q", head[168:176])[0]) if _nifti_kind(head) == 2
+                           else int(struct.unpack(e + "f", head[108:112])[0]))
+                    want = len(head) if rel.lower().endswith(".hdr.gz") else max(vox, 544)
+                    if pixel_data or rel.lower().endswith(".hdr.gz"):
+                        data = head + gz.read(limit)
+                    else:
+                        data = head + gz.read(max(0, min(want, limit) - len(head)))
+                    total = len(data)
+                    if not pixel_data:
+                        rest = _count_rest(gz)
+                        total += rest
+                    _scan_nifti(data, rel, prefix, matcher, res, pixel_data, total)
+                    return
+                rest = io.BytesIO(head + gz.read(limit))
+            else:
+                rest = io.BytesIO(gz.read(limit))
+            if gz.read(1):
+                res.notes.append(f"{rel}: gunzipped content larger than {limit} bytes, scanned in part")
+        data = rest.getvalue()
+        if rel.lower().endswith(".json.gz"):
+            _scan_json(data, rel, prefix, matcher, res)
+        else:
+            _scan_stream(io.BytesIO(data), rel, prefix, matcher, res,
+                         text=rel.lower().endswith((".tsv.gz", ".txt.gz", ".csv.gz")))
+    except (OSError, EOFError, zlib.error, struct.error) as exc:
+        res.notes.append(f"{rel}: gzip content unreadable ({type(exc).__name__}); raw bytes scanned")
+        with open(path, "rb") as fh:
+            _scan_stream(fh, rel, "", matcher, res, text=False)
+
+
+def _count_rest(gz) -> int:
+    n = 0
+    while True:
+        b = gz.read(CHUNK)
+        if not b:
+            return n
+        n += len(b)
+
+
+# ------------------------------------------------------------------------------------------------
+# DICOM
+# ------------------------------------------------------------------------------------------------
+_PIXEL_TAGS = ((b"\xe0\x7f\x10\x00", "<"), (b"\xe0\x7f\x08\x00", "<"), (b"\xe0\x7f\x09\x00", "<"),
+               (b"\x7f\xe0\x00\x10", ">"), (b"\x7f\xe0\x00\x08", ">"), (b"\x7f\xe0\x00\x09", ">"))
+
+
+def pixel_region(data: bytes) -> tuple[int, int] | None:
+    """(start, end) of the top-level pixel data element's value, found from the end of the file and
+    accepted only when its length field makes it end at the end of the file or before another
+    element of group 7FE0 or higher; None when there is none (the whole file is then scanned)."""
+    size = len(data)
+    best = None
+    for tag, e in _PIXEL_TAGS:
+        i = data.rfind(tag)
+        if i < 132:
+            continue
+        vr = data[i + 4:i + 6]
+        if vr in (b"OB", b"OW", b"OF", b"OD", b"UN"):
+            vstart, length = i + 12, struct.unpack(e + "I", data[i + 8:i + 12])[0] if i + 12 <= size else None
+        else:  # implicit VR
+            vstart, length = i + 8, struct.unpack(e + "I", data[i + 4:i + 8])[0] if i + 8 <= size else None
+        if length is None:
+            continue
+        if length == 0xFFFFFFFF:  # encapsulated: up to the sequence delimiter
+            d = data.rfind(b"\xfe\xff\xdd\xe0" if e == "<" else b"\xff\xfe\xe0\xdd")
+            if d < vstart:
+                continue
+            vend = d + 8
+        else:
+            vend = vstart + length
+        if vend > size:
+            continue
+        if vend < size:
+            (g,) = struct.unpack(e + "H", data[vend:vend + 2]) if vend + 2 <= size else (0,)
+            if g < 0x7FE0:
+                continue
+        if best is None or vstart < best[0]:
+            best = (vstart, vend)
+    return best
+
+
+def _scan_dicom(path: Path, rel: str, head: bytes, size: int, matcher: Matcher, res: FileScan,
+                pixel_data: bool) -> None:
+    with open(path, "rb") as fh:
+        data = fh.read()
+    region = None if pixel_data else pixel_region(data)
+    segments = [(0, data)] if region is None else [(0, data[:region[0]]), (region[1], data[region[1]:])]
+    if region is not None:
+        res.skipped += region[1] - region[0]
+    header = segments[0][1]
+    found: list[tuple[int, Needle]] = []
+    for base, seg in segments:
+        res.scanned += len(seg)
+        found += [(base + off, n) for off, n in matcher.find(seg)]
+    parse = _DEFLATED in header[:4096] or any(t not in _SAFE_CHARSETS for t in _CHARSET_TERMS.findall(header))
+    if found:
+        for off, n in found:
+            res.hits.append(_hit(rel, _dicom_location(path, n, off), n))
+    if parse:
+        for where, text in _dicom_strings(path, deflated=_DEFLATED in header[:4096]):
+            for _, n in matcher.find(text.encode("utf-8")):
+                res.hits.append(_hit(rel, f"DICOM {where}", n))
+    _dedupe(res)
+
+
+def _dicom_strings(path: Path, deflated: bool) -> Iterator[tuple[str, str]]:
+    """(element path, decoded text) of every element (any depth, private ones included)."""
+    import pydicom
+    try:
+        ds = pydicom.dcmread(path, force=True, stop_before_pixels=not deflated)
+    except Exception:
+        return
+    yield from _walk_strings(ds.file_meta, "") if getattr(ds, "file_meta", None) else iter(())
+    yield from _walk_strings(ds, "")
+
+
+def _walk_strings(ds, prefix: str) -> Iterator[tuple[str, str]]:
+    for elem in _elements(ds):
+        name = _elem_name(elem)
+        try:
+            if elem.VR == "SQ":
+                for i, item in enumerate(elem.value or ()):
+                    yield from _walk_strings(item, f"{prefix}{name}[{i}].")
+                continue
+            value = elem.value
+        except Exception:
+            continue
+        if isinstance(value, (bytes, bytearray)):
+            yield prefix + name, bytes(value).decode("latin-1")
+        elif value is not None:
+            vals = value if isinstance(value, (list, tuple)) or type(value).__name__ == "MultiValue" else [value]
+            yield prefix + name, "\\".join(str(v) for v in vals)
+
+
+def _elements(ds):
+    try:
+        for tag in list(ds.keys()):
+            try:
+                yield ds[tag]
+            except Exception:
+                continue
+    except Exception:
+        return
+
+
+def _elem_name(elem) -> str:
+    label = f"({elem.tag >> 16:04X},{elem.tag & 0xFFFF:04X})"
+    kw = getattr(elem, "keyword", "") if not elem.tag.is_private else ""
+    return kw or label
+
+
+def _dicom_location(path: Path, n: Needle, off: int) -> str:
+    """Element path of a hit (the file is parsed only when there is a hit)."""
+    import pydicom
+    try:
+        ds = pydicom.dcmread(path, force=True, stop_before_pixels=True)
+    except Exception:
+        return f"DICOM byte offset {off}"
+    where = _locate(ds.file_meta, "", n.text) if getattr(ds, "file_meta", None) else None
+    where = where or _locate(ds, "", n.text)
+    return f"DICOM {where}" if where else f"DICOM byte offset {off}"
+
+
+def _locate(ds, prefix: str, needle: bytes) -> str | None:
+    for tag in list(ds.keys()):
+        raw = ds.get_item(tag)
+        try:
+            elem = ds[tag]
+        except Exception:
+            continue
+        name = _elem_name(elem)
+        if elem.VR == "SQ":
+            for i, item in enumerate(elem.value or ()):
+                found = _locate(item, f"{prefix}{name}[{i}].", needle)
+                if found:
+                    return found
+            continue
+        raw_value = getattr(raw, "value", None)
+        blobs = []
+        if isinstance(raw_value, (bytes, bytearray)):
+            blobs.append(bytes(raw_value))
+        try:
+            v = elem.value
+            blobs.append(bytes(v) if isinstance(v, (bytes, bytearray)) else str(v).encode("utf-8"))
+        except Exception:
+            pass
+        if any(needle in b.lower() for b in blobs):
+            return prefix + name
+    return None
+
+
+# ------------------------------------------------------------------------------------------------
+# A job unit, the dataset, the whole release
+# ------------------------------------------------------------------------------------------------
+def unit_matcher(restricted: Path, manifest: Mapping, salt: bytes) -> tuple[Matcher, Counter, dict]:
+    """The matcher for every subject of a job unit, the exclusion counts and values per subject."""
+    excluded: Counter = Counter()
+    needles: list[Needle] = []
+    counts = {}
+    for subj in manifest["subjects"]:
+        s = subj["subject"]
+        entries = idmod.read_subject(restricted, manifest["unit"], s) + manifest_paths(subj)
+        counts[s] = len(entries)
+        needles += needles_for(s, entries, salt, excluded)
+    return Matcher(needles), excluded, counts
+
+
+def scan_unit(release: Path, restricted: Path, manifest: Path, *, pixel_data: bool = False) -> dict:
+    """Leak-scan the release files of every subject of one job unit against the identifiers of
+    all of them (a subject's value in another subject's file is found too)."""
+    release, restricted = Path(release), Path(restricted)
+    m = json.loads(Path(manifest).read_text())
+    salt = load_salt(restricted)
+    matcher, excluded, counts = unit_matcher(restricted, m, salt)
+    subjects = {}
+    for subj in m["subjects"]:
+        s = subj["subject"]
+        files = subject_files(release, s)
+        hits: list[dict] = []
+        scanned = skipped = 0
+        notes: list[str] = []
+        for f in files:
+            rel = f.relative_to(release).as_posix()
+            fs = scan_file(f, rel, matcher, pixel_data=pixel_data)
+            hits += [h.as_dict() for h in fs.hits]
+            scanned += fs.scanned
+            skipped += fs.skipped
+            notes += fs.notes
+        subjects[s] = {"files": len(files), "identifiers": counts[s], "bytes_scanned": scanned,
+                       "bytes_not_scanned": skipped, "hits": sorted(hits, key=_hit_key), "notes": notes,
+                       "status": "leak" if hits else "clean"}
+    return {"unit": m["unit"], "searched_forms": len(matcher), "excluded_forms": dict(sorted(excluded.items())),
+            "pixel_data_scanned": pixel_data, "subjects": subjects}
+
+
+def _hit_key(h: Mapping) -> tuple:
+    return (h["file"], h["location"], h["kind"], h["field"], h["value_hash"], h["owner"])
+
+
+def manifests(restricted: Path) -> list[Path]:
+    return sorted((Path(restricted) / "manifests").glob("*.json"))
+
+
+def all_matchers(restricted: Path) -> Iterator[Matcher]:
+    """One matcher per job unit (memory stays bounded by the largest unit)."""
+    salt = load_salt(restricted)
+    for mf in manifests(restricted):
+        yield unit_matcher(restricted, json.loads(mf.read_text()), salt)[0]
+
+
+def scan_dataset(release: Path, restricted: Path, *, pixel_data: bool = False,
+                 files: list[Path] | None = None) -> dict:
+    """Leak-scan the dataset-level release files against every subject's values."""
+    release = Path(release)
+    files = dataset_files(release) if files is None else files
+    hits: list[dict] = []
+    scanned = skipped = 0
+    for matcher in all_matchers(restricted):
+        for f in files:
+            fs = scan_file(f, f.relative_to(release).as_posix(), matcher, pixel_data=pixel_data)
+            hits += [h.as_dict() for h in fs.hits]
+            scanned += fs.scanned
+            skipped += fs.skipped
+    return {"files": len(files), "bytes_scanned": scanned, "bytes_not_scanned": skipped,
+            "hits": sorted(hits, key=_hit_key), "status": "leak" if hits else "clean"}
+
+
+def text_hits(restricted: Path, texts: Mapping[str, str], extra: Iterable[str] = (),
+              ignore: frozenset[bytes] = frozenset()) -> dict[str, int]:
+    """How many identifying values (of any subject, plus ``extra`` original strings) each text
+    holds: the report's own check before it is written.  Forms in ``ignore`` (the report's own
+    words, lower case) are not counted."""
+    out = {k: 0 for k in texts}
+    salt = load_salt(restricted)
+    matchers = list(all_matchers(restricted))
+    extra = list(extra)
+    if extra:
+        matchers.append(Matcher(needles_for("", [("path", "original name", e) for e in extra], salt)))
+    for matcher in matchers:
+        for k, t in texts.items():
+            out[k] += sum(1 for _, n in matcher.find(t.encode("utf-8")) if n.text not in ignore)
+    return out
+
+
+def verify(release: Path, restricted: Path, *, pixel_data: bool = False) -> dict:
+    """The whole release: every job unit, then the dataset-level files (``deidflow verify``)."""
+    units = [scan_unit(release, restricted, mf, pixel_data=pixel_data) for mf in manifests(restricted)]
+    return {"units": units, "dataset": scan_dataset(release, restricted, pixel_data=pixel_data)}
+
+
+def hit_lines(result: Mapping) -> list[str]:
+    """One line per hit: subject, file, location, field and the value's hash (no value)."""
+    lines = []
+    units = result["units"] if "units" in result else ([result] if "subjects" in result else [])
+    for u in units:
+        for s, r in sorted(u.get("subjects", {}).items()):
+            for h in r["hits"]:
+                lines.append(_line(s, h))
+    ds = result.get("dataset")
+    for h in (ds or {}).get("hits", ()):
+        lines.append(_line("dataset", h))
+    return lines
+
+
+def _line(scope: str, h: Mapping) -> str:
+    whose = "" if h["owner"] == scope else f" (value of {h['owner']})"
+    return (f"LEAK {scope}: {h['file']} at {h['location']}: {h['kind']} from {h['field']}{whose}, "
+            f"value hash {h['value_hash']}")
+
+
+# ------------------------------------------------------------------------------------------------
+# Workflow jobs
+# ------------------------------------------------------------------------------------------------
+def verify_unit(manifest: Path, release: Path, restricted: Path, done: Path, *, strict: bool = False,
+                pixel_data: bool = False) -> dict:
+    """The ``verify`` job of one unit: the result goes to ``restricted/work/<unit>/verify.json`` and,
+    unless ``strict`` and something was found, to the done marker.  Returns counts."""
+    from ..errors import PublicError
+    from ..fsutil import atomic_write_text
+    result = scan_unit(release, restricted, manifest, pixel_data=pixel_data)
+    text = json.dumps(result, indent=1, sort_keys=True) + "\n"
+    work = make_restricted_dir(Path(restricted) / "work" / result["unit"])
+    atomic_write_text(work / "verify.json", text, RESTRICTED_FILE_MODE)
+    lines = hit_lines(result)
+    leaky = sorted(s for s, r in result["subjects"].items() if r["hits"])
+    if lines and strict:
+        raise PublicError(f"leak scan: {len(lines)} identifying value(s) found in the release files of "
+                          f"{', '.join(leaky)}:\n" + "\n".join(lines[:20]))
+    make_restricted_dir(Path(done).parent)
+    atomic_write_text(done, text, RESTRICTED_FILE_MODE)
+    return {"subjects": len(result["subjects"]), "leaky": len(leaky), "hits": len(lines),
+            "files": sum(r["files"] for r in result["subjects"].values()), "lines": lines}
+
+
+def verify_dataset(release: Path, restricted: Path, output: Path, *, strict: bool = False,
+                   pixel_data: bool = False) -> dict:
+    """The ``verify_dataset`` job: dataset-level release files against every subject's values."""
+    from ..errors import PublicError
+    from ..fsutil import atomic_write_text
+    result = scan_dataset(release, restricted, pixel_data=pixel_data)
+    lines = hit_lines({"dataset": result})
+    if lines and strict:
+        raise PublicError(f"leak scan: {len(lines)} identifying value(s) found in dataset-level release "
+                          "files:\n" + "\n".join(lines[:20]))
+    make_restricted_dir(Path(output).parent)
+    atomic_write_text(output, json.dumps(result, indent=1, sort_keys=True) + "\n", RESTRICTED_FILE_MODE)
+    return {"files": result["files"], "hits": len(lines), "lines": lines}
