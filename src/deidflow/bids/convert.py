@@ -158,6 +158,11 @@ def _write_image(im: Image, dest_stem: Path, options: list[str]) -> dict[str, st
     dcm2niix.gzip_file(im.output.nifti, dest_stem.with_name(dest_stem.name + ".nii.gz"))
     # The DICOM is already de-identified (dates shifted when asked): no second shift here.
     sidecar, actions = scrub_sidecar(im.output.sidecar, options=options, date_offset_days=0)
+    if "SliceTiming" not in im.output.sidecar and "MultibandAccelerationFactor" in sidecar:
+        # Without slice times (Siemens CSA removed, per-slice AcquisitionTime replaced by the profile)
+        # dcm2niix takes slices with equal times for one multiband group: the factor is then wrong.
+        del sidecar["MultibandAccelerationFactor"]
+        actions["MultibandAccelerationFactor"] = "X"
     if im.target.datatype == "func":
         sidecar["TaskName"] = im.entities.get("task", "unknown")
     (dest_stem.with_name(dest_stem.name + ".json")).write_text(sidecar_text(sidecar), encoding="utf-8")

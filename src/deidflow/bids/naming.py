@@ -3,8 +3,8 @@
 Images that land on the same datatype, suffix and entities within a session are compared by an
 acquisition signature (2D/3D, slice plane, sequence name, TE, TR, TI, flip angle).  Different
 signatures are *variants* and get an ``acq-`` label from the first property that tells all of them
-apart (``acq-3d``/``acq-2d``, ``acq-sag``/``acq-tra``, ``acq-te2p41``…; ``acq-v1``… when none
-does); images with the same signature are *repeats* and get ``run-1``, ``run-2``… in series
+apart, else the first pair of properties (``acq-3d``/``acq-2d``, ``acq-sag``/``acq-tra``,
+``acq-te2p41``, ``acq-3dsag``…; ``acq-v1``… when nothing does); images with the same signature are *repeats* and get ``run-1``, ``run-2``… in series
 order.  A rule that sets ``acq`` itself keeps it.  The names depend only on the subject's series,
 so a rerun gives the same names.
 """
@@ -13,6 +13,7 @@ from __future__ import annotations
 import re
 from collections import defaultdict
 from dataclasses import dataclass, field
+from itertools import combinations
 from typing import Any, Callable
 
 from .dcm2niix import Output
@@ -125,9 +126,11 @@ def _variants_and_runs(members: list[Image]) -> None:
 
 
 def _acq_labels(sigs: list[tuple]) -> dict[tuple, str]:
-    """Per signature, a label from the first property whose values differ for all signatures."""
-    for i in range(len(sigs[0])):
-        labels = [s[i] for s in sigs]
+    """Per signature, a label from the first property (else the first pair of properties, joined)
+    whose values differ for all signatures; ``v1``, ``v2``… when none does."""
+    n = len(sigs[0])
+    for combo in [(i,) for i in range(n)] + list(combinations(range(n), 2)):
+        labels = ["".join(s[i] for i in combo) for s in sigs]
         if all(labels) and len(set(labels)) == len(labels):
             return dict(zip(sigs, labels))
-    return {s: f"v{n}" for n, s in enumerate(sigs, start=1)}
+    return {s: f"v{k}" for k, s in enumerate(sigs, start=1)}

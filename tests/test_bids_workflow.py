@@ -1,0 +1,176 @@
+"""BIDS release through the workflow on the bundled demo patients: validator, layout, switches."""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from deidflow.demo import make_demo_input, planted_identifiers
+
+from .conftest import ROOT, TEST_KEY
+
+pytestmark = [pytest.mark.workflow, pytest.mark.slow]
+
+MAPPING = ('bids.mapping=[{match: {SeriesDescription: "^t1_se_sag$"}, datatype: anat, suffix: T1w, '
+           'entities: {acq: sag}}]')
+
+
+def validator_errors(root: Path) -> list[str]:
+    """Errors of the BIDS validator (the bids-validator-deno package of the test extra, which
+    bundles the validator and its schema and runs offline)."""
+    exe = Path(sys.executable).with_name("bids-validator-deno")
+    if not exe.exists():
+        exe = Path(shutil.which("bids-validator-deno") or "")
+    assert exe.is_file(), "bids-validator-deno is missing: pip install -e '.[test]' (make install)"
+    r = subprocess.run([str(exe), str(root), "--format", "json"], capture_output=True, text=True, timeout=300)
+    report = json.loads(r.stdout)
+    return [f"{i['code']} {i.get('location', '')} {i.get('subCode', '')}"
+            for i in report["issues"]["issues"] if i["severity"] == "error"]
+
+
+def run_cli(*args: str) -> subprocess.CompletedProcess:
+    env = {**os.environ, "DEIDFLOW_KEY": TEST_KEY}
+    return subprocess.run([sys.executable, "-m", "deidflow.cli", *args], env=env, cwd=ROOT,
+                          capture_output=True, text=True, timeout=600)
+
+
+def bids_hashes(out: Path) -> dict[str, str]:
+    """Every release file except the de-identified DICOM."""
+    return {p.relative_to(out).as_posix(): hashlib.sha256(p.read_bytes()).hexdigest()
+            for p in sorted(out.rglob("*")) if p.is_file() and "sourcedata/dicom" not in p.as_posix()}
+
+
+def _word(value: str) -> re.Pattern:
+    """``value`` not touching a letter or digit (MARY is a planted name part, PRIMARY is not it)."""
+    return re.compile(r"(?<![A-Za-z0-9])" + re.escape(value) + r"(?![A-Za-z0-9])", re.IGNORECASE)
+
+
+def markers(restricted: Path) -> list[dict]:
+    return [s for m in sorted((restricted / "done" / "convert").glob("*.json"))
+            for s in json.loads(m.read_text())["subjects"]]
+
+
+@pytest.fixture(scope="module")
+def demo_input(tmp_path_factory):
+    inp = tmp_path_factory.mktemp("bids-demo") / "input"
+    make_demo_input(inp)
+    return inp
+
+
+@pytest.fixture(scope="module")
+def default(demo_input):
+    out = demo_input.parent / "release"
+    r = run_cli("run", str(demo_input), str(out), "--cores", "2")
+    assert r.returncode == 0, r.stderr[-3000:]
+    return {"out": out, "restricted": demo_input.parent / "release_restricted"}
+
+
+def test_demo_command_release_passes_bids_validator(tmp_path):
+    """`deidflow demo` itself (ephemeral key) gives a BIDS tree with zero validator errors."""
+    r = subprocess.run([sys.executable, "-m", "deidflow.cli", "demo", "--dest", str(tmp_path / "demo"),
+                        "--cores", "2"], cwd=ROOT, capture_output=True, text=True, timeout=600,
+                       env={k: v for k, v in os.environ.items() if k != "DEIDFLOW_KEY"})
+    assert r.returncode == 0, r.stderr[-3000:]
+    out = tmp_path / "demo" / "release"
+    assert (out / "dataset_description.json").is_file() and list(out.glob("sub-*/ses-*/anat/*_T2w.nii.gz"))
+    assert validator_errors(out) == []
+
+
+def test_layout_and_done_markers(default):
+    out, restricted = default["out"], default["restricted"]
+    subjects = markers(restricted)
+    assert len(subjects) == 5
+    with_bids = sorted(s["subject"] for s in subjects if s["images"])
+    assert sorted(p.name for p in out.glob("sub-*")) == with_bids
+    lines = (out / "participants.tsv").read_text().splitlines()
+    assert lines[0] == "participant_id" and lines[1:] == with_bids  # no sex/age without the option
+    kinds = {(i["datatype"], i["suffix"]) for s in subjects for i in s["images"]}
+    assert kinds == {("anat", "T2w"), ("ct", "ct")}
+    for s in subjects:
+        for i in s["images"]:
+            assert (out / i["nifti"]).is_file() and all((out / f).is_file() for f in i["files"])
+            assert i["series"].startswith("ses-") and (out / "sourcedata" / "dicom" / s["subject"] / i["series"]).is_dir()
+            assert Path(i["nifti"]).name.startswith(f"{s['subject']}_ses-")
+    unsorted = [u for s in subjects for u in s["unsorted"]]
+    assert unsorted and all(u["modality"] == "US" and (out / u["nifti"]).is_file() for u in unsorted)
+    desc = json.loads((out / "dataset_description.json").read_text())
+    assert desc["DatasetType"] == "raw" and desc["GeneratedBy"][0]["Name"] == "deidflow"
+    assert "Basic Application Level Confidentiality Profile" in desc["GeneratedBy"][0]["Description"]
+    assert "**/ct" in (out / ".bidsignore").read_text()
+    # two T2w series of one session with the same acquisition: repeats, run-1 and run-2
+    runs = sorted(Path(i["nifti"]).name.split("_")[2] for s in subjects for i in s["images"]
+                  if i["suffix"] == "T2w" and "run-" in i["nifti"])
+    assert runs == ["run-1", "run-2"]
+
+
+def test_sidecars_hold_no_planted_identifier(default, demo_input):
+    planted = sorted((v for v in planted_identifiers(demo_input) if len(v) >= 4), key=len)
+    out = default["out"]
+    for p in sorted(out.rglob("*")):
+        if p.is_file() and "sourcedata/dicom" not in p.as_posix() and not p.name.endswith(".nii.gz"):
+            text = p.read_text(encoding="utf-8")
+            rel = p.relative_to(out).as_posix()
+            leaked = [v for v in planted if _word(v).search(text) or _word(v).search(rel)]
+            assert not leaked, (rel, leaked[:5])
+    sidecar = json.loads(next(out.glob("sub-*/ses-*/anat/*.json")).read_text())
+    for gone in ("InstitutionName", "StationName", "DeviceSerialNumber", "SeriesDescription", "DeidentificationMethod"):
+        assert gone not in sidecar
+    assert sidecar["EchoTime"] == 0.24 and sidecar["RepetitionTime"] == 4
+
+
+def test_same_key_same_bytes_and_rerun_is_idempotent(default, demo_input, tmp_path):
+    before = bids_hashes(default["out"])
+    out2 = tmp_path / "release"
+    r = run_cli("run", str(demo_input), str(out2), "--cores", "2")
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert bids_hashes(out2) == before
+    r = run_cli("run", str(demo_input), str(default["out"]), "--cores", "2")
+    assert r.returncode == 0 and bids_hashes(default["out"]) == before
+
+
+def test_bids_only_release_with_options_and_mapping(demo_input, tmp_path):
+    """outputs.dicom false: the scrubbed DICOM stays in the restricted work area and is still
+    converted; retain_patient_characteristics gives sex/age; a bids.mapping rule wins."""
+    out = tmp_path / "release"
+    r = run_cli("run", str(demo_input), str(out), "--cores", "2", "--set", "outputs.dicom=false",
+                "--set", "profile.options=[retain_patient_characteristics,clean_descriptors]", "--set", MAPPING)
+    assert r.returncode == 0, r.stderr[-3000:]
+    restricted = tmp_path / "release_restricted"
+    assert not (out / "sourcedata" / "dicom").exists()
+    assert list((restricted / "work" / "dicom").glob("sub-*/ses-*/*/0001.dcm"))
+    rows = [line.split("\t") for line in (out / "participants.tsv").read_text().splitlines()]
+    assert rows[0] == ["participant_id", "sex", "age"]
+    assert all(r[1] in ("M", "F") and 0 < int(r[2]) <= 90 for r in rows[1:])
+    pjson = json.loads((out / "participants.json").read_text())
+    assert "90" in pjson["age"]["Description"]
+    mapped = [i for s in markers(restricted) for i in s["images"] if i["rule"] == "bids.mapping[0]"]
+    assert len(mapped) == 1 and mapped[0]["suffix"] == "T1w" and "_acq-sag_" in mapped[0]["nifti"]
+    sidecar = json.loads((out / mapped[0]["nifti"].replace(".nii.gz", ".json")).read_text())
+    assert sidecar["SeriesDescription"] == "t1_se_sag"  # kept, cleaned, with clean_descriptors
+    # nothing dropped: the US series went to sourcedata/unsorted as NIfTI
+    assert list((out / "sourcedata" / "unsorted").glob("sub-*/ses-*/US*.nii.gz"))
+    assert validator_errors(out) == []
+
+
+def test_outputs_bids_false_writes_no_bids(demo_input, tmp_path):
+    out = tmp_path / "release"
+    r = run_cli("run", str(demo_input), str(out), "--cores", "2", "--set", "outputs.bids=false")
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert (out / "sourcedata" / "dicom").is_dir()
+    assert not list(out.glob("sub-*")) and not (out / "dataset_description.json").exists()
+    assert not (tmp_path / "release_restricted" / "done" / "convert").exists()
+
+
+def test_bad_mapping_fails_before_any_job(demo_input, tmp_path):
+    r = run_cli("run", str(demo_input), str(tmp_path / "release"), "--cores", "1", "--set",
+                "bids.mapping=[{match: {SeriesDescription: '('}, datatype: anat, suffix: T1w}]")
+    assert r.returncode != 0
+    assert "bids.mapping[0]" in (r.stdout + r.stderr)
+    assert not (tmp_path / "release_restricted" / "done").exists()
