@@ -388,9 +388,18 @@ def scan_file(path: Path, rel: str, matcher: Matcher, *, pixel_data: bool = Fals
     if not len(matcher):
         return res
     name_bytes = rel.encode("utf-8", "surrogateescape")
-    for off, n in matcher.find(name_bytes):
-        where = "file name" if off >= name_bytes.rfind(b"/") + 1 else "folder name"
-        res.hits.append(_hit(rel, where, n))
+    name_hits = matcher.find(name_bytes)
+    if name_hits:  # the path itself would show the value: name the file with that part withheld
+        parts = rel.split("/")
+        starts = [len("/".join(parts[:i]).encode("utf-8", "surrogateescape")) + (1 if i else 0) for i in range(len(parts))]
+        for off, n in name_hits:
+            i = max(j for j, st in enumerate(starts) if st <= off)
+            parts[i] = f"[name withheld, hash {n.digest}]"
+        shown = "/".join(parts)
+        for off, n in name_hits:
+            where = "file name" if off >= name_bytes.rfind(b"/") + 1 else "folder name"
+            res.hits.append(_hit(shown, where, n))
+        rel = shown
     try:
         size = path.stat().st_size
         with open(path, "rb") as fh:

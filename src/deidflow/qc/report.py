@@ -319,8 +319,9 @@ def render(facts: Mapping, *, run_time: str | None = None) -> tuple[str, dict[st
         "actions": bar_chart([(a, dict(c)) for a, c in top], "Actions per attribute (25 most frequent)",
                              ACTION_COLORS, width=640),
     }
-    parts.append('<section id="charts"><h2>Charts</h2><div class="charts">' + charts["modalities"]
-                 + charts["actions"] + "</div></section>")
+    inline = {k: v.replace(' xmlns="http://www.w3.org/2000/svg"', "") for k, v in charts.items()}
+    parts.append('<section id="charts"><h2>Charts</h2><div class="charts">' + inline["modalities"]
+                 + inline["actions"] + "</div></section>")
     # subject table
     status_of = {s: (per[s]["verify"] or {}).get("status", "not scanned") for s in subjects}
     table_rows, row_attrs = [], []

@@ -1,0 +1,227 @@
+"""Leak scan: the rules for what is searched, the matcher, and the planted-leak test of issue 7 —
+a clean demo release, then an original identifier planted in (a) a nested DICOM sequence, (b) a
+private element, (c) a NIfTI extension, (d) a JSON sidecar, (e) a file name, (f) a .nii.gz:
+`deidflow verify` reports each (file, location, hash, never the value) and nothing on the clean
+release; under --strict a leak fails the run."""
+from __future__ import annotations
+
+import csv
+import gzip
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pydicom
+import pytest
+from pydicom.dataset import Dataset
+
+from deidflow.demo import make_demo_input
+from deidflow.qc import identifiers, leakscan
+
+from .conftest import ROOT, TEST_KEY
+
+
+def cli(*args: str) -> subprocess.CompletedProcess:
+    env = dict(os.environ, DEIDFLOW_KEY=TEST_KEY)
+    return subprocess.run([sys.executable, "-m", "deidflow.cli", *args], env=env, cwd=ROOT,
+                          capture_output=True, text=True, timeout=600)
+
+
+# -- rules and matcher ---------------------------------------------------------------------------
+def test_exclusion_rules_are_explicit():
+    ex = leakscan.excluded_by
+    assert ex("M", "name") == ex("1", "id") == ex("MR", "id") == "too_short"
+    assert ex("ANONYMIZED", "name") == ex("Prof", "name") == ex("van", "name") == "common"
+    assert ex("4711", "id") == ex("0930", "time") == "too_few_digits"
+    assert ex("unreadable", "path") == "plain_word_path"
+    for kept, kind in (("DOE", "name"), ("19640716", "date"), ("16.07.1964", "date"), ("山田", "name"),
+                       ("Åse", "name"), ("MRN8284194", "id"), ("1.2.3.4.5", "uid"), ("DOE_JOHN_12", "path")):
+        assert ex(kept, kind) is None, kept
+
+
+def test_date_name_and_time_forms():
+    d = leakscan.date_forms("19640716")
+    assert {"19640716", "1964-07-16", "16.07.1964", "07/16/1964", "16/07/1964", "16.7.1964", "16 jul 1964",
+            "july 16, 1964"} <= {x.lower() for x in d}
+    n = leakscan.name_forms("MÜLLER^JÜRGEN^^DR. MED.")
+    assert {"MÜLLER", "JÜRGEN", "JÜRGEN MÜLLER", "MÜLLER, JÜRGEN"} <= n
+    assert {"093015", "09:30:15"} <= leakscan.time_forms("093015.123")
+
+
+def _matcher(*entries):
+    return leakscan.Matcher(leakscan.needles_for("sub-a", entries, b"0" * 16))
+
+
+def test_matcher_whole_tokens_case_and_uids():
+    m = _matcher(("name", "PatientName", "MARY^SMITH"), ("date", "StudyDate", "20210315"),
+                 ("uid", "StudyInstanceUID", "1.2.840.99.1.2"), ("name", "PatientName", "山田^太郎"))
+    assert not m.find(b"ORIGINAL\\PRIMARY\\AXIAL")  # MARY inside PRIMARY
+    assert m.find(b"seen by mary on 15.03.2021.")
+    assert len(m.find(b"x 2021-03-15 y")) == 1
+    assert not m.find(b"2.25.1202103154417")  # a date inside a longer number
+    assert not m.find(b"1.2.840.99.1.23") and not m.find(b"9.1.2.840.99.1.2")
+    assert m.find(b"ref 1.2.840.99.1.2.")
+    assert m.find("山田様 経過観察".encode("utf-8"))
+    assert m.find(b"SMITHsomething") == [] and m.find(b"SMITH_1980")
+
+
+def test_collector_keeps_only_what_the_profile_changes(key_env, tmp_path):
+    """The DICOM engine records the original values it removes or replaces (never kept ones)."""
+    from deidflow.dicom import Scrubber, SubjectContext
+    from deidflow.dicomio import deidentify_path
+    from deidflow.profile import build_plan
+    from deidflow.pseudonym import Pseudonymizer
+    src = tmp_path / "in.dcm"
+    ds = pydicom.dcmread(pydicom.data.get_testdata_file("MR_small.dcm"))
+    ds.PatientName, ds.PatientID, ds.PatientBirthDate = "DOE^JOHN", "MRN1234567", "19580412"
+    ds.Manufacturer = "SIEMENS"  # kept by the profile: not an identifier
+    ds.save_as(src)
+    col = identifiers.IdentifierCollector()
+    sc = Scrubber(build_plan(), SubjectContext(Pseudonymizer(key_env), "sub-x", -10, identifiers=col))
+    deidentify_path(src, tmp_path / "out.dcm", sc)
+    values = {v for _, _, v in col.entries()}
+    assert {"DOE^JOHN", "MRN1234567", "19580412", str(ds.StudyInstanceUID)} <= values
+    assert "SIEMENS" not in values and "1.2.840.10008.5.1.4.1.1.4" not in values  # kept; registered UID
+
+
+# -- the demo release -------------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def demo(tmp_path_factory):
+    base = tmp_path_factory.mktemp("qcscan")
+    patients = make_demo_input(base / "input")
+    r = cli("run", str(base / "input"), str(base / "release"), "--cores", "2")
+    assert r.returncode == 0, r.stderr[-3000:]
+    restricted = base / "release_restricted"
+    with open(restricted / "mapping" / "patients.csv") as fh:
+        subject_of = {row["id_old"]: row["id_new"] for row in csv.DictReader(fh)}
+    p = next(p for p in patients if p.name.startswith("MUSTERMANN"))
+    return {"base": base, "release": base / "release", "restricted": restricted, "patient": p,
+            "subject": subject_of[p.patient_id], "stdout": r.stdout}
+
+
+def test_identifiers_cover_the_demo_patients(demo):
+    """Every patient's name, ID, birth date, study UIDs and accession numbers are searched for."""
+    r = demo["restricted"]
+    values = set()
+    for f in r.glob("work/*/identifiers/*/*.json"):
+        assert f.stat().st_mode & 0o777 == 0o600
+        values |= {v[2] for v in json.loads(f.read_text())["values"]}
+    p = demo["patient"]
+    assert {p.name, p.patient_id, p.birth_date} <= values
+    for s in p.studies:
+        assert {s.study_instance_uid, s.accession_number} <= values
+
+
+def test_clean_release_has_no_hit(demo):
+    r = cli("verify", str(demo["release"]), "--restricted", str(demo["restricted"]))
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert "no identifying value found" in r.stdout and "LEAK" not in r.stdout
+    assert "deidflow: verify: 5 subjects scanned" in demo["stdout"]  # the run's summary line
+    assert "QC report:" in demo["stdout"]
+
+
+def _copy(demo, tmp_path) -> Path:
+    out = tmp_path / "release"
+    shutil.copytree(demo["release"], out)
+    return out
+
+
+def _subject_dicoms(release: Path, subject: str) -> list[Path]:
+    return sorted((release / "sourcedata" / "dicom" / subject).rglob("*.dcm"))
+
+
+def _nifti(path: Path, *, descrip: bytes = b"", extension: bytes | None = None) -> None:
+    import nibabel as nib
+    img = nib.Nifti1Image(np.zeros((4, 4, 4), np.int16), np.eye(4))
+    img.header["descrip"] = descrip
+    if extension is not None:
+        img.header.extensions.append(nib.nifti1.Nifti1Extension(6, extension))
+    path.parent.mkdir(parents=True, exist_ok=True)
+    nib.save(img, str(path))
+
+
+def _plant(case: str, release: Path, subject: str, p) -> str:
+    """Plant one original value; return the location verify must name."""
+    study = p.studies[0]
+    anat = release / subject / "ses-planted" / "anat"
+    if case == "nested_sequence":
+        f = _subject_dicoms(release, subject)[0]
+        ds = pydicom.dcmread(f)
+        inner = Dataset()
+        inner.CodeMeaning = f"see {p.name.split('^')[0].title()} exam"
+        outer = Dataset()
+        outer.PurposeOfReferenceCodeSequence = [inner]
+        ds.ReferencedImageSequence = [outer]
+        ds.save_as(f)
+        return "ReferencedImageSequence[0].PurposeOfReferenceCodeSequence[0].CodeMeaning"
+    if case == "private_element":
+        f = _subject_dicoms(release, subject)[1]
+        ds = pydicom.dcmread(f)
+        ds.private_block(0x0011, "PLANTED LEAK", create=True).add_new(0x01, "LO", p.patient_id)
+        ds.save_as(f)
+        return "(0011,1001)"
+    if case == "nifti_extension":
+        birth = p.birth_date
+        _nifti(anat / f"{subject}_ses-planted_T1w.nii",
+               extension=f"born {birth[6:]}.{birth[4:6]}.{birth[:4]}".encode())
+        return "NIfTI extension 0 (ecode 6)"
+    if case == "json_sidecar":
+        sidecar = next((release / subject).rglob("*.json"))
+        doc = json.loads(sidecar.read_text())
+        doc["InstitutionName"] = study.institution
+        sidecar.write_text(json.dumps(doc, ensure_ascii=False))
+        return "JSON InstitutionName"
+    if case == "file_name":
+        f = _subject_dicoms(release, subject)[2]
+        f.rename(f.with_name(f"0003_{p.folder}.dcm"))
+        return "file name"
+    if case == "nii_gz":
+        path = anat / f"{subject}_ses-planted_T2w.nii.gz"
+        _nifti(path, descrip=study.accession_number.encode())
+        assert study.accession_number.encode() not in path.read_bytes()  # only in the gunzipped bytes
+        return "gunzipped content, NIfTI header field descrip"
+    raise AssertionError(case)
+
+
+CASES = ("nested_sequence", "private_element", "nifti_extension", "json_sidecar", "file_name", "nii_gz")
+
+
+def test_each_planted_leak_is_reported(demo, tmp_path):
+    p, subject = demo["patient"], demo["subject"]
+    for case in CASES:
+        release = tmp_path / case
+        shutil.copytree(demo["release"], release)
+        location = _plant(case, release, subject, p)
+        result = leakscan.verify(release, demo["restricted"])
+        hits = [h for u in result["units"] for s in u["subjects"].values() for h in s["hits"]]
+        assert hits, f"{case}: nothing found"
+        assert any(location in h["location"] for h in hits), (case, [h["location"] for h in hits])
+        assert all(h["owner"] == subject for h in hits), case
+        text = json.dumps(result, ensure_ascii=False)
+        for secret in (p.patient_id, p.birth_date, p.folder, p.studies[0].accession_number,
+                       p.studies[0].institution, "Mustermann"):
+            assert secret not in text, (case, "a value is printed")
+    # the command line: exit status 1, one line per hit naming file, location and hash only
+    r = cli("verify", str(tmp_path / "file_name"), "--restricted", str(demo["restricted"]))
+    assert r.returncode == 1 and "LEAK" in r.stdout and "value hash" in r.stdout
+    assert p.folder not in r.stdout and "[name withheld" in r.stdout
+
+
+def test_strict_run_fails_on_a_leak_and_report_shows_it(tmp_path):
+    """Keeping PatientID by override leaves it in the release: the private copy of it and the
+    original folder names give it away.  Without --strict the report says LEAK; with it the run fails."""
+    inp = tmp_path / "input"
+    make_demo_input(inp)
+    keep = "dicom.overrides=[{attribute: PatientID, action: keep}]"
+    r = cli("run", str(inp), str(tmp_path / "rel"), "--cores", "2", "--set", keep)
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert "LEAK in" in r.stdout
+    html = (tmp_path / "rel" / "derivatives" / "deidflow" / "qc" / "report.html").read_text()
+    assert ">LEAK<" in html
+    r = cli("run", str(inp), str(tmp_path / "strict"), "--cores", "2", "--set", keep, "--strict")
+    assert r.returncode != 0
+    assert "leak scan:" in r.stderr and "identifying value(s) found" in r.stderr
