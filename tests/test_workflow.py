@@ -87,8 +87,8 @@ def test_restricted_outputs(demo):
     assert r.stat().st_mode & 0o777 == 0o700
     for sub in ("mapping", "audit", "manifests"):
         assert (r / sub).stat().st_mode & 0o777 == 0o700
-    for f in [*(r / "mapping").iterdir(), *(r / "audit").iterdir(), r / "quarantine.tsv", r / "inventory.parquet"]:
-        assert f.stat().st_mode & 0o777 == 0o600, f
+    for f in [*(r / "mapping").rglob("*"), *(r / "audit").rglob("*"), r / "quarantine.tsv", r / "inventory.parquet"]:
+        assert f.stat().st_mode & 0o777 == (0o700 if f.is_dir() else 0o600), f
     with open(r / "mapping" / "patients.csv") as fh:
         rows = list(csv.DictReader(fh))
     assert len(rows) == 5 and all(row["id_new"].startswith("sub-") for row in rows)
@@ -100,8 +100,9 @@ def test_restricted_outputs(demo):
     assert run["key_fingerprint"] and TEST_KEY not in (r / "run.json").read_text()
     # The audit names attributes and actions, never values.
     ids = planted_identifiers(demo["input"])
-    audit = "".join(p.read_text() for p in (r / "audit").iterdir())
-    first = json.loads(audit.splitlines()[0])
+    audit = "".join(p.read_text() for p in sorted((r / "audit").rglob("*.jsonl")))
+    dicom_audit = "".join(p.read_text() for p in sorted((r / "audit").glob("sub-*.jsonl")))
+    first = json.loads(dicom_audit.splitlines()[0])
     assert first["actions"]["PatientName"] == "P" and first["file"].startswith("sub-")
     assert not [v for v in ids if len(v) >= 6 and v in audit]
 
