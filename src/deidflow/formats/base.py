@@ -7,9 +7,12 @@ atomic multi-file output.
 """
 from __future__ import annotations
 
+import gzip
 import os
 import re
 import tempfile
+import zlib
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterable, Mapping
@@ -210,3 +213,33 @@ def same_length(value: bytes, replacement: bytes, fill: bytes = b"X") -> bytes:
     """``replacement`` padded with ``fill`` or cut to exactly ``len(value)`` bytes."""
     n = len(value)
     return (replacement + fill * n)[:n]
+
+
+# ------------------------------------------------------------------------------------------------
+# Gzip-transparent input and output (NIfTI .nii.gz, MGZ)
+# ------------------------------------------------------------------------------------------------
+GZIP_LEVEL = 6
+GZIP_ERRORS = (EOFError, zlib.error, gzip.BadGzipFile)
+
+
+def is_gzip(path: Path) -> bool:
+    """Whether ``path`` starts with the gzip magic."""
+    with open(path, "rb") as fh:
+        return fh.read(2) == b"\x1f\x8b"
+
+
+def open_input(path: Path):
+    """``path`` opened for binary reading, gunzipped on the fly when it is gzip."""
+    return gzip.open(path, "rb") if is_gzip(path) else open(path, "rb")
+
+
+@contextmanager
+def output_stream(path: Path, gz: bool):
+    """A binary writer for ``path``, gzip-compressed when ``gz`` (mtime 0 and no file name in the
+    gzip header, so equal content gives equal bytes)."""
+    with open(path, "wb") as raw:
+        if gz:
+            with gzip.GzipFile(filename="", mode="wb", fileobj=raw, compresslevel=GZIP_LEVEL, mtime=0) as sink:
+                yield sink
+        else:
+            yield raw

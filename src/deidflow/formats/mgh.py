@@ -9,26 +9,15 @@ every tag is dropped.  ``.mgz`` stays gzipped (deterministic: no name, no time s
 """
 from __future__ import annotations
 
-import gzip
 import struct
-import zlib
 from pathlib import Path
 
-from .base import Format, FormatError, Outputs, ScrubContext, ScrubResult, copy_exact
+from .base import (GZIP_ERRORS, Format, FormatError, Outputs, ScrubContext, ScrubResult, copy_exact,
+                   is_gzip, open_input, output_stream)
 
 HEADER = 284
 USED = 90
 _TYPES = {0: 1, 1: 4, 3: 4, 4: 2, 10: 2}  # MRI_UCHAR, MRI_INT, MRI_FLOAT, MRI_SHORT, MRI_USHRT
-GZIP_LEVEL = 6
-
-
-def _is_gz(path: Path) -> bool:
-    with open(path, "rb") as fh:
-        return fh.read(2) == b"\x1f\x8b"
-
-
-def _open(path: Path):
-    return gzip.open(path, "rb") if _is_gz(path) else open(path, "rb")
 
 
 def _parse(head: bytes) -> int:
@@ -47,9 +36,9 @@ def _parse(head: bytes) -> int:
 
 def identity(path: Path) -> dict:
     try:
-        with _open(Path(path)) as fh:
+        with open_input(Path(path)) as fh:
             _parse(fh.read(HEADER))
-    except (OSError, EOFError, zlib.error) as exc:
+    except (OSError, *GZIP_ERRORS) as exc:
         raise FormatError(f"MGH header unreadable ({type(exc).__name__})") from None
     return {}
 
@@ -59,24 +48,21 @@ def companions(path: Path) -> list[Path]:
 
 
 def extension(path: Path) -> str:
-    return ".mgz" if _is_gz(Path(path)) else ".mgh"
+    return ".mgz" if is_gzip(Path(path)) else ".mgh"
 
 
 def scrub(src: Path, dst: Path, ctx: ScrubContext) -> ScrubResult:
     src, dst = Path(src), Path(dst)
     res = ScrubResult()
-    gz = _is_gz(src)
+    gz = is_gzip(src)
     try:
-        with _open(src) as fh, Outputs() as out:
+        with open_input(src) as fh, Outputs() as out:
             head = fh.read(HEADER)
             nbytes = _parse(head)
             new_head = head[:USED] + bytes(HEADER - USED)
             if head[USED:].strip(b"\x00"):
                 res.act("unused header bytes", "zeroed")
-            raw = open(out.path(dst), "wb")
-            try:
-                sink = gzip.GzipFile(filename="", mode="wb", fileobj=raw, compresslevel=GZIP_LEVEL,
-                                     mtime=0) if gz else raw
+            with output_stream(out.path(dst), gz) as sink:
                 sink.write(new_head)
                 got = copy_exact(fh, sink, nbytes)
                 if got < nbytes:
@@ -89,12 +75,8 @@ def scrub(src: Path, dst: Path, ctx: ScrubContext) -> ScrubResult:
                 if rest:
                     res.found("tags", rest[:2000].replace(b"\x00", b" "))
                     res.act("tags", "removed")
-                if gz:
-                    sink.close()
-            finally:
-                raw.close()
             res.outputs = out.finals
-    except (EOFError, zlib.error, gzip.BadGzipFile) as exc:
+    except GZIP_ERRORS as exc:
         raise FormatError(f"compressed stream damaged ({type(exc).__name__})") from None
     return res
 

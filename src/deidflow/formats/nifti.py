@@ -21,14 +21,13 @@ data type) and reads the images back in the tests; the edits themselves are byte
 """
 from __future__ import annotations
 
-import gzip
 import io
 import re
 import struct
-import zlib
 from pathlib import Path
 
-from .base import Format, FormatError, Outputs, ScrubContext, ScrubResult, copy_exact
+from .base import (GZIP_ERRORS, Format, FormatError, Outputs, ScrubContext, ScrubResult, copy_exact,
+                   is_gzip, open_input, output_stream)
 
 # name: (offset, length) of the text fields of each header flavour.
 NIFTI1_TEXT = {"data_type": (4, 10), "db_name": (14, 18), "descrip": (148, 80), "aux_file": (228, 24),
@@ -44,7 +43,6 @@ DESCRIPTORS = {"descrip", "aux_file", "intent_name"}
 TEXT_ECODES = {4: "AFNI", 6: "comment", 8: "XCEDE"}
 _UNIT_RE = re.compile(rb"^(?:[a-zA-Z%/ ]{0,8})$")
 MAX_EXTENSION_BYTES = 64 << 20
-GZIP_LEVEL = 6
 
 
 class _Layout:
@@ -129,20 +127,11 @@ def _validate_with_nibabel(head: bytes, layout: _Layout) -> None:
 # ------------------------------------------------------------------------------------------------
 # Reading
 # ------------------------------------------------------------------------------------------------
-def _is_gz(path: Path) -> bool:
-    with open(path, "rb") as fh:
-        return fh.read(2) == b"\x1f\x8b"
-
-
-def _open(path: Path):
-    return gzip.open(path, "rb") if _is_gz(path) else open(path, "rb")
-
-
 def _read_head(path: Path) -> bytes:
     try:
-        with _open(path) as fh:
+        with open_input(path) as fh:
             return fh.read(544)
-    except (OSError, EOFError, zlib.error) as exc:
+    except (OSError, *GZIP_ERRORS) as exc:
         raise FormatError(f"header unreadable ({type(exc).__name__})") from None
 
 
@@ -184,7 +173,7 @@ def extension(path: Path) -> str:
     layout = _Layout(_read_head(path))
     if not layout.single:
         return ".hdr"
-    return ".nii.gz" if _is_gz(path) else ".nii"
+    return ".nii.gz" if is_gzip(path) else ".nii"
 
 
 # ------------------------------------------------------------------------------------------------
@@ -299,9 +288,9 @@ def _set_extender(head: bytearray, layout: _Layout, present: bool) -> None:
 def scrub(src: Path, dst: Path, ctx: ScrubContext) -> ScrubResult:
     src, dst = Path(src), Path(dst)
     res = ScrubResult()
-    gz = _is_gz(src)
+    gz = is_gzip(src)
     try:
-        with _open(src) as fh, Outputs() as out:
+        with open_input(src) as fh, Outputs() as out:
             head = fh.read(544)
             layout = _Layout(head)
             _validate_with_nibabel(head, layout)
@@ -310,7 +299,7 @@ def scrub(src: Path, dst: Path, ctx: ScrubContext) -> ScrubResult:
             else:
                 _scrub_pair(fh, head, layout, src, dst, out, ctx, res)
             res.outputs = out.finals
-    except (EOFError, zlib.error, gzip.BadGzipFile) as exc:
+    except GZIP_ERRORS as exc:
         raise FormatError(f"compressed stream damaged ({type(exc).__name__})") from None
     return res
 
@@ -329,19 +318,13 @@ def _scrub_single(fh, head: bytes, layout: _Layout, tmp: Path, gz: bool, ctx: Sc
     _set_extender(region, layout, bool(new_ext.strip(b"\x00")))
     if len(head) > layout.vox_offset:  # data began inside the first 544 bytes read
         fh = _Prefixed(head[layout.vox_offset:], fh)
-    raw = open(tmp, "wb")
-    try:
-        sink = gzip.GzipFile(filename="", mode="wb", fileobj=raw, compresslevel=GZIP_LEVEL, mtime=0) if gz else raw
+    with output_stream(tmp, gz) as sink:
         sink.write(bytes(region))
         got = copy_exact(fh, sink, layout.nbytes)
         if got < layout.nbytes:
             raise FormatError(f"truncated: {got} of {layout.nbytes} image bytes present")
         if fh.read(1):
             res.act("trailing bytes", "removed")
-        if gz:
-            sink.close()
-    finally:
-        raw.close()
 
 
 class _Prefixed:
