@@ -7,7 +7,8 @@ Tables printed:
    without Snakemake (the difference is Snakemake's share: start-up, scheduling, job processes);
 4. dry runs (inventory + DAG) for 100, 1,000 and 10,000 synthetic subjects, one job per subject
    and batched, with peak memory;
-5. a real run over 1,000 tiny subjects vs the library doing the same work in one process.
+5. a real run over 1,000 tiny subjects vs the library doing the same work in one process;
+6. the leak scan (``deidflow verify``) against the de-identification time (benchmarks/verify.py).
 """
 from __future__ import annotations
 
@@ -28,6 +29,7 @@ import pydicom
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "benchmarks"))
 from trees import real_header_tree, tiny_subject_tree  # noqa: E402
+from verify import bench_verify, table_rows as verify_rows  # noqa: E402
 
 from deidflow import inventory  # noqa: E402
 from deidflow.dicom import Scrubber, SubjectContext  # noqa: E402
@@ -186,6 +188,8 @@ def main() -> None:
                ("plain Python program, library in 2 processes (start-up included)", f"{ideal:.2f}"),
                ("deidflow run --cores 2 wall", f"{wall:.2f}"),
                ("Snakemake share of wall", f"{overhead:.0%} (target <= 20%)")])
+        leak = bench_verify(tree, scratch)
+        table(f"6. Leak scan vs de-identification (one core, {leak['files']} files)", verify_rows(leak))
         rows = [("subjects", "jobs", "first dry run s", "repeat s", "peak RSS MB", "target")]
         dry = {}
         for n_subj in args.dag_subjects:

@@ -139,9 +139,8 @@ def forms(kind: str, value: str) -> set[str]:
         if digits != value and re.fullmatch(r"[\d\s()./+-]+", value):
             out.add(digits)  # 123-45-6789 also as 123456789
         return out
-    if kind == "path":
-        stem = value.split(".")[0] if not value.startswith(".") else value
-        return {value, stem}
+    if kind == "path":  # the name without its extension(s): "0001.dcm" is judged as "0001"
+        return {value.split(".")[0] if not value.startswith(".") else value}
     return {value}
 
 
@@ -652,6 +651,8 @@ def pixel_region(data: bytes) -> tuple[int, int] | None:
                 continue
         if best is None or vstart < best[0]:
             best = (vstart, vend)
+        if e == "<" and tag[2] == 0x10:
+            break  # (7FE0,0010) little endian: the usual case, no need to look for the others
     return best
 
 
