@@ -174,3 +174,31 @@ def test_bad_mapping_fails_before_any_job(demo_input, tmp_path):
     assert r.returncode != 0
     assert "bids.mapping[0]" in (r.stdout + r.stderr)
     assert not (tmp_path / "release_restricted" / "done").exists()
+
+
+def test_convert_job_resumes_after_a_kill(default, tmp_path):
+    """A convert job killed mid-way leaves a staging folder and a work area in the restricted
+    folder; the rerun publishes exactly the bytes of an uninterrupted run and nothing partial."""
+    from deidflow.bids.convert import convert_unit
+    manifests = sorted((default["restricted"] / "manifests").glob("*.json"))
+    dicom_root = default["out"] / "sourcedata" / "dicom"
+    release, restricted = tmp_path / "release", tmp_path / "restricted"
+
+    def convert_all():
+        for m in manifests:
+            convert_unit(m, dicom_root, release, restricted, restricted / "done" / "convert" / m.name,
+                         {"options": []}, {"mapping": [], "dicom_released": True})
+
+    convert_all()
+    clean = bids_hashes(release)
+    assert clean == {k: v for k, v in bids_hashes(default["out"]).items() if k.startswith("sub-")
+                     or k.startswith("sourcedata/unsorted")}  # the library gives the workflow's bytes
+    subject = sorted(p.name for p in release.glob("sub-*"))[0]
+    stage = restricted / "tmp" / "stage-bids" / "tmp" / f".staging-{subject}"
+    (stage / "ses-x" / "anat").mkdir(parents=True)
+    (stage / "ses-x" / "anat" / "half.nii.gz").write_bytes(b"\x1f\x8b partial")
+    (restricted / "tmp" / f"convert-{manifests[0].stem}" / "ses_junk").mkdir(parents=True)
+    (release / subject / "stale_from_an_older_run.json").write_text("{}")
+    convert_all()
+    assert bids_hashes(release) == clean
+    assert not stage.exists() and not (restricted / "tmp" / f"convert-{manifests[0].stem}").exists()

@@ -61,9 +61,11 @@ def convert_unit(manifest: Path, dicom_root: Path, release_root: Path, restricte
 
 
 def _series_of(subj: Mapping[str, Any]) -> list[tuple[str, str]]:
-    """(session, series folder) pairs of a subject's manifest, in order."""
+    """(session, series folder) pairs of the DICOM files of a subject's manifest, in order."""
     seen = []
     for f in subj["files"]:
+        if f.get("format", "dicom") != "dicom" or not f.get("out_relpath"):
+            continue  # other formats are released by their own stage
         parts = f["out_relpath"].split("/")
         if len(parts) >= 3 and (parts[0], parts[1]) not in seen:
             seen.append((parts[0], parts[1]))
