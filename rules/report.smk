@@ -10,20 +10,15 @@ localrules:
     audit,
 
 
-def _unit_stage_markers(wildcards):
-    """The done markers of every registered per-unit stage (each writes its audit lines)."""
-    return [marker for stage in UNIT_STAGES for marker in unit_done(stage)]
-
-
 rule audit:
     """restricted/audit/*.jsonl (one per subject, every stage) into restricted/audit.parquet."""
     input:
-        stages=_unit_stage_markers,
+        stages=qc_rules.stage_markers(UNIT_STAGES, unit_done),
     output:
         restricted("audit.parquet"),
     params:
         python=PYTHON,
-        restricted=RESTRICTED,
+        restricted=qc_rules.constant(RESTRICTED),
     log:
         restricted("logs/audit.log"),
     threads: 1
@@ -68,8 +63,8 @@ rule qc_report:
         full=restricted("qc/report-full.html"),
     params:
         python=PYTHON,
-        release=OUT,
-        restricted=RESTRICTED,
+        release=qc_rules.constant(OUT),
+        restricted=qc_rules.constant(RESTRICTED),
     log:
         restricted("logs/qc_report.log"),
     threads: 1

@@ -1,18 +1,16 @@
 # Leak scan (docs/qc.md): each job unit's release files are searched for the original identifying
 # values of its subjects once every other per-unit stage is done; then the dataset-level files.
 # verify is not a registered unit stage (it would wait for itself): its markers are extra targets.
+import deidflow.qc.rules as qc_rules
+
 VERIFY_STRICT = "true" if config["strict"] else "false"
 VERIFY_PIXEL_DATA = "true" if config.get("verify", {}).get("pixel_data", False) else "false"
 VERIFY_DATASET = restricted("done/verify_dataset.json")
+QC_TARGETS = []
 
 
 localrules:
     verify_dataset,
-
-
-def _other_aggregate_targets(wildcards):
-    """Every aggregate target of the other stages (dataset files must exist before their scan)."""
-    return [t for t in EXTRA_TARGETS if t not in QC_TARGETS]
 
 
 rule verify:
@@ -25,7 +23,7 @@ rule verify:
         done=restricted("done/verify/{unit}.json"),
     params:
         python=PYTHON,
-        release=OUT,
+        release=qc_rules.constant(OUT),
         restricted=restricted_of,
         strict=VERIFY_STRICT,
         pixel_data=VERIFY_PIXEL_DATA,
@@ -47,13 +45,13 @@ rule verify_dataset:
     """Leak scan of the dataset-level release files (no subject folder) against every subject."""
     input:
         units=unit_done("verify"),
-        aggregates=_other_aggregate_targets,
+        aggregates=qc_rules.targets_except(EXTRA_TARGETS, QC_TARGETS),
     output:
         done=VERIFY_DATASET,
     params:
         python=PYTHON,
-        release=OUT,
-        restricted=RESTRICTED,
+        release=qc_rules.constant(OUT),
+        restricted=qc_rules.constant(RESTRICTED),
         strict=VERIFY_STRICT,
         pixel_data=VERIFY_PIXEL_DATA,
     log:
@@ -70,5 +68,5 @@ rule verify_dataset:
         " --pixel-data {params.pixel_data} --log {log:q} 2>> {log:q}"
 
 
-QC_TARGETS = [*unit_done("verify"), VERIFY_DATASET]
+QC_TARGETS.extend([*unit_done("verify"), VERIFY_DATASET])
 EXTRA_TARGETS.extend(QC_TARGETS)
