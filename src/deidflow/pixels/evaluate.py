@@ -1,0 +1,64 @@
+"""Measure a redaction against ground-truth boxes (the JSL pseudo-PHI set's JSON files).
+
+A ground-truth box counts as removed when at least 90 % of its pixels changed; over-redaction
+is the share of pixels outside every ground-truth box that changed.  Boxes lying wholly
+outside the image (a few JSL annotations do) cannot be in the pixels and are not counted.
+"""
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+REMOVED = 0.9
+
+
+@dataclass
+class FileScore:
+    name: str
+    boxes: int  # PHI (value) boxes inside the image
+    removed: int
+    outside_changed: float  # changed share of the pixels outside all ground-truth boxes
+    changed_outside_share: float  # share of the changed pixels that lie outside ground truth
+    skipped_boxes: int = 0  # annotated boxes wholly outside the image
+
+
+def ground_truth(json_path: Path) -> tuple[list[tuple[int, int, int, int]], list[tuple[int, int, int, int]]]:
+    """(PHI value boxes, all annotated boxes incl. keys) as inclusive [x0, y0, x1, y1]."""
+    ann = json.loads(Path(json_path).read_text())["annotation"]
+    values, every = [], []
+    for a in ann:
+        for part in ("key", "value"):
+            b = a.get(part, {}).get("bbox")
+            if b and b[2] > b[0] and b[3] > b[1]:
+                every.append(tuple(b))
+                if part == "value" and a["value"].get("text"):
+                    values.append(tuple(b))
+    return values, every
+
+
+def changed_mask(before: np.ndarray, after: np.ndarray) -> np.ndarray:
+    """Per-pixel change of frames (``(rows, cols[, samples])``)."""
+    d = before != after
+    return d.any(axis=-1) if d.ndim == 3 else d
+
+
+def score(name: str, changed: np.ndarray, values, every) -> FileScore:
+    h, w = changed.shape
+    gt = np.zeros_like(changed)
+    for x0, y0, x1, y1 in every:
+        gt[max(0, y0):y1 + 1, max(0, x0):x1 + 1] = True
+    n = removed = skipped = 0
+    for x0, y0, x1, y1 in values:
+        sub = changed[max(0, y0):min(h, y1 + 1), max(0, x0):min(w, x1 + 1)]
+        if sub.size == 0:
+            skipped += 1
+            continue
+        n += 1
+        removed += bool(sub.mean() >= REMOVED)
+    outside = ~gt
+    out_changed = changed & outside
+    return FileScore(name, n, removed, float(out_changed.sum() / max(1, outside.sum())),
+                     float(out_changed.sum() / max(1, changed.sum())), skipped)

@@ -1,0 +1,180 @@
+"""Which objects have their pixel data cleaned: the selection table and the device region rules.
+
+Both are data files (``data/pixel_policy.tsv``, ``data/pixel_regions.tsv``); a site can replace the
+selection table and add region rows with files of the same columns (``pixels.selection_file``,
+``pixels.regions_file``).  Decisions use only header values the DICOM engine captured from the
+original file (see :data:`deidflow.pixels.clean.CAPTURE_TAGS`), so selection costs no extra read.
+"""
+from __future__ import annotations
+
+import csv
+from dataclasses import dataclass
+from functools import lru_cache
+from pathlib import Path
+from typing import Iterable, Mapping
+
+DATA = Path(__file__).resolve().parents[1] / "data"
+ACTIONS = ("clean", "skip", "wsi_label", "wsi_overview")
+
+
+class PolicyError(ValueError):
+    """A selection or region table cannot be used (the message names the file and line)."""
+
+
+@dataclass(frozen=True)
+class Rule:
+    modalities: frozenset[str] | None
+    sop_classes: frozenset[str] | None
+    image_type: str | None
+    burned_in: str | None  # YES / NO / ABSENT
+    action: str
+    why: str
+
+    def matches(self, h: "HeaderFacts") -> bool:
+        return ((self.modalities is None or h.modality in self.modalities)
+                and (self.sop_classes is None or h.sop_class in self.sop_classes)
+                and (self.image_type is None or self.image_type in h.image_type)
+                and (self.burned_in is None or self.burned_in == h.burned_in))
+
+
+@dataclass(frozen=True)
+class Decision:
+    action: str  # one of ACTIONS
+    why: str
+
+
+@dataclass(frozen=True)
+class HeaderFacts:
+    """The header values selection and region rules look at (upper-cased, stripped)."""
+
+    modality: str = ""
+    sop_class: str = ""
+    image_type: tuple[str, ...] = ()
+    burned_in: str = "ABSENT"
+    manufacturer: str = ""
+    model: str = ""
+    rows: int = 0
+    columns: int = 0
+
+    @classmethod
+    def from_dataset(cls, ds) -> "HeaderFacts":
+        def text(kw: str) -> str:
+            try:
+                v = ds.get(kw)
+            except Exception:  # an undecodable value counts as absent
+                return ""
+            return "" if v is None else str(v).strip().upper()
+
+        def number(kw: str) -> int:
+            try:
+                return int(ds.get(kw) or 0)
+            except Exception:
+                return 0
+        try:
+            it = ds.get("ImageType") or ()
+            image_type = tuple(str(v).strip().upper() for v in ([it] if isinstance(it, str) else it))
+        except Exception:
+            image_type = ()
+        return cls(modality=text("Modality"), sop_class=text("SOPClassUID"), image_type=image_type,
+                   burned_in=text("BurnedInAnnotation") or "ABSENT", manufacturer=text("Manufacturer"),
+                   model=text("ManufacturerModelName"), rows=number("Rows"), columns=number("Columns"))
+
+
+def _rows(path: Path) -> Iterable[tuple[int, dict]]:
+    lines = [(i, line) for i, line in enumerate(Path(path).read_text().splitlines(), 1)
+             if line.strip() and not line.startswith("#")]
+    if not lines:
+        raise PolicyError(f"{path}: no header line")
+    header = lines[0][1].split("\t")
+    for lineno, line in lines[1:]:
+        cells = next(csv.reader([line], delimiter="\t"))
+        if len(cells) < len(header) - 1:  # the last column (a note) may be missing
+            raise PolicyError(f"{path} line {lineno}: expected {len(header)} tab-separated columns")
+        yield lineno, dict(zip(header, [c.strip() for c in cells]))
+
+
+def _set(cell: str) -> frozenset[str] | None:
+    return None if cell in ("", "*") else frozenset(v.strip().upper() for v in cell.split("|"))
+
+
+@lru_cache(maxsize=8)
+def load_policy(path: str = "") -> tuple[Rule, ...]:
+    """The selection table (the bundled one unless ``path`` names another)."""
+    p = Path(path) if path else DATA / "pixel_policy.tsv"
+    rules = []
+    for lineno, r in _rows(p):
+        action = r.get("action", "")
+        if action not in ACTIONS:
+            raise PolicyError(f"{p} line {lineno}: action must be one of {', '.join(ACTIONS)}")
+        bi = r.get("burned_in", "*").upper()
+        if bi not in ("*", "YES", "NO", "ABSENT"):
+            raise PolicyError(f"{p} line {lineno}: burned_in must be YES, NO, absent or *")
+        it = r.get("image_type", "*").upper()
+        rules.append(Rule(_set(r.get("modality", "*")), _set(r.get("sop_class", "*")),
+                          None if it in ("", "*") else it, None if bi == "*" else bi, action, r.get("why", "")))
+    if not rules:
+        raise PolicyError(f"{p}: no rules")
+    return tuple(rules)
+
+
+def decide(h: HeaderFacts, mode: str, rules: tuple[Rule, ...]) -> Decision:
+    """What to do with one object under ``pixels.clean`` = ``mode`` (auto, always, off).
+
+    ``always`` cleans every image that is not a whole-slide pyramid level; the WSI rows
+    (label and overview handling, pyramid kept) apply in every mode but ``off``."""
+    if mode == "off":
+        return Decision("skip", "pixels.clean is off")
+    for rule in rules:
+        if rule.matches(h):
+            if mode == "always" and rule.action == "skip" and h.sop_class != WSI_CLASS:
+                return Decision("clean", "pixels.clean is always")
+            return Decision(rule.action, rule.why)
+    return Decision("clean" if mode == "always" else "skip", "no rule matched")
+
+
+WSI_CLASS = "1.2.840.10008.5.1.4.1.1.77.1.6"
+
+
+@dataclass(frozen=True)
+class Region:
+    manufacturer: str
+    model: str
+    rows: int | None
+    columns: int | None
+    box: tuple[int, int, int, int]
+    note: str
+
+    def matches(self, h: HeaderFacts) -> bool:
+        return ((self.manufacturer == "*" or self.manufacturer in h.manufacturer)
+                and (self.model == "*" or self.model in h.model)
+                and (self.rows is None or self.rows == h.rows)
+                and (self.columns is None or self.columns == h.columns))
+
+
+@lru_cache(maxsize=8)
+def load_regions(extra: str = "") -> tuple[Region, ...]:
+    """The bundled device region rules plus those in ``extra`` (a file with the same columns)."""
+    out = []
+    for p in [DATA / "pixel_regions.tsv", *([Path(extra)] if extra else [])]:
+        for lineno, r in _rows(p):
+            try:
+                box = tuple(int(r[k]) for k in ("x0", "y0", "x1", "y1"))
+                rows = None if r["rows"] in ("", "*") else int(r["rows"])
+                cols = None if r["columns"] in ("", "*") else int(r["columns"])
+            except (KeyError, ValueError):
+                raise PolicyError(f"{p} line {lineno}: rows, columns, x0, y0, x1, y1 must be integers") from None
+            if box[2] <= box[0] or box[3] <= box[1]:
+                raise PolicyError(f"{p} line {lineno}: empty rectangle")
+            out.append(Region(r["manufacturer"].upper() or "*", r["model"].upper() or "*", rows, cols, box,
+                              r.get("note", "")))
+    return tuple(out)
+
+
+def regions_for(h: HeaderFacts, regions: tuple[Region, ...]) -> list[Region]:
+    return [r for r in regions if r.matches(h)]
+
+
+def check_files(settings: Mapping) -> None:
+    """Load the configured tables once (configuration check: a bad file fails before any job)."""
+    load_policy(settings.get("selection_file") or "")
+    load_regions(settings.get("regions_file") or "")
