@@ -140,11 +140,5 @@ def _one(f, input_dir: Path, stage: Path, ctx: ScrubContext, bad, audit, found, 
 
 def _write_identifiers(restricted: Path, unit: str, subject: str, found: Mapping[str, str]) -> None:
     """The original values found, for the leak scan (restricted; see deidflow.qc.identifiers)."""
-    try:
-        from ..qc import identifiers
-    except ImportError:  # the leak scan is not installed: keep a plain copy beside the audit
-        target = make_restricted_dir(restricted / "work" / unit / "identifiers" / STAGE) / f"{subject}.json"
-        atomic_write_text(target, json.dumps({"subject": subject, "stage": STAGE, "fields": dict(found)},
-                                             sort_keys=True) + "\n", RESTRICTED_FILE_MODE)
-        return
+    from ..qc import identifiers
     identifiers.write(restricted, unit, STAGE, subject, identifiers.from_fields(found))
