@@ -38,6 +38,8 @@ rule convert:
         restricted=restricted_of,
     log:
         restricted("logs/convert/{unit}.log"),
+    group:
+        "unit"
     threads: 1
     resources:
         mem_mb=config["resources"]["convert_mem_mb"],

@@ -20,6 +20,8 @@ rule dicom:
         restricted=restricted_of,
     log:
         restricted("logs/dicom/{unit}.log"),
+    group:
+        "unit"
     threads: 1
     resources:
         mem_mb=config["resources"]["dicom_mem_mb"],

@@ -20,6 +20,8 @@ rule other:
         restricted=restricted_of,
     log:
         restricted("logs/other/{unit}.log"),
+    group:
+        "unit"
     threads: 1
     resources:
         mem_mb=config["resources"].get("other_mem_mb", 2000),

@@ -29,6 +29,8 @@ rule verify:
         pixel_data=VERIFY_PIXEL_DATA,
     log:
         restricted("logs/verify/{unit}.log"),
+    group:
+        "unit"
     threads: 1
     resources:
         mem_mb=1000,
