@@ -8,6 +8,7 @@ Any problem raises :class:`DicomError` with a one-line reason for the quarantine
 """
 from __future__ import annotations
 
+import copy
 import mmap
 import os
 import struct
@@ -53,6 +54,9 @@ class FileResult:
     actions: dict[str, str]
     sop_instance_uid: str
     pixel_bytes: int
+    # original values of the top-level elements asked for with ``capture`` (restricted: PHI), e.g.
+    # what the pixel step selects on and the patient's identifiers; None when nothing was asked
+    captured: Dataset | None = None
 
 
 class _Elem(NamedTuple):
@@ -165,8 +169,9 @@ def _transfer_syntax(fp: BinaryIO) -> tuple[FileMetaDataset | None, str | None]:
     return meta, (str(ts) if ts else None)
 
 
-def deidentify_file(src: Path, out: BinaryIO, scrubber: Scrubber) -> FileResult:
-    """Write the de-identified version of the DICOM file ``src`` to ``out``."""
+def deidentify_file(src: Path, out: BinaryIO, scrubber: Scrubber, capture: frozenset[int] = frozenset()) -> FileResult:
+    """Write the de-identified version of the DICOM file ``src`` to ``out``; the original values
+    of the top-level tags in ``capture`` come back in ``FileResult.captured``."""
     src = Path(src)
     size = src.stat().st_size
     if size == 0:
@@ -175,10 +180,10 @@ def deidentify_file(src: Path, out: BinaryIO, scrubber: Scrubber) -> FileResult:
         meta, ts = _transfer_syntax(fp)
         encoding = stream_encoding(ts)
         if encoding is None:
-            return _deidentify_dataset(src, out, scrubber)
+            return _deidentify_dataset(src, out, scrubber, capture)
         body = fp.tell()
         with mmap.mmap(fp.fileno(), 0, access=mmap.ACCESS_READ) as mm:
-            return _stream(mm, size, body, meta, ts, encoding, out, scrubber)
+            return _stream(mm, size, body, meta, ts, encoding, out, scrubber, capture)
 
 
 def stream_encoding(ts: str | None) -> tuple[bool, bool] | None:
@@ -196,7 +201,7 @@ def stream_encoding(ts: str | None) -> tuple[bool, bool] | None:
 
 
 def _stream(mm, size: int, body: int, meta: FileMetaDataset, ts: str, encoding: tuple[bool, bool],
-            out: BinaryIO, scrubber: Scrubber) -> FileResult:
+            out: BinaryIO, scrubber: Scrubber, capture: frozenset[int] = frozenset()) -> FileResult:
     implicit, little = encoding
     walker = _Walker(mm, size, implicit, little)
     elems = []
@@ -211,6 +216,7 @@ def _stream(mm, size: int, body: int, meta: FileMetaDataset, ts: str, encoding: 
         charset = [c.strip() for c in _str_value(mm, by_tag[_CHARSET]).split("\\")]
     encodings = convert_encodings(charset)
     scrubber.begin(_identifier_source(mm, elems, charset, implicit, little) if scrubber.needs_text else None)
+    captured = _identifier_source(mm, elems, charset, implicit, little, capture) if capture else None
 
     def encode(elem) -> bytes:
         enc = DicomBytesIO()
@@ -356,7 +362,7 @@ def _stream(mm, size: int, body: int, meta: FileMetaDataset, ts: str, encoding: 
                 out.write(c)
     finally:
         view.release()
-    return FileResult(dict(scrubber.actions), sop_instance, pixel_bytes)
+    return FileResult(dict(scrubber.actions), sop_instance, pixel_bytes, captured)
 
 
 _SIMPLE_TEXT_VRS = frozenset(("AE", "AS", "CS", "DA", "DS", "DT", "IS", "LO", "LT", "PN", "SH", "ST", "TM", "UC", "UT", "UI"))
@@ -412,9 +418,8 @@ def _header(tag: int, vr: str, length: int, implicit: bool, little: bool) -> byt
     return struct.pack(e + "HH2sH", tag >> 16, tag & 0xFFFF, vr.encode(), length)
 
 
-def _identifier_source(mm, elems, charset, implicit, little) -> Dataset:
+def _identifier_source(mm, elems, charset, implicit, little, wanted=_IDENTIFIER_TAGS) -> Dataset:
     """A data set with the original identifying elements (for cleaning free text)."""
-    wanted = _IDENTIFIER_TAGS
     ds = Dataset()
     if charset:
         ds.SpecificCharacterSet = charset
@@ -436,7 +441,7 @@ def _new_meta(sop_class: str, sop_instance: str, ts: str) -> FileMetaDataset:
     return meta
 
 
-def _deidentify_dataset(src: Path, out: BinaryIO, scrubber: Scrubber) -> FileResult:
+def _deidentify_dataset(src: Path, out: BinaryIO, scrubber: Scrubber, capture: frozenset[int] = frozenset()) -> FileResult:
     """Slow path for files without a Part-10 header or with a deflated data set."""
     try:
         ds = pydicom.dcmread(src, force=True)
@@ -461,6 +466,7 @@ def _deidentify_dataset(src: Path, out: BinaryIO, scrubber: Scrubber) -> FileRes
         (True, True): ImplicitVRLittleEndian, (False, True): ExplicitVRLittleEndian,
         (False, False): ExplicitVRBigEndian}[(implicit, little)]
     try:
+        captured = _copy_tags(ds, capture) if capture else None
         actions = scrubber.scrub(ds)
         sop_instance = ds.get("SOPInstanceUID")
         sop_class = ds.get("SOPClassUID") or old_meta.get("MediaStorageSOPClassUID")
@@ -477,7 +483,18 @@ def _deidentify_dataset(src: Path, out: BinaryIO, scrubber: Scrubber) -> FileRes
     except Exception as exc:
         raise DicomError(f"cannot write de-identified file: {type(exc).__name__}") from None
     pix = ds.get("PixelData")
-    return FileResult(actions, str(ds.SOPInstanceUID), len(pix) if pix else 0)
+    return FileResult(actions, str(ds.SOPInstanceUID), len(pix) if pix else 0, captured)
+
+
+def _copy_tags(ds: Dataset, tags: frozenset[int]) -> Dataset:
+    """A data set with copies of the top-level elements ``tags`` of ``ds`` (before scrubbing)."""
+    out = Dataset()
+    for tag in tags:
+        if tag in ds:
+            out[tag] = copy.deepcopy(ds[tag])
+    if "SpecificCharacterSet" in ds:
+        out.SpecificCharacterSet = ds.SpecificCharacterSet
+    return out
 
 
 def _check_complete(src: Path, implicit: bool, little: bool) -> None:
@@ -493,14 +510,14 @@ def _check_complete(src: Path, implicit: bool, little: bool) -> None:
             pos = body.element(pos).end
 
 
-def deidentify_path(src: Path, dst: Path, scrubber: Scrubber) -> FileResult:
+def deidentify_path(src: Path, dst: Path, scrubber: Scrubber, capture: frozenset[int] = frozenset()) -> FileResult:
     """De-identify ``src`` into ``dst`` atomically (temporary file in the same folder, rename)."""
     dst = Path(dst)
     dst.parent.mkdir(parents=True, exist_ok=True)
     tmp = dst.with_name(f".tmp-{dst.name}.{os.getpid()}")
     try:
         with open(tmp, "wb") as fh:
-            result = deidentify_file(src, fh, scrubber)
+            result = deidentify_file(src, fh, scrubber, capture)
         os.replace(tmp, dst)
     except BaseException:
         try:

@@ -4,7 +4,7 @@ from __future__ import annotations
 import json
 import shutil
 from pathlib import Path
-from typing import Any, Mapping
+from typing import TYPE_CHECKING, Any, Mapping
 
 from .dicom import Scrubber, SubjectContext
 from .dicomio import DicomError, deidentify_path
@@ -14,6 +14,9 @@ from .fsutil import (RESTRICTED_FILE_MODE, atomic_write_text, csv_text, make_res
 from .profile import build_plan
 from .pseudonym import Pseudonymizer, fingerprint, load_key, load_mapping
 from .qc import identifiers
+
+if TYPE_CHECKING:
+    from .pixels import PixelCleaner
 
 
 class OutputError(PublicError):
@@ -45,10 +48,12 @@ def deidentify_unit(manifest: Path, release_root: Path, restricted: Path, done: 
     uid_map: dict[str, str] = {}
     bad: list[tuple[str, str]] = []
     summary = []
+    cleaner = pixel_cleaner(settings, pseudo)
     for subj in m["subjects"]:
         ctx = SubjectContext(pseudo, subj["subject"], subj["date_offset"], uid_map,
                              identifiers=identifiers.IdentifierCollector())
-        n, subject_bad = _subject(subj, input_dir, Path(release_root), Path(restricted), Scrubber(plan, ctx))
+        n, subject_bad = _subject(subj, input_dir, Path(release_root), Path(restricted), Scrubber(plan, ctx),
+                                  cleaner)
         # the values the profile removed or replaced, for the leak scan (restricted)
         identifiers.write(restricted, m["unit"], "dicom", subj["subject"], ctx.identifiers.entries())
         bad += subject_bad
@@ -63,9 +68,23 @@ def deidentify_unit(manifest: Path, release_root: Path, restricted: Path, done: 
     return {"subjects": len(summary), "files": sum(s["files"] for s in summary), "quarantined": len(bad)}
 
 
+def pixel_cleaner(settings: Mapping[str, Any], pseudo: Pseudonymizer) -> "PixelCleaner | None":
+    """The Clean Pixel Data step of the job (None with ``pixels.clean: off``); OCR text is
+    recorded in the audit only as a keyed hash."""
+    pix = settings.get("pixels") or {}
+    if pix.get("clean", "off") in ("off", False):
+        return None
+    from .pixels import PixelCleaner
+    return PixelCleaner(pix, text_hash=lambda t: pseudo._digest("pixel-text", t).hex()[:16])
+
+
 def _subject(subj: Mapping[str, Any], input_dir: Path, release_root: Path, restricted: Path,
-             scrubber: Scrubber) -> tuple[int, list[tuple[str, str]]]:
-    """One subject: files into a staging folder, published in one rename; audit written."""
+             scrubber: Scrubber, cleaner: "PixelCleaner | None" = None) -> tuple[int, list[tuple[str, str]]]:
+    """One subject: files into a staging folder, published in one rename; audit written.
+
+    With a pixel ``cleaner``, each staged file the selection policy picks (decided from the
+    original header values the engine captured) is cleaned of burned-in text before the
+    subject is published; the others stay as the fast path wrote them."""
     subject = subj["subject"]
     files = [f for f in subj["files"] if f.get("format", "dicom") == "dicom"]  # the rest: other stages
     if not files:
@@ -74,10 +93,15 @@ def _subject(subj: Mapping[str, Any], input_dir: Path, release_root: Path, restr
     stage = staging_dir_for(final, restricted)
     audit_lines: list[str] = []
     bad: list[tuple[str, str]] = []
+    capture = cleaner.capture if cleaner is not None else frozenset()
+    pixels_qc = None
+    if cleaner is not None:
+        from .pixels.qc import SubjectPixelsQC
+        pixels_qc = SubjectPixelsQC(subject)
     try:
         for f in files:
             try:
-                res = deidentify_path(input_dir / f["relpath"], stage / f["out_relpath"], scrubber)
+                res = deidentify_path(input_dir / f["relpath"], stage / f["out_relpath"], scrubber, capture)
             except DicomError as exc:
                 bad.append((f["relpath"], str(exc)))
                 continue
@@ -86,14 +110,43 @@ def _subject(subj: Mapping[str, Any], input_dir: Path, release_root: Path, restr
                     raise OutputError(f"cannot write the release of {subject}: {exc.strerror}") from None
                 bad.append((f["relpath"], f"file not readable: {exc.strerror}"))
                 continue
-            audit_lines.append(json.dumps({"file": f"{subject}/{f['out_relpath']}", "source": f["src_id"],
-                                           "actions": res.actions}, sort_keys=True))
+            entry = {"file": f"{subject}/{f['out_relpath']}", "source": f["src_id"], "actions": res.actions}
+            if cleaner is not None:
+                pix = _clean_pixels(cleaner, stage / f["out_relpath"], res, entry["file"], pixels_qc)
+                if isinstance(pix, str):
+                    bad.append((f["relpath"], pix))
+                    continue
+                if pix:
+                    entry["pixels"] = pix
+            audit_lines.append(json.dumps(entry, sort_keys=True))
         publish_dir(stage, final)
     except BaseException:
         shutil.rmtree(stage, ignore_errors=True)  # nothing partial stays behind
         raise
+    if pixels_qc is not None:
+        pixels_qc.publish(release_root.parents[1] / "derivatives" / "deidflow" / "qc", restricted)
     audit = make_restricted_dir(restricted / "audit") / f"{subject}.jsonl"
     atomic_write_text(audit, "".join(line + "\n" for line in audit_lines), RESTRICTED_FILE_MODE)
     return len(audit_lines), bad
 
 
+def _clean_pixels(cleaner: "PixelCleaner", staged: Path, res, name: str, qc) -> dict | str | None:
+    """Run the pixel step on one staged file: its audit record (None when not selected), or a
+    quarantine reason (the staged file is removed: it must not be released uncleaned)."""
+    from .pixels import PixelError
+    try:
+        out = cleaner.process(staged, res.captured)
+    except PixelError as exc:
+        staged.unlink(missing_ok=True)
+        return str(exc)
+    except OSError as exc:
+        if exc.errno in OUTPUT_ERRNOS:
+            raise OutputError(f"cannot write the release: {exc.strerror}") from None
+        staged.unlink(missing_ok=True)
+        return f"pixel data could not be cleaned: {exc.strerror}"
+    if out.action == "skipped":
+        return None
+    if out.action == "dropped":
+        staged.unlink(missing_ok=True)  # WSI label image, not released (pixels.wsi_label: drop)
+    qc.add(name, out)
+    return out.audit()

@@ -79,6 +79,12 @@ def _check_semantics(config: dict) -> None:
     lo, hi = config["pseudonym"]["date_offset_days"]
     if lo > hi:
         raise ConfigError("config key pseudonym.date_offset_days: first value must not exceed the second")
+    if config.get("pixels"):
+        from .pixels.policy import check_config  # bad tables or a missing OCR package fail here
+        try:
+            check_config(config["pixels"])
+        except (ValueError, RuntimeError, OSError) as exc:
+            raise ConfigError(f"config key pixels: {exc}") from None
 
 
 @dataclass(frozen=True)
@@ -101,6 +107,11 @@ def resolve_paths(config: Mapping[str, Any], base: Path | None = None) -> Paths:
     return Paths(inp, out, restricted)
 
 
+def clean_mode(value) -> str:
+    """``pixels.clean`` as a word (YAML reads a bare ``off`` as false; missing: off)."""
+    return "off" if value in (None, False, "off") else str(value)
+
+
 def profile_settings(config: Mapping[str, Any]) -> dict:
     """Everything a de-identification job needs besides its manifest (no secrets, no PHI)."""
     return {
@@ -111,4 +122,5 @@ def profile_settings(config: Mapping[str, Any]) -> dict:
         "date_offset_days": list(config["pseudonym"]["date_offset_days"]),
         "mapping_csv": config["pseudonym"]["mapping_csv"] or "",
         "key_file": config.get("key_file") or "",
+        "pixels": {**(config.get("pixels") or {}), "clean": clean_mode((config.get("pixels") or {}).get("clean"))},
     }
