@@ -84,7 +84,8 @@ class PixelCleaner:
     def __init__(self, settings: Mapping | None = None, *, text_hash: Callable[[str], str] = sha_text,
                  threads: int = 1, thumbnails: bool = True):
         s = {**DEFAULTS, **(settings or {})}
-        self.mode, self.policy, self.wsi_label = s["clean"], s["policy"], s["wsi_label"]
+        self.mode = "off" if s["clean"] in (None, False, "off") else s["clean"]
+        self.policy, self.wsi_label = s["policy"], s["wsi_label"]
         self.rules = load_policy(s["selection_file"] or "")
         self.regions = load_regions(s["regions_file"] or "")
         self.text_hash = text_hash
@@ -96,6 +97,11 @@ class PixelCleaner:
     @property
     def enabled(self) -> bool:
         return self.mode != "off"
+
+    @property
+    def capture(self) -> frozenset[int]:
+        """The original top-level elements the DICOM engine must hand over (selection, identifiers)."""
+        return CAPTURE_TAGS
 
     def decide(self, header: Dataset | None) -> Decision:
         if header is None:

@@ -174,7 +174,12 @@ def regions_for(h: HeaderFacts, regions: tuple[Region, ...]) -> list[Region]:
     return [r for r in regions if r.matches(h)]
 
 
-def check_files(settings: Mapping) -> None:
-    """Load the configured tables once (configuration check: a bad file fails before any job)."""
+def check_config(settings: Mapping) -> None:
+    """Configuration check (before any job runs): the tables load and, unless cleaning is off,
+    the OCR models are installed.  Raises PolicyError, OSError or OcrUnavailable."""
+    if settings.get("clean") in (None, False, "off"):
+        return
     load_policy(settings.get("selection_file") or "")
     load_regions(settings.get("regions_file") or "")
+    from .ocr import model_files
+    model_files()
