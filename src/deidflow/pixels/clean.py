@@ -30,6 +30,8 @@ CLEAN_PIXEL_CODE = ("113101", "Clean Pixel Data Option")
 DEFAULTS = {"clean": "auto", "policy": "all_text", "wsi_label": "drop", "selection_file": "", "regions_file": ""}
 UNREAD, TALL = 0.5, 0.1  # see _text_like
 READABLE = 0.75  # identifiers_only: text read with less confidence is redacted
+READ_CACHE_SIZE = 64
+_READ_CACHE: dict[bytes, list] = {}
 MOVING_SHARE = 0.2  # a multi-frame's moving area is the sector when it covers this share of the frame
 
 
@@ -179,13 +181,7 @@ class PixelCleaner:
     def _boxes(self, frame: np.ndarray, invert: bool, ids: identify.Identifiers, d: Decision,
                shape: tuple[int, int]) -> list[tuple[Box, str, str]]:
         """Redaction boxes of one frame: (box, rule, text read)."""
-        eng = ocr.engine(self.threads)
-        found: list[ocr.TextBox] = []
-        views = render.renderings(frame, invert)
-        for curve, img in views.items():
-            boxes, scaled, s = eng.detect(img, curve)
-            found.extend(eng.read(scaled, s, boxes))
-        merged = _merge([t for t in found if _text_like(t, shape)])
+        merged = self._read(frame, invert, shape)
         if d.action == "wsi_overview":
             return _overview_label(merged, shape)
         if self.policy == "identifiers_only":
@@ -204,6 +200,25 @@ class PixelCleaner:
             inside = " ".join(texts[b] for b in boxes if layout.intersection(b, block) == layout.area(b))
             out.append((block, "ocr:all_text", inside))
         return out
+
+    def _read(self, frame: np.ndarray, invert: bool, shape: tuple[int, int]) -> list[tuple[Box, list[str], float]]:
+        """Text found and read in one frame (both tone curves), merged; remembered for the last
+        few distinct frames, so a frame seen again (another policy, a repeated frame) is not
+        read twice."""
+        key = _frame_key(frame, None) + bytes([invert])
+        hit = _READ_CACHE.get(key)
+        if hit is not None:
+            return hit
+        eng = ocr.engine(self.threads)
+        found: list[ocr.TextBox] = []
+        for curve, img in render.renderings(frame, invert).items():
+            boxes, scaled, s = eng.detect(img, curve)
+            found.extend(eng.read(scaled, s, boxes))
+        merged = _merge([t for t in found if _text_like(t, shape)])
+        if len(_READ_CACHE) >= READ_CACHE_SIZE:
+            _READ_CACHE.pop(next(iter(_READ_CACHE)))
+        _READ_CACHE[key] = merged
+        return merged
 
     def _thumbs(self, out: Outcome, frames: Frames, i: int, before: np.ndarray, boxes, rendered: bool = False) -> None:
         if not self.thumbnails:
@@ -275,8 +290,9 @@ def _text_like(t: ocr.TextBox, shape: tuple[int, int]) -> bool:
 
 
 def _overview_label(merged: list[tuple[Box, list[str], float]], shape: tuple[int, int]) -> list[tuple[Box, str, str]]:
-    """The slide label's area in an overview image: the text found, extended across the slide
-    and out to the nearer short edge (labels cover one end of the slide)."""
+    """The slide label's area in an overview image: the end of the slide nearer to the text
+    found, across the whole slide, from the short edge to the farther of the text's far side
+    and the slide's width (labels are about square and cover one end of the slide)."""
     if not merged:
         return []
     h, w = shape
@@ -284,10 +300,14 @@ def _overview_label(merged: list[tuple[Box, list[str], float]], shape: tuple[int
     for box, _, _ in merged[1:]:
         u = layout.union(u, box)
     u = layout.pad(u, shape, 0.5)
+    # a slide label is about as long as the slide is wide (a 25 x 25 mm label on a 25 x 75 mm
+    # slide): blank at least that square, more when the text found reaches further
     if w >= h:  # slide lies horizontally: the label is at the left or right end
-        box = (0, 0, u[2], h) if u[0] < w - u[2] else (u[0], 0, w, h)
+        square = min(h, w // 2)
+        box = (0, 0, max(u[2], square), h) if u[0] < w - u[2] else (min(u[0], w - square), 0, w, h)
     else:
-        box = (0, 0, w, u[3]) if u[1] < h - u[3] else (0, u[1], w, h)
+        square = min(w, h // 2)
+        box = (0, 0, w, max(u[3], square)) if u[1] < h - u[3] else (0, min(u[1], h - square), w, h)
     return [(box, "wsi:overview-label", " ".join(t[0] for _, t, _ in merged))]
 
 

@@ -62,3 +62,53 @@ def score(name: str, changed: np.ndarray, values, every) -> FileScore:
     out_changed = changed & outside
     return FileScore(name, n, removed, float(out_changed.sum() / max(1, outside.sum())),
                      float(out_changed.sum() / max(1, changed.sum())), skipped)
+
+
+def run_ground_truth_set(folder: Path, work: Path, settings: dict) -> tuple[list[FileScore], float]:
+    """Clean every ``*.dcm`` of ``folder`` that has a ``.json`` of boxes beside it (copies in
+    ``work``), score each against its boxes; also the seconds spent in the cleaner."""
+    import shutil
+    import time
+
+    import pydicom
+
+    from .clean import PixelCleaner
+    cleaner = PixelCleaner(settings, thumbnails=False)
+    scores, spent = [], 0.0
+    work = Path(work)
+    work.mkdir(parents=True, exist_ok=True)
+    for src in sorted(Path(folder).glob("*.dcm")):
+        gt = src.with_suffix(".json")
+        if not gt.is_file():
+            continue
+        dst = work / src.name
+        shutil.copyfile(src, dst)
+        header = pydicom.dcmread(src, stop_before_pixels=True)
+        before = pydicom.dcmread(src).pixel_array
+        t = time.perf_counter()
+        cleaner.process(dst, header)
+        spent += time.perf_counter() - t
+        after = pydicom.dcmread(dst).pixel_array
+        values, every = ground_truth(gt)
+        scores.append(score(src.name, changed_mask(before, after), values, every))
+    return scores, spent
+
+
+def table(scores: list[FileScore], title: str) -> str:
+    """The per-file table and totals as text."""
+    lines = [title, f"{'file':60s} {'removed':>9s} {'outside changed':>16s} {'of changes':>11s}"]
+    for s in scores:
+        lines.append(f"{s.name[:60]:60s} {s.removed:>4d}/{s.boxes:<4d} {100 * s.outside_changed:>15.2f}% "
+                     f"{100 * s.changed_outside_share:>10.0f}%" + (f"  ({s.skipped_boxes} box(es) outside the image)"
+                                                                   if s.skipped_boxes else ""))
+    lines.append(summary(scores))
+    return "\n".join(lines)
+
+
+def summary(scores: list[FileScore]) -> str:
+    boxes = sum(s.boxes for s in scores)
+    removed = sum(s.removed for s in scores)
+    mean_out = sum(s.outside_changed for s in scores) / max(1, len(scores))
+    worst = max((s.outside_changed for s in scores), default=0.0)
+    return (f"recall {removed}/{boxes} = {removed / max(1, boxes):.3f}; changed outside ground truth: "
+            f"mean {100 * mean_out:.2f}%, worst file {100 * worst:.2f}%")

@@ -37,18 +37,19 @@ def same_text(a: Box, b: Box) -> bool:
     return inter > 0 and inter >= 0.5 * min(area(a), area(b))
 
 
-def _near(a: Box, b: Box) -> bool:
-    """Lines of one text block: stacked with a gap under one line height and overlapping
-    horizontally (or left-aligned), or on one line with a gap under two heights."""
-    h = max(a[3] - a[1], b[3] - b[1])
-    if h > 2 * min(a[3] - a[1], b[3] - b[1]):  # lines of one block have similar heights
+def _near(a: Box, ha: int, b: Box, hb: int) -> bool:
+    """Parts of one text block (``ha``, ``hb``: their line heights): lines of similar height
+    stacked with a gap under one line height and overlapping horizontally (or left-aligned),
+    or on one line with a gap under two heights."""
+    h = max(ha, hb)
+    if h > 2 * min(ha, hb):
         return False
     vgap = max(a[1], b[1]) - min(a[3], b[3])
     hgap = max(a[0], b[0]) - min(a[2], b[2])
     if vgap <= 0.9 * h and (hgap < 0 or abs(a[0] - b[0]) <= h):
         return True
     vover = min(a[3], b[3]) - max(a[1], b[1])
-    return vover > 0.5 * min(a[3] - a[1], b[3] - b[1]) and hgap <= 2 * h
+    return vover > 0.5 * min(ha, hb) and hgap <= 2 * h
 
 
 def blocks(boxes: list[Box]) -> list[Box]:
@@ -57,19 +58,18 @@ def blocks(boxes: list[Box]) -> list[Box]:
     With ``all_text`` the whole block is blanked: the gaps between the lines of an annotation
     block carry no image information worth keeping, and a value wrapped onto a second line,
     or drawn a little off the detected line, is still covered."""
-    groups = [list(b) for b in boxes]
+    groups = [(tuple(b), b[3] - b[1]) for b in boxes]
     changed = True
     while changed:
         changed = False
-        out: list[list[int]] = []
-        for g in groups:
-            for o in out:
-                if _near(tuple(g), tuple(o)):
-                    o[:] = union(tuple(g), tuple(o))
+        out: list[tuple[Box, int]] = []
+        for box, h in groups:
+            for k, (obox, oh) in enumerate(out):
+                if _near(box, h, obox, oh):
+                    out[k] = (union(box, obox), max(h, oh))
                     changed = True
                     break
             else:
-                out.append(g)
+                out.append((box, h))
         groups = out
-    return sorted(tuple(g) for g in groups)
-
+    return sorted(box for box, _ in groups)

@@ -67,6 +67,8 @@ class OcrEngine:
     def __init__(self, threads: int = 1):
         import yaml
         root, det_path, rec_path = model_files()
+        import cv2
+        cv2.setNumThreads(threads)  # resizing stays on the job's cores too
         from rapidocr_onnxruntime.ch_ppocr_det import TextDetector
         from rapidocr_onnxruntime.ch_ppocr_rec import TextRecognizer
         cfg = yaml.safe_load((root / "config.yaml").read_text())

@@ -119,9 +119,11 @@ class Frames:
         self.changed = True
 
     def _fill_value(self, i: int, region: np.ndarray):
-        if region.ndim == 3:  # colour: the darkest grey (k, k, k) not in the box
-            grey = region[..., 0][(region[..., 0] == region[..., 1]) & (region[..., 1] == region[..., 2])]
-            return _first_absent(np.arange(0, 256 if region.dtype == np.uint8 else 65536), grey)
+        if region.ndim == 3 and region.shape[-1] == 3:  # colour: the darkest colour not in the box
+            packed = ((region[..., 0].astype(np.int64) << 32) | (region[..., 1].astype(np.int64) << 16)
+                      | region[..., 2].astype(np.int64))
+            code = _first_absent(_DARK_COLOURS, packed)
+            return np.array([code >> 32, (code >> 16) & 0xFFFF, code & 0xFFFF], region.dtype)
         if self.photometric == "PALETTE COLOR":
             return _first_absent(self._palette_order(), region)
         f = self._mask(self.arr[i])
@@ -175,6 +177,22 @@ class Frames:
         ds["PixelData"].VR = "OB" if self.bits <= 8 else "OW"
         ds["PixelData"].is_undefined_length = False
         return ExplicitVRLittleEndian
+
+
+def _dark_colours() -> np.ndarray:
+    """Colours packed as r<<32 | g<<16 | b, darkest first: greys 0..15, then every mix of 0..15."""
+    lv = np.arange(16, dtype=np.int64)
+    r, g, b = np.meshgrid(lv, lv, lv, indexing="ij")
+    mixes = np.stack([r.ravel(), g.ravel(), b.ravel()], axis=1)
+    mixes = mixes[np.argsort(mixes.sum(axis=1), kind="stable")]
+    greys = lv[:, None].repeat(3, axis=1)
+    allc = np.concatenate([greys, mixes])
+    codes = (allc[:, 0] << 32) | (allc[:, 1] << 16) | allc[:, 2]
+    _, first = np.unique(codes, return_index=True)
+    return codes[np.sort(first)]
+
+
+_DARK_COLOURS = _dark_colours()
 
 
 def _range(bits: int, signed: bool) -> tuple[int, int]:

@@ -14,7 +14,9 @@ import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from ..fsutil import RESTRICTED_FILE_MODE, atomic_write_bytes, make_restricted_dir, publish_dir, staging_dir_for
+import os
+
+from ..fsutil import RESTRICTED_FILE_MODE, atomic_write_bytes, make_restricted_dir, publish_dir
 from .clean import Outcome
 
 KIND = "pixels_before_after"
@@ -46,9 +48,9 @@ class SubjectPixelsQC:
                     shutil.rmtree(p)
             return
         public, private = [], []
-        stage_pub = staging_dir_for(release_final, restricted)
         make_restricted_dir(restricted_final.parent)
-        stage_priv = staging_dir_for(restricted_final, restricted)
+        stage_pub = self._stage(release_final, restricted, "release")
+        stage_priv = self._stage(restricted_final, restricted, "restricted")
         try:
             for name, out in sorted(self.entries, key=lambda e: e[0]):
                 stem = _stem(name)
@@ -70,3 +72,15 @@ class SubjectPixelsQC:
             shutil.rmtree(stage_pub, ignore_errors=True)
             shutil.rmtree(stage_priv, ignore_errors=True)
             raise
+
+    def _stage(self, final: Path, restricted: Path, tag: str) -> Path:
+        """A fresh staging folder for ``final``, named for the subject (jobs run in parallel),
+        inside the restricted folder when on the same file system, else beside ``final``."""
+        final.parent.mkdir(parents=True, exist_ok=True)
+        tmp_root = make_restricted_dir(Path(restricted) / "tmp")
+        base = tmp_root if os.stat(tmp_root).st_dev == os.stat(final.parent).st_dev else final.parent
+        stage = base / f".staging-qc-{self.subject}-{tag}"
+        if stage.exists():
+            shutil.rmtree(stage)
+        stage.mkdir()
+        return stage
