@@ -14,7 +14,7 @@ SLURM_PLUGINS := snakemake-executor-plugin-slurm==2.8.0 snakemake-executor-plugi
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
-	$(BIN)/python -m pip install --quiet -e ".[test,pixels]"
+	$(BIN)/python -m pip install --quiet -e ".[test,pixels,deepbet]"
 	$(BIN)/python -m pip install --quiet --no-deps --upgrade --target $(VENV)/slurm-plugins $(SLURM_PLUGINS)
 	touch $(STAMP)
 

@@ -14,8 +14,9 @@ validate(config, os.path.join(workflow.basedir, "config", "schema.yaml"))
 
 include: "rules/common.smk"
 include: "rules/dicom.smk"
-include: "rules/convert.smk"
 include: "rules/other.smk"
+include: "rules/convert.smk"
+include: "rules/face.smk"
 include: "rules/mapping.smk"
 include: "rules/verify.smk"
 include: "rules/report.smk"

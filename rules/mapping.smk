@@ -10,7 +10,8 @@ rule mapping:
         uids=per_unit(restricted("work/{unit}/uids.csv")),
         quarantine=[restricted("work/inventory-quarantine.jsonl")]
         + per_unit(restricted("work/{unit}/quarantine.jsonl"))
-        + per_unit(restricted("work/{unit}/other-quarantine.jsonl")),
+        + per_unit(restricted("work/{unit}/other-quarantine.jsonl"))
+        + FACE_QUARANTINE,
     output:
         uids=restricted("mapping/uids.csv"),
         quarantine=restricted("quarantine.tsv"),

@@ -45,16 +45,6 @@ def _strict(a: argparse.Namespace) -> None:
         atomic_write_text(a.output, "no quarantined files\n", RESTRICTED_FILE_MODE)
 
 
-def _other(a: argparse.Namespace) -> None:
-    from .formats.stage import release_unit
-    with job_logging(a.log, f"other job {Path(a.manifest).stem}") as log:
-        counts = release_unit(manifest=a.manifest, release=a.release, restricted=a.restricted, done=a.done,
-                              quarantine=a.quarantine, settings=json.loads(a.settings),
-                              formats_config=json.loads(a.formats))
-        log.info("%(subjects)d subjects with non-DICOM files: released %(files)d files, quarantined %(quarantined)d",
-                 counts)
-
-
 def _convert(a: argparse.Namespace) -> None:
     from .bids.convert import convert_unit
     with job_logging(a.log, f"convert job {Path(a.manifest).stem}") as log:
@@ -65,12 +55,34 @@ def _convert(a: argparse.Namespace) -> None:
                  "%(not_converted)d series not converted", counts)
 
 
+def _face(a: argparse.Namespace) -> None:
+    import os
+    os.environ.setdefault("DEIDFLOW_FACE_THREADS", a.threads)
+    from .face.stage import face_unit
+    with job_logging(a.log, f"face job {Path(a.convert_done).stem}") as log:
+        counts = face_unit(convert_done=a.convert_done, dicom_root=a.dicom_root, release_root=a.release_root,
+                           restricted=a.restricted, done=a.done, quarantine=a.quarantine,
+                           settings=json.loads(a.settings), face_cfg=json.loads(a.face))
+        log.info("%(images)d images: %(treated)d defaced or skull-stripped, %(dicom_files)d DICOM files "
+                 "rewritten, %(withheld)d withheld", counts)
+
+
 def _bids_dataset(a: argparse.Namespace) -> None:
     from .bids.dataset import write_dataset
     with job_logging(a.log, "BIDS dataset files") as log:
         counts = write_dataset(done_files=_listed(a.done_list), release_root=a.release_root, marker=a.output,
                                settings=json.loads(a.settings), bids=json.loads(a.bids))
         log.info("%(files)d dataset files, %(changed)d rewritten", counts)
+
+
+def _other(a: argparse.Namespace) -> None:
+    from .formats.stage import release_unit
+    with job_logging(a.log, f"other job {Path(a.manifest).stem}") as log:
+        counts = release_unit(manifest=a.manifest, release=a.release, restricted=a.restricted, done=a.done,
+                              quarantine=a.quarantine, settings=json.loads(a.settings),
+                              formats_config=json.loads(a.formats))
+        log.info("%(subjects)d subjects with non-DICOM files: released %(files)d files, quarantined %(quarantined)d",
+                 counts)
 
 
 def _verify(a: argparse.Namespace) -> None:
@@ -122,12 +134,14 @@ STAGES = {
     "qc_report": (_qc_report, ("release", "restricted", "output", "charts", "table", "full"),
                   "the self-contained HTML QC report"),
     "audit": (_audit, ("restricted", "output"), "restricted/audit/*.jsonl into restricted/audit.parquet"),
-    "convert": (_convert, ("manifest", "dicom-root", "release-root", "restricted", "done", "settings", "bids"),
-                "BIDS NIfTI of one job unit from its de-identified DICOM (dcm2niix)"),
-    "bids_dataset": (_bids_dataset, ("done-list", "release-root", "settings", "bids", "output"),
-                     "dataset_description.json, participants.tsv/json, README, CHANGES, .bidsignore"),
     "other": (_other, ("manifest", "release", "restricted", "done", "quarantine", "settings", "formats"),
               "de-identify the non-DICOM files of one job unit (NIfTI, Analyze, MINC, PAR/REC, MGH, twix, JSON)"),
+    "convert": (_convert, ("manifest", "dicom-root", "release-root", "restricted", "done", "settings", "bids"),
+                "BIDS NIfTI of one job unit from its de-identified DICOM (dcm2niix)"),
+    "face": (_face, ("convert-done", "dicom-root", "release-root", "restricted", "done", "quarantine", "settings",
+                     "face", "threads"), "deface or skull-strip the head MRI of one job unit (NIfTI and DICOM)"),
+    "bids_dataset": (_bids_dataset, ("done-list", "release-root", "settings", "bids", "output"),
+                     "dataset_description.json, participants.tsv/json, README, CHANGES, .bidsignore"),
 }
 
 

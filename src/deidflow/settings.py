@@ -85,6 +85,12 @@ def _check_semantics(config: dict) -> None:
             check_config(config["pixels"])
         except (ValueError, RuntimeError, OSError) as exc:
             raise ConfigError(f"config key pixels: {exc}") from None
+    if config.get("face") and config.get("outputs", {}).get("bids", True):
+        from .face.backends import check_config  # a missing optional backend fails here, not in a job
+        try:
+            check_config(config["face"])
+        except ValueError as exc:
+            raise ConfigError(f"config key {exc}") from None
 
 
 @dataclass(frozen=True)

@@ -1,0 +1,231 @@
+"""Putting a removal mask into the released files: NIfTI images and the DICOM series they came from.
+
+Only voxels inside the removed region change; every other byte of the image data is copied as it
+was (the NIfTI header is kept byte for byte; DICOM pixel data are patched in their stored form,
+so high bits, padding and rescale stay as they were). Removed voxels get the stored value whose
+real value is 0 (or the closest representable one).
+"""
+from __future__ import annotations
+
+import gzip
+import io
+from dataclasses import dataclass
+
+import numpy as np
+
+GEOMETRY_TOL_VOX = 0.1
+
+
+class GeometryMismatch(ValueError):
+    """A DICOM frame does not lie on the voxel grid of any converted NIfTI image."""
+
+
+# ---------------------------------------------------------------------------------------------- NIfTI
+@dataclass
+class Nifti:
+    """A NIfTI-1/2 file held in memory: header bytes, data array (stored values), trailing bytes."""
+
+    prefix: bytes
+    raw: np.ndarray            # stored values, Fortran order, shape as in the header
+    suffix: bytes
+    affine: np.ndarray
+    slope: float
+    inter: float
+    gz: bool
+
+    @classmethod
+    def from_bytes(cls, data: bytes) -> "Nifti":
+        import nibabel as nib
+        gz = data[:2] == b"\x1f\x8b"
+        if gz:
+            data = gzip.decompress(data)
+        klass = nib.Nifti1Header if _sizeof_hdr(data) == 348 else nib.Nifti2Header
+        hdr = klass.from_fileobj(io.BytesIO(data))
+        off = int(hdr["vox_offset"])
+        dtype = hdr.get_data_dtype()
+        shape = hdr.get_data_shape()
+        n = int(np.prod(shape)) * dtype.itemsize
+        raw = np.frombuffer(data, dtype=dtype, count=int(np.prod(shape)), offset=off).reshape(shape, order="F")
+        slope, inter = hdr.get_slope_inter()
+        return cls(data[:off], raw, data[off + n:], hdr.get_best_affine(),
+                   1.0 if slope is None else float(slope), 0.0 if inter is None else float(inter), gz)
+
+    def real(self) -> np.ndarray:
+        """Real values (float32)."""
+        return (self.raw.astype(np.float32) * np.float32(self.slope) + np.float32(self.inter))
+
+    def masked(self, mask3d: np.ndarray) -> bytes:
+        """File bytes with the voxels of ``mask3d`` (3D, broadcast over further axes) set to 0."""
+        out = np.array(self.raw, order="F", copy=True)
+        fill = stored_zero(out.dtype, self.slope, self.inter)
+        out[mask3d.reshape(out.shape[:min(3, out.ndim)])] = fill  # a 3D mask indexes the first axes
+        body = self.prefix + out.tobytes(order="F") + self.suffix
+        return gzip.compress(body, compresslevel=6, mtime=0) if self.gz else body
+
+
+def _sizeof_hdr(data: bytes) -> int:
+    v = int.from_bytes(data[:4], "little")
+    return v if v in (348, 540) else int.from_bytes(data[:4], "big")
+
+
+def stored_zero(dtype: np.dtype, slope: float = 1.0, inter: float = 0.0,
+                lo: float | None = None, hi: float | None = None):
+    """The stored value whose real value (stored * slope + inter) is closest to 0."""
+    dtype = np.dtype(dtype)
+    v = 0.0 if not slope else -inter / slope
+    if dtype.kind == "f":
+        return dtype.type(v)
+    info = np.iinfo(dtype)
+    lo = info.min if lo is None else lo
+    hi = info.max if hi is None else hi
+    return dtype.type(int(np.clip(np.round(v), lo, hi)))
+
+
+# ---------------------------------------------------------------------------------------------- DICOM
+def _frame_geometry(ds, frame: int):
+    """(ImagePositionPatient, ImageOrientationPatient, PixelSpacing) of one frame, from the
+    top level (classic) or the per-frame / shared functional groups (enhanced)."""
+    def pick(seq_kw: str, attr: str):
+        for fg_kw in ("PerFrameFunctionalGroupsSequence", "SharedFunctionalGroupsSequence"):
+            fgs = ds.get(fg_kw)
+            if not fgs:
+                continue
+            item = fgs[frame] if fg_kw.startswith("PerFrame") else fgs[0]
+            seq = item.get(seq_kw)
+            if seq and attr in seq[0]:
+                return seq[0][attr].value
+        return ds.get(attr)
+    ipp = pick("PlanePositionSequence", "ImagePositionPatient")
+    iop = pick("PlaneOrientationSequence", "ImageOrientationPatient")
+    ps = pick("PixelMeasuresSequence", "PixelSpacing")
+    if ipp is None or iop is None or ps is None:
+        raise GeometryMismatch("frame without position, orientation or pixel spacing")
+    return np.array(ipp, float), np.array(iop, float), np.array(ps, float)
+
+
+def _rescale(ds, frame: int) -> tuple[float, float]:
+    for fg_kw in ("PerFrameFunctionalGroupsSequence", "SharedFunctionalGroupsSequence"):
+        fgs = ds.get(fg_kw)
+        if fgs:
+            item = fgs[frame] if fg_kw.startswith("PerFrame") else fgs[0]
+            seq = item.get("PixelValueTransformationSequence")
+            if seq and "RescaleSlope" in seq[0]:
+                return float(seq[0].RescaleSlope), float(seq[0].get("RescaleIntercept", 0))
+    if "RescaleSlope" in ds:
+        return float(ds.RescaleSlope), float(ds.get("RescaleIntercept", 0))
+    return 1.0, 0.0
+
+
+def frame_mask(ds, frame: int, affine: np.ndarray, mask3d: np.ndarray) -> np.ndarray | None:
+    """The 2D (rows, cols) mask of one DICOM frame looked up in a NIfTI grid, or None when the
+    frame's pixels do not fall on that grid's voxels."""
+    ipp, iop, ps = _frame_geometry(ds, frame)
+    rows, cols = int(ds.Rows), int(ds.Columns)
+    r, c = np.meshgrid(np.arange(rows), np.arange(cols), indexing="ij")
+    lps = ipp[None, None, :] + (c[..., None] * ps[1]) * iop[None, None, :3] + (r[..., None] * ps[0]) * iop[None, None, 3:]
+    ras = lps * np.array([-1.0, -1.0, 1.0])
+    vox = (np.linalg.inv(affine) @ np.concatenate([ras, np.ones(ras.shape[:2] + (1,))], axis=-1)[..., None])[..., :3, 0]
+    idx = np.rint(vox)
+    if np.abs(vox - idx).max() > GEOMETRY_TOL_VOX:
+        return None
+    idx = idx.astype(np.int64)
+    shape = np.array(mask3d.shape[:3])
+    if (idx < 0).any() or (idx >= shape).any():
+        return None
+    return mask3d[idx[..., 0], idx[..., 1], idx[..., 2]]
+
+
+@dataclass
+class DicomResult:
+    data: bytes
+    frames: int
+    pixels_removed: int
+    new_sop_instance_uid: str
+    old_sop_instance_uid: str
+
+
+def mask_dicom(data: bytes, grids: list[tuple[np.ndarray, np.ndarray]], new_uid, derivation: str,
+               method_note: str) -> DicomResult | None:
+    """Apply the first matching grid's mask to every frame of a DICOM file.
+
+    ``grids`` are (NIfTI affine, native 3D mask) pairs of the images converted from this series;
+    ``new_uid(old)`` gives the keyed SOP Instance UID of the derived image. Returns None when the
+    file has no pixel data (nothing to do); raises :class:`GeometryMismatch` when a frame matches
+    none of the grids.
+    """
+    import pydicom
+    from pydicom.uid import ExplicitVRLittleEndian
+    ds = pydicom.dcmread(io.BytesIO(data))
+    if "PixelData" not in ds:
+        return None
+    ts = ds.file_meta.TransferSyntaxUID
+    if ts.is_compressed:
+        ds.decompress()  # re-encoded native little endian; the stored values are unchanged
+    elif not ts.is_little_endian:
+        raise GeometryMismatch("big-endian pixel data is not supported for write-back")
+    if int(ds.get("SamplesPerPixel", 1)) != 1:
+        raise GeometryMismatch("colour images are not head MRI")
+    frames = int(ds.get("NumberOfFrames", 1) or 1)
+    bits = int(ds.BitsAllocated)
+    if bits not in (8, 16, 32):
+        raise GeometryMismatch(f"BitsAllocated {bits} is not supported for write-back")
+    signed = int(ds.PixelRepresentation) == 1
+    dtype = np.dtype(f"<{'i' if signed else 'u'}{bits // 8}")
+    rows, cols = int(ds.Rows), int(ds.Columns)
+    pix = np.frombuffer(ds.PixelData, dtype=dtype, count=frames * rows * cols).reshape(frames, rows, cols).copy()
+    stored_bits = int(ds.get("BitsStored", bits))
+    lo, hi = (-(1 << (stored_bits - 1)), (1 << (stored_bits - 1)) - 1) if signed else (0, (1 << stored_bits) - 1)
+    removed = 0
+    for f in range(frames):
+        m2 = None
+        for affine, mask3d in grids:
+            m2 = frame_mask(ds, f, affine, mask3d)
+            if m2 is not None:
+                break
+        if m2 is None:
+            raise GeometryMismatch(f"frame {f + 1} lies on the grid of no converted image")
+        slope, inter = _rescale(ds, f)
+        pix[f][m2] = stored_zero(dtype, slope, inter, lo, hi)
+        removed += int(m2.sum())
+    raw = bytearray(ds.PixelData)
+    raw[: pix.nbytes] = pix.tobytes()
+    ds.PixelData = bytes(raw)
+    old = str(ds.SOPInstanceUID)
+    new = new_uid(old)
+    ds.SOPInstanceUID = new
+    ds.file_meta.MediaStorageSOPInstanceUID = new
+    _mark_derived(ds, derivation, method_note)
+    if ds.file_meta.TransferSyntaxUID != ts and ds.file_meta.TransferSyntaxUID != ExplicitVRLittleEndian:
+        ds.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
+    out = io.BytesIO()
+    ds.save_as(out, enforce_file_format=False)
+    return DicomResult(out.getvalue(), frames, removed, new, old)
+
+
+def _derived(value) -> list[str]:
+    vals = [value] if isinstance(value, str) else list(value or [])
+    if not vals:
+        return ["DERIVED", "SECONDARY"]
+    vals[0] = "DERIVED"
+    return vals
+
+
+def _mark_derived(ds, derivation: str, method_note: str) -> None:
+    """ImageType / FrameType DERIVED, DerivationDescription, DeidentificationMethod, and only now
+    BurnedInAnnotation and RecognizableVisualFeatures NO."""
+    if "ImageType" in ds:
+        ds.ImageType = _derived(ds.ImageType)
+    for fg_kw in ("SharedFunctionalGroupsSequence", "PerFrameFunctionalGroupsSequence"):
+        for item in ds.get(fg_kw) or ():
+            for seq_kw in ("MRImageFrameTypeSequence", "CTImageFrameTypeSequence"):
+                for ft in item.get(seq_kw) or ():
+                    if "FrameType" in ft:
+                        ft.FrameType = _derived(ft.FrameType)
+    ds.DerivationDescription = derivation[:1024]
+    methods = ds.get("DeidentificationMethod")
+    methods = [methods] if isinstance(methods, str) else list(methods or [])
+    if method_note not in methods:
+        methods.append(method_note[:64])
+    ds.DeidentificationMethod = methods
+    ds.BurnedInAnnotation = "NO"
+    ds.RecognizableVisualFeatures = "NO"
