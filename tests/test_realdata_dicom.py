@@ -835,9 +835,9 @@ def test_cli_run_decubitus_leaves_no_identifier_in_release_or_snakemake(tmp_path
     _fail_on_hits(scan_tree(snakemake_dir, idents, stats_smk, names_too=sorted(names)),
                   f"{snakemake_dir}")
 
-    # The release is complete: every DICOM input released, the text file quarantined.  Besides
+    # The DICOM release is complete: every DICOM input released, the text file quarantined.  Besides
     # the DICOM files it holds only Snakemake's empty marker of each directory() output.
-    everything = [p for p in out.rglob("*") if p.is_file()]
+    everything = [p for p in (out / "sourcedata" / "dicom").rglob("*") if p.is_file()]
     markers = [p for p in everything if p.name == ".snakemake_timestamp"]
     assert all(p.stat().st_size == 0 for p in markers)
     assert len(markers) == len({p.parent for p in markers}) <= 1  # one subject in this input

@@ -2,10 +2,12 @@
 from __future__ import annotations
 
 import csv
+import gzip
 import io
 import os
 import shutil
 import tempfile
+from contextlib import contextmanager
 from pathlib import Path
 
 RESTRICTED_DIR_MODE = 0o700
@@ -106,3 +108,18 @@ def _unlink_quietly(path: str | Path) -> None:
         os.unlink(path)
     except FileNotFoundError:
         pass
+
+
+GZIP_LEVEL = 6
+
+
+@contextmanager
+def output_stream(path: Path, gz: bool):
+    """A binary writer for ``path``, gzip-compressed when ``gz`` (mtime 0 and no file name in the
+    gzip header, so equal content gives equal bytes)."""
+    with open(path, "wb") as raw:
+        if gz:
+            with gzip.GzipFile(filename="", mode="wb", fileobj=raw, compresslevel=GZIP_LEVEL, mtime=0) as sink:
+                yield sink
+        else:
+            yield raw

@@ -7,16 +7,17 @@ gives the same bytes whatever gzip or pigz the machine has).
 """
 from __future__ import annotations
 
-import gzip
+import hashlib
 import json
+import re
 import shutil
 import subprocess
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from ..fsutil import output_stream
+
 BASENAME = "series"
-# gzip level for released NIfTI (dcm2niix's own default is 6)
-GZIP_LEVEL = 6
 
 
 class ConversionError(RuntimeError):
@@ -90,11 +91,36 @@ def convert_series(series_dir: Path, workdir: Path, *, log=None) -> list[Output]
         bval, bvec = nii.with_name(stem + ".bval"), nii.with_name(stem + ".bvec")
         outputs.append(Output(stem[len(BASENAME):], nii, sidecar, bval if bval.is_file() else None,
                               bvec if bvec.is_file() else None))
-    return outputs
+    return _canonical_collision_tags(outputs)
+
+
+_COLLISION = re.compile(r"^(.*?)([a-z]?)$")
+
+
+def _canonical_collision_tags(outputs: list[Output]) -> list[Output]:
+    """dcm2niix names a second image that would get an existing name ``<name>a``, a third
+    ``<name>b``…, in the order it reads the files, which is the folder's directory order (creation
+    order on tmpfs, a hash order on ext4). Re-letter each such family by the images' content hash,
+    so the same series gives the same names on every file system and after every resume."""
+    tags = {o.tag for o in outputs}
+    families: dict[str, list[Output]] = {}
+    for o in outputs:
+        base, letter = _COLLISION.match(o.tag).groups()
+        families.setdefault(base if letter and base in tags else o.tag, []).append(o)
+    for base, members in families.items():
+        if len(members) > 1:
+            members.sort(key=_content_key)
+            for i, o in enumerate(members):
+                o.tag = base + ("" if i == 0 else chr(ord("a") + i - 1))
+    return sorted(outputs, key=lambda o: o.tag)
+
+
+def _content_key(o: Output) -> tuple[str, str]:
+    """What an image is, independent of the order dcm2niix met it: its voxels and its sidecar."""
+    return hashlib.sha256(o.nifti.read_bytes()).hexdigest(), json.dumps(o.sidecar, sort_keys=True)
 
 
 def gzip_file(src: Path, dst: Path) -> None:
     """``src`` gzipped into ``dst`` with a fixed header (no name, mtime 0): same bytes every run."""
-    with open(src, "rb") as fin, open(dst, "wb") as raw:
-        with gzip.GzipFile(filename="", mode="wb", fileobj=raw, compresslevel=GZIP_LEVEL, mtime=0) as gz:
-            shutil.copyfileobj(fin, gz, 1 << 20)
+    with open(src, "rb") as fin, output_stream(dst, gz=True) as gz:
+        shutil.copyfileobj(fin, gz, 1 << 20)

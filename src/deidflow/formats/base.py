@@ -12,7 +12,6 @@ import os
 import re
 import tempfile
 import zlib
-from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterable, Mapping
@@ -218,7 +217,6 @@ def same_length(value: bytes, replacement: bytes, fill: bytes = b"X") -> bytes:
 # ------------------------------------------------------------------------------------------------
 # Gzip-transparent input and output (NIfTI .nii.gz, MGZ)
 # ------------------------------------------------------------------------------------------------
-GZIP_LEVEL = 6
 GZIP_ERRORS = (EOFError, zlib.error, gzip.BadGzipFile)
 
 
@@ -231,15 +229,3 @@ def is_gzip(path: Path) -> bool:
 def open_input(path: Path):
     """``path`` opened for binary reading, gunzipped on the fly when it is gzip."""
     return gzip.open(path, "rb") if is_gzip(path) else open(path, "rb")
-
-
-@contextmanager
-def output_stream(path: Path, gz: bool):
-    """A binary writer for ``path``, gzip-compressed when ``gz`` (mtime 0 and no file name in the
-    gzip header, so equal content gives equal bytes)."""
-    with open(path, "wb") as raw:
-        if gz:
-            with gzip.GzipFile(filename="", mode="wb", fileobj=raw, compresslevel=GZIP_LEVEL, mtime=0) as sink:
-                yield sink
-        else:
-            yield raw

@@ -13,7 +13,8 @@ import struct
 from pathlib import Path
 
 from .base import (GZIP_ERRORS, Format, FormatError, Outputs, ScrubContext, ScrubResult, copy_exact,
-                   is_gzip, open_input, output_stream)
+                   is_gzip, open_input)
+from ..fsutil import output_stream
 
 HEADER = 284
 USED = 90

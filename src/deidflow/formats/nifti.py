@@ -27,7 +27,8 @@ import struct
 from pathlib import Path
 
 from .base import (GZIP_ERRORS, Format, FormatError, Outputs, ScrubContext, ScrubResult, copy_exact,
-                   is_gzip, open_input, output_stream)
+                   is_gzip, open_input)
+from ..fsutil import output_stream
 
 # name: (offset, length) of the text fields of each header flavour.
 NIFTI1_TEXT = {"data_type": (4, 10), "db_name": (14, 18), "descrip": (148, 80), "aux_file": (228, 24),
