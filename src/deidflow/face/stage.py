@@ -36,6 +36,7 @@ from .volume import reference_volume
 log = logging.getLogger("deidflow")
 QC_DIR = "derivatives/deidflow/qc"
 UID_DOMAIN = "deidflow-face"
+RELEASE_FILE_MODE = 0o644
 
 
 def _sha(data: bytes) -> str:
@@ -54,15 +55,27 @@ class Keeper:
     def _rec(self, rel: str) -> Path:
         return self.out / (rel + ".sha256")
 
+    def _recorded(self, rel: str) -> str | None:
+        rec = self._rec(rel)
+        return rec.read_text().strip() if rec.exists() else None
+
+    def available(self, rel: str) -> bool:
+        """In the release, or withheld from it by an earlier run of this job."""
+        return (self.root / rel).is_file() or ((self.orig / rel).is_file() and self._recorded(rel) == "withdrawn")
+
     def source(self, rel: str) -> bytes:
         """The pristine bytes of release file ``rel`` (kept, or refreshed from the release)."""
         self.touched.add(rel)
-        cur = (self.root / rel).read_bytes()
-        kept = self.orig / rel
+        kept, path = self.orig / rel, self.root / rel
+        recorded = self._recorded(rel)
+        if not path.exists():
+            if kept.exists() and recorded == "withdrawn":
+                return kept.read_bytes()
+            raise FileNotFoundError(f"{rel} is not in the release")
+        cur = path.read_bytes()
         if kept.exists():
             pristine = kept.read_bytes()
-            rec = self._rec(rel)
-            if cur == pristine or (rec.exists() and rec.read_text().strip() == _sha(cur)):
+            if cur == pristine or recorded == _sha(cur):
                 return pristine
         make_restricted_dir(kept.parent)
         atomic_write_bytes(kept, cur, RESTRICTED_FILE_MODE)
@@ -75,7 +88,16 @@ class Keeper:
         path = self.root / rel
         if path.exists() and path.stat().st_size == len(data) and path.read_bytes() == data:
             return
-        atomic_write_bytes(path, data, path.stat().st_mode & 0o777 if path.exists() else None)
+        atomic_write_bytes(path, data, path.stat().st_mode & 0o777 if path.exists() else RELEASE_FILE_MODE)
+
+    def dicom_files(self, folder: Path) -> list[str]:
+        """Release-relative paths of the DICOM files of a series folder, withheld ones included."""
+        rel_dir = folder.relative_to(self.root)
+        rels = {str(p.relative_to(self.root)) for p in folder.glob("*.dcm") if p.is_file()}
+        kept = self.orig / rel_dir
+        if kept.is_dir():
+            rels |= {str(rel_dir / p.name) for p in kept.glob("*.dcm") if self.available(str(rel_dir / p.name))}
+        return sorted(rels)
 
     def withdraw(self, rel: str) -> None:
         """Take a release file out (its pristine copy stays in the restricted folder)."""
@@ -97,7 +119,8 @@ class Keeper:
             want = rec.read_text().strip()
             cur = path.read_bytes() if path.exists() else None
             if kept.exists() and ((cur is None and want == "withdrawn") or (cur is not None and _sha(cur) == want)):
-                atomic_write_bytes(path, kept.read_bytes(), path.stat().st_mode & 0o777 if path.exists() else None)
+                atomic_write_bytes(path, kept.read_bytes(),
+                                   path.stat().st_mode & 0o777 if path.exists() else RELEASE_FILE_MODE)
                 restored.append(rel)
             rec.unlink()
         return restored
@@ -141,7 +164,7 @@ def face_unit(convert_done: Path, dicom_root: Path, release_root: Path, restrict
     for subj in marker.get("subjects", []):
         series_cache: dict[str, Any] = {}
         for entry in list(subj.get("images", [])) + list(subj.get("unsorted", [])):
-            if not (release_root / entry["nifti"]).is_file():
+            if not keeper.available(entry["nifti"]):
                 log.warning("%s: listed by convert but not in the release; skipped", entry["nifti"])
                 continue
             images.append(_describe(entry, subj["subject"], keeper, dicom_root, series_cache, face_cfg))
@@ -164,6 +187,20 @@ def face_unit(convert_done: Path, dicom_root: Path, release_root: Path, restrict
         native = vol.to_native(removed_ras)
         seconds = round(time.perf_counter() - t0, 2)
         frac = float(removed_ras.mean())
+        _save_mask(work / "masks" / ref.rel, native, nii.affine)
+        problem = implausible(vol, removed_ras, method)
+        if problem:  # never release a face the backend missed: withhold the group's files
+            for im in group:
+                keeper.withdraw(im.rel)
+                bad.append((im.rel, f"face: {problem}; withheld from the release"))
+                im.result = {"backend": backend_name, "withheld": problem}
+            if dicom_in_release and ref.series_dir is not None:
+                for rel in keeper.dicom_files(ref.series_dir):
+                    keeper.withdraw(rel)
+                    bad.append((rel, f"face: {problem}; withheld from the release"))
+            counts["withheld"] += len(group)
+            log.warning("%s: %s; withheld", ref.rel, problem)
+            continue
         for im in group:
             keeper.publish(im.rel, im.load(keeper).masked(native))
             im.result = {"backend": backend_name, "removed_fraction": round(frac, 4), "mask_from": ref.rel,
@@ -186,7 +223,8 @@ def face_unit(convert_done: Path, dicom_root: Path, release_root: Path, restrict
     for rel in keeper.restore_untouched():  # files of images no longer selected: undo earlier runs
         log.info("%s: restored (no longer selected)", rel)
     for subject, entries in sorted(qc.items()):
-        _write_qc_index(release_root / QC_DIR / subject / "face", [e for e in entries if not e.get("restricted")])
+        _write_qc_index(release_root / QC_DIR / subject / "face", [e for e in entries if not e.get("restricted")],
+                        RELEASE_FILE_MODE)
         _write_qc_index(restricted / "qc" / subject / "face", entries, RESTRICTED_FILE_MODE)
     from ..fsutil import csv_text
     atomic_write_text(work / "uids.csv", csv_text([("id_old", "id_new"), *sorted(uid_map.items())]),
@@ -206,7 +244,8 @@ def _describe(entry, subject, keeper: Keeper, dicom_root: Path, series_cache, fa
     from ..bids.series import read_series
     rel = entry["nifti"]
     import nibabel as nib
-    hdr_img = nib.load(keeper.root / rel)  # header only; the data are read from the pristine copy
+    where = keeper.root / rel if (keeper.root / rel).is_file() else keeper.orig / rel  # withheld earlier
+    hdr_img = nib.load(where)  # header only; the data are read from the pristine copy
     shape, affine = tuple(hdr_img.shape), hdr_img.affine
     series_dir = None
     attrs: Mapping[str, Any] = {}
@@ -245,12 +284,40 @@ def _groups(images: list[_Image]) -> list[list[_Image]]:
     return out
 
 
+MIN_FACE_TISSUE = 0.005
+
+
+def implausible(vol, removed: np.ndarray, method: str) -> str | None:
+    """Why a removal mask cannot be right (a registration that missed the head removes no
+    tissue), or None."""
+    tissue = vol.data > render.skin_threshold(vol.data)
+    if not tissue.any():
+        return "no tissue in the image"
+    share = float((removed & tissue).sum()) / float(tissue.sum())
+    if method == "deface" and share < MIN_FACE_TISSUE:
+        return f"defacing removed only {100 * share:.2f}% of the head (registration failed?)"
+    if method == "skullstrip" and share > 0.98:
+        return "skull-stripping removed the whole head (no brain found)"
+    return None
+
+
+def _save_mask(path: Path, native: np.ndarray, affine: np.ndarray) -> None:
+    """The removed region (uint8 NIfTI, restricted) for audits and tests."""
+    import gzip
+
+    import nibabel as nib
+    img = nib.Nifti1Image(native.astype(np.uint8), affine)
+    img.header.set_data_dtype(np.uint8)
+    path = path.with_name(_stem(path.name) + "_removed.nii.gz")
+    make_restricted_dir(path.parent)
+    atomic_write_bytes(path, gzip.compress(img.to_bytes(), compresslevel=6, mtime=0), RESTRICTED_FILE_MODE)
+
+
 def _dicom_series(ref: _Image, group: list[_Image], native: np.ndarray, method: str, backend: str,
                   keeper: Keeper, release_root: Path, pseudo, uid_map: dict, bad: list) -> tuple[int, int]:
     """Write the mask into every file of the series the group was converted from."""
     grids = [(ref.nifti.affine, native)]  # members share the reference's grid
-    rels = sorted(str(p.relative_to(release_root)) for p in ref.series_dir.iterdir()
-                  if p.is_file() and p.suffix == ".dcm")
+    rels = keeper.dicom_files(ref.series_dir)
     derivation = (f"{'Defaced' if method == 'deface' else 'Skull-stripped'} by deidflow {__version__} "
                   f"(backend {backend}): voxels of the removed region set to 0")
     note = f"deidflow face: {method} ({backend})"
@@ -310,15 +377,15 @@ def _qc(ref: _Image, vol, removed: np.ndarray, method: str, backend: str, releas
         folder = (restricted / "qc" if private else release_root / QC_DIR) / ref.subject / "face"
         if private:
             make_restricted_dir(folder)
-        atomic_write_bytes(folder / name, render.png_bytes(img), RESTRICTED_FILE_MODE if private else None)
+        atomic_write_bytes(folder / name, render.png_bytes(img), RESTRICTED_FILE_MODE if private else RELEASE_FILE_MODE)
         entries.append({"file": name, "caption": caption, "kind": kind, **({"restricted": True} if private else {})})
     return entries
 
 
-def _write_qc_index(folder: Path, entries: list[dict], mode: int | None = None) -> None:
+def _write_qc_index(folder: Path, entries: list[dict], mode: int) -> None:
     if not entries:
         return
-    if mode is not None:
+    if mode == RESTRICTED_FILE_MODE:
         make_restricted_dir(folder)
     text = json.dumps([{k: e[k] for k in ("file", "caption", "kind")} for e in entries], indent=1) + "\n"
     atomic_write_text(folder / "index.json", text, mode)
