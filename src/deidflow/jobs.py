@@ -145,6 +145,11 @@ STAGES = {
 }
 
 
+# pydicom imports `requests` (0.1 s of every job's start) only to offer downloads of its test
+# files, and no job goes to the network; only antspyx (face) needs the module to import.
+NEEDS_REQUESTS = {"face"}
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m deidflow.jobs")
     sub = p.add_subparsers(dest="stage", required=True)
@@ -154,6 +159,8 @@ def main(argv: list[str] | None = None) -> int:
             sp.add_argument(f"--{arg}", required=True)
         sp.set_defaults(func=func)
     args = p.parse_args(argv)
+    if args.stage not in NEEDS_REQUESTS:
+        sys.modules.setdefault("requests", None)  # type: ignore[assignment]
     args.func(args)
     return 0
 
