@@ -35,6 +35,7 @@ fuzz: install  ## long fuzz run of the DICOM de-identification (20000 random exa
 bench: install  ## throughput and overhead benchmarks, printed as tables
 	$(BIN)/python benchmarks/run.py
 	$(BIN)/python benchmarks/pixels.py
+	$(BIN)/python benchmarks/face.py
 
 lint: install
 	DEIDFLOW_KEY=lint-only-key-0123456789 $(BIN)/snakemake --lint --config input=tests output=/tmp/deidflow-lint-release

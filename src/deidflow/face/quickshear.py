@@ -38,19 +38,17 @@ def shear_mask(brain: np.ndarray, zooms, margin_mm: float = MARGIN_MM) -> np.nda
     zy, zz = float(zooms[1]), float(zooms[2])
     proj = brain.any(axis=0)                                   # (y, z)
     ys, zs = np.nonzero(proj)
-    # points in mm with x := -y (posterior to anterior reversed) so the face side is the lower hull
+    # points in mm with x := -y: the face (anterior-inferior) side of the brain is on the lower hull
     pts = np.unique(np.stack([-(ys * zy), zs * zz], axis=1), axis=0)
     hull = _lower_hull(pts)
-    target = np.array([1.0, -1.0]) / np.sqrt(2)               # outward normal: anterior (x<0) ... see below
     best, best_score = None, -np.inf
     for (x1, z1), (x2, z2) in zip(hull[:-1], hull[1:]):
         d = np.array([x2 - x1, z2 - z1])
         n = np.array([d[1], -d[0]]) / np.linalg.norm(d)      # lower hull: outward normal points down
-        # in (x=-y, z) coordinates, anterior-inferior is (-1, -1)
+        # in (x = -y, z) coordinates anterior-inferior is (-1, -1): pick the edge facing it
         score = float(n @ (np.array([-1.0, -1.0]) / np.sqrt(2)))
         if score > best_score:
             best, best_score = (np.array([x1, z1]), n), score
-    del target
     p0, n = best
     ny, nz = brain.shape[1], brain.shape[2]
     yy, zz_ = np.meshgrid(np.arange(ny) * zy, np.arange(nz) * zz, indexing="ij")
