@@ -12,8 +12,14 @@ _check_semantics(config)
 PREPARED = prepare(config, main_process=workflow.is_main_process)
 OUT = str(PREPARED.paths.output)
 RESTRICTED = str(PREPARED.paths.restricted)
-# The dicom stage also runs for a BIDS-only release: its output is the converter's input.
-UNITS = list(PREPARED.units) if config["outputs"]["dicom"] or config["outputs"].get("bids", True) else []
+# Every job unit, and the units each kind of stage has work in (a stage gets no job for a unit
+# without files of its kind). The dicom stage also runs for a BIDS-only release: its output is the
+# converter's input.
+UNITS = list(PREPARED.units)
+DICOM_UNITS = [u for u in UNITS if "dicom" in PREPARED.unit_formats[u]]
+if not (config["outputs"]["dicom"] or config["outputs"].get("bids", True)):
+    DICOM_UNITS = []
+OTHER_UNITS = [u for u in UNITS if PREPARED.unit_formats[u] - {"dicom"}]
 SETTINGS = {**profile_settings(config), "key_fingerprint": PREPARED.fingerprint}
 SETTINGS_JSON = json.dumps(SETTINGS, sort_keys=True)
 if workflow.is_main_process:
@@ -47,31 +53,34 @@ def release_root_of(wildcards):
     return OUT
 
 
-def per_unit(pattern):
-    """``pattern`` expanded over the job units (subjects or batches of small subjects)."""
-    return expand(pattern, unit=UNITS)
+def per_unit(pattern, units=None):
+    """``pattern`` expanded over job units (subjects or batches of small subjects): ``units``,
+    default every unit."""
+    return expand(pattern, unit=UNITS if units is None else units)
 
 
-# Stages register themselves when their rules file is included: UNIT_STAGES names the per-unit
-# stages whose done marker restricted/done/<stage>/<unit>.json must exist before a unit is
-# verified; EXTRA_TARGETS are aggregate targets (dataset files, report) added to rule all.
-UNIT_STAGES = []
+# Stages register themselves when their rules file is included: UNIT_STAGES maps each per-unit
+# stage to the units it runs for; its done markers restricted/done/<stage>/<unit>.json must exist
+# before a unit is verified. EXTRA_TARGETS are aggregate targets (dataset files, report) of rule all.
+UNIT_STAGES = {}
 EXTRA_TARGETS = []
 
 
-def register_unit_stage(stage):
-    """Declare a per-unit stage whose done marker is a target of the run."""
-    UNIT_STAGES.append(stage)
+def register_unit_stage(stage, units=None):
+    """Declare a per-unit stage that runs for ``units`` (default: every unit)."""
+    UNIT_STAGES[stage] = (list(UNITS if units is None else units), set(UNITS if units is None else units))
 
 
 def unit_done(stage):
-    """The done markers of ``stage`` for every job unit."""
-    return per_unit(restricted(f"done/{stage}/{{unit}}.json"))
+    """The done markers of ``stage`` for every unit it runs for (every unit, for a stage that is
+    not registered, such as verify)."""
+    return per_unit(restricted(f"done/{stage}/{{unit}}.json"), UNIT_STAGES.get(stage, (UNITS,))[0])
 
 
 def stages_done_of_unit(wildcards):
-    """Input function: the done markers of every registered stage for one unit."""
-    return [restricted(f"done/{stage}/{wildcards.unit}.json") for stage in UNIT_STAGES]
+    """Input function: the done markers of every registered stage that runs for this unit."""
+    return [restricted(f"done/{stage}/{wildcards.unit}.json")
+            for stage, (_, members) in UNIT_STAGES.items() if wildcards.unit in members]
 
 
 def final_outputs():

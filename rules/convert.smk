@@ -81,5 +81,5 @@ rule bids_dataset:
 
 
 if config["outputs"].get("bids", True):
-    register_unit_stage("convert")
+    register_unit_stage("convert", DICOM_UNITS)
     EXTRA_TARGETS.append(restricted("done/bids_dataset.json"))

@@ -35,4 +35,4 @@ rule dicom:
         " --settings {params.settings:q} --log {log:q} 2>> {log:q}"
 
 
-register_unit_stage("dicom")
+register_unit_stage("dicom", DICOM_UNITS)

@@ -41,5 +41,5 @@ rule face:
 
 FACE_QUARANTINE = []  # files withheld because no converted image covers them (merged by rule mapping)
 if config["outputs"].get("bids", True):
-    register_unit_stage("face")
-    FACE_QUARANTINE = per_unit(restricted("work/{unit}/face-quarantine.jsonl"))
+    register_unit_stage("face", DICOM_UNITS)
+    FACE_QUARANTINE = per_unit(restricted("work/{unit}/face-quarantine.jsonl"), DICOM_UNITS)

@@ -7,10 +7,10 @@ rule mapping:
     """UID mapping and quarantine list across subjects (restricted). patients.csv, dates.csv and
     the inventory's own quarantine lines are written at parse time (deidflow.pipeline.prepare)."""
     input:
-        uids=per_unit(restricted("work/{unit}/uids.csv")),
+        uids=per_unit(restricted("work/{unit}/uids.csv"), DICOM_UNITS),
         quarantine=[restricted("work/inventory-quarantine.jsonl")]
-        + per_unit(restricted("work/{unit}/quarantine.jsonl"))
-        + per_unit(restricted("work/{unit}/other-quarantine.jsonl"))
+        + per_unit(restricted("work/{unit}/quarantine.jsonl"), DICOM_UNITS)
+        + per_unit(restricted("work/{unit}/other-quarantine.jsonl"), OTHER_UNITS)
         + FACE_QUARANTINE,
     output:
         uids=restricted("mapping/uids.csv"),

@@ -35,4 +35,4 @@ rule other:
         " --log {log:q} 2>> {log:q}"
 
 
-register_unit_stage("other")
+register_unit_stage("other", OTHER_UNITS)

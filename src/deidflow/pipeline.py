@@ -31,6 +31,7 @@ class Prepared:
     subjects: list[str]
     units: dict[str, list[str]]  # job unit (sub-… or batch-…) -> subjects
     fingerprint: str
+    unit_formats: dict[str, frozenset[str]]  # job unit -> formats of its files (stages skip units without work)
 
 
 def pseudonymizer(key: bytes, config: Mapping[str, Any]) -> Pseudonymizer:
@@ -47,12 +48,15 @@ def prepare(config: Mapping[str, Any], *, main_process: bool = True) -> Prepared
     key = load_key(config.get("key_file") or None)
     fp = fingerprint(key)
     if not main_process:
-        table = pq.read_table(paths.restricted / "inventory.parquet", columns=["subject", "status"])
+        table = pq.read_table(paths.restricted / "inventory.parquet", columns=["subject", "status", "format"])
         counts: dict[str, int] = {}
-        for subject, status in zip(table["subject"].to_pylist(), table["status"].to_pylist()):
+        formats: dict[str, set[str]] = {}
+        for subject, status, fmt in zip(*(table[c].to_pylist() for c in ("subject", "status", "format"))):
             if status == "ok" and subject:
                 counts[subject] = counts.get(subject, 0) + 1
-        return Prepared(paths, sorted(counts), _units(counts, config), fp)
+                formats.setdefault(subject, set()).add(fmt)
+        units = _units(counts, config)
+        return Prepared(paths, sorted(counts), units, fp, _unit_formats(units, formats))
     make_restricted_dir(paths.restricted)
     _check_fingerprint(paths, fp)
     inv = inventory.build(paths.input, pseudonymizer(key, config),
@@ -62,7 +66,12 @@ def prepare(config: Mapping[str, Any], *, main_process: bool = True) -> Prepared
     units = _units(inventory.files_per_subject(inv), config)
     inventory.write(inv, paths.restricted, units)
     write_inventory_mappings(inv.rows, paths.restricted)
-    return Prepared(paths, inv.subjects, units, fp)
+    formats = {s: {r["format"] for r in rows} for s, rows in inv.by_subject().items()}
+    return Prepared(paths, inv.subjects, units, fp, _unit_formats(units, formats))
+
+
+def _unit_formats(units: Mapping[str, list[str]], formats: Mapping[str, set[str]]) -> dict[str, frozenset[str]]:
+    return {u: frozenset().union(*(formats.get(s, ()) for s in subjects)) for u, subjects in units.items()}
 
 
 def _units(counts: Mapping[str, int], config: Mapping[str, Any]) -> dict[str, list[str]]:
