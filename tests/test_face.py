@@ -193,6 +193,7 @@ def test_dicom_write_back_classic_series():
         assert np.all(out[mask[:, :, k]] == 1024)        # real value 0 with intercept -1024
         assert ds.ImageType[0] == "DERIVED" and ds.BurnedInAnnotation == "NO"
         assert ds.RecognizableVisualFeatures == "NO" and ds.DerivationDescription == "Defaced"
+        assert [c.CodeValue for c in ds.DeidentificationMethodCodeSequence] == ["113102"]
         assert ds.SOPInstanceUID == ds.file_meta.MediaStorageSOPInstanceUID == res.new_sop_instance_uid
         seen.add(res.new_sop_instance_uid)
         assert res.pixels_removed == int(mask[:, :, k].sum())

@@ -211,8 +211,9 @@ def _derived(value) -> list[str]:
 
 
 def _mark_derived(ds, derivation: str, method_note: str) -> None:
-    """ImageType / FrameType DERIVED, DerivationDescription, DeidentificationMethod, and only now
-    BurnedInAnnotation and RecognizableVisualFeatures NO."""
+    """ImageType / FrameType DERIVED, DerivationDescription, DeidentificationMethod and the Clean
+    Recognizable Visual Features code (113102), and only now BurnedInAnnotation and
+    RecognizableVisualFeatures NO."""
     if "ImageType" in ds:
         ds.ImageType = _derived(ds.ImageType)
     for fg_kw in ("SharedFunctionalGroupsSequence", "PerFrameFunctionalGroupsSequence"):
@@ -227,5 +228,15 @@ def _mark_derived(ds, derivation: str, method_note: str) -> None:
     if method_note not in methods:
         methods.append(method_note[:64])
     ds.DeidentificationMethod = methods
+    codes = ds.get("DeidentificationMethodCodeSequence")
+    if codes is None:
+        from pydicom.sequence import Sequence
+        ds.DeidentificationMethodCodeSequence = codes = Sequence()
+    if not any(c.get("CodeValue") == "113102" for c in codes):   # PS3.15 CID 7050
+        from pydicom.dataset import Dataset
+        item = Dataset()
+        item.CodeValue, item.CodingSchemeDesignator = "113102", "DCM"
+        item.CodeMeaning = "Clean Recognizable Visual Features Option"
+        codes.append(item)
     ds.BurnedInAnnotation = "NO"
     ds.RecognizableVisualFeatures = "NO"
