@@ -168,14 +168,23 @@ def test_kill_and_rerun_give_identical_bytes(released, tmp_path):
             "--quarantine", str(tmp_path / "q.jsonl"), "--settings", json.dumps(run["settings"]),
             "--face", json.dumps(load_defaults()["face"]), "--threads", "2", "--log", str(tmp_path / "face.log")]
     env = dict(os.environ, DEIDFLOW_KEY=TEST_KEY)
-    # the convert stage ran again for one image: the release holds the undefaced bytes again
-    first = report["images"][0]
-    shutil.copyfile(_pristine(restricted, report["unit"], first["nifti"]), out / first["nifti"])
+    # the convert and dicom stages ran again: every file of the unit holds its undefaced bytes again
+    kept = restricted / "work" / "face" / report["unit"] / "orig"
+    reset = sorted(p for p in kept.rglob("*") if p.is_file())
+    for p in reset:
+        shutil.copyfile(p, out / p.relative_to(kept))
     assert _hashes(out) != before
     proc = subprocess.Popen(args, env=env, cwd=ROOT)
-    time.sleep(5.0)
-    proc.send_signal(signal.SIGKILL)           # mid-job: some files rewritten, others not
+    first = out / report["images"][0]["nifti"]
+    deadline = time.time() + 120
+    while proc.poll() is None and time.time() < deadline:
+        if first.read_bytes() != (kept / report["images"][0]["nifti"]).read_bytes():
+            break                              # the first image is rewritten, the rest is not
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGKILL)
     proc.wait()
+    assert proc.returncode == -signal.SIGKILL, "the job finished before it could be killed"
+    assert _hashes(out) != before              # killed half-way
     subprocess.run(args, env=env, cwd=ROOT, check=True, timeout=600)
     assert _hashes(out) == before
     again = json.loads((tmp_path / "done.json").read_text())["images"]
