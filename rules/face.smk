@@ -25,6 +25,8 @@ rule face:
         restricted=restricted_of,
     log:
         restricted("logs/face/{unit}.log"),
+    group:
+        "unit"
     threads: 2
     resources:
         mem_mb=config["resources"].get("face_mem_mb", 3000),
