@@ -66,8 +66,11 @@ CORE_FIELDS = ("RepetitionTime", "EchoTime", "FlipAngle", "MagneticFieldStrength
 
 
 def _run(inp: Path, out: Path, *extra: str) -> None:
+    """A release without defacing: these tests compare the conversion itself with dcm2niix's
+    references voxel for voxel (tests/test_face_realdata.py covers the defaced release)."""
     env = {**os.environ, "DEIDFLOW_KEY": TEST_KEY}
-    r = subprocess.run([sys.executable, "-m", "deidflow.cli", "run", str(inp), str(out), "--cores", "2", *extra],
+    r = subprocess.run([sys.executable, "-m", "deidflow.cli", "run", str(inp), str(out), "--cores", "2",
+                        "--set", "face.method=none", *extra],
                        env=env, cwd=ROOT, capture_output=True, text=True, timeout=600)
     assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-3000:]
 
