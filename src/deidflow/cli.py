@@ -70,7 +70,17 @@ def run_workflow(config: dict, *, cores: int | str = "all", profile: str | None 
     if env is not None:
         os.environ.update(env)  # e.g. the demo's ephemeral key: environment, never an argument
     started = time.time()
-    rc = run_snakemake(args)
+    server = None
+    if profile is None and not dry_run and not os.environ.get("DEIDFLOW_NO_ZYGOTE"):
+        from . import zygote  # local jobs start from a process with the libraries imported
+        server = zygote.start()
+        os.environ[zygote.ENV] = server[1]
+    try:
+        rc = run_snakemake(args)
+    finally:
+        if server:
+            os.environ.pop(zygote.ENV, None)
+            zygote.stop(*server)
     if rc == 0 and not dry_run:
         quarantine = paths.restricted / "quarantine.tsv"
         n_bad = max(0, len(quarantine.read_text().splitlines()) - 1) if quarantine.exists() else 0

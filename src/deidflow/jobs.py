@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from pathlib import Path
 
@@ -148,9 +149,23 @@ STAGES = {
 # pydicom imports `requests` (0.1 s of every job's start) only to offer downloads of its test
 # files, and no job goes to the network; only antspyx (face) needs the module to import.
 NEEDS_REQUESTS = {"face"}
+ZYGOTE_ENV = "DEIDFLOW_ZYGOTE"  # deidflow.zygote.ENV, without importing it
 
 
 def main(argv: list[str] | None = None) -> int:
+    """Run one job: in a child of the fork server when ``deidflow run`` started one (see
+    :mod:`deidflow.zygote`), else in this process."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if os.environ.get(ZYGOTE_ENV) and argv and argv[0] not in NEEDS_REQUESTS:
+        from .zygote import run_remote
+        rc = run_remote(argv)
+        if rc is not None:
+            return rc
+    return run(argv)
+
+
+def run(argv: list[str]) -> int:
+    """Parse the stage and its arguments and run it in this process."""
     p = argparse.ArgumentParser(prog="python -m deidflow.jobs")
     sub = p.add_subparsers(dest="stage", required=True)
     for name, (func, args, helptext) in STAGES.items():
