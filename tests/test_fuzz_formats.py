@@ -109,3 +109,82 @@ def test_fuzz_random_nifti_and_mgh_headers(head, gz, tmp_path_factory):
             formats.get(fmt).scrub(src, tmp / f"out-{fmt}", CTX)
         except FormatError as exc:
             assert "\n" not in str(exc)
+
+
+# ------------------------------------------------------------------------------------------------
+# TIFF (deidflow.formats.tiff): a small SVS-like slide made with tifffile, mutated in its IFDs
+# ------------------------------------------------------------------------------------------------
+def _kept_data(path) -> list[bytes]:
+    """Strip/tile bytes of the pages the TIFF scrubber keeps (its own reader), in page order."""
+    from deidflow.formats import tiff
+    tf = tiff.read_structure(path)
+    out = []
+    with open(path, "rb") as fh:
+        for page, kind in zip(tf.pages, tiff.classify(tf)):
+            if kind:
+                continue
+            for off, n in page.blocks:
+                fh.seek(off)
+                out.append(fh.read(n))
+    return out
+
+
+def test_fuzz_tiff_scrubber(tmp_path_factory):
+    pytest.importorskip("tifffile")
+    from deidflow.formats import tiff
+
+    from .tiff_samples import make_svs
+    base = tmp_path_factory.mktemp("fuzz-tiff")
+    data = make_svs(base / "slide.svs", size=(256, 512)).read_bytes()
+    import tifffile
+    with tifffile.TiffFile(base / "slide.svs") as tf:  # where the IFDs are: most edits go there
+        regions = [(p.offset, 2 + 12 * len(p.tags) + 4) for p in tf.pages] + [(0, 8)]
+    counter = iter(range(1 << 30))
+
+    @FUZZ
+    @given(edits=st.lists(st.tuples(st.integers(0, len(regions)), st.integers(0, 1 << 16),
+                                    st.one_of(st.binary(min_size=1, max_size=8), st.just(MARK))),
+                          min_size=1, max_size=5))
+    def run(edits):
+        tmp = base / str(next(counter))
+        tmp.mkdir()
+        buf = bytearray(data)
+        for r, pos, chunk in edits:
+            start, n = regions[r] if r < len(regions) else (0, len(buf))
+            p = start + pos % n
+            buf[p:p + len(chunk)] = chunk
+        src = tmp / "in.svs"
+        src.write_bytes(bytes(buf[:len(data)]))
+        try:
+            tiff.identity(src)
+            res = tiff.scrub(src, tmp / "out.svs", CTX)
+        except FormatError as exc:
+            assert "\n" not in str(exc) and str(exc)
+            assert not (tmp / "out.svs").exists()
+            shutil.rmtree(tmp)
+            return
+        out = res.outputs[0]
+        kept = _kept_data(src)
+        assert _kept_data(out) == kept  # every kept strip/tile byte-identical, in order
+        blob = out.read_bytes()
+        if MARK in blob:  # only where an edit put it into kept image data or a kept numeric tag
+            tf = tiff.read_structure(src)
+            values = [e.raw for p in tf.pages for t, e in p.entries.items() if t in tiff.KEEP]  # tables, ICC…
+            assert MARK in b"".join(kept) or MARK in b"".join(values)
+        shutil.rmtree(tmp)
+
+    run()
+
+
+@FUZZ
+@given(head=st.binary(min_size=0, max_size=400), magic=st.sampled_from([b"II*\x00", b"MM\x00*", b"II+\x00", b"MM\x00+"]))
+def test_fuzz_random_tiff_headers(head, magic, tmp_path_factory):
+    from deidflow.formats import tiff
+    tmp = tmp_path_factory.mktemp("rndtiff")
+    src = tmp / "in.tif"
+    src.write_bytes(magic + head)
+    try:
+        tiff.identity(src)
+        tiff.scrub(src, tmp / "out.tif", CTX)
+    except FormatError as exc:
+        assert "\n" not in str(exc)
