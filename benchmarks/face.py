@@ -25,6 +25,8 @@ import tempfile
 import time
 from pathlib import Path
 
+from tables import table
+
 ROOT = Path(__file__).resolve().parents[1]
 CHRIS = ROOT.parent / "shared" / "data" / "mricron" / "chris_t1.nii.gz"
 MEDE_VENV = Path(os.environ.get("DEIDFLOW_MEDE_VENV", "/tmp/deidflow-bench-mede"))
@@ -104,15 +106,6 @@ def measured(cmd: list[str], timeout: float = 1800) -> tuple[float, float, subpr
     out, err = proc.communicate()
     wall = time.perf_counter() - t
     return wall, peak / 1024, subprocess.CompletedProcess(cmd, proc.returncode, out, err)
-
-
-def table(title: str, rows: list[tuple]) -> None:
-    print(f"\n{title}")
-    widths = [max(len(str(r[i])) for r in rows) for i in range(len(rows[0]))]
-    for j, r in enumerate(rows):
-        print("  ".join(str(c).ljust(w) for c, w in zip(r, widths)))
-        if j == 0:
-            print("  ".join("-" * w for w in widths))
 
 
 def env() -> dict:

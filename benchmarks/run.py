@@ -29,6 +29,7 @@ import pydicom
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "benchmarks"))
+from tables import table  # noqa: E402
 from trees import real_header_tree, tiny_subject_tree  # noqa: E402
 from verify import bench_verify, table_rows as verify_rows  # noqa: E402
 
@@ -49,15 +50,6 @@ KEY = "benchmark-key-0123456789abcdef"
 DICOM_RELEASE = ("--set", "outputs.bids=false")
 SETTINGS = {"options": [], "private": "remove", "overrides": [], "pseudonym_length": 8,
             "date_offset_days": [-365, -1], "mapping_csv": "", "key_file": ""}
-
-
-def table(title: str, rows: list[tuple]) -> None:
-    print(f"\n{title}")
-    widths = [max(len(str(r[i])) for r in rows) for i in range(len(rows[0]))]
-    for j, r in enumerate(rows):
-        print("  ".join(str(c).ljust(w) for c, w in zip(r, widths)))
-        if j == 0:
-            print("  ".join("-" * w for w in widths))
 
 
 def bench_inventory(tree: Path) -> tuple[float, float, int]:

@@ -151,12 +151,15 @@ class IdentifierCollector:
         if kind is None:
             return
         for s in _strings(value):
-            if kind == "private":
-                k = classify_private(s)
-                if k is not None:
-                    self.add(k, field, s)
-            else:
-                self.add(kind, field, s)
+            self._add_value(kind, field, s)
+
+    def _add_value(self, kind: str, field: str, value: str) -> None:
+        """One value of an element of ``kind``; a private value only when it looks identifying."""
+        if kind == "private":
+            kind = classify_private(value)
+            if kind is None:
+                return
+        self.add(kind, field, value)
 
     def dataset(self, ds) -> None:
         """Every identifying value inside a removed sequence item (any depth)."""
@@ -203,14 +206,8 @@ class IdentifierCollector:
                 text = data.decode("latin-1")
         for s in text.split("\\"):
             s = s.strip("\x00 ")
-            if not s:
-                continue
-            if kind == "private":
-                k = classify_private(s)
-                if k is not None:
-                    self.add(k, field, s)
-            else:
-                self.add(kind, field, s)
+            if s:
+                self._add_value(kind, field, s)
 
     def entries(self) -> list[list[str]]:
         return sorted([kind, field, value] for (kind, value), field in self.values.items())
