@@ -32,3 +32,26 @@ def key_env(monkeypatch):
     """A fixed secret key in $DEIDFLOW_KEY."""
     monkeypatch.setenv("DEIDFLOW_KEY", TEST_KEY)
     return TEST_KEY.encode()
+
+
+def identifier_in(value: str, blob: bytes, name: str = "") -> bool:
+    """Whether ``value`` occurs in ``blob`` (UTF-8 or Latin-1) or in the path ``name``. Values
+    shorter than 6 characters count only as whole tokens ("MARY" is inside "PRIMARY")."""
+    import re
+    if len(value) < 6:
+        token = r"(?<![A-Za-z0-9]){}(?![A-Za-z0-9])"
+        if name and re.search(token.format(re.escape(value)), name):
+            return True
+    elif value in name:
+        return True
+    for enc in ("utf-8", "latin-1"):
+        try:
+            b = value.encode(enc)
+        except UnicodeEncodeError:
+            continue
+        if len(value) < 6:
+            if re.search(rb"(?<![A-Za-z0-9])" + re.escape(b) + rb"(?![A-Za-z0-9])", blob):
+                return True
+        elif b in blob:
+            return True
+    return False
