@@ -7,7 +7,7 @@ import pytest
 from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.uid import ExplicitVRLittleEndian, RLELossless, generate_uid
 
-from deidflow.pixels import identify, layout, policy
+from deidflow.pixels import identify, ink, layout, policy
 from deidflow.pixels.pixeldata import Frames, check_consistency
 
 
@@ -150,3 +150,55 @@ def test_compressed_input_is_written_back_losslessly(tmp_path):
     assert (px[10:, 10:] == arr[0, 10:, 10:]).all()
     assert (px[:10, :10] != arr[0, :10, :10]).any(axis=-1).all()
     assert check_consistency(back) == []
+
+
+def _text_frame(background: np.ndarray, lines: list[tuple[int, str]], fill: int) -> np.ndarray:
+    from PIL import Image, ImageDraw, ImageFont
+    img = Image.fromarray(background)
+    d = ImageDraw.Draw(img)
+    font = ImageFont.load_default(size=14)
+    for y, text in lines:
+        d.text((20, y), text, fill=fill, font=font)
+    return np.asarray(img).astype(np.int16) * 4  # the 0..1023 scale of render.normalized
+
+
+def _ink_rows(frame: np.ndarray, box, level: int) -> tuple[int, int]:
+    x0, y0, x1, y1 = box
+    rows = np.flatnonzero((frame[y0:y1, x0:x1] == level).any(axis=1))
+    return y0 + rows[0], y0 + rows[-1] + 1
+
+
+@pytest.mark.parametrize("background, fill", [(0, 255), (255, 0)])
+def test_ink_rows_cut_a_box_to_its_text_line(background, fill):
+    frame = _text_frame(np.full((80, 300), background, np.uint8), [(30, "Patient ID: 6774825273 jg")], fill)
+    box = (10, 18, 290, 58)  # a detector's box: about half a line height above and below
+    top, bottom = _ink_rows(frame, box, fill * 4)
+    (cut,) = ink.text_rows(frame, box)
+    assert cut[0] == box[0] and cut[2] == box[2]  # never cut horizontally
+    assert cut[1] < top and cut[3] > bottom  # every row with ink stays inside, with a margin
+    assert cut[1] > box[1] and cut[3] < box[3]  # and the empty rows go
+    assert layout.area(cut) <= 0.7 * layout.area(box)
+
+
+def test_ink_rows_keep_the_box_when_it_is_not_clear():
+    rng = np.random.default_rng(3)
+    noise = rng.integers(0, 256, (80, 300), dtype=np.uint8)  # texture at every level
+    frame = _text_frame(noise, [(30, "DOE^JANE 19610312")], 255)
+    box = (10, 18, 290, 58)
+    assert ink.text_rows(frame, box) == [box]
+    # only a neighbouring line cut by the box's edge: not this box's text
+    frame = _text_frame(np.zeros((80, 300), np.uint8), [(8, "ABCDEFGH 12345")], 255)
+    box = (10, 16, 290, 60)
+    assert ink.text_rows(frame, box) == [box]
+    flat = np.zeros((40, 40), np.int16)
+    assert ink.text_rows(flat, (5, 5, 30, 30)) == [(5, 5, 30, 30)]
+
+
+def test_ink_rows_two_lines_in_one_box():
+    frame = _text_frame(np.zeros((120, 300), np.uint8), [(30, "Name: DOE JANE"), (60, "DOB 03/12/1961")], 255)
+    box = (10, 18, 290, 92)
+    cuts = ink.text_rows(frame, box)
+    for y in (30, 60):
+        top, bottom = _ink_rows(frame, (10, y - 4, 290, y + 24), 1020)
+        assert any(c[1] < top and c[3] > bottom for c in cuts)
+    assert sum(layout.area(c) for c in cuts) < layout.area(box)

@@ -18,7 +18,7 @@ import pydicom
 from pydicom.datadict import tag_for_keyword
 from pydicom.dataset import Dataset
 
-from . import identify, layout, ocr, render, thumbs
+from . import identify, ink, layout, ocr, render, thumbs
 from .layout import Box
 from .pixeldata import Frames, PixelDataError
 from .policy import Decision, HeaderFacts, decide, load_policy, load_regions, regions_for
@@ -186,12 +186,17 @@ class PixelCleaner:
             return _overview_label(merged, shape)
         if self.policy == "identifiers_only":
             out = []
+            gray = None
             for tb, texts, conf in merged:
                 rule = next((r for r in (identify.match(t, ids) for t in texts) if r), None)
                 if rule is None and conf < READABLE:
                     rule = "unreadable"  # text that cannot be read cannot be shown to be harmless
                 if rule:
-                    out.append((layout.pad(tb, shape, layout.PAD_LINE), f"ocr:{rule}", texts[0]))
+                    if gray is None:
+                        gray = render.normalized(render.gray_of(frame), invert)
+                    # only the rows the letters occupy (the rest of the image is meant to stay)
+                    for box in ink.text_rows(gray, layout.pad(tb, shape, layout.PAD_LINE)):
+                        out.append((box, f"ocr:{rule}", texts[0]))
             return out
         boxes = [layout.pad(tb, shape) for tb, _, _ in merged]
         texts = {layout.pad(tb, shape): t[0] for tb, t, _ in merged}
