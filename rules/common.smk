@@ -83,6 +83,35 @@ def stages_done_of_unit(wildcards):
             for stage, (_, members) in UNIT_STAGES.items() if wildcards.unit in members]
 
 
+def units_of(*stages):
+    """The units at least one of ``stages`` runs for, in UNITS order (for a stage that consumes them)."""
+    members = set().union(*(UNIT_STAGES.get(s, ((), set()))[1] for s in stages))
+    return [u for u in UNITS if u in members]
+
+
+def unit_markers_of(*stages):
+    """Input function (use with ``unpack``): {stage: the unit's done marker} for those of ``stages``
+    that run for the unit."""
+
+    def inputs(wildcards):
+        return {
+            s: restricted(f"done/{s}/{wildcards.unit}.json")
+            for s in stages
+            if wildcards.unit in UNIT_STAGES.get(s, ((), set()))[1]
+        }
+
+    return inputs
+
+
+def input_or_empty(name):
+    """Params function: the job's input ``name``, or '' when it has none (see unit_markers_of)."""
+
+    def param(wildcards, input):
+        return input.get(name, "")
+
+    return param
+
+
 def final_outputs():
     """Targets of rule all."""
     targets = [restricted("mapping/uids.csv"), restricted("quarantine.tsv")]

@@ -1,6 +1,7 @@
-# Faces (docs/face.md): deface or skull-strip every head MRI image of a unit's BIDS release and
-# write the same voxels back into the de-identified DICOM series it came from. Runs after the
-# unit's convert job; a missing optional backend already failed at config validation.
+# Faces (docs/face.md): deface or skull-strip every head MRI image of a unit — the BIDS release
+# with the de-identified DICOM series it came from (after the unit's convert job), and the NIfTI /
+# Analyze / MGH volumes released by the other stage (after the unit's other job). A missing
+# optional backend already failed at config validation.
 FACE_JSON = json.dumps(config["face"], sort_keys=True)
 FACE_TORCH = any(
     config["face"][f"{m}_backend"] in ("deepbet", "quickshear")
@@ -9,17 +10,21 @@ FACE_TORCH = any(
 
 
 rule face:
-    """Deface / skull-strip the head MRI of one job unit (NIfTI and DICOM, in place, kill-safe);
-    QC pictures in derivatives/deidflow/qc/<subject>/face."""
+    """Deface / skull-strip the head MRI of one job unit (NIfTI, Analyze, MGH and DICOM, in place,
+    kill-safe); QC pictures in derivatives/deidflow/qc/<subject>/face."""
     input:
-        convert=restricted("done/convert/{unit}.json"),
+        unpack(unit_markers_of("convert", "other")),
+        manifest=restricted("manifests/{unit}.json"),
     output:
         done=restricted("done/face/{unit}.json"),
         quarantine=restricted("work/{unit}/face-quarantine.jsonl"),
+        uids=restricted("work/face/{unit}/uids.csv"),
     params:
         python=PYTHON,
         settings=SETTINGS_JSON,
         face=FACE_JSON,
+        convert_done=input_or_empty("convert"),
+        other_done=input_or_empty("other"),
         dicom_root=DICOM_ROOT,
         release_root=release_root_of,
         restricted=restricted_of,
@@ -34,14 +39,17 @@ rule face:
     conda:
         "../envs/deepbet.yaml" if FACE_TORCH else "../envs/ants.yaml"
     shell:
-        "{params.python:q} -m deidflow.jobs face --convert-done {input.convert:q}"
+        "{params.python:q} -m deidflow.jobs face --manifest {input.manifest:q}"
+        " --convert-done={params.convert_done:q} --other-done={params.other_done:q}"
         " --dicom-root {params.dicom_root:q} --release-root {params.release_root:q}"
         " --restricted {params.restricted:q} --done {output.done:q} --quarantine {output.quarantine:q}"
         " --settings {params.settings:q} --face {params.face:q} --threads {threads}"
         " --log {log:q} 2>> {log:q}"
 
 
-FACE_QUARANTINE = []  # files withheld because no converted image covers them (merged by rule mapping)
-if config["outputs"].get("bids", True):
-    register_unit_stage("face", DICOM_UNITS)
-    FACE_QUARANTINE = per_unit(restricted("work/{unit}/face-quarantine.jsonl"), DICOM_UNITS)
+# Units with BIDS images (when the BIDS release is on) or non-DICOM files.
+FACE_UNITS = units_of("convert", "other")
+register_unit_stage("face", FACE_UNITS)
+# merged by rule mapping: files withheld, and the new SOP Instance UIDs of rewritten DICOM files
+FACE_QUARANTINE = per_unit(restricted("work/{unit}/face-quarantine.jsonl"), FACE_UNITS)
+FACE_UIDS = per_unit(restricted("work/face/{unit}/uids.csv"), FACE_UNITS)

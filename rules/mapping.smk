@@ -5,9 +5,11 @@ localrules:
 
 rule mapping:
     """UID mapping and quarantine list across subjects (restricted). patients.csv, dates.csv and
-    the inventory's own quarantine lines are written at parse time (deidflow.pipeline.prepare)."""
+    the inventory's own quarantine lines are written at parse time (deidflow.pipeline.prepare).
+    The face stage's maps (released UID -> UID of the defaced image) are chained onto the dicom
+    stage's, so uids.csv maps each original UID to the one in the release."""
     input:
-        uids=per_unit(restricted("work/{unit}/uids.csv"), DICOM_UNITS),
+        uids=per_unit(restricted("work/{unit}/uids.csv"), DICOM_UNITS) + FACE_UIDS,
         quarantine=[restricted("work/inventory-quarantine.jsonl")]
         + per_unit(restricted("work/{unit}/quarantine.jsonl"), DICOM_UNITS)
         + per_unit(restricted("work/{unit}/other-quarantine.jsonl"), OTHER_UNITS)

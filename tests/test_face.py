@@ -6,6 +6,7 @@ import copy
 import gzip
 import hashlib
 import io
+import json
 import os
 import stat
 import sys
@@ -24,7 +25,7 @@ from deidflow.face.quickshear import shear_mask
 from deidflow.face.select import ImageFacts, decide, extent_mm
 from deidflow.face.stage import Keeper, implausible
 from deidflow.face.volume import reference_volume
-from deidflow.settings import ConfigError, _check_semantics, load_defaults
+from deidflow.settings import ConfigError, _check_semantics, load_defaults, profile_settings
 
 FACE = load_defaults()["face"]
 
@@ -317,7 +318,10 @@ def test_missing_external_program_is_named(monkeypatch):
     monkeypatch.setenv("PATH", "/nonexistent")
     with pytest.raises(ConfigError, match=r"'bet' is not on PATH: install FSL"):
         _check_semantics(cfg)
-    cfg["outputs"]["bids"] = False                         # no BIDS release, no face stage
+    cfg["outputs"]["bids"] = False                         # NIfTI inputs still go through the face stage
+    with pytest.raises(ConfigError, match="'bet' is not on PATH"):
+        _check_semantics(cfg)
+    cfg["face"]["method"] = "none"                         # nothing to run: nothing to check
     _check_semantics(cfg)
 
 
@@ -337,3 +341,252 @@ def test_external_backend_runs_a_program_through_nipype(tmp_path, monkeypatch):
     data, brain = _phantom()
     removed = backends.get_backend("external", "mri_synthstrip").removal_mask(reference_volume(data, np.eye(4)))
     np.testing.assert_array_equal(removed, ~(data > 400))
+
+
+# ------------------------------------------------------------------------------------------ volumes released as they arrived
+@pytest.mark.parametrize("kw, method", [
+    ({}, "deface"),                                                   # head-sized, nothing known
+    ({"extent_mm": (400.0, 400.0, 600.0)}, "none"),                   # larger than a head
+    ({"extent_mm": (40.0, 40.0, 40.0)}, "none"),                      # smaller than a head
+    ({"volumes": 120}, "none"),                                       # a 4D series (fMRI, DWI)
+    ({"modality": "MR", "bare": False}, "none"),                      # a header that says MR, nothing more
+    ({"suffix": "bold", "bare": False}, "none"),                      # a BIDS name that is no head suffix
+    ({"suffix": "T1w", "bare": False}, "deface"),
+    ({"description": "brain_ct", "volumes": 3}, "deface"),            # the original name says head
+])
+def test_selector_for_headerless_volumes(kw, method):
+    base = dict(path="sourcedata/nifti/sub-a/k.nii.gz", suffix="", modality="", description="chris_t1",
+                extent_mm=(176.0, 256.0, 176.0), bare=True)
+    assert decide(facts(**{**base, **kw}), FACE).method == method
+
+
+def test_bids_suffix_of_original_names():
+    from deidflow.face.stage import bids_suffix
+    assert bids_suffix("sub-01_ses-2_acq-mprage_T1w.nii.gz") == "T1w"
+    assert bids_suffix("sub-01_T2w.hdr") == "T2w"
+    assert bids_suffix("chris_t1.nii.gz") == bids_suffix("T1w.nii") == ""
+
+
+def _masked_region(shape):
+    mask = np.zeros(shape[:3], bool)
+    mask[1:5, 6:, :4] = True
+    return mask
+
+
+@pytest.mark.parametrize("kind", ["analyze", "nifti1_pair", "nifti2_pair"])
+def test_pair_write_back_changes_only_the_image_file(kind, tmp_path):
+    rng = np.random.default_rng(2)
+    arr = rng.integers(1, 1000, (8, 10, 6)).astype(">i2" if kind == "analyze" else "<i2")
+    affine = np.diag([2.0, 2.0, 3.0, 1.0])
+    klass = {"analyze": nib.spm2analyze.Spm2AnalyzeImage, "nifti1_pair": nib.Nifti1Pair,
+             "nifti2_pair": nib.Nifti2Pair}[kind]
+    img = klass(arr, affine)
+    if kind == "analyze":
+        img.header.set_slope_inter(2.0)
+    nib.save(img, tmp_path / "x.hdr")
+    (tmp_path / "x.mat").unlink(missing_ok=True)           # SPM's side file: not part of a release
+    hdr, data = (tmp_path / "x.hdr").read_bytes(), (tmp_path / "x.img").read_bytes()
+    n = Nifti.from_pair(hdr, data)
+    np.testing.assert_allclose(n.affine, nib.load(tmp_path / "x.hdr").affine)
+    mask = _masked_region(arr.shape)
+    (tmp_path / "x.img").write_bytes(n.masked(mask))
+    back = nib.load(tmp_path / "x.hdr")
+    stored = np.asarray(back.dataobj.get_unscaled())
+    np.testing.assert_array_equal(stored[~mask], arr[~mask])
+    assert not back.get_fdata()[mask].any()
+    assert Nifti.from_pair(hdr, (tmp_path / "x.img").read_bytes()).masked(mask) == (tmp_path / "x.img").read_bytes()
+
+
+@pytest.mark.parametrize("gz", [False, True])
+def test_mgh_write_back(gz, tmp_path):
+    from nibabel.freesurfer.mghformat import MGHImage
+    rng = np.random.default_rng(3)
+    arr = rng.random((8, 10, 6)).astype(np.float32) + 1
+    path = tmp_path / ("x.mgz" if gz else "x.mgh")
+    nib.save(MGHImage(arr, np.diag([1.0, 1.5, 2.0, 1.0])), path)
+    raw = path.read_bytes()
+    n = Nifti.from_mgh(raw)
+    mask = _masked_region(arr.shape)
+    out = n.masked(mask)
+    plain, new = (gzip.decompress(b) if gz else b for b in (raw, out))
+    assert new[:284] == plain[:284] and new[-200:] == plain[-200:]        # header and tags untouched
+    path.write_bytes(out)
+    back = nib.load(path).get_fdata()
+    np.testing.assert_array_equal(back[~mask], arr[~mask])
+    assert not back[mask].any()
+
+
+def test_uid_chains_map_originals_to_released_uids():
+    from deidflow.mapping import chain_uids
+    rows = {("1.2.3", "2.25.10"), ("1.2.4", "2.25.11"), ("2.25.10", "2.25.99"), ("1.2.5", "1.2.5"),
+            ("1.2.6", "2.25.12")}
+    rows.add(("1.2.7", "2.25.13"))                     # retain_uids: the face stage replaces an original directly
+    assert chain_uids(rows) == {("1.2.3", "2.25.99"), ("1.2.4", "2.25.11"), ("1.2.5", "1.2.5"),
+                                ("1.2.6", "2.25.12"), ("1.2.7", "2.25.13")}
+
+
+def test_remap_uids_at_any_depth():
+    from pydicom.dataset import Dataset
+    from pydicom.sequence import Sequence
+
+    from deidflow.face.apply import remap_file, remap_uids, uids_in
+    ds = Dataset()
+    ds.SOPInstanceUID = "1.2.3"                        # a file's own UID is never remapped
+    inner = Dataset()
+    inner.ReferencedSOPInstanceUID = "1.2.3"
+    deeper = Dataset()
+    deeper.ReferencedSOPInstanceUID = "1.2.9"
+    inner.SourceImageSequence = Sequence([deeper])
+    ds.ReferencedImageSequence = Sequence([inner])
+    assert remap_uids(ds, {"1.2.3": "2.25.1", "1.2.9": "2.25.2"}) == 2
+    assert ds.SOPInstanceUID == "1.2.3"
+    assert ds.ReferencedImageSequence[0].ReferencedSOPInstanceUID == "2.25.1"
+    assert ds.ReferencedImageSequence[0].SourceImageSequence[0].ReferencedSOPInstanceUID == "2.25.2"
+    data = _classic_series(np.ones((4, 4, 1), np.uint16), np.eye(4))[0]
+    assert remap_file(data, {"9.9.9": "2.25.3"}) is None
+    assert uids_in(data) >= {pydicom.dcmread(io.BytesIO(data)).SOPInstanceUID}
+
+
+class _FrontBackend:
+    """Stands in for a registration backend: removes the front fifth of the RAS volume."""
+
+    def removal_mask(self, vol):
+        m = np.zeros(vol.data.shape, bool)
+        m[:, int(vol.data.shape[1] * 0.8):, :] = True
+        return m
+
+
+def _unit_tree(tmp_path):
+    """A unit with a BIDS T1w image converted from a classic DICOM series, a second series that
+    references the first one's images, a NIfTI and an Analyze pair released by the other stage."""
+    out, restricted = tmp_path / "release", tmp_path / "restricted"
+    data, _ = _phantom()
+    arr = data.astype(np.uint16)
+    affine = np.diag([2.0, 2.0, 2.0, 1.0])
+    series = out / "sourcedata/dicom/sub-a/ses-1/MR1-x"
+    series.mkdir(parents=True)
+    uids = []
+    for k, blob in enumerate(_classic_series(arr, affine)):
+        (series / f"{k + 1:04d}.dcm").write_bytes(blob)
+        uids.append(pydicom.dcmread(io.BytesIO(blob)).SOPInstanceUID)
+    first = pydicom.dcmread(series / "0001.dcm")          # a reference inside the defaced series too
+    item = pydicom.Dataset()
+    item.ReferencedSOPClassUID, item.ReferencedSOPInstanceUID = MRImageStorage, uids[1]
+    first.ReferencedImageSequence = pydicom.Sequence([item])
+    first.save_as(series / "0001.dcm", enforce_file_format=True)
+    ref = pydicom.dcmread(io.BytesIO(_classic_series(np.ones((4, 4, 1), np.uint16), np.eye(4))[0]))
+    ref.SOPInstanceUID = ref.file_meta.MediaStorageSOPInstanceUID = "1.2.826.0.1.99"
+    item = pydicom.Dataset()
+    item.ReferencedSOPClassUID, item.ReferencedSOPInstanceUID = MRImageStorage, uids[3]
+    ref.ReferencedImageSequence = pydicom.Sequence([item])
+    (out / "sourcedata/dicom/sub-a/ses-1/MR2-y").mkdir(parents=True)
+    buf = io.BytesIO()
+    ref.save_as(buf, enforce_file_format=True)
+    (out / "sourcedata/dicom/sub-a/ses-1/MR2-y/0001.dcm").write_bytes(buf.getvalue())
+    anat = out / "sub-a/ses-1/anat"
+    anat.mkdir(parents=True)
+    nii = nib.Nifti1Image(arr, affine)
+    nii.set_data_dtype(np.uint16)
+    (anat / "sub-a_ses-1_T1w.nii.gz").write_bytes(gzip.compress(nii.to_bytes(), mtime=0))
+    (anat / "sub-a_ses-1_T1w.json").write_text('{\n  "Modality": "MR",\n  "ImageType": ["ORIGINAL", "PRIMARY", "M"]\n}\n')
+    big = nib.Nifti1Image(data.astype(np.int16), np.diag([4.0, 4.0, 4.0, 1.0]))   # 160 x 192 x 144 mm
+    (out / "sourcedata/nifti/sub-a").mkdir(parents=True)
+    (out / "sourcedata/nifti/sub-a/k1.nii").write_bytes(big.to_bytes())
+    (out / "sourcedata/analyze/sub-a").mkdir(parents=True)
+    small = nib.spm2analyze.Spm2AnalyzeImage(data.astype(np.int16), np.diag([1.0, 1.0, 1.0, 1.0]))
+    nib.save(small, out / "sourcedata/analyze/sub-a/k2.hdr")
+    (out / "sourcedata/analyze/sub-a/k2.mat").unlink(missing_ok=True)
+    (out / "sourcedata/analyze/sub-a/k2.json").write_text('{\n  "ImageType": ["ORIGINAL", "PRIMARY"]\n}\n')
+    files = [{"relpath": f"in/mr1/{k}.dcm", "format": "dicom", "out_relpath": f"ses-1/MR1-x/{k + 1:04d}.dcm"}
+             for k in range(len(uids))]
+    files += [{"relpath": "in/mr2/0.dcm", "format": "dicom", "out_relpath": "ses-1/MR2-y/0001.dcm"},
+              {"relpath": "in/patient_t1.nii", "format": "nifti1", "release_dir": "sourcedata/nifti",
+               "out_relpath": "k1.nii", "primary": ""},
+              {"relpath": "in/small.hdr", "format": "analyze", "release_dir": "sourcedata/analyze",
+               "out_relpath": "k2.hdr", "primary": ""},
+              {"relpath": "in/small.img", "format": "img", "release_dir": "sourcedata/analyze",
+               "out_relpath": "k2.img", "primary": "in/small.hdr"},
+              {"relpath": "in/small.json", "format": "json", "release_dir": "sourcedata/analyze",
+               "out_relpath": "k2.json", "primary": "in/small.hdr"}]
+    restricted.mkdir()
+    (restricted / "manifest.json").write_text(json.dumps({"unit": "sub-a", "subjects": [{"subject": "sub-a", "files": files}]}))
+    (restricted / "convert.json").write_text(json.dumps({"unit": "sub-a", "subjects": [{"subject": "sub-a", "images": [
+        {"nifti": "sub-a/ses-1/anat/sub-a_ses-1_T1w.nii.gz", "series": "ses-1/MR1-x", "suffix": "T1w", "modality": "MR",
+         "files": ["sub-a/ses-1/anat/sub-a_ses-1_T1w.nii.gz", "sub-a/ses-1/anat/sub-a_ses-1_T1w.json"]}]}]}))
+    (restricted / "other.json").write_text(json.dumps({"unit": "sub-a", "subjects": [{"subject": "sub-a", "files": 2}]}))
+    return out, restricted, uids
+
+
+def _run_unit(out, restricted, face_cfg):
+    from deidflow.face.stage import face_unit
+    return face_unit(restricted / "convert.json", out / "sourcedata/dicom", out, restricted, restricted / "done.json",
+                     restricted / "q.jsonl", profile_settings(load_defaults()), face_cfg, other_done=restricted / "other.json",
+                     manifest=restricted / "manifest.json")
+
+
+def _tree(root):
+    return {str(p.relative_to(root)): p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file()}
+
+
+def test_face_unit_with_bids_dicom_and_other_volumes(tmp_path, monkeypatch):
+    """One unit with both inputs: the BIDS image and its DICOM series, a NIfTI input (nothing known,
+    head-sized) and an Analyze pair (picked by an include pattern on its release path) are treated;
+    the sidecar says DERIVED; a reference to a rewritten image in another DICOM file follows its new
+    UID; a rerun changes nothing; with face.method none everything gets its pristine bytes back."""
+    monkeypatch.setenv("DEIDFLOW_KEY", "face-test-key-0123456789")
+    monkeypatch.setattr(backends, "get_backend", lambda name, program=None: _FrontBackend())
+    out, restricted, uids = _unit_tree(tmp_path)
+    pristine = _tree(out)
+    cfg = copy.deepcopy(FACE)
+    cfg["select"]["include"] = ["sourcedata/analyze/*"]
+    counts = _run_unit(out, restricted, cfg)
+    assert counts["treated"] == 3 and counts["dicom_files"] == len(uids) and counts["references"] == 1
+    report = {im["nifti"]: im for im in json.loads((restricted / "done.json").read_text())["images"]}
+    assert report["sourcedata/nifti/sub-a/k1.nii"]["reason"].startswith("no header says what this is")
+    assert report["sourcedata/analyze/sub-a/k2.hdr"]["reason"] == "included by face.select.include"
+    after = _tree(out)
+    assert after["sourcedata/analyze/sub-a/k2.hdr"] == pristine["sourcedata/analyze/sub-a/k2.hdr"]
+    for rel in ("sourcedata/analyze/sub-a/k2.img", "sourcedata/nifti/sub-a/k1.nii", "sub-a/ses-1/anat/sub-a_ses-1_T1w.nii.gz"):
+        assert after[rel] != pristine[rel], rel
+    side = json.loads(after["sub-a/ses-1/anat/sub-a_ses-1_T1w.json"])
+    assert side == {"Modality": "MR", "ImageType": ["DERIVED", "PRIMARY", "M"]}
+    assert json.loads(after["sourcedata/analyze/sub-a/k2.json"]) == {"ImageType": ["DERIVED", "PRIMARY"]}
+    with open(restricted / "work/face/sub-a/uids.csv") as fh:
+        new_of = dict(line.strip().split(",") for line in fh.readlines()[1:])
+    assert set(new_of) == set(uids)
+    ref = pydicom.dcmread(out / "sourcedata/dicom/sub-a/ses-1/MR2-y/0001.dcm")
+    old = pydicom.dcmread(io.BytesIO(pristine["sourcedata/dicom/sub-a/ses-1/MR2-y/0001.dcm"]))
+    assert ref.ReferencedImageSequence[0].ReferencedSOPInstanceUID == new_of[uids[3]]
+    assert ref.SOPInstanceUID == old.SOPInstanceUID and ref.PixelData == old.PixelData
+    first = pydicom.dcmread(out / "sourcedata/dicom/sub-a/ses-1/MR1-x/0001.dcm")
+    assert first.SOPInstanceUID == new_of[uids[0]]
+    assert first.ReferencedImageSequence[0].ReferencedSOPInstanceUID == new_of[uids[1]]
+    assert (restricted / "q.jsonl").read_text() == ""
+    _run_unit(out, restricted, cfg)                                       # a rerun: the same bytes
+    assert _tree(out) == after
+    cfg["method"] = "none"                                                # no longer selected: undone
+    cfg["select"]["include"] = []
+    _run_unit(out, restricted, cfg)
+    assert {k: v for k, v in _tree(out).items() if "derivatives" not in k} == pristine
+
+
+def test_face_unit_withholds_what_it_cannot_rewrite(tmp_path, monkeypatch):
+    """A selected volume whose format cannot be written back (MINC) is withheld, and the quarantine
+    line names the input file, not the release path."""
+    monkeypatch.setenv("DEIDFLOW_KEY", "face-test-key-0123456789")
+    from deidflow.face.stage import face_unit
+    from .conftest import require_shared
+    out, restricted = tmp_path / "release", tmp_path / "restricted"
+    (out / "sourcedata/minc/sub-b").mkdir(parents=True)
+    (out / "sourcedata/minc/sub-b/m.mnc").write_bytes(require_shared("nibabel", "small.mnc").read_bytes())
+    restricted.mkdir()
+    (restricted / "manifest.json").write_text(json.dumps({"unit": "sub-b", "subjects": [{"subject": "sub-b", "files": [
+        {"relpath": "site/small.mnc", "format": "minc2", "release_dir": "sourcedata/minc", "out_relpath": "m.mnc",
+         "primary": ""}]}]}))
+    (restricted / "other.json").write_text(json.dumps({"unit": "sub-b", "subjects": []}))
+    counts = face_unit(None, out / "sourcedata/dicom", out, restricted, restricted / "done.json", restricted / "q.jsonl",
+                       {}, FACE, other_done=restricted / "other.json", manifest=restricted / "manifest.json")
+    assert counts["withheld"] == 1 and not (out / "sourcedata/minc/sub-b/m.mnc").exists()
+    assert json.loads((restricted / "q.jsonl").read_text()) == {
+        "file": "site/small.mnc", "reason": "face: minc2 volumes cannot be defaced in place; withheld from the release"}
+    assert (restricted / "work/face/sub-b/orig/sourcedata/minc/sub-b/m.mnc").is_file()

@@ -1,5 +1,6 @@
-"""Face stage on real faces (../shared/data): chris_t1 (NIfTI), dcm_qa_xa30 series 5 and 6
-(enhanced DICOM) and dcm_qa_decubitus HFS/HFP (classic 2D, prone) through the whole workflow.
+"""Face stage on real faces (../shared/data): chris_t1 (NIfTI given as an input file, released by
+the other stage), dcm_qa_xa30 series 5 and 6 (enhanced DICOM) and dcm_qa_decubitus HFS/HFP
+(classic 2D, prone) through the whole workflow.
 
 Checks the acceptance criteria: the most anterior skin (nose, lips, chin) is gone, >= 99.9 % of
 the deepbet brain mask of the original is untouched, skull-stripping leaves nothing outside a
@@ -9,8 +10,9 @@ SIGKILL and run again gives the same bytes.
 """
 from __future__ import annotations
 
-import glob
+import csv
 import hashlib
+import io
 import json
 import os
 import shutil
@@ -74,15 +76,17 @@ def released(tmp_path_factory):
     for src in ("dcm_qa_xa30/In/5_anat-T1w_acq-tfl", "dcm_qa_xa30/In/6_anat-T1w_acq-tfl",
                 "dcm_qa_decubitus/In/HFS", "dcm_qa_decubitus/In/HFP"):
         shutil.copytree(require_shared(*src.split("/")), inp / src.replace("/", "_"))
+    (inp / "volunteer_chris").mkdir()             # a NIfTI input: no header names modality or anatomy
+    shutil.copyfile(require_shared("mricron", "chris_t1.nii.gz"), inp / "volunteer_chris" / "chris_t1.nii.gz")
     out = inp.parent / "face_release"
     env = dict(os.environ, DEIDFLOW_KEY=TEST_KEY)
     r = subprocess.run([sys.executable, "-m", "deidflow.cli", "run", str(inp), str(out), "--cores", "2"],
                        env=env, cwd=ROOT, capture_output=True, text=True, timeout=900)
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
     restricted = out.with_name(out.name + "_restricted")
-    reports = {Path(d): json.loads(Path(d).read_text()) for d in sorted(glob.glob(str(restricted / "done/face/*.json")))}
+    reports = {d: json.loads(d.read_text()) for d in sorted((restricted / "done" / "face").glob("*.json"))}
     images = [dict(im, unit=r["unit"]) for r in reports.values() for im in r["images"]]
-    return out, restricted, reports, images
+    return out, restricted, reports, images, inp
 
 
 def _pristine(restricted: Path, unit: str, rel: str) -> Path:
@@ -90,15 +94,16 @@ def _pristine(restricted: Path, unit: str, rel: str) -> Path:
 
 
 def test_every_head_image_is_defaced(released, brain_of):
-    out, restricted, _, images = released
-    assert len(images) == 4 and all(im["method"] == "deface" and im["backend"] == "ants" for im in images)
+    out, restricted, _, images, _ = released
+    assert len(images) == 5 and all(im["method"] == "deface" and im["backend"] == "ants" for im in images)
+    assert sum(im["format"] == "nifti1" and not im["series"] for im in images) == 1      # chris_t1
     for im in images:
         before_img = nib.load(_pristine(restricted, im["unit"], im["nifti"]))
         after_img = nib.load(out / im["nifti"])
         b = reference_volume(before_img.get_fdata(dtype=np.float32), before_img.affine)
         a = reference_volume(after_img.get_fdata(dtype=np.float32), after_img.affine)
-        mask = nib.load(glob.glob(str(restricted / "work" / "face" / im["unit"] / "masks" /
-                                      (im["nifti"][: -len(".nii.gz")] + "_removed.nii.gz")))[0])
+        mask = nib.load(restricted / "work" / "face" / im["unit"] / "masks" /
+                        (im["nifti"][: -len(".nii.gz")] + "_removed.nii.gz"))
         removed = reference_volume(np.asarray(mask.dataobj), mask.affine).data > 0
         # outside the removed region bit-identical, inside zero
         raw_b = Nifti.from_bytes(_pristine(restricted, im["unit"], im["nifti"]).read_bytes()).raw
@@ -112,11 +117,61 @@ def test_every_head_image_is_defaced(released, brain_of):
         assert brain_kept(brain, b.data, a.data) >= 0.999, im["nifti"]
 
 
+def test_nifti_input_is_defaced_in_place(released):
+    """chris_t1 arrived as a NIfTI file: its release (sourcedata/nifti/sub-X/<keyed id>.nii.gz) is
+    defaced; header bytes are those the other stage released (only descrip differs from the input),
+    voxels outside the removed region are the input's, bit for bit."""
+    out, restricted, _, images, inp = released
+    im = next(i for i in images if i["format"] == "nifti1" and not i["series"])
+    assert im["nifti"].startswith("sourcedata/nifti/sub-") and "head-sized" in im["reason"]
+    src = (inp / "volunteer_chris" / "chris_t1.nii.gz").read_bytes()
+    rel = (out / im["nifti"]).read_bytes()
+    scrubbed = _pristine(restricted, im["unit"], im["nifti"]).read_bytes()
+    a, b, s = Nifti.from_bytes(src), Nifti.from_bytes(rel), Nifti.from_bytes(scrubbed)
+    assert b.prefix == s.prefix and b.suffix == s.suffix                   # header as the other stage wrote it
+    ha, hb = (nib.Nifti1Header.from_fileobj(io.BytesIO(n.prefix)) for n in (a, b))
+    assert [k for k in ha.keys() if not np.array_equal(ha[k], hb[k])] == ["descrip"]
+    np.testing.assert_array_equal(s.raw, a.raw)                            # the other stage kept every voxel
+    img = nib.load(out / im["nifti"])
+    native = np.asarray(nib.load(restricted / "work" / "face" / im["unit"] / "masks" /
+                                 (im["nifti"][: -len(".nii.gz")] + "_removed.nii.gz")).dataobj) > 0
+    assert img.shape == native.shape and 0.05 < native.mean() < 0.2
+    np.testing.assert_array_equal(b.raw[~native], a.raw[~native])         # bit-identical outside
+    assert not np.asarray(img.dataobj)[native].any()
+    sub = im["nifti"].split("/")[2]
+    idx = json.loads((out / "derivatives/deidflow/qc" / sub / "face/index.json").read_text())
+    assert {e["kind"] for e in idx} == {"face_front_after", "face_slices"}
+    assert (restricted / "qc" / sub / "face" / (_stem(im["nifti"]) + "_face-front-before.png")).is_file()
+
+
+def _stem(rel: str) -> str:
+    return rel.rsplit("/", 1)[-1].split(".")[0]
+
+
+def test_uid_mapping_points_at_the_released_uids(released):
+    """mapping/uids.csv maps every original SOP Instance UID to the one in the release: the
+    defaced images' new UIDs, never the scrubbed-but-replaced ones in between."""
+    out, restricted, _, images, inp = released
+    with open(restricted / "mapping" / "uids.csv", newline="") as fh:
+        rows = list(csv.reader(fh))[1:]
+    mapping = dict(rows)
+    assert len(mapping) == len(rows)
+    released_uids = {pydicom.dcmread(p, stop_before_pixels=True).SOPInstanceUID
+                     for p in (out / "sourcedata" / "dicom").rglob("*.dcm")}
+    between = {pydicom.dcmread(p, stop_before_pixels=True).SOPInstanceUID
+               for p in (restricted / "work" / "face").glob("*/orig/sourcedata/dicom/**/*.dcm")}
+    originals = {pydicom.dcmread(p, stop_before_pixels=True).SOPInstanceUID for p in inp.rglob("*.dcm")}
+    assert between and not (between & (set(mapping) | set(mapping.values())))
+    assert originals <= set(mapping)
+    assert {mapping[u] for u in originals} == released_uids
+
+
 def test_dicom_write_back_matches_the_nifti(released, tmp_path):
-    out, restricted, _, images = released
+    out, restricted, _, images, _ = released
     from deidflow.bids.dcm2niix import executable
+    from deidflow.sidecar import scrub_sidecar
     exe = executable()
-    for im in images:
+    for im in [i for i in images if i["series"]]:
         subject = im["nifti"].split("/")[0]
         series = out / "sourcedata" / "dicom" / subject / im["series"]
         dest = tmp_path / im["series"].replace("/", "_")
@@ -124,6 +179,11 @@ def test_dicom_write_back_matches_the_nifti(released, tmp_path):
         subprocess.run([exe, "-z", "n", "-f", "x", "-o", str(dest), str(series)], check=True, capture_output=True)
         conv = nib.load(dest / "x.nii").get_fdata()
         np.testing.assert_array_equal(conv, nib.load(out / im["nifti"]).get_fdata())
+        # the released sidecar says DERIVED like the DICOM, and stays within the allow-list
+        side = json.loads((out / im["nifti"].replace(".nii.gz", ".json")).read_text())
+        again = json.loads((dest / "x.json").read_text())
+        assert side["ImageType"][0] == "DERIVED" and side["ImageType"] == again["ImageType"]
+        assert scrub_sidecar(side)[0] == side
         for f in sorted(series.glob("*.dcm")):
             new = pydicom.dcmread(f)
             old = pydicom.dcmread(_pristine(restricted, im["unit"], str(f.relative_to(out))))
@@ -145,8 +205,8 @@ def test_dicom_write_back_matches_the_nifti(released, tmp_path):
 
 
 def test_qc_artefacts(released):
-    out, restricted, _, images = released
-    for subject in {im["nifti"].split("/")[0] for im in images}:
+    out, restricted, _, images, _ = released
+    for subject in {next(p for p in im["nifti"].split("/") if p.startswith("sub-")) for im in images}:
         idx = json.loads((out / "derivatives/deidflow/qc" / subject / "face/index.json").read_text())
         kinds = {e["kind"] for e in idx}
         assert kinds == {"face_front_after", "face_slices"}          # the original face stays restricted
@@ -156,29 +216,43 @@ def test_qc_artefacts(released):
         assert "face_front_before" in {e["kind"] for e in ridx}
 
 
-def test_kill_and_rerun_give_identical_bytes(released, tmp_path):
-    out, restricted, reports, _ = released
+@pytest.mark.parametrize("which", ["dicom", "nifti_input"])
+def test_kill_and_rerun_give_identical_bytes(released, tmp_path, which):
+    """The unit with the most BIDS images (NIfTI and written-back DICOM), and the unit of the NIfTI
+    input: every file reset to its undefaced bytes and the QC pictures gone, the job killed right
+    after its first rewritten image, run again: the release is byte-identical to the uninterrupted run."""
+    out, restricted, reports, _, _ = released
     before = _hashes(out)
     run = json.loads((restricted / "run.json").read_text())
-    done, report = max(reports.items(), key=lambda kv: len(kv[1]["images"]))
-    args = [sys.executable, "-m", "deidflow.jobs", "face",
-            "--convert-done", str(restricted / "done" / "convert" / done.name),
+    if which == "dicom":
+        done, report = max(reports.items(), key=lambda kv: sum(bool(i["series"]) for i in kv[1]["images"]))
+    else:
+        done, report = next((d, r) for d, r in reports.items() if any(not i["series"] for i in r["images"]))
+    unit = report["unit"]
+    first_image = next(i for i in report["images"] if bool(i["series"]) == (which == "dicom"))["nifti"]
+    markers = {s: restricted / "done" / s / f"{unit}.json" for s in ("convert", "other")}
+    args = [sys.executable, "-m", "deidflow.jobs", "face", "--manifest", str(restricted / "manifests" / f"{unit}.json"),
+            f"--convert-done={markers['convert'] if markers['convert'].exists() else ''}",
+            f"--other-done={markers['other'] if markers['other'].exists() else ''}",
             "--dicom-root", str(out / "sourcedata" / "dicom"), "--release-root", str(out),
             "--restricted", str(restricted), "--done", str(tmp_path / "done.json"),
             "--quarantine", str(tmp_path / "q.jsonl"), "--settings", json.dumps(run["settings"]),
             "--face", json.dumps(load_defaults()["face"]), "--threads", "2", "--log", str(tmp_path / "face.log")]
     env = dict(os.environ, DEIDFLOW_KEY=TEST_KEY)
-    # the convert and dicom stages ran again: every file of the unit holds its undefaced bytes again
-    kept = restricted / "work" / "face" / report["unit"] / "orig"
+    # the convert, dicom and other stages ran again: every file of the unit holds its undefaced bytes again
+    kept = restricted / "work" / "face" / unit / "orig"
     reset = sorted(p for p in kept.rglob("*") if p.is_file())
     for p in reset:
         shutil.copyfile(p, out / p.relative_to(kept))
+    for im in report["images"]:                # and no QC pictures yet
+        shutil.rmtree(out / "derivatives/deidflow/qc" / next(p for p in im["nifti"].split("/") if p.startswith("sub-"))
+                      / "face", ignore_errors=True)
     assert _hashes(out) != before
     proc = subprocess.Popen(args, env=env, cwd=ROOT)
-    first = out / report["images"][0]["nifti"]
+    first = out / first_image
     deadline = time.time() + 120
     while proc.poll() is None and time.time() < deadline:
-        if first.read_bytes() != (kept / report["images"][0]["nifti"]).read_bytes():
+        if first.read_bytes() != (kept / first_image).read_bytes():
             break                              # the first image is rewritten, the rest is not
         time.sleep(0.05)
     proc.send_signal(signal.SIGKILL)
@@ -188,8 +262,8 @@ def test_kill_and_rerun_give_identical_bytes(released, tmp_path):
     subprocess.run(args, env=env, cwd=ROOT, check=True, timeout=600)
     assert _hashes(out) == before
     again = json.loads((tmp_path / "done.json").read_text())["images"]
-    assert [(i["nifti"], i["removed_fraction"]) for i in again] == \
-        [(i["nifti"], i["removed_fraction"]) for i in report["images"]]
+    assert [(i["nifti"], i.get("removed_fraction")) for i in again] == \
+        [(i["nifti"], i.get("removed_fraction")) for i in report["images"]]
 
 
 # ---------------------------------------------------------------------------------------- backends on chris_t1

@@ -60,12 +60,13 @@ def _face(a: argparse.Namespace) -> None:
     import os
     os.environ.setdefault("DEIDFLOW_FACE_THREADS", a.threads)
     from .face.stage import face_unit
-    with job_logging(a.log, f"face job {Path(a.convert_done).stem}") as log:
-        counts = face_unit(convert_done=a.convert_done, dicom_root=a.dicom_root, release_root=a.release_root,
+    with job_logging(a.log, f"face job {Path(a.done).stem}") as log:  # '' = the unit has no such stage
+        counts = face_unit(convert_done=a.convert_done or None, dicom_root=a.dicom_root, release_root=a.release_root,
                            restricted=a.restricted, done=a.done, quarantine=a.quarantine,
-                           settings=json.loads(a.settings), face_cfg=json.loads(a.face))
+                           settings=json.loads(a.settings), face_cfg=json.loads(a.face),
+                           other_done=a.other_done or None, manifest=a.manifest)
         log.info("%(images)d images: %(treated)d defaced or skull-stripped, %(dicom_files)d DICOM files "
-                 "rewritten, %(withheld)d withheld", counts)
+                 "rewritten, %(references)d with references updated, %(withheld)d withheld", counts)
 
 
 def _bids_dataset(a: argparse.Namespace) -> None:
@@ -139,8 +140,9 @@ STAGES = {
               "de-identify the non-DICOM files of one job unit (NIfTI, Analyze, MINC, PAR/REC, MGH, twix, JSON)"),
     "convert": (_convert, ("manifest", "dicom-root", "release-root", "restricted", "done", "settings", "bids"),
                 "BIDS NIfTI of one job unit from its de-identified DICOM (dcm2niix)"),
-    "face": (_face, ("convert-done", "dicom-root", "release-root", "restricted", "done", "quarantine", "settings",
-                     "face", "threads"), "deface or skull-strip the head MRI of one job unit (NIfTI and DICOM)"),
+    "face": (_face, ("manifest", "convert-done", "other-done", "dicom-root", "release-root", "restricted", "done",
+                     "quarantine", "settings", "face", "threads"),
+             "deface or skull-strip the head MRI of one job unit (NIfTI, Analyze, MGH and DICOM)"),
     "bids_dataset": (_bids_dataset, ("done-list", "release-root", "settings", "bids", "output"),
                      "dataset_description.json, participants.tsv/json, README, CHANGES, .bidsignore"),
 }

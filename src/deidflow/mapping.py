@@ -47,13 +47,18 @@ def merge_job_outputs(uid_files: Iterable[Path], quarantine_files: Iterable[Path
                       quarantine: Path) -> dict:
     """The mapping job: merge the jobs' UID maps into ``mapping/uids.csv`` and their quarantine
     lines (JSON lines ``{"file", "reason"}``) into ``quarantine.tsv`` (file, reason); sorted, so
-    equal inputs give equal bytes.  Returns counts."""
+    equal inputs give equal bytes.  Returns counts.
+
+    A later stage that replaces a released UID again (the face stage's defaced images) lists
+    ``released,new``: such rows are chained (:func:`chain_uids`), so every original UID maps to
+    the UID that is in the release and no intermediate UID is listed."""
     uid_rows: set[tuple[str, str]] = set()
     for f in uid_files:
         with open(f, newline="") as fh:
             reader = csv.reader(fh)
             next(reader, None)
             uid_rows.update((a, b) for a, b in reader)
+    uid_rows = chain_uids(uid_rows)
     bad: list[tuple[str, str]] = []
     for f in quarantine_files:
         for line in Path(f).read_text().splitlines():
@@ -67,6 +72,26 @@ def merge_job_outputs(uid_files: Iterable[Path], quarantine_files: Iterable[Path
     atomic_write_text(quarantine, QUARANTINE_HEADER + "".join(f"{tsv_field(a)}\t{tsv_field(b)}\n" for a, b in bad),
                       RESTRICTED_FILE_MODE)
     return {"uids": len(uid_rows), "quarantined": len(bad)}
+
+
+def chain_uids(rows: Iterable[tuple[str, str]]) -> set[tuple[str, str]]:
+    """``old,new`` rows with chains resolved: where one row's new UID is another row's old UID
+    (original → scrubbed, scrubbed → defaced), the original maps to the end of the chain and the
+    intermediate row goes.  Keyed UIDs never collide with originals, so a UID that is some row's
+    new value is an intermediate, not an original."""
+    rows = set(rows)
+    step = {a: b for a, b in rows if a != b}
+    targets = set(step.values())
+    out = set()
+    for a, b in rows:
+        if a in targets and a != b:
+            continue                            # an intermediate UID: never in the release
+        seen = {a}
+        while b in step and b not in seen:
+            seen.add(b)
+            b = step[b]
+        out.add((a, b))
+    return out
 
 
 def read_quarantine(path: Path) -> list[tuple[str, str]]:

@@ -85,7 +85,7 @@ def _check_semantics(config: dict) -> None:
             check_config(config["pixels"])
         except (ValueError, RuntimeError, OSError) as exc:
             raise ConfigError(f"config key pixels: {exc}") from None
-    if config.get("face") and config.get("outputs", {}).get("bids", True):
+    if config.get("face"):  # the face stage runs for BIDS images and for NIfTI/Analyze/MGH inputs
         from .face.backends import check_config  # a missing optional backend fails here, not in a job
         try:
             check_config(config["face"])

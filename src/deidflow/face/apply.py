@@ -1,14 +1,18 @@
-"""Putting a removal mask into the released files: NIfTI images and the DICOM series they came from.
+"""Putting a removal mask into the released files: NIfTI images and the DICOM series they came from,
+and the NIfTI-1/2 (single file or pair), Analyze 7.5 and MGH/MGZ volumes released as they arrived.
 
 Only voxels inside the removed region change; every other byte of the image data is copied as it
-was (the NIfTI header is kept byte for byte; DICOM pixel data are patched in their stored form,
-so high bits, padding and rescale stay as they were). Removed voxels get the stored value whose
-real value is 0 (or the closest representable one).
+was (the NIfTI, Analyze and MGH headers are kept byte for byte; DICOM pixel data are patched in
+their stored form, so high bits, padding and rescale stay as they were). Removed voxels get the
+stored value whose real value is 0 (or the closest representable one). The BIDS sidecar of a
+changed image says ``DERIVED`` as its DICOM does, and references to a rewritten DICOM image's old
+SOP Instance UID in other files of the unit follow it (:func:`remap_uids`).
 """
 from __future__ import annotations
 
 import gzip
 import io
+import re
 from dataclasses import dataclass
 
 import numpy as np
@@ -23,7 +27,10 @@ class GeometryMismatch(ValueError):
 # ---------------------------------------------------------------------------------------------- NIfTI
 @dataclass
 class Nifti:
-    """A NIfTI-1/2 file held in memory: header bytes, data array (stored values), trailing bytes."""
+    """The file holding a volume's voxels, in memory: the bytes before the voxel block, the data
+    array (stored values, Fortran order, the file's byte order), the bytes after it. A NIfTI-1/2
+    file (:meth:`from_bytes`), the image file of a NIfTI / Analyze 7.5 pair (:meth:`from_pair`)
+    or an MGH/MGZ file (:meth:`from_mgh`); gzip-compressed files are written back compressed."""
 
     prefix: bytes
     raw: np.ndarray            # stored values, Fortran order, shape as in the header
@@ -49,6 +56,47 @@ class Nifti:
         slope, inter = hdr.get_slope_inter()
         return cls(data[:off], raw, data[off + n:], hdr.get_best_affine(),
                    1.0 if slope is None else float(slope), 0.0 if inter is None else float(inter), gz)
+
+    @classmethod
+    def from_pair(cls, header: bytes, image: bytes) -> "Nifti":
+        """The image file (``.img``) of a NIfTI-1/2 or Analyze 7.5 pair, described by ``header``
+        (``.hdr``, unchanged). Analyze scaling and origin are read as SPM writes them (as
+        ``nibabel.load`` does)."""
+        import nibabel as nib
+        if header[:2] == b"\x1f\x8b":
+            header = gzip.decompress(header)
+        gz = image[:2] == b"\x1f\x8b"
+        if gz:
+            image = gzip.decompress(image)
+        size = _sizeof_hdr(header)
+        magic = header[344:348] if size == 348 else header[4:8]
+        klass = (nib.nifti2.Nifti2PairHeader if size == 540 else
+                 nib.nifti1.Nifti1PairHeader if magic.startswith(b"ni1") else nib.spm2analyze.Spm2AnalyzeHeader)
+        hdr = klass.from_fileobj(io.BytesIO(header))
+        return cls._from_block(image, hdr, int(hdr["vox_offset"]), hdr.get_best_affine(), gz)
+
+    @classmethod
+    def from_mgh(cls, data: bytes) -> "Nifti":
+        """An MGH or MGZ file (big-endian voxels after the 284-byte header, tags after them)."""
+        from nibabel.freesurfer.mghformat import MGHHeader
+        gz = data[:2] == b"\x1f\x8b"
+        if gz:
+            data = gzip.decompress(data)
+        hdr = MGHHeader.from_fileobj(io.BytesIO(data))
+        return cls._from_block(data, hdr, int(hdr.get_data_offset()), hdr.get_affine(), gz)
+
+    @classmethod
+    def _from_block(cls, data: bytes, hdr, off: int, affine: np.ndarray, gz: bool) -> "Nifti":
+        dtype = hdr.get_data_dtype()
+        shape = hdr.get_data_shape()
+        count = int(np.prod(shape))
+        if off + count * dtype.itemsize > len(data):
+            raise ValueError("image file shorter than its header says")
+        raw = np.frombuffer(data, dtype=dtype, count=count, offset=off).reshape(shape, order="F")
+        slope, inter = hdr.get_slope_inter() if hasattr(hdr, "get_slope_inter") else (None, None)
+        slope = 1.0 if slope is None or not np.isfinite(slope) or slope == 0 else float(slope)
+        inter = 0.0 if inter is None or not np.isfinite(inter) else float(inter)
+        return cls(data[:off], raw, data[off + count * dtype.itemsize:], np.asarray(affine, float), slope, inter, gz)
 
     def real(self) -> np.ndarray:
         """Real values (float32)."""
@@ -145,13 +193,14 @@ class DicomResult:
 
 
 def mask_dicom(data: bytes, grids: list[tuple[np.ndarray, np.ndarray]], new_uid, derivation: str,
-               method_note: str) -> DicomResult | None:
+               method_note: str, refs: dict[str, str] | None = None) -> DicomResult | None:
     """Apply the first matching grid's mask to every frame of a DICOM file.
 
     ``grids`` are (NIfTI affine, native 3D mask) pairs of the images converted from this series;
-    ``new_uid(old)`` gives the keyed SOP Instance UID of the derived image. Returns None when the
-    file has no pixel data (nothing to do); raises :class:`GeometryMismatch` when a frame matches
-    none of the grids.
+    ``new_uid(old)`` gives the keyed SOP Instance UID of the derived image; ``refs`` maps the old
+    SOP Instance UIDs of every image rewritten in this unit to their new ones (references to them
+    are updated, :func:`remap_uids`). Returns None when the file has no pixel data (nothing to do);
+    raises :class:`GeometryMismatch` when a frame matches none of the grids.
     """
     import pydicom
     from pydicom.uid import ExplicitVRLittleEndian
@@ -195,6 +244,8 @@ def mask_dicom(data: bytes, grids: list[tuple[np.ndarray, np.ndarray]], new_uid,
     ds.SOPInstanceUID = new
     ds.file_meta.MediaStorageSOPInstanceUID = new
     _mark_derived(ds, derivation, method_note)
+    if refs:
+        remap_uids(ds, refs)
     if ds.file_meta.TransferSyntaxUID != ts and ds.file_meta.TransferSyntaxUID != ExplicitVRLittleEndian:
         ds.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
     out = io.BytesIO()
@@ -240,3 +291,68 @@ def _mark_derived(ds, derivation: str, method_note: str) -> None:
         codes.append(item)
     ds.BurnedInAnnotation = "NO"
     ds.RecognizableVisualFeatures = "NO"
+
+
+# ---------------------------------------------------------------------------------------------- sidecars, references
+def derived_sidecar(text: str) -> str | None:
+    """The BIDS sidecar of an image whose voxels were changed, or None when nothing in it changes:
+    ``ImageType`` (and dcm2niix's ``ImageTypeText``) gets value 1 ``DERIVED``, as the written-back
+    DICOM's ImageType. Nothing is added, so the sidecar stays within the allow-list."""
+    import json
+
+    from ..sidecar import sidecar_text
+    data = json.loads(text)
+    changed = False
+    for key in ("ImageType", "ImageTypeText"):
+        value = data.get(key)
+        if isinstance(value, list) and all(isinstance(v, str) for v in value) and value[:1] != ["DERIVED"]:
+            data[key] = _derived(value)
+            changed = True
+    return sidecar_text(data) if changed else None
+
+
+_UIDISH = re.compile(rb"[0-9]+(?:\.[0-9]+){2,}")
+
+
+def uids_in(data: bytes) -> set[str]:
+    """Every UID-like token in the bytes of a DICOM file before its pixel data (a cheap pre-filter
+    for :func:`remap_uids`: a file none of whose tokens is an old UID needs no parsing)."""
+    end = data.find(b"\xe0\x7f\x10\x00")           # (7FE0,0010) Pixel Data, little endian
+    head = data if end < 0 else data[:end]
+    return {m.decode() for m in _UIDISH.findall(head)}
+
+
+def remap_uids(ds, uid_map: dict[str, str]) -> int:
+    """Replace every UI value (at any depth: ReferencedSOPInstanceUID in ReferencedImageSequence,
+    SourceImageSequence, functional groups, SR content, …) found in ``uid_map`` by its new value;
+    the data set's own SOP Instance UID is left alone. Returns the number of values replaced."""
+    n = 0
+
+    def walk(dataset) -> None:
+        nonlocal n
+        for elem in dataset:
+            if elem.VR == "SQ":
+                for item in elem.value or ():
+                    walk(item)
+            elif elem.VR == "UI" and elem.tag != 0x00080018 and elem.value:
+                vals = list(elem.value) if elem.VM > 1 else [elem.value]
+                new = [uid_map.get(str(v), str(v)) for v in vals]
+                if new != [str(v) for v in vals]:
+                    n += sum(a != str(b) for a, b in zip(new, vals))
+                    elem.value = new if elem.VM > 1 else new[0]
+    walk(ds)
+    return n
+
+
+def remap_file(data: bytes, uid_map: dict[str, str]) -> bytes | None:
+    """``data`` (a DICOM file) with its references to old UIDs replaced, or None when it has none.
+    Only the changed values (and the lengths around them) differ; pixel data are copied as read."""
+    if not (uids_in(data) & uid_map.keys()):
+        return None
+    import pydicom
+    ds = pydicom.dcmread(io.BytesIO(data))
+    if not remap_uids(ds, uid_map):
+        return None
+    out = io.BytesIO()
+    ds.save_as(out, enforce_file_format=False)
+    return out.getvalue()

@@ -1,8 +1,13 @@
 """The ``face`` job of one unit: deface or skull-strip every selected head MRI image of the unit's
-BIDS release and the de-identified DICOM series it was converted from.
+BIDS release and the de-identified DICOM series it was converted from, and the head volumes
+that arrived as NIfTI / Analyze / MGH (released by the ``other`` stage).
 
-Input is the ``convert`` stage's done marker (release path, series folder and BIDS suffix of every
-image). Release files are changed in place, each by a temporary file and a rename. Before a
+Inputs are the ``convert`` stage's done marker (release path, series folder and BIDS suffix of every
+image) when the unit has a BIDS release, and the ``other`` stage's marker with the unit's manifest
+(release paths of its non-DICOM files) when it has non-DICOM files. DICOM files are written back
+once every new SOP Instance UID of the unit is known, so that references to a rewritten image in
+the unit's other DICOM files follow it (:func:`_follow_references`). Release files are changed in
+place, each by a temporary file and a rename. Before a
 release file is first changed its pristine bytes are kept in
 ``<restricted>/work/face/<unit>/orig/``; every run computes from that copy and records the hash of
 what it wrote (before writing it), so a rerun — also after SIGKILL at any point — gives the same
@@ -16,8 +21,10 @@ the front view of the *original* face is identifying, so it is written to
 from __future__ import annotations
 
 import hashlib
+import io
 import json
 import logging
+import re
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -28,7 +35,7 @@ import numpy as np
 from .. import __version__
 from ..fsutil import RESTRICTED_FILE_MODE, atomic_write_bytes, atomic_write_text, make_restricted_dir
 from . import render
-from .apply import GeometryMismatch, Nifti, mask_dicom
+from .apply import GeometryMismatch, Nifti, derived_sidecar, mask_dicom, remap_file, uids_in
 from .select import Decision, ImageFacts, decide, extent_mm
 from .volume import reference_volume
 
@@ -79,6 +86,18 @@ class Keeper:
         make_restricted_dir(kept.parent)
         atomic_write_bytes(kept, cur, RESTRICTED_FILE_MODE)
         self._rec(rel).unlink(missing_ok=True)
+        return cur
+
+    def pristine(self, rel: str) -> bytes:
+        """The pristine bytes of release file ``rel`` without keeping a copy (for read-only checks)."""
+        kept, path = self.orig / rel, self.root / rel
+        if not path.exists():
+            return self.source(rel)             # withheld earlier: only the kept copy exists
+        cur = path.read_bytes()
+        if kept.exists():
+            recorded = self._recorded(rel)
+            if recorded == _sha(cur) or cur == kept.read_bytes():
+                return kept.read_bytes()
         return cur
 
     def publish(self, rel: str, data: bytes) -> None:
@@ -140,42 +159,81 @@ class _Image:
     facts: ImageFacts
     decision: Decision
     series_dir: Path | None
+    fmt: str = "nifti1"
+    data_rel: str = ""          # the file holding the voxels (the .img of a pair), default ``rel``
+    sidecar_rel: str = ""       # the released JSON sidecar, if any
     result: dict = field(default_factory=dict)
     nifti: Nifti | None = None
+
+    def __post_init__(self) -> None:
+        self.data_rel = self.data_rel or self.rel
+
+    @property
+    def files(self) -> list[str]:
+        """The release files of the image (header and image file of a pair)."""
+        return sorted({self.rel, self.data_rel})
 
     def load(self, keeper: "Keeper") -> Nifti:
         """The pristine image (kept in the restricted folder before anything changes)."""
         if self.nifti is None:
-            self.nifti = Nifti.from_bytes(keeper.source(self.rel))
+            if self.fmt == "mgh":
+                self.nifti = Nifti.from_mgh(keeper.source(self.rel))
+            elif self.data_rel != self.rel:
+                self.nifti = Nifti.from_pair(keeper.source(self.rel), keeper.source(self.data_rel))
+            else:
+                self.nifti = Nifti.from_bytes(keeper.source(self.rel))
         return self.nifti
 
 
-def face_unit(convert_done: Path, dicom_root: Path, release_root: Path, restricted: Path, done: Path,
-              quarantine: Path, settings: Mapping[str, Any], face_cfg: Mapping[str, Any]) -> dict:
-    """Run the face stage for one unit; returns counts (images treated, DICOM files rewritten…)."""
-    marker = json.loads(Path(convert_done).read_text())
-    unit = marker["unit"]
+# Formats of the other stage the face stage reads, and those whose voxels it can write back.
+VOLUME_FORMATS = ("nifti1", "nifti2", "analyze", "mgh", "minc1", "minc2", "parrec")
+WRITABLE_FORMATS = ("nifti1", "nifti2", "analyze", "mgh")
+
+
+def _marker(path) -> dict | None:
+    return json.loads(Path(path).read_text()) if path else None
+
+
+def face_unit(convert_done: Path | None, dicom_root: Path, release_root: Path, restricted: Path, done: Path,
+              quarantine: Path, settings: Mapping[str, Any], face_cfg: Mapping[str, Any],
+              other_done: Path | None = None, manifest: Path | None = None) -> dict:
+    """Run the face stage for one unit; returns counts (images treated, DICOM files rewritten…).
+
+    ``convert_done`` is the unit's ``convert`` done marker (BIDS images and their DICOM series) or
+    None when the unit has no BIDS release; ``other_done`` the ``other`` stage's marker when the
+    unit has non-DICOM files, whose volumes are found through the unit's ``manifest``."""
+    convert, other = _marker(convert_done), _marker(other_done)
+    if convert is None and other is None:
+        raise ValueError("the face job needs the convert or the other stage's done marker")
+    unit = (convert or other)["unit"]
     release_root, restricted, dicom_root = Path(release_root), Path(restricted), Path(dicom_root)
     work = make_restricted_dir(restricted / "work" / "face" / unit)
     keeper = Keeper(release_root, work)
     dicom_in_release = dicom_root.resolve().is_relative_to(release_root.resolve())
     images: list[_Image] = []
-    for subj in marker.get("subjects", []):
+    for subj in (convert or {}).get("subjects", []):
         series_cache: dict[str, Any] = {}
         for entry in list(subj.get("images", [])) + list(subj.get("unsorted", [])):
             if not keeper.available(entry["nifti"]):
                 log.warning("%s: listed by convert but not in the release; skipped", entry["nifti"])
                 continue
             images.append(_describe(entry, subj["subject"], keeper, dicom_root, series_cache, face_cfg))
-    bad: list[tuple[str, str]] = []
+    unit_manifest = json.loads(Path(manifest).read_text()) if manifest else {"subjects": []}
+    if other is not None:
+        images += _other_images(unit_manifest, keeper, face_cfg)
+    bad: list[tuple[str, str]] = []  # (release path, reason); listed by input path (quarantine.tsv's form)
     uid_map: dict[str, str] = {}
     qc: dict[str, list[dict]] = {}
-    counts = {"images": len(images), "treated": 0, "dicom_files": 0, "withheld": 0}
+    counts = {"images": len(images), "treated": 0, "dicom_files": 0, "withheld": 0, "references": 0}
     pseudo = None
+    series_todo = []
     for group in _groups([im for im in images if im.decision.method != "none"]):
         ref = group[0]
         method = ref.decision.method
         backend_name = face_cfg["deface_backend"] if method == "deface" else face_cfg["skullstrip_backend"]
+        if ref.fmt not in WRITABLE_FORMATS:   # selected, but its voxels cannot be rewritten: never release the face
+            _withhold(group, f"{ref.fmt} volumes cannot be {method}d in place", backend_name, keeper, bad, counts)
+            continue
         program = face_cfg["external"][method]
         from .backends import get_backend
         backend = get_backend(backend_name, program)
@@ -189,19 +247,16 @@ def face_unit(convert_done: Path, dicom_root: Path, release_root: Path, restrict
         _save_mask(work / "masks" / ref.rel, native, nii.affine)
         problem = implausible(vol, removed_ras, method)
         if problem:  # never release a face the backend missed: withhold the group's files
-            for im in group:
-                keeper.withdraw(im.rel)
-                bad.append((im.rel, f"face: {problem}; withheld from the release"))
-                im.result = {"backend": backend_name, "withheld": problem}
+            _withhold(group, problem, backend_name, keeper, bad, counts)
             if dicom_in_release and ref.series_dir is not None:
                 for rel in keeper.dicom_files(ref.series_dir):
                     keeper.withdraw(rel)
                     bad.append((rel, f"face: {problem}; withheld from the release"))
-            counts["withheld"] += len(group)
             log.warning("%s: %s; withheld", ref.rel, problem)
             continue
         for im in group:
-            keeper.publish(im.rel, im.load(keeper).masked(native))
+            keeper.publish(im.data_rel, im.load(keeper).masked(native))
+            _mark_sidecar(im, keeper)
             im.result = {"backend": backend_name, "removed_fraction": round(frac, 4), "mask_from": ref.rel,
                          "seconds": seconds if im is ref else 0.0}
             counts["treated"] += 1
@@ -211,14 +266,19 @@ def face_unit(convert_done: Path, dicom_root: Path, release_root: Path, restrict
         qc.setdefault(ref.subject, []).extend(
             _qc(ref, vol, removed_ras, method, backend_name, release_root, restricted, face_cfg))
         if dicom_in_release and ref.series_dir is not None:
-            if pseudo is None:
-                from ..release import pseudonymizer_from_settings
-                pseudo = pseudonymizer_from_settings(settings)
-            n, withheld = _dicom_series(ref, group, native, method, backend_name, keeper, release_root, pseudo,
-                                        uid_map, bad)
+            series_todo.append((ref, group, (nii.affine, native), method, backend_name))
+        ref.nifti = None
+    if series_todo:  # DICOM write-back once every new UID is known, so references follow them
+        from ..release import pseudonymizer_from_settings
+        pseudo = pseudonymizer_from_settings(settings)
+        planned = _planned_uids(series_todo, keeper, pseudo)
+        for ref, group, grid, method, backend_name in series_todo:
+            n, withheld = _dicom_series(ref, group, grid, method, backend_name, keeper, pseudo, planned, uid_map, bad)
             counts["dicom_files"] += n
             counts["withheld"] += withheld
             ref.result["dicom_files"] = n
+        rewritten = {rel for ref, *_ in series_todo for rel in keeper.dicom_files(ref.series_dir)}
+        counts["references"] = _follow_references(images, dicom_root, keeper, rewritten, planned)
     for rel in keeper.restore_untouched():  # files of images no longer selected: undo earlier runs
         log.info("%s: restored (no longer selected)", rel)
     for subject, entries in sorted(qc.items()):
@@ -228,15 +288,54 @@ def face_unit(convert_done: Path, dicom_root: Path, release_root: Path, restrict
     from ..fsutil import csv_text
     atomic_write_text(work / "uids.csv", csv_text([("id_old", "id_new"), *sorted(uid_map.items())]),
                       RESTRICTED_FILE_MODE)
+    lines = _input_lines(bad, unit_manifest, images)
     make_restricted_dir(Path(quarantine).parent)
-    atomic_write_text(quarantine, "".join(json.dumps({"file": p, "reason": r}) + "\n" for p, r in sorted(bad)),
+    atomic_write_text(quarantine, "".join(json.dumps({"file": p, "reason": r}) + "\n" for p, r in lines),
                       RESTRICTED_FILE_MODE)
-    report = {"unit": unit, "deidflow": __version__, "images": [
-        {"nifti": im.rel, "series": im.entry.get("series", ""), "suffix": im.facts.suffix,
+    report = {"unit": unit, "deidflow": __version__, "references_updated": counts["references"], "images": [
+        {"nifti": im.rel, "series": im.entry.get("series", ""), "suffix": im.facts.suffix, "format": im.fmt,
          "method": im.decision.method, "reason": im.decision.reason, **im.result} for im in images]}
     make_restricted_dir(Path(done).parent)
     atomic_write_text(done, json.dumps(report, indent=1, sort_keys=True) + "\n", RESTRICTED_FILE_MODE)
     return counts
+
+
+def _input_lines(bad: list[tuple[str, str]], manifest: Mapping[str, Any], images: list[_Image]) -> list[tuple[str, str]]:
+    """Quarantine lines by input file (paths relative to the input folder, as every stage lists
+    them): a withheld release file is its input file; a BIDS image is the DICOM series it was
+    converted from. A path the manifest does not know is listed as it is."""
+    where: dict[str, str] = {}
+    for subj in manifest.get("subjects", []):
+        for f in subj["files"]:
+            where[f"{f.get('release_dir') or 'sourcedata/dicom'}/{subj['subject']}/{f['out_relpath']}"] = f["relpath"]
+    series = {im.rel: f"sourcedata/dicom/{im.subject}/{im.entry['series']}/" for im in images if im.entry.get("series")}
+    lines = set()
+    for rel, reason in bad:
+        if rel in series:
+            srcs = [src for w, src in where.items() if w.startswith(series[rel])]
+        else:
+            srcs = [where[rel]] if rel in where else []
+        lines.update((src, reason) for src in (srcs or [rel]))
+    return sorted(lines)
+
+
+def _withhold(group: list[_Image], problem: str, backend: str, keeper: Keeper, bad: list, counts: dict) -> None:
+    """Take every file of the group's images out of the release (kept in the restricted folder)."""
+    for im in group:
+        for rel in im.files:
+            keeper.withdraw(rel)
+            bad.append((rel, f"face: {problem}; withheld from the release"))
+        im.result = {"backend": backend, "withheld": problem}
+        im.nifti = None
+    counts["withheld"] += len(group)
+
+
+def _mark_sidecar(im: _Image, keeper: Keeper) -> None:
+    """The released sidecar of a changed image says DERIVED (kept pristine like the image)."""
+    if im.sidecar_rel and keeper.available(im.sidecar_rel):
+        text = derived_sidecar(keeper.source(im.sidecar_rel).decode("utf-8"))
+        if text is not None:
+            keeper.publish(im.sidecar_rel, text.encode("utf-8"))
 
 
 def _describe(entry, subject, keeper: Keeper, dicom_root: Path, series_cache, face_cfg) -> _Image:
@@ -264,8 +363,82 @@ def _describe(entry, subject, keeper: Keeper, dicom_root: Path, series_cache, fa
         body_part=str(attrs.get("BodyPartExamined") or ""),
         description=" ".join(str(attrs.get(k) or "") for k in ("SeriesDescription", "ProtocolName")).strip(),
         extent_mm=extent_mm(shape[:3], zooms))
+    sidecar = next((f for f in entry.get("files", ()) if f.endswith(".json")), "")
     return _Image(entry, subject, rel, shape, affine, facts, decide(facts, face_cfg),
-                  series_dir if series_dir is not None and series_dir.is_dir() else None)
+                  series_dir if series_dir is not None and series_dir.is_dir() else None, sidecar_rel=sidecar)
+
+
+_BIDS_NAME = re.compile(r"^sub-[A-Za-z0-9]+(?:_[A-Za-z0-9]+-[A-Za-z0-9]+)*_([A-Za-z0-9]+)$")
+
+
+def bids_suffix(name: str) -> str:
+    """The BIDS suffix of a file name (``sub-01_ses-1_T1w.nii.gz`` → ``T1w``), or "" when the name
+    is not BIDS-shaped."""
+    from ..formats.base import stem_of
+    m = _BIDS_NAME.match(stem_of(name))
+    return m.group(1) if m else ""
+
+
+def _other_images(manifest: Mapping[str, Any], keeper: Keeper, face_cfg) -> list[_Image]:
+    """The volumes the ``other`` stage released for this unit (NIfTI, Analyze, MGH, MINC, PAR/REC),
+    described for the selector. There is no DICOM header: facts come from the released sidecar
+    (Modality, BodyPartExamined, SeriesDescription/ProtocolName when kept), from the format (PAR/REC
+    is MR), from the original file name in the restricted manifest (its BIDS suffix, and as a
+    description) and from the volume's shape and voxel size. Nothing of the original name leaves
+    this function: decisions record only which rule applied."""
+    images = []
+    for subj in manifest.get("subjects", []):
+        subject = subj["subject"]
+        rows = [f for f in subj["files"] if f.get("format") not in (None, "dicom")]
+        follow: dict[str, list[dict]] = {}
+        for f in rows:
+            if f.get("primary"):
+                follow.setdefault(f["primary"], []).append(f)
+        for f in rows:
+            if f.get("primary") or f["format"] not in VOLUME_FORMATS:
+                continue
+            base = f"{f['release_dir']}/{subject}/"
+            rel = base + f["out_relpath"]
+            if not keeper.available(rel):
+                continue                        # quarantined by the other stage
+            data_rel = sidecar = ""
+            for g in follow.get(f["relpath"], []):
+                if g["format"] == "json":
+                    sidecar = base + g["out_relpath"]
+                elif g["format"] in ("img", "rec"):
+                    data_rel = base + g["out_relpath"]
+            try:
+                images.append(_describe_other(f, subject, rel, data_rel, sidecar, keeper, face_cfg))
+            except Exception as exc:  # a volume nibabel cannot read is not known to be a head
+                log.warning("%s: not readable as a volume (%s); released as it is", rel, type(exc).__name__)
+    return images
+
+
+def _describe_other(f: Mapping[str, Any], subject: str, rel: str, data_rel: str, sidecar_rel: str,
+                    keeper: Keeper, face_cfg) -> _Image:
+    import nibabel as nib
+    from ..formats.base import stem_of
+    where = keeper.root / rel if (keeper.root / rel).is_file() else keeper.orig / rel  # withheld earlier
+    hdr_img = nib.load(where)
+    shape, affine = tuple(hdr_img.shape), np.asarray(hdr_img.affine, float)
+    side: Mapping[str, Any] = {}
+    if sidecar_rel and (keeper.root / sidecar_rel).is_file():
+        try:
+            side = json.loads((keeper.root / sidecar_rel).read_text(encoding="utf-8"))
+        except ValueError:
+            side = {}
+    name = f["relpath"].rsplit("/", 1)[-1]
+    suffix = bids_suffix(name)
+    modality = str(side.get("Modality") or ("MR" if f["format"] == "parrec" else ""))
+    body = str(side.get("BodyPartExamined") or "")
+    description = " ".join([*(str(side.get(k) or "") for k in ("SeriesDescription", "ProtocolName")),
+                            stem_of(name)]).strip()
+    zooms = np.sqrt((affine[:3, :3] ** 2).sum(axis=0))
+    facts = ImageFacts(path=rel, suffix=suffix, modality=modality, body_part=body, description=description,
+                       extent_mm=extent_mm(shape[:3], zooms), bare=not (modality or body or suffix),
+                       volumes=int(np.prod(shape[3:])) if len(shape) > 3 else 1)
+    return _Image({"format": f["format"]}, subject, rel, shape, affine, facts, decide(facts, face_cfg), None,
+                  fmt=f["format"], data_rel=data_rel, sidecar_rel=sidecar_rel)
 
 
 def _groups(images: list[_Image]) -> list[list[_Image]]:
@@ -312,10 +485,35 @@ def _save_mask(path: Path, native: np.ndarray, affine: np.ndarray) -> None:
     atomic_write_bytes(path, gzip.compress(img.to_bytes(), compresslevel=6, mtime=0), RESTRICTED_FILE_MODE)
 
 
-def _dicom_series(ref: _Image, group: list[_Image], native: np.ndarray, method: str, backend: str,
-                  keeper: Keeper, release_root: Path, pseudo, uid_map: dict, bad: list) -> tuple[int, int]:
-    """Write the mask into every file of the series the group was converted from."""
-    grids = [(ref.nifti.affine, native)]  # members share the reference's grid
+def _planned_uids(series_todo, keeper: Keeper, pseudo) -> dict[str, str]:
+    """Old → new SOP Instance UID of every DICOM image the unit's write-back will rewrite (new UIDs
+    are keyed on the old one and the method, so they are known before anything is written, and
+    every file is written once). Files without pixel data are not rewritten and keep their UID."""
+    import pydicom
+    planned: dict[str, str] = {}
+    for ref, _group, _grid, method, _backend in series_todo:
+        for rel in keeper.dicom_files(ref.series_dir):
+            try:
+                ds = pydicom.dcmread(io.BytesIO(keeper.pristine(rel)), specific_tags=["SOPInstanceUID", "PixelData"])
+            except Exception:  # noqa: BLE001 - the write-back withholds what it cannot read
+                continue
+            old = str(ds.get("SOPInstanceUID") or "")
+            if old and "PixelData" in ds:
+                planned[old] = new_uid(pseudo, method, old)
+    return planned
+
+
+def new_uid(pseudo, method: str, old: str) -> str:
+    """The keyed SOP Instance UID of the defaced / skull-stripped image whose released UID is ``old``."""
+    return pseudo.uid(f"{UID_DOMAIN}\x00{method}\x00{old}")
+
+
+def _dicom_series(ref: _Image, group: list[_Image], grid: tuple[np.ndarray, np.ndarray], method: str, backend: str,
+                  keeper: Keeper, pseudo, planned: dict[str, str], uid_map: dict, bad: list) -> tuple[int, int]:
+    """Write the mask (``grid``: the NIfTI affine and the native mask, shared by the group's
+    members) into every file of the series the group was converted from; references to any
+    rewritten image of the unit (``planned``) follow their new UIDs."""
+    grids = [grid]
     rels = keeper.dicom_files(ref.series_dir)
     derivation = (f"{'Defaced' if method == 'deface' else 'Skull-stripped'} by deidflow {__version__} "
                   f"(backend {backend}): voxels of the removed region set to 0")
@@ -324,8 +522,8 @@ def _dicom_series(ref: _Image, group: list[_Image], native: np.ndarray, method: 
     for rel in rels:
         data = keeper.source(rel)
         try:
-            res = mask_dicom(data, grids, lambda old: pseudo.uid(f"{UID_DOMAIN}\x00{method}\x00{old}"),
-                             derivation, note)
+            res = mask_dicom(data, grids, lambda old: planned.get(old) or new_uid(pseudo, method, old), derivation,
+                             note, refs=planned)
         except GeometryMismatch as exc:
             keeper.withdraw(rel)
             bad.append((rel, f"face: {exc}; withheld from the release"))
@@ -339,12 +537,39 @@ def _dicom_series(ref: _Image, group: list[_Image], native: np.ndarray, method: 
     return n, withheld
 
 
+def _follow_references(images: list[_Image], dicom_root: Path, keeper: Keeper, rewritten: set[str],
+                       uid_map: Mapping[str, str]) -> int:
+    """Every other released DICOM file of the unit's subjects that references a rewritten image
+    (ReferencedSOPInstanceUID or any UI value at any depth) gets the new UID, through the same
+    pristine-copy bookkeeping as the write-back (kill-safe, undone when no longer needed)."""
+    if not uid_map:
+        return 0
+    changed = 0
+    for subject in sorted({im.subject for im in images}):
+        folder = dicom_root / subject
+        if not folder.is_dir():
+            continue
+        for path in sorted(folder.rglob("*.dcm")):
+            rel = str(path.relative_to(keeper.root))
+            if rel in rewritten or not path.is_file():
+                continue
+            pristine = keeper.pristine(rel)
+            if not (uids_in(pristine) & uid_map.keys()):
+                continue
+            try:
+                new = remap_file(keeper.source(rel), dict(uid_map))
+            except Exception as exc:  # unreadable by pydicom: the file stays as the dicom stage wrote it
+                log.warning("%s: references not updated (%s)", rel, type(exc).__name__)
+                continue
+            if new is not None:
+                keeper.publish(rel, new)
+                changed += 1
+    return changed
+
+
 def _stem(rel: str) -> str:
-    name = rel.rsplit("/", 1)[-1]
-    for ext in (".nii.gz", ".nii"):
-        if name.endswith(ext):
-            return name[: -len(ext)]
-    return name
+    from ..formats.base import stem_of
+    return stem_of(rel.rsplit("/", 1)[-1])
 
 
 def _qc(ref: _Image, vol, removed: np.ndarray, method: str, backend: str, release_root: Path, restricted: Path,
