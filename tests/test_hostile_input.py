@@ -676,6 +676,22 @@ def test_every_input_ends_in_exactly_one_place(hostile):
     assert files == set(main.released.values()), "release holds files no inventory row accounts for"
 
 
+def test_report_lists_every_quarantined_file_without_its_name(hostile):
+    """The QC report (in the release) lists each quarantined file by its keyed ID and reason;
+    the original path never appears in it."""
+    from deidflow.qc import report
+    main: Outcome = hostile["main"]
+    html = (main.release_root.parents[1] / "derivatives" / "deidflow" / "qc" / "report.html").read_text()
+    listed = report._quarantine(main.restricted, main.inventory)
+    assert len(listed) == len(main.quarantined) > 20
+    for item in listed:
+        assert item["src_id"] in html
+    for rel in main.quarantined:
+        name = Path(rel).name
+        if len(name) >= 8 and not name.isalpha():  # "DICOMDIR" is also a word of its reason
+            assert name not in html, rel
+
+
 def test_expected_outcomes(hostile):
     """Valid files are released, damaged ones quarantined (reasons in the message)."""
     main: Outcome = hostile["main"]
