@@ -31,7 +31,7 @@ DEFAULTS = {"clean": "auto", "policy": "all_text", "wsi_label": "drop", "selecti
 UNREAD, TALL = 0.5, 0.1  # see _text_like
 READABLE = 0.75  # identifiers_only: text read with less confidence is redacted
 READ_CACHE_SIZE = 64
-_READ_CACHE: dict[bytes, list] = {}
+_READ_CACHE: dict[bytes, tuple[list, bool]] = {}  # frame key -> (merged boxes, every box read)
 MOVING_SHARE = 0.2  # a multi-frame's moving area is the sector when it covers this share of the frame
 
 
@@ -181,7 +181,7 @@ class PixelCleaner:
     def _boxes(self, frame: np.ndarray, invert: bool, ids: identify.Identifiers, d: Decision,
                shape: tuple[int, int]) -> list[tuple[Box, str, str]]:
         """Redaction boxes of one frame: (box, rule, text read)."""
-        merged = self._read(frame, invert, shape)
+        merged = self._read(frame, invert, shape, text=self.policy == "identifiers_only" and d.action != "wsi_overview")
         if d.action == "wsi_overview":
             return _overview_label(merged, shape)
         if self.policy == "identifiers_only":
@@ -206,23 +206,30 @@ class PixelCleaner:
             out.append((block, "ocr:all_text", inside))
         return out
 
-    def _read(self, frame: np.ndarray, invert: bool, shape: tuple[int, int]) -> list[tuple[Box, list[str], float]]:
+    def _read(self, frame: np.ndarray, invert: bool, shape: tuple[int, int],
+              text: bool = True) -> list[tuple[Box, list[str], float]]:
         """Text found and read in one frame (both tone curves), merged; remembered for the last
         few distinct frames, so a frame seen again (another policy, a repeated frame) is not
-        read twice."""
+        read twice.  ``text=False`` (``all_text``, overviews: the boxes decide, not the words)
+        reads only the tall boxes, which may be anatomy rather than text (see
+        :func:`_text_like`); the others come back unread (text ``""``).  Recognition is about
+        half of the OCR time."""
         key = _frame_key(frame, None) + bytes([invert])
         hit = _READ_CACHE.get(key)
-        if hit is not None:
-            return hit
+        if hit is not None and (hit[1] or not text):
+            return hit[0]
         eng = ocr.engine(self.threads)
         found: list[ocr.TextBox] = []
         for curve, img in render.renderings(frame, invert).items():
             boxes, scaled, s = eng.detect(img, curve)
+            if not text:
+                found.extend(b for b in boxes if b.height <= TALL * shape[0])
+                boxes = [b for b in boxes if b.height > TALL * shape[0]]
             found.extend(eng.read(scaled, s, boxes))
         merged = _merge([t for t in found if _text_like(t, shape)])
         if len(_READ_CACHE) >= READ_CACHE_SIZE:
             _READ_CACHE.pop(next(iter(_READ_CACHE)))
-        _READ_CACHE[key] = merged
+        _READ_CACHE[key] = (merged, text)
         return merged
 
     def _thumbs(self, out: Outcome, frames: Frames, i: int, before: np.ndarray, boxes, rendered: bool = False) -> None:
