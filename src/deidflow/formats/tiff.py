@@ -170,10 +170,14 @@ class TiffFile:
 class _Reader:
     def __init__(self, fh, size: int):
         self.fh, self.size = fh, size
+        self.budget = max(64 << 20, 2 * size)  # IFDs pointing at one huge value again and again
 
     def read(self, offset: int, n: int, what: str) -> bytes:
         if offset < 0 or n < 0 or offset + n > self.size:
             raise FormatError(f"{what} lies outside the file (truncated or damaged)")
+        self.budget -= n
+        if self.budget < 0:
+            raise FormatError("tag values add up to more than twice the file (damaged)")
         self.fh.seek(offset)
         data = self.fh.read(n)
         if len(data) != n:
