@@ -69,6 +69,34 @@ def test_matcher_whole_tokens_case_and_uids():
     assert m.find(b"SMITHsomething") == [] and m.find(b"SMITH_1980")
 
 
+def test_png_text_chunks_searched_image_samples_only_with_pixel_data(tmp_path):
+    """A PNG's text chunks are searched (zTXt decompressed); its image samples are pixels, searched
+    (decompressed) only with pixel_data: a value among them is not a false alarm by default."""
+    import struct
+    import zlib
+
+    def chunk(ctype: bytes, body: bytes) -> bytes:
+        return struct.pack(">I", len(body)) + ctype + body + struct.pack(">I", zlib.crc32(ctype + body))
+
+    m = _matcher(("name", "PatientName", "Ødegård^Åse"), ("id", "PatientID", "MRN8284194"))
+    row = "xx Åse yy".encode("latin-1")  # grey samples; filter type 0, stored (not compressed)
+    png = (b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", len(row), 2, 8, 0, 0, 0, 0))
+           + chunk(b"tEXt", b"Comment\0scan of MRN8284194")
+           + chunk(b"zTXt", b"Author\0\0" + zlib.compress("Ødegård, Åse".encode("latin-1")))
+           + chunk(b"IDAT", zlib.compress((b"\0" + row) * 2, 0)) + chunk(b"IEND", b""))
+    path = tmp_path / "x.png"
+    path.write_bytes(png)
+    assert "Åse".encode("latin-1") in png
+    res = leakscan.scan_file(path, "x.png", m)
+    assert {h.location.split(",")[0] for h in res.hits} == {"PNG tEXt chunk", "PNG zTXt chunk"}
+    assert res.skipped > 0 and not res.notes
+    with_pixels = leakscan.scan_file(path, "x.png", m, pixel_data=True)
+    assert any(h.location.startswith("PNG image data") for h in with_pixels.hits)
+    path.write_bytes(png[:-20])  # damaged: searched as raw bytes, and said so
+    res = leakscan.scan_file(path, "x.png", m)
+    assert res.notes and any(h.location.startswith("byte offset") for h in res.hits)
+
+
 def test_collector_keeps_only_what_the_profile_changes(key_env, tmp_path):
     """The DICOM engine records the original values it removes or replaces (never kept ones)."""
     from deidflow.dicom import Scrubber, SubjectContext

@@ -8,7 +8,8 @@ Where: every release file of the subject's folders (``sub-X/``, ``sourcedata/*/s
 ``derivatives/**/sub-X/``, files named ``sub-X_*``) — its path, its raw bytes, the content of
 gzip files, DICOM headers at any depth (a DICOM header's bytes *are* its elements, nested and private
 ones included; files in character sets other than ASCII/Latin-1/UTF-8 and deflated files are parsed
-and searched element by element), NIfTI headers and extensions, JSON strings after unescaping.
+and searched element by element), NIfTI headers and extensions, JSON strings after unescaping, PNG
+chunks (text chunks decompressed; the compressed image samples only with ``pixel_data``).
 Dataset-level files (``participants.tsv``, the report, …) are searched for every subject's values.
 
 Matching: case-insensitive, as whole tokens (a value that starts or ends with a letter must not
@@ -411,6 +412,9 @@ def scan_file(path: Path, rel: str, matcher: Matcher, *, pixel_data: bool = Fals
             low = path.name.lower()
             if head[128:132] == b"DICM":
                 _scan_dicom(path, rel, head, size, matcher, res, pixel_data)
+            elif head[:8] == _PNG_MAGIC:
+                fh.seek(0)
+                _scan_png(fh.read(), rel, matcher, res, pixel_data)
             elif head[:2] == b"\x1f\x8b":
                 _scan_gzip(path, rel, matcher, res, pixel_data, nifti=low.endswith((".nii.gz", ".hdr.gz")))
             elif low.endswith((".nii", ".hdr")) and _nifti_kind(head):
@@ -615,6 +619,75 @@ def _count_rest(gz) -> int:
         if not b:
             return n
         n += len(b)
+
+
+# ------------------------------------------------------------------------------------------------
+# PNG (QC renderings)
+# ------------------------------------------------------------------------------------------------
+_PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+
+
+def _png_chunks(data: bytes) -> tuple[list[tuple[bytes, bytes]], bytes]:
+    """(type, body) of every chunk up to IEND, and the bytes after it; ValueError when damaged."""
+    pos, chunks = 8, []
+    while pos < len(data):
+        if pos + 12 > len(data):
+            raise ValueError("truncated chunk")
+        length, ctype = struct.unpack(">I4s", data[pos:pos + 8])
+        if pos + 12 + length > len(data):
+            raise ValueError("truncated chunk")
+        chunks.append((ctype, data[pos + 8:pos + 8 + length]))
+        pos += 12 + length
+        if ctype == b"IEND":
+            break
+    return chunks, data[pos:]
+
+
+def _png_text(ctype: bytes, body: bytes) -> bytes | None:
+    """The text of a compressed text chunk (zTXt, iTXt with its compression flag set), else None."""
+    key, _, rest = body.partition(b"\0")
+    if ctype == b"zTXt":
+        return key + b"\n" + zlib.decompress(rest[1:])
+    if ctype == b"iTXt" and rest[:1] == b"\x01":
+        lang, _, rest = rest[2:].partition(b"\0")
+        tkey, _, text = rest.partition(b"\0")
+        return b"\n".join((key, lang, tkey, zlib.decompress(text)))
+    return None
+
+
+def _scan_png(data: bytes, rel: str, matcher: Matcher, res: FileScan, pixel_data: bool) -> None:
+    """A PNG chunk by chunk: text chunks decompressed (zTXt, compressed iTXt), every other chunk's
+    bytes, and anything after IEND. The image samples (IDAT, a zlib stream) are pixels: counted as
+    not scanned, or decompressed and searched with ``pixel_data`` (their compressed bytes are noise
+    in which a short value turns up by chance). A damaged PNG is searched as raw bytes."""
+    try:
+        chunks, trailer = _png_chunks(data)
+    except (ValueError, struct.error) as exc:
+        res.notes.append(f"{rel}: damaged PNG ({exc}); raw bytes scanned")
+        _scan_stream(io.BytesIO(data), rel, "", matcher, res, text=False)
+        return
+    idat = b"".join(body for ctype, body in chunks if ctype == b"IDAT")
+    for ctype, body in chunks:
+        if ctype == b"IDAT":
+            continue
+        where = f"PNG {ctype.decode('latin-1')} chunk, "
+        try:
+            text = _png_text(ctype, body)
+        except zlib.error:
+            res.notes.append(f"{rel}: {where}not decompressible; raw bytes scanned")
+            text = None
+        _scan_stream(io.BytesIO(body if text is None else text), rel, where, matcher, res,
+                     text=text is not None or ctype in (b"tEXt", b"iTXt"))
+    if idat and pixel_data:
+        try:
+            _scan_stream(io.BytesIO(zlib.decompress(idat)), rel, "PNG image data, ", matcher, res, text=False)
+        except zlib.error:
+            res.notes.append(f"{rel}: PNG image data not decompressible; raw bytes scanned")
+            _scan_stream(io.BytesIO(idat), rel, "PNG IDAT chunks, ", matcher, res, text=False)
+    else:
+        res.skipped += len(idat)
+    if trailer:
+        _scan_stream(io.BytesIO(trailer), rel, "after the PNG end, ", matcher, res, text=False)
 
 
 # ------------------------------------------------------------------------------------------------
