@@ -7,6 +7,7 @@ import sys
 from collections.abc import Iterator
 from pathlib import Path
 
+import numpy as np
 import pydicom
 import pytest
 from pydicom.charset import convert_encodings
@@ -24,6 +25,7 @@ _SRC = Path(__file__).resolve().parents[1] / "src"
 if str(_SRC) not in sys.path:
     sys.path.insert(0, str(_SRC))
 
+from deidflow import demo_head  # noqa: E402
 from deidflow.demo import DemoPatient, main, make_demo_input, planted_identifiers  # noqa: E402
 
 ACME = "ACME PACS 1.0"
@@ -47,6 +49,10 @@ def _walk(ds: Dataset) -> Iterator[pydicom.DataElement]:
         if elem.VR == "SQ":
             for item in elem.value:
                 yield from _walk(item)
+
+
+def _is_head(ds: Dataset) -> bool:
+    return ds.get("BodyPartExamined") == "HEAD"
 
 
 def _acme(ds: Dataset, offset: int) -> str:
@@ -109,7 +115,9 @@ def test_patients_studies_and_modalities(demo, datasets) -> None:
 
     listed = {f for p in patients for s in p.studies for f in s.files}
     assert listed == set(datasets)
-    assert 20 <= len(datasets) <= 40
+    head = [f for f, ds in datasets.items() if _is_head(ds)]
+    assert len(head) == demo_head.N_SLICES
+    assert 20 <= len(datasets) - len(head) <= 40
     assert {ds.Modality for ds in datasets.values()} == {"MR", "CT", "US"}
     # Each study's files really belong to that patient and study.
     for p in patients:
@@ -163,9 +171,44 @@ def test_pixel_data_copied_unchanged(datasets) -> None:
         m: pydicom.dcmread(get_testdata_file(name)).PixelData for m, name in SOURCE_FILES.items()
     }
     for ds in datasets.values():
-        assert ds.PixelData == source_pixels[ds.Modality]
+        if not _is_head(ds):
+            assert ds.PixelData == source_pixels[ds.Modality]
     mr = next(ds for ds in datasets.values() if ds.SOPClassUID == MRImageStorage)
     assert mr.pixel_array.shape == (64, 64)
+
+
+def test_head_mri_is_a_classic_3d_t1_series_with_full_geometry(demo, datasets) -> None:
+    """One head T1 (what the face stage needs): 96 sagittal 2 mm slices of MR Image Storage, one
+    orientation, positions 2 mm apart along the slice normal, int16 pixels below 4096 that are the
+    demo_head volume, a head (not an empty box) large enough for the face selector."""
+    _, patients = demo
+    head = sorted((ds for ds in datasets.values() if _is_head(ds)), key=lambda d: int(d.InstanceNumber))
+    assert len({ds.SeriesInstanceUID for ds in head}) == 1 and len(head) == demo_head.N_SLICES
+    assert len({ds.SOPInstanceUID for ds in head}) == len(head)
+    (owner,) = [p for p in patients if head[0].PatientID == p.patient_id]
+    assert owner.name == str(head[0].PatientName) and len(owner.studies) == 1
+    assert head[0].StudyInstanceUID == owner.studies[0].study_instance_uid
+    volume = demo_head.head_t1()
+    row, col = (np.array([float(v) for v in head[0].ImageOrientationPatient[i:i + 3]]) for i in (0, 3))
+    normal = np.cross(row, col)
+    positions = np.array([[float(v) for v in ds.ImagePositionPatient] for ds in head])
+    steps = np.diff(positions, axis=0)
+    assert np.allclose(steps, 2.0 * normal)
+    for ds in head:
+        assert ds.SOPClassUID == MRImageStorage and "NumberOfFrames" not in ds
+        assert ds.Modality == "MR" and ds.MRAcquisitionType == "3D" and ds.PatientPosition == "HFS"
+        assert [float(v) for v in ds.ImageOrientationPatient] == list(demo_head.ORIENTATION)
+        assert [float(v) for v in ds.PixelSpacing] == [2.0, 2.0] and float(ds.SliceThickness) == 2.0
+        assert (ds.Rows, ds.Columns, ds.BitsAllocated, ds.PixelRepresentation) == (128, 128, 16, 1)
+        pixels = ds.pixel_array
+        assert pixels.dtype == np.int16
+        assert np.array_equal(pixels, volume[int(ds.InstanceNumber) - 1])
+    assert volume.min() >= 0 and volume.max() < 4096  # high bytes < 0x10: pixels never spell a value
+    extent = np.array([demo_head.N_SLICES, demo_head.ROWS, demo_head.COLUMNS]) * 2.0
+    assert extent.min() >= 60
+    inside = volume > 0.12 * np.percentile(volume[volume > 0], 99.5)  # the face renderer's skin level
+    assert 0.15 < inside.mean() < 0.6  # a head fills a good part of the field of view, not all of it
+    assert not inside[[0, -1]].any() and not inside[:, [0, -1]].any()  # first/last slice, top/bottom rows empty
 
 
 def test_source_identity_never_copied(demo) -> None:

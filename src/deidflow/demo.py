@@ -2,10 +2,13 @@
 
 The tree is built in code from pydicom's bundled test images (MR_small, CT_small,
 SC_rgb_small_odd) so nothing large has to be committed or downloaded.  The pixel
-data of the source files is copied byte for byte; every header value that could
-identify someone (names, IDs, dates, UIDs, institution, device, free text,
-private tags, nested sequences, folder names) is fake and generated
-deterministically from ``seed``.  The source files' own UIDs and identifiers are
+data of the source files is copied byte for byte.  One patient also has a 3D
+T1-weighted head MRI with a face (96 sagittal 2 mm slices, classic MR Image
+Storage), made in code from the average head that ships in pydeface's wheel
+(:mod:`deidflow.demo_head`), so that the face stage has a face to remove.
+Every header value that could identify someone (names, IDs, dates, UIDs,
+institution, device, free text, private tags, nested sequences, folder names)
+is fake and generated deterministically from ``seed``.  The source files' own UIDs and identifiers are
 never copied: only technical acquisition (0018) and image pixel (0028) attributes
 plus the pixel data come from them.
 
@@ -50,6 +53,8 @@ from pydicom.uid import (
     UltrasoundImageStorage,
 )
 from pydicom.valuerep import PersonName
+
+from . import demo_head
 
 __all__ = [
     "DemoPatient",
@@ -141,6 +146,7 @@ class _SeriesSpec:
     implicit_vr_instance: int | None = None  # write this instance Implicit VR LE
     overlay_comment: str | None = None  # (6000,4000) on instance 1
     curve_description: str | None = None  # (5000,0022) on instance 1
+    head_t1: bool = False  # pixels, geometry and technique from deidflow.demo_head
 
 
 @dataclass(frozen=True)
@@ -274,8 +280,12 @@ _PATIENTS: tuple[_PatientSpec, ...] = (
             _StudySpec(
                 _FJS, "MR caput", ("MRCAP", "99FJS", "MR caput uten kontrast"),
                 "Hodepine",
-                (_SeriesSpec(301, "T2W_TSE_TRA", _FJS_MR, 4,
-                             curve_description="EKG-trigger Ødegård, Åse"),),
+                (
+                    _SeriesSpec(301, "T2W_TSE_TRA", _FJS_MR, 4,
+                                curve_description="EKG-trigger Ødegård, Åse"),
+                    _SeriesSpec(401, "T1W_3D_TFE_SAG", _FJS_MR, demo_head.N_SLICES,
+                                head_t1=True),
+                ),
                 image_comments="Henvist fra fastlege, pas. Ødegård",
             ),
         ),
@@ -585,12 +595,16 @@ def _build_instance(
     site, device = spec.site, series.device
     modality = device.modality
     ds = Dataset()
-    _copy_image_attributes(source, ds, modality)
+    if series.head_t1:
+        _set_head_image(ds, inst.number)
+    else:
+        _copy_image_attributes(source, ds, modality)
 
     # SOP common / general image
     if pspec.charset:
         ds.SpecificCharacterSet = pspec.charset
-    acq_time = series_time + timedelta(seconds=15 * inst.number)
+    # A 3D acquisition is one acquisition; 2D demo slices were acquired one after the other.
+    acq_time = series_time + timedelta(seconds=15 * (1 if series.head_t1 else inst.number))
     ds.ImageType = _IMAGE_TYPE[modality]
     ds.InstanceCreationDate = study.date
     ds.InstanceCreationTime = _tm(acq_time + timedelta(seconds=3))
@@ -656,7 +670,8 @@ def _build_instance(
     if modality in ("MR", "CT"):
         ds.FrameOfReferenceUID = study.for_uid
         ds.PositionReferenceIndicator = ""
-        _set_slice_position(source, ds, inst.number)
+        if not series.head_t1:
+            _set_slice_position(source, ds, inst.number)
     else:
         ds.PatientOrientation = ""
         ds.BurnedInAnnotation = "NO"
@@ -734,6 +749,17 @@ def _copy_image_attributes(source: Dataset, ds: Dataset, modality: str) -> None:
         ds.PhotometricInterpretation = "RGB"
     vr = "OB" if int(source.BitsAllocated) <= 8 else "OW"
     ds.add(DataElement(0x7FE00010, vr, bytes(source.PixelData)))
+
+
+def _set_head_image(ds: Dataset, number: int) -> None:
+    """Technique, geometry and pixel data of slice ``number`` (1-based) of the demo head T1."""
+    for keyword, value in demo_head.ACQUISITION.items():
+        setattr(ds, keyword, value)
+    x, y, z = demo_head.position(number - 1)
+    ds.ImageOrientationPatient = [f"{v:g}" for v in demo_head.ORIENTATION]
+    ds.ImagePositionPatient = [f"{x:.4f}", f"{y:.4f}", f"{z:.4f}"]
+    ds.SliceLocation = f"{x:.4f}"  # sagittal: position along the left-right axis
+    ds.add(DataElement(0x7FE00010, "OW", demo_head.head_t1()[number - 1].tobytes()))
 
 
 def _set_slice_position(source: Dataset, ds: Dataset, number: int) -> None:
