@@ -1,23 +1,24 @@
 """The QC report: self-contained, opens in headless Chromium without console messages, shows the
-subject table and a face rendering (a fake face PNG planted the way the face stage leaves its
-renderings, since this test must not depend on that stage), lists the quarantine by keyed source
-ID, holds none of the demo's original identifiers; audit.parquet; `snakemake --report` works.
+subject table and the face stage's rendering of the demo's head MRI after defacing (found pixel for
+pixel in a screenshot), never the rendering of the face before (even when
+``face.qc_before_in_release`` puts it in the release), lists the quarantine by keyed source ID, holds
+none of the demo's original identifiers; audit.parquet; `snakemake --report` works.
 
 Chromium is Debian's `chromium` package: installed here with apt-get when missing and root;
 without it the test fails in CI and skips elsewhere, saying why."""
 from __future__ import annotations
 
+import base64
 import json
 import os
 import re
 import shutil
-import struct
 import subprocess
 import sys
 import zipfile
-import zlib
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from deidflow.demo import make_demo_input, planted_identifiers
@@ -28,7 +29,7 @@ from .conftest import ROOT, TEST_KEY, identifier_in
 pytestmark = [pytest.mark.workflow, pytest.mark.slow]
 IN_CI = os.environ.get("CI", "").lower() in ("1", "true", "yes")
 QC = Path("derivatives") / "deidflow" / "qc"
-FACE_RGB = (214, 40, 200)  # the fake face's background: easy to find in the screenshot
+STATUS_CLEAN_RGB = (0x17, 0x70, 0x3A)  # colour of a "clean" leak-scan status (.ok in qc_report.html)
 
 
 def _unavailable(reason: str):
@@ -59,24 +60,29 @@ def browser(exe: str, tmp: Path, url: str, *extra: str) -> subprocess.CompletedP
                           capture_output=True, text=True, timeout=120)
 
 
-def png(width: int, height: int, pixel) -> bytes:
-    """A small RGB PNG (no imaging library needed): ``pixel(x, y) -> (r, g, b)``."""
-    raw = b"".join(b"\x00" + b"".join(bytes(pixel(x, y)) for x in range(width)) for y in range(height))
-    chunk = lambda t, d: struct.pack(">I", len(d)) + t + d + struct.pack(">I", zlib.crc32(t + d))  # noqa: E731
-    return (b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0))
-            + chunk(b"IDAT", zlib.compress(raw)) + chunk(b"IEND", b""))
+def find_picture(shot: np.ndarray, pic: np.ndarray) -> tuple[int, int, float]:
+    """(x, y, rms difference) of the place in the grey screenshot where the grey picture fits best
+    (sum of squared differences for every offset, by FFT)."""
+    from scipy.signal import fftconvolve
+    h, w = pic.shape
+    corr = fftconvolve(shot, pic[::-1, ::-1], mode="valid")
+    energy = fftconvolve(shot ** 2, np.ones((h, w)), mode="valid")
+    y, x = np.unravel_index(np.argmin(energy - 2 * corr), corr.shape)
+    return int(x), int(y), float(np.sqrt(np.mean((shot[y:y + h, x:x + w] - pic) ** 2)))
 
 
-def fake_face(x: int, y: int):
-    """A cartoon head (skin ellipse, eyes, mouth) on a magenta background, 120 x 140."""
-    cx, cy = 60, 70
-    if ((x - cx) / 45) ** 2 + ((y - cy) / 58) ** 2 > 1:
-        return FACE_RGB
-    if ((x - 42) ** 2 + (y - 55) ** 2 < 36) or ((x - 78) ** 2 + (y - 55) ** 2 < 36):
-        return (30, 30, 30)
-    if 95 <= y <= 100 and 40 <= x <= 80:
-        return (150, 40, 40)
-    return (230, 190, 160)
+def status_text_rows(rgb: np.ndarray) -> list[tuple[int, int, int, int]]:
+    """(top, bottom, left, right) of each horizontal band of text in the "clean" status colour."""
+    mask = np.abs(rgb - np.array(STATUS_CLEAN_RGB)).sum(axis=-1) < 60
+    ys = np.flatnonzero(mask.any(axis=1))
+    if not ys.size:
+        return []
+    bands = np.split(ys, np.flatnonzero(np.diff(ys) > 1) + 1)
+    out = []
+    for b in bands:
+        xs = np.flatnonzero(mask[b[0]:b[-1] + 1].any(axis=0))
+        out.append((int(b[0]), int(b[-1]), int(xs.min()), int(xs.max())))
+    return out
 
 
 @pytest.fixture(scope="module")
@@ -88,24 +94,21 @@ def demo(tmp_path_factory):
     folder = sorted(p for p in inp.iterdir() if p.is_dir())[0]
     (folder / f"broken_{folder.name}.dcm").write_bytes(b"")  # quarantined: zero-byte file
     env = dict(os.environ, DEIDFLOW_KEY=TEST_KEY)
-    r = subprocess.run([sys.executable, "-m", "deidflow.cli", "run", str(inp), str(base / "release"), "--cores", "2"],
+    # The front view of the original face goes to the release QC folder too (not the default), so
+    # that the report is seen to leave it out.
+    r = subprocess.run([sys.executable, "-m", "deidflow.cli", "run", str(inp), str(base / "release"), "--cores", "2",
+                        "--set", "face.qc_before_in_release=true"],
                        env=env, capture_output=True, text=True, timeout=600, cwd=ROOT)
     assert r.returncode == 0, r.stderr[-3000:]
     out, restricted = base / "release", base / "release_restricted"
     subjects = sorted(p.name for p in (out / "sourcedata" / "dicom").iterdir())
-    # renderings as a face stage leaves them: PNGs and index.json under qc/<subject>/<stage>/
-    stage = out / QC / subjects[0] / "face"
-    stage.mkdir(parents=True)
-    (stage / "front_after.png").write_bytes(png(120, 140, fake_face))
-    (stage / "front_before.png").write_bytes(png(120, 140, lambda x, y: (10, 200, 10)))
-    (stage / "index.json").write_text(json.dumps([
-        {"file": "front_after.png", "caption": "face after defacing (fake test image)", "kind": "face_front_after"},
-        {"file": "front_before.png", "caption": "face before defacing", "kind": "face_front_before"}]))
-    html = out / QC / "report.html"
-    report.write_report(out, restricted, html, f"{out / QC / 'files_per_modality.svg'},{out / QC / 'actions_per_attribute.svg'}",
-                        out / QC / "subjects.tsv", restricted / "qc" / "report-full.html")
-    return {"base": base, "input": inp, "release": out, "restricted": restricted, "html": html,
-            "subjects": subjects, "stdout": r.stdout, "broken": folder.name, "planted": planted}
+    # the face stage's renderings of the demo's head MRI: PNGs and index.json under qc/<subject>/face/
+    (index,) = sorted((out / QC).glob("sub-*/face/index.json"))
+    faces = {it["kind"]: index.parent / it["file"] for it in json.loads(index.read_text())}
+    assert {"face_front_after", "face_front_before"} <= set(faces), faces
+    return {"base": base, "input": inp, "release": out, "restricted": restricted, "html": out / QC / "report.html",
+            "subjects": subjects, "stdout": r.stdout, "broken": folder.name, "planted": planted,
+            "face_subject": index.parent.parent.name, "faces": faces}
 
 
 def test_run_prints_stage_summaries_and_report_path(demo):
@@ -139,9 +142,15 @@ def test_report_lists_quarantine_by_keyed_id(demo):
     assert len(q) == 1 and q[0]["src_id"] in text
 
 
+def _data_uri(png: Path) -> str:
+    return "data:image/png;base64," + base64.b64encode(png.read_bytes()).decode("ascii")
+
+
 def test_before_renderings_only_in_restricted_copy(demo):
     public = demo["html"].read_text()
     full = (demo["restricted"] / "qc" / "report-full.html").read_text()
+    before, after = _data_uri(demo["faces"]["face_front_before"]), _data_uri(demo["faces"]["face_front_after"])
+    assert after in public and before not in public and before in full
     assert "face_front_after" in public and "face_front_before" not in public
     assert "face_front_before" in full and "Run time" in full and "Run time" not in public
     assert (demo["restricted"] / "qc" / "report-full.html").stat().st_mode & 0o777 == 0o600
@@ -157,19 +166,27 @@ def test_report_opens_in_chromium(demo, chromium, tmp_path):
     rows = re.findall(r'<tr data-status="(\w+)"', dom.stdout)
     assert rows == ["clean"] * len(demo["subjects"])
     assert f"{len(demo['subjects'])} shown" in dom.stdout  # the filter script ran
+    # the gallery shows the face stage's rendering of the defaced head, not a stand-in
+    subject, after = demo["face_subject"], demo["faces"]["face_front_after"]
+    assert f'alt="{subject} face_front_after" src="{_data_uri(after)}"' in dom.stdout
     shot = tmp_path / "report.png"
     r = browser(chromium, tmp_path, url, f"--screenshot={shot}", "--window-size=1280,2300", "--hide-scrollbars")
     assert r.returncode == 0 and shot.stat().st_size > 10000, r.stderr[-2000:]
     keep = os.environ.get("DEIDFLOW_SCREENSHOT")
     if keep:
         shutil.copy(shot, keep)
-    try:
-        from PIL import Image
-    except ImportError:
-        return
-    img = Image.open(shot).convert("RGB")
-    colors = img.getcolors(maxcolors=1 << 20) or []
-    assert any(c == FACE_RGB and n > 2000 for n, c in colors), "the face rendering is not visible"
+    from PIL import Image
+    rgb = np.asarray(Image.open(shot).convert("RGB")).astype(np.float64)
+    face = np.asarray(Image.open(after).convert("L")).astype(np.float64)
+    assert face.std() > 20  # a picture, not a blank square
+    x, y, rms = find_picture(rgb.mean(axis=2), face)
+    assert rms < 2.0, f"the face rendering is not visible in the screenshot (best fit at {x},{y}: rms {rms:.1f})"
+    before = np.asarray(Image.open(demo["faces"]["face_front_before"]).convert("L")).astype(np.float64)
+    assert find_picture(rgb.mean(axis=2), before)[2] > 10  # the original face is nowhere on the page
+    # the subject table above it: one row per subject, its leak-scan status drawn in one column
+    bands = status_text_rows(rgb[:y])
+    assert len(bands) == len(demo["subjects"]), bands
+    assert len({(left, right) for _, _, left, right in bands}) == 1, bands
 
 
 def test_audit_parquet(demo):
