@@ -131,11 +131,15 @@ def _verify_results(restricted: Path) -> tuple[dict, dict | None]:
             "pixel_data": pixel}, dataset
 
 
-def _qc_images(release: Path, subject: str, *, restricted_copy: bool) -> list[dict]:
-    """The renderings stages left for ``subject`` (index.json per stage), as data URIs."""
+def _qc_images(release: Path, restricted: Path, subject: str, *, restricted_copy: bool) -> list[dict]:
+    """The renderings stages left for ``subject`` (index.json per stage), as data URIs; the
+    restricted copy also shows those the stages kept in ``restricted/qc`` (original faces,
+    burned-in text before redaction)."""
     out = []
-    base = Path(release) / QC_SUBDIR / subject
-    for index in sorted(base.glob("*/index.json")):
+    bases = [Path(release) / QC_SUBDIR / subject]
+    if restricted_copy:
+        bases.append(Path(restricted) / "qc" / subject)
+    for index in sorted(i for base in bases for i in base.glob("*/index.json")):
         try:
             items = json.loads(index.read_text(encoding="utf-8"))
         except ValueError:
@@ -261,7 +265,7 @@ def build(release: Path, restricted: Path, *, restricted_copy: bool = False) -> 
             "quarantined": sum(1 for q in quarantine if q["subject"] == s),
             "audited_files": audited.get(s, 0),
             "actions": counts.get(s, Counter()),
-            "images": _qc_images(release, s, restricted_copy=restricted_copy),
+            "images": _qc_images(release, restricted, s, restricted_copy=restricted_copy),
             "verify": verify["subjects"].get(s),
         }
     return {
