@@ -23,7 +23,7 @@ rule verify:
         done=restricted("done/verify/{unit}.json"),
     params:
         python=PYTHON,
-        release=qc_rules.constant(OUT),
+        release=release(""),
         restricted=restricted_of,
         strict=VERIFY_STRICT,
         pixel_data=VERIFY_PIXEL_DATA,
@@ -52,7 +52,7 @@ rule verify_dataset:
         done=VERIFY_DATASET,
     params:
         python=PYTHON,
-        release=qc_rules.constant(OUT),
+        release=release(""),
         restricted=qc_rules.constant(RESTRICTED),
         strict=VERIFY_STRICT,
         pixel_data=VERIFY_PIXEL_DATA,
