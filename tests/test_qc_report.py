@@ -16,13 +16,14 @@ import shutil
 import subprocess
 import sys
 import zipfile
+from collections import Counter
 from pathlib import Path
 
 import numpy as np
 import pytest
 
 from deidflow.demo import make_demo_input, planted_identifiers
-from deidflow.qc import report
+from deidflow.qc import audit, report
 
 from .conftest import ROOT, TEST_KEY, identifier_in
 
@@ -197,6 +198,39 @@ def test_audit_parquet(demo):
     assert t.column_names == ["subject", "stage", "file", "source", "attribute", "action"]
     assert t.num_rows > 100 and set(t.column("subject").to_pylist()) == set(demo["subjects"])
     assert {"PatientName", "PatientID"} <= set(t.column("attribute").to_pylist())
+
+
+def test_audit_summary_agrees_with_parquet(demo):
+    """The report's per-subject action counts (one pass over the JSON lines) equal the rows of
+    audit.parquet counted with item indices stripped."""
+    import pyarrow.parquet as pq
+    from collections import defaultdict
+    counts, files = audit.summary(demo["restricted"])
+    t = pq.read_table(demo["restricted"] / "audit.parquet").to_pydict()
+    expected: dict = defaultdict(Counter)
+    distinct = defaultdict(set)
+    for s, f, a, c in zip(t["subject"], t["file"], t["attribute"], t["action"]):
+        expected[s][(audit.attribute_name(a), c)] += 1
+        distinct[s].add(f)
+    assert counts == expected
+    assert set(files) == set(expected) and all(files[s] >= len(distinct[s]) for s in files)
+
+
+def test_audit_summary_and_table_of_crafted_lines(tmp_path):
+    (tmp_path / "audit").mkdir()
+    (tmp_path / "audit" / "sub-a.jsonl").write_text(
+        '{"file": "x/1.dcm", "source": "s1", "actions": {"Seq[0].PatientID": "X", "Seq[1].PatientID": "X", "A": "K"}}\n'
+        '\n{not json\n{"file": "x/2.dcm", "source": "s2", "actions": {}}\n'
+        '{"file": "x/3.nii", "stage": "other", "actions": {"descrip": "Z"}}\n', encoding="utf-8")
+    counts, files = audit.summary(tmp_path)
+    assert counts == {"sub-a": Counter({("Seq.PatientID", "X"): 2, ("A", "K"): 1, ("descrip", "Z"): 1})}
+    assert files == {"sub-a": 3}
+    n = audit.consolidate(tmp_path, tmp_path / "audit.parquet")
+    import pyarrow.parquet as pq
+    rows = pq.read_table(tmp_path / "audit.parquet").to_pylist()
+    assert n == 4 and [(r["stage"], r["file"], r["attribute"], r["action"]) for r in rows] == [
+        ("dicom", "x/1.dcm", "A", "K"), ("dicom", "x/1.dcm", "Seq[0].PatientID", "X"),
+        ("dicom", "x/1.dcm", "Seq[1].PatientID", "X"), ("other", "x/3.nii", "descrip", "Z")]
 
 
 def test_snakemake_report_zip(demo, tmp_path):

@@ -446,8 +446,10 @@ def compile_subject_pattern(pattern: str) -> re.Pattern | None:
 
 
 def _load_cache(path: Path) -> dict[str, dict]:
+    if not Path(path).is_file():  # a first run: pq.read_table would import pyarrow.dataset (0.3 s) to fail
+        return {}
     try:
-        table = pq.read_table(path, columns=list(CACHED))
+        table = pq.ParquetFile(path).read(columns=list(CACHED))
     except (OSError, pa.ArrowInvalid, KeyError):
         return {}
     return {r["relpath"]: r for r in table.to_pylist()}
@@ -503,5 +505,7 @@ def files_per_subject(inv: Inventory) -> dict[str, int]:
     return {s: len(rows) for s, rows in inv.by_subject().items()}
 
 
-def read(restricted: Path) -> pa.Table:
-    return pq.read_table(Path(restricted) / "inventory.parquet")
+def read(restricted: Path, columns: list[str] | None = None) -> pa.Table:
+    """``inventory.parquet`` of a restricted folder (``ParquetFile``: ``pq.read_table`` would
+    import ``pyarrow.dataset``, 0.3 s of every job that reads it)."""
+    return pq.ParquetFile(Path(restricted) / "inventory.parquet").read(columns=columns)

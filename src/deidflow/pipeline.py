@@ -9,8 +9,6 @@ import json
 from dataclasses import dataclass
 from typing import Any, Mapping
 
-import pyarrow.parquet as pq
-
 from . import inventory
 from .batching import plan_units
 from .fsutil import RESTRICTED_FILE_MODE, make_restricted_dir, write_if_changed
@@ -48,7 +46,7 @@ def prepare(config: Mapping[str, Any], *, main_process: bool = True) -> Prepared
     key = load_key(config.get("key_file") or None)
     fp = fingerprint(key)
     if not main_process:
-        table = pq.read_table(paths.restricted / "inventory.parquet", columns=["subject", "status", "format"])
+        table = inventory.read(paths.restricted, columns=["subject", "status", "format"])
         counts: dict[str, int] = {}
         formats: dict[str, set[str]] = {}
         for subject, status, fmt in zip(*(table[c].to_pylist() for c in ("subject", "status", "format"))):

@@ -19,10 +19,9 @@ COLUMNS = ("subject", "stage", "file", "source", "attribute", "action")
 _INDEX = re.compile(r"\[\d+\]")
 
 
-def records(restricted: Path) -> Iterator[dict]:
-    """Every (file, attribute, action) of every audit file, in a stable order."""
+def _entries(restricted: Path) -> Iterator[tuple[str, dict]]:
+    """(subject, entry) for every readable line of every audit file, in a stable order."""
     for f in sorted((Path(restricted) / "audit").glob("*.jsonl")):
-        subject = f.stem
         for line in f.read_text(encoding="utf-8").splitlines():
             if not line.strip():
                 continue
@@ -30,21 +29,28 @@ def records(restricted: Path) -> Iterator[dict]:
                 item = json.loads(line)
             except ValueError:
                 continue
-            for attr, code in sorted((item.get("actions") or {}).items()):
-                yield {"subject": subject, "stage": str(item.get("stage", "dicom")), "file": str(item.get("file", "")),
-                       "source": str(item.get("source", "")), "attribute": str(attr), "action": str(code)}
+            if isinstance(item, dict):
+                yield f.stem, item
 
 
 def consolidate(restricted: Path, output: Path) -> int:
-    """Write ``audit.parquet`` (restricted, mode 0600, atomically); returns the number of rows."""
+    """Write ``audit.parquet`` (restricted, mode 0600, atomically); returns the number of rows.
+    Columns are filled per file entry (a release of 6,000 files has about a million rows)."""
     import pyarrow as pa
     import pyarrow.parquet as pq
     cols: dict[str, list[str]] = {c: [] for c in COLUMNS}
-    n = 0
-    for r in records(restricted):
-        for c in COLUMNS:
-            cols[c].append(r[c])
-        n += 1
+    subjects, stages, files, sources, attributes, actions = (cols[c] for c in COLUMNS)
+    for subject, item in _entries(restricted):
+        pairs = sorted((item.get("actions") or {}).items())
+        if not pairs:
+            continue
+        k = len(pairs)
+        subjects.extend([subject] * k)
+        stages.extend([str(item.get("stage", "dicom"))] * k)
+        files.extend([str(item.get("file", ""))] * k)
+        sources.extend([str(item.get("source", ""))] * k)
+        attributes.extend(str(a) for a, _ in pairs)
+        actions.extend(str(c) for _, c in pairs)
     table = pa.table({c: pa.array(v, pa.string()) for c, v in cols.items()})
     output = Path(output)
     make_restricted_dir(output.parent)
@@ -52,7 +58,7 @@ def consolidate(restricted: Path, output: Path) -> int:
     pq.write_table(table, tmp, compression="zstd")
     tmp.chmod(RESTRICTED_FILE_MODE)
     tmp.replace(output)
-    return n
+    return len(subjects)
 
 
 def attribute_name(path: str) -> str:
@@ -60,17 +66,18 @@ def attribute_name(path: str) -> str:
     return _INDEX.sub("", path)
 
 
-def action_counts(restricted: Path) -> dict[str, Counter]:
-    """subject -> Counter of (attribute without item indices, action code)."""
-    out: dict[str, Counter] = defaultdict(Counter)
-    for r in records(restricted):
-        out[r["subject"]][(attribute_name(r["attribute"]), r["action"])] += 1
-    return dict(out)
+def summary(restricted: Path) -> tuple[dict[str, Counter], dict[str, int]]:
+    """In one pass: subject -> Counter of (attribute without item indices, action code), and
+    subject -> number of released files recorded in the audit."""
+    raw: dict[str, Counter] = defaultdict(Counter)
+    files: dict[str, int] = defaultdict(int)
+    for subject, item in _entries(restricted):
+        files[subject] += 1
+        raw[subject].update((item.get("actions") or {}).items())  # codes are strings; Counter.update runs in C
+    counts: dict[str, Counter] = {}
+    for subject, pairs in raw.items():  # strip item indices once per distinct path, not per row
+        counts[subject] = Counter()
+        for (attr, code), n in pairs.items():
+            counts[subject][(attribute_name(str(attr)), str(code))] += n
+    return counts, dict(files)
 
-
-def files_per_subject(restricted: Path) -> dict[str, int]:
-    """subject -> number of released files recorded in the audit."""
-    out: dict[str, int] = {}
-    for f in sorted((Path(restricted) / "audit").glob("*.jsonl")):
-        out[f.stem] = sum(1 for line in f.read_text(encoding="utf-8").splitlines() if line.strip())
-    return out

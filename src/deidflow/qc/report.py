@@ -27,6 +27,7 @@ from importlib import resources
 from pathlib import Path
 from typing import Iterable, Mapping
 
+from .. import inventory
 from ..errors import PublicError
 from ..fsutil import RESTRICTED_FILE_MODE, atomic_write_text, display_path, make_restricted_dir
 from . import audit, leakscan
@@ -56,12 +57,10 @@ def _tsv_unescape(field: str) -> str:
 # Gathering (restricted inputs -> public facts)
 # ------------------------------------------------------------------------------------------------
 def _inventory_rows(restricted: Path) -> list[dict]:
-    import pyarrow.parquet as pq
-    path = Path(restricted) / "inventory.parquet"
-    if not path.exists():
+    if not (Path(restricted) / "inventory.parquet").exists():
         return []
     cols = ["relpath", "format", "status", "reason", "modality", "subject", "session", "series_label", "src_id"]
-    table = pq.read_table(path)
+    table = inventory.read(restricted)
     cols = [c for c in cols if c in table.schema.names]
     return table.select(cols).to_pylist()
 
@@ -249,8 +248,7 @@ def build(release: Path, restricted: Path, *, restricted_copy: bool = False) -> 
     subjects = sorted({r["subject"] for r in ok if r.get("subject")})
     verify, dataset = _verify_results(restricted)
     subjects = sorted(set(subjects) | set(verify["subjects"]))
-    counts = audit.action_counts(restricted)
-    audited = audit.files_per_subject(restricted)
+    counts, audited = audit.summary(restricted)
     out_total, out_per = _release_formats(release)
     quarantine = _quarantine(restricted, rows)
     per = {}
@@ -479,8 +477,9 @@ def write_report(release: Path, restricted: Path, output: Path, charts: str, tab
         atomic_write_text(path, svg + "\n", 0o644)
     atomic_write_text(table, tsv, 0o644)
     atomic_write_text(output, page, 0o644)
-    full_facts = build(release, restricted, restricted_copy=True)
-    full_facts["quarantine"] = facts["quarantine"]
+    # the restricted copy: the same facts (quarantine reasons as checked above) plus the before-images
+    full_facts = {**facts, "restricted_copy": True, "per": {
+        s: {**p, "images": _qc_images(release, restricted, s, restricted_copy=True)} for s, p in facts["per"].items()}}
     make_restricted_dir(Path(full).parent)
     atomic_write_text(full, render(full_facts, run_time=_run_time(restricted))[0], RESTRICTED_FILE_MODE)
     return Path(output)
