@@ -242,7 +242,11 @@ def main() -> None:
                 out = scratch / f"dag_{n_subj}_{layout[0]}"
                 first, rss1 = timed_rss(tiny, out, "--dry-run", *extra)
                 second, rss2 = timed_rss(tiny, out, "--dry-run", *extra)
-                target = "<= 15 s" if n_subj == 1000 else ("<= 60 s, <= 2,048 MB" if n_subj == 10000 else "")
+                # the 10,000-subject targets hold for the default (batched) layout; one job per
+                # subject is the documented trade-off (docs/design-notes.md, about 2 ms of DAG per job)
+                target = ("<= 15 s" if n_subj == 1000 else
+                          "<= 60 s, <= 2,048 MB" if n_subj == 10000 and layout == "batched" else
+                          "none (trade-off)" if n_subj == 10000 else "")
                 rows.append((f"{n_subj:,}", layout, f"{first:.2f}", f"{second:.2f}", f"{max(rss1, rss2):,.0f}", target))
                 dry[f"{n_subj}_{layout}"] = [round(first, 2), round(second, 2), round(max(rss1, rss2))]
         table("4. Dry runs (inventory + DAG), synthetic subjects", rows)
