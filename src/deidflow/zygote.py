@@ -66,7 +66,7 @@ def stop(pid: int, path: str) -> None:
 
 
 def _serve(listener: socket.socket, folder: str) -> None:
-    _die_with_parent()
+    die_with_parent()
     signal.signal(signal.SIGTERM, lambda *_: os._exit(0))
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGCHLD, signal.SIG_IGN)  # children report their status themselves
@@ -88,7 +88,8 @@ def _serve(listener: socket.socket, folder: str) -> None:
         conn.close()
 
 
-def _die_with_parent() -> None:
+def die_with_parent() -> None:
+    """Have the kernel kill this (forked) process when its parent exits (Linux; else a no-op)."""
     try:
         import ctypes
         ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
