@@ -27,6 +27,16 @@ def shared_data():
     return require_shared
 
 
+@pytest.fixture(scope="session")
+def demo_export(tmp_path_factory) -> Path:
+    """The demo's raw export (``make_demo_input``), made once per test session and shared by the
+    test modules that only read it: a test that adds or changes files makes its own."""
+    from deidflow.demo import make_demo_input
+    inp = tmp_path_factory.mktemp("demo-export") / "input"
+    make_demo_input(inp)
+    return inp
+
+
 @pytest.fixture
 def key_env(monkeypatch):
     """A fixed secret key in $DEIDFLOW_KEY."""

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from deidflow.demo import make_demo_input, planted_identifiers
+from deidflow.demo import planted_identifiers
 
 from .conftest import ROOT, TEST_KEY
 
@@ -58,18 +58,11 @@ def markers(restricted: Path) -> list[dict]:
 
 
 @pytest.fixture(scope="module")
-def demo_input(tmp_path_factory):
-    inp = tmp_path_factory.mktemp("bids-demo") / "input"
-    make_demo_input(inp)
-    return inp
-
-
-@pytest.fixture(scope="module")
-def default(demo_input):
-    out = demo_input.parent / "release"
-    r = run_cli("run", str(demo_input), str(out), "--cores", "2")
+def default(demo_export, tmp_path_factory):
+    out = tmp_path_factory.mktemp("bids-demo") / "release"
+    r = run_cli("run", str(demo_export), str(out), "--cores", "2")
     assert r.returncode == 0, r.stderr[-3000:]
-    return {"out": out, "restricted": demo_input.parent / "release_restricted"}
+    return {"out": out, "restricted": out.with_name("release_restricted")}
 
 
 def test_demo_command_release_passes_bids_validator(tmp_path):
@@ -110,8 +103,8 @@ def test_layout_and_done_markers(default):
     assert runs == ["run-1", "run-2"]
 
 
-def test_sidecars_hold_no_planted_identifier(default, demo_input):
-    planted = sorted((v for v in planted_identifiers(demo_input) if len(v) >= 4), key=len)
+def test_sidecars_hold_no_planted_identifier(default, demo_export):
+    planted = sorted((v for v in planted_identifiers(demo_export) if len(v) >= 4), key=len)
     out = default["out"]
     for p in sorted(out.rglob("*")):
         if p.is_file() and "sourcedata/dicom" not in p.as_posix() and not p.name.endswith((".nii.gz", ".png")):
@@ -125,21 +118,21 @@ def test_sidecars_hold_no_planted_identifier(default, demo_input):
     assert sidecar["EchoTime"] == 0.24 and sidecar["RepetitionTime"] == 4
 
 
-def test_same_key_same_bytes_and_rerun_is_idempotent(default, demo_input, tmp_path):
+def test_same_key_same_bytes_and_rerun_is_idempotent(default, demo_export, tmp_path):
     before = bids_hashes(default["out"])
     out2 = tmp_path / "release"
-    r = run_cli("run", str(demo_input), str(out2), "--cores", "2")
+    r = run_cli("run", str(demo_export), str(out2), "--cores", "2")
     assert r.returncode == 0, r.stderr[-3000:]
     assert bids_hashes(out2) == before
-    r = run_cli("run", str(demo_input), str(default["out"]), "--cores", "2")
+    r = run_cli("run", str(demo_export), str(default["out"]), "--cores", "2")
     assert r.returncode == 0 and bids_hashes(default["out"]) == before
 
 
-def test_bids_only_release_with_options_and_mapping(demo_input, tmp_path):
+def test_bids_only_release_with_options_and_mapping(demo_export, tmp_path):
     """outputs.dicom false: the scrubbed DICOM stays in the restricted work area and is still
     converted; retain_patient_characteristics gives sex/age; a bids.mapping rule wins."""
     out = tmp_path / "release"
-    r = run_cli("run", str(demo_input), str(out), "--cores", "2", "--set", "outputs.dicom=false",
+    r = run_cli("run", str(demo_export), str(out), "--cores", "2", "--set", "outputs.dicom=false",
                 "--set", "profile.options=[retain_patient_characteristics,clean_descriptors]", "--set", MAPPING)
     assert r.returncode == 0, r.stderr[-3000:]
     restricted = tmp_path / "release_restricted"
@@ -159,17 +152,17 @@ def test_bids_only_release_with_options_and_mapping(demo_input, tmp_path):
     assert validator_errors(out) == []
 
 
-def test_outputs_bids_false_writes_no_bids(demo_input, tmp_path):
+def test_outputs_bids_false_writes_no_bids(demo_export, tmp_path):
     out = tmp_path / "release"
-    r = run_cli("run", str(demo_input), str(out), "--cores", "2", "--set", "outputs.bids=false")
+    r = run_cli("run", str(demo_export), str(out), "--cores", "2", "--set", "outputs.bids=false")
     assert r.returncode == 0, r.stderr[-3000:]
     assert (out / "sourcedata" / "dicom").is_dir()
     assert not list(out.glob("sub-*")) and not (out / "dataset_description.json").exists()
     assert not (tmp_path / "release_restricted" / "done" / "convert").exists()
 
 
-def test_bad_mapping_fails_before_any_job(demo_input, tmp_path):
-    r = run_cli("run", str(demo_input), str(tmp_path / "release"), "--cores", "1", "--set",
+def test_bad_mapping_fails_before_any_job(demo_export, tmp_path):
+    r = run_cli("run", str(demo_export), str(tmp_path / "release"), "--cores", "1", "--set",
                 "bids.mapping=[{match: {SeriesDescription: '('}, datatype: anat, suffix: T1w}]")
     assert r.returncode != 0
     assert "bids.mapping[0]" in (r.stdout + r.stderr)

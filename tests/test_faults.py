@@ -15,7 +15,6 @@ from pathlib import Path
 import pydicom
 import pytest
 
-from deidflow.demo import make_demo_input
 
 from .conftest import ROOT, TEST_KEY
 
@@ -58,28 +57,21 @@ def mount(*args: str) -> None:
 
 
 @pytest.fixture(scope="module")
-def demo_input(tmp_path_factory):
-    d = tmp_path_factory.mktemp("faults") / "input"
-    make_demo_input(d)
-    return d
-
-
-@pytest.fixture(scope="module")
-def reference(demo_input, tmp_path_factory):
+def reference(demo_export, tmp_path_factory):
     out = tmp_path_factory.mktemp("ref") / "release"
-    r = run("run", str(demo_input), str(out), "--cores", "2", "--set", "jobs.files_per_job=0")
+    r = run("run", str(demo_export), str(out), "--cores", "2", "--set", "jobs.files_per_job=0")
     assert r.returncode == 0, r.stderr[-2000:]
     return tree_state(out)
 
 
-def test_kill_and_resume_gives_identical_release(demo_input, reference, tmp_path):
+def test_kill_and_resume_gives_identical_release(demo_export, reference, tmp_path):
     """SIGKILL the whole run at 5 random moments; each time, nothing partial is visible in the
     release, and running again completes with bytes identical to an uninterrupted run."""
     rng = random.Random(20261125)
     out = tmp_path / "release"
     kills = 0
     for attempt in range(5):
-        p = cli("run", str(demo_input), str(out), "--cores", "2", "--set", "jobs.files_per_job=0")
+        p = cli("run", str(demo_export), str(out), "--cores", "2", "--set", "jobs.files_per_job=0")
         time.sleep(rng.uniform(0.3, 2.5))
         if p.poll() is None:
             os.killpg(p.pid, signal.SIGKILL)
@@ -91,17 +83,17 @@ def test_kill_and_resume_gives_identical_release(demo_input, reference, tmp_path
                 if f.suffix == ".dcm":
                     pydicom.dcmread(f)
     assert kills >= 3, "the random delays should interrupt most runs"
-    r = run("run", str(demo_input), str(out), "--cores", "2", "--set", "jobs.files_per_job=0")
+    r = run("run", str(demo_export), str(out), "--cores", "2", "--set", "jobs.files_per_job=0")
     assert r.returncode == 0, r.stderr[-3000:]
     assert tree_state(out) == reference
 
 
-def test_input_read_only_and_unchanged(demo_input, reference, tmp_path):
+def test_input_read_only_and_unchanged(demo_export, reference, tmp_path):
     """The input is bind-mounted read-only: the run succeeds and the tree is bit-for-bit unchanged."""
     ro = tmp_path / "ro_input"
     ro.mkdir()
-    before = tree_state(demo_input, with_meta=True)
-    mount("--bind", str(demo_input), str(ro))
+    before = tree_state(demo_export, with_meta=True)
+    mount("--bind", str(demo_export), str(ro))
     try:
         mount("-o", "remount,bind,ro", str(ro))
         with pytest.raises(OSError):
@@ -110,15 +102,15 @@ def test_input_read_only_and_unchanged(demo_input, reference, tmp_path):
         assert r.returncode == 0, r.stderr[-2000:]
     finally:
         subprocess.run(["umount", str(ro)], check=False)
-    assert tree_state(demo_input, with_meta=True) == before
+    assert tree_state(demo_export, with_meta=True) == before
     assert tree_state(tmp_path / "release") == reference
 
 
-def test_key_never_written_or_shown(demo_input, tmp_path):
+def test_key_never_written_or_shown(demo_export, tmp_path):
     key = "KEYMARKER-" + "7f3a9c" * 6
     out = tmp_path / "release"
     seen: list[str] = []
-    p = cli("run", str(demo_input), str(out), "--cores", "2", key=key)
+    p = cli("run", str(demo_export), str(out), "--cores", "2", key=key)
     stop = threading.Event()
 
     def watch() -> None:
@@ -145,7 +137,7 @@ def test_key_never_written_or_shown(demo_input, tmp_path):
             assert f.stat().st_mode & 0o077 == 0, f"{f} is readable by others"
 
 
-def test_full_release_disk_fails_cleanly_and_recovers(demo_input, reference, tmp_path):
+def test_full_release_disk_fails_cleanly_and_recovers(demo_export, reference, tmp_path):
     """The release sits on a 300 KB file system: the job fails with a clear message, no partial
     file is left in the release, and after making room a rerun completes identically."""
     out_fs = tmp_path / "smallfs"
@@ -154,7 +146,7 @@ def test_full_release_disk_fails_cleanly_and_recovers(demo_input, reference, tmp
     try:
         out = out_fs / "release"
         restricted = tmp_path / "restricted"
-        r = run("run", str(demo_input), str(out), "--restricted", str(restricted), "--cores", "2",
+        r = run("run", str(demo_export), str(out), "--restricted", str(restricted), "--cores", "2",
                 "--set", "jobs.files_per_job=0")
         assert r.returncode != 0
         assert "No space left on device" in r.stdout + r.stderr
@@ -165,7 +157,7 @@ def test_full_release_disk_fails_cleanly_and_recovers(demo_input, reference, tmp
         quarantine = restricted / "quarantine.tsv"
         assert not quarantine.exists() or quarantine.read_text() == "file\treason\n"
         subprocess.run(["mount", "-o", "remount,size=20m", str(out_fs)], check=True)
-        r = run("run", str(demo_input), str(out), "--restricted", str(restricted), "--cores", "2",
+        r = run("run", str(demo_export), str(out), "--restricted", str(restricted), "--cores", "2",
                 "--set", "jobs.files_per_job=0")
         assert r.returncode == 0, r.stderr[-2000:]
         assert tree_state(out) == reference
@@ -173,14 +165,14 @@ def test_full_release_disk_fails_cleanly_and_recovers(demo_input, reference, tmp
         subprocess.run(["umount", str(out_fs)], check=False)
 
 
-def test_read_only_release_fails_cleanly(demo_input, tmp_path):
+def test_read_only_release_fails_cleanly(demo_export, tmp_path):
     out_fs = tmp_path / "rofs"
     out_fs.mkdir()
     mount("-t", "tmpfs", "-o", "size=20m", "tmpfs", str(out_fs))
     try:
         (out_fs / "release").mkdir()
         subprocess.run(["mount", "-o", "remount,ro", str(out_fs)], check=True)
-        r = run("run", str(demo_input), str(out_fs / "release"), "--restricted", str(tmp_path / "r"),
+        r = run("run", str(demo_export), str(out_fs / "release"), "--restricted", str(tmp_path / "r"),
                 "--cores", "2")
         assert r.returncode != 0
         assert "Read-only file system" in r.stdout + r.stderr

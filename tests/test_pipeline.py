@@ -8,15 +8,7 @@ from pathlib import Path
 import pytest
 
 from deidflow import pipeline
-from deidflow.demo import make_demo_input
 from deidflow.settings import deep_update, load_defaults
-
-
-@pytest.fixture(scope="module")
-def demo_input(tmp_path_factory):
-    src = tmp_path_factory.mktemp("in") / "export"
-    make_demo_input(src)
-    return src
 
 
 def _config(src: Path, out: Path, **extra) -> dict:
@@ -29,9 +21,9 @@ def _written(restricted: Path) -> dict[str, str]:
             for p in sorted(restricted.rglob("*")) if p.is_file()}
 
 
-def test_prepared_ahead_equals_prepared_in_process(demo_input, tmp_path, key_env):
-    plain = pipeline.prepare(_config(demo_input, tmp_path / "a" / "rel"))
-    ahead_cfg = _config(demo_input, tmp_path / "b" / "rel")
+def test_prepared_ahead_equals_prepared_in_process(demo_export, tmp_path, key_env):
+    plain = pipeline.prepare(_config(demo_export, tmp_path / "a" / "rel"))
+    ahead_cfg = _config(demo_export, tmp_path / "b" / "rel")
     pipeline.prepare_ahead(ahead_cfg)
     ahead = pipeline.prepare(ahead_cfg)
     assert pipeline._ahead is None  # taken once; the next prepare() works in-process again
@@ -40,8 +32,8 @@ def test_prepared_ahead_equals_prepared_in_process(demo_input, tmp_path, key_env
     assert plain.subjects and _written(tmp_path / "a" / "rel_restricted") == _written(tmp_path / "b" / "rel_restricted")
 
 
-def test_failure_ahead_is_raised_by_prepare(demo_input, tmp_path, key_env, monkeypatch):
-    cfg = _config(demo_input, tmp_path / "rel")
+def test_failure_ahead_is_raised_by_prepare(demo_export, tmp_path, key_env, monkeypatch):
+    cfg = _config(demo_export, tmp_path / "rel")
     pipeline.prepare(cfg)
     monkeypatch.setenv("DEIDFLOW_KEY", "another-key-0123456789abcdef")  # the release was made with the test key
     pipeline.prepare_ahead(cfg)
@@ -50,12 +42,12 @@ def test_failure_ahead_is_raised_by_prepare(demo_input, tmp_path, key_env, monke
     assert pipeline._ahead is None
 
 
-def test_other_configuration_ahead_is_prepared_again(demo_input, tmp_path, key_env):
+def test_other_configuration_ahead_is_prepared_again(demo_export, tmp_path, key_env):
     """The Snakefile's configuration differs from the one prepared ahead (here: one job per subject
     instead of batches): prepare() waits for the child, then prepares what it was asked."""
-    ahead_cfg = _config(demo_input, tmp_path / "rel")
+    ahead_cfg = _config(demo_export, tmp_path / "rel")
     pipeline.prepare_ahead(ahead_cfg)
-    cfg = _config(demo_input, tmp_path / "rel", jobs={"files_per_job": 0})
+    cfg = _config(demo_export, tmp_path / "rel", jobs={"files_per_job": 0})
     got = pipeline.prepare(cfg)
     assert sorted(got.units) == got.subjects  # one unit per subject, named by its pseudonym
     assert all(u.startswith("batch-") for u in pipeline.prepare(ahead_cfg).units)  # what the child planned

@@ -6,7 +6,6 @@ release; under --strict a leak fails the run."""
 from __future__ import annotations
 
 import csv
-import gzip
 import json
 import os
 import shutil

@@ -14,7 +14,6 @@ from pathlib import Path
 
 import pytest
 
-from deidflow.demo import make_demo_input
 
 from .conftest import ROOT, TEST_KEY
 
@@ -144,9 +143,8 @@ def _hashes(root: Path) -> dict[str, str]:
             for p in sorted(root.rglob("*")) if p.is_file() and p.name != ".snakemake_timestamp"}
 
 
-def test_demo_through_slurm_matches_local_run(slurm, tmp_path):
-    inp = tmp_path / "input"
-    make_demo_input(inp)
+def test_demo_through_slurm_matches_local_run(slurm, demo_export, tmp_path):
+    inp = demo_export
     local = _run(inp, tmp_path / "local")
     assert local.returncode == 0, local.stderr[-2000:]
     t = time.perf_counter()
