@@ -2,6 +2,7 @@
 quickshear geometry, renders, kill-safe bookkeeping, backend availability checks."""
 from __future__ import annotations
 
+import argparse
 import copy
 import gzip
 import hashlib
@@ -25,7 +26,7 @@ from deidflow.face.quickshear import shear_mask
 from deidflow.face.select import ImageFacts, decide, extent_mm
 from deidflow.face.stage import Keeper, implausible
 from deidflow.face.volume import reference_volume
-from deidflow.settings import ConfigError, _check_semantics, load_defaults, profile_settings
+from deidflow.settings import ConfigError, _check_semantics, deep_update, load_defaults, profile_settings, validate
 
 FACE = load_defaults()["face"]
 
@@ -308,6 +309,37 @@ def test_missing_optional_backend_fails_config_validation(monkeypatch):
         _check_semantics(cfg)
     cfg["face"]["by_suffix"] = {}
     _check_semantics(cfg)                                  # ants needs no torch
+
+
+def test_face_device_setting_decides_gpu_use(monkeypatch, tmp_path):
+    """face.device: cpu (default) keeps deepbet on the CPU even where torch sees a GPU; auto uses it.
+    The face job turns the setting into DEIDFLOW_FACE_GPU for the backend."""
+    pytest.importorskip("deepbet")
+    import deepbet.bet
+    import torch
+    from deidflow import jobs
+    from deidflow.face import deepbet_strip
+    cfg = load_defaults()
+    assert cfg["face"]["device"] == "cpu"
+    validate(deep_update(load_defaults(), {"face": {"device": "auto"}}), semantics=False)
+    with pytest.raises(ConfigError, match="device"):
+        validate(deep_update(load_defaults(), {"face": {"device": "gpu"}}), semantics=False)
+    seen = []
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(deepbet.bet, "BrainExtraction", lambda no_gpu: seen.append(no_gpu))
+    monkeypatch.setattr("deidflow.face.stage.face_unit", lambda **kw: {k: 0 for k in (
+        "images", "treated", "dicom_files", "references", "withheld")})
+    for device, no_gpu in (("cpu", True), ("auto", False)):
+        args = argparse.Namespace(threads="1", face=json.dumps({**cfg["face"], "device": device}),
+                                  log=str(tmp_path / "face.log"),
+                                  done="sub-x", convert_done="", dicom_root="", release_root="", restricted="",
+                                  quarantine="", settings="{}", other_done="", manifest="")
+        monkeypatch.delenv("DEIDFLOW_FACE_GPU", raising=False)
+        jobs._face(args)
+        deepbet_strip._model.cache_clear()
+        deepbet_strip._model()
+        assert seen[-1] is no_gpu
+    deepbet_strip._model.cache_clear()
 
 
 def test_missing_external_program_is_named(monkeypatch):

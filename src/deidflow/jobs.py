@@ -59,6 +59,7 @@ def _convert(a: argparse.Namespace) -> None:
 def _face(a: argparse.Namespace) -> None:
     import os
     os.environ.setdefault("DEIDFLOW_FACE_THREADS", a.threads)
+    os.environ["DEIDFLOW_FACE_GPU"] = "1" if json.loads(a.face).get("device") == "auto" else "0"
     from .face.stage import face_unit
     with job_logging(a.log, f"face job {Path(a.done).stem}") as log:  # '' = the unit has no such stage
         counts = face_unit(convert_done=a.convert_done or None, dicom_root=a.dicom_root, release_root=a.release_root,

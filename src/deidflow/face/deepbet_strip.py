@@ -1,5 +1,6 @@
 """``deepbet`` brain masks: the CNN whose weights ship in the ``deepbet`` wheel, run through its
-Python API (``deepbet.bet.BrainExtraction``) on the CPU, or on a GPU when one is visible.
+Python API (``deepbet.bet.BrainExtraction``) on the CPU, or with ``face.device: auto`` on a GPU
+when one is visible.
 
 Needs the optional extra ``pip install 'deidflow[deepbet]'`` (deepbet and a pinned torch)."""
 from __future__ import annotations
@@ -20,7 +21,9 @@ def _model():
     from deepbet.bet import BrainExtraction
     torch.set_num_threads(max(1, int(os.environ.get("DEIDFLOW_FACE_THREADS", "0")) or (os.cpu_count() or 1)))
     torch.use_deterministic_algorithms(True, warn_only=True)
-    gpu = torch.cuda.is_available() and os.environ.get("DEIDFLOW_FACE_GPU", "1") != "0"
+    # face.device (the face job sets DEIDFLOW_FACE_GPU): CPU unless asked, since GPU masks can differ
+    # from the CPU's in a few voxels and a release must not depend on which node ran the job
+    gpu = os.environ.get("DEIDFLOW_FACE_GPU", "0") == "1" and torch.cuda.is_available()
     return BrainExtraction(no_gpu=not gpu)
 
 
