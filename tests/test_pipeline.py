@@ -3,6 +3,7 @@ the Snakefile exactly what preparing in-process gives, and its failures surface 
 from __future__ import annotations
 
 import hashlib
+import os
 from pathlib import Path
 
 import pytest
@@ -51,3 +52,16 @@ def test_other_configuration_ahead_is_prepared_again(demo_export, tmp_path, key_
     got = pipeline.prepare(cfg)
     assert sorted(got.units) == got.subjects  # one unit per subject, named by its pseudonym
     assert all(u.startswith("batch-") for u in pipeline.prepare(ahead_cfg).units)  # what the child planned
+
+
+def test_pending_child_is_settled_before_another_starts(demo_export, tmp_path, key_env):
+    """Snakemake can stop before it reads the Snakefile (bad arguments): the child is reaped, and a
+    second prepare_ahead waits for a pending one rather than letting two write at once."""
+    cfg = _config(demo_export, tmp_path / "rel")
+    pipeline.prepare_ahead(cfg)
+    first = pipeline._ahead[0]
+    pipeline.prepare_ahead(cfg)
+    with pytest.raises(ChildProcessError):
+        os.waitpid(first, os.WNOHANG)  # already reaped
+    assert pipeline.settle_ahead() == pipeline._prepared_from(cfg)
+    assert pipeline._ahead is None and pipeline.settle_ahead() is None

@@ -52,6 +52,7 @@ def prepare_ahead(config: Mapping[str, Any]) -> None:
     process then waits for the child and reads what it wrote.  When the child fails, ``prepare``
     does the work itself and reports the error as usual."""
     global _ahead
+    settle_ahead()  # never two inventories writing one restricted folder
     read_end, write_end = os.pipe()
     pid = os.fork()
     if pid == 0:
@@ -77,12 +78,12 @@ def _prepared_from(config: Mapping[str, Any]) -> str:
     return json.dumps({k: config.get(k) for k in keys}, sort_keys=True, default=str)
 
 
-def _take_ahead(config: Mapping[str, Any]) -> bool:
-    """Wait for prepare_ahead's child (two inventories must never write at once); True when it
-    prepared this configuration and succeeded."""
+def settle_ahead() -> str | None:
+    """Wait for prepare_ahead's child, if one is pending (two inventories must never write at
+    once); returns what it prepared when it succeeded, else None."""
     global _ahead
     if _ahead is None:
-        return False
+        return None
     pid, fd, prepared = _ahead
     _ahead = None
     try:
@@ -90,7 +91,12 @@ def _take_ahead(config: Mapping[str, Any]) -> bool:
     finally:
         os.close(fd)
         os.waitpid(pid, 0)
-    return ok and prepared == _prepared_from(config)
+    return prepared if ok else None
+
+
+def _take_ahead(config: Mapping[str, Any]) -> bool:
+    """True when prepare_ahead's child prepared this configuration and succeeded."""
+    return settle_ahead() == _prepared_from(config)
 
 
 def prepare(config: Mapping[str, Any], *, main_process: bool = True) -> Prepared:
