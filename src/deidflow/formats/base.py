@@ -12,9 +12,10 @@ import os
 import re
 import tempfile
 import zlib
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Iterable, Mapping
+from typing import Any, Callable, Iterable, Iterator, Mapping
 
 from ..dates import DateError, shift_da
 from ..errors import PublicError
@@ -229,3 +230,15 @@ def is_gzip(path: Path) -> bool:
 def open_input(path: Path):
     """``path`` opened for binary reading, gunzipped on the fly when it is gzip."""
     return gzip.open(path, "rb") if is_gzip(path) else open(path, "rb")
+
+
+@contextmanager
+def scrub_stream(src: Path) -> Iterator[tuple[Any, Outputs, bool]]:
+    """For a scrubber that streams a possibly gzipped file: (input stream, the outputs, whether the
+    input is gzip, so the output is too); a damaged compressed stream becomes a FormatError."""
+    gz = is_gzip(src)
+    try:
+        with open_input(src) as fh, Outputs() as out:
+            yield fh, out, gz
+    except GZIP_ERRORS as exc:
+        raise FormatError(f"compressed stream damaged ({type(exc).__name__})") from None

@@ -12,7 +12,7 @@ from __future__ import annotations
 import struct
 from pathlib import Path
 
-from .base import (GZIP_ERRORS, Format, FormatError, Outputs, ScrubContext, ScrubResult, copy_exact,
+from .base import (GZIP_ERRORS, Format, FormatError, ScrubContext, ScrubResult, copy_exact, scrub_stream,
                    is_gzip, open_input)
 from ..fsutil import output_stream
 
@@ -53,32 +53,27 @@ def extension(path: Path) -> str:
 
 
 def scrub(src: Path, dst: Path, ctx: ScrubContext) -> ScrubResult:
-    src, dst = Path(src), Path(dst)
     res = ScrubResult()
-    gz = is_gzip(src)
-    try:
-        with open_input(src) as fh, Outputs() as out:
-            head = fh.read(HEADER)
-            nbytes = _parse(head)
-            new_head = head[:USED] + bytes(HEADER - USED)
-            if head[USED:].strip(b"\x00"):
-                res.act("unused header bytes", "zeroed")
-            with output_stream(out.path(dst), gz) as sink:
-                sink.write(new_head)
-                got = copy_exact(fh, sink, nbytes)
-                if got < nbytes:
-                    raise FormatError(f"truncated: {got} of {nbytes} voxel bytes present")
-                params = fh.read(20)
-                if len(params) == 20:
-                    sink.write(params)
-                    res.act("scan parameters (TR, flip angle, TE, TI, FoV)", "kept")
-                rest = fh.read(1 << 20)
-                if rest:
-                    res.found("tags", rest[:2000].replace(b"\x00", b" "))
-                    res.act("tags", "removed")
-            res.outputs = out.finals
-    except GZIP_ERRORS as exc:
-        raise FormatError(f"compressed stream damaged ({type(exc).__name__})") from None
+    with scrub_stream(Path(src)) as (fh, out, gz):
+        head = fh.read(HEADER)
+        nbytes = _parse(head)
+        new_head = head[:USED] + bytes(HEADER - USED)
+        if head[USED:].strip(b"\x00"):
+            res.act("unused header bytes", "zeroed")
+        with output_stream(out.path(Path(dst)), gz) as sink:
+            sink.write(new_head)
+            got = copy_exact(fh, sink, nbytes)
+            if got < nbytes:
+                raise FormatError(f"truncated: {got} of {nbytes} voxel bytes present")
+            params = fh.read(20)
+            if len(params) == 20:
+                sink.write(params)
+                res.act("scan parameters (TR, flip angle, TE, TI, FoV)", "kept")
+            rest = fh.read(1 << 20)
+            if rest:
+                res.found("tags", rest[:2000].replace(b"\x00", b" "))
+                res.act("tags", "removed")
+        res.outputs = out.finals
     return res
 
 

@@ -26,7 +26,7 @@ import re
 import struct
 from pathlib import Path
 
-from .base import (GZIP_ERRORS, Format, FormatError, Outputs, ScrubContext, ScrubResult, copy_exact,
+from .base import (GZIP_ERRORS, Format, FormatError, Outputs, ScrubContext, ScrubResult, copy_exact, scrub_stream,
                    is_gzip, open_input)
 from ..fsutil import output_stream
 
@@ -289,19 +289,15 @@ def _set_extender(head: bytearray, layout: _Layout, present: bool) -> None:
 def scrub(src: Path, dst: Path, ctx: ScrubContext) -> ScrubResult:
     src, dst = Path(src), Path(dst)
     res = ScrubResult()
-    gz = is_gzip(src)
-    try:
-        with open_input(src) as fh, Outputs() as out:
-            head = fh.read(544)
-            layout = _Layout(head)
-            _validate_with_nibabel(head, layout)
-            if layout.single:
-                _scrub_single(fh, head, layout, out.path(dst), gz, ctx, res)
-            else:
-                _scrub_pair(fh, head, layout, src, dst, out, ctx, res)
-            res.outputs = out.finals
-    except GZIP_ERRORS as exc:
-        raise FormatError(f"compressed stream damaged ({type(exc).__name__})") from None
+    with scrub_stream(src) as (fh, out, gz):
+        head = fh.read(544)
+        layout = _Layout(head)
+        _validate_with_nibabel(head, layout)
+        if layout.single:
+            _scrub_single(fh, head, layout, out.path(dst), gz, ctx, res)
+        else:
+            _scrub_pair(fh, head, layout, src, dst, out, ctx, res)
+        res.outputs = out.finals
     return res
 
 
