@@ -53,6 +53,16 @@ def release_root_of(wildcards):
     return OUT
 
 
+def attempt_scaled(amount):
+    """A resource that grows with each try of a job (Snakemake's ``attempt``: 1, 2, …), so a job
+    killed for exceeding its memory or time limit gets more on the retry (``--restart-times``)."""
+
+    def resource(wildcards, attempt):
+        return amount * attempt
+
+    return resource
+
+
 def per_unit(pattern, units=None):
     """``pattern`` expanded over job units (subjects or batches of small subjects): ``units``,
     default every unit."""

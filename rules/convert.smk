@@ -42,8 +42,8 @@ rule convert:
         "unit"
     threads: 1
     resources:
-        mem_mb=config["resources"]["convert_mem_mb"],
-        runtime=config["resources"]["convert_runtime_min"],
+        mem_mb=attempt_scaled(config["resources"]["convert_mem_mb"]),
+        runtime=attempt_scaled(config["resources"]["convert_runtime_min"]),
     conda:
         "../envs/dcm2niix.yaml"
     shell:

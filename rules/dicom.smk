@@ -24,8 +24,8 @@ rule dicom:
         "unit"
     threads: 1
     resources:
-        mem_mb=config["resources"]["dicom_mem_mb"],
-        runtime=config["resources"]["dicom_runtime_min"],
+        mem_mb=attempt_scaled(config["resources"]["dicom_mem_mb"]),
+        runtime=attempt_scaled(config["resources"]["dicom_runtime_min"]),
     conda:
         "../envs/core.yaml"
     shell:

@@ -34,8 +34,8 @@ rule face:
         "unit"
     threads: 2
     resources:
-        mem_mb=config["resources"].get("face_mem_mb", 3000),
-        runtime=config["resources"].get("face_runtime_min", 60),
+        mem_mb=attempt_scaled(config["resources"]["face_mem_mb"]),
+        runtime=attempt_scaled(config["resources"]["face_runtime_min"]),
     conda:
         "../envs/deepbet.yaml" if FACE_TORCH else "../envs/ants.yaml"
     shell:

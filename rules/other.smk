@@ -24,8 +24,8 @@ rule other:
         "unit"
     threads: 1
     resources:
-        mem_mb=config["resources"].get("other_mem_mb", 2000),
-        runtime=config["resources"].get("other_runtime_min", 60),
+        mem_mb=attempt_scaled(config["resources"]["other_mem_mb"]),
+        runtime=attempt_scaled(config["resources"]["other_runtime_min"]),
     conda:
         "../envs/core.yaml"
     shell:

@@ -33,8 +33,8 @@ rule verify:
         "unit"
     threads: 1
     resources:
-        mem_mb=1000,
-        runtime=60,
+        mem_mb=attempt_scaled(config["resources"]["verify_mem_mb"]),
+        runtime=attempt_scaled(config["resources"]["verify_runtime_min"]),
     conda:
         "../envs/core.yaml"
     shell:

@@ -13,6 +13,7 @@ import time
 from pathlib import Path
 
 import pytest
+import yaml
 
 
 from .conftest import ROOT, TEST_KEY
@@ -156,3 +157,40 @@ def test_demo_through_slurm_matches_local_run(slurm, demo_export, tmp_path):
     assert len(jobs) >= len(subjects) == 5, f"{len(jobs)} SLURM jobs for {len(subjects)} subjects"
     assert _hashes(tmp_path / "cluster") == _hashes(tmp_path / "local")
     assert elapsed < 300
+
+
+class _StrictLoader(yaml.SafeLoader):
+    """A YAML loader that refuses a key given twice (PyYAML keeps the last one silently)."""
+
+
+def _no_duplicates(loader, node, deep=False):
+    keys = [loader.construct_object(k, deep=deep) for k, _ in node.value]
+    dup = sorted({k for k in keys if keys.count(k) > 1})
+    if dup:
+        raise yaml.constructor.ConstructorError(None, None, f"duplicate keys {dup}", node.start_mark)
+    return loader.construct_mapping(node, deep)
+
+
+_StrictLoader.add_constructor(yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG, _no_duplicates)
+
+
+@pytest.mark.parametrize("profile", sorted(p.name for p in (ROOT / "profiles").iterdir()))
+def test_profiles_parse_without_duplicate_keys(profile):
+    cfg = yaml.load((ROOT / "profiles" / profile / "config.yaml").read_text(), Loader=_StrictLoader)
+    assert isinstance(cfg, dict) and cfg
+
+
+def test_per_unit_rules_scale_memory_and_runtime_with_attempts():
+    """Every rule of the per-unit group asks for attempt-scaled memory and runtime from config
+    `resources.*` (a retried job killed for its limits gets more), the same locally and on SLURM."""
+    import re
+    rules = {}
+    for f in sorted((ROOT / "rules").glob("*.smk")):
+        for m in re.finditer(r"^rule (\w+):\n(.*?)(?=^\S|\Z)", f.read_text(), re.S | re.M):
+            rules[m.group(1)] = m.group(2)
+    unit = {name: body for name, body in rules.items() if re.search(r'group:\s*"unit"', body)}
+    assert {"dicom", "other", "convert", "face", "verify"} <= set(unit)
+    for name, body in unit.items():
+        for res in ("mem_mb", "runtime"):
+            assert re.search(rf'{res}=attempt_scaled\(config\["resources"\]\["{name}_\w+"\]\)', body), (name, res)
+    assert "set-resources" not in (ROOT / "profiles" / "slurm" / "config.yaml").read_text()
