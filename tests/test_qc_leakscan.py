@@ -68,6 +68,33 @@ def test_matcher_whole_tokens_case_and_uids():
     assert m.find(b"SMITHsomething") == [] and m.find(b"SMITH_1980")
 
 
+def test_tiff_tags_searched_tile_data_only_with_pixel_data(tmp_path):
+    """A tiled TIFF's tag values (here ImageDescription and Artist) are searched; its tiles are
+    image data, searched only with pixel_data. A TIFF whose structure cannot be read is searched whole."""
+    import numpy as np
+    import tifffile
+    m = _matcher(("name", "PatientName", "Ødegård^Åse"), ("id", "PatientID", "MRN8284194"))
+    img = np.zeros((32, 32), np.uint8)
+    img[3, 2:12] = np.frombuffer(b"MRN8284194", np.uint8)  # the ID among the samples of the first tile
+    path = tmp_path / "slide.tif"
+    tifffile.imwrite(path, img, tile=(16, 16), description="Scan of Ødegård, Åse".encode("latin-1"), metadata=None,
+                     extratags=[(315, "s", 0, "operator MRN8284194", True)])
+    data = path.read_bytes()
+    assert b"MRN8284194" in data and data.count(b"MRN8284194") == 2
+    res = leakscan.scan_file(path, "slide.tif", m)
+    assert {(h.kind, h.field) for h in res.hits} == {("name", "PatientName"), ("id", "PatientID")}
+    with tifffile.TiffFile(path) as tf:
+        tile_at = tf.pages[0].dataoffsets[0] + 3 * 16 + 2  # row 3, column 2 of the first tile
+    assert data[tile_at:tile_at + 10] == b"MRN8284194"
+    assert all(int(h.location.split()[-1]) != tile_at for h in res.hits)  # the Artist tag, not the tile
+    assert res.skipped == 4 * 16 * 16 and not res.notes
+    with_pixels = leakscan.scan_file(path, "slide.tif", m, pixel_data=True)
+    assert any(int(h.location.split()[-1]) == tile_at for h in with_pixels.hits) and with_pixels.skipped == 0
+    path.write_bytes(data[:tile_at + 100])  # cut inside the tiles: searched whole, and said so
+    res = leakscan.scan_file(path, "slide.tif", m)
+    assert res.notes and any(int(h.location.split()[-1]) == tile_at for h in res.hits)
+
+
 def test_png_text_chunks_searched_image_samples_only_with_pixel_data(tmp_path):
     """A PNG's text chunks are searched (zTXt decompressed); its image samples are pixels, searched
     (decompressed) only with pixel_data: a value among them is not a false alarm by default."""

@@ -415,6 +415,8 @@ def scan_file(path: Path, rel: str, matcher: Matcher, *, pixel_data: bool = Fals
             elif head[:8] == _PNG_MAGIC:
                 fh.seek(0)
                 _scan_png(fh.read(), rel, matcher, res, pixel_data)
+            elif head[:4] in _TIFF_MAGICS:
+                _scan_tiff(fh, path, rel, matcher, res, pixel_data, size)
             elif head[:2] == b"\x1f\x8b":
                 _scan_gzip(path, rel, matcher, res, pixel_data, nifti=low.endswith((".nii.gz", ".hdr.gz")))
             elif low.endswith((".nii", ".hdr")) and _nifti_kind(head):
@@ -438,11 +440,12 @@ def _hit(rel: str, location: str, n: Needle) -> Hit:
     return Hit(rel, location, n.kind, n.field, n.digest, n.owner)
 
 
-def _scan_stream(fh, rel: str, prefix: str, matcher: Matcher, res: FileScan, *, text: bool) -> None:
-    """Raw bytes, in chunks that overlap by more than the longest value."""
+def _scan_stream(fh, rel: str, prefix: str, matcher: Matcher, res: FileScan, *, text: bool, base: int = 0) -> None:
+    """Raw bytes, in chunks that overlap by more than the longest value (``base``: the file offset
+    of the stream's first byte)."""
     overlap = 4096
     carry = b""
-    start = 0  # file offset of buf[0]
+    start = base  # file offset of buf[0]
     lines = 0  # newlines before buf[0]
     while True:
         chunk = fh.read(CHUNK)
@@ -625,6 +628,53 @@ def _count_rest(gz) -> int:
 # PNG (QC renderings)
 # ------------------------------------------------------------------------------------------------
 _PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+_TIFF_MAGICS = (b"II*\x00", b"MM\x00*", b"II+\x00", b"MM\x00+")
+
+
+class _Window:
+    """``fh`` from ``start`` up to ``end``, as a stream."""
+
+    def __init__(self, fh, start: int, end: int):
+        fh.seek(start)
+        self.fh, self.left = fh, end - start
+
+    def read(self, n: int) -> bytes:
+        data = self.fh.read(min(n, self.left)) if self.left > 0 else b""
+        self.left -= len(data)
+        return data
+
+
+def _scan_tiff(fh, path: Path, rel: str, matcher: Matcher, res: FileScan, pixel_data: bool, size: int) -> None:
+    """A TIFF (plain, pyramidal, Aperio SVS): every byte except its strips' and tiles' image data —
+    headers, IFDs, every tag value (descriptions, XMP, JPEG tables, private tags) and any bytes no
+    IFD points at. Compressed samples are noise in which a short value turns up by chance, and a
+    slide's gigabytes of tiles would dominate the scan; with ``pixel_data`` every byte is searched.
+    A TIFF whose structure cannot be read is searched whole, and said so."""
+    from ..formats.base import FormatError
+    from ..formats.tiff import read_structure
+    blocks: list[tuple[int, int]] = []
+    if not pixel_data:
+        try:
+            pages = list(read_structure(path).pages)
+        except FormatError as exc:
+            res.notes.append(f"{rel}: TIFF structure not readable ({exc}); raw bytes scanned")
+            pages = []
+        while pages:
+            page = pages.pop()
+            pages.extend(page.subifds)
+            blocks.extend((o, o + n) for o, n in page.blocks if n > 0)
+    merged: list[list[int]] = []
+    for a, b in sorted(blocks):
+        if merged and a <= merged[-1][1]:
+            merged[-1][1] = max(merged[-1][1], b)
+        else:
+            merged.append([a, b])
+    pos = 0
+    for a, b in [*merged, [size, size]]:
+        if a > pos:
+            _scan_stream(_Window(fh, pos, a), rel, "", matcher, res, text=False, base=pos)
+        pos = max(pos, b)
+    res.skipped += sum(b - a for a, b in merged)
 
 
 def _png_chunks(data: bytes) -> tuple[list[tuple[bytes, bytes]], bytes]:
