@@ -57,14 +57,14 @@ def _convert(a: argparse.Namespace) -> None:
 
 
 def _face(a: argparse.Namespace) -> None:
-    import os
+    face_cfg = json.loads(a.face)
     os.environ.setdefault("DEIDFLOW_FACE_THREADS", a.threads)
-    os.environ["DEIDFLOW_FACE_GPU"] = "1" if json.loads(a.face).get("device") == "auto" else "0"
+    os.environ["DEIDFLOW_FACE_GPU"] = "1" if face_cfg.get("device") == "auto" else "0"
     from .face.stage import face_unit
     with job_logging(a.log, f"face job {Path(a.done).stem}") as log:  # '' = the unit has no such stage
         counts = face_unit(convert_done=a.convert_done or None, dicom_root=a.dicom_root, release_root=a.release_root,
                            restricted=a.restricted, done=a.done, quarantine=a.quarantine,
-                           settings=json.loads(a.settings), face_cfg=json.loads(a.face),
+                           settings=json.loads(a.settings), face_cfg=face_cfg,
                            other_done=a.other_done or None, manifest=a.manifest)
         log.info("%(images)d images: %(treated)d defaced or skull-stripped, %(dicom_files)d DICOM files "
                  "rewritten, %(references)d with references updated, %(withheld)d withheld", counts)

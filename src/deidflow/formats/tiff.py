@@ -44,6 +44,7 @@ import re
 import struct
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Iterator
 
 from .base import Format, FormatError, Outputs, ScrubContext, ScrubResult, copy_exact
 
@@ -165,6 +166,14 @@ class TiffFile:
     @property
     def aperio(self) -> bool:
         return bool(self.pages) and self.pages[0].description.startswith("Aperio ")
+
+    def all_pages(self) -> Iterator[Page]:
+        """Every IFD: the pages and their SubIFDs at any depth."""
+        todo = list(self.pages)
+        while todo:
+            page = todo.pop()
+            todo.extend(page.subifds)
+            yield page
 
 
 class _Reader:
@@ -687,10 +696,7 @@ class _Writer:
 def _own_values(tf: TiffFile, ctx: ScrubContext) -> tuple[str, ...]:
     """Every identifying value the tag rules find in the file (all pages, SubIFDs included)."""
     scratch = ScrubResult()
-    todo = list(tf.pages)
-    while todo:
-        page = todo.pop()
-        todo.extend(page.subifds)
+    for page in tf.all_pages():
         for tag in TEXT_FOUND:
             scratch.found(NAMES[tag], page.text(tag))
         page_tags(page, tf, ctx, scratch)

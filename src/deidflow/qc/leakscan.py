@@ -655,14 +655,9 @@ def _scan_tiff(fh, path: Path, rel: str, matcher: Matcher, res: FileScan, pixel_
     blocks: list[tuple[int, int]] = []
     if not pixel_data:
         try:
-            pages = list(read_structure(path).pages)
+            blocks = [(o, o + n) for page in read_structure(path).all_pages() for o, n in page.blocks if n > 0]
         except FormatError as exc:
             res.notes.append(f"{rel}: TIFF structure not readable ({exc}); raw bytes scanned")
-            pages = []
-        while pages:
-            page = pages.pop()
-            pages.extend(page.subifds)
-            blocks.extend((o, o + n) for o, n in page.blocks if n > 0)
     merged: list[list[int]] = []
     for a, b in sorted(blocks):
         if merged and a <= merged[-1][1]:

@@ -239,8 +239,9 @@ def _status(s: str) -> str:
         s, '<span class="warn">not scanned</span>')
 
 
-def build(release: Path, restricted: Path, *, restricted_copy: bool = False) -> dict:
-    """Everything the report shows, gathered from the restricted folder and the release."""
+def build(release: Path, restricted: Path) -> dict:
+    """Everything the public report shows, gathered from the restricted folder and the release
+    (``write_report`` adds the before-images for the restricted copy)."""
     release, restricted = Path(release), Path(restricted)
     rows = _inventory_rows(restricted)
     run = json.loads((restricted / "run.json").read_text()) if (restricted / "run.json").exists() else {}
@@ -263,7 +264,7 @@ def build(release: Path, restricted: Path, *, restricted_copy: bool = False) -> 
             "quarantined": sum(1 for q in quarantine if q["subject"] == s),
             "audited_files": audited.get(s, 0),
             "actions": counts.get(s, Counter()),
-            "images": _qc_images(release, restricted, s, restricted_copy=restricted_copy),
+            "images": _qc_images(release, restricted, s, restricted_copy=False),
             "verify": verify["subjects"].get(s),
         }
     return {
@@ -275,7 +276,7 @@ def build(release: Path, restricted: Path, *, restricted_copy: bool = False) -> 
         "studies": len({r["session"] for r in ok if r.get("session")}),
         "series": len({(r.get("session"), r.get("series_label")) for r in ok if r.get("series_label")}),
         "before_in_release": _before_images_in_release(release), "versions": _versions(),
-        "restricted_copy": restricted_copy,
+        "restricted_copy": False,
     }
 
 
