@@ -72,45 +72,45 @@ def per_unit(pattern, units=None):
 # Stages register themselves when their rules file is included: UNIT_STAGES maps each per-unit
 # stage to the units it runs for; its done markers restricted/done/<stage>/<unit>.json must exist
 # before a unit is verified. EXTRA_TARGETS are aggregate targets (dataset files, report) of rule all.
-UNIT_STAGES = {}
+UNIT_STAGES = {}  # stage -> set of the units it runs for
 EXTRA_TARGETS = []
 
 
 def register_unit_stage(stage, units=None):
     """Declare a per-unit stage that runs for ``units`` (default: every unit)."""
-    UNIT_STAGES[stage] = (list(UNITS if units is None else units), set(UNITS if units is None else units))
+    UNIT_STAGES[stage] = set(UNITS if units is None else units)
+
+
+def units_of(*stages):
+    """The units at least one of the registered ``stages`` runs for, in UNITS order (for a stage
+    that consumes them)."""
+    members = set().union(*(UNIT_STAGES.get(s, ()) for s in stages))
+    return [u for u in UNITS if u in members]
 
 
 def unit_done(stage):
     """The done markers of ``stage`` for every unit it runs for (every unit, for a stage that is
     not registered, such as verify)."""
-    return per_unit(restricted(f"done/{stage}/{{unit}}.json"), UNIT_STAGES.get(stage, (UNITS,))[0])
-
-
-def stages_done_of_unit(wildcards):
-    """Input function: the done markers of every registered stage that runs for this unit."""
-    return [restricted(f"done/{stage}/{wildcards.unit}.json")
-            for stage, (_, members) in UNIT_STAGES.items() if wildcards.unit in members]
-
-
-def units_of(*stages):
-    """The units at least one of ``stages`` runs for, in UNITS order (for a stage that consumes them)."""
-    members = set().union(*(UNIT_STAGES.get(s, ((), set()))[1] for s in stages))
-    return [u for u in UNITS if u in members]
+    return per_unit(restricted(f"done/{stage}/{{unit}}.json"), units_of(stage) if stage in UNIT_STAGES else UNITS)
 
 
 def unit_markers_of(*stages):
     """Input function (use with ``unpack``): {stage: the unit's done marker} for those of ``stages``
-    that run for the unit."""
+    that are registered and run for the unit."""
 
     def inputs(wildcards):
         return {
             s: restricted(f"done/{s}/{wildcards.unit}.json")
             for s in stages
-            if wildcards.unit in UNIT_STAGES.get(s, ((), set()))[1]
+            if wildcards.unit in UNIT_STAGES.get(s, ())
         }
 
     return inputs
+
+
+def stages_done_of_unit(wildcards):
+    """Input function: the done markers of every registered stage that runs for this unit."""
+    return list(unit_markers_of(*UNIT_STAGES)(wildcards).values())
 
 
 def input_or_empty(name):
