@@ -18,6 +18,7 @@ _EXPLICIT_VRS = {b"AE", b"AS", b"AT", b"CS", b"DA", b"DS", b"DT", b"FL", b"FD", 
                  b"OB", b"OD", b"OF", b"OL", b"OV", b"OW", b"PN", b"SH", b"SL", b"SQ", b"SS", b"ST",
                  b"SV", b"TM", b"UC", b"UI", b"UL", b"UN", b"UR", b"US", b"UT", b"UV"}
 _PAR_MARKERS = (b"# === DATA DESCRIPTION FILE", b". Patient name", b"Philips Medical Systems")
+TIFF_MAGICS = (b"II*\x00", b"MM\x00*", b"II+\x00", b"MM\x00+")  # classic and BigTIFF, both byte orders
 
 
 def sniff_bytes(head: bytes) -> str:
@@ -30,7 +31,7 @@ def sniff_bytes(head: bytes) -> str:
         return "minc1"
     if head[:8] == b"\x89HDF\r\n\x1a\n":
         return "minc2"
-    if head[:4] in (b"II*\x00", b"MM\x00*", b"II+\x00", b"MM\x00+"):
+    if head[:4] in TIFF_MAGICS:
         return "tiff"
     if len(head) >= 348:
         for e in "<>":

@@ -9,7 +9,8 @@ Where: every release file of the subject's folders (``sub-X/``, ``sourcedata/*/s
 gzip files, DICOM headers at any depth (a DICOM header's bytes *are* its elements, nested and private
 ones included; files in character sets other than ASCII/Latin-1/UTF-8 and deflated files are parsed
 and searched element by element), NIfTI headers and extensions, JSON strings after unescaping, PNG
-chunks (text chunks decompressed; the compressed image samples only with ``pixel_data``).
+chunks (text chunks decompressed; the compressed image samples only with ``pixel_data``), TIFF
+headers and tag values (strips and tiles only with ``pixel_data``).
 Dataset-level files (``participants.tsv``, the report, …) are searched for every subject's values.
 
 Matching: case-insensitive, as whole tokens (a value that starts or ends with a letter must not
@@ -40,6 +41,7 @@ from typing import Iterable, Iterator, Mapping
 import yaml
 
 from ..fsutil import RESTRICTED_FILE_MODE, atomic_write_bytes, display_path, make_restricted_dir
+from ..sniff import TIFF_MAGICS
 from . import identifiers as idmod
 
 SALT_FILE = "qc/leakscan.salt"
@@ -415,7 +417,7 @@ def scan_file(path: Path, rel: str, matcher: Matcher, *, pixel_data: bool = Fals
             elif head[:8] == _PNG_MAGIC:
                 fh.seek(0)
                 _scan_png(fh.read(), rel, matcher, res, pixel_data)
-            elif head[:4] in _TIFF_MAGICS:
+            elif head[:4] in TIFF_MAGICS:
                 _scan_tiff(fh, path, rel, matcher, res, pixel_data, size)
             elif head[:2] == b"\x1f\x8b":
                 _scan_gzip(path, rel, matcher, res, pixel_data, nifti=low.endswith((".nii.gz", ".hdr.gz")))
@@ -628,48 +630,6 @@ def _count_rest(gz) -> int:
 # PNG (QC renderings)
 # ------------------------------------------------------------------------------------------------
 _PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
-_TIFF_MAGICS = (b"II*\x00", b"MM\x00*", b"II+\x00", b"MM\x00+")
-
-
-class _Window:
-    """``fh`` from ``start`` up to ``end``, as a stream."""
-
-    def __init__(self, fh, start: int, end: int):
-        fh.seek(start)
-        self.fh, self.left = fh, end - start
-
-    def read(self, n: int) -> bytes:
-        data = self.fh.read(min(n, self.left)) if self.left > 0 else b""
-        self.left -= len(data)
-        return data
-
-
-def _scan_tiff(fh, path: Path, rel: str, matcher: Matcher, res: FileScan, pixel_data: bool, size: int) -> None:
-    """A TIFF (plain, pyramidal, Aperio SVS): every byte except its strips' and tiles' image data —
-    headers, IFDs, every tag value (descriptions, XMP, JPEG tables, private tags) and any bytes no
-    IFD points at. Compressed samples are noise in which a short value turns up by chance, and a
-    slide's gigabytes of tiles would dominate the scan; with ``pixel_data`` every byte is searched.
-    A TIFF whose structure cannot be read is searched whole, and said so."""
-    from ..formats.base import FormatError
-    from ..formats.tiff import read_structure
-    blocks: list[tuple[int, int]] = []
-    if not pixel_data:
-        try:
-            blocks = [(o, o + n) for page in read_structure(path).all_pages() for o, n in page.blocks if n > 0]
-        except FormatError as exc:
-            res.notes.append(f"{rel}: TIFF structure not readable ({exc}); raw bytes scanned")
-    merged: list[list[int]] = []
-    for a, b in sorted(blocks):
-        if merged and a <= merged[-1][1]:
-            merged[-1][1] = max(merged[-1][1], b)
-        else:
-            merged.append([a, b])
-    pos = 0
-    for a, b in [*merged, [size, size]]:
-        if a > pos:
-            _scan_stream(_Window(fh, pos, a), rel, "", matcher, res, text=False, base=pos)
-        pos = max(pos, b)
-    res.skipped += sum(b - a for a, b in merged)
 
 
 def _png_chunks(data: bytes) -> tuple[list[tuple[bytes, bytes]], bytes]:
@@ -733,6 +693,50 @@ def _scan_png(data: bytes, rel: str, matcher: Matcher, res: FileScan, pixel_data
         res.skipped += len(idat)
     if trailer:
         _scan_stream(io.BytesIO(trailer), rel, "after the PNG end, ", matcher, res, text=False)
+
+
+# ------------------------------------------------------------------------------------------------
+# TIFF (slides, pyramidal and plain TIFF)
+# ------------------------------------------------------------------------------------------------
+class _Window:
+    """``fh`` from ``start`` up to ``end``, as a stream."""
+
+    def __init__(self, fh, start: int, end: int):
+        fh.seek(start)
+        self.fh, self.left = fh, end - start
+
+    def read(self, n: int) -> bytes:
+        data = self.fh.read(min(n, self.left)) if self.left > 0 else b""
+        self.left -= len(data)
+        return data
+
+
+def _scan_tiff(fh, path: Path, rel: str, matcher: Matcher, res: FileScan, pixel_data: bool, size: int) -> None:
+    """A TIFF (plain, pyramidal, Aperio SVS): every byte except its strips' and tiles' image data —
+    headers, IFDs, every tag value (descriptions, XMP, JPEG tables, private tags) and any bytes no
+    IFD points at. Compressed samples are noise in which a short value turns up by chance, and a
+    slide's gigabytes of tiles would dominate the scan; with ``pixel_data`` every byte is searched.
+    A TIFF whose structure cannot be read is searched whole, and said so."""
+    from ..formats.base import FormatError
+    from ..formats.tiff import read_structure
+    blocks: list[tuple[int, int]] = []
+    if not pixel_data:
+        try:
+            blocks = [(o, o + n) for page in read_structure(path).all_pages() for o, n in page.blocks if n > 0]
+        except FormatError as exc:
+            res.notes.append(f"{rel}: TIFF structure not readable ({exc}); raw bytes scanned")
+    merged: list[list[int]] = []
+    for a, b in sorted(blocks):
+        if merged and a <= merged[-1][1]:
+            merged[-1][1] = max(merged[-1][1], b)
+        else:
+            merged.append([a, b])
+    pos = 0
+    for a, b in [*merged, [size, size]]:
+        if a > pos:
+            _scan_stream(_Window(fh, pos, a), rel, "", matcher, res, text=False, base=pos)
+        pos = max(pos, b)
+    res.skipped += sum(b - a for a, b in merged)
 
 
 # ------------------------------------------------------------------------------------------------
