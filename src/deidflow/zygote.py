@@ -46,7 +46,7 @@ def start() -> tuple[int, str]:
         listener.close()
         return pid, path
     try:
-        _serve(listener, folder)
+        _serve(listener)
     finally:
         os._exit(0)
 
@@ -65,7 +65,7 @@ def stop(pid: int, path: str) -> None:
             pass
 
 
-def _serve(listener: socket.socket, folder: str) -> None:
+def _serve(listener: socket.socket) -> None:
     die_with_parent()
     signal.signal(signal.SIGTERM, lambda *_: os._exit(0))
     signal.signal(signal.SIGINT, signal.SIG_IGN)
