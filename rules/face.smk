@@ -1,7 +1,8 @@
-# Faces (docs/face.md): deface or skull-strip every head MRI image of a unit — the BIDS release
-# with the de-identified DICOM series it came from (after the unit's convert job), and the NIfTI /
-# Analyze / MGH volumes released by the other stage (after the unit's other job). A missing
-# optional backend already failed at config validation.
+# Faces (docs/face.md): deface or skull-strip every head image of a unit that can show a face —
+# the BIDS release with the de-identified DICOM series it came from (after the unit's convert
+# job), every released DICOM series no converted image covers (after the unit's dicom job), and
+# the NIfTI / Analyze / MGH volumes released by the other stage (after the unit's other job). A
+# missing optional backend already failed at config validation.
 FACE_JSON = json.dumps(config["face"], sort_keys=True)
 FACE_TORCH = any(
     config["face"][f"{m}_backend"] in ("deepbet", "quickshear")
@@ -13,7 +14,7 @@ rule face:
     """Deface / skull-strip the head MRI of one job unit (NIfTI, Analyze, MGH and DICOM, in place,
     kill-safe); QC pictures in derivatives/deidflow/qc/<subject>/face."""
     input:
-        unpack(unit_markers_of("convert", "other")),
+        unpack(unit_markers_of("convert", "other", "dicom")),
         manifest=restricted("manifests/{unit}.json"),
     output:
         done=restricted("done/face/{unit}.json"),
@@ -47,8 +48,8 @@ rule face:
         " --log {log:q} 2>> {log:q}"
 
 
-# Units with BIDS images (when the BIDS release is on) or non-DICOM files.
-FACE_UNITS = units_of("convert", "other")
+# Units with BIDS images (when the BIDS release is on), released DICOM or non-DICOM files.
+FACE_UNITS = units_of("convert", "other", *(["dicom"] if config["outputs"]["dicom"] else []))
 register_unit_stage("face", FACE_UNITS)
 # merged by rule mapping: files withheld, and the new SOP Instance UIDs of rewritten DICOM files
 FACE_QUARANTINE = per_unit(restricted("work/{unit}/face-quarantine.jsonl"), FACE_UNITS)

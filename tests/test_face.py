@@ -41,17 +41,52 @@ def facts(**kw) -> ImageFacts:
 # ------------------------------------------------------------------------------------------ selector
 @pytest.mark.parametrize("kw, method", [
     ({}, "deface"),                                                   # anatomical suffix
-    ({"body_part": "BRAIN", "suffix": "bold"}, "deface"),             # head by body part
-    ({"body_part": "KNEE"}, "none"),                                  # another body part
-    ({"modality": "CT"}, "none"),                                     # not MR
-    ({"suffix": "dwi"}, "none"),                                      # nothing says head
-    ({"suffix": "dwi", "description": "Brain DTI"}, "deface"),        # description says head
+    ({"body_part": "BRAIN", "suffix": "bold"}, "none"),               # a head, but fMRI: not defaced
+    ({"body_part": "KOPF", "suffix": ""}, "deface"),                  # head in German
+    ({"body_part": "Schädel", "suffix": ""}, "deface"),               # accents ignored
+    ({"body_part": "CRANE", "suffix": ""}, "deface"),
+    ({"body_part": "HAED", "suffix": ""}, "deface"),
+    ({"body_part": "KNEE", "suffix": ""}, "pending"),                 # labels are hints: the shape decides
+    ({"body_part": "WHOLEBODY", "suffix": ""}, "pending"),
+    ({"body_part": "NECK", "suffix": ""}, "pending"),
+    ({"body_part": "", "suffix": ""}, "pending"),
+    ({"body_part": "", "suffix": "", "head_shape": True}, "deface"),
+    ({"body_part": "WHOLEBODY", "suffix": "", "head_shape": False}, "none"),
+    ({"body_part": "", "suffix": "", "description": "t1 mprage sag"}, "deface"),
+    ({"modality": "CT", "body_part": "HEAD", "suffix": ""}, "deface"),  # head CT
+    ({"modality": "US", "body_part": "HEAD"}, "none"),                # neither MR nor CT
+    ({"suffix": "dwi"}, "none"),                                      # diffusion: not defaced
+    ({"suffix": "dwi", "description": "Brain DTI"}, "none"),
+    ({"suffix": "asl"}, "none"), ({"suffix": "phasediff"}, "none"), ({"suffix": "epi"}, "none"),
+    ({"path": "sub-a/anat/sub-a_part-phase_T1w.nii.gz"}, "none"),     # phase image
+    ({"kind": "bold", "body_part": "HEAD", "suffix": ""}, "none"),
+    ({"in_plane_mm": 3.0}, "none"),                                   # too coarse for a face
+    ({"in_plane_mm": 2.0}, "deface"),
     ({"extent_mm": (256.0, 256.0, 5.0)}, "none"),                     # one slice: no 3D face
     ({"modality": "", "suffix": "T2w"}, "deface"),                    # no modality, head suffix
     ({"modality": "", "suffix": "foo"}, "none"),
 ])
 def test_selector(kw, method):
-    assert decide(facts(**kw), FACE).method == method
+    d = decide(facts(**kw), FACE)
+    assert ("pending" if d.pending else d.method) == method, d.reason
+
+
+def test_selector_skip_is_configurable_and_kinds_come_from_dicom():
+    from deidflow.face.select import kind_of
+    cfg = copy.deepcopy(FACE)
+    cfg["select"]["skip"] = ["phase"]
+    assert decide(facts(suffix="bold", body_part="HEAD"), cfg).method == "deface"
+    assert decide(facts(suffix="phasediff", body_part="HEAD"), cfg).method == "deface"
+    assert decide(facts(path="x_part-phase_T1w.nii.gz"), cfg).method == "none"
+    assert kind_of("", attrs={"ImageType": "ORIGINAL\\PRIMARY\\P\\ND"})[0] == "phase"
+    assert kind_of("", attrs={"ImageType": "ORIGINAL\\PRIMARY\\DIFFUSION\\NONE"})[0] == "dwi"
+    assert kind_of("", attrs={"SeriesDescription": "ep2d_pcasl"})[0] == "asl"
+    assert kind_of("", attrs={"SeriesDescription": "gre_field_mapping"})[0] == "fieldmap"
+    assert kind_of("", attrs={"ProtocolName": "rfMRI_REST_AP"})[0] == "bold"
+    assert kind_of("", attrs={"ScanningSequence": "EP", "SeriesDescription": "x"}, volumes=200)[0] == "bold"
+    assert kind_of("", attrs={"ScanningSequence": "EP"}, volumes=1)[0] == ""
+    for anat in ("t1_mprage_sag", "T2 FLAIR", "MP2RAGE", "3D T1 TFE", "PD TSE"):
+        assert kind_of("", attrs={"SeriesDescription": anat, "ImageType": "ORIGINAL\\PRIMARY\\M\\ND"})[0] == "", anat
 
 
 def test_selector_overrides_and_per_suffix_method():
@@ -63,6 +98,7 @@ def test_selector_overrides_and_per_suffix_method():
     assert decide(facts(suffix="angio"), cfg).method == "none"
     assert decide(facts(path="sub-a/anat/sub-a_acq-nodeface_T1w.nii.gz"), cfg).method == "none"
     assert decide(facts(path="sub-a/anat/sub-a_kneeT1w.nii.gz", body_part="KNEE"), cfg).method == "deface"
+    assert decide(facts(body_part="HEAD"), cfg).method == "deface"
     cfg["method"] = "none"
     assert decide(facts(), cfg).method == "none"
 
@@ -573,7 +609,7 @@ def test_face_unit_with_bids_dicom_and_other_volumes(tmp_path, monkeypatch):
     cfg["select"]["include"] = ["sourcedata/analyze/*"]
     counts = _run_unit(out, restricted, cfg)
     assert counts["treated"] == 3 and counts["dicom_files"] == len(uids) and counts["references"] == 1
-    report = {im["nifti"]: im for im in json.loads((restricted / "done.json").read_text())["images"]}
+    report = {im["nifti"]: im for im in json.loads((restricted / "done.json").read_text())["images"] if "nifti" in im}
     assert report["sourcedata/nifti/sub-a/k1.nii"]["reason"].startswith("no header says what this is")
     assert report["sourcedata/analyze/sub-a/k2.hdr"]["reason"] == "included by face.select.include"
     after = _tree(out)

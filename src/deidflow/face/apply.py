@@ -102,10 +102,11 @@ class Nifti:
         """Real values (float32)."""
         return (self.raw.astype(np.float32) * np.float32(self.slope) + np.float32(self.inter))
 
-    def masked(self, mask3d: np.ndarray) -> bytes:
-        """File bytes with the voxels of ``mask3d`` (3D, broadcast over further axes) set to 0."""
+    def masked(self, mask3d: np.ndarray, fill: float = 0.0) -> bytes:
+        """File bytes with the voxels of ``mask3d`` (3D, broadcast over further axes) set to the
+        real value ``fill`` (0; air for CT) or the closest stored value."""
         out = np.array(self.raw, order="F", copy=True)
-        fill = stored_zero(out.dtype, self.slope, self.inter)
+        fill = stored_zero(out.dtype, self.slope, self.inter - fill)
         out[mask3d.reshape(out.shape[:min(3, out.ndim)])] = fill  # a 3D mask indexes the first axes
         body = self.prefix + out.tobytes(order="F") + self.suffix
         return gzip.compress(body, compresslevel=6, mtime=0) if self.gz else body
@@ -130,54 +131,26 @@ def stored_zero(dtype: np.dtype, slope: float = 1.0, inter: float = 0.0,
 
 
 # ---------------------------------------------------------------------------------------------- DICOM
-def _frame_geometry(ds, frame: int):
-    """(ImagePositionPatient, ImageOrientationPatient, PixelSpacing) of one frame, from the
-    top level (classic) or the per-frame / shared functional groups (enhanced)."""
-    def pick(seq_kw: str, attr: str):
-        for fg_kw in ("PerFrameFunctionalGroupsSequence", "SharedFunctionalGroupsSequence"):
-            fgs = ds.get(fg_kw)
-            if not fgs:
-                continue
-            item = fgs[frame] if fg_kw.startswith("PerFrame") else fgs[0]
-            seq = item.get(seq_kw)
-            if seq and attr in seq[0]:
-                return seq[0][attr].value
-        return ds.get(attr)
-    ipp = pick("PlanePositionSequence", "ImagePositionPatient")
-    iop = pick("PlaneOrientationSequence", "ImageOrientationPatient")
-    ps = pick("PixelMeasuresSequence", "PixelSpacing")
-    if ipp is None or iop is None or ps is None:
+def frame_mask(ds, frame: int, affine: np.ndarray, mask3d: np.ndarray, snap: bool = False) -> np.ndarray | None:
+    """The 2D (rows, cols) mask of one DICOM frame looked up in a voxel grid, or None when the
+    frame's pixels do not fall on that grid's voxels. ``snap``: the grid was reconstructed from
+    this series (:mod:`.dicomvol`, possibly resampled): nearest voxel, pixels outside not masked."""
+    from .dicomvol import frame_geometry, frame_voxels
+    geo = frame_geometry(ds, frame)
+    if geo is None:
         raise GeometryMismatch("frame without position, orientation or pixel spacing")
-    return np.array(ipp, float), np.array(iop, float), np.array(ps, float)
-
-
-def _rescale(ds, frame: int) -> tuple[float, float]:
-    for fg_kw in ("PerFrameFunctionalGroupsSequence", "SharedFunctionalGroupsSequence"):
-        fgs = ds.get(fg_kw)
-        if fgs:
-            item = fgs[frame] if fg_kw.startswith("PerFrame") else fgs[0]
-            seq = item.get("PixelValueTransformationSequence")
-            if seq and "RescaleSlope" in seq[0]:
-                return float(seq[0].RescaleSlope), float(seq[0].get("RescaleIntercept", 0))
-    if "RescaleSlope" in ds:
-        return float(ds.RescaleSlope), float(ds.get("RescaleIntercept", 0))
-    return 1.0, 0.0
-
-
-def frame_mask(ds, frame: int, affine: np.ndarray, mask3d: np.ndarray) -> np.ndarray | None:
-    """The 2D (rows, cols) mask of one DICOM frame looked up in a NIfTI grid, or None when the
-    frame's pixels do not fall on that grid's voxels."""
-    ipp, iop, ps = _frame_geometry(ds, frame)
     rows, cols = int(ds.Rows), int(ds.Columns)
-    r, c = np.meshgrid(np.arange(rows), np.arange(cols), indexing="ij")
-    lps = ipp[None, None, :] + (c[..., None] * ps[1]) * iop[None, None, :3] + (r[..., None] * ps[0]) * iop[None, None, 3:]
-    ras = lps * np.array([-1.0, -1.0, 1.0])
-    vox = (np.linalg.inv(affine) @ np.concatenate([ras, np.ones(ras.shape[:2] + (1,))], axis=-1)[..., None])[..., :3, 0]
+    vox = frame_voxels(*geo, rows, cols, affine)
     idx = np.rint(vox)
+    shape = np.array(mask3d.shape[:3])
+    if snap:
+        idx = idx.astype(np.int64)
+        inside = ((idx >= 0) & (idx < shape)).all(axis=-1)
+        idx = np.clip(idx, 0, shape - 1)
+        return mask3d[idx[..., 0], idx[..., 1], idx[..., 2]] & inside
     if np.abs(vox - idx).max() > GEOMETRY_TOL_VOX:
         return None
     idx = idx.astype(np.int64)
-    shape = np.array(mask3d.shape[:3])
     if (idx < 0).any() or (idx >= shape).any():
         return None
     return mask3d[idx[..., 0], idx[..., 1], idx[..., 2]]
@@ -193,17 +166,23 @@ class DicomResult:
 
 
 def mask_dicom(data: bytes, grids: list[tuple[np.ndarray, np.ndarray]], new_uid, derivation: str,
-               method_note: str, refs: dict[str, str] | None = None) -> DicomResult | None:
+               method_note: str, refs: dict[str, str] | None = None, snap: bool = False,
+               fill: float = 0.0) -> DicomResult | None:
     """Apply the first matching grid's mask to every frame of a DICOM file.
 
     ``grids`` are (NIfTI affine, native 3D mask) pairs of the images converted from this series;
     ``new_uid(old)`` gives the keyed SOP Instance UID of the derived image; ``refs`` maps the old
     SOP Instance UIDs of every image rewritten in this unit to their new ones (references to them
-    are updated, :func:`remap_uids`). Returns None when the file has no pixel data (nothing to do);
-    raises :class:`GeometryMismatch` when a frame matches none of the grids.
+    are updated, :func:`remap_uids`); ``snap`` see :func:`frame_mask`; removed pixels get the
+    stored value closest to the real value ``fill`` (0 for MR, air for CT). Compressed pixel data
+    is written back uncompressed (Explicit VR Little Endian), deflated data stays deflated. Returns
+    None when the file has no pixel data (nothing to do); raises :class:`GeometryMismatch` when a
+    frame matches none of the grids.
     """
     import pydicom
     from pydicom.uid import ExplicitVRLittleEndian
+
+    from .dicomvol import rescale
     ds = pydicom.dcmread(io.BytesIO(data))
     if "PixelData" not in ds:
         return None
@@ -228,13 +207,13 @@ def mask_dicom(data: bytes, grids: list[tuple[np.ndarray, np.ndarray]], new_uid,
     for f in range(frames):
         m2 = None
         for affine, mask3d in grids:
-            m2 = frame_mask(ds, f, affine, mask3d)
+            m2 = frame_mask(ds, f, affine, mask3d, snap)
             if m2 is not None:
                 break
         if m2 is None:
             raise GeometryMismatch(f"frame {f + 1} lies on the grid of no converted image")
-        slope, inter = _rescale(ds, f)
-        pix[f][m2] = stored_zero(dtype, slope, inter, lo, hi)
+        slope, inter = rescale(ds, f)
+        pix[f][m2] = stored_zero(dtype, slope, inter - fill, lo, hi)
         removed += int(m2.sum())
     raw = bytearray(ds.PixelData)
     raw[: pix.nbytes] = pix.tobytes()

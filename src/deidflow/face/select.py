@@ -1,26 +1,34 @@
-"""Which released images are head MRI, and which method each gets.
+"""Which images can show a face, and which method each gets.
 
-An image (a NIfTI file of the BIDS release with the DICOM series it was converted from, or a
-NIfTI / Analyze / MGH / MINC / PAR-REC volume released by the ``other`` stage) is treated when, in
-this order:
+An image is a NIfTI file of the BIDS release with the DICOM series it was converted from, a
+DICOM series of the release that has no converted image (not converted, conversion failed, BIDS
+off, copied to ``sourcedata/unsorted``), or a NIfTI / Analyze / MGH / MINC / PAR-REC volume
+released by the ``other`` stage. It is treated when, in this order:
 
 1. its release path matches a ``face.select.exclude`` pattern: never treated;
    it matches a ``face.select.include`` pattern: treated (the remaining checks are skipped);
-2. its modality is MR (DICOM ``Modality`` or the sidecar's; an image with no modality at all
-   counts as MR only when its BIDS suffix is one of ``face.select.suffixes``, or when nothing at
-   all is known about it, see 5);
-3. it shows a head: ``BodyPartExamined`` is one of ``face.select.body_parts``; when that attribute
-   is empty or missing, the BIDS suffix is one of ``face.select.suffixes`` or the series
-   description / protocol name matches ``face.select.description_pattern``; any other body part
-   excludes it;
-4. it covers the head in 3D: the volume spans at least ``face.select.min_extent_mm`` along each of
-   its three axes (a single 2D slice or a thin slab cannot show a face);
-5. a volume about which nothing is known (``bare``: no modality — NIfTI, Analyze and MGH headers
+2. its modality is MR or CT (DICOM ``Modality`` or the sidecar's; an image with no modality at
+   all counts only when its BIDS suffix is one of ``face.select.suffixes``, or when nothing at
+   all is known about it, see 6);
+3. it is not of a kind listed in ``face.select.skip`` (default: ``bold``, ``dwi``, ``asl``,
+   ``fieldmap``, ``phase``): fMRI time series, diffusion, perfusion, field maps and phase images
+   are acquired at a resolution and contrast that do not render a recognisable face, and changing
+   their voxels breaks their analysis (:func:`kind_of` tells the kind from the BIDS suffix, the
+   DICOM ``ImageType``, sequence and description, and EPI time series);
+4. it can render a face: at least ``face.select.min_extent_mm`` along each of its three axes (a
+   single slice or a thin slab cannot) and pixels no larger than ``face.select.max_in_plane_mm``;
+5. it shows a head: ``BodyPartExamined`` names a head (``face.select.body_parts``, in any of the
+   languages listed there, compared without accents and case, any word of the value), or the
+   BIDS suffix is one of ``face.select.suffixes``, or the series description / protocol name
+   matches ``face.select.description_pattern``. Otherwise — body part empty, ``WHOLEBODY``,
+   ``NECK``, another body part or free text — labels are only hints and the volume itself is the
+   arbiter: :func:`head_shape` (a run of axial sections shaped like a head) decides;
+6. a volume about which nothing is known (``bare``: no modality — NIfTI, Analyze and MGH headers
    have no field for it —, no sidecar naming a body part, no BIDS suffix in its original file
    name) and whose original name does not match the description pattern is treated when it is
-   head-sized: one 3D volume spanning between ``face.select.min_extent_mm`` and ``face.select.max_extent_mm`` along
-   each axis. Such a file most often is a head scan; when it is not, the backend's mask fails the
-   plausibility check and the file is withheld (quarantined), never released with a face.
+   head-sized: one 3D volume spanning between ``face.select.min_extent_mm`` and
+   ``face.select.max_extent_mm`` along each axis. When it is not a head, the backend's mask fails
+   the plausibility check and the file is withheld (quarantined), never released with a face.
 
 Every volume of a selected image (echoes, 4D time points) gets the same mask, computed once per
 geometry on the image's first volume. The method is ``face.by_suffix[suffix]`` when set, else
@@ -30,32 +38,103 @@ from __future__ import annotations
 
 import fnmatch
 import re
+import unicodedata
 from dataclasses import dataclass
 from typing import Any, Mapping
 
 import numpy as np
 
 MAX_EXTENT_MM = 300.0  # default of face.select.max_extent_mm
+MAX_IN_PLANE_MM = 2.0  # default of face.select.max_in_plane_mm
+KINDS = ("bold", "dwi", "asl", "fieldmap", "phase")
+DEFAULT_SKIP = KINDS
+WHY_KIND = {
+    "bold": "fMRI time series",
+    "dwi": "diffusion-weighted series",
+    "asl": "arterial spin labelling / perfusion series",
+    "fieldmap": "field map",
+    "phase": "phase image",
+}
+_SUFFIX_KIND = {
+    "bold": "bold", "sbref": "bold", "cbv": "bold", "physio": "bold",
+    "dwi": "dwi",
+    "asl": "asl", "m0scan": "asl", "aslcontext": "asl",
+    "phasediff": "fieldmap", "phase1": "fieldmap", "phase2": "fieldmap", "magnitude1": "fieldmap",
+    "magnitude2": "fieldmap", "magnitude": "fieldmap", "fieldmap": "fieldmap", "epi": "fieldmap",
+    "TB1map": "fieldmap", "TB1AFI": "fieldmap", "TB1TFL": "fieldmap", "TB1RFM": "fieldmap", "RB1map": "fieldmap",
+    "TB1EPI": "fieldmap", "TB1DAM": "fieldmap", "TB1SRGE": "fieldmap", "RB1COR": "fieldmap",
+    "phase": "phase",
+}
+_DESC_KIND = (  # checked in this order on SeriesDescription, ProtocolName and SequenceName (lower case)
+    ("dwi", re.compile(r"dwi|dti|diff|tensor|\badc\b|trace|ep_b\d|\*ep_b|hardi|noddi")),
+    ("asl", re.compile(r"asl|perfusion|\bm0\b|_m0|m0_")),
+    ("fieldmap", re.compile(r"field.?map|fmap|b[01].?map|topup|sefm|spin.?echo.?field|gre_field|tb1|b1map")),
+    ("bold", re.compile(r"bold|fmri|resting|\brest\b|_rest|rest_|\btask|_task|mbep2d|ep2d_bold|cmrr_mb")),
+)
+_TYPE_KIND = {"P": "phase", "PHASE": "phase", "DIFFUSION": "dwi", "ADC": "dwi", "TRACEW": "dwi", "FA": "dwi",
+              "EADC": "dwi", "TRACE": "dwi", "ASL": "asl", "PERFUSION": "asl", "FIELD_MAP": "fieldmap",
+              "B0_MAP": "fieldmap", "B1_MAP": "fieldmap", "FMRI": "bold"}
 
 
 @dataclass(frozen=True)
 class ImageFacts:
     """What the selector looks at (none of it identifying)."""
 
-    path: str                     # release-relative NIfTI path
-    suffix: str                   # BIDS suffix (T1w, T2w, FLAIR, bold, ...)
+    path: str                     # release-relative NIfTI path (a DICOM series: its folder + "/")
+    suffix: str                   # BIDS suffix (T1w, T2w, FLAIR, bold, ...) or ""
     modality: str                 # MR, CT, ... or "" when unknown
-    body_part: str                # BodyPartExamined, upper case, or ""
+    body_part: str                # BodyPartExamined, or ""
     description: str              # SeriesDescription / ProtocolName, or ""
     extent_mm: tuple[float, ...]  # size of the 3D volume along its axes
     bare: bool = False            # nothing records modality, body part or BIDS suffix (headerless volume)
     volumes: int = 1              # volumes of a 4D image
+    kind: str = ""                # bold | dwi | asl | fieldmap | phase, "" = anatomical or unknown
+    in_plane_mm: float = 0.0      # largest pixel size in mm (0: not known)
+    head_shape: bool | None = None  # the volume's shape test (None: not run yet)
 
 
 @dataclass(frozen=True)
 class Decision:
     method: str                   # deface | skullstrip | none
     reason: str
+    pending: bool = False         # labels do not decide: run head_shape() and decide again
+
+
+def _words(text: str) -> set[str]:
+    """Upper-case words of a label without accents (``Schädel`` → ``SCHADEL``)."""
+    plain = unicodedata.normalize("NFKD", text).encode("ascii", "ignore").decode()
+    return {w for w in re.split(r"[^A-Z0-9]+", plain.upper()) if w}
+
+
+def names_head(body_part: str, head_parts) -> bool:
+    """Whether a ``BodyPartExamined`` value names a head (any word of it, accents and case ignored)."""
+    heads = set().union(*(_words(b) if len(_words(b)) == 1 else {"".join(sorted(_words(b)))} for b in head_parts))
+    words = _words(body_part)
+    return bool(words & heads) or "".join(sorted(words)) in heads
+
+
+def kind_of(suffix: str, path: str = "", attrs: Mapping[str, Any] | None = None, volumes: int = 1) -> tuple[str, str]:
+    """(kind, evidence) of an image: bold / dwi / asl / fieldmap / phase, or ("", "") for an
+    anatomical or unknown image. The BIDS suffix decides when it is known; else the DICOM
+    ``ImageType`` values, the description / protocol / sequence name, and an EPI time series."""
+    if suffix in _SUFFIX_KIND:
+        return _SUFFIX_KIND[suffix], f"BIDS suffix {suffix}"
+    if "_part-phase" in path:
+        return "phase", "BIDS entity part-phase"
+    attrs = attrs or {}
+    types = {t.strip().upper() for t in str(attrs.get("ImageType") or "").split("\\")}
+    for t in sorted(types & _TYPE_KIND.keys()):
+        return _TYPE_KIND[t], f"ImageType {t}"
+    text = " ".join(str(attrs.get(k) or "") for k in ("SeriesDescription", "ProtocolName", "SequenceName",
+                                                      "PulseSequenceName")).lower()
+    for kind, pattern in _DESC_KIND:
+        if pattern.search(text):
+            return kind, "series description / protocol / sequence name"
+    epi = "EP" in str(attrs.get("ScanningSequence") or "").upper().split("\\") or \
+        re.search(r"epi|ep2d|\bep_|epfid|epse", text) is not None
+    if epi and volumes >= 2:
+        return "bold", f"EPI time series of {volumes} volumes"
+    return "", ""
 
 
 def decide(facts: ImageFacts, face_cfg: Mapping[str, Any]) -> Decision:
@@ -67,34 +146,84 @@ def decide(facts: ImageFacts, face_cfg: Mapping[str, Any]) -> Decision:
     if any(fnmatch.fnmatch(facts.path, p) for p in sel.get("include", ())):
         return Decision(method, "included by face.select.include")
     suffixes = set(sel["suffixes"])
-    modality = facts.modality.upper()
-    if modality and modality != "MR":
-        return Decision("none", f"modality {modality}, not MR")
+    modality = facts.modality.upper().strip()
+    if modality and modality not in ("MR", "CT"):
+        return Decision("none", f"modality {modality}, neither MR nor CT")
     if not modality and facts.suffix not in suffixes and not facts.bare:
         return Decision("none", "no modality and not a head MRI suffix")
-    body = facts.body_part.upper().strip()
-    if body:
-        if body not in {b.upper() for b in sel["body_parts"]}:
-            return Decision("none", f"body part {body} is not a head")
-        why = f"body part {body}"
+    kind = facts.kind
+    if not kind:
+        kind, _ = kind_of(facts.suffix, facts.path)
+    if kind and kind in sel.get("skip", DEFAULT_SKIP):
+        return Decision("none", f"{WHY_KIND.get(kind, kind)}: not defaced (face.select.skip)")
+    ext = facts.extent_mm
+    if len(ext) < 3 or min(ext[:3]) < sel["min_extent_mm"]:
+        return Decision("none", f"no 3D coverage of a face (extent {_mm(ext)} mm)")
+    max_px = float(sel.get("max_in_plane_mm", MAX_IN_PLANE_MM))
+    if facts.in_plane_mm and facts.in_plane_mm > max_px + 1e-3:
+        return Decision("none", f"pixels of {facts.in_plane_mm:.2f} mm are too coarse to render a face "
+                                f"(face.select.max_in_plane_mm {max_px:g})")
+    body = facts.body_part.strip()
+    if body and names_head(body, sel["body_parts"]):
+        why = "body part names a head"
     elif facts.suffix in suffixes:
         why = f"suffix {facts.suffix}"
     elif facts.description and re.search(sel["description_pattern"], facts.description, re.I):
         why = "series description (or original file name) names head anatomy"
     elif facts.bare:
         lo, hi = sel["min_extent_mm"], sel.get("max_extent_mm", MAX_EXTENT_MM)
-        ext = facts.extent_mm
-        if facts.volumes != 1 or len(ext) < 3 or min(ext[:3]) < lo or max(ext[:3]) > hi:
+        if facts.volumes != 1 or max(ext[:3]) > hi:
             return Decision("none", f"no header says what this is, and it is not one head-sized 3D volume "
                                     f"(extent {_mm(ext)} mm, {facts.volumes} volume{'s' * (facts.volumes != 1)})")
         why = "no header says what this is; a head-sized 3D volume"
+    elif facts.head_shape is None:
+        return Decision("none", "labels do not say whether this is a head", pending=True)
+    elif facts.head_shape:
+        why = "the volume is head-shaped" + (" (body part label not a head)" if body else "")
     else:
-        return Decision("none", "nothing says this is a head")
-    if len(facts.extent_mm) < 3 or min(facts.extent_mm[:3]) < sel["min_extent_mm"]:
-        return Decision("none", f"{why}, but no 3D coverage (extent {_mm(facts.extent_mm)} mm)")
+        return Decision("none", "the volume is not head-shaped" + (" (body part label not a head)" if body else ""))
     if method == "none":
         return Decision("none", f"{why}; method none configured")
-    return Decision(method, f"{why}, extent {_mm(facts.extent_mm)} mm")
+    return Decision(method, f"{why}, extent {_mm(ext)} mm")
+
+
+def head_shape(data: np.ndarray, zooms, threshold: float) -> tuple[bool, str]:
+    """Whether a RAS-ordered volume holds a head: a run of at least ``HEAD_RUN_MM`` of axial
+    sections of the largest object above ``threshold`` that are head-sized (``HEAD_WIDTH_MM`` left
+    to right, ``HEAD_DEPTH_MM`` front to back), at least as deep as wide (a trunk is wider than
+    deep) and compact (filling most of their bounding ellipse). Computed at about 4 mm."""
+    from scipy import ndimage
+    zooms = np.asarray(zooms, float)
+    step = np.maximum(1, np.round(4.0 / zooms)).astype(int)
+    d = data[::step[0], ::step[1], ::step[2]]
+    z = zooms * step
+    m = ndimage.binary_opening(d > threshold, iterations=1)
+    labels, n = ndimage.label(m)
+    if n == 0:
+        return False, "no tissue"
+    sizes = np.bincount(labels.ravel())
+    sizes[0] = 0
+    m = labels == sizes.argmax()
+    best = run = 0
+    for k in range(m.shape[2]):
+        sl = ndimage.binary_fill_holes(m[:, :, k])
+        xs, ys = np.nonzero(sl)
+        ok = False
+        if xs.size:
+            w = (xs.max() - xs.min() + 1) * z[0]
+            dep = (ys.max() - ys.min() + 1) * z[1]
+            fill = xs.size * z[0] * z[1] / (np.pi / 4 * w * dep)
+            ok = (HEAD_WIDTH_MM[0] <= w <= HEAD_WIDTH_MM[1] and HEAD_DEPTH_MM[0] <= dep <= HEAD_DEPTH_MM[1]
+                  and dep >= 0.95 * w and fill >= 0.6)
+        run = run + 1 if ok else 0
+        best = max(best, run)
+    mm = best * z[2]
+    return mm >= HEAD_RUN_MM, f"{mm:.0f} mm of head-shaped axial sections"
+
+
+HEAD_WIDTH_MM = (100.0, 210.0)
+HEAD_DEPTH_MM = (120.0, 260.0)
+HEAD_RUN_MM = 40.0
 
 
 def extent_mm(shape, zooms) -> tuple[float, ...]:

@@ -24,6 +24,7 @@ import hashlib
 import io
 import json
 import logging
+import os
 import re
 import time
 from dataclasses import dataclass, field
@@ -35,9 +36,10 @@ import numpy as np
 from .. import __version__
 from ..fsutil import RESTRICTED_FILE_MODE, atomic_write_bytes, atomic_write_text, make_restricted_dir
 from . import render
+from ..errors import OUTPUT_ERRNOS, PublicError
 from .apply import GeometryMismatch, Nifti, derived_sidecar, mask_dicom, remap_file, uids_in
-from .select import Decision, ImageFacts, decide, extent_mm
-from .volume import reference_volume
+from .select import Decision, ImageFacts, decide, extent_mm, head_shape, kind_of
+from .volume import for_backend, reference_volume, removed_value
 
 log = logging.getLogger("deidflow")
 QC_DIR = "derivatives/deidflow/qc"
@@ -67,7 +69,7 @@ class Keeper:
 
     def available(self, rel: str) -> bool:
         """In the release, or withheld from it by an earlier run of this job."""
-        return (self.root / rel).is_file() or ((self.orig / rel).is_file() and self._recorded(rel) == "withdrawn")
+        return (self.root / rel).is_file() or ((self.orig / rel).is_file() and self._recorded(rel) in ("withdrawn", None))
 
     def source(self, rel: str) -> bytes:
         """The pristine bytes of release file ``rel`` (kept, or refreshed from the release)."""
@@ -75,7 +77,7 @@ class Keeper:
         kept, path = self.orig / rel, self.root / rel
         recorded = self._recorded(rel)
         if not path.exists():
-            if kept.exists() and recorded == "withdrawn":
+            if kept.exists() and recorded in ("withdrawn", None):
                 return kept.read_bytes()
             raise FileNotFoundError(f"{rel} is not in the release")
         cur = path.read_bytes()
@@ -118,9 +120,26 @@ class Keeper:
         return sorted(rels)
 
     def withdraw(self, rel: str) -> None:
-        """Take a release file out (its pristine copy stays in the restricted folder)."""
-        self.source(rel)
-        self._record(rel, "withdrawn")
+        """Take a release file out (its pristine copy stays in the restricted folder). When the
+        copy cannot be written (disk full), the release file itself is moved there when it is
+        still pristine, else deleted: a face never stays in the release for lack of space."""
+        try:
+            self.source(rel)
+            self._record(rel, "withdrawn")
+        except OSError:
+            path, kept = self.root / rel, self.orig / rel
+            if path.exists():
+                try:
+                    if kept.exists() or self._recorded(rel) not in (None, "withdrawn"):
+                        raise OSError("not pristine")
+                    kept.parent.mkdir(parents=True, exist_ok=True)
+                    os.replace(path, kept)
+                except OSError:
+                    path.unlink(missing_ok=True)
+            try:
+                self._record(rel, "withdrawn")
+            except OSError:
+                pass
         (self.root / rel).unlink(missing_ok=True)
 
     def restore_untouched(self) -> list[str]:
@@ -203,9 +222,10 @@ def face_unit(convert_done: Path | None, dicom_root: Path, release_root: Path, r
     None when the unit has no BIDS release; ``other_done`` the ``other`` stage's marker when the
     unit has non-DICOM files, whose volumes are found through the unit's ``manifest``."""
     convert, other = _marker(convert_done), _marker(other_done)
-    if convert is None and other is None:
-        raise ValueError("the face job needs the convert or the other stage's done marker")
-    unit = (convert or other)["unit"]
+    unit_manifest = json.loads(Path(manifest).read_text()) if manifest else {"subjects": []}
+    if convert is None and other is None and not manifest:
+        raise ValueError("the face job needs the unit's manifest or the convert or other stage's done marker")
+    unit = (convert or other or unit_manifest)["unit"]
     release_root, restricted, dicom_root = Path(release_root), Path(restricted), Path(dicom_root)
     work = make_restricted_dir(restricted / "work" / "face" / unit)
     keeper = Keeper(release_root, work)
@@ -218,67 +238,103 @@ def face_unit(convert_done: Path | None, dicom_root: Path, release_root: Path, r
                 log.warning("%s: listed by convert but not in the release; skipped", entry["nifti"])
                 continue
             images.append(_describe(entry, subj["subject"], keeper, dicom_root, series_cache, face_cfg))
-    unit_manifest = json.loads(Path(manifest).read_text()) if manifest else {"subjects": []}
     if other is not None:
         images += _other_images(unit_manifest, keeper, face_cfg)
+    series = _dicom_only_series(convert, unit_manifest, keeper, dicom_root, dicom_in_release, face_cfg)
     bad: list[tuple[str, str]] = []  # (release path, reason); listed by input path (quarantine.tsv's form)
     uid_map: dict[str, str] = {}
     qc: dict[str, list[dict]] = {}
-    counts = {"images": len(images), "treated": 0, "dicom_files": 0, "withheld": 0, "references": 0}
-    pseudo = None
-    series_todo = []
+    counts = {"images": len(images) + len(series), "treated": 0, "dicom_files": 0, "withheld": 0, "references": 0}
+    jobs: list[_SeriesJob] = []
+    fatal: list[BaseException] = []
     for group in _groups([im for im in images if im.decision.method != "none"]):
         ref = group[0]
         method = ref.decision.method
         backend_name = face_cfg["deface_backend"] if method == "deface" else face_cfg["skullstrip_backend"]
+        series_dir = ref.series_dir if dicom_in_release else None
         if ref.fmt not in WRITABLE_FORMATS:   # selected, but its voxels cannot be rewritten: never release the face
             _withhold(group, f"{ref.fmt} volumes cannot be {method}d in place", backend_name, keeper, bad, counts)
             continue
-        program = face_cfg["external"][method]
-        from .backends import get_backend
-        backend = get_backend(backend_name, program)
-        t0 = time.perf_counter()
-        nii = ref.load(keeper)
-        vol = reference_volume(nii.real(), nii.affine)
-        removed_ras = np.asarray(backend.removal_mask(vol), dtype=bool)
-        native = vol.to_native(removed_ras)
-        seconds = round(time.perf_counter() - t0, 2)
-        frac = float(removed_ras.mean())
-        _save_mask(work / "masks" / ref.rel, native, nii.affine)
-        problem = implausible(vol, removed_ras, method)
-        if problem:  # never release a face the backend missed: withhold the group's files
+        try:
+            t0 = time.perf_counter()
+            nii = ref.load(keeper)
+            vol = reference_volume(nii.real(), nii.affine)
+            bvol = for_backend(vol, ref.facts.modality)
+            removed_ras = _removal_mask(bvol, method, backend_name, face_cfg)
+            native = vol.to_native(removed_ras)
+            seconds = round(time.perf_counter() - t0, 2)
+            frac = float(removed_ras.mean())
+            _save_mask(work / "masks" / ref.rel, native, nii.affine)
+            problem = implausible(bvol, removed_ras, method)
+            if problem:  # never release a face the backend missed: withhold the group's files
+                raise _Implausible(problem)
+            fill = removed_value(ref.facts.modality)
+            for im in group:
+                keeper.publish(im.data_rel, im.load(keeper).masked(native, fill))
+                _mark_sidecar(im, keeper)
+                im.result = {"backend": backend_name, "removed_fraction": round(frac, 4), "mask_from": ref.rel,
+                             "seconds": seconds if im is ref else 0.0}
+                counts["treated"] += 1
+                if im is not ref:
+                    im.nifti = None  # free memory early (4D series)
+        except Exception as exc:  # noqa: BLE001 - whatever failed, the face is not released
+            problem = _why(exc)
             _withhold(group, problem, backend_name, keeper, bad, counts)
-            if dicom_in_release and ref.series_dir is not None:
-                for rel in keeper.dicom_files(ref.series_dir):
-                    keeper.withdraw(rel)
-                    bad.append((rel, f"face: {problem}; withheld from the release"))
+            if series_dir is not None:
+                _withdraw_all(keeper.dicom_files(series_dir), problem, keeper, bad)
             log.warning("%s: %s; withheld", ref.rel, problem)
+            if isinstance(exc, OSError):
+                fatal.append(exc)
             continue
-        for im in group:
-            keeper.publish(im.data_rel, im.load(keeper).masked(native))
-            _mark_sidecar(im, keeper)
-            im.result = {"backend": backend_name, "removed_fraction": round(frac, 4), "mask_from": ref.rel,
-                         "seconds": seconds if im is ref else 0.0}
-            counts["treated"] += 1
-            if im is not ref:
-                im.nifti = None  # free memory early (4D series)
         log.info("%s: %s by %s, %.1f%% of voxels removed, %.1f s", ref.rel, method, backend_name, 100 * frac, seconds)
         qc.setdefault(ref.subject, []).extend(
-            _qc(ref, vol, removed_ras, method, backend_name, release_root, restricted, face_cfg))
-        if dicom_in_release and ref.series_dir is not None:
-            series_todo.append((ref, group, (nii.affine, native), method, backend_name))
+            _qc(ref.rel, ref.subject, bvol, removed_ras, method, backend_name, release_root, restricted, face_cfg))
+        if series_dir is not None:
+            jobs.append(_SeriesJob(ref.subject, series_dir, ref.rel, method, backend_name, [(nii.affine, native)],
+                                   False, fill, ref.facts.modality, ref.result))
         ref.nifti = None
-    if series_todo:  # DICOM write-back once every new UID is known, so references follow them
+    for ser in series:  # DICOM series without a converted image: reconstructed from the DICOM itself
+        for rel in ser.unreadable:
+            _withdraw_all([rel], "not readable as DICOM: cannot tell whether it shows a face", keeper, bad)
+            counts["withheld"] += 1
+        if ser.decision.method == "none":
+            continue
+        job = _series_job(ser, ser.decision.method, keeper, work, release_root, restricted, face_cfg, qc, bad,
+                          counts, fatal)
+        if job is not None:
+            jobs.append(job)
+    if jobs:  # DICOM write-back once every new UID is known, so references follow them
         from ..release import pseudonymizer_from_settings
         pseudo = pseudonymizer_from_settings(settings)
-        planned = _planned_uids(series_todo, keeper, pseudo)
-        for ref, group, grid, method, backend_name in series_todo:
-            n, withheld = _dicom_series(ref, group, grid, method, backend_name, keeper, pseudo, planned, uid_map, bad)
+        planned = _planned_uids(jobs, keeper, pseudo)
+        done_jobs = []
+        for job in jobs:
+            try:
+                n, withheld = _dicom_series(job, keeper, pseudo, planned, uid_map, bad)
+            except _GridMismatch:
+                # the converted image's grid is not the series' (tilted gantry, irregular spacing,
+                # frames dcm2niix left out): deface the series from its own reconstruction
+                ser = _describe_series(job.subject, job.folder, keeper, face_cfg)
+                sjob = _series_job(ser, job.method, keeper, work, release_root, restricted, face_cfg, qc, bad,
+                                   counts, fatal, count=False)
+                if sjob is None:
+                    continue
+                job.result["dicom_mask_from"] = "series reconstruction (frames off the converted image's grid)"
+                job = sjob
+                try:
+                    n, withheld = _dicom_series(job, keeper, pseudo, planned, uid_map, bad)
+                except Exception as exc:  # noqa: BLE001
+                    _fail_series(job, exc, keeper, bad, fatal)
+                    continue
+            except Exception as exc:  # noqa: BLE001 - disk full, encoder failure: withheld, never released
+                _fail_series(job, exc, keeper, bad, fatal)
+                continue
             counts["dicom_files"] += n
             counts["withheld"] += withheld
-            ref.result["dicom_files"] = n
-        rewritten = {rel for ref, *_ in series_todo for rel in keeper.dicom_files(ref.series_dir)}
-        counts["references"] = _follow_references(images, dicom_root, keeper, rewritten, planned)
+            job.result["dicom_files"] = n
+            done_jobs.append(job)
+        rewritten = {rel for job in done_jobs for rel in keeper.dicom_files(job.folder)}
+        counts["references"] = _follow_references(images, series, dicom_root, keeper, rewritten, planned)
     for rel in keeper.restore_untouched():  # files of images no longer selected: undo earlier runs
         log.info("%s: restored (no longer selected)", rel)
     for subject, entries in sorted(qc.items()):
@@ -292,9 +348,14 @@ def face_unit(convert_done: Path | None, dicom_root: Path, release_root: Path, r
     make_restricted_dir(Path(quarantine).parent)
     atomic_write_text(quarantine, "".join(json.dumps({"file": p, "reason": r}) + "\n" for p, r in lines),
                       RESTRICTED_FILE_MODE)
+    if fatal:  # the job fails (disk full, …): a rerun recomputes everything from the kept copies
+        exc = fatal[0]
+        raise FaceOutputError(f"face job of {unit}: {_why(exc)}; the affected images were withheld") from None
     report = {"unit": unit, "deidflow": __version__, "references_updated": counts["references"], "images": [
         {"nifti": im.rel, "series": im.entry.get("series", ""), "suffix": im.facts.suffix, "format": im.fmt,
-         "method": im.decision.method, "reason": im.decision.reason, **im.result} for im in images]}
+         "method": im.decision.method, "reason": im.decision.reason, **im.result} for im in images] + [
+        {"dicom_series": ser.rel, "modality": ser.facts.modality if ser.facts else "",
+         "method": ser.decision.method, "reason": ser.decision.reason, **ser.result} for ser in series]}
     make_restricted_dir(Path(done).parent)
     atomic_write_text(done, json.dumps(report, indent=1, sort_keys=True) + "\n", RESTRICTED_FILE_MODE)
     return counts
@@ -320,9 +381,11 @@ def _input_lines(bad: list[tuple[str, str]], manifest: Mapping[str, Any], images
 
 
 def _withhold(group: list[_Image], problem: str, backend: str, keeper: Keeper, bad: list, counts: dict) -> None:
-    """Take every file of the group's images out of the release (kept in the restricted folder)."""
+    """Take every file of the group's images out of the release (kept in the restricted folder),
+    their sidecars (JSON, bval, bvec) with them."""
     for im in group:
-        for rel in im.files:
+        extra = [f for f in (im.sidecar_rel, *im.entry.get("files", ())) if f and f not in im.files]
+        for rel in im.files + [f for f in dict.fromkeys(extra) if keeper.available(f)]:
             keeper.withdraw(rel)
             bad.append((rel, f"face: {problem}; withheld from the release"))
         im.result = {"backend": backend, "withheld": problem}
@@ -357,15 +420,42 @@ def _describe(entry, subject, keeper: Keeper, dicom_root: Path, series_cache, fa
                 series_cache[entry["series"]] = {}
         attrs = series_cache[entry["series"]]
     zooms = np.sqrt((affine[:3, :3] ** 2).sum(axis=0))
+    suffix = str(entry.get("suffix") or "")
+    volumes = int(np.prod(shape[3:])) if len(shape) > 3 else 1
+    kind, _ = kind_of(suffix, rel, attrs, volumes)
     facts = ImageFacts(
-        path=rel, suffix=str(entry.get("suffix") or ""),
+        path=rel, suffix=suffix,
         modality=str(attrs.get("Modality") or entry.get("modality") or ""),
         body_part=str(attrs.get("BodyPartExamined") or ""),
         description=" ".join(str(attrs.get(k) or "") for k in ("SeriesDescription", "ProtocolName")).strip(),
-        extent_mm=extent_mm(shape[:3], zooms))
+        extent_mm=extent_mm(shape[:3], zooms), volumes=volumes, kind=kind,
+        in_plane_mm=float(sorted(zooms)[1]) if len(zooms) >= 2 else 0.0)
     sidecar = next((f for f in entry.get("files", ()) if f.endswith(".json")), "")
-    return _Image(entry, subject, rel, shape, affine, facts, decide(facts, face_cfg),
-                  series_dir if series_dir is not None and series_dir.is_dir() else None, sidecar_rel=sidecar)
+    im = _Image(entry, subject, rel, shape, affine, facts, decide(facts, face_cfg),
+                series_dir if series_dir is not None and series_dir.is_dir() else None, sidecar_rel=sidecar)
+    _shape_test(im, keeper, face_cfg)
+    return im
+
+
+def _shape_test(im: "_Image", keeper: "Keeper", face_cfg) -> None:
+    """When the labels do not say whether an image is a head, its volume decides (head_shape)."""
+    from dataclasses import replace
+    if not im.decision.pending:
+        return
+    try:
+        nii = im.load(keeper) if im.fmt in WRITABLE_FORMATS else None
+        if nii is None:
+            raise ValueError("not readable here")
+        vol = for_backend(reference_volume(nii.real(), nii.affine), im.facts.modality)
+        ok, why = head_shape(vol.data, vol.zooms, render.skin_threshold(vol.data))
+    except Exception as exc:  # noqa: BLE001 - it cannot be looked at: it might be a head
+        im.decision = Decision(face_cfg["method"], f"labels do not say whether this is a head and the volume "
+                                                   f"cannot be read ({type(exc).__name__})")
+        return
+    finally:
+        im.nifti = None
+    d = decide(replace(im.facts, head_shape=ok), face_cfg)
+    im.decision = Decision(d.method, f"{d.reason} ({why})")
 
 
 _BIDS_NAME = re.compile(r"^sub-[A-Za-z0-9]+(?:_[A-Za-z0-9]+-[A-Za-z0-9]+)*_([A-Za-z0-9]+)$")
@@ -437,8 +527,10 @@ def _describe_other(f: Mapping[str, Any], subject: str, rel: str, data_rel: str,
     facts = ImageFacts(path=rel, suffix=suffix, modality=modality, body_part=body, description=description,
                        extent_mm=extent_mm(shape[:3], zooms), bare=not (modality or body or suffix),
                        volumes=int(np.prod(shape[3:])) if len(shape) > 3 else 1)
-    return _Image({"format": f["format"]}, subject, rel, shape, affine, facts, decide(facts, face_cfg), None,
-                  fmt=f["format"], data_rel=data_rel, sidecar_rel=sidecar_rel)
+    im = _Image({"format": f["format"]}, subject, rel, shape, affine, facts, decide(facts, face_cfg), None,
+                fmt=f["format"], data_rel=data_rel, sidecar_rel=sidecar_rel)
+    _shape_test(im, keeper, face_cfg)
+    return im
 
 
 def _groups(images: list[_Image]) -> list[list[_Image]]:
@@ -485,21 +577,222 @@ def _save_mask(path: Path, native: np.ndarray, affine: np.ndarray) -> None:
     atomic_write_bytes(path, gzip.compress(img.to_bytes(), compresslevel=6, mtime=0), RESTRICTED_FILE_MODE)
 
 
-def _planned_uids(series_todo, keeper: Keeper, pseudo) -> dict[str, str]:
+class FaceOutputError(PublicError):
+    """The face job could not write its output (disk full, …): the affected images are withheld
+    and the job fails, so that a rerun completes it."""
+
+
+class _Implausible(Exception):
+    """The backend's mask cannot be right (the message says why)."""
+
+
+class _GridMismatch(Exception):
+    """The series' frames do not lie on the converted image's grid."""
+
+
+def _why(exc: BaseException) -> str:
+    """A one-line reason without values from the data: the exception type, a system error string,
+    or our own messages (which are built from counts and types only)."""
+    from .backends import BackendUnavailable
+    from .dicomvol import VolumeError
+    if isinstance(exc, (_Implausible, VolumeError, GeometryMismatch, BackendUnavailable, PublicError)):
+        return str(exc)
+    if isinstance(exc, OSError) and exc.strerror:
+        return f"cannot write: {exc.strerror}" if exc.errno in OUTPUT_ERRNOS else f"I/O error: {exc.strerror}"
+    if isinstance(exc, MemoryError):
+        return "out of memory"
+    return f"{type(exc).__name__} while processing (registration or write-back failed)"
+
+
+def _removal_mask(vol, method: str, backend_name: str, face_cfg) -> np.ndarray:
+    from .backends import get_backend
+    backend = get_backend(backend_name, face_cfg["external"][method])
+    return np.asarray(backend.removal_mask(vol), dtype=bool)
+
+
+def _withdraw_all(rels, problem: str, keeper: Keeper, bad: list) -> None:
+    for rel in rels:
+        if keeper.available(rel):
+            keeper.withdraw(rel)
+            bad.append((rel, f"face: {problem}; withheld from the release"))
+
+
+@dataclass
+class _Series:
+    """A DICOM series folder of the release that no converted image covers (not converted,
+    conversion failed, BIDS off, a copy in ``sourcedata/unsorted``): selected from its own headers."""
+
+    subject: str
+    folder: Path
+    rel: str                      # release-relative folder, with a trailing "/"
+    facts: ImageFacts | None
+    decision: Decision
+    files: dict[str, bytes] = field(default_factory=dict)
+    stack: list = field(default_factory=list)
+    unreadable: list[str] = field(default_factory=list)
+    result: dict = field(default_factory=dict)
+    volume: Any = None            # the reconstruction (dicomvol.SeriesVolume), once made
+
+
+@dataclass
+class _SeriesJob:
+    """A DICOM series to write a mask into."""
+
+    subject: str
+    folder: Path
+    label: str                    # what the mask came from (release path), for logs
+    method: str
+    backend: str
+    grids: list[tuple[np.ndarray, np.ndarray]]
+    snap: bool                    # grids reconstructed from the series itself
+    fill: float
+    modality: str
+    result: dict
+
+
+def _dicom_only_series(convert, manifest, keeper: Keeper, dicom_root: Path, dicom_in_release: bool,
+                       face_cfg) -> list[_Series]:
+    """The released DICOM series folders of the unit that no converted image covers."""
+    covered: set[Path] = set()
+    folders: dict[Path, str] = {}
+    for subj in (convert or {}).get("subjects", []):
+        for entry in list(subj.get("images", [])) + list(subj.get("unsorted", [])):
+            if entry.get("series"):
+                covered.add((dicom_root / subj["subject"] / entry["series"]).resolve())
+        for nc in subj.get("not_converted", []):
+            if nc.get("release"):
+                folders[(keeper.root / nc["release"]).resolve()] = subj["subject"]
+    if dicom_in_release:
+        for subj in manifest.get("subjects", []):
+            for f in subj.get("files", []):
+                parts = str(f.get("out_relpath") or "").split("/")
+                if f.get("format", "dicom") == "dicom" and len(parts) >= 3 and not f.get("release_dir"):
+                    folders[(dicom_root / subj["subject"] / parts[0] / parts[1]).resolve()] = subj["subject"]
+    root = keeper.root.resolve()
+    out = []
+    for folder, subject in sorted(folders.items()):
+        if folder in covered or not folder.is_relative_to(root):
+            continue
+        if not folder.is_dir() and not (keeper.orig / folder.relative_to(root)).is_dir():
+            continue
+        out.append(_describe_series(subject, keeper.root / folder.relative_to(root), keeper, face_cfg))
+    return out
+
+
+def _describe_series(subject: str, folder: Path, keeper: Keeper, face_cfg) -> _Series:
+    """Facts and decision of one DICOM series from its own headers (and, when the labels do not
+    say whether it is a head, from the shape of its volume)."""
+    from dataclasses import replace
+
+    from . import dicomvol
+    rel = str(folder.relative_to(keeper.root)) + "/"
+    rels = keeper.dicom_files(folder)
+    files = {r: keeper.pristine(r) for r in rels}
+    sc = dicomvol.scan(files)
+    stacks = sc.stacks()
+    if not stacks:
+        return _Series(subject, folder, rel, None, Decision("none", "no image frames with a position"), files,
+                       unreadable=sc.unreadable)
+    stack = stacks[0]
+    _, at = dicomvol.positions(stack)
+    volumes = min(len(a) for a in at)
+    attrs = sc.attrs
+    kind, evidence = kind_of("", rel, attrs, volumes)
+    facts = ImageFacts(path=rel, suffix="", modality=str(attrs.get("Modality") or ""),
+                       body_part=str(attrs.get("BodyPartExamined") or ""),
+                       description=" ".join(str(attrs.get(k) or "") for k in ("SeriesDescription", "ProtocolName")).strip(),
+                       extent_mm=dicomvol.extent(stack), volumes=volumes, kind=kind,
+                       in_plane_mm=float(max(stack[0].spacing)))
+    ser = _Series(subject, folder, rel, facts, decide(facts, face_cfg), files, stack, sc.unreadable)
+    if kind and ser.decision.method == "none" and "face.select.skip" in ser.decision.reason:
+        ser.decision = Decision("none", f"{ser.decision.reason} ({evidence})")
+    if ser.decision.pending:
+        try:
+            vol = _series_volume(ser)
+            ok, why = head_shape(vol.data, vol.zooms, render.skin_threshold(vol.data))
+        except Exception as exc:  # noqa: BLE001 - cannot look at it: it might be a head
+            ser.decision = Decision(face_cfg["method"], f"labels do not say whether this is a head and the volume "
+                                                        f"cannot be read ({_why(exc)})")
+            return ser
+        d = decide(replace(facts, head_shape=ok), face_cfg)
+        ser.decision = Decision(d.method, f"{d.reason} ({why})")
+    return ser
+
+
+def _series_volume(ser: _Series):
+    """The series' RAS reference volume as the backends see it (reconstructed once)."""
+    from . import dicomvol
+    if ser.volume is None:
+        ser.volume = dicomvol.reconstruct(ser.files, ser.stack)
+    vol = reference_volume(ser.volume.data, ser.volume.affine)
+    return for_backend(vol, ser.facts.modality if ser.facts else "")
+
+
+def _series_job(ser: _Series, method: str, keeper: Keeper, work: Path, release_root: Path, restricted: Path,
+                face_cfg, qc: dict, bad: list, counts: dict, fatal: list, count: bool = True) -> _SeriesJob | None:
+    """Compute the removal mask of a selected DICOM series from its own volume; on any failure
+    every file of the series is withheld (None)."""
+    backend_name = face_cfg["deface_backend"] if method == "deface" else face_cfg["skullstrip_backend"]
+    try:
+        if ser.facts is None or not ser.stack:
+            raise GeometryMismatch("no frames with a position to reconstruct a volume from")
+        t0 = time.perf_counter()
+        bvol = _series_volume(ser)
+        removed = _removal_mask(bvol, method, backend_name, face_cfg)
+        problem = implausible(bvol, removed, method)
+        if problem:
+            raise _Implausible(problem)
+        native = bvol.to_native(removed)
+        _save_mask(work / "masks" / ser.rel.rstrip("/"), native, ser.volume.affine)
+        seconds = round(time.perf_counter() - t0, 2)
+    except Exception as exc:  # noqa: BLE001 - whatever failed, the face is not released
+        problem = _why(exc)
+        _withdraw_all(keeper.dicom_files(ser.folder), problem, keeper, bad)
+        ser.result = {"backend": backend_name, "withheld": problem}
+        counts["withheld"] += 1
+        log.warning("%s: %s; withheld", ser.rel, problem)
+        if isinstance(exc, OSError):
+            fatal.append(exc)
+        return None
+    frac = float(removed.mean())
+    ser.result = {"backend": backend_name, "removed_fraction": round(frac, 4), "seconds": seconds,
+                  "resampled": bool(ser.volume.resampled)}
+    if count:
+        counts["treated"] += 1
+    log.info("%s: %s by %s from the DICOM volume, %.1f%% of voxels removed, %.1f s", ser.rel, method,
+             backend_name, 100 * frac, seconds)
+    qc.setdefault(ser.subject, []).extend(
+        _qc(ser.rel.rstrip("/"), ser.subject, bvol, removed, method, backend_name, release_root, restricted, face_cfg))
+    modality = ser.facts.modality
+    ser.files = {}  # the write-back reads the files again, one at a time
+    return _SeriesJob(ser.subject, ser.folder, ser.rel, method, backend_name, [(ser.volume.affine, native)], True,
+                      removed_value(modality), modality, ser.result)
+
+
+def _fail_series(job: _SeriesJob, exc: BaseException, keeper: Keeper, bad: list, fatal: list) -> None:
+    problem = _why(exc)
+    _withdraw_all(keeper.dicom_files(job.folder), problem, keeper, bad)
+    job.result["withheld"] = problem
+    log.warning("%s: DICOM write-back failed (%s); series withheld", job.label, problem)
+    if isinstance(exc, OSError):
+        fatal.append(exc)
+
+
+def _planned_uids(jobs: list[_SeriesJob], keeper: Keeper, pseudo) -> dict[str, str]:
     """Old → new SOP Instance UID of every DICOM image the unit's write-back will rewrite (new UIDs
     are keyed on the old one and the method, so they are known before anything is written, and
     every file is written once). Files without pixel data are not rewritten and keep their UID."""
     import pydicom
     planned: dict[str, str] = {}
-    for ref, _group, _grid, method, _backend in series_todo:
-        for rel in keeper.dicom_files(ref.series_dir):
+    for job in jobs:
+        for rel in keeper.dicom_files(job.folder):
             try:
                 ds = pydicom.dcmread(io.BytesIO(keeper.pristine(rel)), specific_tags=["SOPInstanceUID", "PixelData"])
             except Exception:  # noqa: BLE001 - the write-back withholds what it cannot read
                 continue
             old = str(ds.get("SOPInstanceUID") or "")
             if old and "PixelData" in ds:
-                planned[old] = new_uid(pseudo, method, old)
+                planned[old] = new_uid(pseudo, job.method, old)
     return planned
 
 
@@ -508,44 +801,57 @@ def new_uid(pseudo, method: str, old: str) -> str:
     return pseudo.uid(f"{UID_DOMAIN}\x00{method}\x00{old}")
 
 
-def _dicom_series(ref: _Image, group: list[_Image], grid: tuple[np.ndarray, np.ndarray], method: str, backend: str,
-                  keeper: Keeper, pseudo, planned: dict[str, str], uid_map: dict, bad: list) -> tuple[int, int]:
-    """Write the mask (``grid``: the NIfTI affine and the native mask, shared by the group's
-    members) into every file of the series the group was converted from; references to any
-    rewritten image of the unit (``planned``) follow their new UIDs."""
-    grids = [grid]
-    rels = keeper.dicom_files(ref.series_dir)
-    derivation = (f"{'Defaced' if method == 'deface' else 'Skull-stripped'} by deidflow {__version__} "
-                  f"(backend {backend}): voxels of the removed region set to 0")
-    note = f"deidflow face: {method} ({backend})"
-    n = withheld = 0
+def _dicom_series(job: _SeriesJob, keeper: Keeper, pseudo, planned: dict[str, str], uid_map: dict,
+                  bad: list) -> tuple[int, int]:
+    """Write the mask into every file of the series; references to any rewritten image of the unit
+    (``planned``) follow their new UIDs. Every file is computed before any is written; a file
+    whose frames lie on no grid raises :class:`_GridMismatch` for a converted image's grid (the
+    series is then reconstructed from its own frames) and is withheld otherwise."""
+    rels = keeper.dicom_files(job.folder)
+    derivation = (f"{'Defaced' if job.method == 'deface' else 'Skull-stripped'} by deidflow {__version__} "
+                  f"(backend {job.backend}): voxels of the removed region set to "
+                  f"{'air' if job.modality.upper() == 'CT' else '0'}")
+    note = f"deidflow face: {job.method} ({job.backend})"
+    out: list[tuple[str, Any]] = []
+    failed: list[tuple[str, str]] = []
     for rel in rels:
         data = keeper.source(rel)
         try:
-            res = mask_dicom(data, grids, lambda old: planned.get(old) or new_uid(pseudo, method, old), derivation,
-                             note, refs=planned)
+            res = mask_dicom(data, job.grids, lambda old: planned.get(old) or new_uid(pseudo, job.method, old),
+                             derivation, note, refs=planned, snap=job.snap, fill=job.fill)
         except GeometryMismatch as exc:
-            keeper.withdraw(rel)
-            bad.append((rel, f"face: {exc}; withheld from the release"))
-            withheld += 1
+            if not job.snap:
+                raise _GridMismatch(str(exc)) from None
+            failed.append((rel, str(exc)))
             continue
+        except OSError:
+            raise
+        except Exception as exc:  # noqa: BLE001 - undecodable pixel data, …: this file is withheld
+            failed.append((rel, _why(exc)))
+            continue
+        out.append((rel, res))
+    for rel, why in failed:
+        keeper.withdraw(rel)
+        bad.append((rel, f"face: {why}; withheld from the release"))
+    n = 0
+    for rel, res in out:
         if res is None:
             continue
         keeper.publish(rel, res.data)
         uid_map[res.old_sop_instance_uid] = res.new_sop_instance_uid
         n += 1
-    return n, withheld
+    return n, len(failed)
 
 
-def _follow_references(images: list[_Image], dicom_root: Path, keeper: Keeper, rewritten: set[str],
-                       uid_map: Mapping[str, str]) -> int:
+def _follow_references(images: list[_Image], series: list[_Series], dicom_root: Path, keeper: Keeper,
+                       rewritten: set[str], uid_map: Mapping[str, str]) -> int:
     """Every other released DICOM file of the unit's subjects that references a rewritten image
     (ReferencedSOPInstanceUID or any UI value at any depth) gets the new UID, through the same
     pristine-copy bookkeeping as the write-back (kill-safe, undone when no longer needed)."""
     if not uid_map:
         return 0
     changed = 0
-    for subject in sorted({im.subject for im in images}):
+    for subject in sorted({im.subject for im in images} | {s.subject for s in series}):
         folder = dicom_root / subject
         if not folder.is_dir():
             continue
@@ -572,13 +878,13 @@ def _stem(rel: str) -> str:
     return stem_of(rel.rsplit("/", 1)[-1])
 
 
-def _qc(ref: _Image, vol, removed: np.ndarray, method: str, backend: str, release_root: Path, restricted: Path,
-        face_cfg) -> list[dict]:
+def _qc(rel: str, subject: str, vol, removed: np.ndarray, method: str, backend: str, release_root: Path,
+        restricted: Path, face_cfg) -> list[dict]:
     """Front views before/after and three-plane slices of one processed image."""
     after = vol.data.copy()
     after[removed] = 0
     thr = render.skin_threshold(vol.data)
-    stem = _stem(ref.rel)
+    stem = _stem(rel)
     what = "defaced" if method == "deface" else "skull-stripped"
     center = None
     tissue = removed & (vol.data > thr)  # where the face was, not the air in front of it
@@ -587,18 +893,18 @@ def _qc(ref: _Image, vol, removed: np.ndarray, method: str, backend: str, releas
         center = (vol.data.shape[0] // 2, int(c[1]), int(c[2]))
     shots = [
         (f"{stem}_face-front-before.png", "face_front_before",
-         f"{ref.rel}: skin surface seen from the front, before ({what} by {backend})",
+         f"{rel}: skin surface seen from the front, before ({what} by {backend})",
          render.front_view(vol.data, vol.zooms, thr), bool(not face_cfg.get("qc_before_in_release"))),
         (f"{stem}_face-front-after.png", "face_front_after",
-         f"{ref.rel}: skin surface seen from the front, after ({what} by {backend})",
+         f"{rel}: skin surface seen from the front, after ({what} by {backend})",
          render.front_view(after, vol.zooms, thr), False),
         (f"{stem}_face-slices.png", "face_slices",
-         f"{ref.rel}: sagittal, coronal and axial slices after ({what} by {backend}); removed region outlined in red",
+         f"{rel}: sagittal, coronal and axial slices after ({what} by {backend}); removed region outlined in red",
          render.slices_view(after, removed, vol.zooms, center), False),
     ]
     entries = []
     for name, kind, caption, img, private in shots:
-        folder = (restricted / "qc" if private else release_root / QC_DIR) / ref.subject / "face"
+        folder = (restricted / "qc" if private else release_root / QC_DIR) / subject / "face"
         if private:
             make_restricted_dir(folder)
         atomic_write_bytes(folder / name, render.png_bytes(img), RESTRICTED_FILE_MODE if private else RELEASE_FILE_MODE)

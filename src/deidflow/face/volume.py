@@ -70,3 +70,26 @@ def head_mask(vol: Volume) -> np.ndarray:
         sizes[0] = 0
         m = labels == sizes.argmax()
     return m
+
+
+# Head CT for the registration backends: Hounsfield units mapped to a T1-like contrast (air dark,
+# fat bright, soft tissue and brain mid-grey, bone dark), so that the MRI template registers on it
+# and the skin threshold of the QC renders and the plausibility check (a fraction of the robust
+# maximum) falls at about -370 HU, between air and skin.
+CT_HU = (-1000.0, -400.0, -200.0, -100.0, -20.0, 20.0, 90.0, 300.0, 3000.0)
+CT_T1_LIKE = (0.0, 0.0, 0.9, 1.0, 0.55, 0.6, 0.6, 0.15, 0.1)
+CT_AIR_HU = -1000.0
+
+
+def for_backend(vol: Volume, modality: str) -> Volume:
+    """The volume the backends see: CT in T1-like contrast (:data:`CT_HU` → :data:`CT_T1_LIKE`),
+    anything else as it is."""
+    if modality.upper() != "CT":
+        return vol
+    data = np.interp(vol.data, CT_HU, CT_T1_LIKE).astype(np.float32)
+    return Volume(data, vol.affine, vol.native_ornt, vol.native_shape)
+
+
+def removed_value(modality: str) -> float:
+    """The real value of removed voxels: 0 (MRI background), air for CT."""
+    return CT_AIR_HU if modality.upper() == "CT" else 0.0
