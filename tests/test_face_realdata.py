@@ -319,3 +319,65 @@ def test_deepbet_skullstrip_and_quickshear_on_chris(chris, brain_of):
     after = np.where(cut, 0, vol.data)
     assert brain_kept(brain, vol.data, after) >= 0.999
     assert front_points_removed(vol.data, after) == 1.0
+
+
+# ---------------------------------------------------------------------------------------- head CT
+def _ct_brain(hu: np.ndarray) -> np.ndarray:
+    """Brain of a head CT: soft tissue (0-80 HU) enclosed by bone, eroded twice, largest part."""
+    bone = hu > 300
+    inside = np.zeros_like(bone)
+    for k in range(hu.shape[2]):
+        inside[:, :, k] = ndimage.binary_fill_holes(ndimage.binary_closing(bone[:, :, k], iterations=3))
+    brain = ndimage.binary_erosion(inside & ~bone & (hu > 0) & (hu < 80), iterations=2)
+    lab, _ = ndimage.label(brain)
+    sizes = np.bincount(lab.ravel())
+    sizes[0] = 0
+    return lab == sizes.argmax()
+
+
+def test_head_ct_dcm_qa_ct_ge_is_selected_and_defaced(tmp_path, monkeypatch):
+    """GE head CT with a tilted gantry and two slice spacings (4.2 and 7.4 mm), released as DICOM
+    only (no converted image): selected by its body part, reconstructed on an orthogonal grid,
+    defaced with the ants template after the CT-to-T1-like mapping; the orbit / forehead region in
+    front of the brain is air in every released frame, no brain voxel changes, every file is
+    rewritten with a new SOP Instance UID."""
+    from deidflow.face import dicomvol
+    from deidflow.face.stage import face_unit
+    from deidflow.settings import profile_settings
+    monkeypatch.setenv("DEIDFLOW_KEY", TEST_KEY)
+    src = require_shared("dcm_qa_ct_ge", "In", "GE")
+    out, restricted = tmp_path / "release", tmp_path / "restricted"
+    series = out / "sourcedata/dicom/sub-ct/ses-1/CT2-x"
+    series.mkdir(parents=True)
+    names = sorted(p.name for p in src.glob("*.dcm"))
+    for name in names:
+        shutil.copyfile(src / name, series / name)
+    restricted.mkdir()
+    files = [{"relpath": f"ct/{n}", "format": "dicom", "out_relpath": f"ses-1/CT2-x/{n}"} for n in names]
+    (restricted / "manifest.json").write_text(json.dumps({"unit": "sub-ct", "subjects": [
+        {"subject": "sub-ct", "files": files}]}))
+    counts = face_unit(None, out / "sourcedata/dicom", out, restricted, restricted / "done.json", restricted / "q.jsonl",
+                       profile_settings(load_defaults()), load_defaults()["face"], manifest=restricted / "manifest.json")
+    report = json.loads((restricted / "done.json").read_text())["images"][0]
+    assert report["method"] == "deface" and report["reason"].startswith("body part names a head"), report
+    assert report["resampled"] and counts["dicom_files"] == len(names) and counts["withheld"] == 0
+    before = {n: (src / n).read_bytes() for n in names}
+    after = {n: (series / n).read_bytes() for n in names}
+    vb = dicomvol.reconstruct(before, dicomvol.scan(before).stacks()[0])
+    va = dicomvol.reconstruct(after, dicomvol.scan(after).stacks()[0])
+    brain = _ct_brain(vb.data)
+    changed = vb.data != va.data
+    assert brain.sum() > 1_000_000 and not (brain & changed).any()          # brain untouched
+    removed_tissue = changed & (vb.data > -400)
+    assert removed_tissue.sum() > 50_000                                     # a face region went
+    idx = np.argwhere(removed_tissue)
+    bidx = np.argwhere(brain)
+    assert idx[:, 2].min() <= bidx[:, 2].min()                               # below the brain's top…
+    for n in names:                                                          # …set to air in every frame
+        a, b = (pydicom.dcmread(io.BytesIO(x[n])) for x in (before, after))
+        ra = a.pixel_array * float(a.RescaleSlope) + float(a.RescaleIntercept)
+        rb = b.pixel_array * float(b.RescaleSlope) + float(b.RescaleIntercept)
+        assert np.all(rb[ra != rb] == -1000), n
+    olds = {pydicom.dcmread(io.BytesIO(b), stop_before_pixels=True).SOPInstanceUID for b in before.values()}
+    news = {pydicom.dcmread(io.BytesIO(b), stop_before_pixels=True).SOPInstanceUID for b in after.values()}
+    assert not (olds & news)

@@ -244,7 +244,8 @@ def reconstruct(files: dict[str, bytes], stack: list[FrameRef], max_step_mm: flo
     nv = int(np.ceil((origins[:, 1].max() - v0) / ps_r)) + ref.rows
     nt = int(np.floor((ts[-1] - ts[0]) / dz)) + 1
     from scipy import ndimage
-    out = np.zeros((nu, nv, nt), np.float32)
+    background = float(frames.min())      # outside every frame: the darkest value (air), not 0 (water in CT)
+    out = np.full((nu, nv, nt), background, np.float32)
     tt = ts[0] + dz * np.arange(nt)
     k = np.clip(np.searchsorted(ts, tt, side="right") - 1, 0, len(ts) - 2)
     w = np.clip((tt - ts[k]) / (ts[k + 1] - ts[k]), 0.0, 1.0).astype(np.float32)
@@ -253,7 +254,7 @@ def reconstruct(files: dict[str, bytes], stack: list[FrameRef], max_step_mm: flo
     def sample(j: int) -> np.ndarray:     # frame j on the target plane (in-plane shift only)
         cu = uu + (u0 - origins[j, 0]) / ps_c
         cv = vv + (v0 - origins[j, 1]) / ps_r
-        return ndimage.map_coordinates(frames[..., j], [cu, cv], order=1, mode="constant", cval=0.0)
+        return ndimage.map_coordinates(frames[..., j], [cu, cv], order=1, mode="constant", cval=background)
 
     cache: dict[int, np.ndarray] = {}
     for i in range(nt):
