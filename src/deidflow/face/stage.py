@@ -298,6 +298,7 @@ def face_unit(convert_done: Path | None, dicom_root: Path, release_root: Path, r
             _withdraw_all([rel], "not readable as DICOM: cannot tell whether it shows a face", keeper, bad)
             counts["withheld"] += 1
         if ser.decision.method == "none":
+            ser.files, ser.volume = {}, None
             continue
         job = _series_job(ser, ser.decision.method, keeper, work, release_root, restricted, face_cfg, qc, bad,
                           counts, fatal)
