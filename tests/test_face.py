@@ -47,6 +47,7 @@ def facts(**kw) -> ImageFacts:
     ({"body_part": "CRANE", "suffix": ""}, "deface"),
     ({"body_part": "HAED", "suffix": ""}, "deface"),
     ({"body_part": "KNEE", "suffix": ""}, "pending"),                 # labels are hints: the shape decides
+    ({"body_part": "KNEE"}, "pending"),                               # T1w is a contrast, not a head
     ({"body_part": "WHOLEBODY", "suffix": ""}, "pending"),
     ({"body_part": "NECK", "suffix": ""}, "pending"),
     ({"body_part": "", "suffix": ""}, "pending"),

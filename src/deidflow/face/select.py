@@ -166,7 +166,7 @@ def decide(facts: ImageFacts, face_cfg: Mapping[str, Any]) -> Decision:
     body = facts.body_part.strip()
     if body and names_head(body, sel["body_parts"]):
         why = "body part names a head"
-    elif facts.suffix in suffixes:
+    elif facts.suffix in suffixes and not body:  # T1w & co. name a contrast, not a body part
         why = f"suffix {facts.suffix}"
     elif facts.description and re.search(sel["description_pattern"], facts.description, re.I):
         why = "series description (or original file name) names head anatomy"
