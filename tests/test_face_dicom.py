@@ -315,3 +315,66 @@ def test_withheld_bids_image_takes_its_sidecar(tmp_path, monkeypatch):
     assert not list(anat.iterdir())
     assert _released(out, "MR1-t1") == []
     assert "registration failed" in (restricted / "q.jsonl").read_text()
+
+
+class _Front:
+    """Removes the front fifth of the RAS volume (fast stand-in for a registration)."""
+
+    def removal_mask(self, vol):
+        m = np.zeros(vol.data.shape, bool)
+        m[:, int(vol.data.shape[1] * 0.8):, :] = True
+        return m
+
+
+def test_series_off_the_converted_grid_is_defaced_from_its_own_volume(tmp_path, monkeypatch):
+    """dcm2niix's NIfTI does not share the DICOM frames' grid (here: shifted by half a voxel, as
+    after a tilt correction): the DICOM series is defaced from its own reconstruction instead of
+    being withheld, and the NIfTI from its own grid."""
+    import gzip
+
+    import nibabel as nib
+
+    monkeypatch.setenv("DEIDFLOW_KEY", KEY)
+    monkeypatch.setattr(backends, "get_backend", lambda name, program=None: _Front())
+    out, restricted = _unit(tmp_path, {"MR1-t1": head_series()})
+    vol = _volume(head_series())
+    shifted = vol.affine.copy()
+    shifted[:3, 3] += 0.5 * shifted[:3, 0]
+    anat = out / "sub-a/ses-1/anat"
+    anat.mkdir(parents=True)
+    (anat / "sub-a_ses-1_T1w.nii.gz").write_bytes(gzip.compress(nib.Nifti1Image(vol.data.astype(np.int16), shifted)
+                                                                .to_bytes(), mtime=0))
+    (restricted / "convert.json").write_text(json.dumps({"unit": "sub-a", "subjects": [{"subject": "sub-a", "images": [
+        {"nifti": "sub-a/ses-1/anat/sub-a_ses-1_T1w.nii.gz", "series": "ses-1/MR1-t1", "suffix": "T1w",
+         "modality": "MR", "files": ["sub-a/ses-1/anat/sub-a_ses-1_T1w.nii.gz"]}], "not_converted": []}]}))
+    before = _released(out, "MR1-t1")
+    counts = _run(out, restricted)
+    after = _released(out, "MR1-t1")
+    assert len(after) == len(before) == 96 and counts["dicom_files"] == 96 and counts["withheld"] == 0
+    assert (restricted / "q.jsonl").read_text() == ""
+    report = json.loads((restricted / "done.json").read_text())["images"]
+    t1 = next(e for e in report if e.get("nifti", "").endswith("_T1w.nii.gz"))
+    assert t1["method"] == "deface" and "series reconstruction" in t1["dicom_mask_from"]
+    assert (read_volume(after) != read_volume(before)).any()
+
+
+def test_workflow_without_bids_defaces_the_released_dicom(demo_export, tmp_path):
+    """`outputs.bids: false`: no conversion at all, yet the demo's head T1 series in
+    sourcedata/dicom is defaced (the face job runs for DICOM units) and the run exits 0."""
+    from .test_workflow import run_cli
+    out = tmp_path / "release"
+    r = run_cli("run", str(demo_export), str(out), "--cores", "2", "--set", "outputs.bids=false")
+    assert r.returncode == 0, r.stderr[-3000:]
+    done = [json.loads(p.read_text()) for p in (tmp_path / "release_restricted/done/face").glob("*.json")]
+    treated = [e for d in done for e in d["images"] if e["method"] == "deface"]
+    assert len(treated) == 1 and treated[0]["dicom_series"].split("/")[-2].startswith("MR401-")
+    folder = out / treated[0]["dicom_series"]
+    blobs = [p.read_bytes() for p in sorted(folder.glob("*.dcm"))]
+    assert len(blobs) == 96
+    for b in blobs[:3]:
+        ds = pydicom.dcmread(io.BytesIO(b), stop_before_pixels=True)
+        assert ds.RecognizableVisualFeatures == "NO" and ds.ImageType[0] == "DERIVED"
+    ref_mask, _ = _reference_mask()
+    original = read_volume(head_series())
+    face = ref_mask & (original > render.skin_threshold(original.astype(np.float32)))
+    assert not read_volume(blobs)[face].any()
