@@ -378,3 +378,29 @@ def test_workflow_without_bids_defaces_the_released_dicom(demo_export, tmp_path)
     original = read_volume(head_series())
     face = ref_mask & (original > render.skin_threshold(original.astype(np.float32)))
     assert not read_volume(blobs)[face].any()
+
+
+def test_whole_body_field_of_view_is_registered_on_its_head(monkeypatch):
+    """A WHOLEBODY volume (the demo head above a 400 mm trunk): the head-shape test finds the head,
+    the template is registered on the top 250 mm only, the face goes and the body stays."""
+    from deidflow.face.ants_deface import AntsDeface
+    from deidflow.face.stage import _removal_mask, implausible
+    from deidflow.face.volume import Volume
+    monkeypatch.setattr(backends, "get_backend", lambda name, program=None: AntsDeface())
+    head = reference_volume(*(lambda v: (v.data, v.affine))(_volume(head_series())))
+    nx, ny, nz = head.data.shape
+    trunk_slices = 200                                             # 400 mm at 2 mm
+    x, y = np.meshgrid(np.arange(nx) - nx / 2, np.arange(ny) - ny / 2, indexing="ij")
+    trunk = (((x / 45.0) ** 2 + (y / 28.0) ** 2) <= 1).astype(np.float32) * 600.0   # 180 x 112 mm (fits the FOV)
+    body = np.concatenate([np.repeat(trunk[:, :, None], trunk_slices, axis=2), head.data], axis=2)
+    affine = head.affine.copy()
+    affine[:3, 3] -= trunk_slices * affine[:3, 2]
+    vol = Volume(body, affine, head.native_ornt, body.shape)
+    assert head_shape(vol.data, vol.zooms, render.skin_threshold(vol.data))[0]
+    removed = _removal_mask(vol, "deface", "ants", FACE)
+    assert implausible(vol, removed, "deface") is None
+    assert not removed[:, :, :trunk_slices - 20].any()             # the body is kept
+    ref = _MemoAnts().removal_mask(head)
+    got = removed[:, :, trunk_slices:]
+    tissue = head.data > render.skin_threshold(head.data)
+    assert (got & ref & tissue).sum() / (ref & tissue).sum() > 0.9  # the head's face goes

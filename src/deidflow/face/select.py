@@ -189,7 +189,7 @@ def decide(facts: ImageFacts, face_cfg: Mapping[str, Any]) -> Decision:
 
 def head_shape(data: np.ndarray, zooms, threshold: float) -> tuple[bool, str]:
     """Whether a RAS-ordered volume holds a head: a run of at least ``HEAD_RUN_MM`` of axial
-    sections of the largest object above ``threshold`` that are head-sized (``HEAD_WIDTH_MM`` left
+    sections (the largest section of each slice, of objects of 50 ml or more above ``threshold``) that are head-sized (``HEAD_WIDTH_MM`` left
     to right, ``HEAD_DEPTH_MM`` front to back), at least as deep as wide (a trunk is wider than
     deep) and compact (filling most of their bounding ellipse). Computed at about 4 mm."""
     from scipy import ndimage
@@ -203,10 +203,12 @@ def head_shape(data: np.ndarray, zooms, threshold: float) -> tuple[bool, str]:
         return False, "no tissue"
     sizes = np.bincount(labels.ravel())
     sizes[0] = 0
-    m = labels == sizes.argmax()
+    m = np.isin(labels, np.flatnonzero(sizes * float(np.prod(z)) >= 50_000.0))  # objects of 50 ml and more
     best = run = 0
     for k in range(m.shape[2]):
-        sl = ndimage.binary_fill_holes(m[:, :, k])
+        sl, count = ndimage.label(ndimage.binary_fill_holes(m[:, :, k]))
+        if count > 1:                                   # the largest section of this slice
+            sl = sl == np.argmax(np.bincount(sl.ravel())[1:]) + 1
         xs, ys = np.nonzero(sl)
         ok = False
         if xs.size:

@@ -606,9 +606,18 @@ def _why(exc: BaseException) -> str:
 
 
 def _removal_mask(vol, method: str, backend_name: str, face_cfg) -> np.ndarray:
+    """The backend's mask; a field of view longer than a head (neck, whole body) is registered on
+    its top part only (:func:`~.volume.head_part`) and the rest is kept."""
     from .backends import get_backend
+    from .volume import crop, head_part
     backend = get_backend(backend_name, face_cfg["external"][method])
-    return np.asarray(backend.removal_mask(vol), dtype=bool)
+    z0 = head_part(vol, render.skin_threshold(vol.data)) if method == "deface" else 0
+    part = np.asarray(backend.removal_mask(crop(vol, z0)), dtype=bool)
+    if z0 == 0:
+        return part
+    mask = np.zeros(vol.data.shape, bool)
+    mask[:, :, z0:] = part
+    return mask
 
 
 def _withdraw_all(rels, problem: str, keeper: Keeper, bad: list) -> None:

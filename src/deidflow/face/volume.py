@@ -93,3 +93,29 @@ def for_backend(vol: Volume, modality: str) -> Volume:
 def removed_value(modality: str) -> float:
     """The real value of removed voxels: 0 (MRI background), air for CT."""
     return CT_AIR_HU if modality.upper() == "CT" else 0.0
+
+
+HEAD_CROP_MM = 250.0   # a field of view longer than this (head to foot) is cut to its top for registration
+
+
+def head_part(vol: Volume, threshold: float) -> int:
+    """First RAS slice (along S) of the part of ``vol`` a head template should be registered to:
+    0 for a head-sized field of view; for a longer one (neck, trunk, whole body) the top
+    :data:`HEAD_CROP_MM` of the tissue, so that the template meets the head and not the body."""
+    tissue = (vol.data > threshold).any(axis=(0, 1))
+    if not tissue.any():
+        return 0
+    zs = np.flatnonzero(tissue)
+    dz = float(vol.zooms[2])
+    if (zs[-1] - zs[0] + 1) * dz <= HEAD_CROP_MM + 20.0:
+        return 0
+    return max(0, int(zs[-1] - round(HEAD_CROP_MM / dz)))
+
+
+def crop(vol: Volume, z0: int) -> Volume:
+    """The slices from ``z0`` up (RAS), with the affine that keeps them in place."""
+    if z0 == 0:
+        return vol
+    affine = vol.affine.copy()
+    affine[:3, 3] = affine[:3, 3] + z0 * affine[:3, 2]
+    return Volume(np.ascontiguousarray(vol.data[:, :, z0:]), affine, vol.native_ornt, vol.native_shape)
