@@ -20,7 +20,7 @@ from pydicom.multival import MultiValue
 from pydicom.sequence import Sequence
 from pydicom.uid import UID_dictionary
 
-from . import __version__, dates, textclean
+from . import __version__, dates, textclean, vendorblobs
 from .profile import Plan, Rule, method_codes
 from .pseudonym import Pseudonymizer
 
@@ -183,7 +183,7 @@ class Scrubber:
             return
         raw = ds.get_item(tag)
         if getattr(raw, "is_raw", False) and raw.value:
-            new = self.sweep_blob(self.scrub_blob(raw.value))
+            new = self.clean_private(creator, tag, raw.value)
             if new is not raw.value:
                 ds[tag] = raw._replace(value=new)
                 self._record(prefix, _tag_label(tag), "C")
@@ -286,6 +286,19 @@ class Scrubber:
                 self.collect.add("uid", "embedded UID", uid)
             return self.ctx.pseudo.same_length_uid(uid).encode("ascii")
         return _EMBEDDED_UID.sub(replace, value)
+
+    def clean_private(self, creator: str, tag: int, value: bytes, swept: bool = True) -> bytes:
+        """A kept private value: embedded UIDs keyed, vendor blobs cleaned (:mod:`deidflow.vendorblobs`)
+        and, unless ``swept`` is False (the caller knows it holds no identifier), the residual sweep.
+        Returns ``value`` itself when nothing changed."""
+        new = self.scrub_blob(value)
+        key = (creator.strip(), tag >> 16, tag & 0xFF)
+        if key == vendorblobs.GE_PDB or key == vendorblobs.GE_USER_DATA or key in vendorblobs.SIEMENS_CSA:
+            new = vendorblobs.clean(key, bytes(new), self.model.redact,
+                                    keep_characteristics="retain_patient_characteristics" in self.plan.options)
+        if swept:
+            new = self.sweep_blob(new)
+        return value if new == value else new
 
     def sweep_blob(self, value: bytes) -> bytes:
         """A kept private value with the subject's identifiers replaced by ``*`` of the same length

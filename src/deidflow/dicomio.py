@@ -298,13 +298,13 @@ def _stream(mm, size: int, body: int, meta: FileMetaDataset, ts: str, encoding: 
                                      f"{type(exc).__name__}") from None
             else:
                 value = mm[el.vstart:el.vend]
-                new = scrubber.scrub_blob(value)
-                if tag in dirty:
-                    new = scrubber.sweep_blob(new)
+                new = scrubber.clean_private(creator, tag, value, swept=tag in dirty)
                 if new is value:
                     chunks.append((el.start, el.end))
                 else:
-                    chunks.append(mm[el.start:el.vstart] + new)
+                    head = mm[el.start:el.vstart] if len(new) == len(value) else _header(
+                        tag, el.vr.decode("ascii") if el.vr else "OB", len(new), implicit, little)
+                    chunks.append(head + new)
                     scrubber.record_change(tag, "C")
             continue
         fast = scrubber.fast_action(tag, vr)

@@ -396,7 +396,8 @@ def name_forms(value: str) -> set[str]:
         if family and given:
             g0 = given[0]
             out |= {f"{given} {family}", f"{family} {given}", f"{family}, {given}", f"{family}^{given}",
-                    f"{family},{given}", f"{g0}. {family}", f"{family}, {g0}.", f"{family} {g0}."}
+                    f"{family},{given}", f"{given}, {family}", f"{g0}. {family}", f"{family}, {g0}.",
+                    f"{family} {g0}."}
             if middle:
                 out |= {f"{given} {middle} {family}", f"{given} {middle[0]}. {family}"}
         if "^" not in group and " " in group.strip():  # a plain "Given Family" name
