@@ -31,6 +31,7 @@ _TEXT_VRS = {"LO", "SH", "ST", "LT", "UT", "UC", "CS", "AE", "UR"}
 # Values the residual sweep searches: every VR that holds characters other than numbers, dates and UIDs.
 SWEEP_VRS = frozenset(("AE", "CS", "LO", "LT", "PN", "SH", "ST", "UC", "UR", "UT"))
 _CODE_VRS = frozenset(("CS", "AE", "UR"))  # "*" is not a valid character there
+_PLAIN_TEXT_VRS = frozenset(("CS", "LO", "SH", "LT", "ST", "UT", "UC"))
 _BINARY_VRS = frozenset(("US", "SS", "UL", "SL", "FL", "FD", "SV", "UV", "AT"))
 
 
@@ -476,9 +477,14 @@ class Scrubber:
     @staticmethod
     def vr_mismatch(tag: int, vr: str) -> bool:
         """True when a public element is encoded with a VR its dictionary entry does not allow
-        (e.g. a sequence written as OB): its content cannot be judged, so it is removed."""
+        (e.g. a sequence written as OB): its content cannot be judged, so it is removed.  Text
+        written with another text VR (Siemens XA writes the SR's Type 1 CompletionFlag, a CS, as
+        LO) is not a mismatch: it is judged (and swept) as the text it is."""
         info = _dict_info(tag)
-        return info is not None and vr not in info[0].split(" or ")
+        if info is None:
+            return False
+        allowed = info[0].split(" or ")
+        return vr not in allowed and not (vr in _PLAIN_TEXT_VRS and allowed[0] in _PLAIN_TEXT_VRS)
 
     def apply_to(self, ds: Dataset, tag: int) -> None:
         """Apply the plan to the public element ``tag`` of ``ds`` (decoding it as needed)."""
