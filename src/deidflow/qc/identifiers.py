@@ -444,7 +444,9 @@ def forms(kind: str, value: str) -> set[str]:
         out = {stem}
         for tok in re.split(r"[_\s-]+", stem):  # DOE_JOHN_MRN8284194: the ID in it on its own
             digits = sum(c.isdigit() for c in tok)
-            if tok != stem and len(tok) >= 6 and digits and (any(c.isalpha() for c in tok) or (digits >= 6 and not _DATE.fullmatch(tok))):
+            # a letters-and-digits token (MRN8284194) or a long number (not a series number, not a date)
+            if tok != stem and len(tok) >= 6 and digits and (any(c.isalpha() for c in tok) or (
+                    digits >= 9 and not _DATE.fullmatch(tok))):
                 out.add(tok)
     else:
         out = {value}
@@ -453,19 +455,25 @@ def forms(kind: str, value: str) -> set[str]:
     return out
 
 
+_NUMERIC_FORM = re.compile(r"[\d\s()./:+-]+")
+_PLAIN_WORD = re.compile(r"[^\W\d_]+")
+
+
 def excluded_by(form: str, kind: str) -> str | None:
     """The rule that excludes ``form`` from the search, None when it is searched for."""
     r = rules()
     if kind == "uid":
         return None if len(form) >= r["min_length"] else "too_short"
-    weight = sum(1 if ord(c) < 128 else r["non_ascii_weight"] for c in form if not c.isspace())
+    compact = "".join(form.split())
+    weight = len(compact) if compact.isascii() else sum(
+        1 if ord(c) < 128 else r["non_ascii_weight"] for c in compact)
     if weight < r["min_length"]:
         return "too_short"
     if form.casefold() in r["common"]:
         return "common"
-    if re.fullmatch(r"[\d\s()./:+-]+", form) and sum(c.isdigit() for c in form) < r["min_digits"]:
+    if _NUMERIC_FORM.fullmatch(form) and sum(c.isdigit() for c in form) < r["min_digits"]:
         return "too_few_digits"
-    if kind == "path" and re.fullmatch(r"[^\W\d_]+", form):
+    if kind == "path" and _PLAIN_WORD.fullmatch(form):
         return "plain_word_path"  # a folder label like "unreadable"; names in paths are searched as names
     return None
 
@@ -649,11 +657,27 @@ class Matcher:
         out.append(data[pos:])
         return b"".join(out)
 
-    def redact_text(self, text: str, fill: str = "*") -> str:
-        """``text`` with every occurrence replaced by ``fill`` (``text`` itself when none)."""
+    def redact_text(self, text: str, fill: str = "*", same_length: bool = False) -> str:
+        """``text`` with every occurrence replaced by ``fill`` (one per occurrence, or one per
+        character with ``same_length``); ``text`` itself when none."""
         data = text.encode("utf-8", "surrogateescape")
-        new = self.redact(data, fill.encode(), same_length=False)
-        return text if new is data else new.decode("utf-8", "replace")
+        if not same_length or text.isascii():
+            new = self.redact(data, fill.encode(), same_length=same_length)
+            return text if new is data else new.decode("utf-8", "replace")
+        spans = self.spans(data)
+        if not spans:
+            return text
+        char_at, pos = [], 0  # byte offset -> character index
+        for i, c in enumerate(text):
+            n = len(c.encode("utf-8", "surrogateescape"))
+            char_at += [i] * n
+            pos += n
+        char_at.append(len(text))
+        chars = list(text)
+        for s, e, _ in spans:
+            for k in range(char_at[s], char_at[e] if e < len(char_at) else len(text)):
+                chars[k] = fill
+        return "".join(chars)
 
 
 def _digest(salt: bytes, value: str) -> str:
@@ -741,6 +765,29 @@ class IdentifierModel:
                 if kind:
                     self.add(kind, field, str(v))
 
+    def add_guess(self, field: str, value: str) -> None:
+        """A value whose kind is known only from its look (the inventory's patient name, ID and
+        birth date of a subject): a date (8 digits), a person name (``^`` or letters only), else an ID."""
+        v = str(value).strip("\x00 ")
+        if not v:
+            return
+        digits = v.replace("-", "")
+        if len(digits) == 8 and digits.isdigit():
+            self.add("date", field, digits)
+        elif "^" in v or all(c.isalpha() or c in " .,'-" for c in v):
+            self.add("name", field, v)
+        else:
+            self.add("id", field, v)
+
+    def add_keyword(self, keyword: str, value) -> None:
+        """A value of the DICOM attribute ``keyword`` (a BIDS sidecar field of the same name)."""
+        from pydicom.datadict import tag_for_keyword
+        tag = tag_for_keyword(keyword)
+        if tag is not None:
+            if keyword.endswith("Date") and isinstance(value, str):
+                value = value.replace("-", "")
+            self.add_element(tag, None, value)
+
     def add_element(self, tag: int, vr: str | None, value) -> None:
         """A decoded DICOM value of an identifying attribute (see :func:`element_kind`)."""
         kind, field = element_kind(tag, vr)
@@ -754,8 +801,8 @@ class IdentifierModel:
             self._matcher = matcher_for(sorted(self.entries))
         return self._matcher
 
-    def redact_text(self, text: str, fill: str = "*") -> str:
-        return self.matcher.redact_text(text, fill) if self.entries else text
+    def redact_text(self, text: str, fill: str = "*", same_length: bool = False) -> str:
+        return self.matcher.redact_text(text, fill, same_length) if self.entries else text
 
     def redact(self, data: bytes, fill: bytes = b"*") -> bytes:
         """Same-length redaction of a binary or fixed-size value (``data`` itself when clean)."""

@@ -697,21 +697,30 @@ def manifests(restricted: Path) -> list[Path]:
     return sorted((Path(restricted) / "manifests").glob("*.json"))
 
 
-def dataset_matcher(restricted: Path, extra: Iterable[str] = ()) -> Matcher:
+def dataset_matcher(restricted: Path, extra: tuple[str, ...] = ()) -> Matcher:
     """ONE matcher for the values of every subject of every job unit (plus ``extra`` original
     strings): dataset-level files and the report are searched once, whatever the number of
     subjects (a hit names its owner)."""
+    mfs = manifests(restricted)
+    key = (str(Path(restricted).resolve()), tuple(extra),
+           tuple((mf.name, mf.stat().st_mtime_ns) for mf in mfs))
+    if _DATASET_MATCHER[0] == key:  # the report checks twice; nothing was written in between
+        return _DATASET_MATCHER[1]
     salt = load_salt(restricted)
     needles: list[Needle] = []
-    for mf in manifests(restricted):
+    for mf in mfs:
         m = json.loads(mf.read_text())
         for subj in m["subjects"]:
             entries = idmod.read_subject(restricted, m["unit"], subj["subject"]) + manifest_paths(subj)
             needles += needles_for(subj["subject"], entries, salt)
-    extra = list(extra)
     if extra:
         needles += needles_for("", [("path", "original name", e) for e in extra], salt)
-    return Matcher(needles)
+    matcher = Matcher(needles)
+    _DATASET_MATCHER[:] = [key, matcher]
+    return matcher
+
+
+_DATASET_MATCHER: list = [None, None]  # (key, matcher) of the last dataset_matcher call
 
 
 def scan_dataset(release: Path, restricted: Path, *, pixel_data: bool = False,
@@ -736,7 +745,7 @@ def text_hits(restricted: Path, texts: Mapping[str, str], extra: Iterable[str] =
     """How many identifying values (of any subject, plus ``extra`` original strings) each text
     holds: the report's own check before it is written (one matcher, one pass per text).  Forms
     in ``ignore`` (the report's own words, lower case) are not counted."""
-    matcher = dataset_matcher(restricted, extra)
+    matcher = dataset_matcher(restricted, tuple(extra))
     return {k: sum(1 for _, n in matcher.find(t.encode("utf-8")) if n.text not in ignore)
             for k, t in texts.items()}
 
