@@ -226,6 +226,15 @@ def test_minc2_planted_attributes(tmp_path):
     res = F.scrub(src, tmp_path / "out.mnc", ctx())
     assert_clean(res.outputs, PLANTED + ["20210622", ADDR])
     arrays_equal(src, tmp_path / "out.mnc")
+    # no HDF5 object keeps its creation or modification time (the input's: 1384394391), and a
+    # second run writes the same bytes
+    with h5py.File(tmp_path / "out.mnc", "r") as f:
+        times = set()
+        f.visititems(lambda name, obj: times.add((h5py.h5o.get_info(obj.id).mtime, h5py.h5o.get_info(obj.id).ctime)))
+    assert times == {(0, 0)}
+    assert (tmp_path / "out.mnc").read_bytes().find((1384394391).to_bytes(4, "little")) < 0
+    F.scrub(src, tmp_path / "again.mnc", ctx())
+    assert (tmp_path / "again.mnc").read_bytes() == (tmp_path / "out.mnc").read_bytes()
 
 
 # ------------------------------------------------------------------------------------------------

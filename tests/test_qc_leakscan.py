@@ -279,3 +279,50 @@ def test_strict_run_fails_on_a_leak_and_report_shows_it(tmp_path):
     r = cli("run", str(inp), str(tmp_path / "strict"), "--cores", "2", "--set", keep, "--strict")
     assert r.returncode != 0
     assert "leak scan:" in r.stderr and "identifying value(s) found" in r.stderr
+
+
+# -- precision (issue 15): what identifies nobody is not searched -------------------------------
+def test_tool_and_format_words_in_a_name_are_not_searched():
+    """Real Canon data names the patient ``cd211006a^dcm2niix``: the tool's name is in every
+    sidecar and in the report; the ID part is still searched."""
+    m = _matcher(("name", "PatientName", "cd211006a^dcm2niix"))
+    assert not m.find(b'{"ConversionSoftware": "dcm2niix", "ConversionSoftwareVersion": "v1.0"}')
+    assert m.find(b"subject cd211006a")
+
+
+def test_colliding_surnames_match_only_as_names():
+    """Patients called Short, Name, Gre and Field: the report's rule names, JSON keys and MR
+    protocol names are not hits; the combined name is."""
+    m = _matcher(("name", "PatientName", "SHORT^NAME"), ("name", "OperatorsName", "GRE^FIELD"))
+    for clean in (b"excluded: too_short 12, common 3", b'"PatientName": "sub-01"', b"gre_field_mapping",
+                  b"Field map (B0), short TE", b"Name"):
+        assert not m.find(clean), clean
+    assert m.find(b"operator Field Gre") and m.find(b"SHORT, NAME") and m.find(b"Name Short")
+
+
+def test_private_values_and_unidentifying_fields_are_not_searched():
+    """Private values of unknown meaning, protocol names and free-text blobs of other formats
+    are not identifiers to search for (they recur in every clean release)."""
+    assert identifiers.element_kind(0x00191008, "LO")[0] is None
+    assert identifiers.element_kind(0x00291001, "UI")[0] == "uid"
+    assert identifiers.element_kind(0x00181030, "LO")[0] is None  # ProtocolName
+    assert identifiers.field_kind("tProtocolName", "gre_field_mapping") is None
+    assert identifiers.field_kind("descrip", "FSL5.0") is None
+    assert identifiers.field_kind("patient:full_name", "Doe John") == "name"
+    assert identifiers.field_kind("PatientID", "P968287") == "id"
+
+
+def test_json_keys_are_not_searched(tmp_path):
+    m = _matcher(("name", "PatientName", "Echo^Zweistein"), ("id", "PatientID", "P968287"))
+    path = tmp_path / "x.json"
+    path.write_text(json.dumps({"EchoTime": 0.03, "Zweistein": "P-968-287"}))
+    res = leakscan.scan_file(path, "x.json", m)
+    assert [h.location for h in res.hits] == ["JSON Zweistein"]
+
+
+def test_one_matcher_for_all_subjects_names_the_owner():
+    a = leakscan.needles_for("sub-a", [("name", "PatientName", "DOE^JOHN")], b"0" * 16)
+    b = leakscan.needles_for("sub-b", [("date", "PatientBirthDate", "19610312")], b"0" * 16)
+    m = leakscan.Matcher(a + b)
+    found = {n.owner for _, n in m.find(b"John Doe, born 12 March 1961")}
+    assert found == {"sub-a", "sub-b"}

@@ -20,21 +20,48 @@ from pydicom.multival import MultiValue
 from pydicom.sequence import Sequence
 from pydicom.uid import UID_dictionary
 
-from . import __version__, dates, textclean
+from . import __version__, dates, textclean, vendorblobs
 from .profile import Plan, Rule, method_codes
 from .pseudonym import Pseudonymizer
 
 if TYPE_CHECKING:
-    from .qc.identifiers import IdentifierCollector
+    from .qc.identifiers import IdentifierCollector, IdentifierModel
 
 _TEXT_VRS = {"LO", "SH", "ST", "LT", "UT", "UC", "CS", "AE", "UR"}
-CLEAN_TEXT_SOURCES = (
-    "PatientName", "PatientID", "OtherPatientIDs", "OtherPatientNames", "PatientBirthName",
-    "PatientMotherBirthName", "AccessionNumber", "StudyID", "InstitutionName", "InstitutionAddress",
-    "InstitutionalDepartmentName", "StationName", "DeviceSerialNumber", "PatientAddress",
-    "PatientTelephoneNumbers", "ReferringPhysicianName", "PerformingPhysicianName",
-    "OperatorsName", "NameOfPhysiciansReadingStudy", "RequestingPhysician", "PhysiciansOfRecord",
-)
+# Values the residual sweep searches: every VR that holds characters other than numbers, dates and UIDs.
+SWEEP_VRS = frozenset(("AE", "CS", "LO", "LT", "PN", "SH", "ST", "UC", "UR", "UT"))
+_CODE_VRS = frozenset(("CS", "AE", "UR"))  # "*" is not a valid character there
+_PLAIN_TEXT_VRS = frozenset(("CS", "LO", "SH", "LT", "ST", "UT", "UC"))
+_BINARY_VRS = frozenset(("US", "SS", "UL", "SL", "FL", "FD", "SV", "UV", "AT"))
+
+
+@lru_cache(maxsize=1)
+def _identifying_tags() -> tuple[tuple[int, str], ...]:
+    """(tag, VR) of every public non-sequence attribute whose values identify (see
+    :func:`deidflow.qc.identifiers.element_kind`)."""
+    from pydicom.datadict import DicomDictionary
+    from .qc.identifiers import SWEEP_KINDS, element_kind
+    out = []
+    for tag, entry in DicomDictionary.items():
+        vr = entry[0].split(" or ")[0]
+        if not (tag >> 16) & 1 and vr != "SQ" and element_kind(tag, vr)[0] in SWEEP_KINDS:
+            out.append((tag, vr))
+    return tuple(out)
+
+
+def source_tags(plan: Plan) -> frozenset[int]:
+    """The top-level attributes whose original values feed a subject's identifier model: those
+    that identify a person, study, institution or device (and dates) and that ``plan`` does not
+    keep (a value the profile keeps is not an identifier to be swept).  Cached on the plan."""
+    cached = plan.__dict__.get("_source_tags")
+    if cached is None:
+        out = set()
+        for tag, vr in _identifying_tags():
+            rule = plan.rule_for(tag)
+            if (rule is None and vr == "PN") or (rule is not None and rule.action != "K"):
+                out.add(tag)
+        cached = plan.__dict__["_source_tags"] = frozenset(out)
+    return cached
 
 
 @dataclass
@@ -47,6 +74,13 @@ class SubjectContext:
     uid_map: dict[str, str] = field(default_factory=dict)  # original -> new, for restricted/mapping
     # Original values the profile removes or replaces, for the leak scan (restricted); None: not collected.
     identifiers: "IdentifierCollector | None" = None
+    # The subject's identifier model: what the residual sweep removes from every kept value.
+    model: "IdentifierModel" = field(default_factory=lambda: _new_model())
+
+
+def _new_model() -> "IdentifierModel":
+    from .qc.identifiers import IdentifierModel
+    return IdentifierModel()
 
 
 # A UID embedded in binary or text: at least six numeric components, not part of a longer number.
@@ -78,9 +112,8 @@ class Scrubber:
         self.plan = plan
         self.ctx = ctx
         self.shift_dates = "retain_long_modified_dates" in plan.options
-        # Free-text cleaning needs the file's own identifiers: collect them only when some rule cleans.
-        self.needs_text = plan.cleans
-        self._identifiers = None
+        self.model = ctx.model
+        self.source_tags = source_tags(plan)
         self._markers: Dataset | None = None
         self.actions: dict[str, str] = {}
         self.collect = ctx.identifiers  # deidflow.qc.identifiers.IdentifierCollector or None
@@ -113,6 +146,7 @@ class Scrubber:
                     self._unlisted(ds, tag, prefix)
                 else:
                     self._apply(ds, tag, rule, prefix)
+                self.sweep_element(ds, tag, prefix)
         for key in set(creators) - kept_blocks:  # creators whose block lost every element
             ctag = ((key >> 8) << 16) | (key & 0xFF)
             if ctag in ds:
@@ -150,7 +184,7 @@ class Scrubber:
             return
         raw = ds.get_item(tag)
         if getattr(raw, "is_raw", False) and raw.value:
-            new = self.scrub_blob(raw.value)
+            new = self.clean_private(creator, tag, raw.value)
             if new is not raw.value:
                 ds[tag] = raw._replace(value=new)
                 self._record(prefix, _tag_label(tag), "C")
@@ -189,9 +223,16 @@ class Scrubber:
             original = self._original(ds, tag)
         if vr == "SQ":
             if code == "Z":
+                if self.collect is not None:
+                    self._collect(ds, tag)
                 ds[tag] = DataElement(tag, "SQ", Sequence([]))
                 self._record(prefix, name, "Z")
-            else:  # D, U, C on a sequence: keep its structure, de-identify every item
+            elif code in ("D", "P", "R"):  # dummy items: the structure, none of the original values
+                if self.collect is not None:
+                    self._collect(ds, tag)
+                ds[tag] = DataElement(tag, "SQ", Sequence([self._dummy_item(i) for i in ds[tag].value or ()]))
+                self._record(prefix, name, "D")
+            else:  # U, C on a sequence: keep its structure, de-identify every item
                 self._recurse(ds, tag, prefix + name)
             return
         if code in ("Z", "P", "R"):
@@ -247,6 +288,78 @@ class Scrubber:
             return self.ctx.pseudo.same_length_uid(uid).encode("ascii")
         return _EMBEDDED_UID.sub(replace, value)
 
+    def clean_private(self, creator: str, tag: int, value: bytes, swept: bool = True) -> bytes:
+        """A kept private value: embedded UIDs keyed, vendor blobs cleaned (:mod:`deidflow.vendorblobs`)
+        and, unless ``swept`` is False (the caller knows it holds no identifier), the residual sweep.
+        Returns ``value`` itself when nothing changed."""
+        new = self.scrub_blob(value)
+        key = (creator.strip(), tag >> 16, tag & 0xFF)
+        if key == vendorblobs.GE_PDB or key == vendorblobs.GE_USER_DATA or key in vendorblobs.SIEMENS_CSA:
+            new = vendorblobs.clean(key, bytes(new), self.model.redact,
+                                    keep_characteristics="retain_patient_characteristics" in self.plan.options)
+        if swept:
+            new = self.sweep_blob(new)
+        return value if new == value else new
+
+    def sweep_blob(self, value: bytes) -> bytes:
+        """A kept private value with the subject's identifiers replaced by ``*`` of the same length
+        (binary offsets stay valid); ``value`` itself when none is found."""
+        new = self.model.redact(bytes(value))
+        return value if new == value else new
+
+    def sweep_element(self, ds: Dataset, tag: int, prefix: str = "") -> None:
+        """The residual sweep of one kept public element: the subject's identifiers (in any written
+        form, see :class:`deidflow.qc.identifiers.Matcher`) are replaced wherever they remain."""
+        if tag not in ds or not self.model.entries:
+            return
+        vr = self._vr(ds, tag)
+        if vr not in SWEEP_VRS:
+            return
+        try:
+            elem = ds[tag]
+            value = elem.value
+        except Exception:
+            return
+        if value in (None, "", b""):
+            return
+        multi = isinstance(value, (list, tuple, MultiValue))
+        parts = [str(p) for p in (value if multi else [value])]
+        fill = "X" if vr in _CODE_VRS else "*"
+        new = [self.model.redact_text(p, fill) for p in parts]
+        if new != parts:
+            elem.value = new if multi else new[0]
+            info = _dict_info(tag)
+            self._record(prefix, info[1] if info and info[1] else _tag_label(tag), "C")
+
+    def _dummy_item(self, item: Dataset) -> Dataset:
+        """An item with the structure of ``item`` and no original value: text, names, dates and
+        numbers become the VR's dummy, UIDs keyed UIDs, coded strings (CS) stay (swept), nested
+        sequences dummy items; private and unknown elements go."""
+        out = Dataset()
+        for elem in _safe_elements(item):
+            tag = int(elem.tag)
+            if (tag >> 16) & 1 or not tag & 0xFFFF or _dict_info(tag) is None:
+                continue
+            vr = elem.VR
+            try:
+                value = elem.value
+            except Exception:
+                continue
+            if vr == "SQ":
+                out[tag] = DataElement(tag, "SQ", Sequence([self._dummy_item(i) for i in value or ()]))
+            elif value in (None, "", b"") or vr in _BINARY_VRS:
+                out[tag] = DataElement(tag, vr, value if value in (None, "", b"") else value)
+            elif vr == "UI":
+                vals = value if isinstance(value, (list, MultiValue)) else [value]
+                out[tag] = DataElement(tag, vr, [self.map_uid(str(v)) for v in vals] if len(vals) > 1
+                                       else self.map_uid(str(vals[0])))
+            elif vr == "CS":
+                out[tag] = DataElement(tag, vr, value)
+                self.sweep_element(out, tag)
+            elif vr in self.plan.dummy:
+                out[tag] = DataElement(tag, vr, self.plan.dummy[vr])
+        return out
+
     def _recurse(self, ds: Dataset, tag: int, path: str) -> None:
         for i, item in enumerate(ds[tag].value or ()):
             self._walk(item, f"{path}[{i}].")
@@ -286,7 +399,7 @@ class Scrubber:
             return self._replace_uids(ds, tag)
         if vr in _TEXT_VRS:
             parts = [value] if isinstance(value, str) else list(value)
-            cleaned = [textclean.clean_text(str(p), self._identifiers) for p in parts]
+            cleaned = [textclean.clean_text(self.model.redact_text(str(p))) for p in parts]
             if vr in ("SH", "CS", "AE"):
                 cleaned = [c[:16] for c in cleaned]
             elem.value = cleaned[0] if isinstance(value, str) else cleaned
@@ -324,11 +437,17 @@ class Scrubber:
         return self._markers
 
     def begin(self, identifier_source: Dataset | None) -> None:
-        """Start a new file: reset the action record; collect the file's identifiers when the
-        plan cleans free text (``identifier_source`` must still hold the original values)."""
+        """Start a new file: reset the action record; add the file's identifying values (top-level
+        elements :data:`source_tags`, still original in ``identifier_source``) to the subject's model."""
         self.actions = {}
-        self._identifiers = (self._collect_identifiers(identifier_source)
-                             if self.needs_text and identifier_source is not None else None)
+        if identifier_source is None:
+            return
+        for tag in self.source_tags.intersection(int(t) for t in identifier_source.keys()):
+            try:
+                elem = identifier_source[tag]
+                self.model.add_element(tag, elem.VR, elem.value)
+            except Exception:  # an undecodable value: removed by the profile, nothing to sweep for
+                continue
 
     def fast_action(self, tag: int, vr: str | None) -> str | None:
         """``K`` or ``X`` when a public element can be kept or dropped without decoding it,
@@ -358,9 +477,14 @@ class Scrubber:
     @staticmethod
     def vr_mismatch(tag: int, vr: str) -> bool:
         """True when a public element is encoded with a VR its dictionary entry does not allow
-        (e.g. a sequence written as OB): its content cannot be judged, so it is removed."""
+        (e.g. a sequence written as OB): its content cannot be judged, so it is removed.  Text
+        written with another text VR (Siemens XA writes the SR's Type 1 CompletionFlag, a CS, as
+        LO) is not a mismatch: it is judged (and swept) as the text it is."""
         info = _dict_info(tag)
-        return info is not None and vr not in info[0].split(" or ")
+        if info is None:
+            return False
+        allowed = info[0].split(" or ")
+        return vr not in allowed and not (vr in _PLAIN_TEXT_VRS and allowed[0] in _PLAIN_TEXT_VRS)
 
     def apply_to(self, ds: Dataset, tag: int) -> None:
         """Apply the plan to the public element ``tag`` of ``ds`` (decoding it as needed)."""
@@ -369,6 +493,7 @@ class Scrubber:
             self._unlisted(ds, tag, "")
         else:
             self._apply(ds, tag, rule, "")
+        self.sweep_element(ds, tag)
 
     def record_drop(self, tag: int) -> None:
         """Record that top-level element ``tag`` was removed without decoding it."""
@@ -437,12 +562,10 @@ class Scrubber:
         info = None if (tag >> 16) & 1 else _dict_info(tag)
         return info[1] if info and info[1] else rule.name
 
-    def _collect_identifiers(self, ds: Dataset):
-        values: list[str] = []
-        for kw in CLEAN_TEXT_SOURCES:
-            v = ds.get(kw)
-            if v is None or v == "":
-                continue
-            values.extend(str(x) for x in (v if isinstance(v, (list, tuple, MultiValue)) else [v]))
-        bd = str(ds.get("PatientBirthDate", "") or "")
-        return textclean.compile_identifiers(textclean.name_parts(values) | textclean.date_forms(bd))
+
+def _safe_elements(ds: Dataset):
+    for tag in list(ds.keys()):
+        try:
+            yield ds[tag]
+        except Exception:
+            continue

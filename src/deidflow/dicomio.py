@@ -18,7 +18,6 @@ from typing import BinaryIO, NamedTuple
 
 import pydicom
 from pydicom.charset import convert_encodings
-from pydicom.datadict import tag_for_keyword
 from pydicom.dataelem import RawDataElement
 from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.filebase import DicomBytesIO, DicomFileLike
@@ -29,7 +28,7 @@ from pydicom.uid import (DeflatedExplicitVRLittleEndian, ExplicitVRBigEndian,
                          ExplicitVRLittleEndian, ImplicitVRLittleEndian)
 
 from . import __version__
-from .dicom import CLEAN_TEXT_SOURCES, Scrubber, _dict_info, looks_like_items
+from .dicom import SWEEP_VRS, Scrubber, _dict_info, looks_like_items
 
 IMPLEMENTATION_CLASS_UID = "2.25.173526497432135315340637374432658215186"  # fixed, deidflow's own
 IMPLEMENTATION_VERSION = ("DEIDFLOW_" + __version__.split("+")[0].replace(".", ""))[:16]
@@ -40,7 +39,8 @@ _SHORT_VRS = frozenset((b"AE", b"AS", b"AT", b"CS", b"DA", b"DS", b"DT", b"FL", 
 _LONG_VRS = frozenset((b"OB", b"OW", b"OF", b"OD", b"OL", b"OV", b"SQ", b"UN", b"UC", b"UR", b"UT", b"SV", b"UV"))
 _ITEM, _ITEM_END, _SEQ_END = (0xFFFE, 0xE000), (0xFFFE, 0xE00D), (0xFFFE, 0xE0DD)
 _CHARSET, _SOP_CLASS, _SOP_INSTANCE = 0x00080005, 0x00080016, 0x00080018
-_IDENTIFIER_TAGS = frozenset(tag_for_keyword(k) for k in (*CLEAN_TEXT_SOURCES, "PatientBirthDate"))
+# Character sets whose values the sweep can search in the encoded bytes (ASCII, Latin-1, UTF-8).
+_BYTE_SEARCHABLE = frozenset(("", "ISO_IR 6", "ISO_IR 100", "ISO_IR 192", "ISO 2022 IR 6", "ISO 2022 IR 100"))
 
 
 class DicomError(ValueError):
@@ -215,7 +215,8 @@ def _stream(mm, size: int, body: int, meta: FileMetaDataset, ts: str, encoding: 
     if _CHARSET in by_tag:
         charset = [c.strip() for c in _str_value(mm, by_tag[_CHARSET]).split("\\")]
     encodings = convert_encodings(charset)
-    scrubber.begin(_identifier_source(mm, elems, charset, implicit, little) if scrubber.needs_text else None)
+    scrubber.begin(_identifier_source(mm, elems, charset, implicit, little, scrubber.source_tags))
+    dirty = _sweep_candidates(mm, elems, scrubber, charset)
     captured = _identifier_source(mm, elems, charset, implicit, little, capture) if capture else None
 
     def encode(elem) -> bytes:
@@ -297,14 +298,24 @@ def _stream(mm, size: int, body: int, meta: FileMetaDataset, ts: str, encoding: 
                                      f"{type(exc).__name__}") from None
             else:
                 value = mm[el.vstart:el.vend]
-                new = scrubber.scrub_blob(value)
+                new = scrubber.clean_private(creator, tag, value, swept=tag in dirty)
                 if new is value:
                     chunks.append((el.start, el.end))
                 else:
-                    chunks.append(mm[el.start:el.vstart] + new)
+                    head = mm[el.start:el.vstart] if len(new) == len(value) else _header(
+                        tag, el.vr.decode("ascii") if el.vr else "OB", len(new), implicit, little)
+                    chunks.append(head + new)
                     scrubber.record_change(tag, "C")
             continue
         fast = scrubber.fast_action(tag, vr)
+        if fast == "K" and tag in dirty:  # a kept value that holds an identifier: decoded and swept
+            try:
+                ds = tmp_dataset(el, vr)
+                scrubber.sweep_element(ds, tag)
+                chunks.append(encode(ds[tag]))
+            except Exception as exc:
+                raise DicomError(f"cannot de-identify ({group:04X},{num:04X}): {type(exc).__name__}") from None
+            continue
         if fast == "K":
             chunks.append((el.start, el.end))
             if tag == _SOP_CLASS:
@@ -418,7 +429,49 @@ def _header(tag: int, vr: str, length: int, implicit: bool, little: bool) -> byt
     return struct.pack(e + "HH2sH", tag >> 16, tag & 0xFFFF, vr.encode(), length)
 
 
-def _identifier_source(mm, elems, charset, implicit, little, wanted=_IDENTIFIER_TAGS) -> Dataset:
+def _sweep_candidates(mm, elems, scrubber: Scrubber, charset) -> frozenset[int] | _All:
+    """The top-level elements whose values hold one of the subject's identifiers: all values that
+    can carry text, searched in one pass (each value on a line of its own, so that a match is a
+    match in that value alone).  Everything, when the character set is one whose bytes cannot be
+    searched directly."""
+    if not scrubber.model.entries:
+        return frozenset()
+    if any(c not in _BYTE_SEARCHABLE for c in (charset or ())):
+        return _All()
+    cands = []
+    for el in elems:
+        if el.undefined or el.vend == el.vstart:
+            continue
+        if (el.tag >> 16) & 1:
+            if (el.tag & 0xFFFF) >= 0x1000:
+                cands.append(el)
+        elif el.vr is not None:
+            if el.vr.decode() in SWEEP_VRS:
+                cands.append(el)
+        else:
+            info = _dict_info(el.tag)
+            if info is not None and info[0].split(" or ")[0] in SWEEP_VRS:
+                cands.append(el)
+    if not cands:
+        return frozenset()
+    starts, parts, pos = [], [], 0
+    for el in cands:
+        starts.append(pos)
+        parts.append(mm[el.vstart:el.vend])
+        pos += el.vend - el.vstart + 1
+    import bisect
+    hits = scrubber.model.matcher.spans(b"\n".join(parts))
+    return frozenset(cands[bisect.bisect_right(starts, s) - 1].tag for s, _, _ in hits)
+
+
+class _All:
+    """Every element (``tag in _All()`` is always true)."""
+
+    def __contains__(self, tag) -> bool:
+        return True
+
+
+def _identifier_source(mm, elems, charset, implicit, little, wanted: frozenset[int]) -> Dataset:
     """A data set with the original identifying elements (for cleaning free text)."""
     ds = Dataset()
     if charset:

@@ -36,6 +36,7 @@ from importlib import resources
 from typing import Any, Callable, Iterable, Mapping
 
 from . import dates, textclean
+from .qc.identifiers import IdentifierModel
 
 FIELDS_TABLE = "bids_sidecar_fields.tsv"
 CLASSES = ("keep", "descriptor", "label", "device", "institution", "characteristics", "age",
@@ -91,12 +92,12 @@ def scrub_sidecar(data: Mapping[str, Any], *, options: Iterable[str] = (),
         if bad:
             raise ValueError(f"unknown sidecar field class(es): {sorted(bad)}")
         classes = {**classes, **extra}
-    pattern, whole = _identifier_patterns(data, identifiers)
+    model = _identifier_model(data, identifiers)
     out: dict[str, Any] = {}
     actions: dict[str, str] = {}
     for name, value in data.items():
         cls = classes.get(name, "remove")
-        code, new = _apply(cls, value, opts, date_offset_days, uid, pattern, whole)
+        code, new = _apply(cls, value, opts, date_offset_days, uid, model)
         actions[name] = code
         if code != "X":
             out[name] = new
@@ -154,17 +155,16 @@ def shift_date_value(value: str, days: int) -> str:
 
 # -- internals ------------------------------------------------------------------------------------
 def _apply(cls: str, value: Any, opts: frozenset[str], offset: int | None,
-           uid: Callable[[str], str] | None, pattern: re.Pattern | None,
-           whole: re.Pattern | None) -> tuple[str, Any]:
-    if cls == "keep":  # technical strings: only whole identifier values, as words, are redacted
-        cleaned = _clean_values(value, whole, generic=False)
+           uid: Callable[[str], str] | None, model: IdentifierModel) -> tuple[str, Any]:
+    if cls == "keep":  # technical strings: swept of the subject's identifiers, no generic patterns
+        cleaned = _clean_values(value, model, generic=False)
         return ("K", value) if cleaned == value else ("C", cleaned)
     if cls == "descriptor":
         if "clean_descriptors" not in opts:
             return "X", None
-        return "C", _clean_values(value, pattern, generic=True)
+        return "C", _clean_values(value, model, generic=True)
     if cls == "label":
-        cleaned = _clean_values(value, pattern, generic=True)
+        cleaned = _clean_values(value, model, generic=True)
         return ("K", value) if cleaned == value else ("C", cleaned)
     if cls in ("device", "institution", "characteristics"):
         option = {"device": "retain_device_identity", "institution": "retain_institution_identity",
@@ -199,37 +199,29 @@ def _apply(cls: str, value: Any, opts: frozenset[str], offset: int | None,
     return "X", None  # "remove" and anything not on the allow-list
 
 
-def _clean_values(value: Any, pattern: re.Pattern | None, *, generic: bool) -> Any:
-    """``value`` with identifiers replaced in every string it holds (lists followed)."""
+def _clean_values(value: Any, model: IdentifierModel, *, generic: bool) -> Any:
+    """``value`` with the subject's identifiers replaced in every string it holds (lists and
+    objects followed); with ``generic`` also generic identifier patterns (dates, long numbers)."""
     if isinstance(value, str):
-        if generic:
-            return textclean.clean_text(value, pattern)
-        return pattern.sub(textclean.REDACTED, value) if pattern is not None else value
+        value = model.redact_text(value)
+        return textclean.clean_text(value) if generic else value
     if isinstance(value, list):
-        return [_clean_values(v, pattern, generic=generic) for v in value]
+        return [_clean_values(v, model, generic=generic) for v in value]
     if isinstance(value, dict):
-        return {k: _clean_values(v, pattern, generic=generic) for k, v in value.items()}
+        return {k: _clean_values(v, model, generic=generic) for k, v in value.items()}
     return value
 
 
-def _identifier_patterns(data: Mapping[str, Any], extra: Iterable[str]
-                         ) -> tuple[re.Pattern | None, re.Pattern | None]:
-    """Two patterns of the patient's identifiers: names split into parts (for free text, as the
-    DICOM "clean" action) and whole values of at least 4 characters as words (for kept fields)."""
-    values = [str(v).strip() for v in extra if v]
-    for name in IDENTITY_FIELDS:
+def _identifier_model(data: Mapping[str, Any], extra: Iterable[str]) -> IdentifierModel:
+    """The subject's identifier model from the sidecar's identity fields (as the DICOM attributes of
+    the same names), its birth date and ``extra`` values (the inventory's)."""
+    model = IdentifierModel()
+    for v in extra:
+        if v and str(v).strip().lower() not in PLACEHOLDERS:
+            model.add_guess("known", str(v))
+    for name in (*IDENTITY_FIELDS, "PatientBirthDate"):
         v = data.get(name)
-        if isinstance(v, list):
-            values += [str(x).strip() for x in v if x not in (None, "")]
-        elif v not in (None, ""):
-            values.append(str(v).strip())
-    values = [v for v in values if v.lower() not in PLACEHOLDERS]
-    forms: set[str] = set()
-    bd = data.get("PatientBirthDate")
-    if isinstance(bd, str) and bd.strip():
-        forms = textclean.date_forms(bd.strip().replace("-", "")) | {bd.strip()}
-    parts = {p for p in textclean.name_parts(values) if p.lower() not in PLACEHOLDERS}
-    whole = sorted({v for v in [*values, *forms] if len(v) >= 4}, key=len, reverse=True)
-    whole_re = (re.compile(r"(?<!\w)(?:" + "|".join(re.escape(v) for v in whole) + r")(?!\w)", re.IGNORECASE)
-                if whole else None)
-    return textclean.compile_identifiers(parts | forms), whole_re
+        for x in (v if isinstance(v, list) else [v]):
+            if x not in (None, "") and str(x).strip().lower() not in PLACEHOLDERS:
+                model.add_keyword(name, str(x).strip())
+    return model

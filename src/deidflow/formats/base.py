@@ -21,7 +21,8 @@ from ..dates import DateError, shift_da
 from ..errors import PublicError
 from ..pseudonym import Pseudonymizer
 from .. import textclean
-from ..textclean import clean_text, compile_identifiers, date_forms, name_parts
+from ..qc.identifiers import IdentifierModel
+from ..textclean import clean_text
 
 
 class FormatError(PublicError):
@@ -74,25 +75,23 @@ class ScrubContext:
                 return None
         return None
 
-    def identifier_pattern(self, extra: Iterable[str] = ()) -> re.Pattern | None:
-        """Case-insensitive pattern of the subject's identifiers (names and parts, IDs, birth
-        dates in common forms) for cleaning free text."""
-        values = [*self.known, *extra]
-        parts = name_parts(values)
-        for v in values:
-            parts |= date_forms(str(v))
-        return compile_identifiers(parts)
+    def identifier_model(self, extra: Iterable[str] = ()) -> IdentifierModel:
+        """The subject's identifier model (:class:`deidflow.qc.identifiers.IdentifierModel`) from
+        its known values (inventory) and ``extra`` values found in the file: what every kept text
+        value is swept of."""
+        model = IdentifierModel()
+        for v in [*self.known, *extra]:
+            model.add_guess("known", str(v))
+        return model
 
     def clean(self, text: str, extra: Iterable[str] = ()) -> str:
         """``text`` without the subject's identifiers or generic identifier patterns."""
-        return clean_text(text, self.identifier_pattern(extra))
+        return clean_text(self.identifier_model(extra).redact_text(text))
 
     def clean_fixed(self, text: str, extra: Iterable[str] = ()) -> str:
         """Like :meth:`clean` but every removed character becomes ``*``, so the length stays
         (for in-place edits of fixed-size fields and length-prefixed buffers)."""
-        pattern = self.identifier_pattern(extra)
-        if pattern is not None:
-            text = pattern.sub(lambda m: "*" * len(m.group()), text)
+        text = self.identifier_model(extra).redact_text(text, same_length=True)
         return textclean._GENERIC.sub(lambda m: "*" * len(m.group()), text)
 
     def pseudonym_of_length(self, n: int, domain: str = "") -> str:

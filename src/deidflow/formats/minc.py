@@ -367,12 +367,66 @@ def _minc2_scrub(src: Path, dst: Path, ctx: ScrubContext) -> ScrubResult:
                 raise
             except Exception as exc:
                 raise FormatError(f"MINC2 attributes could not be rewritten ({type(exc).__name__})") from None
+        _rewrite_h5(tmp)
         blob = tmp.read_bytes()
         left = [v for v in _all_found(res) if v in blob]
         if left:
             raise FormatError(f"MINC2: {len(left)} original attribute value(s) still present after rewriting")
         res.outputs = out.finals
     return res
+
+
+def _rewrite_h5(path: Path) -> None:
+    """Rewrite the HDF5 file at ``path`` object by object with no object times (HDF5 stamps every
+    object with its creation moment, the acquisition's in a scanner export) and without the
+    free space where edited attributes used to be: same groups, datasets (shape, type, chunks,
+    filters, values) and attributes, reproducible bytes."""
+    import os
+
+    import h5py
+    import numpy as np
+    tmp = path.with_name(path.name + ".rewrite")
+
+    def attrs(src, dst) -> None:
+        for name in src.attrs:
+            aid = src.attrs.get_id(name)
+            dst.attrs.create(name, src.attrs[name], dtype=aid.dtype)
+
+    def copy(src, dst) -> None:
+        for name in src:
+            link = src.get(name, getlink=True)
+            if isinstance(link, (h5py.SoftLink, h5py.ExternalLink)):
+                raise FormatError("MINC2: links to other objects or files are not supported")
+            obj = src[name]
+            if isinstance(obj, h5py.Group):
+                gcpl = h5py.h5p.create(h5py.h5p.GROUP_CREATE)
+                gcpl.set_obj_track_times(False)
+                sub = h5py.Group(h5py.h5g.create(dst.id, name.encode(), gcpl=gcpl))
+                attrs(obj, sub)
+                copy(obj, sub)
+            else:
+                data = obj[()] if obj.shape is not None else h5py.Empty(obj.dtype)
+                kw = {}
+                if obj.chunks is not None:
+                    kw = {"chunks": obj.chunks, "compression": obj.compression,
+                          "compression_opts": obj.compression_opts, "shuffle": obj.shuffle,
+                          "fletcher32": obj.fletcher32, "maxshape": obj.maxshape}
+                new = dst.create_dataset(name, shape=obj.shape, dtype=obj.dtype,
+                                         data=data if obj.shape != () or not isinstance(data, np.ndarray) else data,
+                                         track_times=False, **kw)
+                attrs(obj, new)
+    try:
+        with h5py.File(path, "r") as src, h5py.File(tmp, "w", libver="earliest", track_order=False) as dst:
+            attrs(src, dst)
+            copy(src, dst)
+        os.replace(tmp, path)
+    except FormatError:
+        raise
+    except Exception as exc:
+        raise FormatError(f"MINC2 file could not be rewritten ({type(exc).__name__})") from None
+    finally:
+        if tmp.exists():
+            tmp.unlink()
 
 
 def companions(path: Path) -> list[Path]:

@@ -181,10 +181,7 @@ def _line(body: str, ctx: ScrubContext, res: ScrubResult, own: list[str]) -> str
 
 
 def _without_own(body: str, ctx: ScrubContext, own: list[str]) -> str:
-    pattern = ctx.identifier_pattern(own)
-    if pattern is None:
-        return body
-    return pattern.sub(lambda m: "*" * len(m.group()), body)
+    return ctx.identifier_model(own).redact_text(body, same_length=True)
 
 
 FORMAT = Format(name="parrec", release_dir="parrec", identity=identity, companions=companions, scrub=scrub,

@@ -14,11 +14,14 @@ Original file and folder names are read from the unit's manifest at scan time.
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import re
+from collections import Counter
+from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
-from typing import Iterable, Mapping
+from typing import Iterable, Iterator, Mapping
 
 from ..fsutil import RESTRICTED_FILE_MODE, atomic_write_text, make_restricted_dir
 
@@ -47,28 +50,20 @@ ID_KEYWORDS = frozenset((
 _TEXT_VRS = frozenset(("LO", "SH", "ST", "LT", "UT", "UC", "AE", "CS"))
 _UID = re.compile(r"(?:0|[1-9][0-9]*)(?:\.(?:0|[1-9][0-9]*)){3,}")
 _DATE = re.compile(r"(?:1[89]|20)\d{2}(?:0[1-9]|1[0-2])(?:0[1-9]|[12]\d|3[01])")
-_PRIVATE_MAX = 64  # longer private values are blobs or prose, not identifiers
 _NOT_REGISTERED = ("ClassUID", "SyntaxUID")
 
 
 @lru_cache(maxsize=8192)
 def element_kind(tag: int, vr: str | None) -> tuple[str | None, str]:
     """(kind, field) of an element whose value the profile removes or replaces; kind None when its
-    values are not identifiers.  Private elements of an unknown or text VR get kind ``private``
-    (their values are classified one by one, see :func:`classify_private`)."""
+    values are not searched for.  Private elements are of unknown meaning: only their UIDs (which
+    are exact and unambiguous) are searched for."""
     from ..dicom import _dict_info, _tag_label
     if (tag >> 16) & 1:
-        field = _tag_label(tag)
-        if vr == "PN":
-            return "name", field
-        if vr in ("DA", "DT", "TM", "UI"):
-            return {"DA": "date", "DT": "datetime", "TM": "time", "UI": "uid"}[vr], field
-        if vr in (None, "UN") or vr in _TEXT_VRS:
-            return "private", field
-        return None, field
+        return ("uid" if vr == "UI" else None), _tag_label(tag)
     info = _dict_info(tag)
     if info is None:
-        return ("private" if vr in (None, "UN") or vr in _TEXT_VRS else None), _tag_label(tag)
+        return None, _tag_label(tag)
     dict_vr, keyword = info
     vr = vr if vr not in (None, "UN") else dict_vr.split(" or ")[0]
     keyword = keyword or _tag_label(tag)
@@ -85,30 +80,6 @@ def element_kind(tag: int, vr: str | None) -> tuple[str | None, str]:
     if vr in _TEXT_VRS and keyword in ID_KEYWORDS:
         return "id", keyword
     return None, keyword
-
-
-def classify_private(value: str) -> str | None:
-    """Kind of one value of a removed private element, or None when it does not look like an
-    identifier (private blocks hold mostly technical values that also appear in kept attributes):
-    a person name (has ``^``), a UID, a date, or an ID (no white space, 6–64 characters, letters
-    and digits, or at least 8 digits)."""
-    v = value.strip()
-    if not v or len(v) > _PRIVATE_MAX or not v.isprintable():
-        return None
-    if "^" in v and any(c.isalpha() for c in v):
-        return "name"
-    if _UID.fullmatch(v):
-        return "uid"
-    if _DATE.fullmatch(v):
-        return "date"
-    if any(c.isspace() for c in v) or len(v) < 6:
-        return None
-    has_digit = any(c.isdigit() for c in v)
-    if has_digit and any(c.isalpha() for c in v):
-        return "id"
-    if v.isdigit() and len(v) >= 8:
-        return "id"
-    return None
 
 
 def _registered(uid: str) -> bool:
@@ -154,11 +125,7 @@ class IdentifierCollector:
             self._add_value(kind, field, s)
 
     def _add_value(self, kind: str, field: str, value: str) -> None:
-        """One value of an element of ``kind``; a private value only when it looks identifying."""
-        if kind == "private":
-            kind = classify_private(value)
-            if kind is None:
-                return
+        """One value of an element of ``kind``."""
         self.add(kind, field, value)
 
     def dataset(self, ds) -> None:
@@ -189,7 +156,7 @@ class IdentifierCollector:
         if end <= start:
             return
         kind, field = element_kind(tag, vr)
-        if kind is None or (kind == "private" and end - start > _PRIVATE_MAX):
+        if kind is None:
             return
         data = bytes(buf[start:end])
         key = (tag, data)
@@ -213,24 +180,40 @@ class IdentifierCollector:
         return sorted([kind, field, value] for (kind, value), field in self.values.items())
 
 
+_FIELD_NAME = re.compile(r"patient.?name|full.?name|birth.?name|physician|operator|referring|performing|"
+                         r"artist|author|user|technologist|reader|nurse", re.IGNORECASE)
+_FIELD_ID = re.compile(r"patient.?id|identification|accession|institution|department|station|serial|"
+                       r"device|address|phone|telecom|barcode|scanscope.?id|image.?id|study.?id|"
+                       r"host|site|admission|mrn|medical.?record", re.IGNORECASE)
+
+
+def field_kind(field: str, value: str) -> str | None:
+    """The kind of an original value a non-DICOM scrubber found in ``field`` (its name as the
+    format spells it), None when the field does not identify a person, study, institution or
+    device (protocol names, descriptions, free text and technical blobs are not searched for: the
+    names, IDs and dates inside them are, in their own right)."""
+    if _FIELD_NAME.search(field) or ("name" in field.lower() and "^" in value):
+        return "name"
+    if "uid" in field.lower() or (_UID.fullmatch(value) and "." in value):
+        return "uid"
+    if "birth" in field.lower() or ("date" in field.lower() and _DATE.match(value.replace("-", ""))):
+        return "date"
+    if _FIELD_ID.search(field):
+        return "id"
+    return None
+
+
 def from_fields(fields: Mapping[str, str]) -> list[list[str]]:
-    """``[kind, field, value]`` entries for a non-DICOM ScrubResult's ``identifiers`` (field -> value):
-    the kind is guessed from the field name and the value."""
+    """``[kind, field, value]`` entries for a non-DICOM ScrubResult's ``identifiers`` (field -> value);
+    fields of no identifying kind (see :func:`field_kind`) are left out."""
     out = []
     for field, value in sorted(fields.items()):
         value = str(value).strip("\x00 ")
-        if not value:
-            continue
-        low = field.lower()
-        if "name" in low and ("patient" in low or "physician" in low or "operator" in low or "^" in value):
-            kind = "name"
-        elif _UID.fullmatch(value) or low.endswith("uid"):
-            kind = "uid"
-        elif _DATE.fullmatch(value) or "date" in low:
-            kind = "date"
-        else:
-            kind = "id"
-        out.append([kind, field, value])
+        kind = field_kind(field, value) if value else None
+        if kind == "date":
+            value = value.replace("-", "")[:8]
+        if kind:
+            out.append([kind, field, value])
     return out
 
 
@@ -258,3 +241,569 @@ def read_subject(restricted: Path, unit: str, subject: str) -> list[tuple[str, s
     for f in sorted(base.glob(f"*/{subject}.json")):
         out += [tuple(v) for v in json.loads(f.read_text(encoding="utf-8"))["values"]]
     return out
+
+
+# ------------------------------------------------------------------------------------------------
+# The identifier model: the searchable forms of a subject's values, and one matcher for many subjects
+# ------------------------------------------------------------------------------------------------
+# Which element values feed the model: only attributes that identify a person, a study, an
+# institution or a device (and dates, UIDs).  Coded values, protocol and sequence names, numbers and
+# private values of unknown meaning are never searched for: they recur in every clean release.
+SWEEP_KINDS = frozenset(("name", "id", "date", "datetime"))
+_MONTH_NAMES = {
+    "en": ("january february march april may june july august september october november december",
+           "jan feb mar apr may jun jul aug sep oct nov dec"),
+    "de": ("januar februar märz april mai juni juli august september oktober november dezember",
+           "jan feb mär apr mai jun jul aug sep okt nov dez"),
+    "fr": ("janvier février mars avril mai juin juillet août septembre octobre novembre décembre",
+           "janv févr mars avr mai juin juil août sept oct nov déc"),
+    "es": ("enero febrero marzo abril mayo junio julio agosto septiembre octubre noviembre diciembre",
+           "ene feb mar abr may jun jul ago sep oct nov dic"),
+    "it": ("gennaio febbraio marzo aprile maggio giugno luglio agosto settembre ottobre novembre dicembre",
+           "gen feb mar apr mag giu lug ago set ott nov dic"),
+    "nl": ("januari februari maart april mei juni juli augustus september oktober november december",
+           "jan feb mrt apr mei jun jul aug sep okt nov dec"),
+    "pt": ("janeiro fevereiro março abril maio junho julho agosto setembro outubro novembro dezembro",
+           "jan fev mar abr mai jun jul ago set out nov dez"),
+}
+_MONTHS = tuple(_MONTH_NAMES["en"][0].split())
+# ASCII transliterations a person typing the value may have used (beyond dropping the accents).
+_TRANSLIT = {"ä": "ae", "ö": "oe", "ü": "ue", "ß": "ss", "ø": "oe", "æ": "ae", "å": "aa", "œ": "oe",
+             "Ä": "Ae", "Ö": "Oe", "Ü": "Ue", "Ø": "Oe", "Æ": "Ae", "Å": "Aa", "Œ": "Oe", "ẞ": "SS"}
+_FOLD_EXTRA = {"ß": "ss", "ø": "o", "Ø": "O", "æ": "ae", "Æ": "AE", "đ": "d", "Đ": "D", "ł": "l", "Ł": "L",
+               "œ": "oe", "Œ": "OE", "þ": "th", "Þ": "TH", "ı": "i"}
+
+
+def transliterations(value: str) -> set[str]:
+    """ASCII spellings of a value with accented letters: Müller → Muller, Mueller; Ødegård → Odegard,
+    Oedegaard; ß → ss.  Empty for ASCII values."""
+    if value.isascii():
+        return set()
+    import unicodedata
+
+    def strip(s: str) -> str:
+        s = "".join(_FOLD_EXTRA.get(c, c) for c in s)
+        return "".join(c for c in unicodedata.normalize("NFKD", s) if not unicodedata.combining(c))
+    out = {strip(value), strip("".join(_TRANSLIT.get(c, c) for c in value))}
+    return {o for o in out if o.isascii() and o.strip()}
+
+
+def _month_number_table() -> dict[bytes, int]:
+    """Every month name and abbreviation (all languages above, their ASCII spellings, upper and
+    lower case, UTF-8 and Latin-1) → month number."""
+    table: dict[bytes, int] = {}
+    for full, short in _MONTH_NAMES.values():
+        for names in (full.split(), short.split()):
+            for i, name in enumerate(names, 1):
+                for v in {name, *transliterations(name)}:
+                    for w in (v, v.upper(), v.capitalize()):
+                        for enc in ("utf-8", "latin-1"):
+                            try:
+                                table[w.encode(enc).lower()] = i
+                            except UnicodeEncodeError:
+                                pass
+    return table
+
+
+_MONTH_NO = _month_number_table()
+_MONTH_RE = b"|".join(re.escape(m) for m in sorted(_MONTH_NO, key=len, reverse=True))
+_NB = rb"(?<![0-9])"
+_NA = rb"(?![0-9]|\.[0-9])"
+_DATE_TEXT = re.compile(
+    rb"(?P<c8>" + _NB + rb"(?<!\.)\d{8}" + _NA + rb")"
+    rb"|" + _NB + rb"(?<!\.)(?P<a>\d{1,4})(?P<s>[./-]) ?(?P<b>\d{1,2})(?P=s) ?(?P<c>\d{4}|\d{2})" + _NA +
+    rb"|" + _NB + rb"(?P<d1>\d{1,2})(?:\.|st|nd|rd|th)?[ -]?(?:de )?(?<![a-z])(?P<m1>" + _MONTH_RE +
+    rb")(?![a-z])\.?,?[ -]?(?:de )?(?P<y1>\d{4}|\d{2})" + _NA +
+    rb"|(?<![a-z])(?P<m2>" + _MONTH_RE + rb")(?![a-z])\.? ?(?P<d2>\d{1,2})(?:st|nd|rd|th)?,? (?P<y2>\d{4})" + _NA,
+    re.IGNORECASE)
+
+
+def _ymd(y: str, m: int, d: int) -> str | None:
+    if not (1 <= m <= 12 and 1 <= d <= 31):
+        return None
+    return f"{int(y):04d}{m:02d}{d:02d}"
+
+
+def _years(y: bytes) -> list[str]:
+    s = y.decode()
+    return [s] if len(s) == 4 else [f"19{s}", f"20{s}"]
+
+
+def dates_in(low: bytes) -> Iterator[tuple[int, int, set[str]]]:
+    """(start, end, candidate YYYYMMDD dates) of every written date in lower-cased ``low``:
+    19610312, 1961-03-12, 12.03.1961, 03/12/61 (both day-month orders), 12 March 1961, 12. März
+    1961, March 12, 1961, 12-MAR-1961, 12 de marzo de 1961 …"""
+    for m in _DATE_TEXT.finditer(low):
+        out: set[str] = set()
+        g = m.groupdict()
+        if g["c8"]:
+            v = g["c8"].decode()
+            out.add(v)
+        elif g["a"]:
+            a, b, c = g["a"].decode(), int(g["b"]), g["c"]
+            if len(a) == 4 and len(c) <= 2:
+                d = _ymd(a, b, int(c))
+                out |= {d} if d else set()
+            elif len(a) <= 2:
+                for y in _years(c):
+                    out |= {x for x in (_ymd(y, b, int(a)), _ymd(y, int(a), b)) if x}
+        else:
+            day, mon, year = (g["d1"], g["m1"], g["y1"]) if g["m1"] else (g["d2"], g["m2"], g["y2"])
+            mo = _MONTH_NO.get(mon.lower())
+            if mo:
+                for y in _years(year):
+                    d = _ymd(y, mo, int(day))
+                    if d:
+                        out.add(d)
+        if out:
+            yield m.start(), m.end(), out
+
+
+def date_forms(yyyymmdd: str) -> set[str]:
+    """Textual forms of a date (what :func:`dates_in` recognises, for documentation and for the
+    free-text cleaners): 19640716, 1964-07-16, 16.07.1964, 07/16/1964, 16 Jul 1964, July 16, 1964 …"""
+    if len(yyyymmdd) != 8 or not yyyymmdd.isdigit():
+        return set()
+    y, m, d = yyyymmdd[:4], yyyymmdd[4:6], yyyymmdd[6:]
+    if not (1 <= int(m) <= 12 and 1 <= int(d) <= 31):
+        return {yyyymmdd}
+    mi, di = int(m), int(d)
+    full = _MONTHS[mi - 1]
+    short = full[:3]
+    return {yyyymmdd, f"{y}-{m}-{d}", f"{y}/{m}/{d}", f"{y}.{m}.{d}", f"{d}.{m}.{y}", f"{d}/{m}/{y}",
+            f"{m}/{d}/{y}", f"{d}-{m}-{y}", f"{m}-{d}-{y}", f"{di}.{mi}.{y}", f"{mi}/{di}/{y}",
+            f"{di}/{mi}/{y}", f"{d} {short} {y}", f"{d}-{short}-{y}", f"{di} {short} {y}",
+            f"{full} {di}, {y}", f"{short} {di}, {y}", f"{short} {d} {y}", f"{di} {full} {y}",
+            f"{d}. {full} {y}", f"{di}. {full} {y}", f"{d}.{m}.{y[2:]}", f"{m}/{d}/{y[2:]}"}
+
+
+def name_forms(value: str) -> set[str]:
+    """A DICOM person name (``FAMILY^GIVEN^MIDDLE^PREFIX^SUFFIX``, ``=`` between representations)
+    or a plain name: the whole value, each representation, each component and word in it, and
+    ``given family``, ``family given``, ``family, given``, ``family^given``, ``G. family``,
+    ``family, G.`` (parts too short to search alone are searched in these combinations)."""
+    out = {value}
+    for group in value.split("="):
+        if not group:
+            continue
+        out.add(group)
+        comps = [c.strip() for c in group.split("^")]
+        for c in comps:
+            if c:
+                out.add(c)
+                out.update(w.strip(".") for w in _SPLIT_WORDS.split(c) if w.strip("."))
+        family, given, middle = (comps + ["", "", ""])[:3]
+        if family and given:
+            g0 = given[0]
+            out |= {f"{given} {family}", f"{family} {given}", f"{family}, {given}", f"{family}^{given}",
+                    f"{family},{given}", f"{given}, {family}", f"{g0}. {family}", f"{family}, {g0}.",
+                    f"{family} {g0}."}
+            if middle:
+                out |= {f"{given} {middle} {family}", f"{given} {middle[0]}. {family}"}
+        if "^" not in group and " " in group.strip():  # a plain "Given Family" name
+            out.update(w for w in group.split() if w)
+    return {o.strip() for o in out if o.strip()}
+
+
+def time_forms(value: str) -> set[str]:
+    """A DICOM TM value: as written, HHMMSS and HH:MM:SS."""
+    v = value.strip()
+    out = {v}
+    hms = v.split(".")[0]
+    if len(hms) == 6 and hms.isdigit():
+        out |= {hms, f"{hms[:2]}:{hms[2:4]}:{hms[4:]}"}
+    return out
+
+
+_ID_SEPARATORS = re.compile(r"[\s()./_:+-]+")
+
+
+def forms(kind: str, value: str) -> set[str]:
+    """Every literal form of one original value that is searched for (dates are recognised in
+    any written form by :func:`dates_in` instead, see :class:`Matcher`), with the ASCII spellings
+    of values with accented letters."""
+    value = value.strip()
+    if kind == "name":
+        out = name_forms(value)
+    elif kind == "date":
+        out = {value}
+    elif kind == "datetime":
+        out = {value, value[:14]}
+    elif kind == "time":
+        out = time_forms(value)
+    elif kind == "id":
+        out = {value}
+        compact = _ID_SEPARATORS.sub("", value)
+        if compact != value:
+            out.add(compact)  # 123-45-6789 also as 123456789, P-968-287 as P968287
+        for part in re.split(r"[\r\n,;^\\]+", value):  # address and institution lines one by one
+            if part.strip() and part.strip() != value:
+                out.add(part.strip())
+    elif kind == "path":  # the name without its extension(s): "0001.dcm" is judged as "0001"
+        stem = value.split(".")[0] if not value.startswith(".") else value
+        out = {stem}
+        for tok in re.split(r"[_\s-]+", stem):  # DOE_JOHN_MRN8284194: the ID in it on its own
+            digits = sum(c.isdigit() for c in tok)
+            # a letters-and-digits token (MRN8284194) or a long number (not a series number, not a date)
+            if tok != stem and len(tok) >= 6 and digits and (any(c.isalpha() for c in tok) or (
+                    digits >= 9 and not _DATE.fullmatch(tok))):
+                out.add(tok)
+    else:
+        out = {value}
+    for o in list(out):
+        out |= transliterations(o)
+    return out
+
+
+_NUMERIC_FORM = re.compile(r"[\d\s()./:+-]+")
+_PLAIN_WORD = re.compile(r"[^\W\d_]+")
+
+
+def excluded_by(form: str, kind: str) -> str | None:
+    """The rule that excludes ``form`` from the search, None when it is searched for."""
+    r = rules()
+    if kind == "uid":
+        return None if len(form) >= r["min_length"] else "too_short"
+    compact = "".join(form.split())
+    weight = len(compact) if compact.isascii() else sum(
+        1 if ord(c) < 128 else r["non_ascii_weight"] for c in compact)
+    if weight < r["min_length"]:
+        return "too_short"
+    if form.casefold() in r["common"]:
+        return "common"
+    if _NUMERIC_FORM.fullmatch(form) and sum(c.isdigit() for c in form) < r["min_digits"]:
+        return "too_few_digits"
+    if kind == "path" and _PLAIN_WORD.fullmatch(form):
+        return "plain_word_path"  # a folder label like "unreadable"; names in paths are searched as names
+    return None
+
+
+@lru_cache(maxsize=1)
+def rules() -> dict:
+    """The exclusion rules (``data/leakscan.yaml``)."""
+    import yaml
+    from importlib import resources
+    text = resources.files("deidflow").joinpath("data", "leakscan.yaml").read_text(encoding="utf-8")
+    r = yaml.safe_load(text)
+    r["common"] = frozenset(str(c).casefold() for c in r["common"])
+    return r
+
+
+@dataclass(frozen=True)
+class Needle:
+    """One searchable byte form of an original value (lower-cased as the scanned text is).
+    ``mode``: ``literal`` (found as written), ``date`` (``text`` is YYYYMMDD, found in any written
+    form) or ``compact`` (an ID's letters and digits, found also with separators between them)."""
+
+    text: bytes
+    kind: str
+    field: str
+    digest: str  # keyed hash of the original value: the only trace of it a hit shows
+    owner: str  # the subject the value belongs to
+    mode: str = "literal"
+
+
+def _is_letter(b: int) -> bool:
+    return 97 <= b <= 122 or 65 <= b <= 90 or b >= 128
+
+
+def _is_digit(b: int) -> bool:
+    return 48 <= b <= 57
+
+
+def _bounded(hay: bytes, s: int, e: int) -> bool:
+    """Whether hay[s:e] is a whole token: an end that is an ASCII letter must not touch another
+    letter, one that is a digit not another digit (nor a decimal point between digits); an end
+    that is not ASCII may touch anything (CJK text has no word breaks)."""
+    first, last = hay[s], hay[e - 1]
+    if s > 0:
+        left = hay[s - 1]
+        if first < 128 and _is_letter(first) and _is_letter(left):
+            return False
+        if _is_digit(first) and (_is_digit(left) or (left == 46 and s > 1 and _is_digit(hay[s - 2]))):
+            return False
+    if e < len(hay):
+        right = hay[e]
+        if last < 128 and _is_letter(last) and _is_letter(right):
+            return False
+        if _is_digit(last) and (_is_digit(right) or (right == 46 and e + 1 < len(hay) and _is_digit(hay[e + 1]))):
+            return False
+    return True
+
+
+_TOKEN = re.compile(rb"[a-z]+|[0-9]+")
+_UID_TOKEN = re.compile(rb"[0-9]+(?:\.[0-9]+)+")
+_SPLIT_WORDS = re.compile(r"[\s,;]+")
+_RUN = re.compile(rb"[a-z0-9]+(?:[\s()./_:+-]{1,3}[a-z0-9]+)+")
+_RUN_TOKEN = re.compile(rb"[a-z0-9]+")
+_MAX_RUN_TOKENS = 8
+
+
+class Matcher:
+    """Finds the values of any number of subjects in a text in one pass (cost grows with the text,
+    not with the number of values): literal forms are indexed by their longest ASCII token, UIDs by
+    value; written dates are recognised and looked up as YYYYMMDD; IDs are also found with
+    separators between their characters (``P-968-287`` for ``P968287``); forms without an ASCII
+    token are searched as substrings.  The one matcher of deidflow: the engines' residual sweep
+    (:meth:`redact`), the leak scan and the report's self-check use it."""
+
+    def __init__(self, needles: Iterable[Needle]):
+        self.anchors: dict[bytes, list[tuple[Needle, int]]] = {}
+        self.uids: dict[bytes, list[Needle]] = {}
+        self.dates: dict[bytes, list[Needle]] = {}
+        self.compact: dict[bytes, list[Needle]] = {}
+        self.substrings: list[Needle] = []
+        self.count = 0
+        seen = set()
+        for n in needles:
+            key = (n.text, n.owner, n.digest, n.mode)
+            if key in seen:
+                continue
+            seen.add(key)
+            self.count += 1
+            if n.mode == "date":
+                self.dates.setdefault(n.text, []).append(n)
+            elif n.mode == "compact":
+                self.compact.setdefault(n.text, []).append(n)
+            elif n.kind == "uid" and _UID_TOKEN.fullmatch(n.text):
+                self.uids.setdefault(n.text, []).append(n)
+            else:
+                toks = [(m.start(), m.group()) for m in _TOKEN.finditer(n.text)]
+                if not toks:
+                    self.substrings.append(n)
+                    continue
+                off, tok = max(toks, key=lambda t: (len(t[1]), -t[0]))
+                self.anchors.setdefault(tok, []).append((n, off))
+        self.anchor_keys = frozenset(self.anchors)
+        self.uid_keys = frozenset(self.uids)
+        self.date_years = frozenset(k[:4] for k in self.dates)
+
+    def __len__(self) -> int:
+        return self.count
+
+    def spans(self, text: bytes) -> list[tuple[int, int, Needle]]:
+        """(start, end, needle) of every occurrence in ``text`` (any case)."""
+        if not self.count or not text:
+            return []
+        low = text.lower()
+        hits: list[tuple[int, int, Needle]] = []
+        if self.anchor_keys:
+            if len(self.anchor_keys) < 48:
+                present = [t for t in self.anchor_keys if t in low]
+            else:
+                present = self.anchor_keys.intersection(_TOKEN.findall(low))
+            for tok in present:
+                for needle, off in self.anchors[tok]:
+                    n = len(needle.text)
+                    i = low.find(tok)
+                    while i >= 0:
+                        s = i - off
+                        if s >= 0 and low.startswith(needle.text, s) and _bounded(low, s, s + n):
+                            hits.append((s, s + n, needle))
+                        i = low.find(tok, i + 1)
+        if self.uid_keys and b"." in low:
+            for uid in self.uid_keys.intersection(_UID_TOKEN.findall(low)):
+                i = low.find(uid)
+                while i >= 0:
+                    if _bounded(low, i, i + len(uid)):
+                        hits.extend((i, i + len(uid), n) for n in self.uids[uid])
+                    i = low.find(uid, i + 1)
+        if self.dates and (len(self.date_years) > 16 or any(y in low for y in self.date_years)
+                           or any(y[2:] in low for y in self.date_years)):
+            for s, e, cands in dates_in(low):
+                for c in cands:
+                    for n in self.dates.get(c.encode(), ()):
+                        hits.append((s, e, n))
+        if self.compact:
+            for run in _RUN.finditer(low):
+                toks = [(m.start(), m.end()) for m in _RUN_TOKEN.finditer(low, run.start(), run.end())]
+                for i in range(len(toks)):
+                    acc = b""
+                    for j in range(i, min(len(toks), i + _MAX_RUN_TOKENS)):
+                        acc += low[toks[j][0]:toks[j][1]]
+                        if j > i:
+                            for n in self.compact.get(acc, ()):
+                                hits.append((toks[i][0], toks[j][1], n))
+        for needle in self.substrings:
+            i = low.find(needle.text)
+            while i >= 0:
+                hits.append((i, i + len(needle.text), needle))
+                i = low.find(needle.text, i + 1)
+        return hits
+
+    def find(self, text: bytes | str) -> list[tuple[int, Needle]]:
+        """(offset, needle) of every occurrence in ``text`` (bytes, or str searched as UTF-8)."""
+        if isinstance(text, str):
+            text = text.encode("utf-8", "surrogateescape")
+        return [(s, n) for s, _, n in self.spans(text)]
+
+    def redact(self, data: bytes, fill: bytes = b"*", same_length: bool = True) -> bytes:
+        """``data`` with every occurrence replaced: by ``fill`` repeated to the same length (binary
+        and fixed-size values), or by one ``fill`` per occurrence.  ``data`` itself when nothing
+        was found."""
+        spans = sorted((s, e) for s, e, _ in self.spans(data))
+        if not spans:
+            return data
+        merged: list[list[int]] = []
+        for s, e in spans:
+            if merged and s <= merged[-1][1]:
+                merged[-1][1] = max(merged[-1][1], e)
+            else:
+                merged.append([s, e])
+        out, pos = [], 0
+        for s, e in merged:
+            out += [data[pos:s], fill * (e - s) if same_length else fill]
+            pos = e
+        out.append(data[pos:])
+        return b"".join(out)
+
+    def redact_text(self, text: str, fill: str = "*", same_length: bool = False) -> str:
+        """``text`` with every occurrence replaced by ``fill`` (one per occurrence, or one per
+        character with ``same_length``); ``text`` itself when none."""
+        data = text.encode("utf-8", "surrogateescape")
+        if not same_length or text.isascii():
+            new = self.redact(data, fill.encode(), same_length=same_length)
+            return text if new is data else new.decode("utf-8", "replace")
+        spans = self.spans(data)
+        if not spans:
+            return text
+        char_at, pos = [], 0  # byte offset -> character index
+        for i, c in enumerate(text):
+            n = len(c.encode("utf-8", "surrogateescape"))
+            char_at += [i] * n
+            pos += n
+        char_at.append(len(text))
+        chars = list(text)
+        for s, e, _ in spans:
+            for k in range(char_at[s], char_at[e] if e < len(char_at) else len(text)):
+                chars[k] = fill
+        return "".join(chars)
+
+
+def _digest(salt: bytes, value: str) -> str:
+    return hashlib.blake2s(value.encode("utf-8"), key=salt, digest_size=6).hexdigest()
+
+
+def needles_for(subject: str, entries: Iterable[tuple[str, str, str]], salt: bytes,
+                excluded: Counter | None = None) -> list[Needle]:
+    """The searchable forms of a subject's identifier entries ``(kind, field, value)``; excluded
+    forms are counted per rule in ``excluded``."""
+    out: list[Needle] = []
+    done: set[tuple[str, str]] = set()
+    for kind, fld, value in entries:
+        digest = _digest(salt, value)
+        if kind in ("date", "datetime"):
+            d = value.strip()[:8]
+            if len(d) == 8 and d.isdigit() and (d, "date") not in done:
+                done.add((d, "date"))
+                rule = excluded_by(d, "date")
+                if rule:
+                    if excluded is not None:
+                        excluded[rule] += 1
+                else:
+                    out.append(Needle(d.encode(), kind, fld, digest, subject, "date"))
+            if kind == "date":
+                continue
+        for form in forms(kind, value):
+            if (form, kind) in done:
+                continue
+            done.add((form, kind))
+            rule = excluded_by(form, kind)
+            if rule:
+                if excluded is not None:
+                    excluded[rule] += 1
+                continue
+            variants = {form} if form.isascii() else {form, form.lower(), form.upper(), form.casefold()}
+            for v in variants:
+                for enc in ("utf-8", "latin-1"):
+                    try:
+                        b = v.encode(enc).lower()
+                    except UnicodeEncodeError:
+                        continue
+                    out.append(Needle(b, kind, fld, digest, subject))
+            if kind == "id" and form.isascii():
+                compact = re.sub(rb"[^a-z0-9]", b"", form.lower().encode())
+                if len(compact) >= 6 and sum(c.isdigit() for c in form) >= 3:
+                    out.append(Needle(compact, kind, fld, digest, subject, "compact"))
+    return out
+
+
+def matcher_for(entries: Iterable[tuple[str, str, str]], subject: str = "", salt: bytes = b"") -> Matcher:
+    """The matcher of one subject's identifier entries (what the engines' residual sweep uses)."""
+    return Matcher(needles_for(subject, entries, salt))
+
+
+class IdentifierModel:
+    """One subject's identifying values as an engine meets them, and the matcher over them: the
+    residual sweep that every scrubber applies to each value it keeps (DICOM, the other formats,
+    BIDS sidecars).  Values are added as files are read; the matcher is rebuilt only when the set
+    of values grows (a subject's files usually repeat the same values)."""
+
+    __slots__ = ("entries", "_seen", "_matcher")
+
+    def __init__(self, entries: Iterable[tuple[str, str, str]] = ()) -> None:
+        self.entries: set[tuple[str, str, str]] = set()
+        self._seen: set[tuple[str, str]] = set()
+        self._matcher: Matcher | None = None
+        for e in entries:
+            self.add(*e)
+
+    def add(self, kind: str, field: str, value: str) -> None:
+        value = str(value).strip("\x00 \t\r\n")
+        if kind in SWEEP_KINDS and value and (kind, value) not in self._seen:
+            self._seen.add((kind, value))
+            self.entries.add((kind, field, value))
+            self._matcher = None
+
+    def add_values(self, field: str, values: Iterable[str]) -> None:
+        """Values of a non-DICOM field, classified by :func:`field_kind` (unclassified: ignored)."""
+        for v in values:
+            if v:
+                kind = field_kind(field, str(v))
+                if kind == "date":
+                    v = str(v).replace("-", "")[:8]
+                if kind:
+                    self.add(kind, field, str(v))
+
+    def add_guess(self, field: str, value: str) -> None:
+        """A value whose kind is known only from its look (the inventory's patient name, ID and
+        birth date of a subject): a date (8 digits), a person name (``^`` or letters only), else an ID."""
+        v = str(value).strip("\x00 ")
+        if not v:
+            return
+        digits = v.replace("-", "")
+        if len(digits) == 8 and digits.isdigit():
+            self.add("date", field, digits)
+        elif "^" in v or all(c.isalpha() or c in " .,'-" for c in v):
+            self.add("name", field, v)
+        else:
+            self.add("id", field, v)
+
+    def add_keyword(self, keyword: str, value) -> None:
+        """A value of the DICOM attribute ``keyword`` (a BIDS sidecar field of the same name)."""
+        from pydicom.datadict import tag_for_keyword
+        tag = tag_for_keyword(keyword)
+        if tag is not None:
+            if keyword.endswith("Date") and isinstance(value, str):
+                value = value.replace("-", "")
+            self.add_element(tag, None, value)
+
+    def add_element(self, tag: int, vr: str | None, value) -> None:
+        """A decoded DICOM value of an identifying attribute (see :func:`element_kind`)."""
+        kind, field = element_kind(tag, vr)
+        if kind in SWEEP_KINDS:
+            for s in _strings(value):
+                self.add(kind, field, s)
+
+    @property
+    def matcher(self) -> Matcher:
+        if self._matcher is None:
+            self._matcher = matcher_for(sorted(self.entries))
+        return self._matcher
+
+    def redact_text(self, text: str, fill: str = "*", same_length: bool = False) -> str:
+        return self.matcher.redact_text(text, fill, same_length) if self.entries else text
+
+    def redact(self, data: bytes, fill: bytes = b"*") -> bytes:
+        """Same-length redaction of a binary or fixed-size value (``data`` itself when clean)."""
+        return self.matcher.redact(data, fill) if self.entries else data
