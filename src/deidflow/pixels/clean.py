@@ -21,13 +21,19 @@ from pydicom.dataset import Dataset
 from . import identify, ink, layout, ocr, render, thumbs
 from .layout import Box
 from .pixeldata import Frames, PixelDataError
-from .policy import Decision, HeaderFacts, decide, load_policy, load_regions, regions_for
+from .policy import Decision, HeaderFacts, decide, load_policy, load_regions, load_series_overrides, regions_for
 
 SELECTION_KEYWORDS = ("Modality", "SOPClassUID", "ImageType", "BurnedInAnnotation", "Manufacturer",
-                      "ManufacturerModelName", "Rows", "Columns", "SpecimenLabelInImage", "SpecificCharacterSet")
-CAPTURE_TAGS = frozenset(tag_for_keyword(k) for k in (*SELECTION_KEYWORDS, *identify.HEADER_KEYWORDS))
+                      "ManufacturerModelName", "Rows", "Columns", "SpecimenLabelInImage", "SpecificCharacterSet",
+                      "SeriesInstanceUID")
+# the pixel module, so the screen can view native pixel data without parsing the file again
+PIXEL_MODULE_KEYWORDS = ("SamplesPerPixel", "BitsAllocated", "BitsStored", "PixelRepresentation", "NumberOfFrames",
+                         "PhotometricInterpretation", "PlanarConfiguration")
+CAPTURE_TAGS = frozenset(tag_for_keyword(k) for k in (*SELECTION_KEYWORDS, *PIXEL_MODULE_KEYWORDS,
+                                                       *identify.HEADER_KEYWORDS))
 CLEAN_PIXEL_CODE = ("113101", "Clean Pixel Data Option")
-DEFAULTS = {"clean": "auto", "policy": "all_text", "wsi_label": "drop", "selection_file": "", "regions_file": ""}
+DEFAULTS = {"clean": "auto", "policy": "all_text", "wsi_label": "drop", "selection_file": "", "regions_file": "",
+            "series_file": ""}
 UNREAD, TALL = 0.5, 0.1  # see _text_like
 READABLE = 0.75  # identifiers_only: text read with less confidence is redacted
 READ_CACHE_SIZE = 64
@@ -56,7 +62,9 @@ class Redaction:
 @dataclass
 class Outcome:
     """What happened to one file: ``skipped`` (not selected), ``no_text``, ``redacted``,
-    ``blanked`` (WSI label), ``dropped`` (WSI label not released)."""
+    ``blanked`` (WSI label), ``dropped`` (WSI label not released).  (Files of a series the
+    screen passed are recorded by :mod:`.subject` as ``screened``, or ``kept`` when cleaning was
+    switched off for the series.)"""
 
     action: str
     why: str
@@ -90,6 +98,7 @@ class PixelCleaner:
         self.policy, self.wsi_label = s["policy"], s["wsi_label"]
         self.rules = load_policy(s["selection_file"] or "")
         self.regions = load_regions(s["regions_file"] or "")
+        self.series_overrides = load_series_overrides(s["series_file"] or "")
         self.text_hash = text_hash
         self.threads = threads
         self.thumbnails = thumbnails
@@ -111,13 +120,15 @@ class PixelCleaner:
         return decide(HeaderFacts.from_dataset(header), self.mode, self.rules)
 
     # -- one file -----------------------------------------------------------------------------
-    def process(self, path: Path, header: Dataset | None, ids: identify.Identifiers | None = None) -> Outcome:
-        """Clean the de-identified file ``path`` in place (atomically) when the policy selects it.
+    def process(self, path: Path, header: Dataset | None, ids: identify.Identifiers | None = None,
+                decision: Decision | None = None) -> Outcome:
+        """Clean the de-identified file ``path`` in place (atomically) when the policy selects it
+        (or ``decision`` says so: the screen found text in its series).
 
         ``header`` holds the original values of :data:`CAPTURE_TAGS`; ``ids`` the patient's
         identifiers (default: from ``header``).  Raises PixelError for a selected file that
         cannot be cleaned."""
-        d = self.decide(header)
+        d = decision or self.decide(header)
         if d.action == "skip":
             return Outcome("skipped", d.why)
         if d.action == "wsi_label" and self.wsi_label == "drop":
