@@ -211,6 +211,12 @@ class PixelCleaner:
             return out
         boxes = [layout.pad(tb, shape) for tb, _, _ in merged]
         texts = {layout.pad(tb, shape): t[0] for tb, t, _ in merged}
+        if merged and d.action != "wsi_overview":  # letters next to the text the detector missed
+            gray = render.normalized(render.gray_of(frame), invert)
+            for box in ink.stray_glyphs(gray, [tb for tb, _, _ in merged]):
+                if not any(layout.intersection(box, b) == layout.area(box) for b in boxes):
+                    boxes.append(box)
+                    texts.setdefault(box, "")
         out = []
         for block in layout.blocks(boxes):
             inside = " ".join(texts[b] for b in boxes if layout.intersection(b, block) == layout.area(b))
