@@ -21,7 +21,8 @@ from pydicom.dataset import Dataset
 from . import identify, ink, layout, ocr, render, thumbs
 from .layout import Box
 from .pixeldata import Frames, PixelDataError
-from .policy import Decision, HeaderFacts, decide, load_policy, load_regions, load_series_overrides, regions_for
+from .policy import (Decision, HeaderFacts, decide, load_policy, load_regions, load_series_overrides, raw_key,
+                     regions_for)
 
 SELECTION_KEYWORDS = ("Modality", "SOPClassUID", "ImageType", "BurnedInAnnotation", "Manufacturer",
                       "ManufacturerModelName", "Rows", "Columns", "SpecimenLabelInImage", "SpecificCharacterSet",
@@ -29,6 +30,7 @@ SELECTION_KEYWORDS = ("Modality", "SOPClassUID", "ImageType", "BurnedInAnnotatio
 # the pixel module, so the screen can view native pixel data without parsing the file again
 PIXEL_MODULE_KEYWORDS = ("SamplesPerPixel", "BitsAllocated", "BitsStored", "PixelRepresentation", "NumberOfFrames",
                          "PhotometricInterpretation", "PlanarConfiguration")
+_SELECTION_TAGS = tuple(tag_for_keyword(k) for k in SELECTION_KEYWORDS if k != "SeriesInstanceUID")
 CAPTURE_TAGS = frozenset(tag_for_keyword(k) for k in (*SELECTION_KEYWORDS, *PIXEL_MODULE_KEYWORDS,
                                                        *identify.HEADER_KEYWORDS))
 CLEAN_PIXEL_CODE = ("113101", "Clean Pixel Data Option")
@@ -99,6 +101,7 @@ class PixelCleaner:
         self.rules = load_policy(s["selection_file"] or "")
         self.regions = load_regions(s["regions_file"] or "")
         self.series_overrides = load_series_overrides(s["series_file"] or "")
+        self._decisions: dict[tuple, Decision] = {}
         self.text_hash = text_hash
         self.threads = threads
         self.thumbnails = thumbnails
@@ -115,9 +118,17 @@ class PixelCleaner:
         return CAPTURE_TAGS
 
     def decide(self, header: Dataset | None) -> Decision:
+        """The header rules' decision, remembered per distinct set of the selection values (the
+        files of a series repeat them; decoding them costs as much as the screen)."""
         if header is None:
             return decide(HeaderFacts(), self.mode, self.rules)
-        return decide(HeaderFacts.from_dataset(header), self.mode, self.rules)
+        key = raw_key(header, _SELECTION_TAGS)
+        hit = self._decisions.get(key)
+        if hit is None:
+            if len(self._decisions) > 1024:
+                self._decisions.clear()
+            hit = self._decisions[key] = decide(HeaderFacts.from_dataset(header), self.mode, self.rules)
+        return hit
 
     # -- one file -----------------------------------------------------------------------------
     def process(self, path: Path, header: Dataset | None, ids: identify.Identifiers | None = None,

@@ -80,7 +80,8 @@ def _bands(mask: np.ndarray) -> list[tuple[int, int]] | None:
     return [(a, z) for a, z in runs]
 
 
-NEAR_V, NEAR_H = 2.0, 4.0  # a stray glyph lies within these many line heights of found text
+NEAR_V, NEAR_H = 1.0, 2.0  # a stray glyph lies within these many line heights of a found line
+MAX_GLYPH_AREA = 0.5  # stray glyphs together cover at most this share of the found lines' area
 GLYPH_H, GLYPH_W = 1.5, 3.0  # and is at most this tall and wide (in line heights)
 GLYPH_PAD = 0.5  # margin around a stray glyph, in line heights of the found text
 
@@ -89,7 +90,9 @@ def stray_glyphs(gray: np.ndarray, lines: list[Box]) -> list[Box]:
     """Letters and short lines at the ink level of the text found that the detector missed next
     to it (a one-letter value after its label, a small line above a block): glyph-sized connected
     pieces of pixels at the level of the found lines' ink (their brightest or darkest level,
-    whichever forms text bands), within a few line heights of a found line.  ``lines``: the
+    whichever forms text bands), within a line height above or below or two beside a found line;
+    none when they would cover more than MAX_GLYPH_AREA of the found lines' area (the ink level is
+    then shared with the image).  ``lines``: the
     detector's line boxes in frame pixels; returns boxes around each such piece with a margin of
     GLYPH_PAD line heights."""
     import cv2
@@ -122,24 +125,14 @@ def stray_glyphs(gray: np.ndarray, lines: list[Box]) -> list[Box]:
         x, y, w, h, area = (int(v) for v in st[i])
         if h <= GLYPH_H * line_h and w <= GLYPH_W * line_h and area >= 2 and h >= 2:
             glyphs.append((x, y, x + w, y + h))
-    # grow from the found lines: a glyph near a line or near a glyph already taken (a missed
-    # line is found letter by letter)
-    anchors = [(b, max(1, b[3] - b[1])) for b in lines]
-    taken: list[Box] = []
-    todo = glyphs
-    while todo:
-        rest = []
-        for box in todo:
-            if any(_near(box, a, lh) for a, lh in anchors):
-                inside = any(a[0] <= box[0] and box[2] <= a[2] and a[1] <= box[1] and box[3] <= a[3] for a in lines)
-                if not inside:
-                    taken.append(box)
-                anchors.append((box, max(1, round(line_h))))
-            else:
-                rest.append(box)
-        if len(rest) == len(todo):
-            break
-        todo = rest
+    taken = [g for g in glyphs
+             if any(_near(g, b, max(1, b[3] - b[1])) for b in lines)
+             and not any(b[0] <= g[0] and g[2] <= b[2] and b[1] <= g[1] and g[3] <= b[3] for b in lines)]
+    # pixels at the ink level all over the image (bright bone, a dark background) are not text:
+    # then nothing is added (the glyphs found would be anatomy as often as letters)
+    if sum((x1 - x0) * (y1 - y0) for x0, y0, x1, y1 in taken) > MAX_GLYPH_AREA * sum(
+            (x1 - x0) * (y1 - y0) for x0, y0, x1, y1 in lines):
+        return []
     m = max(1, round(GLYPH_PAD * line_h))  # as much margin as a found line gets
     H, W = gray.shape
     return [(max(0, x0 - m), max(0, y0 - m), min(W, x1 + m), min(H, y1 + m)) for x0, y0, x1, y1 in taken]

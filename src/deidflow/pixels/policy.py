@@ -80,6 +80,13 @@ class HeaderFacts:
                    model=text("ManufacturerModelName"), rows=number("Rows"), columns=number("Columns"))
 
 
+def raw_key(header, tags: tuple[int, ...]) -> tuple:
+    """The stored bytes of ``tags`` in ``header`` (not decoded): files of a series repeat them,
+    so a decision made from those values can be remembered under this key."""
+    raw = getattr(header, "_dict", {})
+    return tuple(getattr(raw.get(t), "value", None) for t in tags)
+
+
 def _rows(path: Path) -> Iterable[tuple[int, dict]]:
     lines = [(i, line) for i, line in enumerate(Path(path).read_text().splitlines(), 1)
              if line.strip() and not line.startswith("#")]

@@ -31,9 +31,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
+from pydicom.datadict import tag_for_keyword
 
 from . import ocr, render
 from .pixeldata import Frames
+from .policy import raw_key
 
 SMALL_SERIES = 8
 SPREAD = 2
@@ -45,9 +47,10 @@ READ_BATCH = 6
 MAX_UP = 4.0
 EDGE = 0.2  # an edge: a step of this share of the series' range between neighbouring pixels
 MIN_CONSTANT_EDGES = 12  # constant edge pixels that make the detector look (a character has dozens)
+_FRAME_TAGS = tuple(tag_for_keyword(k) for k in ("Rows", "Columns", "SamplesPerPixel", "BitsAllocated", "BitsStored",
+                                                  "PixelRepresentation", "NumberOfFrames", "PhotometricInterpretation",
+                                                  "PlanarConfiguration"))
 _ALNUM = re.compile(r"[0-9A-Za-z]")
-_FRAME_KEYWORDS = ("Rows", "Columns", "SamplesPerPixel", "BitsAllocated", "BitsStored", "PixelRepresentation",
-                   "NumberOfFrames", "PhotometricInterpretation", "PlanarConfiguration")
 
 
 class ScreenError(ValueError):
@@ -134,8 +137,7 @@ _MODULES: dict[tuple, tuple | None] = {}  # raw pixel-module values -> parsed la
 def _module(header) -> tuple | None:
     """(rows, cols, spp, bits, stored, signed, frames, photometric, planar) of the captured
     header, parsed once per distinct set of raw values (a series repeats them)."""
-    raw = getattr(header, "_dict", {})
-    key = tuple(getattr(raw.get(tag_for(kw)), "value", None) for kw in _FRAME_KEYWORDS)
+    key = raw_key(header, _FRAME_TAGS)
     if key in _MODULES:
         return _MODULES[key]
     try:
@@ -155,11 +157,6 @@ def _module(header) -> tuple | None:
         _MODULES.clear()
     _MODULES[key] = mod
     return mod
-
-
-def tag_for(keyword: str) -> int:
-    from pydicom.datadict import tag_for_keyword
-    return tag_for_keyword(keyword)
 
 
 def read_frames(path: Path, header):
