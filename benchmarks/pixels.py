@@ -86,8 +86,8 @@ def bench_screen(scratch: Path, reps: int = 3) -> None:
         pairs.append((times["off"], times["auto"]))
     off = statistics.median(a for a, _ in pairs)
     auto = statistics.median(b for _, b in pairs)
-    print(f"\nScreening cost, dicom stage on one core ({n} files, 30 MR subjects, 2 series each, no text; "
-          f"median of {reps} alternating pairs)")
+    print(f"\nScreening cost, dicom stage on one core ({n} files, 30 MR subjects, 2 series each, "
+          f"no text; median of {reps} alternating pairs)")
     print(f"{'measure':58s} {'value':>12s}")
     rows = [("dicom stage, pixels.clean: off (baseline), s", f"{off:.2f}"),
             ("dicom stage, pixels.clean: auto, s", f"{auto:.2f}"),
@@ -96,7 +96,8 @@ def bench_screen(scratch: Path, reps: int = 3) -> None:
             ("screen's share of the auto stage", f"{facts['screen_seconds'] / auto:.1%}"),
             ("series screened / with text found", f"{facts['series']} / {facts['text_found']}"),
             ("frames in screened series", f"{facts['frames']}"),
-            ("frames compared (sample) / through the detector", f"{facts['sampled_frames']} / {facts['screened_frames']}"),
+            ("frames compared (sample) / through the detector",
+             f"{facts['sampled_frames']} / {facts['screened_frames']}"),
             ("frames screened per second, one core", f"{facts['frames'] / max(1e-9, facts['screen_seconds']):,.0f}"),
             ("boxes redacted (must be 0)", f"{facts['boxes']}"),
             ("each pair off/auto, s", "  ".join(f"{a:.1f}/{b:.1f}" for a, b in pairs))]
@@ -165,7 +166,8 @@ def main() -> int:
         for policy in ("identifiers_only", "all_text"):
             clean._READ_CACHE.clear()  # time each policy with its own OCR
             scores, spent = run_ground_truth_set(JSL, Path(tmp) / policy, {"clean": "auto", "policy": policy})
-            print(table(scores, f"\nJSL pseudo-PHI, pixels.clean = auto (screen, then clean), pixels.policy = {policy}"))
+            print(table(scores, f"\nJSL pseudo-PHI, pixels.clean = auto (screen, then clean), "
+                                f"pixels.policy = {policy}"))
             rows.append((f"screen + cleaner, auto, {policy}", len(scores), spent))
         # the same run's baseline for all_text: every detected box also read by the recognizer
         # (as before recognition was limited to the boxes whose reading decides something)

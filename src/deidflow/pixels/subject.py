@@ -99,7 +99,8 @@ class SubjectPixels:
                 "thumbnails": [], "check": []}
         images = [m for m in members if _is_image(m.header)]
         forced = [m for m in members if m.decision.action != "skip"]
-        screenable = [m for m in images if m.decision.action == "skip" and _value(m.header, "SOPClassUID") != WSI_CLASS]
+        screenable = [m for m in images
+                      if m.decision.action == "skip" and _value(m.header, "SOPClassUID") != WSI_CLASS]
         clean: list[_Member] = []
         if mode == "off":
             fact["decision"], fact["why"] = "kept", "pixels.series_file: off"
@@ -180,9 +181,9 @@ class SubjectPixels:
             fact["files_cleaned"] += 1
             fact["boxes"] += len(out.redactions)
             frames = sorted({r.frame for r in out.redactions})
-            if len(frames) > CHECK_FRAMES:
-                frames = [frames[i] for i in screen.sample(len(frames))] + frames[:: max(1, len(frames) // CHECK_FRAMES)]
-                frames = sorted(set(frames))[:CHECK_FRAMES]
+            if len(frames) > CHECK_FRAMES:  # evenly spread, first and last included
+                last = len(frames) - 1
+                frames = sorted({frames[round(k * last / (CHECK_FRAMES - 1))] for k in range(CHECK_FRAMES)})
             fact["check"].append({"file": m.name, "frames": frames})
         if out.after_png is not None:
             stem = _stem(m.file)
