@@ -21,8 +21,8 @@ from pydicom.dataset import Dataset
 from . import identify, ink, layout, ocr, render, thumbs
 from .layout import Box
 from .pixeldata import Frames, PixelDataError
-from .policy import (Decision, HeaderFacts, decide, load_policy, load_regions, load_series_overrides, raw_key,
-                     regions_for)
+from .policy import (WSI_CLASS, Decision, HeaderFacts, decide, load_policy, load_regions, load_series_overrides,
+                     raw_key, regions_for)
 
 SELECTION_KEYWORDS = ("Modality", "SOPClassUID", "ImageType", "BurnedInAnnotation", "Manufacturer",
                       "ManufacturerModelName", "Rows", "Columns", "SpecimenLabelInImage", "SpecificCharacterSet",
@@ -101,7 +101,7 @@ class PixelCleaner:
         self.rules = load_policy(s["selection_file"] or "")
         self.regions = load_regions(s["regions_file"] or "")
         self.series_overrides = load_series_overrides(s["series_file"] or "")
-        self._decisions: dict[tuple, Decision] = {}
+        self._classes: dict[tuple, tuple[Decision, bool, bool]] = {}
         self.text_hash = text_hash
         self.threads = threads
         self.thumbnails = thumbnails
@@ -118,16 +118,22 @@ class PixelCleaner:
         return CAPTURE_TAGS
 
     def decide(self, header: Dataset | None) -> Decision:
-        """The header rules' decision, remembered per distinct set of the selection values (the
-        files of a series repeat them; decoding them costs as much as the screen)."""
+        return self.classify(header)[0]
+
+    def classify(self, header: Dataset | None) -> tuple[Decision, bool, bool]:
+        """(the header rules' decision, is it an image, is it a whole-slide image), remembered per
+        distinct set of the selection values (the files of a series repeat them; decoding them
+        for every file costs as much as the screen)."""
         if header is None:
-            return decide(HeaderFacts(), self.mode, self.rules)
+            return decide(HeaderFacts(), self.mode, self.rules), False, False
         key = raw_key(header, _SELECTION_TAGS)
-        hit = self._decisions.get(key)
+        hit = self._classes.get(key)
         if hit is None:
-            if len(self._decisions) > 1024:
-                self._decisions.clear()
-            hit = self._decisions[key] = decide(HeaderFacts.from_dataset(header), self.mode, self.rules)
+            if len(self._classes) > 1024:
+                self._classes.clear()
+            h = HeaderFacts.from_dataset(header)
+            hit = self._classes[key] = (decide(h, self.mode, self.rules), h.rows > 0 and h.columns > 0,
+                                        h.sop_class == WSI_CLASS)
         return hit
 
     # -- one file -----------------------------------------------------------------------------

@@ -25,7 +25,7 @@ from typing import Callable
 from ..fsutil import RESTRICTED_FILE_MODE, atomic_write_text, make_restricted_dir
 from .leakcheck import facts_path
 from .clean import Outcome, PixelCleaner, PixelError
-from .policy import WSI_CLASS, Decision
+from .policy import Decision
 from .qc import SubjectPixelsQC, _stem
 from . import screen
 
@@ -41,6 +41,8 @@ class _Member:
     header: object  # original values the engine captured (pydicom Dataset) or None
     entry: dict  # the file's audit record (gets "pixels")
     decision: Decision
+    image: bool  # has rows and columns
+    wsi: bool  # a whole-slide image (its pyramid levels are never screened)
     outcome: Outcome | None = None
 
 
@@ -68,7 +70,7 @@ class SubjectPixels:
             self.flush()
             self._key = key
         name = f"{self.prefix}/{file}" if self.prefix else file
-        self._members.append(_Member(relpath, file, name, Path(staged), header, entry, self.cleaner.decide(header)))
+        self._members.append(_Member(relpath, file, name, Path(staged), header, entry, *self.cleaner.classify(header)))
 
     def flush(self) -> None:
         if self._members:
@@ -97,10 +99,9 @@ class SubjectPixels:
                 "sampled_frames": 0, "outlier_frames": 0, "detector_runs": 0, "screen_seconds": 0.0,
                 "text_found": None, "found": [], "files_cleaned": 0, "boxes": 0, "withheld": 0,
                 "thumbnails": [], "check": []}
-        images = [m for m in members if _is_image(m.header)]
+        images = [m for m in members if m.image]
         forced = [m for m in members if m.decision.action != "skip"]
-        screenable = [m for m in images
-                      if m.decision.action == "skip" and _value(m.header, "SOPClassUID") != WSI_CLASS]
+        screenable = [m for m in images if m.decision.action == "skip" and not m.wsi]
         clean: list[_Member] = []
         if mode == "off":
             fact["decision"], fact["why"] = "kept", "pixels.series_file: off"
@@ -206,10 +207,5 @@ def _value(header, keyword: str):
     return None if v is None else (str(v).strip() if keyword.endswith("UID") else v)
 
 
-def _is_image(header) -> bool:
-    try:
-        return header is not None and int(header.get("Rows") or 0) > 0 and int(header.get("Columns") or 0) > 0
-    except Exception:
-        return False
 
 
