@@ -82,22 +82,25 @@ def _subject(subj: Mapping[str, Any], input_dir: Path, release_root: Path, restr
              scrubber: Scrubber, cleaner: "PixelCleaner | None" = None) -> tuple[int, list[tuple[str, str]]]:
     """One subject: files into a staging folder, published in one rename; audit written.
 
-    With a pixel ``cleaner``, each staged file the selection policy picks (decided from the
-    original header values the engine captured) is cleaned of burned-in text before the
-    subject is published; the others stay as the fast path wrote them."""
+    With a pixel ``cleaner``, each series is screened and cleaned of burned-in text once its
+    files are staged (see :mod:`deidflow.pixels.subject`), before the subject is published;
+    files not cleaned stay as the fast path wrote them."""
     subject = subj["subject"]
     files = [f for f in subj["files"] if f.get("format", "dicom") == "dicom"]  # the rest: other stages
     if not files:
         return 0, []
     final = release_root / subject
     stage = staging_dir_for(final, restricted)
-    audit_lines: list[str] = []
+    entries: list[dict] = []
     bad: list[tuple[str, str]] = []
     capture = cleaner.capture if cleaner is not None else frozenset()
-    pixels_qc = None
+    pixels = None
     if cleaner is not None:
         from .pixels.qc import SubjectPixelsQC
-        pixels_qc = SubjectPixelsQC(subject)
+        from .pixels.subject import SubjectPixels
+        pixels = SubjectPixels(cleaner, subject, SubjectPixelsQC(subject),
+                               prefix=release_root.relative_to(release_root.parents[1]).as_posix(),
+                               output_error=lambda e: OutputError(f"cannot write the release: {e.strerror}"))
     try:
         for f in files:
             try:
@@ -111,42 +114,18 @@ def _subject(subj: Mapping[str, Any], input_dir: Path, release_root: Path, restr
                 bad.append((f["relpath"], f"file not readable: {exc.strerror}"))
                 continue
             entry = {"file": f"{subject}/{f['out_relpath']}", "source": f["src_id"], "actions": res.actions}
-            if cleaner is not None:
-                pix = _clean_pixels(cleaner, stage / f["out_relpath"], res, entry["file"], pixels_qc)
-                if isinstance(pix, str):
-                    bad.append((f["relpath"], pix))
-                    continue
-                if pix:
-                    entry["pixels"] = pix
-            audit_lines.append(json.dumps(entry, sort_keys=True))
+            entries.append(entry)
+            if pixels is not None:
+                pixels.add(f["relpath"], entry["file"], stage / f["out_relpath"], res.captured, entry)
+        if pixels is not None:
+            bad += pixels.finish(restricted)
         publish_dir(stage, final)
     except BaseException:
         shutil.rmtree(stage, ignore_errors=True)  # nothing partial stays behind
         raise
-    if pixels_qc is not None:
-        pixels_qc.publish(release_root.parents[1] / "derivatives" / "deidflow" / "qc", restricted)
+    if pixels is not None:
+        pixels.qc.publish(release_root.parents[1] / "derivatives" / "deidflow" / "qc", restricted)
+    audit_lines = [json.dumps(e, sort_keys=True) for e in entries if not e.get("withheld")]
     audit = make_restricted_dir(restricted / "audit") / f"{subject}.jsonl"
     atomic_write_text(audit, "".join(line + "\n" for line in audit_lines), RESTRICTED_FILE_MODE)
     return len(audit_lines), bad
-
-
-def _clean_pixels(cleaner: "PixelCleaner", staged: Path, res, name: str, qc) -> dict | str | None:
-    """Run the pixel step on one staged file: its audit record (None when not selected), or a
-    quarantine reason (the staged file is removed: it must not be released uncleaned)."""
-    from .pixels import PixelError
-    try:
-        out = cleaner.process(staged, res.captured)
-    except PixelError as exc:
-        staged.unlink(missing_ok=True)
-        return str(exc)
-    except OSError as exc:
-        if exc.errno in OUTPUT_ERRNOS:
-            raise OutputError(f"cannot write the release: {exc.strerror}") from None
-        staged.unlink(missing_ok=True)
-        return f"pixel data could not be cleaned: {exc.strerror}"
-    if out.action == "skipped":
-        return None
-    if out.action == "dropped":
-        staged.unlink(missing_ok=True)  # WSI label image, not released (pixels.wsi_label: drop)
-    qc.add(name, out)
-    return out.audit()

@@ -21,13 +21,21 @@ from pydicom.dataset import Dataset
 from . import identify, ink, layout, ocr, render, thumbs
 from .layout import Box
 from .pixeldata import Frames, PixelDataError
-from .policy import Decision, HeaderFacts, decide, load_policy, load_regions, regions_for
+from .policy import (WSI_CLASS, Decision, HeaderFacts, decide, load_policy, load_regions, load_series_overrides,
+                     raw_key, regions_for)
 
 SELECTION_KEYWORDS = ("Modality", "SOPClassUID", "ImageType", "BurnedInAnnotation", "Manufacturer",
-                      "ManufacturerModelName", "Rows", "Columns", "SpecimenLabelInImage", "SpecificCharacterSet")
-CAPTURE_TAGS = frozenset(tag_for_keyword(k) for k in (*SELECTION_KEYWORDS, *identify.HEADER_KEYWORDS))
+                      "ManufacturerModelName", "Rows", "Columns", "SpecimenLabelInImage", "SpecificCharacterSet",
+                      "SeriesInstanceUID")
+# the pixel module, so the screen can view native pixel data without parsing the file again
+PIXEL_MODULE_KEYWORDS = ("SamplesPerPixel", "BitsAllocated", "BitsStored", "PixelRepresentation", "NumberOfFrames",
+                         "PhotometricInterpretation", "PlanarConfiguration")
+_SELECTION_TAGS = tuple(tag_for_keyword(k) for k in SELECTION_KEYWORDS if k != "SeriesInstanceUID")
+CAPTURE_TAGS = frozenset(tag_for_keyword(k) for k in (*SELECTION_KEYWORDS, *PIXEL_MODULE_KEYWORDS,
+                                                       *identify.HEADER_KEYWORDS))
 CLEAN_PIXEL_CODE = ("113101", "Clean Pixel Data Option")
-DEFAULTS = {"clean": "auto", "policy": "all_text", "wsi_label": "drop", "selection_file": "", "regions_file": ""}
+DEFAULTS = {"clean": "auto", "policy": "all_text", "wsi_label": "drop", "selection_file": "", "regions_file": "",
+            "series_file": ""}
 UNREAD, TALL = 0.5, 0.1  # see _text_like
 READABLE = 0.75  # identifiers_only: text read with less confidence is redacted
 READ_CACHE_SIZE = 64
@@ -56,7 +64,9 @@ class Redaction:
 @dataclass
 class Outcome:
     """What happened to one file: ``skipped`` (not selected), ``no_text``, ``redacted``,
-    ``blanked`` (WSI label), ``dropped`` (WSI label not released)."""
+    ``blanked`` (WSI label), ``dropped`` (WSI label not released).  (Files of a series the
+    screen passed are recorded by :mod:`.subject` as ``screened``, or ``kept`` when cleaning was
+    switched off for the series.)"""
 
     action: str
     why: str
@@ -90,6 +100,8 @@ class PixelCleaner:
         self.policy, self.wsi_label = s["policy"], s["wsi_label"]
         self.rules = load_policy(s["selection_file"] or "")
         self.regions = load_regions(s["regions_file"] or "")
+        self.series_overrides = load_series_overrides(s["series_file"] or "")
+        self._classes: dict[tuple, tuple[Decision, bool, bool]] = {}
         self.text_hash = text_hash
         self.threads = threads
         self.thumbnails = thumbnails
@@ -106,18 +118,34 @@ class PixelCleaner:
         return CAPTURE_TAGS
 
     def decide(self, header: Dataset | None) -> Decision:
+        return self.classify(header)[0]
+
+    def classify(self, header: Dataset | None) -> tuple[Decision, bool, bool]:
+        """(the header rules' decision, is it an image, is it a whole-slide image), remembered per
+        distinct set of the selection values (the files of a series repeat them; decoding them
+        for every file costs as much as the screen)."""
         if header is None:
-            return decide(HeaderFacts(), self.mode, self.rules)
-        return decide(HeaderFacts.from_dataset(header), self.mode, self.rules)
+            return decide(HeaderFacts(), self.mode, self.rules), False, False
+        key = raw_key(header, _SELECTION_TAGS)
+        hit = self._classes.get(key)
+        if hit is None:
+            if len(self._classes) > 1024:
+                self._classes.clear()
+            h = HeaderFacts.from_dataset(header)
+            hit = self._classes[key] = (decide(h, self.mode, self.rules), h.rows > 0 and h.columns > 0,
+                                        h.sop_class == WSI_CLASS)
+        return hit
 
     # -- one file -----------------------------------------------------------------------------
-    def process(self, path: Path, header: Dataset | None, ids: identify.Identifiers | None = None) -> Outcome:
-        """Clean the de-identified file ``path`` in place (atomically) when the policy selects it.
+    def process(self, path: Path, header: Dataset | None, ids: identify.Identifiers | None = None,
+                decision: Decision | None = None) -> Outcome:
+        """Clean the de-identified file ``path`` in place (atomically) when the policy selects it
+        (or ``decision`` says so: the screen found text in its series).
 
         ``header`` holds the original values of :data:`CAPTURE_TAGS`; ``ids`` the patient's
         identifiers (default: from ``header``).  Raises PixelError for a selected file that
         cannot be cleaned."""
-        d = self.decide(header)
+        d = decision or self.decide(header)
         if d.action == "skip":
             return Outcome("skipped", d.why)
         if d.action == "wsi_label" and self.wsi_label == "drop":
@@ -200,6 +228,12 @@ class PixelCleaner:
             return out
         boxes = [layout.pad(tb, shape) for tb, _, _ in merged]
         texts = {layout.pad(tb, shape): t[0] for tb, t, _ in merged}
+        if merged and d.action != "wsi_overview":  # letters next to the text the detector missed
+            gray = render.normalized(render.gray_of(frame), invert)
+            for box in ink.stray_glyphs(gray, [tb for tb, _, _ in merged]):
+                if not any(layout.intersection(box, b) == layout.area(box) for b in boxes):
+                    boxes.append(box)
+                    texts.setdefault(box, "")
         out = []
         for block in layout.blocks(boxes):
             inside = " ".join(texts[b] for b in boxes if layout.intersection(b, block) == layout.area(b))

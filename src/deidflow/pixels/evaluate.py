@@ -23,6 +23,7 @@ class FileScore:
     outside_changed: float  # changed share of the pixels outside all ground-truth boxes
     changed_outside_share: float  # share of the changed pixels that lie outside ground truth
     skipped_boxes: int = 0  # annotated boxes wholly outside the image
+    untouched: int = 0  # PHI boxes of which not one pixel changed
 
 
 def ground_truth(json_path: Path) -> tuple[list[tuple[int, int, int, int]], list[tuple[int, int, int, int]]]:
@@ -50,7 +51,7 @@ def score(name: str, changed: np.ndarray, values, every) -> FileScore:
     gt = np.zeros_like(changed)
     for x0, y0, x1, y1 in every:
         gt[max(0, y0):y1 + 1, max(0, x0):x1 + 1] = True
-    n = removed = skipped = 0
+    n = removed = skipped = untouched = 0
     for x0, y0, x1, y1 in values:
         sub = changed[max(0, y0):min(h, y1 + 1), max(0, x0):min(w, x1 + 1)]
         if sub.size == 0:
@@ -58,22 +59,28 @@ def score(name: str, changed: np.ndarray, values, every) -> FileScore:
             continue
         n += 1
         removed += bool(sub.mean() >= REMOVED)
+        untouched += not sub.any()
     outside = ~gt
     out_changed = changed & outside
     return FileScore(name, n, removed, float(out_changed.sum() / max(1, outside.sum())),
-                     float(out_changed.sum() / max(1, changed.sum())), skipped)
+                     float(out_changed.sum() / max(1, changed.sum())), skipped, untouched)
 
 
 def run_ground_truth_set(folder: Path, work: Path, settings: dict) -> tuple[list[FileScore], float]:
     """Clean every ``*.dcm`` of ``folder`` that has a ``.json`` of boxes beside it (copies in
-    ``work``), score each against its boxes; also the seconds spent in the cleaner."""
+    ``work``), score each against its boxes; also the seconds spent in the cleaner.  With
+    ``clean: auto`` each file goes through the dicom job's series step (:mod:`.subject`: header
+    rules, then the screen) as a series of its own."""
     import shutil
     import time
 
     import pydicom
 
     from .clean import PixelCleaner
+    from .qc import SubjectPixelsQC
+    from .subject import SubjectPixels
     cleaner = PixelCleaner(settings, thumbnails=False)
+    auto = cleaner.mode == "auto"
     scores, spent = [], 0.0
     work = Path(work)
     work.mkdir(parents=True, exist_ok=True)
@@ -86,7 +93,12 @@ def run_ground_truth_set(folder: Path, work: Path, settings: dict) -> tuple[list
         header = pydicom.dcmread(src, stop_before_pixels=True)
         before = pydicom.dcmread(src).pixel_array
         t = time.perf_counter()
-        cleaner.process(dst, header)
+        if auto:
+            subject = SubjectPixels(cleaner, "sub-EVAL", SubjectPixelsQC("sub-EVAL"))
+            subject.add(src.name, f"sub-EVAL/ses-1/{src.stem}/0001.dcm", dst, header, {})
+            subject.finish(work / "restricted")
+        else:
+            cleaner.process(dst, header)
         spent += time.perf_counter() - t
         after = pydicom.dcmread(dst).pixel_array
         values, every = ground_truth(gt)
@@ -110,5 +122,6 @@ def summary(scores: list[FileScore]) -> str:
     removed = sum(s.removed for s in scores)
     mean_out = sum(s.outside_changed for s in scores) / max(1, len(scores))
     worst = max((s.outside_changed for s in scores), default=0.0)
-    return (f"recall {removed}/{boxes} = {removed / max(1, boxes):.3f}; changed outside ground truth: "
-            f"mean {100 * mean_out:.2f}%, worst file {100 * worst:.2f}%")
+    untouched = sum(1 for s in scores if s.untouched)
+    return (f"recall {removed}/{boxes} = {removed / max(1, boxes):.3f}; files with a PHI box untouched: "
+            f"{untouched}; changed outside ground truth: mean {100 * mean_out:.2f}%, worst file {100 * worst:.2f}%")

@@ -78,3 +78,67 @@ def _bands(mask: np.ndarray) -> list[tuple[int, int]] | None:
     if sum(z - a for a, z in runs) > COVER * mask.shape[0] or int(rows.sum()) - inside > STRAY * inside:
         return None
     return [(a, z) for a, z in runs]
+
+
+NEAR_V, NEAR_H = 1.0, 2.0  # a stray glyph lies within these many line heights of a found line
+MAX_GLYPH_AREA = 0.5  # stray glyphs together cover at most this share of the found lines' area
+GLYPH_H, GLYPH_W = 1.5, 3.0  # and is at most this tall and wide (in line heights)
+GLYPH_PAD = 0.5  # margin around a stray glyph, in line heights of the found text
+
+
+def stray_glyphs(gray: np.ndarray, lines: list[Box]) -> list[Box]:
+    """Letters and short lines at the ink level of the text found that the detector missed next
+    to it (a one-letter value after its label, a small line above a block): glyph-sized connected
+    pieces of pixels at the level of the found lines' ink (their brightest or darkest level,
+    whichever forms text bands), within a line height above or below or two beside a found line;
+    none when they would cover more than MAX_GLYPH_AREA of the found lines' area (the ink level is
+    then shared with the image).  ``lines``: the
+    detector's line boxes in frame pixels; returns boxes around each such piece with a margin of
+    GLYPH_PAD line heights."""
+    import cv2
+    if not lines:
+        return []
+    levels: list[tuple[float, float]] = []
+    heights = []
+    for x0, y0, x1, y1 in lines:
+        region = gray[y0:y1, x0:x1]
+        if region.size == 0:
+            continue
+        lo, hi = float(region.min()), float(region.max())
+        if hi - lo < 1:
+            continue
+        tol = LEVEL * (hi - lo)
+        for mask, rng in ((region >= hi - tol, (hi - tol, hi)), (region <= lo + tol, (lo, lo + tol))):
+            bands = _bands(mask)
+            if bands:
+                levels.append(rng)
+                heights += [z - a for a, z in bands]
+    if not levels or not heights:
+        return []
+    line_h = float(np.median(heights))
+    ink = np.zeros(gray.shape, np.uint8)
+    for a, z in set(levels):
+        ink |= ((gray >= a) & (gray <= z)).astype(np.uint8)
+    n, _, st, _ = cv2.connectedComponentsWithStats(ink, connectivity=8)
+    glyphs = []
+    for i in range(1, n):
+        x, y, w, h, area = (int(v) for v in st[i])
+        if h <= GLYPH_H * line_h and w <= GLYPH_W * line_h and area >= 2 and h >= 2:
+            glyphs.append((x, y, x + w, y + h))
+    taken = [g for g in glyphs
+             if any(_near(g, b, max(1, b[3] - b[1])) for b in lines)
+             and not any(b[0] <= g[0] and g[2] <= b[2] and b[1] <= g[1] and g[3] <= b[3] for b in lines)]
+    # pixels at the ink level all over the image (bright bone, a dark background) are not text:
+    # then nothing is added (the glyphs found would be anatomy as often as letters)
+    if sum((x1 - x0) * (y1 - y0) for x0, y0, x1, y1 in taken) > MAX_GLYPH_AREA * sum(
+            (x1 - x0) * (y1 - y0) for x0, y0, x1, y1 in lines):
+        return []
+    m = max(1, round(GLYPH_PAD * line_h))  # as much margin as a found line gets
+    H, W = gray.shape
+    return [(max(0, x0 - m), max(0, y0 - m), min(W, x1 + m), min(H, y1 + m)) for x0, y0, x1, y1 in taken]
+
+
+def _near(box: Box, anchor: Box, lh: int) -> bool:
+    dv = max(anchor[1] - box[3], box[1] - anchor[3], 0)
+    dh = max(anchor[0] - box[2], box[0] - anchor[2], 0)
+    return dv <= NEAR_V * lh and dh <= NEAR_H * lh

@@ -80,6 +80,13 @@ class HeaderFacts:
                    model=text("ManufacturerModelName"), rows=number("Rows"), columns=number("Columns"))
 
 
+def raw_key(header, tags: tuple[int, ...]) -> tuple:
+    """The stored bytes of ``tags`` in ``header`` (not decoded): files of a series repeat them,
+    so a decision made from those values can be remembered under this key."""
+    raw = getattr(header, "_dict", {})
+    return tuple(getattr(raw.get(t), "value", None) for t in tags)
+
+
 def _rows(path: Path) -> Iterable[tuple[int, dict]]:
     lines = [(i, line) for i, line in enumerate(Path(path).read_text().splitlines(), 1)
              if line.strip() and not line.startswith("#")]
@@ -174,6 +181,27 @@ def regions_for(h: HeaderFacts, regions: tuple[Region, ...]) -> list[Region]:
     return [r for r in regions if r.matches(h)]
 
 
+SERIES_MODES = ("auto", "always", "off")
+
+
+@lru_cache(maxsize=8)
+def load_series_overrides(path: str = "") -> dict[str, tuple[str, str]]:
+    """``pixels.series_file``: per-series modes, ``{SeriesInstanceUID: (mode, note)}`` from a
+    table with the columns ``series_uid``, ``clean`` (auto, always, off) and ``note``.  The UIDs
+    are the original ones, so the table lives with the site's configuration, not on a command
+    line."""
+    if not path:
+        return {}
+    out = {}
+    p = Path(path)
+    for lineno, r in _rows(p):
+        uid, mode = r.get("series_uid", ""), r.get("clean", "").lower()
+        if not uid or mode not in SERIES_MODES:
+            raise PolicyError(f"{p} line {lineno}: needs series_uid and clean ({', '.join(SERIES_MODES)})")
+        out[uid] = (mode, r.get("note", ""))
+    return out
+
+
 def check_config(settings: Mapping) -> None:
     """Configuration check (before any job runs): the tables load and, unless cleaning is off,
     the OCR models are installed.  Raises PolicyError, OSError or OcrUnavailable."""
@@ -181,5 +209,6 @@ def check_config(settings: Mapping) -> None:
         return
     load_policy(settings.get("selection_file") or "")
     load_regions(settings.get("regions_file") or "")
+    load_series_overrides(settings.get("series_file") or "")
     from .ocr import model_files
     model_files()

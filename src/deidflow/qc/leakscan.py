@@ -682,11 +682,23 @@ def scan_unit(release: Path, restricted: Path, manifest: Path, *, pixel_data: bo
             scanned += fs.scanned
             skipped += fs.skipped
             notes += fs.notes
+        pixel_hits, pixel_frames = _pixel_check(release, restricted, s, matcher)  # burned-in text, read again
+        hits += pixel_hits
         subjects[s] = {"files": len(files), "identifiers": counts[s], "bytes_scanned": scanned,
                        "bytes_not_scanned": skipped, "hits": sorted(hits, key=_hit_key), "notes": notes,
-                       "status": "leak" if hits else "clean"}
+                       "pixel_frames_read": pixel_frames, "status": "leak" if hits else "clean"}
     return {"unit": m["unit"], "searched_forms": len(matcher), "excluded_forms": dict(sorted(excluded.items())),
             "pixel_data_scanned": pixel_data, "subjects": subjects}
+
+
+def _pixel_check(release: Path, restricted: Path, subject: str, matcher: Matcher) -> tuple[list[dict], int]:
+    """The pixel leak check (:mod:`deidflow.pixels.leakcheck`) of the images the pixel step
+    touched; nothing to do (and nothing imported) when it left no facts for the subject."""
+    from ..pixels.leakcheck import facts_path
+    if not facts_path(restricted, subject).is_file():
+        return [], 0
+    from ..pixels.leakcheck import identifier_finder, pixel_hits
+    return pixel_hits(release, restricted, subject, identifier_finder(matcher))
 
 
 def _hit_key(h: Mapping) -> tuple:

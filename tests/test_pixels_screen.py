@@ -1,0 +1,184 @@
+"""pixels.clean: auto screens every image series for burned-in text (synthetic series, the real
+OCR models); the facts file; the pixel leak check on a series whose cleaning was switched off."""
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+
+import numpy as np
+import pydicom
+import pytest
+from pydicom.dataset import Dataset, FileMetaDataset
+from pydicom.uid import ExplicitVRLittleEndian, MRImageStorage, generate_uid
+
+from deidflow.pixels import screen
+from deidflow.pixels.clean import PixelCleaner
+from deidflow.pixels.leakcheck import facts_path, files_to_check, identifier_finder, pixel_hits
+from deidflow.pixels.qc import SubjectPixelsQC
+from deidflow.pixels.subject import SubjectPixels
+from deidflow.qc.leakscan import Matcher, needles_for
+
+pytest.importorskip("rapidocr_onnxruntime")
+NAME = "HARTMANN^GISELA"
+
+
+def anatomy(n: int, size: int = 192, seed: int = 0) -> np.ndarray:
+    """``n`` MR-like slices: an ellipse whose size and brightness change smoothly, plus noise."""
+    rng = np.random.default_rng(seed)
+    yy, xx = np.mgrid[:size, :size]
+    out = np.empty((n, size, size), np.uint16)
+    for i in range(n):
+        r = size * (0.25 + 0.15 * np.sin(np.pi * (i + 1) / (n + 1)))
+        inside = ((yy - size / 2) / r) ** 2 + ((xx - size / 2) / (0.8 * r)) ** 2 <= 1
+        img = rng.normal(40, 12, (size, size)) + inside * (600 + 300 * np.cos(xx / 9.0 + i) * np.sin(yy / 13.0))
+        out[i] = np.clip(img, 0, 4095)
+    return out
+
+
+def burn(frame: np.ndarray, text: str, xy=(6, 4), value: int | None = None) -> np.ndarray:
+    from PIL import Image, ImageDraw, ImageFont
+    mask = Image.new("L", (frame.shape[1], frame.shape[0]), 0)
+    ImageDraw.Draw(mask).text(xy, text, fill=255, font=ImageFont.load_default(size=14))
+    out = frame.copy()
+    out[np.asarray(mask) > 127] = int(frame.max()) if value is None else value
+    return out
+
+
+def write_series(folder: Path, frames: np.ndarray, series_uid: str | None = None) -> list[tuple[Path, Dataset]]:
+    folder.mkdir(parents=True, exist_ok=True)
+    series_uid = series_uid or generate_uid()
+    out = []
+    for i, f in enumerate(frames, 1):
+        ds = Dataset()
+        ds.file_meta = FileMetaDataset()
+        ds.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
+        ds.SOPClassUID = ds.file_meta.MediaStorageSOPClassUID = MRImageStorage
+        ds.SOPInstanceUID = ds.file_meta.MediaStorageSOPInstanceUID = generate_uid()
+        ds.Modality, ds.SeriesInstanceUID, ds.InstanceNumber = "MR", series_uid, i
+        ds.ImageType = ["ORIGINAL", "PRIMARY", "M", "ND"]
+        ds.Rows, ds.Columns = f.shape
+        ds.SamplesPerPixel, ds.PhotometricInterpretation = 1, "MONOCHROME2"
+        ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.PixelRepresentation = 16, 12, 11, 0
+        ds.PixelData = np.ascontiguousarray(f, "<u2").tobytes()
+        p = folder / f"{i:04d}.dcm"
+        ds.save_as(p, enforce_file_format=True)
+        out.append((p, pydicom.dcmread(p, stop_before_pixels=True)))
+    return out
+
+
+def run_series(series: dict[str, list[tuple[Path, Dataset]]], restricted: Path, settings: dict) -> tuple[dict, list]:
+    """The dicom job's pixel step over staged files (``series``: name -> files), as _subject runs it."""
+    cleaner = PixelCleaner(settings, thumbnails=True)
+    sp = SubjectPixels(cleaner, "sub-T", SubjectPixelsQC("sub-T"), prefix="sourcedata/dicom")
+    entries = []
+    for name, files in series.items():
+        for i, (path, header) in enumerate(files, 1):
+            entry = {"file": f"sub-T/ses-1/{name}/{i:04d}.dcm"}
+            entries.append(entry)
+            sp.add(str(path), entry["file"], path, header, entry)
+    bad = sp.finish(restricted)
+    assert bad == []
+    return json.loads(facts_path(restricted, "sub-T").read_text()), entries
+
+
+def digest(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+# --------------------------------------------------------------------------------------------
+def test_sample_covers_small_series_and_spreads_over_long_ones():
+    assert screen.sample(5) == [0, 1, 2, 3, 4]
+    assert screen.sample(8) == list(range(8))
+    s = screen.sample(35)
+    assert s[0] == 0 and s[-1] == 34 and 17 in s and 5 <= len(s) <= 6
+
+
+def test_outliers_find_a_key_image_not_the_smooth_anatomy():
+    frames = list(anatomy(30))
+    base = [screen.stats(f) for f in frames]
+    assert screen.outliers(base) == []  # ends of the volume (little anatomy) are not outliers
+    key = np.full_like(frames[0], 50)
+    key[20:60, 20:180] = 4095  # a screen capture: flat panels, text
+    frames[12] = key
+    assert 12 in screen.outliers([screen.stats(f) for f in frames])
+    small = frames[:]
+    small[7] = frames[7][:96, :96]  # another size
+    assert 7 in screen.outliers([screen.stats(f) for f in small])
+
+
+def test_constant_edges_mark_text_burned_into_every_frame():
+    frames = anatomy(5)
+    assert screen.constant_edges(list(frames)).sum() < screen.MIN_CONSTANT_EDGES
+    burned = [burn(f, "ID 4711", value=4095) for f in frames]
+    ce = screen.constant_edges(burned)
+    assert ce.sum() >= screen.MIN_CONSTANT_EDGES
+    x0, y0, x1, y1 = screen.bounding(ce, 0)
+    assert y1 <= 30 and x0 <= 10  # where the text is
+
+
+def test_clean_series_is_screened_and_left_bit_identical(tmp_path):
+    files = write_series(tmp_path / "s1", anatomy(24))
+    before = [digest(p) for p, _ in files]
+    fact, entries = run_series({"MR001-x": files}, tmp_path / "restricted", {"clean": "auto"})
+    (s,) = fact["series"]
+    assert s["text_found"] is False and s["decision"] == "kept" and s["boxes"] == 0
+    assert s["frames"] == 24 and s["sampled_frames"] >= 5
+    assert [digest(p) for p, _ in files] == before
+    assert all(e["pixels"]["action"] == "screened" for e in entries)
+    assert (facts_path(tmp_path / "restricted", "sub-T").stat().st_mode & 0o777) == 0o600
+
+
+@pytest.mark.parametrize("n", [3, 20])
+def test_series_with_burned_in_text_is_cleaned_whole(tmp_path, n):
+    frames = np.stack([burn(f, f"{NAME.replace('^', ' ')} 12.03.1961") for f in anatomy(n, seed=n)])
+    files = write_series(tmp_path / "s", frames)
+    clean_files = write_series(tmp_path / "c", anatomy(n, seed=99))
+    before = [digest(p) for p, _ in clean_files]
+    fact, entries = run_series({"MR001-t": files, "MR002-c": clean_files}, tmp_path / "r", {"clean": "auto"})
+    text, clean = fact["series"]
+    assert text["text_found"] is True and text["decision"] == "cleaned" and text["files_cleaned"] == n
+    assert text["boxes"] >= n and len(text["check"]) == n and text["thumbnails"]
+    assert clean["text_found"] is False and [digest(p) for p, _ in clean_files] == before
+    for (p, _), f in zip(files, frames):
+        after = pydicom.dcmread(p).pixel_array
+        assert (after[:24, :150] != f[:24, :150]).mean() > 0.3  # the text rows are blanked
+        assert not (after[60:, :] != f[60:, :]).any()  # the anatomy below is untouched
+
+
+def test_header_rules_still_force_cleaning(tmp_path):
+    files = write_series(tmp_path / "s", anatomy(3))
+    for p, h in files:
+        ds = pydicom.dcmread(p)
+        ds.BurnedInAnnotation = "YES"
+        ds.save_as(p)
+    files = [(p, pydicom.dcmread(p, stop_before_pixels=True)) for p, _ in files]
+    fact, _ = run_series({"MR001-y": files}, tmp_path / "r", {"clean": "auto"})
+    (s,) = fact["series"]
+    assert s["decision"] == "cleaned" and s["text_found"] is None  # not screened: the header decides
+    assert "burned-in" in s["why"]
+
+
+def test_override_off_leaves_text_for_the_pixel_leak_check(tmp_path):
+    uid = generate_uid()
+    frames = np.stack([burn(f, "HARTMANN GISELA") for f in anatomy(2, seed=5)])
+    root = tmp_path / "release"
+    files = write_series(root / "sourcedata" / "dicom" / "sub-T" / "ses-1" / "MR001-o", frames, uid)
+    table = tmp_path / "series.tsv"
+    table.write_text(f"series_uid\tclean\tnote\n{uid}\toff\tplanted on purpose\n")
+    before = [digest(p) for p, _ in files]
+    fact, entries = run_series({"MR001-o": files}, tmp_path / "r", {"clean": "auto", "series_file": str(table)})
+    (s,) = fact["series"]
+    assert s["override"] and s["text_found"] is True and s["boxes"] == 0 and s["decision"] == "kept"
+    assert [digest(p) for p, _ in files] == before
+    assert entries[0]["pixels"]["action"] == "kept"
+    checks = files_to_check(tmp_path / "r", "sub-T")
+    assert checks and checks[0][0] == "sourcedata/dicom/sub-T/ses-1/MR001-o/0001.dcm"
+    matcher = Matcher(needles_for("sub-T", [("name", "PatientName", NAME)], b"salt"))
+    hits, read = pixel_hits(root, tmp_path / "r", "sub-T", identifier_finder(matcher))
+    assert read >= 1 and hits
+    assert {h["field"] for h in hits} == {"PatientName"} and all("pixel data frame" in h["location"] for h in hits)
+    assert "HARTMANN" not in json.dumps(hits)  # only the value's keyed hash
+    # a matcher for someone else finds nothing
+    other = Matcher(needles_for("sub-T", [("name", "PatientName", "MUELLER^KLAUS")], b"salt"))
+    assert pixel_hits(root, tmp_path / "r", "sub-T", identifier_finder(other))[0] == []
