@@ -1,0 +1,274 @@
+"""Facts for the QC report's sign-off, read from what the stages wrote (never recomputed).
+
+Each reader returns None (or an empty result) when its stage left nothing behind: the report
+then says "not available" instead of failing.
+
+* face decisions: ``restricted/done/face/*.json`` (every candidate image, its decision and reason);
+* burned-in text: the pixel records of the audit (``restricted/audit/*.jsonl``, key ``pixels``) and,
+  when the pixel stage writes them, per-series screening facts (``restricted/**/pixels*.json``);
+* the release gate: the ``RELEASE_INCOMPLETE`` marker at the release root and the restricted
+  record of withheld subjects/files (``restricted/withheld.*``);
+* the run record: ``restricted/run.json``, ``run-config.yaml`` and the job logs;
+* optional validators: dciodvfy (new error kinds against the original) and the BIDS validator.
+"""
+from __future__ import annotations
+
+import datetime as _dt
+import hashlib
+import json
+import re
+import shutil
+import subprocess
+from collections import Counter, defaultdict
+from pathlib import Path
+from typing import Any, Mapping
+
+INCOMPLETE_MARKER = "RELEASE_INCOMPLETE"
+PATH_KEYS = ("input", "output", "restricted", "key_file")
+_SUBJECT = re.compile(r"sub-[A-Za-z0-9]+")
+
+
+def _json(path: Path) -> Any:
+    try:
+        return json.loads(Path(path).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+
+
+# ------------------------------------------------------------------------------------------------
+# Faces
+# ------------------------------------------------------------------------------------------------
+def face_decisions(restricted: Path) -> list[dict] | None:
+    """Every image the face stage considered: subject, image, series, decision, reason, backend,
+    removed fraction, DICOM files rewritten; None when the stage did not run."""
+    folder = Path(restricted) / "done" / "face"
+    if not folder.is_dir():
+        return None
+    out = []
+    for f in sorted(folder.glob("*.json")):
+        doc = _json(f)
+        for im in (doc or {}).get("images", ()) if isinstance(doc, dict) else ():
+            if not isinstance(im, dict):
+                continue
+            rel = str(im.get("nifti", ""))
+            m = _SUBJECT.search(rel)
+            method = str(im.get("method", "none"))
+            if im.get("withheld"):
+                decision = "withheld"
+            elif method == "none":
+                decision = "not a face candidate"
+            elif im.get("backend"):
+                decision = "defaced" if method == "deface" else ("skull-stripped" if method == "skullstrip" else method)
+            else:
+                decision = f"{method}: no result recorded"
+            out.append({"subject": m.group() if m else "", "image": rel, "series": str(im.get("series", "")),
+                        "method": method, "decision": decision, "reason": str(im.get("reason", "")),
+                        "withheld": str(im.get("withheld", "") or ""), "backend": str(im.get("backend", "")),
+                        "removed_fraction": im.get("removed_fraction"), "mask_from": str(im.get("mask_from", "")),
+                        "dicom_files": im.get("dicom_files")})
+    return sorted(out, key=lambda r: (r["subject"], r["image"]))
+
+
+# ------------------------------------------------------------------------------------------------
+# Burned-in text
+# ------------------------------------------------------------------------------------------------
+def pixel_series(records: list[tuple[str, str, dict]], restricted: Path) -> list[dict]:
+    """Per series folder: files screened, frames screened (when recorded), files with text,
+    boxes cleaned, files dropped and the actions taken (from the audit's pixel records), merged
+    with the pixel stage's own per-series facts when it wrote them."""
+    series: dict[str, dict] = {}
+    for subject, name, rec in records:
+        folder = name.rpartition("/")[0]
+        s = series.setdefault(folder, {"subject": subject, "series": folder, "files": 0, "frames": 0,
+                                       "frames_known": True, "text_files": 0, "boxes": 0, "dropped": 0,
+                                       "actions": Counter(), "why": Counter()})
+        action = str(rec.get("action", ""))
+        if action == "skipped":
+            continue
+        s["files"] += 1
+        s["actions"][action] += 1
+        s["why"][str(rec.get("why", ""))] += 1
+        boxes = len(rec.get("redactions") or ())
+        s["boxes"] += boxes
+        s["text_files"] += 1 if boxes or action in ("blanked", "dropped") else 0
+        s["dropped"] += action == "dropped"
+        if isinstance(rec.get("frames"), int):
+            s["frames"] += rec["frames"]
+        else:
+            s["frames_known"] = False
+    for f in sorted(Path(restricted).rglob("pixels*.json")) if Path(restricted).is_dir() else ():
+        if "qc" in f.parts or "tmp" in f.parts:
+            continue
+        doc = _json(f)
+        items = doc.get("series", doc) if isinstance(doc, dict) else doc
+        for it in items if isinstance(items, list) else ():
+            if not isinstance(it, dict) or not it.get("series"):
+                continue
+            s = series.get(str(it["series"]))
+            if s is None:
+                continue
+            for key, alias in (("frames", "frames_screened"), ("text_files", "text_found"), ("boxes", "boxes")):
+                v = it.get(alias, it.get(key))
+                if isinstance(v, int):
+                    s[key] = v
+                    if key == "frames":
+                        s["frames_known"] = True
+    return [s for _, s in sorted(series.items()) if s["files"]]
+
+
+# ------------------------------------------------------------------------------------------------
+# Release gate
+# ------------------------------------------------------------------------------------------------
+def gate(release: Path, restricted: Path) -> dict:
+    """The incomplete-release marker (with its text) and the withheld record's entries."""
+    marker = Path(release) / INCOMPLETE_MARKER
+    withheld: list[dict] | None = None
+    for f in sorted(Path(restricted).glob("withheld*")):
+        if f.suffix == ".json":
+            doc = _json(f)
+            items = doc.get("withheld", doc.get("subjects", doc)) if isinstance(doc, dict) else doc
+            if isinstance(items, dict):
+                items = [{"subject": k, **(v if isinstance(v, dict) else {"reason": v})} for k, v in items.items()]
+            if isinstance(items, list):
+                withheld = (withheld or []) + [i if isinstance(i, dict) else {"subject": str(i)} for i in items]
+        elif f.suffix in (".tsv", ".jsonl"):
+            lines = [ln for ln in f.read_text(encoding="utf-8", errors="replace").splitlines()[
+                (1 if f.suffix == ".tsv" else 0):] if ln.strip()]
+            withheld = (withheld or []) + [{"entry": ln} for ln in lines]
+    return {"incomplete": marker.exists(), "withheld": withheld}
+
+
+# ------------------------------------------------------------------------------------------------
+# Run record
+# ------------------------------------------------------------------------------------------------
+def _flat(d: Mapping, prefix: str = "") -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for k, v in d.items():
+        if isinstance(v, Mapping):
+            out.update(_flat(v, f"{prefix}{k}."))
+        else:
+            out[f"{prefix}{k}"] = v
+    return out
+
+
+def is_path_key(key: str) -> bool:
+    return key in PATH_KEYS or key.endswith(("_file", "_csv", "_dir", "_folder"))
+
+
+def run_record(restricted: Path, run: Mapping) -> dict:
+    """Version, command line, configuration hash and differences from the defaults, key
+    fingerprint; the date and per-stage wall times go to the restricted copy only."""
+    import yaml
+    restricted = Path(restricted)
+    cfg_file = restricted / "run-config.yaml"
+    config: dict = {}
+    try:
+        config = yaml.safe_load(cfg_file.read_text()) or {}
+    except (OSError, yaml.YAMLError):
+        config = {}
+    try:
+        from ..settings import load_defaults
+        defaults = _flat(load_defaults())
+    except Exception:  # the workflow files are not next to the package
+        defaults = {}
+    flat = _flat(config)
+    public = {k: v for k, v in flat.items() if not is_path_key(k.rsplit(".", 1)[-1])}
+    digest = hashlib.sha256(json.dumps(public, sort_keys=True, default=str).encode()).hexdigest()[:16] if config else ""
+    diff = [(k, flat[k], defaults.get(k, "(not a default key)")) for k in sorted(flat)
+            if k not in PATH_KEYS and flat[k] != defaults.get(k)]
+    date = ""
+    if cfg_file.exists():
+        date = _dt.datetime.fromtimestamp(cfg_file.stat().st_mtime, _dt.timezone.utc).strftime("%Y-%m-%d %H:%M:%S UTC")
+    command = run.get("command")
+    return {"version": str(run.get("deidflow", "")), "key_fingerprint": str(run.get("key_fingerprint", "")),
+            "config_hash": digest, "diff": diff, "date": date,
+            "command": [str(a) for a in command] if isinstance(command, list) else None,
+            "paths": {k: str(config.get(k, "")) for k in PATH_KEYS if config.get(k)},
+            "stages": stage_times(restricted)}
+
+
+def public_command(command: list[str], paths: Mapping[str, str]) -> str:
+    """The command line with every path replaced by its role (``<input>``, ``<output>``, …) or
+    ``<path>``: folder names can be patient names."""
+    names = {v: f"<{k}>" for k, v in paths.items() if v}
+    out = []
+    for a in command:
+        key, eq, value = a.partition("=")
+        if a in names:
+            out.append(names[a])
+        elif eq and (is_path_key(key.rsplit(".", 1)[-1]) or "/" in value):
+            out.append(f"{key}=<path>")
+        elif "/" in a or a.startswith("."):
+            out.append("<path>")
+        else:
+            out.append(a)
+    return " ".join(out)
+
+
+_STAMP = re.compile(r"^(\d{4}-\d\d-\d\d \d\d:\d\d:\d\d),(\d{3})")
+
+
+def stage_times(restricted: Path) -> list[tuple[str, int, float, float]]:
+    """(stage, jobs, wall span in s from the first job's start to the last job's end, summed job
+    time in s) from the job logs (first time stamp, modification time)."""
+    logs = Path(restricted) / "logs"
+    spans: dict[str, list[tuple[float, float]]] = defaultdict(list)
+    for f in sorted(logs.rglob("*.log")) if logs.is_dir() else ():
+        stage = f.parent.name if f.parent != logs else f.stem
+        try:
+            with open(f, encoding="utf-8", errors="replace") as fh:
+                m = _STAMP.match(fh.readline())
+            end = f.stat().st_mtime
+        except OSError:
+            continue
+        if not m:
+            continue
+        start = _dt.datetime.strptime(m.group(1), "%Y-%m-%d %H:%M:%S").timestamp() + int(m.group(2)) / 1000
+        spans[stage].append((start, max(start, end)))
+    return [(s, len(v), max(b for _, b in v) - min(a for a, _ in v), sum(b - a for a, b in v))
+            for s, v in sorted(spans.items())]
+
+
+# ------------------------------------------------------------------------------------------------
+# Optional validators
+# ------------------------------------------------------------------------------------------------
+def _error_kinds(text: str) -> set[str]:
+    """dciodvfy's error lines without their values (numbers, quoted text, element positions)."""
+    kinds = set()
+    for line in text.splitlines():
+        if line.startswith("Error"):
+            kinds.add(re.sub(r"<[^>]*>|\"[^\"]*\"|'[^']*'|\d+", "#", line).strip())
+    return kinds
+
+
+def dciodvfy(pairs: list[tuple[Path, Path]], limit: int = 20) -> dict | None:
+    """New dciodvfy error kinds in released files compared with their originals (one file per
+    series, at most ``limit``); None when dciodvfy is not installed."""
+    exe = shutil.which("dciodvfy")
+    if not exe:
+        return None
+    new: Counter = Counter()
+    checked = 0
+    for src, out in pairs[:limit]:
+        try:
+            a = subprocess.run([exe, str(src)], capture_output=True, text=True, timeout=60, errors="replace")
+            b = subprocess.run([exe, str(out)], capture_output=True, text=True, timeout=60, errors="replace")
+        except (OSError, subprocess.TimeoutExpired):
+            continue
+        checked += 1
+        new.update(_error_kinds(b.stdout + b.stderr) - _error_kinds(a.stdout + a.stderr))
+    return {"checked": checked, "new_kinds": sorted(new)}
+
+
+def bids_validator(release: Path) -> dict | None:
+    """The BIDS validator's verdict on the release; None when not installed or not a BIDS tree."""
+    exe = shutil.which("bids-validator")
+    if not exe or not (Path(release) / "dataset_description.json").exists():
+        return None
+    try:
+        r = subprocess.run([exe, str(release)], capture_output=True, text=True, timeout=300, errors="replace")
+    except (OSError, subprocess.TimeoutExpired) as exc:
+        return {"ok": False, "summary": f"did not finish ({type(exc).__name__})"}
+    errors = sum(1 for ln in (r.stdout + r.stderr).splitlines() if "ERR" in ln.upper())
+    return {"ok": r.returncode == 0,  # its messages name paths: only a count goes into the report
+            "summary": f"exit status {r.returncode}, {errors} error line(s)" if r.returncode else "no error"}
