@@ -187,21 +187,44 @@ def run_record(restricted: Path, run: Mapping) -> dict:
             "stages": stage_times(restricted)}
 
 
-def public_command(command: list[str], paths: Mapping[str, str]) -> str:
-    """The command line with every path replaced by its role (``<input>``, ``<output>``, …) or
-    ``<path>``: folder names can be patient names."""
-    names = {v: f"<{k}>" for k, v in paths.items() if v}
-    out = []
-    for a in command:
-        key, eq, value = a.partition("=")
-        if a in names:
-            out.append(names[a])
-        elif eq and (is_path_key(key.rsplit(".", 1)[-1]) or "/" in value):
-            out.append(f"{key}=<path>")
-        elif "/" in a or a.startswith("."):
+PATH_OPTIONS = frozenset({"--dest", "--restricted", "--key-file", "--config", "--profile", "--configfile",
+                          "--directory", "--snakefile"})
+VALUE_OPTIONS = frozenset({"--cores", "--set", "--seed", "--jobs", "-j", "-c"})
+
+
+def public_command(command: list[str]) -> str:
+    """The command line with every path replaced by its role: ``<input>``/``<output>`` for the
+    positional arguments, ``<path>`` for path options and path-like ``--set`` values (folder
+    names can be patient names)."""
+    out = command[:2]
+    roles = iter(("<input>", "<output>"))
+    expects = ""  # "path" or "value": what the previous option takes
+    for a in command[2:]:
+        opt, eq, value = a.partition("=")
+        if expects == "path":
             out.append("<path>")
-        else:
+            expects = ""
+        elif expects == "value" and "=" not in a and "/" not in a:
             out.append(a)
+            expects = ""
+        elif a.startswith("-"):
+            expects = ""
+            if opt in PATH_OPTIONS:
+                out.append(f"{opt}=<path>" if eq else opt)
+                expects = "" if eq else "path"
+            elif opt in VALUE_OPTIONS and not eq:
+                out.append(a)
+                expects = "value"
+            else:
+                out.append(a if "/" not in a else f"{opt}=<path>")
+        elif eq and not is_path_key(opt.rsplit(".", 1)[-1]) and "/" not in value:
+            expects = ""
+            out.append(a)  # a --set KEY=VALUE pair
+        elif eq:
+            out.append(f"{opt}=<path>")
+        else:
+            expects = ""
+            out.append(next(roles, "<path>"))
     return " ".join(out)
 
 

@@ -408,6 +408,9 @@ def checks(facts: Mapping) -> list[tuple[str, str, str, str]]:
     elif not mode:
         out.append(("Burned-in text", "WARN", "not available: the run record does not say how pixels were screened",
                     "pixels"))
+    elif not screened:
+        out.append(("Burned-in text", "WARN", f"no series was screened (pixels.clean: {mode}: the selection picked "
+                    "no image)", "pixels"))
     else:
         out.append(("Burned-in text", "PASS", f"{screened} series screened ({sum(s['files'] for s in pix)} files), "
                     f"{cleaned} with text cleaned ({sum(s['boxes'] for s in pix)} boxes)", "pixels"))
@@ -485,7 +488,7 @@ def _run_record(facts: Mapping, restricted_copy: bool) -> str:
     elif restricted_copy:
         command = f"<code>{e(' '.join(cmd))}</code>"
     else:
-        command = (f"<code>{e(evidence.public_command(cmd, rec.get('paths', {})))}</code> "
+        command = (f"<code>{e(evidence.public_command(cmd))}</code> "
                    '<span class="muted">(paths as given: restricted copy)</span>')
     diff = rec.get("diff") or []
     diff_html = "none (every setting at its default)" if not diff else "<br>".join(
