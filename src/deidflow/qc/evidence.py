@@ -5,7 +5,8 @@ then says "not available" instead of failing.
 
 * face decisions: ``restricted/done/face/*.json`` (every candidate image, its decision and reason);
 * burned-in text: the pixel records of the audit (``restricted/audit/*.jsonl``, key ``pixels``) and,
-  when the pixel stage writes them, per-series screening facts (``restricted/**/pixels*.json``);
+  when the pixel stage writes them, per-series screening facts (``restricted/pixels*.json`` or
+  ``restricted/done/**/pixels*.json``: ``{"series": [{"series", "frames_screened", "text_found", "boxes"}]}``);
 * the release gate: the ``RELEASE_INCOMPLETE`` marker at the release root and the restricted
   record of withheld subjects/files (``restricted/withheld.*``);
 * the run record: ``restricted/run.json``, ``run-config.yaml`` and the job logs;
@@ -96,9 +97,8 @@ def pixel_series(records: list[tuple[str, str, dict]], restricted: Path) -> list
             s["frames"] += rec["frames"]
         else:
             s["frames_known"] = False
-    for f in sorted(Path(restricted).rglob("pixels*.json")) if Path(restricted).is_dir() else ():
-        if "qc" in f.parts or "tmp" in f.parts:
-            continue
+    restricted = Path(restricted)
+    for f in sorted([*restricted.glob("pixels*.json"), *(restricted / "done").rglob("pixels*.json")]):
         doc = _json(f)
         items = doc.get("series", doc) if isinstance(doc, dict) else doc
         for it in items if isinstance(items, list) else ():

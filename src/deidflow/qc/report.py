@@ -544,20 +544,21 @@ def _leak_section(facts: Mapping, status_of: Mapping[str, str]) -> str:
     hits += [("dataset", h) for h in (ds or {}).get("hits", ())]
     if hits:
         groups: dict[tuple[str, str], list] = defaultdict(list)
-        for s, h in hits:
-            groups[(str(h.get("field", "")), str(h.get("kind", "")))].append((s, h))
+        for s, h in hits:  # where it was found, without per-file positions
+            where = re.sub(r"\b(byte offset|line) \d+", r"\1 …", str(h.get("location", "")))
+            groups[(where, str(h.get("kind", "")))].append((s, h))
         rows = []
         for (field_, kind), items in sorted(groups.items(), key=lambda kv: (-len(kv[1]), kv[0])):
             files = sorted({(s, h["file"]) for s, h in items})
-            detail = _table(["scope", "file", "location", "value hash", "value of"],
-                            [(e(s), f"<code>{e(h['file'])}</code>", e(h["location"]), f"<code>{e(h['value_hash'])}</code>",
-                              e(h["owner"])) for s, h in items[:500]])
+            detail = _table(["scope", "file", "location", "original attribute", "value hash", "value of"],
+                            [(e(s), f"<code>{e(h['file'])}</code>", e(h["location"]), e(h["field"]),
+                              f"<code>{e(h['value_hash'])}</code>", e(h["owner"])) for s, h in items[:500]])
             more = f'<p class="muted">{len(items) - 500} more in the restricted verify records.</p>' if len(items) > 500 else ""
             rows.append(f'<tr class="leak-group"><td><code>{e(field_)}</code></td><td>{e(kind)}</td>'
                         f'<td class="n">{len(files)}</td><td class="n">{len({s for s, _ in files})}</td>'
                         f'<td><details class="group"><summary>{len(items)} hit(s)</summary>{detail}{more}</details></td></tr>')
         lines.append(f"<h3>Hits by attribute and kind of identifier ({len(hits)} in {len({h['file'] for _, h in hits})} "
-                     "file(s))</h3><table id=\"leak-groups\"><thead><tr><th>attribute path</th><th>identifier kind</th>"
+                     "file(s))</h3><table id=\"leak-groups\"><thead><tr><th>where (attribute path)</th><th>identifier kind</th>"
                      '<th class="n">files</th><th class="n">subjects</th><th>per file</th></tr></thead><tbody>'
                      + "".join(rows) + "</tbody></table>")
     return '<section id="leak-scan"><h2>Leak scan</h2>' + "".join(lines) + "</section>"
