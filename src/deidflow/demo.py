@@ -5,7 +5,10 @@ SC_rgb_small_odd) so nothing large has to be committed or downloaded.  The pixel
 data of the source files is copied byte for byte.  One patient also has a 3D
 T1-weighted head MRI with a face (96 sagittal 2 mm slices, classic MR Image
 Storage), made in code from the average head that ships in pydeface's wheel
-(:mod:`deidflow.demo_head`), so that the face stage has a face to remove.
+(:mod:`deidflow.demo_head`), so that the face stage has a face to remove, and the ultrasound
+study has a secondary capture of the screen with the patient's name, ID, birth and study date
+burned into its pixels (drawn in code; its header does not announce it: BurnedInAnnotation absent),
+so that the pixel step has text to remove and the QC report shows the redaction.
 Every header value that could identify someone (names, IDs, dates, UIDs,
 institution, device, free text, private tags, nested sequences, folder names)
 is fake and generated deterministically from ``seed``.  The source files' own UIDs and identifiers are
