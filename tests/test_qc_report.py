@@ -427,8 +427,16 @@ def test_jsl_reports_in_chromium(jsl, chromium, tmp_path):
 @pytest.fixture(scope="module")
 def leaky(tmp_path_factory):
     from deidflow.demo import make_demo_input
+    import pydicom
     base = tmp_path_factory.mktemp("qcleak")
     make_demo_input(base / "input")
+    # an attacker's private block: its creator is the patient's name (removed with the block; the
+    # report names creators read from the originals, so it must withhold this one)
+    (series,) = sorted((base / "input").glob("MUSTERMANN_*/*/001_*"))
+    for f in sorted(series.glob("*.dcm")):
+        ds = pydicom.dcmread(f)
+        ds.private_block(0x0011, "MUSTERMANN ERIKA", create=True).add_new(0x01, "LO", "x")
+        ds.save_as(f)
     r = run_deidflow(base / "input", base / "release", "--set", "face.method=none", "--set", "outputs.bids=false",
                      config={"dicom": {"overrides": [{"attribute": "PatientName", "action": "keep"}]}})
     return {"release": base / "release", "restricted": base / "release_restricted", "rc": r.returncode,
@@ -452,6 +460,9 @@ def test_leaking_run_report_in_chromium(leaky, chromium, tmp_path):
     assert str(n_files) in name_group  # every released DICOM file keeps the name
     assert len(groups) < n_files  # grouped, not one row per file
     assert [a for a, _ in public.find("details", **{"class": "group"})]
+    rows = [t for a, t in public.find("tr") if "data-action" in a]
+    assert any("(0011,1001)" in t and report.CREATOR_WITHHELD in t for t in rows), "planted creator not withheld"
+    assert "MUSTERMANN" not in leaky["html"].read_text().upper()
 
 
 def test_pixel_after_pictures_are_public_not_before_images(tmp_path):

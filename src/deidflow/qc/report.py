@@ -268,6 +268,7 @@ def _status(s: str) -> str:
 
 DETAIL_LIMIT = 200  # subjects with a detail section of their own each (beyond: only those with findings)
 PICTURE_LIMIT = 300  # face and pixel pictures shown inline (all are in derivatives/deidflow/qc)
+CREATOR_WITHHELD = "(creator withheld: it holds an identifying value)"
 BIG = 512  # face pictures are shown at least this wide (whole-number scaling, pixels kept sharp)
 
 
@@ -820,11 +821,17 @@ def _check_public(restricted: Path, facts: dict, texts: Mapping[str, str]) -> No
     """Withhold quarantine reasons that hold an identifying value; refuse to write a page that does."""
     originals = sorted({part for q in facts["quarantine"] for part in q["_path"].split("/") if part})
     reasons = {str(i): q["reason"] for i, q in enumerate(facts["quarantine"])}
-    if reasons:
-        found = leakscan.text_hits(restricted, reasons, originals)
+    rows = (facts.get("attributes") or {}).get("rows", ())
+    creators = sorted({c for r in rows for c in r["creator"].split(" | ") if c})
+    parts = {**reasons, **{f"creator {i}": c for i, c in enumerate(creators)}}
+    if parts:  # one pass for the quarantine reasons and the private creators (read from the files)
+        found = leakscan.text_hits(restricted, parts, originals)
         for i, q in enumerate(facts["quarantine"]):
             if found[str(i)]:
                 q["reason"] = "(reason withheld: it contains an identifying value; see the restricted quarantine.tsv)"
+        bad = {c for i, c in enumerate(creators) if found[f"creator {i}"]}
+        for r in rows if bad else ():
+            r["creator"] = " | ".join(CREATOR_WITHHELD if c in bad else c for c in r["creator"].split(" | "))
     stripped = {k: _DATA_URI.sub("data:", t) for k, t in texts.items()}  # images were scanned as files
     bad = {k: n for k, n in leakscan.text_hits(restricted, stripped, originals, _own_words()).items() if n}
     if bad:
