@@ -97,8 +97,9 @@ def scan(restricted: Path) -> AuditFacts:
         files[subject] += 1
         actions = item.get("actions") or {}
         raw[subject].update(actions.items())  # codes are strings; Counter.update runs in C
-        if any("[" in a for a in actions):
-            per_file.update({(attribute_name(str(a)), str(c)) for a, c in actions.items()})
+        indexed = {a: attribute_name(str(a)) for a in actions if "[" in a}
+        if indexed:  # Seq[0].X and Seq[1].X of one file count once for Seq.X
+            per_file.update({(indexed.get(a, a), str(c)) for a, c in actions.items()})
         else:
             per_file.update(actions.items())
         name = str(item.get("file", ""))

@@ -264,9 +264,9 @@ def _error_kinds(text: str) -> set[str]:
     return kinds
 
 
-def dciodvfy(pairs: list[tuple[Path, Path]], limit: int = 20) -> dict | None:
+def dciodvfy(pairs: list[tuple[Path, Path]], limit: int = 10) -> dict | None:
     """New dciodvfy error kinds in released files compared with their originals (one file per
-    series, at most ``limit``); None when dciodvfy is not installed."""
+    kind of object, at most ``limit``); None when dciodvfy is not installed."""
     exe = shutil.which("dciodvfy")
     if not exe:
         return None

@@ -19,6 +19,7 @@ from __future__ import annotations
 import base64
 import html
 import json
+import os
 import re
 import string
 import time
@@ -59,7 +60,8 @@ def _tsv_unescape(field: str) -> str:
 def _inventory_rows(restricted: Path) -> list[dict]:
     if not (Path(restricted) / "inventory.parquet").exists():
         return []
-    cols = ["relpath", "format", "status", "reason", "modality", "subject", "session", "series_label", "src_id"]
+    cols = ["relpath", "format", "status", "reason", "modality", "sop_class", "subject", "session", "series_label",
+            "src_id"]
     table = inventory.read(restricted)
     cols = [c for c in cols if c in table.schema.names]
     return table.select(cols).to_pylist()
@@ -83,22 +85,32 @@ def _quarantine(restricted: Path, rows: list[dict]) -> list[dict]:
 
 
 def _release_formats(release: Path) -> tuple[Counter, dict[str, Counter]]:
-    """Files in the release per format, overall and per subject (QC products excluded)."""
+    """Files in the release per format, overall and per subject (QC products excluded); one walk
+    (os.walk: no Path object per file)."""
     total: Counter = Counter()
     per: dict[str, Counter] = defaultdict(Counter)
-    qc = (Path(release) / QC_SUBDIR).as_posix()
-    for p in sorted(Path(release).rglob("*")):
-        if not p.is_file() or p.as_posix().startswith(qc + "/"):
+    release = str(release)
+    qc = os.path.join(release, QC_SUBDIR)
+    for folder, dirs, files in os.walk(release):
+        if folder == qc:
+            dirs[:] = []
             continue
-        fmt = _format_of(p.name)
-        total[fmt] += 1
-        sub = next((part for part in p.relative_to(release).parts if re.match(r"^sub-[A-Za-z0-9]+$", part)), None)
-        if sub is None:
-            m = re.match(r"^(sub-[A-Za-z0-9]+)_", p.name)
-            sub = m.group(1) if m else None
-        if sub:
-            per[sub][fmt] += 1
+        parts = os.path.relpath(folder, release).split(os.sep)
+        folder_sub = next((part for part in parts if _SUBJECT_DIR.match(part)), None)
+        for name in files:
+            fmt = _format_of(name)
+            total[fmt] += 1
+            sub = folder_sub
+            if sub is None:
+                m = _SUBJECT_FILE.match(name)
+                sub = m.group(1) if m else None
+            if sub:
+                per[sub][fmt] += 1
     return total, per
+
+
+_SUBJECT_DIR = re.compile(r"^sub-[A-Za-z0-9]+$")
+_SUBJECT_FILE = re.compile(r"^(sub-[A-Za-z0-9]+)_")
 
 
 def _format_of(name: str) -> str:
@@ -311,11 +323,16 @@ def build(release: Path, restricted: Path) -> dict:
     input_dir = Path(record["paths"]["input"]) if record["paths"].get("input") else None
     dicom_roots = [release / "sourcedata" / "dicom", restricted / "work" / "dicom"]
     src_paths = {r["src_id"]: r["relpath"] for r in rows if r.get("src_id")}
-    attrs = attributes.attribute_table(facts_audit, dicom_roots, input_dir, src_paths)
-    pairs = []
-    for _, (name, source, _) in sorted(facts_audit.series.items())[:20]:
+    kind_of = {r["src_id"]: (r.get("sop_class"), r.get("modality")) for r in rows if r.get("src_id")}
+    attrs = attributes.attribute_table(facts_audit, dicom_roots, input_dir, src_paths, kind_of)
+    pairs, kinds = [], set()  # dciodvfy: one series per kind of object (SOP class and modality)
+    for _, (name, source, _) in sorted(facts_audit.series.items()):
+        kind = kind_of.get(source)
+        if kind is None or kind in kinds or not name.lower().endswith(".dcm") or input_dir is None:
+            continue
         out = next((root / name for root in dicom_roots if (root / name).is_file()), None)
-        if out is not None and input_dir is not None and src_paths.get(source):
+        if out is not None and src_paths.get(source):
+            kinds.add(kind)
             pairs.append((input_dir / src_paths[source], out))
     return {
         "run": run, "record": record, "subjects": subjects, "per": per, "quarantine": quarantine, "verify": verify,
@@ -649,7 +666,9 @@ def _attributes_section(facts: Mapping) -> str:
         for r in survives) + "</ul>")
     return ('<section id="attributes"><h2>Kept, changed and removed attributes</h2>'
             f"<p>Changed and removed: every audited file. Kept: read from the released DICOM, one file per series "
-            f"({at['series_read']} of {at['series']} series), counted for every file of the series. Private tags "
+            f"counted for every file of its series: {at['series_read']} of {at['series']} series "
+            f"({at.get('files_read', 0)} of {at.get('files', 0)} files; at most {attributes.PER_KIND} series per kind "
+            f"of object and {attributes.MAX_SERIES} in all), so kept counts are over those files. Private tags "
             "are named by their creator and pydicom's private dictionary.</p>"
             "<h3>What survives (kept text, dates, names and private attributes, for a human to skim)</h3>" + sv
             + '<h3>Every attribute</h3><div class="filters"><label>Filter <input type="search" data-filter="attr-table" '
