@@ -851,6 +851,8 @@ def _check_public(restricted: Path, facts: dict, texts: Mapping[str, str]) -> No
         bad = {c for i, c in enumerate(creators) if found[f"creator {i}"]}
         for r in rows if bad else ():
             r["creator"] = " | ".join(CREATOR_WITHHELD if c in bad else c for c in r["creator"].split(" | "))
+    if not texts:
+        return
     stripped = {k: _DATA_URI.sub("data:", t) for k, t in texts.items()}  # images were scanned as files
     bad = {k: n for k, n in leakscan.text_hits(restricted, stripped, originals, _own_words()).items() if n}
     if bad:
