@@ -88,7 +88,7 @@ def main() -> None:
         trees.append((f"{n:,} one-file subjects", tree))
     rows = [("tree", "run s", "gather s", "render s", "self-check s", "write_report s", "report / run", "page MB",
              "target")]
-    title = (f"7. QC report build vs the header-path run (deidflow run --cores 2, no BIDS, no defacing; "
+    title = (f"8. QC report build vs the header-path run (deidflow run --cores 2, no BIDS, no defacing; "
              f"gather and render median of {args.reps})")
     scratch = Path(tempfile.mkdtemp(prefix="report-", dir=work))
     try:

@@ -4,11 +4,10 @@ Each reader returns None (or an empty result) when its stage left nothing behind
 then says "not available" instead of failing.
 
 * face decisions: ``restricted/done/face/*.json`` (every candidate image, its decision and reason);
-* burned-in text: the pixel records of the audit (``restricted/audit/*.jsonl``, key ``pixels``) and,
-  when the pixel stage writes them, per-series screening facts (``restricted/pixels*.json`` or
-  ``restricted/done/**/pixels*.json``: ``{"series": [{"series", "frames_screened", "text_found", "boxes"}]}``);
+* burned-in text: the pixel stage's per-series facts (``restricted/pixels/<subject>.json``) or, where
+  it wrote none, the pixel records of the audit (``restricted/audit/*.jsonl``, key ``pixels``);
 * the release gate: the ``RELEASE_INCOMPLETE`` marker at the release root and the restricted
-  record of withheld subjects/files (``restricted/withheld.*``);
+  record of withheld subjects (``restricted/withheld.json``);
 * the run record: ``restricted/run.json``, ``run-config.yaml`` and the job logs;
 * optional validators: dciodvfy (new error kinds against the original) and the BIDS validator.
 """
@@ -73,69 +72,69 @@ def face_decisions(restricted: Path) -> list[dict] | None:
 # ------------------------------------------------------------------------------------------------
 # Burned-in text
 # ------------------------------------------------------------------------------------------------
+def _series_row(subject: str, series: str) -> dict:
+    return {"subject": subject, "series": series, "files": 0, "frames": 0, "frames_known": True, "text_found": None,
+            "files_cleaned": 0, "boxes": 0, "withheld": 0, "dropped": 0, "decision": "", "why": ""}
+
+
 def pixel_series(records: list[tuple[str, str, dict]], restricted: Path) -> list[dict]:
-    """Per series folder: files screened, frames screened (when recorded), files with text,
-    boxes cleaned, files dropped and the actions taken (from the audit's pixel records), merged
-    with the pixel stage's own per-series facts when it wrote them."""
-    series: dict[str, dict] = {}
-    for subject, name, rec in records:
-        folder = name.rpartition("/")[0]
-        s = series.setdefault(folder, {"subject": subject, "series": folder, "files": 0, "frames": 0,
-                                       "frames_known": True, "text_files": 0, "boxes": 0, "dropped": 0,
-                                       "actions": Counter(), "why": Counter()})
-        action = str(rec.get("action", ""))
-        if action == "skipped":
-            continue
-        s["files"] += 1
-        s["actions"][action] += 1
-        s["why"][str(rec.get("why", ""))] += 1
-        boxes = len(rec.get("redactions") or ())
-        s["boxes"] += boxes
-        s["text_files"] += 1 if boxes or action in ("blanked", "dropped") else 0
-        s["dropped"] += action == "dropped"
-        if isinstance(rec.get("frames"), int):
-            s["frames"] += rec["frames"]
-        else:
-            s["frames_known"] = False
-    restricted = Path(restricted)
-    for f in sorted([*restricted.glob("pixels*.json"), *(restricted / "done").rglob("pixels*.json")]):
+    """Per series: files and frames screened, whether text was found, files cleaned, boxes
+    blanked, files withheld or dropped, the decision and its reason.  From the pixel stage's facts
+    (``restricted/pixels/<subject>.json``) where it wrote them, else from the audit's pixel
+    records (frames then unknown).  Series the pixel step neither screened nor cleaned are left out."""
+    out: dict[str, dict] = {}
+    folder = Path(restricted) / "pixels"
+    for f in sorted(folder.glob("*.json")) if folder.is_dir() else ():
         doc = _json(f)
-        items = doc.get("series", doc) if isinstance(doc, dict) else doc
-        for it in items if isinstance(items, list) else ():
+        if not isinstance(doc, dict):
+            continue
+        subject = str(doc.get("subject") or f.stem)
+        for it in doc.get("series") or ():
             if not isinstance(it, dict) or not it.get("series"):
                 continue
-            s = series.get(str(it["series"]))
-            if s is None:
-                continue
-            for key, alias in (("frames", "frames_screened"), ("text_files", "text_found"), ("boxes", "boxes")):
-                v = it.get(alias, it.get(key))
-                if isinstance(v, int):
-                    s[key] = v
-                    if key == "frames":
-                        s["frames_known"] = True
-    return [s for _, s in sorted(series.items()) if s["files"]]
+            row = _series_row(subject, f"{subject}/{it['series']}")
+            row.update(files=int(it.get("files") or 0), frames=int(it.get("screened_frames") or 0),
+                       text_found=it.get("text_found"), files_cleaned=int(it.get("files_cleaned") or 0),
+                       boxes=int(it.get("boxes") or 0), withheld=int(it.get("withheld") or 0),
+                       decision=str(it.get("decision", "")), why=str(it.get("why", "")))
+            if row["frames"] or row["files_cleaned"] or row["text_found"] is not None or row["decision"] == "cleaned":
+                out[row["series"]] = row
+    from_audit: dict[str, dict] = {}
+    for subject, name, rec in records:
+        key = name.rpartition("/")[0]
+        action = str(rec.get("action", ""))
+        if key in out or action == "skipped":
+            continue
+        row = from_audit.setdefault(key, _series_row(subject, key))
+        row["frames_known"] = False
+        row["files"] += 1
+        boxes = len(rec.get("redactions") or ())
+        row["boxes"] += boxes
+        row["files_cleaned"] += action in ("redacted", "blanked", "dropped")
+        row["dropped"] += action == "dropped"
+        row["text_found"] = bool(row["text_found"] or boxes or action in ("blanked", "dropped", "kept"))
+        row["decision"] = "cleaned" if row["files_cleaned"] else action
+        row["why"] = row["why"] or str(rec.get("why", ""))
+    out.update(from_audit)
+    return [r for _, r in sorted(out.items())]
 
 
 # ------------------------------------------------------------------------------------------------
 # Release gate
 # ------------------------------------------------------------------------------------------------
 def gate(release: Path, restricted: Path) -> dict:
-    """The incomplete-release marker (with its text) and the withheld record's entries."""
-    marker = Path(release) / INCOMPLETE_MARKER
-    withheld: list[dict] | None = None
-    for f in sorted(Path(restricted).glob("withheld*")):
-        if f.suffix == ".json":
-            doc = _json(f)
-            items = doc.get("withheld", doc.get("subjects", doc)) if isinstance(doc, dict) else doc
-            if isinstance(items, dict):
-                items = [{"subject": k, **(v if isinstance(v, dict) else {"reason": v})} for k, v in items.items()]
-            if isinstance(items, list):
-                withheld = (withheld or []) + [i if isinstance(i, dict) else {"subject": str(i)} for i in items]
-        elif f.suffix in (".tsv", ".jsonl"):
-            lines = [ln for ln in f.read_text(encoding="utf-8", errors="replace").splitlines()[
-                (1 if f.suffix == ".tsv" else 0):] if ln.strip()]
-            withheld = (withheld or []) + [{"entry": ln} for ln in lines]
-    return {"incomplete": marker.exists(), "withheld": withheld}
+    """The release gate's state: whether ``RELEASE_INCOMPLETE`` lies at the release root (it does
+    from a run's first job until the run succeeds, so always while the report is written inside a
+    run) and the subjects ``restricted/withheld.json`` lists as withheld or published with leaks
+    (``{"withheld": {subject: [hit, …]}, "published_with_leaks": {…}}``); None for a record that is
+    not there."""
+    doc = _json(Path(restricted) / "withheld.json")
+    withheld = leaky = None
+    if isinstance(doc, dict):
+        withheld = sorted(doc.get("withheld") or {})
+        leaky = sorted(doc.get("published_with_leaks") or {})
+    return {"incomplete": (Path(release) / INCOMPLETE_MARKER).exists(), "withheld": withheld,
+            "published_with_leaks": leaky}
 
 
 # ------------------------------------------------------------------------------------------------

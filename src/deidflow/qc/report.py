@@ -98,6 +98,8 @@ def _release_formats(release: Path) -> tuple[Counter, dict[str, Counter]]:
         parts = os.path.relpath(folder, release).split(os.sep)
         folder_sub = next((part for part in parts if _SUBJECT_DIR.match(part)), None)
         for name in files:
+            if folder == release and name == evidence.INCOMPLETE_MARKER:
+                continue  # the run's own marker, no released file
             fmt = _format_of(name)
             total[fmt] += 1
             sub = folder_sub
@@ -281,6 +283,7 @@ def _status(s: str) -> str:
 DETAIL_LIMIT = 200  # subjects with a detail section of their own each (beyond: only those with findings)
 PICTURE_LIMIT = 300  # face and pixel pictures shown inline (all are in derivatives/deidflow/qc)
 CREATOR_WITHHELD = "(creator withheld: it holds an identifying value)"
+REASON_WITHHELD = "(reason withheld: it contains an identifying value; see the restricted quarantine.tsv)"
 BIG = 512  # face pictures are shown at least this wide (whole-number scaling, pixels kept sharp)
 
 
@@ -379,7 +382,7 @@ def checks(facts: Mapping) -> list[tuple[str, str, str, str]]:
     withheld = gate.get("withheld")
     text = f"{n_in} input file(s): {n_ok} released (audited), {n_q} quarantined with a reason"
     if withheld:
-        text += f"; {len(withheld)} withheld entr(y/ies) in the release gate's record"
+        text += f"; {len(withheld)} subject(s) withheld by the release gate"
     if missing:
         text += f"; {missing} neither released nor quarantined"
     out.append(("Every input file released or quarantined", "FAIL" if missing else "WARN" if n_q else "PASS",
@@ -388,9 +391,15 @@ def checks(facts: Mapping) -> list[tuple[str, str, str, str]]:
     ds = facts.get("dataset_verify")
     leaky = [s for s in subjects if (per[s]["verify"] or {}).get("status") == "leak"]
     unscanned = [s for s in subjects if not per[s]["verify"]]
-    if leaky or (ds and ds.get("hits")):
-        out.append(("Leak scan: metadata", "FAIL", f"original identifying values found in {len(leaky)} subject(s)"
-                    + (" and the dataset-level files" if ds and ds.get("hits") else ""), "leak-scan"))
+    held = set(withheld or ())
+    released_leaks = [s for s in leaky if s not in held]
+    if released_leaks or (ds and ds.get("hits")):
+        out.append(("Leak scan: metadata", "FAIL", f"original identifying values found in {len(released_leaks)} "
+                    "released subject(s)" + (" and the dataset-level files" if ds and ds.get("hits") else ""),
+                    "leak-scan"))
+    elif leaky:
+        out.append(("Leak scan: metadata", "WARN", f"original identifying values found in {len(leaky)} subject(s), "
+                    "every one withheld by the release gate (not in the release)", "leak-scan"))
     elif unscanned or ds is None:
         out.append(("Leak scan: metadata", "WARN", f"not complete: {len(unscanned)} subject(s) not scanned"
                     + ("; dataset-level files not scanned" if ds is None else ""), "leak-scan"))
@@ -419,7 +428,7 @@ def checks(facts: Mapping) -> list[tuple[str, str, str, str]]:
     mode = facts.get("pixel_mode", "")
     pix = facts.get("pixels") or []
     screened = len(pix)
-    cleaned = sum(1 for s in pix if s["boxes"] or s["dropped"] or s["actions"].get("blanked"))
+    cleaned = sum(1 for s in pix if s["boxes"] or s["files_cleaned"])
     if mode in ("off", "False", "false"):
         out.append(("Burned-in text", "WARN", "the pixel step is off (pixels.clean: off): nothing was screened",
                     "pixels"))
@@ -430,8 +439,8 @@ def checks(facts: Mapping) -> list[tuple[str, str, str, str]]:
         out.append(("Burned-in text", "WARN", f"no series was screened (pixels.clean: {mode}: the selection picked "
                     "no image)", "pixels"))
     else:
-        out.append(("Burned-in text", "PASS", f"{screened} series screened ({sum(s['files'] for s in pix)} files), "
-                    f"{cleaned} with text cleaned ({sum(s['boxes'] for s in pix)} boxes)", "pixels"))
+        out.append(("Burned-in text", "PASS", f"{screened} series screened or cleaned ({sum(s['files'] for s in pix)} "
+                    f"files), {cleaned} with text cleaned ({sum(s['boxes'] for s in pix)} boxes)", "pixels"))
     dv = facts.get("dciodvfy")
     if dv is None:
         out.append(("DICOM conformance", "WARN", "not available: dciodvfy is not installed", "run-record"))
@@ -446,21 +455,29 @@ def checks(facts: Mapping) -> list[tuple[str, str, str, str]]:
                     "not a BIDS tree", "run-record"))
     else:
         out.append(("BIDS validator", "PASS" if bv["ok"] else "FAIL", bv["summary"], "run-record"))
-    if gate.get("incomplete"):
-        out.append(("Release complete", "FAIL", f"the release root holds {evidence.INCOMPLETE_MARKER}: "
-                    "do not share it", "quarantine"))
+    leaky_published = gate.get("published_with_leaks")
+    if leaky_published:
+        out.append(("Release complete", "FAIL", f"{len(leaky_published)} subject(s) published with leak-scan hits "
+                    "(verify.on_leak: publish)", "leak-scan"))
+    elif withheld:
+        out.append(("Release complete", "WARN", f"{len(withheld)} subject(s) withheld by the release gate "
+                    "(leak-scan hits): the release is safe to share but incomplete", "quarantine"))
+    elif withheld is None:
+        out.append(("Release complete", "WARN", "not available: the release gate's record (withheld.json) is "
+                    "missing", "quarantine"))
     else:
-        out.append(("Release complete", "WARN" if withheld else "PASS",
-                    f"no {evidence.INCOMPLETE_MARKER} marker at the release root"
-                    + (f"; {len(withheld)} entr(y/ies) withheld" if withheld else ""), "quarantine"))
+        out.append(("Release complete", "PASS", "no subject withheld" + (
+            f"; {evidence.INCOMPLETE_MARKER} lies at the release root while this run is under way: deidflow removes "
+            "it when the run succeeds — share the release only once it is gone" if gate.get("incomplete") else
+            f"; no {evidence.INCOMPLETE_MARKER} marker at the release root"), "quarantine"))
     return out
 
 
 def expected_exit(facts: Mapping) -> tuple[int, str]:
     """The exit status the run ends with, as far as the report can tell (it is written before)."""
     gate = facts.get("gate") or {}
-    if gate.get("incomplete") or gate.get("withheld") or facts.get("quarantine"):
-        return 3, "release incomplete: files or subjects withheld"
+    if gate.get("withheld") or gate.get("published_with_leaks") or facts.get("quarantine"):
+        return 3, "release incomplete: files or subjects withheld, or leaks published"
     return 0, "release complete"
 
 
@@ -628,14 +645,16 @@ def _pixels_section(facts: Mapping) -> str:
             "outlined (before: restricted copy only).</p>")
     if not pix:
         return f'<section id="pixels"><h2>Burned-in text</h2>{head}<p>No series was screened.</p></section>'
+    def found(s):
+        return "—" if s["text_found"] is None else "yes" if s["text_found"] else "no"
     rows = [(e(s["subject"]), f"<code>{e(s['series'])}</code>", s["files"],
-             s["frames"] if s["frames_known"] else "not recorded", s["text_files"], s["boxes"], s["dropped"],
-             e(", ".join(f"{a}: {n}" for a, n in sorted(s["actions"].items())))) for s in pix]
+             s["frames"] if s["frames_known"] else "not recorded", found(s), s["files_cleaned"], s["boxes"],
+             s["withheld"] + s["dropped"], e(s["decision"] + (f" ({s['why']})" if s["why"] else ""))) for s in pix]
     parts = [head, '<div class="filters"><label>Filter <input type="search" data-filter="pixel-table" '
-             'placeholder="subject, series, action"></label><span id="pixel-table-count" class="muted"></span></div>',
-             _table(["subject", "series", "files screened", "frames screened", "files with text", "boxes cleaned",
-                     "files dropped", "actions"], rows, numeric=(2, 3, 4, 5, 6),
-                    attrs='id="pixel-table" class="filterable" data-page="100"')]
+             'placeholder="subject, series, decision"></label><span id="pixel-table-count" class="muted"></span></div>',
+             _table(["subject", "series", "files", "frames screened", "text found", "files cleaned", "boxes cleaned",
+                     "files withheld or dropped", "decision"], rows, numeric=(2, 3, 5, 6, 7),
+                    attrs='id="pixel-table" class="filterable" data-page="100"') + _pager("pixel-table")]
     per = facts["per"]
     shown = 0
     for s in pix:
@@ -744,8 +763,9 @@ def render(facts: Mapping, *, run_time: str | None = None) -> tuple[str, dict[st
         + _table(["source ID", "subject", "format", "reason"],
                  [(f"<code>{e(x['src_id'])}</code>", e(x["subject"]), e(x["format"]), e(x["reason"])) for x in q],
                  attrs='id="quarantine-table" class="filterable" data-page="200"') + _pager("quarantine-table"))
-        + (f'<p class="bad">{e(evidence.INCOMPLETE_MARKER)} marker at the release root: the release is incomplete.</p>'
-           if (facts.get("gate") or {}).get("incomplete") else "")
+        + (f'<p class="warn">Withheld by the release gate (leak-scan hits; their files are listed above with the '
+           f'subject\'s keyed ID): {e(", ".join((facts.get("gate") or {}).get("withheld") or []))}.</p>'
+           if (facts.get("gate") or {}).get("withheld") else "")
         + "</section>")
     # settings and versions
     opts = settings.get("options") or []
@@ -832,42 +852,53 @@ def _own_words() -> frozenset[bytes]:
              "searched": 0, "pixel_data": False}, "dataset_verify": None, "formats_in": {}, "formats_out": {},
              "files_in": 0, "modalities": {}, "studies": 0, "series": 0, "before_in_release": 1, "versions": {},
              "restricted_copy": False}
-    page = render(empty)[0] + " ".join(ACTION_NAMES.values()) + " ".join(FORMAT_NAMES.values())
+    page = " ".join((render(empty)[0], *ACTION_NAMES.values(), *FORMAT_NAMES.values(), REASON_WITHHELD, CREATOR_WITHHELD))
     return frozenset(re.findall(rb"[a-z]+", html.unescape(page).encode("utf-8").lower()))
 
 
-def _check_public(restricted: Path, facts: dict, texts: Mapping[str, str]) -> None:
-    """Withhold quarantine reasons that hold an identifying value; refuse to write a page that does."""
+def _check_public(restricted: Path, facts: dict, texts: Mapping[str, str]) -> bool:
+    """One search for every subject's original values over the quarantine reasons, the private
+    creators (both read from input files) and ``texts`` (the pages).  Reasons and creators that
+    hold one are withheld in ``facts`` and True is returned: render again and check again.
+    Otherwise a text that holds one stops the report (it is never written)."""
     originals = sorted({part for q in facts["quarantine"] for part in q["_path"].split("/") if part})
-    reasons = {str(i): q["reason"] for i, q in enumerate(facts["quarantine"])}
     rows = (facts.get("attributes") or {}).get("rows", ())
     creators = sorted({c for r in rows for c in r["creator"].split(" | ") if c})
-    parts = {**reasons, **{f"creator {i}": c for i, c in enumerate(creators)}}
-    if parts:  # one pass for the quarantine reasons and the private creators (read from the files)
-        found = leakscan.text_hits(restricted, parts, originals)
-        for i, q in enumerate(facts["quarantine"]):
-            if found[str(i)]:
-                q["reason"] = "(reason withheld: it contains an identifying value; see the restricted quarantine.tsv)"
-        bad = {c for i, c in enumerate(creators) if found[f"creator {i}"]}
-        for r in rows if bad else ():
-            r["creator"] = " | ".join(CREATOR_WITHHELD if c in bad else c for c in r["creator"].split(" | "))
-    if not texts:
-        return
-    stripped = {k: _DATA_URI.sub("data:", t) for k, t in texts.items()}  # images were scanned as files
-    bad = {k: n for k, n in leakscan.text_hits(restricted, stripped, originals, _own_words()).items() if n}
+    search = {**{f"reason {i}": q["reason"] for i, q in enumerate(facts["quarantine"])},
+              **{f"creator {i}": c for i, c in enumerate(creators)},
+              **{f"text {k}": _DATA_URI.sub("data:", t) for k, t in texts.items()}}  # images were scanned as files
+    if not search:
+        return False
+    found = leakscan.text_hits(restricted, search, originals, _own_words())
+    withheld = False
+    for i, q in enumerate(facts["quarantine"]):
+        if found[f"reason {i}"]:
+            q["reason"] = REASON_WITHHELD
+            withheld = True
+    bad_creators = {c for i, c in enumerate(creators) if found[f"creator {i}"]}
+    for r in rows if bad_creators else ():
+        r["creator"] = " | ".join(CREATOR_WITHHELD if c in bad_creators else c for c in r["creator"].split(" | "))
+    if withheld or bad_creators:
+        return True
+    bad = {k[5:]: n for k, n in found.items() if k.startswith("text ") and n}
     if bad:
         raise PublicError(f"QC report not written: {sum(bad.values())} identifying value(s) would appear in "
                           f"{', '.join(sorted(bad))}")
+    return False
 
 
 def write_report(release: Path, restricted: Path, output: Path, charts: str, table: Path, full: Path) -> Path:
     """Write the public report, its charts and subject table (release) and the restricted copy."""
     release, restricted = Path(release), Path(restricted)
     facts = build(release, restricted)
-    _check_public(restricted, facts, {})  # withholds identifying quarantine reasons
-    page, svgs = render(facts)
-    tsv = subjects_tsv(facts)
-    _check_public(restricted, facts, {"report.html": page, "subjects.tsv": tsv, **svgs})
+    for attempt in range(2):  # a second time only when a quarantine reason or creator was withheld
+        page, svgs = render(facts)
+        tsv = subjects_tsv(facts)
+        if not _check_public(restricted, facts, {"report.html": page, "subjects.tsv": tsv, **svgs}):
+            break
+    else:
+        raise PublicError("QC report not written: withholding identifying quarantine reasons and private "
+                          "creators did not make it clean")
     chart_paths = [Path(p) for p in charts.split(",")] if charts else []
     for path, svg in zip(chart_paths, (svgs["modalities"], svgs["actions"])):
         atomic_write_text(path, svg + "\n", 0o644)
