@@ -70,7 +70,9 @@ def _walk(ds, prefix: str, out: dict[str, tuple[int, str, str]]) -> None:
         raw = ds.get_item(t)
         vr = getattr(raw, "VR", None) or ""
         if t >> 16 & 1:
-            creator = "" if t & 0xFFFF < 0x1000 else creators.get(((t >> 16) << 8) | ((t & 0xFFFF) >> 8), "")
+            el = t & 0xFFFF
+            block = el if 0x10 <= el <= 0xFF else el >> 8 if el >= 0x1000 else -1
+            creator = creators.get(((t >> 16) << 8) | block, "") if block >= 0 else ""
             name = _tag_label(t)
         else:
             creator = ""

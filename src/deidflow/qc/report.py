@@ -476,8 +476,13 @@ def checks(facts: Mapping) -> list[tuple[str, str, str, str]]:
 def expected_exit(facts: Mapping) -> tuple[int, str]:
     """The exit status the run ends with, as far as the report can tell (it is written before)."""
     gate = facts.get("gate") or {}
+    held = set(gate.get("withheld") or ())
+    per = facts.get("per", {})
+    leaks = [s for s in facts.get("subjects", []) if (per[s]["verify"] or {}).get("status") == "leak" and s not in held]
     if gate.get("withheld") or gate.get("published_with_leaks") or facts.get("quarantine"):
         return 3, "release incomplete: files or subjects withheld, or leaks published"
+    if leaks:
+        return 3, "leak-scan hits in the release"
     return 0, "release complete"
 
 
