@@ -34,6 +34,7 @@ fuzz: install  ## long fuzz run of the DICOM de-identification (20000 random exa
 
 bench: install  ## throughput and overhead benchmarks, printed as tables
 	$(BIN)/python benchmarks/run.py
+	$(BIN)/python benchmarks/report.py
 	$(BIN)/python benchmarks/pixels.py
 	$(BIN)/python benchmarks/face.py
 

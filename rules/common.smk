@@ -5,10 +5,12 @@ import json
 import os
 import sys
 
+from deidflow.fsutil import release_umask
 from deidflow.pipeline import prepare, write_run_record
 from deidflow.settings import _check_semantics, profile_settings
 
 _check_semantics(config)
+release_umask()  # folders Snakemake makes in the release: 0755 whatever the user's umask
 PREPARED = prepare(config, main_process=workflow.is_main_process)
 OUT = str(PREPARED.paths.output)
 RESTRICTED = str(PREPARED.paths.restricted)

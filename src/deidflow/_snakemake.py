@@ -16,11 +16,24 @@ class _DaemonTimer(threading.Timer):
         self.daemon = True
 
 
+_INVOKED_AS: list[str] | None = None
+
+
+def command_line() -> list[str]:
+    """The command that started this run as the user typed it (``deidflow …``; the workflow
+    parses with Snakemake's own ``sys.argv``), for the run record."""
+    if _INVOKED_AS is not None:
+        return ["deidflow", *_INVOKED_AS[1:]]
+    return list(sys.argv)
+
+
 def run_snakemake(args: list[str]) -> int:
     """``snakemake ARGS``; returns its exit status."""
+    global _INVOKED_AS
     threading.Timer = _DaemonTimer  # type: ignore[misc]
     from snakemake.cli import main as snakemake_main
     argv, sys.argv = sys.argv, ["snakemake", *args]
+    _INVOKED_AS = list(argv)
     try:
         snakemake_main()
     except SystemExit as exc:

@@ -5,7 +5,10 @@ SC_rgb_small_odd) so nothing large has to be committed or downloaded.  The pixel
 data of the source files is copied byte for byte.  One patient also has a 3D
 T1-weighted head MRI with a face (96 sagittal 2 mm slices, classic MR Image
 Storage), made in code from the average head that ships in pydeface's wheel
-(:mod:`deidflow.demo_head`), so that the face stage has a face to remove.
+(:mod:`deidflow.demo_head`), so that the face stage has a face to remove, and the ultrasound
+study has a secondary capture of the screen with the patient's name, ID, birth and study date
+burned into its pixels (drawn in code; its header does not announce it: BurnedInAnnotation absent),
+so that the pixel step has text to remove and the QC report shows the redaction.
 Every header value that could identify someone (names, IDs, dates, UIDs,
 institution, device, free text, private tags, nested sequences, folder names)
 is fake and generated deterministically from ``seed``.  The source files' own UIDs and identifiers are
@@ -50,6 +53,7 @@ from pydicom.uid import (
     ExplicitVRLittleEndian,
     ImplicitVRLittleEndian,
     MRImageStorage,
+    SecondaryCaptureImageStorage,
     UltrasoundImageStorage,
 )
 from pydicom.valuerep import PersonName
@@ -147,6 +151,7 @@ class _SeriesSpec:
     overlay_comment: str | None = None  # (6000,4000) on instance 1
     curve_description: str | None = None  # (5000,0022) on instance 1
     head_t1: bool = False  # pixels, geometry and technique from deidflow.demo_head
+    burned_in: bool = False  # secondary capture with the patient's name and dates burned into its pixels
 
 
 @dataclass(frozen=True)
@@ -253,7 +258,8 @@ _PATIENTS: tuple[_PatientSpec, ...] = (
             _StudySpec(
                 _SGH, "US ABDOMEN COMPLETE", ("76700", "C4", "US ABDOMEN COMPLETE"),
                 "RUQ pain",
-                (_SeriesSpec(1, "ABDOMEN", _SGH_US, 2, derived_from_first=True),),
+                (_SeriesSpec(1, "ABDOMEN", _SGH_US, 2, derived_from_first=True),
+                 _SeriesSpec(2, "Report capture", _SGH_US, 1, burned_in=True)),
                 image_comments="J. DOE RUQ pain, r/o cholelithiasis, call {phone}",
             ),
         ),
@@ -597,6 +603,8 @@ def _build_instance(
     ds = Dataset()
     if series.head_t1:
         _set_head_image(ds, inst.number)
+    elif series.burned_in:
+        _set_burned_in_capture(ds, patient, study)
     else:
         _copy_image_attributes(source, ds, modality)
 
@@ -605,10 +613,10 @@ def _build_instance(
         ds.SpecificCharacterSet = pspec.charset
     # A 3D acquisition is one acquisition; 2D demo slices were acquired one after the other.
     acq_time = series_time + timedelta(seconds=15 * (1 if series.head_t1 else inst.number))
-    ds.ImageType = _IMAGE_TYPE[modality]
+    ds.ImageType = ["DERIVED", "SECONDARY"] if series.burned_in else _IMAGE_TYPE[modality]
     ds.InstanceCreationDate = study.date
     ds.InstanceCreationTime = _tm(acq_time + timedelta(seconds=3))
-    ds.SOPClassUID = _SOP_CLASS[modality]
+    ds.SOPClassUID = SecondaryCaptureImageStorage if series.burned_in else _SOP_CLASS[modality]
     ds.SOPInstanceUID = inst.sop_uid
     ds.StudyDate = study.date
     ds.SeriesDate = study.date
@@ -674,7 +682,8 @@ def _build_instance(
             _set_slice_position(source, ds, inst.number)
     else:
         ds.PatientOrientation = ""
-        ds.BurnedInAnnotation = "NO"
+        if not series.burned_in:  # the capture does not announce its burned-in text
+            ds.BurnedInAnnotation = "NO"
     if spec.image_comments:
         ds.ImageComments = spec.image_comments.format(**texts)
 
@@ -749,6 +758,44 @@ def _copy_image_attributes(source: Dataset, ds: Dataset, modality: str) -> None:
         ds.PhotometricInterpretation = "RGB"
     vr = "OB" if int(source.BitsAllocated) <= 8 else "OW"
     ds.add(DataElement(0x7FE00010, vr, bytes(source.PixelData)))
+
+
+BURNED_IN_SIZE = (400, 560)  # rows, columns of the screen capture
+BURNED_IN_TEXT_BOX = (8, 8, 362, 92)  # x0, y0, x1, y1 around its burned-in lines
+
+
+def burned_in_lines(patient: "DemoPatient", study_date: str) -> list[str]:
+    """The text burned into the demo's screen capture: the patient's name, ID, birth and study date."""
+    family_given = patient.name.split("=")[0].replace("^", " ").strip()
+    birth, day = patient.birth_date, study_date
+    return [family_given, f"ID {patient.patient_id}  DOB {birth[:4]}-{birth[4:6]}-{birth[6:]}",
+            f"{day[:4]}-{day[4:6]}-{day[6:]}  LOGIQ E9"]
+
+
+def _set_burned_in_capture(ds: Dataset, patient: "DemoPatient", study: "_StudyValues") -> None:
+    """A secondary capture of an ultrasound screen (made in code: speckle in a fan) with the
+    patient's name and dates written into the pixels at the top left; the header says nothing
+    about burned-in annotation (BurnedInAnnotation absent), as many capture devices write it."""
+    from PIL import Image, ImageDraw, ImageFont
+    rows, cols = BURNED_IN_SIZE
+    rng = np.random.default_rng(7)
+    yy, xx = np.mgrid[0:rows, 0:cols]
+    r = np.hypot(xx - cols / 2, yy + 40)
+    angle = np.degrees(np.arctan2(xx - cols / 2, yy + 40))
+    fan = (r > 170) & (r < rows + 30) & (np.abs(angle) < 35)
+    pixels = np.zeros((rows, cols), np.uint8)
+    pixels[fan] = np.clip(rng.gamma(2.0, 30.0, fan.sum()) + 20, 0, 200).astype(np.uint8)
+    img = Image.fromarray(pixels, "L")
+    draw = ImageDraw.Draw(img)
+    font = ImageFont.load_default(size=22)
+    for i, line in enumerate(burned_in_lines(patient, study.date)):
+        draw.text((12, 10 + 26 * i), line, fill=255, font=font)
+    ds.SamplesPerPixel = 1
+    ds.PhotometricInterpretation = "MONOCHROME2"
+    ds.Rows, ds.Columns = rows, cols
+    ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.PixelRepresentation = 8, 8, 7, 0
+    ds.ConversionType = "WSD"
+    ds.add(DataElement(0x7FE00010, "OB", np.asarray(img, np.uint8).tobytes()))
 
 
 def _set_head_image(ds: Dataset, number: int) -> None:

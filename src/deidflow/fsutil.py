@@ -12,6 +12,16 @@ from pathlib import Path
 
 RESTRICTED_DIR_MODE = 0o700
 RESTRICTED_FILE_MODE = 0o600
+RELEASE_FILE_MODE = 0o644
+RELEASE_DIR_MODE = 0o755
+RELEASE_UMASK = 0o022
+
+
+def release_umask() -> None:
+    """Give what this process creates 0644 files and 0755 folders whatever the user's umask: the
+    release is readable by whoever the folder is shared with.  Restricted folders and files are
+    made 0700/0600 explicitly (:func:`make_restricted_dir`, ``RESTRICTED_FILE_MODE``)."""
+    os.umask(RELEASE_UMASK)
 
 
 def make_restricted_dir(path: Path) -> Path:
@@ -23,15 +33,15 @@ def make_restricted_dir(path: Path) -> Path:
 
 
 def atomic_write_bytes(path: Path, data: bytes, mode: int | None = None) -> None:
-    """Write ``data`` to ``path`` through a temporary file in the same folder and a rename."""
+    """Write ``data`` to ``path`` through a temporary file in the same folder and a rename; the
+    file gets ``mode``, by default :data:`RELEASE_FILE_MODE` (restricted writes name theirs)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".tmp-", suffix=".part")
     try:
         with os.fdopen(fd, "wb") as fh:
             fh.write(data)
-        if mode is not None:
-            os.chmod(tmp, mode)
+        os.chmod(tmp, RELEASE_FILE_MODE if mode is None else mode)
         os.replace(tmp, path)
     except BaseException:
         _unlink_quietly(tmp)

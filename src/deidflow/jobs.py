@@ -169,6 +169,8 @@ def main(argv: list[str] | None = None) -> int:
 
 def run(argv: list[str]) -> int:
     """Parse the stage and its arguments and run it in this process."""
+    from .fsutil import release_umask
+    release_umask()  # release files 0644, folders 0755 whatever the user's umask
     p = argparse.ArgumentParser(prog="python -m deidflow.jobs")
     sub = p.add_subparsers(dest="stage", required=True)
     for name, (func, args, helptext) in STAGES.items():

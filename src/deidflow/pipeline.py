@@ -152,10 +152,11 @@ def _check_fingerprint(paths: Paths, fp: str) -> None:
 
 
 def write_run_record(prepared: Prepared, settings: Mapping[str, Any]) -> None:
-    """``restricted/run.json``: deidflow version, settings and key fingerprint (never the key,
-    no PHI); rewritten only when it changes."""
+    """``restricted/run.json``: deidflow version, command line, settings and key fingerprint
+    (never the key: it comes from the environment or a key file); rewritten only when it changes."""
     from . import __version__
-    text = json.dumps({"deidflow": __version__, "key_fingerprint": prepared.fingerprint,
+    from ._snakemake import command_line
+    text = json.dumps({"deidflow": __version__, "key_fingerprint": prepared.fingerprint, "command": command_line(),
                        "settings": dict(settings), "output": str(prepared.paths.output)},
                       indent=1, sort_keys=True) + "\n"
     write_if_changed(prepared.paths.restricted / "run.json", text.encode(), RESTRICTED_FILE_MODE)

@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import re
 from collections import Counter, defaultdict
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterator
 
@@ -69,15 +70,49 @@ def attribute_name(path: str) -> str:
 def summary(restricted: Path) -> tuple[dict[str, Counter], dict[str, int]]:
     """In one pass: subject -> Counter of (attribute without item indices, action code), and
     subject -> number of released files recorded in the audit."""
+    facts = scan(restricted)
+    return facts.counts, facts.files
+
+
+@dataclass
+class AuditFacts:
+    """What the report needs from the audit, gathered in one pass over the JSON lines."""
+
+    counts: dict[str, Counter] = field(default_factory=dict)  # subject -> (attribute, code) -> occurrences
+    files: dict[str, int] = field(default_factory=dict)  # subject -> audited files
+    attribute_files: Counter = field(default_factory=Counter)  # (attribute, code) -> files
+    pixels: list[tuple[str, str, dict]] = field(default_factory=list)  # (subject, file, pixel record)
+    series: dict[str, tuple[str, str, int]] = field(default_factory=dict)  # series folder -> (file, source, files)
+    sources: set[str] = field(default_factory=set)  # source IDs of the released files
+
+
+def scan(restricted: Path) -> AuditFacts:
+    """Per-subject action counts, files per (attribute, action) over the dataset, the pixel
+    step's records and one file (with its source ID) per series folder, in one pass."""
     raw: dict[str, Counter] = defaultdict(Counter)
     files: dict[str, int] = defaultdict(int)
+    per_file: Counter = Counter()
+    out = AuditFacts()
     for subject, item in _entries(restricted):
         files[subject] += 1
-        raw[subject].update((item.get("actions") or {}).items())  # codes are strings; Counter.update runs in C
-    counts: dict[str, Counter] = {}
+        actions = item.get("actions") or {}
+        raw[subject].update(actions.items())  # codes are strings; Counter.update runs in C
+        indexed = {a: attribute_name(str(a)) for a in actions if "[" in a}
+        if indexed:  # Seq[0].X and Seq[1].X of one file count once for Seq.X
+            per_file.update({(indexed.get(a, a), str(c)) for a, c in actions.items()})
+        else:
+            per_file.update(actions.items())
+        name = str(item.get("file", ""))
+        out.sources.add(str(item.get("source", "")))
+        if isinstance(item.get("pixels"), dict):
+            out.pixels.append((subject, name, item["pixels"]))
+        folder = name.rpartition("/")[0]
+        first = out.series.get(folder)
+        out.series[folder] = (first[0], first[1], first[2] + 1) if first else (name, str(item.get("source", "")), 1)
     for subject, pairs in raw.items():  # strip item indices once per distinct path, not per row
-        counts[subject] = Counter()
+        out.counts[subject] = Counter()
         for (attr, code), n in pairs.items():
-            counts[subject][(attribute_name(str(attr)), str(code))] += n
-    return counts, dict(files)
-
+            out.counts[subject][(attribute_name(str(attr)), str(code))] += n
+    out.files = dict(files)
+    out.attribute_files = Counter({(str(a), str(c)): n for (a, c), n in per_file.items()})
+    return out
