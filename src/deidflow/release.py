@@ -16,6 +16,7 @@ from .pseudonym import Pseudonymizer, fingerprint, load_key, load_mapping
 from .qc import identifiers
 
 if TYPE_CHECKING:
+    from .bids.workcopy import WorkingCopy
     from .pixels import PixelCleaner
 
 
@@ -34,12 +35,14 @@ def pseudonymizer_from_settings(settings: Mapping[str, Any]) -> Pseudonymizer:
 
 
 def deidentify_unit(manifest: Path, release_root: Path, restricted: Path, done: Path, uids: Path,
-                    quarantine: Path, settings: Mapping[str, Any]) -> dict:
+                    quarantine: Path, settings: Mapping[str, Any], work_root: Path | None = None) -> dict:
     """De-identify every subject of one job unit (see :mod:`deidflow.batching`).
 
     Each subject is written to a staging folder and published as ``release_root/<subject>`` in one
     rename; its audit goes to ``restricted/audit/<subject>.jsonl``.  The unit's UID map and
     quarantined files go to ``uids`` and ``quarantine``; ``done`` lists what was released.
+    With ``work_root`` (BIDS on) each released file also gets its conversion working copy
+    (:mod:`deidflow.bids.workcopy`, restricted) under ``work_root/<subject>``.
     """
     m = json.loads(Path(manifest).read_text())
     plan = build_plan(settings["options"], settings["private"], settings["overrides"])
@@ -49,13 +52,21 @@ def deidentify_unit(manifest: Path, release_root: Path, restricted: Path, done: 
     bad: list[tuple[str, str]] = []
     summary = []
     cleaner = pixel_cleaner(settings, pseudo)
+    work_plan = None
+    if work_root:
+        from .bids.workcopy import WorkingCopy, conversion_plan
+        work_plan = conversion_plan(settings["options"], settings["overrides"])
     for subj in m["subjects"]:
         ctx = SubjectContext(pseudo, subj["subject"], subj["date_offset"], uid_map,
                              identifiers=identifiers.IdentifierCollector())
+        work = None if work_plan is None else WorkingCopy(work_plan, ctx, Path(work_root), Path(restricted))
         n, subject_bad = _subject(subj, input_dir, Path(release_root), Path(restricted), Scrubber(plan, ctx),
-                                  cleaner)
+                                  cleaner, work)
         # the values the profile removed or replaced, for the leak scan (restricted)
-        identifiers.write(restricted, m["unit"], "dicom", subj["subject"], ctx.identifiers.entries())
+        entries = ctx.identifiers.entries()
+        if work is not None:  # private acquisition values the conversion keeps on purpose
+            entries = work.scan_entries(entries)
+        identifiers.write(restricted, m["unit"], "dicom", subj["subject"], entries)
         bad += subject_bad
         summary.append({"subject": subj["subject"], "files": n, "quarantined": len(subject_bad)})
     for p in (done, uids, quarantine):
@@ -79,7 +90,8 @@ def pixel_cleaner(settings: Mapping[str, Any], pseudo: Pseudonymizer) -> "PixelC
 
 
 def _subject(subj: Mapping[str, Any], input_dir: Path, release_root: Path, restricted: Path,
-             scrubber: Scrubber, cleaner: "PixelCleaner | None" = None) -> tuple[int, list[tuple[str, str]]]:
+             scrubber: Scrubber, cleaner: "PixelCleaner | None" = None,
+             work: "WorkingCopy | None" = None) -> tuple[int, list[tuple[str, str]]]:
     """One subject: files into a staging folder, published in one rename; audit written.
 
     With a pixel ``cleaner``, each staged file the selection policy picks (decided from the
@@ -88,6 +100,8 @@ def _subject(subj: Mapping[str, Any], input_dir: Path, release_root: Path, restr
     subject = subj["subject"]
     files = [f for f in subj["files"] if f.get("format", "dicom") == "dicom"]  # the rest: other stages
     if not files:
+        if work is not None:
+            work.publish()  # no working copy either
         return 0, []
     final = release_root / subject
     stage = staging_dir_for(final, restricted)
@@ -118,10 +132,16 @@ def _subject(subj: Mapping[str, Any], input_dir: Path, release_root: Path, restr
                     continue
                 if pix:
                     entry["pixels"] = pix
+            if work is not None and (stage / f["out_relpath"]).is_file():
+                work.add(input_dir / f["relpath"], f["out_relpath"], stage / f["out_relpath"], "pixels" in entry)
             audit_lines.append(json.dumps(entry, sort_keys=True))
+        if work is not None:
+            work.publish()
         publish_dir(stage, final)
     except BaseException:
         shutil.rmtree(stage, ignore_errors=True)  # nothing partial stays behind
+        if work is not None:
+            work.discard()
         raise
     if pixels_qc is not None:
         pixels_qc.publish(release_root.parents[1] / "derivatives" / "deidflow" / "qc", restricted)
