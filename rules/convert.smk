@@ -11,6 +11,7 @@ BIDS_JSON = json.dumps(
     {
         "mapping": config["bids"]["mapping"],
         "name": config["bids"]["name"],
+        **{k: config["bids"].get(k) for k in ("authors", "license", "acknowledgements", "how_to_acknowledge", "funding")},
         "dicom_released": bool(config["outputs"]["dicom"]),
     },
     sort_keys=True,

@@ -171,6 +171,26 @@ def validate_options(options: Iterable[str]) -> frozenset[str]:
     return opts
 
 
+PRESETS = ("basic", "research")
+
+
+def apply_preset(preset: str, options: Iterable[str], private: str) -> tuple[list[str], str]:
+    """The effective (options, private policy) of ``profile.preset`` with the user's
+    ``profile.options`` and ``dicom.private`` (data/profile_defaults.yaml ``presets``): the
+    preset's options plus the user's (a user's retain_long_full_dates replaces the preset's
+    modified dates), and a private policy of ``remove`` raised to the preset's."""
+    table = defaults()["presets"]
+    if preset not in table:
+        raise ValueError(f"profile.preset must be one of {', '.join(sorted(table))}, not {preset!r}")
+    user = list(options)
+    base = [o for o in table[preset]["options"]
+            if not (o == "retain_long_modified_dates" and "retain_long_full_dates" in user)]
+    merged = sorted(set(base) | set(user))
+    if private == "remove" and table[preset]["private"] != "remove":
+        private = table[preset]["private"]
+    return merged, private
+
+
 def build_plan(options: Iterable[str] = (), private: str | None = None,
                overrides: Iterable[Mapping[str, str]] = ()) -> Plan:
     """Resolve the profile for ``options``, the private-attribute policy and user ``overrides``.

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import json
 import shutil
+from contextlib import ExitStack
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Mapping
 
@@ -14,6 +15,7 @@ from .fsutil import (RESTRICTED_FILE_MODE, atomic_write_text, csv_text, make_res
 from .profile import build_plan
 from .pseudonym import Pseudonymizer, fingerprint, load_key, load_mapping
 from .qc import identifiers
+from .sniff import decompressed
 
 if TYPE_CHECKING:
     from .bids.workcopy import WorkingCopy
@@ -114,27 +116,31 @@ def _subject(subj: Mapping[str, Any], input_dir: Path, release_root: Path, restr
         pixels_qc = SubjectPixelsQC(subject)
     try:
         for f in files:
-            try:
-                res = deidentify_path(input_dir / f["relpath"], stage / f["out_relpath"], scrubber, capture)
-            except DicomError as exc:
-                bad.append((f["relpath"], str(exc)))
-                continue
-            except OSError as exc:
-                if exc.errno in OUTPUT_ERRNOS:  # the release cannot be written: fail the job
-                    raise OutputError(f"cannot write the release of {subject}: {exc.strerror}") from None
-                bad.append((f["relpath"], f"file not readable: {exc.strerror}"))
-                continue
-            entry = {"file": f"{subject}/{f['out_relpath']}", "source": f["src_id"], "actions": res.actions}
-            if cleaner is not None:
-                pix = _clean_pixels(cleaner, stage / f["out_relpath"], res, entry["file"], pixels_qc)
-                if isinstance(pix, str):
-                    bad.append((f["relpath"], pix))
+            with ExitStack() as opened:
+                try:
+                    src = input_dir / f["relpath"]
+                    if f.get("compression"):  # .dcm.gz: read from a decompressed restricted copy
+                        src = opened.enter_context(decompressed(src, make_restricted_dir(restricted / "tmp")))
+                    res = deidentify_path(src, stage / f["out_relpath"], scrubber, capture)
+                except DicomError as exc:
+                    bad.append((f["relpath"], str(exc)))
                     continue
-                if pix:
-                    entry["pixels"] = pix
-            if work is not None and (stage / f["out_relpath"]).is_file():
-                work.add(input_dir / f["relpath"], f["out_relpath"], stage / f["out_relpath"], "pixels" in entry)
-            audit_lines.append(json.dumps(entry, sort_keys=True))
+                except OSError as exc:
+                    if exc.errno in OUTPUT_ERRNOS:  # the release cannot be written: fail the job
+                        raise OutputError(f"cannot write the release of {subject}: {exc.strerror}") from None
+                    bad.append((f["relpath"], f"file not readable: {exc.strerror or exc}"))
+                    continue
+                entry = {"file": f"{subject}/{f['out_relpath']}", "source": f["src_id"], "actions": res.actions}
+                if cleaner is not None:
+                    pix = _clean_pixels(cleaner, stage / f["out_relpath"], res, entry["file"], pixels_qc)
+                    if isinstance(pix, str):
+                        bad.append((f["relpath"], pix))
+                        continue
+                    if pix:
+                        entry["pixels"] = pix
+                if work is not None and (stage / f["out_relpath"]).is_file():
+                    work.add(src, f["out_relpath"], stage / f["out_relpath"], "pixels" in entry)
+                audit_lines.append(json.dumps(entry, sort_keys=True))
         if work is not None:
             work.publish()
         publish_dir(stage, final)

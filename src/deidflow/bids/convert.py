@@ -27,6 +27,7 @@ from . import dcm2niix
 from .heuristic import classify, image_attributes, rules_for
 from .naming import Image, assign_names
 from .series import SeriesInfo, read_series
+from .sessions import acquisition_datetime, subject_tables
 
 log = logging.getLogger("deidflow")
 
@@ -117,6 +118,10 @@ def _subject(subj: Mapping[str, Any], dicom_root: Path, work_root: Path | None, 
             actions = _write_image(im, root / rel, options)
             audit.append(json.dumps({"file": im.stem + ".json", "series": im.series.relpath, "rule": im.target.rule,
                                      "actions": actions}, sort_keys=True))
+        when = {id(im): acquisition_datetime(im.series.attrs, im.output.sidecar) for im in images}
+        for rel, text in subject_tables(subject, images, when, options).items():
+            (bids_stage / rel[len(subject) + 1:]).parent.mkdir(parents=True, exist_ok=True)
+            (bids_stage / rel[len(subject) + 1:]).write_text(text, encoding="utf-8")
         if not dicom_released:
             for nc in not_converted:  # nothing is dropped: the de-identified DICOM goes to unsorted
                 src = dicom_root / subject / nc["series"]

@@ -85,7 +85,8 @@ WORKING_COPY_OPTIONS = frozenset({"retain_long_modified_dates", "retain_safe_pri
 def conversion_plan(options, overrides=()) -> Plan:
     """The release profile (``options``, ``overrides``) with :data:`WORKING_COPY_OPTIONS` and the
     vendor table as its private policy."""
-    plan = build_plan(set(options) | WORKING_COPY_OPTIONS, "safe", overrides)
+    extra = WORKING_COPY_OPTIONS - ({"retain_long_modified_dates"} if "retain_long_full_dates" in options else set())
+    plan = build_plan(set(options) | extra, "safe", overrides)
     return dataclasses.replace(plan, safe_private=vendor_table())
 
 
@@ -96,7 +97,7 @@ PROTOCOL_TEXT_KEEP = re.compile(
     rb"|.*sCoilElementID\.t(CoilID|Element)|.*sCoilStringForConversion|.*\.tNucleus|sTXSPEC\.aRFPULSE\[\d+\]\.tName)$")
 _ASCCONV = re.compile(rb"### ASCCONV BEGIN.*?### ASCCONV END ###", re.S)
 _ASC_LINE = re.compile(rb"^([^\s=]+)([ \t]*=[ \t]*)(\"+)([^\"\r\n]*)(\"+)", re.M)
-_QUOTED = re.compile(rb"\"([^\"\r\n]*)\"")
+_QUOTED = re.compile(rb"\"([\x20\x21\x23-\x7e\x80-\xff]*)\"")  # text only: never across binary fields
 
 
 def _blank(text: bytes) -> bytes:
