@@ -50,7 +50,7 @@ rule convert:
         "../envs/dcm2niix.yaml"
     shell:
         "{params.python:q} -m deidflow.jobs convert --manifest {input.manifest:q}"
-        " --dicom-root {params.dicom_root:q} --work-root {params.work_root:q} --release-root {params.release_root:q}"
+        " --dicom-root {params.dicom_root:q} --work-root={params.work_root:q} --release-root {params.release_root:q}"
         " --restricted {params.restricted:q} --done {output.done:q} --settings {params.settings:q}"
         " --bids {params.bids:q} --log {log:q} 2>> {log:q}"
 

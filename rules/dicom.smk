@@ -34,7 +34,7 @@ rule dicom:
         "../envs/core.yaml"
     shell:
         "{params.python:q} -m deidflow.jobs dicom --manifest {input.manifest:q}"
-        " --release-root {params.release_root:q} --work-root {params.work_root:q} --restricted {params.restricted:q}"
+        " --release-root {params.release_root:q} --work-root={params.work_root:q} --restricted {params.restricted:q}"
         " --done {output.done:q} --uids {output.uids:q} --quarantine {output.quarantine:q}"
         " --settings {params.settings:q} --log {log:q} 2>> {log:q}"
 

@@ -191,6 +191,26 @@ def apply_preset(preset: str, options: Iterable[str], private: str) -> tuple[lis
     return merged, private
 
 
+ACTION_WORDS = {"X": "remove", "Z": "empty", "D": "dummy", "K": "keep", "C": "clean", "U": "keyed UID"}
+
+
+def preset_table(preset: str) -> str:
+    """Markdown table of every attribute whose action ``preset`` changes from the Basic Profile
+    (tag, name, Basic action, preset action, the option responsible): docs/profile-presets.md is
+    this table, checked by the tests."""
+    options, _ = apply_preset(preset, [], "remove")
+    lines = ["| tag | attribute | basic | " + preset + " | option |", "|---|---|---|---|---|"]
+    for row in profile_rows():
+        if row.tag == "private":
+            continue
+        before, after = resolve(row, ()), resolve(row, options)
+        if before != after:
+            why = ", ".join(o for o in options if o in row.options and COMPOUND.get(row.options[o], row.options[o]) == after)
+            word = "shift (keyed offset)" if why == "retain_long_modified_dates" and after == "C" else ACTION_WORDS[after]
+            lines.append(f"| {row.tag} | {row.name} | {ACTION_WORDS[before]} | {word} | {why} |")
+    return "\n".join(lines) + "\n"
+
+
 def build_plan(options: Iterable[str] = (), private: str | None = None,
                overrides: Iterable[Mapping[str, str]] = ()) -> Plan:
     """Resolve the profile for ``options``, the private-attribute policy and user ``overrides``.
