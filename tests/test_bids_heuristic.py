@@ -51,6 +51,7 @@ def attrs(**kw):
     (dict(ScanningSequence="SE", SequenceName="*epse2d1_64", EchoTime=20, RepetitionTime=800, Volumes=6), ("unsorted", "")),
     (dict(ImageType="ORIGINAL\\PRIMARY\\EPI\\NONE", EchoTime=12, RepetitionTime=900, Volumes=8,
           ScanningSequence="SE"), ("unsorted", "")),
+    (dict(ScanningSequence="GR", EchoTime=2, RepetitionTime=5, Volumes=40), ("unsorted", "")),  # DCE: not anat
     # pCASL/ASL → perf, whatever its TE/TR say (Philips enhanced pCASL was named anat/PDw)
     (dict(ScanningSequence="GR", PulseSequenceDetails="%SiemensSeq%\\tgse_pcasl", EchoTime=13, RepetitionTime=4000,
           Volumes=30), ("perf", "asl")),
