@@ -11,6 +11,7 @@ BIDS_JSON = json.dumps(
     {
         "mapping": config["bids"]["mapping"],
         "name": config["bids"]["name"],
+        **{k: config["bids"].get(k) for k in ("authors", "license", "acknowledgements", "how_to_acknowledge", "funding")},
         "dicom_released": bool(config["outputs"]["dicom"]),
     },
     sort_keys=True,
@@ -34,6 +35,7 @@ rule convert:
         settings=SETTINGS_JSON,
         bids=BIDS_JSON,
         dicom_root=DICOM_ROOT,
+        work_root=BIDS_WORK_ROOT,
         release_root=release_root_of,
         restricted=restricted_of,
     log:
@@ -48,7 +50,7 @@ rule convert:
         "../envs/dcm2niix.yaml"
     shell:
         "{params.python:q} -m deidflow.jobs convert --manifest {input.manifest:q}"
-        " --dicom-root {params.dicom_root:q} --release-root {params.release_root:q}"
+        " --dicom-root {params.dicom_root:q} --work-root={params.work_root:q} --release-root {params.release_root:q}"
         " --restricted {params.restricted:q} --done {output.done:q} --settings {params.settings:q}"
         " --bids {params.bids:q} --log {log:q} 2>> {log:q}"
 

@@ -1,6 +1,9 @@
 # With outputs.dicom false the de-identified DICOM goes to a work area inside the restricted folder
 # (still converted to BIDS), not to the release.
 DICOM_ROOT = release("sourcedata/dicom") if config["outputs"]["dicom"] else restricted("work/dicom")
+# With outputs.bids the dicom job also writes the restricted conversion working copy (vendor private
+# elements dcm2niix needs, deidflow.bids.workcopy); the convert job reads it, never the release.
+BIDS_WORK_ROOT = restricted("work/bids-dicom") if config["outputs"].get("bids", True) else ""
 
 
 rule dicom:
@@ -17,6 +20,7 @@ rule dicom:
         python=PYTHON,
         settings=SETTINGS_JSON,
         release_root=DICOM_ROOT,
+        work_root=BIDS_WORK_ROOT,
         restricted=restricted_of,
     log:
         restricted("logs/dicom/{unit}.log"),
@@ -30,7 +34,7 @@ rule dicom:
         "../envs/core.yaml"
     shell:
         "{params.python:q} -m deidflow.jobs dicom --manifest {input.manifest:q}"
-        " --release-root {params.release_root:q} --restricted {params.restricted:q}"
+        " --release-root {params.release_root:q} --work-root={params.work_root:q} --restricted {params.restricted:q}"
         " --done {output.done:q} --uids {output.uids:q} --quarantine {output.quarantine:q}"
         " --settings {params.settings:q} --log {log:q} 2>> {log:q}"
 

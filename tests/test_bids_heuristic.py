@@ -45,6 +45,22 @@ def attrs(**kw):
     (dict(ScanningSequence="EP", ImageType="ORIGINAL\\PRIMARY\\DIFFUSION\\NONE", Volumes=30), ("unsorted", "")),
     (dict(ScanningSequence="SE", EchoTime=100, RepetitionTime=4000, IsPhase=True), ("unsorted", "")),
     (dict(EchoTime=40, RepetitionTime=800), ("unsorted", "")),  # no rule: kept aside, never dropped
+    # issue 20: EPI time series are never anat; GE multiband fMRI of 3 volumes is BOLD
+    (dict(ScanningSequence="EP\\GR", SequenceName="epiRT", EchoTime=30, RepetitionTime=1000, Volumes=3), ("func", "bold")),
+    (dict(ScanningSequence="EP", SequenceName="epfid2d1_64", EchoTime=30, RepetitionTime=2000, Volumes=4), ("func", "bold")),
+    (dict(ScanningSequence="SE", SequenceName="*epse2d1_64", EchoTime=20, RepetitionTime=800, Volumes=6), ("unsorted", "")),
+    (dict(ImageType="ORIGINAL\\PRIMARY\\EPI\\NONE", EchoTime=12, RepetitionTime=900, Volumes=8,
+          ScanningSequence="SE"), ("unsorted", "")),
+    (dict(ScanningSequence="GR", EchoTime=2, RepetitionTime=5, Volumes=40), ("unsorted", "")),  # DCE: not anat
+    # pCASL/ASL → perf, whatever its TE/TR say (Philips enhanced pCASL was named anat/PDw)
+    (dict(ScanningSequence="GR", PulseSequenceDetails="%SiemensSeq%\\tgse_pcasl", EchoTime=13, RepetitionTime=4000,
+          Volumes=30), ("perf", "asl")),
+    (dict(ImageType="ORIGINAL\\PRIMARY\\ASL\\NONE", EchoTime=13, RepetitionTime=4000, Volumes=2), ("perf", "asl")),
+    (dict(ArterialSpinLabelingType="PCASL", ScanningSequence="EP", EchoTime=13, RepetitionTime=4000, Volumes=80),
+     ("perf", "asl")),
+    # DWI of every vendor with a gradient table (GE EP\SE, Philips/Canon without ScanningSequence EP)
+    (dict(ScanningSequence="EP\\SE", SequenceName="epi2", HasBValues=True, BValueMax=1000, Volumes=7), ("dwi", "dwi")),
+    (dict(ScanningSequence="SE", HasBValues=True, BValueMax=800, Volumes=33), ("dwi", "dwi")),
 ])
 def test_builtin_heuristic(given, expected):
     t = classify(attrs(**given), BUILTIN)
@@ -54,6 +70,8 @@ def test_builtin_heuristic(given, expected):
 def test_unmatched_reason_and_task_labels():
     t = classify(attrs(EchoTime=40, RepetitionTime=800), BUILTIN)
     assert t.reason == "no BIDS rule matched"
+    for rule in BUILTIN:  # every built-in rule that sets an image aside says why
+        assert rule.datatype != "unsorted" or rule.reason, rule.name
     bold = classify(attrs(ScanningSequence="EP", Volumes=100, Description="fMRI_task-nback_run1"), BUILTIN)
     assert bold.entities == {"task": "nback"}
     assert task_label({"Description": "resting state"}) == "rest" and task_label({}) == "unknown"

@@ -175,17 +175,18 @@ def test_convert_job_resumes_after_a_kill(default, tmp_path):
     from deidflow.bids.convert import convert_unit
     manifests = sorted((default["restricted"] / "manifests").glob("*.json"))
     dicom_root = default["out"] / "sourcedata" / "dicom"
+    work_root = default["restricted"] / "work" / "bids-dicom"  # the conversion working copy (issue 20)
     release, restricted = tmp_path / "release", tmp_path / "restricted"
 
     def convert_all():
         for m in manifests:
             convert_unit(m, dicom_root, release, restricted, restricted / "done" / "convert" / m.name,
-                         {"options": []}, {"mapping": [], "dicom_released": True})
+                         {"options": []}, {"mapping": [], "dicom_released": True}, work_root=work_root)
 
     convert_all()
     clean = bids_hashes(release)
     # the library gives the workflow's bytes, but for the series the face stage defaced afterwards
-    # (converted again from the defaced DICOM, now ImageType DERIVED, it lands in sourcedata/unsorted)
+    # (the working copy is not defaced: it is restricted and only converted)
     treated = [i for m in (default["restricted"] / "done" / "face").glob("*.json")
                for i in json.loads(m.read_text())["images"] if i["method"] != "none"]
     assert treated  # the demo's head MRI

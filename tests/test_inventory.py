@@ -158,3 +158,67 @@ def test_trust_centre_mapping_and_unmapped_patients(demo_input, tmp_path):
     assert reasons == {"PatientID not in the pseudonym mapping file"}
     inv = inventory.build(d, ps, unmapped="hmac")
     assert "sub-TC0001" in inv.subjects and len(inv.subjects) == len(patients)
+
+
+def _gzip(src: Path, dst: Path) -> Path:
+    import gzip
+    dst.parent.mkdir(parents=True, exist_ok=True)
+    with open(src, "rb") as fin, gzip.GzipFile(dst, "wb", mtime=0) as out:
+        out.write(fin.read())
+    return dst
+
+
+def test_gzipped_dicom_is_read_and_other_archives_are_quarantined_with_their_reason(tmp_path):
+    """Issue 20: .dcm.gz (and a .gz of any name with DICM inside) is DICOM with compression gzip,
+    grouped like the plain file; zip/tar/7z/bzip2/xz archives and a gzip of anything else are
+    quarantined saying what they are; a damaged gzip stream says so."""
+    import tarfile
+    import zipfile
+    d = tmp_path / "in"
+    plain = get_testdata_file("CT_small.dcm")
+    _gzip(Path(plain), d / "a" / "ct.dcm.gz")
+    _gzip(Path(get_testdata_file("MR_small.dcm")), d / "a" / "IM0001.gz")
+    with zipfile.ZipFile(d / "b.zip", "w") as z:
+        z.write(plain, "ct.dcm")
+    with tarfile.open(d / "c.tar.gz", "w:gz") as t:
+        t.add(plain, "ct.dcm")
+    (d / "d.bz2").write_bytes(b"BZh91AY&SY" + bytes(40))
+    (d / "e.xz").write_bytes(b"\xfd7zXZ\x00" + bytes(40))
+    (d / "f.7z").write_bytes(b"7z\xbc\xaf\x27\x1c" + bytes(40))
+    (tmp_path / "notes.txt").write_text("free text " * 50)
+    _gzip(tmp_path / "notes.txt", d / "g.txt.gz")
+    (d / "h.dcm.gz").write_bytes((d / "a" / "ct.dcm.gz").read_bytes()[:200])  # truncated stream
+    assert sniff.sniff(d / "a" / "ct.dcm.gz") == "dicom" and sniff.is_gzip(d / "a" / "ct.dcm.gz")
+    inv = inventory.build(d, Pseudonymizer(KEY))
+    rows = {r["relpath"]: r for r in inv.rows}
+    for rel in ("a/ct.dcm.gz", "a/IM0001.gz"):
+        assert rows[rel]["status"] == "ok" and rows[rel]["compression"] == "gzip", rows[rel]
+        assert rows[rel]["out_relpath"].endswith(".dcm") and not rows[rel]["out_relpath"].endswith(".gz")
+    assert rows["a/ct.dcm.gz"]["patient_id"] == pydicom.dcmread(plain).PatientID
+    reasons = {rel: r["reason"] for rel, r in rows.items() if r["status"] == "quarantine"}
+    for rel, kind in (("b.zip", "zip"), ("c.tar.gz", "tar"), ("d.bz2", "bzip2"), ("e.xz", "xz"), ("f.7z", "7z"),
+                      ("g.txt.gz", "gzip")):
+        assert reasons[rel].startswith(f"{kind} archive: deidflow does not unpack archives"), (rel, reasons.get(rel))
+    assert "h.dcm.gz" in reasons
+    restricted = tmp_path / "restricted"
+    inventory.write(inv, restricted)
+    files = [f for m in (restricted / "manifests").glob("*.json")
+             for s in __import__("json").loads(m.read_text())["subjects"] for f in s["files"]]
+    assert sorted(f["relpath"] for f in files if f.get("compression") == "gzip") == ["a/IM0001.gz", "a/ct.dcm.gz"]
+
+
+def test_decompressed_copy_is_private_and_removed(tmp_path):
+    src = _gzip(Path(get_testdata_file("CT_small.dcm")), tmp_path / "x.dcm.gz")
+    with sniff.decompressed(src, tmp_path) as plain:
+        assert plain != src and plain.read_bytes() == Path(get_testdata_file("CT_small.dcm")).read_bytes()
+        assert plain.stat().st_mode & 0o077 == 0
+    assert not plain.exists()
+    same = Path(get_testdata_file("CT_small.dcm"))
+    with sniff.decompressed(same, tmp_path) as p:
+        assert p == same
+    bad = tmp_path / "bad.dcm.gz"
+    bad.write_bytes(src.read_bytes()[:100])
+    with pytest.raises(OSError, match="damaged gzip"):
+        with sniff.decompressed(bad, tmp_path):
+            pass
+    assert not list(tmp_path.glob(".gunzip-*"))

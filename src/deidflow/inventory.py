@@ -7,6 +7,7 @@ one-line reason.  The table lives in the restricted folder: it holds original id
 """
 from __future__ import annotations
 
+import gzip
 import json
 import mmap
 import os
@@ -39,9 +40,9 @@ HEADER_TAGS = {
 }
 STR_COLUMNS = ("relpath", "format", "status", "reason", "transfer_syntax", *[
     c for c in HEADER_TAGS.values() if c not in ("series_number", "instance_number")],
-    "subject", "session", "series_label", "out_relpath", "src_id", "release_dir", "primary")
+    "subject", "session", "series_label", "out_relpath", "src_id", "release_dir", "primary", "compression")
 INT_COLUMNS = ("size", "mtime_ns", "series_number", "instance_number", "date_offset")
-CACHED = ("relpath", "size", "mtime_ns", "format", "reason", "transfer_syntax",
+CACHED = ("relpath", "size", "mtime_ns", "format", "reason", "transfer_syntax", "compression",
           *HEADER_TAGS.values())
 
 
@@ -72,7 +73,12 @@ class Inventory:
 # Header reading
 # ------------------------------------------------------------------------------------------------
 def read_dicom_header(path: Path) -> dict:
-    """Identity and grouping fields of a DICOM file (groups ≤ 0020 only); raises DicomError."""
+    """Identity and grouping fields of a DICOM file (groups ≤ 0020 only), gzip-compressed or not;
+    raises DicomError."""
+    if sniff.is_gzip(path):
+        out = _read_with_pydicom(path, None, opener=gzip.open)
+        out["compression"] = "gzip"
+        return out
     size = path.stat().st_size
     with open(path, "rb") as fp:
         meta, ts = dicomio._transfer_syntax(fp)
@@ -121,15 +127,17 @@ def _fields_fast(raw: dict[int, tuple[bytes, str | None]], implicit: bool, littl
     return out
 
 
-def _read_with_pydicom(path: Path, ts: str | None) -> dict:
+def _read_with_pydicom(path: Path, ts: str | None, opener=open) -> dict:
     try:
-        ds = pydicom.filereader.read_partial(open(path, "rb"), stop_when=_after_group_20, force=True)
+        with opener(path, "rb") as fp:
+            ds = pydicom.filereader.read_partial(fp, stop_when=_after_group_20, force=True)
     except Exception as exc:
         raise dicomio.DicomError(f"header unreadable: {type(exc).__name__}") from None
     if not len(ds) or ds.original_encoding[0] is None:
         raise dicomio.DicomError("no data elements (not a DICOM data set)")
     out = _fields(ds)
-    out["transfer_syntax"] = ts or ""
+    meta_ts = getattr(getattr(ds, "file_meta", None), "TransferSyntaxUID", None)
+    out["transfer_syntax"] = ts or str(meta_ts or "")
     return out
 
 
@@ -209,6 +217,9 @@ def _examine(full: Path, rel: str, st: os.stat_result) -> dict:
             row["reason"] = f"file not readable: {exc.strerror}"
     elif fmt == "unknown":
         row["reason"] = _unknown_reason(rel)
+    elif fmt in sniff.ARCHIVES:
+        row["reason"] = (f"{fmt} archive: deidflow does not unpack archives (only gzip-compressed single DICOM files "
+                         "are read); extract it into the input folder")
     elif fmt in formats.COMPANION_FORMATS:
         pass  # paired with its header in _assign_other
     elif formats.supported(fmt):
@@ -495,6 +506,8 @@ def _subject_manifest(subject: str, rows: list[dict]) -> dict:
 
 def _file_manifest(r: dict) -> dict:
     out = {k: r.get(k) for k in ("relpath", "size", "mtime_ns", "src_id", "out_relpath", "format")}
+    if r.get("compression"):
+        out["compression"] = r["compression"]  # the dicom job reads a decompressed copy (restricted)
     if r["format"] != "dicom":  # where it goes, what it follows, and the identity to clean text of
         out.update(release_dir=r.get("release_dir"), primary=r.get("primary") or "",
                    known=[r[k] for k in ("patient_id", "patient_name", "birth_date") if r.get(k)])

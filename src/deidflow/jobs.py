@@ -24,7 +24,7 @@ def _dicom(a: argparse.Namespace) -> None:
     with job_logging(a.log, f"dicom job {Path(a.manifest).stem}") as log:
         counts = deidentify_unit(manifest=a.manifest, release_root=a.release_root, restricted=a.restricted,
                                  done=a.done, uids=a.uids, quarantine=a.quarantine,
-                                 settings=json.loads(a.settings))
+                                 settings=json.loads(a.settings), work_root=a.work_root or None)
         log.info("%(subjects)d subjects: released %(files)d files, quarantined %(quarantined)d", counts)
 
 
@@ -49,7 +49,8 @@ def _strict(a: argparse.Namespace) -> None:
 def _convert(a: argparse.Namespace) -> None:
     from .bids.convert import convert_unit
     with job_logging(a.log, f"convert job {Path(a.manifest).stem}") as log:
-        counts = convert_unit(manifest=a.manifest, dicom_root=a.dicom_root, release_root=a.release_root,
+        counts = convert_unit(manifest=a.manifest, dicom_root=a.dicom_root, work_root=a.work_root,
+                              release_root=a.release_root,
                               restricted=a.restricted, done=a.done, settings=json.loads(a.settings),
                               bids=json.loads(a.bids))
         log.info("%(subjects)d subjects: %(images)d BIDS images, %(unsorted)d unsorted, "
@@ -125,7 +126,8 @@ def _listed(path: str) -> list[str]:
 
 
 STAGES = {
-    "dicom": (_dicom, ("manifest", "release-root", "restricted", "done", "uids", "quarantine", "settings"),
+    "dicom": (_dicom, ("manifest", "release-root", "work-root", "restricted", "done", "uids", "quarantine",
+                       "settings"),
               "de-identify the DICOM of one job unit (subject or batch)"),
     "mapping": (_mapping, ("uids-list", "quarantine-list", "uids", "quarantine"),
                 "merge the jobs' UID maps and quarantine lists (restricted)"),
@@ -139,7 +141,8 @@ STAGES = {
     "audit": (_audit, ("restricted", "output"), "restricted/audit/*.jsonl into restricted/audit.parquet"),
     "other": (_other, ("manifest", "release", "restricted", "done", "quarantine", "settings", "formats"),
               "de-identify the non-DICOM files of one job unit (NIfTI, Analyze, MINC, PAR/REC, MGH, twix, JSON)"),
-    "convert": (_convert, ("manifest", "dicom-root", "release-root", "restricted", "done", "settings", "bids"),
+    "convert": (_convert, ("manifest", "dicom-root", "work-root", "release-root", "restricted", "done", "settings",
+                           "bids"),
                 "BIDS NIfTI of one job unit from its de-identified DICOM (dcm2niix)"),
     "face": (_face, ("manifest", "convert-done", "other-done", "dicom-root", "release-root", "restricted", "done",
                      "quarantine", "settings", "face", "threads"),

@@ -171,6 +171,46 @@ def validate_options(options: Iterable[str]) -> frozenset[str]:
     return opts
 
 
+PRESETS = ("basic", "research")
+
+
+def apply_preset(preset: str, options: Iterable[str], private: str) -> tuple[list[str], str]:
+    """The effective (options, private policy) of ``profile.preset`` with the user's
+    ``profile.options`` and ``dicom.private`` (data/profile_defaults.yaml ``presets``): the
+    preset's options plus the user's (a user's retain_long_full_dates replaces the preset's
+    modified dates), and a private policy of ``remove`` raised to the preset's."""
+    table = defaults()["presets"]
+    if preset not in table:
+        raise ValueError(f"profile.preset must be one of {', '.join(sorted(table))}, not {preset!r}")
+    user = list(options)
+    base = [o for o in table[preset]["options"]
+            if not (o == "retain_long_modified_dates" and "retain_long_full_dates" in user)]
+    merged = sorted(set(base) | set(user))
+    if private == "remove" and table[preset]["private"] != "remove":
+        private = table[preset]["private"]
+    return merged, private
+
+
+ACTION_WORDS = {"X": "remove", "Z": "empty", "D": "dummy", "K": "keep", "C": "clean", "U": "keyed UID"}
+
+
+def preset_table(preset: str) -> str:
+    """Markdown table of every attribute whose action ``preset`` changes from the Basic Profile
+    (tag, name, Basic action, preset action, the option responsible): docs/profile-presets.md is
+    this table, checked by the tests."""
+    options, _ = apply_preset(preset, [], "remove")
+    lines = ["| tag | attribute | basic | " + preset + " | option |", "|---|---|---|---|---|"]
+    for row in profile_rows():
+        if row.tag == "private":
+            continue
+        before, after = resolve(row, ()), resolve(row, options)
+        if before != after:
+            why = ", ".join(o for o in options if o in row.options and COMPOUND.get(row.options[o], row.options[o]) == after)
+            word = "shift (keyed offset)" if why == "retain_long_modified_dates" and after == "C" else ACTION_WORDS[after]
+            lines.append(f"| {row.tag} | {row.name} | {ACTION_WORDS[before]} | {word} | {why} |")
+    return "\n".join(lines) + "\n"
+
+
 def build_plan(options: Iterable[str] = (), private: str | None = None,
                overrides: Iterable[Mapping[str, str]] = ()) -> Plan:
     """Resolve the profile for ``options``, the private-attribute policy and user ``overrides``.

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import json
 import shutil
+from contextlib import ExitStack
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Mapping
 
@@ -14,8 +15,10 @@ from .fsutil import (RESTRICTED_FILE_MODE, atomic_write_text, csv_text, make_res
 from .profile import build_plan
 from .pseudonym import Pseudonymizer, fingerprint, load_key, load_mapping
 from .qc import identifiers
+from .sniff import decompressed
 
 if TYPE_CHECKING:
+    from .bids.workcopy import WorkingCopy
     from .pixels import PixelCleaner
 
 
@@ -34,12 +37,14 @@ def pseudonymizer_from_settings(settings: Mapping[str, Any]) -> Pseudonymizer:
 
 
 def deidentify_unit(manifest: Path, release_root: Path, restricted: Path, done: Path, uids: Path,
-                    quarantine: Path, settings: Mapping[str, Any]) -> dict:
+                    quarantine: Path, settings: Mapping[str, Any], work_root: Path | None = None) -> dict:
     """De-identify every subject of one job unit (see :mod:`deidflow.batching`).
 
     Each subject is written to a staging folder and published as ``release_root/<subject>`` in one
     rename; its audit goes to ``restricted/audit/<subject>.jsonl``.  The unit's UID map and
     quarantined files go to ``uids`` and ``quarantine``; ``done`` lists what was released.
+    With ``work_root`` (BIDS on) each released file also gets its conversion working copy
+    (:mod:`deidflow.bids.workcopy`, restricted) under ``work_root/<subject>``.
     """
     m = json.loads(Path(manifest).read_text())
     plan = build_plan(settings["options"], settings["private"], settings["overrides"])
@@ -49,13 +54,21 @@ def deidentify_unit(manifest: Path, release_root: Path, restricted: Path, done: 
     bad: list[tuple[str, str]] = []
     summary = []
     cleaner = pixel_cleaner(settings, pseudo)
+    work_plan = None
+    if work_root:
+        from .bids.workcopy import WorkingCopy, conversion_plan
+        work_plan = conversion_plan(settings["options"], settings["overrides"])
     for subj in m["subjects"]:
         ctx = SubjectContext(pseudo, subj["subject"], subj["date_offset"], uid_map,
                              identifiers=identifiers.IdentifierCollector())
+        work = None if work_plan is None else WorkingCopy(work_plan, ctx, Path(work_root), Path(restricted))
         n, subject_bad = _subject(subj, input_dir, Path(release_root), Path(restricted), Scrubber(plan, ctx),
-                                  cleaner)
+                                  cleaner, work)
         # the values the profile removed or replaced, for the leak scan (restricted)
-        identifiers.write(restricted, m["unit"], "dicom", subj["subject"], ctx.identifiers.entries())
+        entries = ctx.identifiers.entries()
+        if work is not None:  # private acquisition values the conversion keeps on purpose
+            entries = work.scan_entries(entries)
+        identifiers.write(restricted, m["unit"], "dicom", subj["subject"], entries)
         bad += subject_bad
         summary.append({"subject": subj["subject"], "files": n, "quarantined": len(subject_bad)})
     for p in (done, uids, quarantine):
@@ -79,7 +92,8 @@ def pixel_cleaner(settings: Mapping[str, Any], pseudo: Pseudonymizer) -> "PixelC
 
 
 def _subject(subj: Mapping[str, Any], input_dir: Path, release_root: Path, restricted: Path,
-             scrubber: Scrubber, cleaner: "PixelCleaner | None" = None) -> tuple[int, list[tuple[str, str]]]:
+             scrubber: Scrubber, cleaner: "PixelCleaner | None" = None,
+             work: "WorkingCopy | None" = None) -> tuple[int, list[tuple[str, str]]]:
     """One subject: files into a staging folder, published in one rename; audit written.
 
     With a pixel ``cleaner``, each series is screened and cleaned of burned-in text once its
@@ -88,6 +102,8 @@ def _subject(subj: Mapping[str, Any], input_dir: Path, release_root: Path, restr
     subject = subj["subject"]
     files = [f for f in subj["files"] if f.get("format", "dicom") == "dicom"]  # the rest: other stages
     if not files:
+        if work is not None:
+            work.publish()  # no working copy either
         return 0, []
     final = release_root / subject
     stage = staging_dir_for(final, restricted)
@@ -101,27 +117,41 @@ def _subject(subj: Mapping[str, Any], input_dir: Path, release_root: Path, restr
         pixels = SubjectPixels(cleaner, subject, SubjectPixelsQC(subject),
                                prefix=release_root.relative_to(release_root.parents[1]).as_posix(),
                                output_error=lambda e: OutputError(f"cannot write the release: {e.strerror}"))
+    sources: list[tuple[Path, str, dict]] = []  # (what was read, staged path, audit entry)
     try:
-        for f in files:
-            try:
-                res = deidentify_path(input_dir / f["relpath"], stage / f["out_relpath"], scrubber, capture)
-            except DicomError as exc:
-                bad.append((f["relpath"], str(exc)))
-                continue
-            except OSError as exc:
-                if exc.errno in OUTPUT_ERRNOS:  # the release cannot be written: fail the job
-                    raise OutputError(f"cannot write the release of {subject}: {exc.strerror}") from None
-                bad.append((f["relpath"], f"file not readable: {exc.strerror}"))
-                continue
-            entry = {"file": f"{subject}/{f['out_relpath']}", "source": f["src_id"], "actions": res.actions}
-            entries.append(entry)
+        # decompressed .dcm.gz inputs stay until the working copy is written
+        with ExitStack() as opened:
+            for f in files:
+                try:
+                    src = input_dir / f["relpath"]
+                    if f.get("compression"):  # .dcm.gz: read from a decompressed restricted copy
+                        src = opened.enter_context(decompressed(src, make_restricted_dir(restricted / "tmp")))
+                    res = deidentify_path(src, stage / f["out_relpath"], scrubber, capture)
+                except DicomError as exc:
+                    bad.append((f["relpath"], str(exc)))
+                    continue
+                except OSError as exc:
+                    if exc.errno in OUTPUT_ERRNOS:  # the release cannot be written: fail the job
+                        raise OutputError(f"cannot write the release of {subject}: {exc.strerror}") from None
+                    bad.append((f["relpath"], f"file not readable: {exc.strerror or exc}"))
+                    continue
+                entry = {"file": f"{subject}/{f['out_relpath']}", "source": f["src_id"], "actions": res.actions}
+                entries.append(entry)
+                sources.append((src, f["out_relpath"], entry))
+                if pixels is not None:
+                    pixels.add(f["relpath"], entry["file"], stage / f["out_relpath"], res.captured, entry)
             if pixels is not None:
-                pixels.add(f["relpath"], entry["file"], stage / f["out_relpath"], res.captured, entry)
-        if pixels is not None:
-            bad += pixels.finish(restricted)
+                bad += pixels.finish(restricted)
+            if work is not None:  # the converter's working copy, after the pixel step decided each file
+                for src, out_relpath, entry in sources:
+                    if not entry.get("withheld") and (stage / out_relpath).is_file():
+                        work.add(src, out_relpath, stage / out_relpath, _pixels_changed(entry))
+                work.publish()
         publish_dir(stage, final)
     except BaseException:
         shutil.rmtree(stage, ignore_errors=True)  # nothing partial stays behind
+        if work is not None:
+            work.discard()
         raise
     if pixels is not None:
         pixels.qc.publish(release_root.parents[1] / "derivatives" / "deidflow" / "qc", restricted)
@@ -129,3 +159,8 @@ def _subject(subj: Mapping[str, Any], input_dir: Path, release_root: Path, restr
     audit = make_restricted_dir(restricted / "audit") / f"{subject}.jsonl"
     atomic_write_text(audit, "".join(line + "\n" for line in audit_lines), RESTRICTED_FILE_MODE)
     return len(audit_lines), bad
+
+
+def _pixels_changed(entry: Mapping[str, Any]) -> bool:
+    """Whether the pixel step changed (or dropped) the released file of an audit ``entry``."""
+    return entry.get("pixels", {}).get("action", "skipped") not in ("skipped", "screened", "kept", "no_text")

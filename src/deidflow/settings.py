@@ -70,10 +70,18 @@ def validate(config: dict, *, semantics: bool = True) -> dict:
     return config
 
 
+def effective_profile(config: Mapping[str, Any]) -> tuple[list[str], str]:
+    """(options, private policy) after ``profile.preset`` (:func:`deidflow.profile.apply_preset`)."""
+    from .profile import apply_preset
+    return apply_preset(config["profile"].get("preset", "basic"), config["profile"]["options"],
+                        config["dicom"]["private"])
+
+
 def _check_semantics(config: dict) -> None:
     from .profile import build_plan
     try:
-        build_plan(config["profile"]["options"], config["dicom"]["private"], config["dicom"]["overrides"])
+        options, private = effective_profile(config)
+        build_plan(options, private, config["dicom"]["overrides"])
     except ValueError as exc:
         raise ConfigError(f"config key profile/dicom: {exc}") from None
     lo, hi = config["pseudonym"]["date_offset_days"]
@@ -120,9 +128,11 @@ def clean_mode(value) -> str:
 
 def profile_settings(config: Mapping[str, Any]) -> dict:
     """Everything a de-identification job needs besides its manifest (no secrets, no PHI)."""
+    options, private = effective_profile(config)
     return {
-        "options": sorted(config["profile"]["options"]),
-        "private": config["dicom"]["private"],
+        "preset": config["profile"].get("preset", "basic"),
+        "options": sorted(options),
+        "private": private,
         "overrides": list(config["dicom"]["overrides"]),
         "pseudonym_length": config["pseudonym"]["length"],
         "date_offset_days": list(config["pseudonym"]["date_offset_days"]),

@@ -1,7 +1,9 @@
 """The ``convert`` job: BIDS NIfTI of one job unit from its *de-identified* DICOM.
 
-For every subject of the unit: each series folder written by the ``dicom`` stage
-(``<dicom_root>/sub-X/ses-Y/<series>/NNNN.dcm``) is converted by dcm2niix into a temporary folder
+For every subject of the unit: each series folder of the conversion working copy the ``dicom``
+stage wrote (``<work_root>/sub-X/ses-Y/<series>/NNNN.dcm``, restricted: the de-identified DICOM
+with the vendor private elements dcm2niix needs, :mod:`.workcopy`; the released DICOM under
+``<dicom_root>`` when there is none) is converted by dcm2niix into a temporary folder
 inside the restricted folder, classified (:mod:`.heuristic`), named (:mod:`.naming`), its sidecar
 scrubbed (:func:`deidflow.sidecar.scrub_sidecar`) and written to a staging folder; the subject's
 BIDS folder ``OUT/sub-X`` and its ``OUT/sourcedata/unsorted/sub-X`` then appear in one rename each.
@@ -25,6 +27,7 @@ from . import dcm2niix
 from .heuristic import classify, image_attributes, rules_for
 from .naming import Image, assign_names
 from .series import SeriesInfo, read_series
+from .sessions import acquisition_datetime, subject_tables
 
 log = logging.getLogger("deidflow")
 
@@ -34,7 +37,7 @@ class ConvertOutputError(PublicError):
 
 
 def convert_unit(manifest: Path, dicom_root: Path, release_root: Path, restricted: Path, done: Path,
-                 settings: Mapping[str, Any], bids: Mapping[str, Any]) -> dict:
+                 settings: Mapping[str, Any], bids: Mapping[str, Any], work_root: Path | str | None = None) -> dict:
     """Convert every subject of one job unit; write the done marker; return counts.
 
     ``settings`` are the profile settings (options…); ``bids`` holds ``mapping`` (user rules) and
@@ -48,8 +51,9 @@ def convert_unit(manifest: Path, dicom_root: Path, release_root: Path, restricte
     summary = []
     try:
         for subj in m["subjects"]:
-            summary.append(_subject(subj, Path(dicom_root), Path(release_root), restricted, work, rules,
-                                    options, bool(bids.get("dicom_released", True))))
+            summary.append(_subject(subj, Path(dicom_root), Path(work_root) if work_root else None,
+                                    Path(release_root), restricted, work, rules, options,
+                                    bool(bids.get("dicom_released", True))))
     finally:
         shutil.rmtree(work, ignore_errors=True)
     make_restricted_dir(Path(done).parent)
@@ -72,8 +76,8 @@ def _series_of(subj: Mapping[str, Any]) -> list[tuple[str, str]]:
     return sorted(seen)
 
 
-def _subject(subj: Mapping[str, Any], dicom_root: Path, release_root: Path, restricted: Path, work: Path,
-             rules, options: list[str], dicom_released: bool) -> dict:
+def _subject(subj: Mapping[str, Any], dicom_root: Path, work_root: Path | None, release_root: Path,
+             restricted: Path, work: Path, rules, options: list[str], dicom_released: bool) -> dict:
     subject = subj["subject"]
     images: list[Image] = []
     not_converted: list[dict] = []
@@ -82,6 +86,8 @@ def _subject(subj: Mapping[str, Any], dicom_root: Path, release_root: Path, rest
         folder = dicom_root / subject / ses / label
         if not folder.is_dir():
             continue  # every file of the series was quarantined by the dicom stage
+        if work_root is not None and (work_root / subject / ses / label).is_dir():
+            folder = work_root / subject / ses / label
         try:
             info = read_series(folder.parent, label)
         except ValueError as exc:
@@ -112,6 +118,10 @@ def _subject(subj: Mapping[str, Any], dicom_root: Path, release_root: Path, rest
             actions = _write_image(im, root / rel, options)
             audit.append(json.dumps({"file": im.stem + ".json", "series": im.series.relpath, "rule": im.target.rule,
                                      "actions": actions}, sort_keys=True))
+        when = {id(im): acquisition_datetime(im.series.attrs, im.output.sidecar) for im in images}
+        for rel, text in subject_tables(subject, images, when, options).items():
+            (bids_stage / rel[len(subject) + 1:]).parent.mkdir(parents=True, exist_ok=True)
+            (bids_stage / rel[len(subject) + 1:]).write_text(text, encoding="utf-8")
         if not dicom_released:
             for nc in not_converted:  # nothing is dropped: the de-identified DICOM goes to unsorted
                 src = dicom_root / subject / nc["series"]

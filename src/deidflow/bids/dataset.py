@@ -53,6 +53,11 @@ def dataset_files(subjects: list[dict], settings: Mapping[str, Any], bids: Mappi
              "Description": "DICOM to NIfTI conversion with its BIDS sidecar and anonymisation on"},
         ],
     }
+    for key, field in (("authors", "Authors"), ("license", "License"), ("acknowledgements", "Acknowledgements"),
+                       ("how_to_acknowledge", "HowToAcknowledge"), ("funding", "Funding")):
+        value = bids.get(key)
+        if value:  # from config (bids.authors …): what the data holder states about the dataset
+            description[field] = [str(v) for v in value] if isinstance(value, list) else str(value)
     files = {"dataset_description.json": sidecar_text(description)}
     columns = ["participant_id"] + (["sex", "age"] if characteristics else [])
     rows = ["\t".join(columns)]

@@ -121,6 +121,28 @@ def _content_key(o: Output) -> tuple[str, str]:
 
 
 def gzip_file(src: Path, dst: Path) -> None:
-    """``src`` gzipped into ``dst`` with a fixed header (no name, mtime 0): same bytes every run."""
+    """``src`` gzipped into ``dst`` with a fixed header (no name, mtime 0): same bytes every run.
+    A NIfTI's description loses the time of day dcm2niix writes there (:func:`without_time_of_day`)."""
     with open(src, "rb") as fin, output_stream(dst, gz=True) as gz:
+        gz.write(without_time_of_day(fin.read(_NIFTI2_SIZE)))
         shutil.copyfileobj(fin, gz, 1 << 20)
+
+
+_NIFTI1_SIZE, _NIFTI2_SIZE = 348, 540
+_DESCRIP = {_NIFTI1_SIZE: (148, 228), _NIFTI2_SIZE: (240, 320)}
+_TIME = re.compile(rb"Time=[0-9.]*")
+
+
+def without_time_of_day(head: bytes) -> bytes:
+    """``head`` (the start of a NIfTI-1/2 file) with dcm2niix's ``Time=hhmmss.fff`` in the
+    description field replaced by ``Time=0.000``: the conversion working copy keeps acquisition
+    times for slice timing, and the time of day is not released unless the profile keeps it in the
+    sidecar.  Other bytes are returned unchanged."""
+    size = int.from_bytes(head[:4], "little") if len(head) >= 4 else 0
+    if size not in _DESCRIP:
+        size = int.from_bytes(head[:4], "big") if len(head) >= 4 else 0
+    if size not in _DESCRIP or len(head) < _DESCRIP[size][1]:
+        return head
+    a, b = _DESCRIP[size]
+    text = _TIME.sub(b"Time=0.000", head[a:b].split(b"\0")[0])[:b - a]
+    return head[:a] + text.ljust(b - a, b"\0") + head[b:]

@@ -154,13 +154,34 @@ def image_attributes(series: SeriesInfo, out: Output) -> dict[str, Any]:
     for key in ("EchoTime", "RepetitionTime", "InversionTime"):  # per image (multi-echo), in ms
         if isinstance(sc.get(key), (int, float)):
             attrs[key] = float(sc[key]) * 1000.0
-    if not attrs.get("SequenceName") and sc.get("SequenceName"):
-        attrs["SequenceName"] = sc["SequenceName"]
+    for key in SIDECAR_FALLBACK:  # enhanced/XA DICOM keep some of these in vendor sequences only
+        if not attrs.get(key) and sc.get(key):
+            attrs[key] = _text(sc[key])
+    attrs["EPI"] = is_epi(attrs)
     return attrs
+
+
+# Attributes taken from dcm2niix's sidecar when the DICOM's public attributes lack them.
+SIDECAR_FALLBACK = ("SequenceName", "ScanningSequence", "SequenceVariant", "ScanOptions", "ImageType",
+                    "MRAcquisitionType", "PulseSequenceDetails")
+_EPI_SEQUENCE = re.compile(r"^\*?(ep|epi)|epi|ep2d|ep3d|bold|fmri", re.IGNORECASE)
+
+
+def is_epi(attrs: Mapping[str, Any]) -> bool:
+    """Echo-planar: ScanningSequence EP, an EPI ImageType, or an EPI sequence name (Siemens ``epfid``,
+    ``ep_b``, GE ``epiRT``, ``%SiemensSeq%\\ep2d_bold``)."""
+    if re.search(r"(^|\\)EP(\\|$)", _text(attrs.get("ScanningSequence")), re.IGNORECASE):
+        return True
+    if re.search(r"(^|\\)EPI(\\|$)", _text(attrs.get("ImageType")), re.IGNORECASE):
+        return True
+    seq = _text(attrs.get("SequenceName")) + " " + _text(attrs.get("PulseSequenceDetails")).split("\\")[-1]
+    return bool(_EPI_SEQUENCE.search(seq.strip()))
 
 
 def classify(attrs: Mapping[str, Any], rules: Iterable[Rule]) -> Target:
     """The first matching rule's target; ``unsorted`` when none matches."""
+    if "EPI" not in attrs:
+        attrs = {**attrs, "EPI": is_epi(attrs)}
     for rule in rules:
         if rule.matches(attrs):
             entities = dict(rule.entities)
