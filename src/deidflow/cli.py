@@ -415,6 +415,7 @@ def _cmd_keygen(args: argparse.Namespace) -> int:
     if target.exists():
         raise UsageError(f"keygen: {target} exists; deidflow never overwrites a key (pseudonyms depend on it)")
     _writable_parent(target.resolve().parent, "keygen: folder")
+    target.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
     fd = os.open(target, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
     with os.fdopen(fd, "w") as fh:
         fh.write(secrets.token_hex(32) + "\n")
