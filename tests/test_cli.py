@@ -289,3 +289,27 @@ def test_readme_commands_run_in_a_fresh_clone():
                        env=env, timeout=1800)
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-2000:]
     assert "deidflow run /data/export /data/release" in r.stdout and " 0 failed" in r.stdout
+
+
+@pytest.mark.slow
+@pytest.mark.workflow
+def test_ctrl_c_says_how_to_resume_and_exits_130(export, tmp_path):
+    import signal
+    import time
+    env = {k: v for k, v in os.environ.items() if k != "DEIDFLOW_KEY"}
+    env.update(PYTHONPATH=str(SRC), DEIDFLOW_KEY=TEST_KEY)
+    args = [sys.executable, "-m", "deidflow.cli", "run", str(export), str(tmp_path / "rel"), "--cores", "2",
+            "--set", "face.method=none"]
+    p = subprocess.Popen(args, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                         start_new_session=True)
+    deadline = time.monotonic() + 120
+    while not list((tmp_path / "rel_restricted" / "done").rglob("*.json")) and time.monotonic() < deadline:
+        time.sleep(0.2)  # some jobs done: a run in mid-flight
+    os.killpg(p.pid, signal.SIGINT)  # what the terminal's Ctrl-C does: the whole process group
+    out, err = p.communicate(timeout=300)
+    assert p.returncode == 130, out[-1000:] + err[-2000:]
+    assert err.strip().splitlines()[-1] == ("deidflow: interrupted — the release is incomplete; "
+                                            "run the same command to resume")
+    assert "Traceback" not in out + err
+    r = subprocess.run(args, env=env, capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0 and "release complete" in r.stdout, r.stdout[-2000:] + r.stderr[-2000:]

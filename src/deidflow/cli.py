@@ -303,8 +303,7 @@ def run_workflow(config: dict, *, cores: int | str = "all", profile: str | None 
     if rc and failed_rules and not failures:
         print(f"deidflow: job(s) failed in: {', '.join(failed_rules)}", file=sys.stderr)
     counts = summary.collect(paths)
-    complete = rc == 0 and not counts.leaky
-    for line in summary.lines(counts, paths, complete=complete):
+    for line in summary.lines(counts, paths, finished=rc == 0):
         print(line)
     if log is not None:
         print(f"  Snakemake's log: {log}")

@@ -115,13 +115,17 @@ def _n(n: int, word: str) -> str:
     return f"{n} {word}{'' if n == 1 else ('es' if word.endswith('x') else 's')}"
 
 
-def lines(c: Counts, paths: Paths, *, complete: bool) -> list[str]:
-    """The summary as printed at the end of ``deidflow run`` (≤ 12 lines)."""
-    out = [f"deidflow: {'release complete' if complete else 'RELEASE INCOMPLETE'}: "
+def lines(c: Counts, paths: Paths, *, finished: bool) -> list[str]:
+    """The summary as printed at the end of ``deidflow run`` (≤ 12 lines); ``finished``: every job
+    of the run succeeded."""
+    nq = sum(c.quarantined.values())
+    complete = finished and not c.leaky and not c.withheld_subjects and not nq
+    head = ("release complete" if complete else "release finished, with files withheld"
+            if finished and not c.leaky else "RELEASE INCOMPLETE")
+    out = [f"deidflow: {head}: "
            f"{_n(len(c.released_subjects), 'subject')}, {_n(c.released_files, 'file')} "
            f"(+{c.dataset_files} dataset files) in {paths.output}"]
     out.append(f"  withheld:    {_n(c.withheld_subjects, 'subject')} of {c.subjects_in}")
-    nq = sum(c.quarantined.values())
     reasons = "; ".join(f"{n} {k}" for k, n in c.quarantined.most_common(4))
     more = "; …" if len(c.quarantined) > 4 else ""
     out.append(f"  quarantined: {_n(nq, 'input file')}" + (f" ({reasons}{more})" if nq else ""))
@@ -135,7 +139,7 @@ def lines(c: Counts, paths: Paths, *, complete: bool) -> list[str]:
     if c.report:
         out.append(f"deidflow: QC report: {c.report}")
     out.append(f"  restricted (mappings, audit, quarantine list, logs; never share): {paths.restricted}")
-    if complete:
+    if complete or (finished and not c.leaky):
         out.append("  next: review the QC report and quarantine list, then share the release folder only.")
     else:
         out.append("  next: read the reasons above and in quarantine.tsv, fix them, and run the same command again.")
