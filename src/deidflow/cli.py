@@ -41,6 +41,9 @@ MIN_FREE_BYTES = 64 * 1024  # a file system with less free space cannot take eve
 # Characters Snakemake reads as wildcards or that break its job scripts and our log lines.
 BAD_PATH_CHARS = {"{": "'{'", "}": "'}'", "\n": "a line break", "\r": "a carriage return", "\t": "a tab"}
 LOCK_FILE = ".deidflow.lock"
+# The restricted folder of the run in progress, once it exists: an internal error's traceback
+# (which may name input paths) goes there, never to the terminal unless --debug.
+_restricted_log_dir: Path | None = None
 
 
 def _yaml_file(path: str) -> dict:
@@ -250,8 +253,10 @@ def run_workflow(config: dict, *, cores: int | str = "all", profile: str | None 
                  env: dict | None = None, extra: list[str] | None = None, verbose: bool = False) -> int:
     """Run the Snakemake workflow for ``config`` (checked by :func:`check_run`); return the exit status."""
     from . import progress, summary
+    global _restricted_log_dir
     paths = resolve_paths(config)
     make_restricted_dir(paths.restricted)
+    _restricted_log_dir = paths.restricted / "logs"
     # One run per restricted folder: a kernel lock that dies with the process, so a killed run
     # never leaves a stale lock behind (Snakemake's own lock is turned off with --nolock).
     lock = os.fdopen(os.open(paths.restricted / LOCK_FILE, os.O_RDWR | os.O_CREAT, RESTRICTED_FILE_MODE), "r+")
@@ -531,9 +536,24 @@ def main(argv: list[str] | None = None) -> int:
             print(f"deidflow: error: {message}", file=sys.stderr)
             return EXIT_USAGE
         what = str(exc) if isinstance(exc, PublicError) else type(exc).__name__
-        print(f"deidflow: error: internal error ({what}); this is a bug: please report it with the output "
-              f"of the same command run with --debug", file=sys.stderr)
+        where = _write_traceback()
+        print(f"deidflow: error: internal error ({what}); this is a bug: please report it"
+              + (f" (traceback in {where})" if where else " with the output of the same command run with --debug"),
+              file=sys.stderr)
         return EXIT_BUG
+
+
+def _write_traceback() -> Path | None:
+    """The current exception's traceback in the restricted logs folder (mode 0600), if there is one."""
+    if _restricted_log_dir is None:
+        return None
+    try:
+        make_restricted_dir(_restricted_log_dir)
+        target = _restricted_log_dir / time.strftime("deidflow-error-%Y%m%dT%H%M%S.log")
+        atomic_write_text(target, traceback.format_exc(), RESTRICTED_FILE_MODE)
+        return target
+    except OSError:
+        return None
 
 
 def console_main() -> None:
