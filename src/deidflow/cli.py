@@ -93,7 +93,14 @@ def _effective_config(args: argparse.Namespace) -> dict:
     if getattr(args, "restricted", None):
         config["restricted"] = str(Path(args.restricted).resolve())
     if getattr(args, "key_file", None):
-        config["key_file"] = str(Path(args.key_file).resolve())
+        config["key_file"] = args.key_file
+    # Files named in the configuration are relative to where the command runs (Snakemake runs in
+    # the restricted folder).
+    if isinstance(config.get("key_file"), str) and config["key_file"]:
+        config["key_file"] = str(Path(config["key_file"]).expanduser().resolve())
+    ps = config.get("pseudonym")
+    if isinstance(ps, dict) and isinstance(ps.get("mapping_csv"), str) and ps["mapping_csv"]:
+        ps["mapping_csv"] = str(Path(ps["mapping_csv"]).expanduser().resolve())
     if getattr(args, "strict", False):
         config["strict"] = True
     for name in ("input", "output", "restricted"):
@@ -172,6 +179,27 @@ def _check_profile(profile: str | None) -> str | None:
             return str(candidate.resolve())
     raise UsageError(f"--profile {profile}: no such Snakemake profile (a folder with config.yaml; "
                      "bundled: default, slurm)")
+
+
+def _check_snakemake_args(extra: list[str]) -> None:
+    """Arguments after ``--`` must parse as Snakemake's (its parser's message, as one line)."""
+    if not extra:
+        return
+    import contextlib
+    import io
+    from snakemake.cli import get_argument_parser
+    err = io.StringIO()
+    try:
+        with contextlib.redirect_stderr(err), contextlib.redirect_stdout(io.StringIO()):
+            get_argument_parser().parse_args(extra)
+    except SystemExit as exc:
+        if exc.code:
+            last = (err.getvalue().strip().splitlines() or ["not valid"])[-1]
+            last = last.split(" error: ", 1)[-1]
+            raise UsageError(f"arguments after -- are passed to Snakemake, which says: {last}") from None
+    except Exception as exc:  # Snakemake's own argument checks (CliException, ValueError)
+        raise UsageError(f"arguments after -- are passed to Snakemake, which says: "
+                         f"{' '.join(str(exc).split()) or type(exc).__name__}") from None
 
 
 def _check_programs(config: dict) -> None:
@@ -364,6 +392,7 @@ def _job_failures(logs: Path, since: float) -> list[str]:
 def _cmd_run(args: argparse.Namespace) -> int:
     cores = _check_cores(args.cores)
     profile = _check_profile(args.profile)
+    _check_snakemake_args(args.snakemake_args)
     config = _effective_config(args)
     paths, key = check_run(config, args.argv)
     if args.dry_run:
