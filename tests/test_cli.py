@@ -260,9 +260,10 @@ def test_wheel_installs_and_runs_without_the_clone(tmp_path):
     if not full:  # after the install: pip would take the borrowed editable deidflow as installed
         (purelib / "zz-borrowed-deps.pth").write_text(sysconfig.get_paths()["purelib"] + "\n")
     size = sum(p.stat().st_size for p in (purelib / "deidflow").rglob("*") if p.is_file())
+    venv_size = sum(p.stat().st_size for p in venv.rglob("*") if p.is_file() and not p.is_symlink())
     print(f"\n[wheel] build {t1 - t0:.1f} s, wheel {wheel.stat().st_size / 1e3:.0f} kB, install "
           f"{install_s:.1f} s ({'with' if full else 'without'} dependencies), deidflow in site-packages "
-          f"{size / 1e6:.2f} MB", file=sys.stderr)
+          f"{size / 1e6:.2f} MB, venv {venv_size / 1e6:.0f} MB", file=sys.stderr)
     env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "DEIDFLOW_KEY")}
     env["PATH"] = f"{venv / 'bin'}{os.pathsep}{env['PATH']}"
     work = tmp_path / "elsewhere"

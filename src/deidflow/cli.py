@@ -15,6 +15,7 @@ import argparse
 import atexit
 import errno
 import fcntl
+import io
 import os
 import secrets
 import shutil
@@ -186,7 +187,6 @@ def _check_snakemake_args(extra: list[str]) -> None:
     if not extra:
         return
     import contextlib
-    import io
     from snakemake.cli import get_argument_parser
     err = io.StringIO()
     try:
@@ -305,16 +305,16 @@ def run_workflow(config: dict, *, cores: int | str = "all", profile: str | None 
     args += extra or []
     started = time.time()
     server = None
-    if profile is None and not os.environ.get("DEIDFLOW_NO_ZYGOTE"):
-        from . import zygote  # local jobs start from a process with the libraries imported
-        server = zygote.start()
-        os.environ[zygote.ENV] = server[1]
-    display = None
     with _Interrupt() as interrupt, progress.quiet_terminal(paths.restricted, verbose=verbose) as (term, log):
-        if not verbose:
-            display = progress.StageProgress(term, paths.restricted, tty=term.isatty())
-            logger = progress.attach(display)
+        # With --verbose Snakemake's log is the display; the handler still collects failed rules.
+        display = progress.StageProgress(io.StringIO() if verbose else term, paths.restricted,
+                                         tty=not verbose and term.isatty())
+        logger = progress.attach(display)
         try:
+            if profile is None and not os.environ.get("DEIDFLOW_NO_ZYGOTE"):
+                from . import zygote  # local jobs start from a process with the libraries imported
+                server = zygote.start()  # inside the redirection: what it prints goes to the log
+                os.environ[zygote.ENV] = server[1]
             rc = run_snakemake(args)
         except KeyboardInterrupt:
             interrupt.seen, rc = True, EXIT_INTERRUPTED
@@ -323,14 +323,13 @@ def run_workflow(config: dict, *, cores: int | str = "all", profile: str | None 
             if server:
                 os.environ.pop(zygote.ENV, None)
                 zygote.stop(*server)
-            if display is not None:
-                display.close_display()
-                logger.removeHandler(display)
+            display.close_display()
+            logger.removeHandler(display)
     if interrupt.seen:
         print(INTERRUPTED, file=sys.stderr)
         return EXIT_INTERRUPTED
     failures = _job_failures(paths.restricted / "logs", started)
-    failed_rules = sorted(set(display.failed_rules)) if display else []
+    failed_rules = sorted(set(display.failed_rules))
     for line in failures:
         print(line, file=sys.stderr)
     if rc and failed_rules and not failures:
