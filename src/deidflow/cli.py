@@ -330,15 +330,13 @@ def run_workflow(config: dict, *, cores: int | str = "all", profile: str | None 
         return EXIT_INTERRUPTED
     failures = _job_failures(paths.restricted / "logs", started)
     failed_rules = sorted(set(display.failed_rules))
-    for line in failures:
-        print(line, file=sys.stderr)
     if rc and failed_rules and not failures:
-        print(f"deidflow: job(s) failed in: {', '.join(failed_rules)}", file=sys.stderr)
+        failures = [f"deidflow: job(s) failed in: {', '.join(failed_rules)}"]
+    _emit(failures, sys.stderr)
     counts = summary.collect(paths)
-    for line in summary.lines(counts, paths, finished=rc == 0):
-        print(line)
-    if log is not None:
-        print(f"  Snakemake's log: {log}")
+    _emit((["deidflow: Nothing to be done: the release is up to date."] if rc == 0 and display.nothing_to_do else [])
+          + summary.lines(counts, paths, finished=rc == 0)
+          + ([f"  Snakemake's log: {log}"] if log is not None else []), sys.stdout)
     if rc == 0:
         return EXIT_INCOMPLETE if counts.leaky else EXIT_OK
     if failures or failed_rules:
@@ -346,6 +344,16 @@ def run_workflow(config: dict, *, cores: int | str = "all", profile: str | None 
     print(f"deidflow: error: the workflow stopped before its jobs ran; see {log or 'the output above'}",
           file=sys.stderr)
     return EXIT_BUG
+
+
+def _emit(lines: list[str], stream) -> None:
+    """Print ``lines``; a reader that went away (``| head``) silences the rest, not the exit status."""
+    try:
+        for line in lines:
+            print(line, file=stream)
+        stream.flush()
+    except BrokenPipeError:
+        os.dup2(os.open(os.devnull, os.O_WRONLY), stream.fileno())
 
 
 def _cmd_verify(args: argparse.Namespace) -> int:
@@ -556,6 +564,9 @@ def main(argv: list[str] | None = None) -> int:
         return EXIT_INTERRUPTED
     except SystemExit:
         raise  # --help, --version
+    except BrokenPipeError:  # the reader of our output went away (``| head``): not an error
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return EXIT_OK
     except BaseException as exc:
         message = _user_error(exc)
         if debug:

@@ -85,6 +85,7 @@ class StageProgress(logging.Handler):
         self.stages: dict[str, _Stage] = {}
         self.jobs: dict[int, tuple[str, int]] = {}  # jobid -> (rule, input files)
         self.failed_rules: list[str] = []
+        self.nothing_to_do = False  # Snakemake found every target up to date
         self._files: dict[str, tuple[int, int]] | None = None
         self._lock = threading.Lock()
         self._drawn = False
@@ -102,6 +103,8 @@ class StageProgress(logging.Handler):
                     self._job_end(getattr(record, "job_id", None), failed=False)
                 elif event == "job_error":
                     self._job_end(getattr(record, "jobid", None), failed=True)
+                elif not event and str(record.msg).startswith("Nothing to be done"):
+                    self.nothing_to_do = True
         except Exception:  # the display must never break the run
             pass
 
