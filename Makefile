@@ -9,30 +9,43 @@ CORES  ?= 2
 # SLURM plugin's pandas import cost every local run 0.3 s. Their dependencies are in the test extra.
 SLURM_PLUGINS := snakemake-executor-plugin-slurm==2.8.0 snakemake-executor-plugin-slurm-jobstep==0.6.1
 
-.PHONY: install demo test test-fast fuzz bench lint clean
+# Exact versions of everything installed: constraints.txt (pyproject.toml keeps ranges).
+PIP    := $(BIN)/python -m pip install --progress-bar on -c constraints.txt
+TORCH_INDEX := --extra-index-url https://download.pytorch.org/whl/cpu
+ALL_STAMP := $(VENV)/.installed-all-stamp
 
-$(STAMP): pyproject.toml
+.PHONY: install install-all demo test test-fast fuzz bench lint clean
+
+$(STAMP): pyproject.toml constraints.txt
 	$(PYTHON) -m venv $(VENV)
-	$(BIN)/python -m pip install --quiet --upgrade pip
-	$(BIN)/python -m pip install --quiet -e ".[test,pixels,deepbet]"
-	$(BIN)/python -m pip install --quiet --no-deps --upgrade --target $(VENV)/slurm-plugins $(SLURM_PLUGINS)
+	$(BIN)/python -m pip install --progress-bar on --upgrade pip
+	$(PIP) -e .
 	touch $(STAMP)
 
-install: $(STAMP)  ## create .venv with deidflow (editable) and the test extras
+# Everything the test-suite exercises: the test extra, deepbet with the CPU build of torch (the
+# tests of the deepbet/quickshear backends skip without it, so CI must install it), the SLURM plugins.
+$(ALL_STAMP): $(STAMP)
+	$(PIP) $(TORCH_INDEX) -e ".[test,deepbet]"
+	$(BIN)/python -m pip install --progress-bar on --no-deps --upgrade --target $(VENV)/slurm-plugins $(SLURM_PLUGINS)
+	touch $(ALL_STAMP)
+
+install: $(STAMP)  ## .venv with deidflow (editable) and what `make demo` needs; no torch (default backend: ants)
+
+install-all: $(ALL_STAMP)  ## install, plus the test extra, deepbet/torch (CPU) and the SLURM plugins
 
 demo: install  ## generate the demo patients and de-identify them (ephemeral key)
 	$(BIN)/deidflow demo --cores $(CORES)
 
-test: install  ## the whole suite, real-data and slow tests included (what CI runs)
+test: install-all  ## the whole suite, real-data and slow tests included (what CI runs)
 	$(BIN)/python -m pytest -q
 
-test-fast: install  ## skip the slow and real-data tests
+test-fast: install-all  ## skip the slow and real-data tests
 	$(BIN)/python -m pytest -q -m "not slow and not realdata"
 
-fuzz: install  ## long fuzz run of the DICOM de-identification (20000 random examples per strategy)
+fuzz: install-all  ## long fuzz run of the DICOM de-identification (20000 random examples per strategy)
 	DEIDFLOW_FUZZ_EXAMPLES=20000 $(BIN)/python -m pytest -q tests/test_fuzz_dicom.py tests/test_fuzz_formats.py -p no:cacheprovider
 
-bench: install  ## throughput and overhead benchmarks, printed as tables
+bench: install-all  ## throughput and overhead benchmarks, printed as tables
 	$(BIN)/python benchmarks/run.py
 	$(BIN)/python benchmarks/report.py
 	$(BIN)/python benchmarks/pixels.py
@@ -42,4 +55,4 @@ lint: install
 	DEIDFLOW_KEY=lint-only-key-0123456789 $(BIN)/snakemake --lint --config input=tests output=/tmp/deidflow-lint-release
 
 clean:
-	rm -rf $(VENV) demo .snakemake .pytest_cache
+	rm -rf $(VENV) demo .snakemake .pytest_cache build dist

@@ -38,12 +38,44 @@ def test_envs_parse_and_are_pinned():
             assert version, f"{f.name}: {name} is not pinned"
 
 
+def _constraints() -> dict[str, str]:
+    out = {}
+    for line in (ROOT / "constraints.txt").read_text().splitlines():
+        if line and not line.startswith("#"):
+            name, _, version = line.partition("==")
+            out[name.lower().replace("_", "-")] = version
+    return out
+
+
 def test_core_env_covers_package_dependencies():
+    """Every dependency comes from conda at the locked version, or from pip under constraints.txt."""
     deps = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["dependencies"]
-    conda = _conda_deps(yaml.safe_load((ROOT / "envs" / "core.yaml").read_text()))
+    env = yaml.safe_load((ROOT / "envs" / "core.yaml").read_text())
+    conda = _conda_deps(env)
+    pip = next(d["pip"] for d in env["dependencies"] if isinstance(d, dict))
+    assert "-c ../constraints.txt" in pip
+    locked = _constraints()
     for d in deps:
         name = re.split(r"[<>=!~ \[]", d)[0].lower()
-        assert CONDA_NAME.get(name, name) in conda, f"envs/core.yaml lacks {name}"
+        assert CONDA_NAME.get(name, name) in conda or name in locked, f"envs/core.yaml lacks {name}"
+
+
+def test_pins_agree_with_the_lock():
+    """constraints.txt is the one list of exact versions: the conda pins of envs/*.yaml match it
+    and the library's metadata keeps ranges, never exact pins."""
+    locked = _constraints()
+    conda_to_pypi = {v: k for k, v in CONDA_NAME.items()} | {"pytorch": "torch"}
+    for f in (ROOT / "envs").glob("*.yaml"):
+        env = yaml.safe_load(f.read_text())
+        for name, version in _conda_deps(env).items():
+            pypi = conda_to_pypi.get(name, name)
+            if pypi in locked:
+                assert (locked[pypi] + ".").startswith(version + "."), f"{f.name}: {name}={version}, lock {locked[pypi]}"
+        pip = next(d["pip"] for d in env["dependencies"] if isinstance(d, dict))
+        assert "-c ../constraints.txt" in pip, f"{f.name}: pip part ignores the lock"
+    project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
+    for d in project["dependencies"] + [x for extra in project["optional-dependencies"].values() for x in extra]:
+        assert "==" not in d, f"exact pin in the package metadata: {d}"
 
 
 def test_core_env_installs_the_package():

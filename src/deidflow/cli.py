@@ -1,111 +1,359 @@
-"""Command line: ``deidflow run | inventory | demo | verify``.
+"""Command line: ``deidflow run | dry-run preview | inventory | demo | verify | keygen``.
 
-``run`` wraps Snakemake: it validates the configuration first (a bad value fails before any job,
-naming the key), writes the effective configuration into the restricted folder and runs
-Snakemake there (in this process), so ``.snakemake/`` and every log stay out of the release.
+``run`` validates everything first (configuration, folders, key, programs, lock) without writing
+anything, then runs Snakemake in this process with the restricted folder as its working
+directory, so ``.snakemake/`` and every log stay out of the release.  The terminal shows one
+progress line per stage and a closing summary (:mod:`deidflow.progress`, :mod:`deidflow.summary`);
+Snakemake's own log goes to ``<restricted>/logs``.
+
+Every user mistake ends as one line ``deidflow: error: …`` on stderr with a documented exit
+status (:mod:`deidflow.errors`); a traceback is shown only with ``--debug``.
 """
 from __future__ import annotations
 
 import argparse
 import atexit
+import errno
 import fcntl
+import io
 import os
+import secrets
 import shutil
+import signal
+import stat
 import sys
 import time
+import traceback
 from pathlib import Path
 
 import yaml
 
 from . import __version__
+from .errors import EXIT_BUG, EXIT_INCOMPLETE, EXIT_INTERRUPTED, EXIT_OK, EXIT_USAGE, PublicError, UsageError
 from .fsutil import RESTRICTED_FILE_MODE, atomic_write_text, make_restricted_dir
-from .pseudonym import KEY_ENV, MissingKeyError, ephemeral_key, load_key
+from .pseudonym import KEY_ENV, MIN_KEY_BYTES, MissingKeyError, ephemeral_key, fingerprint, load_key
 from ._snakemake import run_snakemake
-from .settings import (SNAKEFILE, ConfigError, deep_update, load_defaults, parse_set, resolve_paths,
-                       validate, workflow_files_present)
+from .settings import (SNAKEFILE, WORKFLOW_DIR, ConfigError, Paths, deep_update, load_defaults, parse_set,
+                       resolve_paths, validate, workflow_files_present)
+
+INTERRUPTED = "deidflow: interrupted — the release is incomplete; run the same command to resume"
+PATH_MAX, NAME_MAX = 4096, 255
+MIN_FREE_BYTES = 64 * 1024  # a file system with less free space cannot take even the restricted folder
+# Characters Snakemake reads as wildcards or that break its job scripts and our log lines.
+BAD_PATH_CHARS = {"{": "'{'", "}": "'}'", "\n": "a line break", "\r": "a carriage return", "\t": "a tab"}
+LOCK_FILE = ".deidflow.lock"
+# The restricted folder of the run in progress, once it exists: an internal error's traceback
+# (which may name input paths) goes there, never to the terminal unless --debug.
+_restricted_log_dir: Path | None = None
+
+
+def _yaml_file(path: str) -> dict:
+    """The mapping in the --config file, or a UsageError naming the file and line."""
+    p = Path(path)
+    try:
+        text = p.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise UsageError(f"--config {path}: no such file") from None
+    except IsADirectoryError:
+        raise UsageError(f"--config {path}: is a folder, not a YAML file") from None
+    except OSError as exc:
+        raise UsageError(f"--config {path}: cannot read it ({exc.strerror})") from None
+    except UnicodeDecodeError:
+        raise UsageError(f"--config {path}: not a UTF-8 text file") from None
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+        problem = getattr(exc, "problem", None) or "not valid YAML"
+        raise UsageError(f"--config {path}: not valid YAML{where}: {problem}") from None
+    except RecursionError:
+        raise UsageError(f"--config {path}: nested too deeply") from None
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise UsageError(f"--config {path}: must be a mapping of config keys (see config/README.md), "
+                         f"not a {type(data).__name__}")
+    return data
 
 
 def _effective_config(args: argparse.Namespace) -> dict:
     config = load_defaults()
     if getattr(args, "config", None):
-        deep_update(config, yaml.safe_load(Path(args.config).read_text()) or {})
-    deep_update(config, parse_set(getattr(args, "set", None) or []))
+        deep_update(config, _yaml_file(args.config))
+    try:
+        deep_update(config, parse_set(getattr(args, "set", None) or []))
+    except yaml.YAMLError:
+        raise UsageError("--set: the value is not valid YAML (quote it)") from None
+    for name in ("input", "output", "restricted", "key_file"):
+        value = getattr(args, name, None)
+        if value:
+            _check_path_text(value, name.replace("_", "-"))
     config["input"] = str(Path(args.input).resolve())
     config["output"] = str(Path(args.output).resolve())
     if getattr(args, "restricted", None):
         config["restricted"] = str(Path(args.restricted).resolve())
     if getattr(args, "key_file", None):
-        config["key_file"] = str(Path(args.key_file).resolve())
+        config["key_file"] = args.key_file
+    # Files named in the configuration are relative to where the command runs (Snakemake runs in
+    # the restricted folder).
+    if isinstance(config.get("key_file"), str) and config["key_file"]:
+        config["key_file"] = str(Path(config["key_file"]).expanduser().resolve())
+    ps = config.get("pseudonym")
+    if isinstance(ps, dict) and isinstance(ps.get("mapping_csv"), str) and ps["mapping_csv"]:
+        ps["mapping_csv"] = str(Path(ps["mapping_csv"]).expanduser().resolve())
     if getattr(args, "strict", False):
         config["strict"] = True
-    return validate(config, semantics=False)  # profile semantics are checked at Snakefile parse
+    for name in ("input", "output", "restricted"):
+        if isinstance(config.get(name), str) and config[name]:
+            _check_path_text(config[name], name)
+    return validate(config, semantics=True)
+
+
+def _check_path_text(value: str, what: str) -> None:
+    """Refuse a path Snakemake or the file system cannot take (never echoes the value)."""
+    for ch, name in BAD_PATH_CHARS.items():
+        if ch in value:
+            raise UsageError(f"{what}: the path contains {name}, which Snakemake cannot handle; "
+                             "use a folder name without it")
+    if len(os.fsencode(value)) >= PATH_MAX:
+        raise UsageError(f"{what}: the path is longer than the system allows ({PATH_MAX} bytes)")
+    if any(len(os.fsencode(part)) > NAME_MAX for part in value.split("/")):
+        raise UsageError(f"{what}: a folder name in the path is longer than {NAME_MAX} bytes")
+
+
+def _writable_parent(path: Path, what: str) -> None:
+    """``path`` can be created or written: its nearest existing ancestor is a writable folder."""
+    p = path
+    while not p.exists() and p != p.parent:
+        p = p.parent
+    if p == path and not p.is_dir():
+        raise UsageError(f"{what} {path} exists and is not a folder")
+    if not p.is_dir():
+        raise UsageError(f"{what} {path}: {p} is not a folder")
+    if not os.access(p, os.W_OK | os.X_OK):
+        reason = "Read-only file system" if os.statvfs(p).f_flag & os.ST_RDONLY else "Permission denied"
+        raise UsageError(f"{what} {path} cannot be written ({reason}: {p})")
+    if shutil.disk_usage(p).free < MIN_FREE_BYTES:
+        raise UsageError(f"{what} {path}: No space left on device ({shutil.disk_usage(p).free // 1024} KiB free on {p})")
+
+
+def _check_key(config: dict, argv: list[str]) -> bytes:
+    """Load the key, refusing a key given where it does not belong, and warn about exposed keys."""
+    key_file = config.get("key_file") or None
+    if key_file and not Path(key_file).exists():
+        given = os.path.basename(key_file)
+        if len(given) >= MIN_KEY_BYTES and "." not in given and not os.path.dirname(os.path.relpath(key_file)):
+            raise UsageError("--key-file expects a file holding the key, and the value given is no file; if it "
+                             "was the key itself, it is now in your shell history: make a new key with "
+                             "'deidflow keygen FILE' and pass --key-file FILE")
+        raise UsageError(f"key file {key_file}: no such file")
+    key = load_key(key_file)
+    secret = key.decode("utf-8", "replace")
+    if any(secret in a for a in argv):
+        _warn("the key appears on the command line, where shell history and 'ps' keep it; put it in a "
+              "file (deidflow keygen FILE) or the environment instead")
+    if key_file:
+        mode = Path(key_file).stat().st_mode
+        if mode & (stat.S_IROTH | stat.S_IWOTH):
+            _warn(f"key file {key_file} is readable by every user of this machine; run: chmod 600 {key_file}")
+        elif mode & stat.S_IRGRP:
+            _warn(f"key file {key_file} is readable by its group; consider: chmod 600 {key_file}")
+    return key
+
+
+def _warn(message: str) -> None:
+    print(f"deidflow: warning: {message}", file=sys.stderr)
+
+
+def _check_cores(cores: str) -> str:
+    if cores == "all" or (cores.isdigit() and int(cores) >= 1):
+        return cores
+    raise UsageError(f"--cores expects a positive number or 'all', got {cores!r}")
+
+
+def _check_profile(profile: str | None) -> str | None:
+    if not profile:
+        return None
+    for candidate in (Path(profile), WORKFLOW_DIR / "profiles" / profile, WORKFLOW_DIR / profile):
+        if (candidate / "config.yaml").is_file():
+            return str(candidate.resolve())
+    raise UsageError(f"--profile {profile}: no such Snakemake profile (a folder with config.yaml; "
+                     "bundled: default, slurm)")
+
+
+def _check_snakemake_args(extra: list[str]) -> None:
+    """Arguments after ``--`` must parse as Snakemake's (its parser's message, as one line)."""
+    if not extra:
+        return
+    import contextlib
+    from snakemake.cli import get_argument_parser
+    err = io.StringIO()
+    try:
+        with contextlib.redirect_stderr(err), contextlib.redirect_stdout(io.StringIO()):
+            get_argument_parser().parse_args(extra)
+    except SystemExit as exc:
+        if exc.code:
+            last = (err.getvalue().strip().splitlines() or ["not valid"])[-1]
+            last = last.split(" error: ", 1)[-1]
+            raise UsageError(f"arguments after -- are passed to Snakemake, which says: {last}") from None
+    except Exception as exc:  # Snakemake's own argument checks (CliException, ValueError)
+        raise UsageError(f"arguments after -- are passed to Snakemake, which says: "
+                         f"{' '.join(str(exc).split()) or type(exc).__name__}") from None
+
+
+def _check_programs(config: dict) -> None:
+    if config["outputs"].get("bids", True):
+        from .bids.dcm2niix import executable
+        try:
+            executable()
+        except Exception as exc:  # ConversionError: the message names the install command
+            raise UsageError(f"outputs.bids needs dcm2niix: {exc}") from None
+
+
+def _restricted_lock_free(restricted: Path) -> None:
+    lock = restricted / LOCK_FILE
+    if not lock.exists():
+        return
+    try:
+        with open(lock) as fh:
+            fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        raise UsageError(f"another deidflow run is using {restricted}; wait for it to finish") from None
+    except PermissionError:
+        raise UsageError(f"restricted folder {restricted} cannot be read (Permission denied)") from None
+
+
+def check_run(config: dict, argv: list[str] | None = None) -> tuple[Paths, bytes]:
+    """Everything that can be checked before a run writes anything: folders, writability, free
+    space, key (and its fingerprint against the release's), programs, the run lock."""
+    if not workflow_files_present():
+        raise UsageError(f"the workflow files (Snakefile, config/) are missing from {WORKFLOW_DIR}; "
+                         "reinstall deidflow")
+    paths = resolve_paths(config)
+    if not paths.input.exists():
+        raise UsageError(f"input folder {paths.input} does not exist")
+    if not paths.input.is_dir():
+        raise UsageError(f"input {paths.input} is not a folder")
+    if not os.access(paths.input, os.R_OK | os.X_OK):
+        raise UsageError(f"input folder {paths.input} cannot be read (Permission denied)")
+    try:
+        empty = next(os.scandir(paths.input), None) is None
+    except OSError as exc:
+        raise UsageError(f"input folder {paths.input} cannot be read ({exc.strerror})") from None
+    if empty:
+        raise UsageError(f"input folder {paths.input} is empty: nothing to de-identify")
+    _writable_parent(paths.output, "output")
+    _writable_parent(paths.restricted, "restricted folder")
+    key = _check_key(config, argv or [])
+    marker = paths.restricted / "key_fingerprint"
+    if marker.is_file():
+        old, new = marker.read_text().strip(), fingerprint(key)
+        if old != new:
+            raise UsageError(f"{paths.output} was made with the key whose fingerprint is {old}; the key given "
+                             f"has fingerprint {new}: use the original key, or release into a new output folder")
+    _check_programs(config)
+    _restricted_lock_free(paths.restricted)
+    return paths, key
+
+
+class _Interrupt:
+    """Remembers a Ctrl-C or SIGTERM while Snakemake runs (Snakemake turns both into its own
+    shutdown and an exit status of 1)."""
+
+    def __init__(self):
+        self.seen = False
+
+    def __enter__(self):
+        def on_signal(signum, frame):
+            self.seen = True
+            signal.default_int_handler(signum, frame)
+        self._old = {s: signal.signal(s, on_signal) for s in (signal.SIGINT, signal.SIGTERM)}
+        return self
+
+    def __exit__(self, *exc):
+        for s, h in self._old.items():
+            signal.signal(s, h)
+        return False
 
 
 def run_workflow(config: dict, *, cores: int | str = "all", profile: str | None = None,
-                 dry_run: bool = False, env: dict | None = None, extra: list[str] | None = None) -> int:
-    """Run the Snakemake workflow for ``config`` (already validated); return its exit status."""
-    if not workflow_files_present():
-        raise SystemExit("deidflow: the workflow files (Snakefile, config/) were not found next to the "
-                         "package; install deidflow from a clone with 'pip install -e .'")
+                 env: dict | None = None, extra: list[str] | None = None, verbose: bool = False) -> int:
+    """Run the Snakemake workflow for ``config`` (checked by :func:`check_run`); return the exit status."""
+    from . import progress, summary
+    global _restricted_log_dir
     paths = resolve_paths(config)
-    if not paths.input.is_dir():
-        raise SystemExit(f"deidflow: input folder {paths.input} does not exist")
     make_restricted_dir(paths.restricted)
+    _restricted_log_dir = paths.restricted / "logs"
     # One run per restricted folder: a kernel lock that dies with the process, so a killed run
     # never leaves a stale lock behind (Snakemake's own lock is turned off with --nolock).
-    lock = os.fdopen(os.open(paths.restricted / ".deidflow.lock", os.O_RDWR | os.O_CREAT, RESTRICTED_FILE_MODE), "r+")
+    lock = os.fdopen(os.open(paths.restricted / LOCK_FILE, os.O_RDWR | os.O_CREAT, RESTRICTED_FILE_MODE), "r+")
     try:
         fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except BlockingIOError:
-        raise SystemExit(f"deidflow: another deidflow run is using {paths.restricted}") from None
+        raise UsageError(f"another deidflow run is using {paths.restricted}; wait for it to finish") from None
     cfg_file = paths.restricted / "run-config.yaml"
     atomic_write_text(cfg_file, yaml.safe_dump(config, sort_keys=True), RESTRICTED_FILE_MODE)
+    if env is not None:
+        os.environ.update(env)  # e.g. the demo's ephemeral key: environment, never an argument
     from .pipeline import prepare_ahead, settle_ahead
     prepare_ahead(config)  # the inventory runs while Snakemake starts
     args = ["--snakefile", str(SNAKEFILE), "--directory", str(paths.restricted),
             "--configfile", str(cfg_file), "--cores", str(cores), "--nolock"]
     if profile:
         args += ["--profile", profile]
-    if dry_run:
-        args += ["--dry-run"]
     args += extra or []
-    if env is not None:
-        os.environ.update(env)  # e.g. the demo's ephemeral key: environment, never an argument
     started = time.time()
     server = None
-    if profile is None and not dry_run and not os.environ.get("DEIDFLOW_NO_ZYGOTE"):
-        from . import zygote  # local jobs start from a process with the libraries imported
-        server = zygote.start()
-        os.environ[zygote.ENV] = server[1]
+    with _Interrupt() as interrupt, progress.quiet_terminal(paths.restricted, verbose=verbose) as (term, log):
+        # With --verbose Snakemake's log is the display; the handler still collects failed rules.
+        display = progress.StageProgress(io.StringIO() if verbose else term, paths.restricted,
+                                         tty=not verbose and term.isatty())
+        logger = progress.attach(display)
+        try:
+            if profile is None and not os.environ.get("DEIDFLOW_NO_ZYGOTE"):
+                from . import zygote  # local jobs start from a process with the libraries imported
+                server = zygote.start()  # inside the redirection: what it prints goes to the log
+                os.environ[zygote.ENV] = server[1]
+            rc = run_snakemake(args)
+        except KeyboardInterrupt:
+            interrupt.seen, rc = True, EXIT_INTERRUPTED
+        finally:
+            settle_ahead()  # Snakemake stopped before reading the Snakefile (bad arguments): reap the child
+            if server:
+                os.environ.pop(zygote.ENV, None)
+                zygote.stop(*server)
+            display.close_display()
+            logger.removeHandler(display)
+    if interrupt.seen:
+        print(INTERRUPTED, file=sys.stderr)
+        return EXIT_INTERRUPTED
+    failures = _job_failures(paths.restricted / "logs", started)
+    failed_rules = sorted(set(display.failed_rules))
+    if rc and failed_rules and not failures:
+        failures = [f"deidflow: job(s) failed in: {', '.join(failed_rules)}"]
+    _emit(failures, sys.stderr)
+    counts = summary.collect(paths)
+    _emit((["deidflow: Nothing to be done: the release is up to date."] if rc == 0 and display.nothing_to_do else [])
+          + summary.lines(counts, paths, finished=rc == 0)
+          + ([f"  Snakemake's log: {log}"] if log is not None else []), sys.stdout)
+    if rc == 0:
+        return EXIT_INCOMPLETE if counts.leaky else EXIT_OK
+    if failures or failed_rules:
+        return EXIT_INCOMPLETE
+    print(f"deidflow: error: the workflow stopped before its jobs ran; see {log or 'the output above'}",
+          file=sys.stderr)
+    return EXIT_BUG
+
+
+def _emit(lines: list[str], stream) -> None:
+    """Print ``lines``; a reader that went away (``| head``) silences the rest, not the exit status."""
     try:
-        rc = run_snakemake(args)
-    finally:
-        settle_ahead()  # Snakemake stopped before reading the Snakefile (bad arguments): reap the child
-        if server:
-            os.environ.pop(zygote.ENV, None)
-            zygote.stop(*server)
-    if rc == 0 and not dry_run:
-        quarantine = paths.restricted / "quarantine.tsv"
-        n_bad = max(0, len(quarantine.read_text().splitlines()) - 1) if quarantine.exists() else 0
-        print(f"deidflow: release in {paths.output}; mappings, audit and quarantine list in {paths.restricted}")
-        if n_bad:
-            print(f"deidflow: {n_bad} input file(s) quarantined, each with its reason in {quarantine}")
-        _print_qc(paths)
-    elif rc:
-        for line in _job_failures(paths.restricted / "logs", started):
-            print(line, file=sys.stderr)
-    return rc
-
-
-def _print_qc(paths) -> None:
-    """One summary line per stage, then where the QC report is."""
-    from .qc.report import QC_SUBDIR, stage_summaries
-    for line in stage_summaries(paths.restricted):
-        print(line)
-    report = paths.output / QC_SUBDIR / "report.html"
-    if report.exists():
-        print(f"deidflow: QC report: {report} (restricted copy with before-images: "
-              f"{paths.restricted / 'qc' / 'report-full.html'})")
+        for line in lines:
+            print(line, file=stream)
+        stream.flush()
+    except BrokenPipeError:
+        os.dup2(os.open(os.devnull, os.O_WRONLY), stream.fileno())
 
 
 def _cmd_verify(args: argparse.Namespace) -> int:
@@ -113,8 +361,7 @@ def _cmd_verify(args: argparse.Namespace) -> int:
     out = Path(args.output).resolve()
     restricted = Path(args.restricted).resolve() if args.restricted else out.with_name(out.name + "_restricted")
     if not out.is_dir() or not (restricted / "manifests").is_dir():
-        print(f"deidflow verify: {out} is not a release or {restricted} is not its restricted folder", file=sys.stderr)
-        return 2
+        raise UsageError(f"verify: {out} is not a release or {restricted} is not its restricted folder")
     result = leakscan.verify(out, restricted, pixel_data=args.pixel_data)
     lines = leakscan.hit_lines(result)
     for line in lines:
@@ -133,7 +380,7 @@ def _cmd_verify(args: argparse.Namespace) -> int:
     leaky = sorted({s for s, r in subs.items() if r["hits"]} | ({"dataset"} if result["dataset"]["hits"] else set()))
     if lines:
         print(f"deidflow verify: LEAK: {len(lines)} hit(s) in {', '.join(leaky)}")
-        return 1
+        return EXIT_INCOMPLETE
     print("deidflow verify: no identifying value found")
     return 0
 
@@ -150,25 +397,23 @@ def _job_failures(logs: Path, since: float) -> list[str]:
 
 
 def _cmd_run(args: argparse.Namespace) -> int:
-    try:
-        config = _effective_config(args)
-        load_key(config.get("key_file") or None)  # refuse before starting anything
-    except (ConfigError, MissingKeyError) as exc:
-        print(f"deidflow: {exc}", file=sys.stderr)
-        return 2
-    return run_workflow(config, cores=args.cores, profile=args.profile, dry_run=args.dry_run,
-                        extra=args.snakemake_args)
+    cores = _check_cores(args.cores)
+    profile = _check_profile(args.profile)
+    _check_snakemake_args(args.snakemake_args)
+    config = _effective_config(args)
+    paths, key = check_run(config, args.argv)
+    if args.dry_run:
+        from . import preview
+        for line in preview.lines(config, key):
+            print(line)
+        return EXIT_OK
+    return run_workflow(config, cores=cores, profile=profile, extra=args.snakemake_args, verbose=args.verbose)
 
 
 def _cmd_inventory(args: argparse.Namespace) -> int:
     from . import inventory, pipeline
-    try:
-        config = _effective_config(args)
-        key = load_key(config.get("key_file") or None)
-    except (ConfigError, MissingKeyError) as exc:
-        print(f"deidflow: {exc}", file=sys.stderr)
-        return 2
-    paths = resolve_paths(config)
+    config = _effective_config(args)
+    paths, key = check_run(config, args.argv)
     make_restricted_dir(paths.restricted)
     inv = inventory.build(paths.input, pipeline.pseudonymizer(key, config),
                           previous=paths.restricted / "inventory.parquet",
@@ -177,13 +422,19 @@ def _cmd_inventory(args: argparse.Namespace) -> int:
     ok = sum(r["status"] == "ok" for r in inv.rows)
     print(f"{len(inv.rows)} files: {ok} to release for {len(inv.subjects)} subjects, "
           f"{len(inv.rows) - ok} quarantined; inventory in {target}")
-    return 0
+    return EXIT_OK
 
 
 def _cmd_demo(args: argparse.Namespace) -> int:
     from .demo import make_demo_input
+    cores = _check_cores(args.cores)
     base = Path(args.dest).resolve()
+    _check_path_text(str(base), "--dest")
+    _writable_parent(base, "--dest")
     inp, out = base / "input", base / "release"
+    args.input, args.output = str(inp), str(out)
+    args.restricted = args.key_file = None
+    config = _effective_config(args)  # a bad --set fails before anything is generated
     for p in (inp, out, out.with_name(out.name + "_restricted")):
         if p.exists():
             shutil.rmtree(p)
@@ -191,22 +442,44 @@ def _cmd_demo(args: argparse.Namespace) -> int:
     print(f"deidflow demo: generated {len(patients)} fake patients under {inp}")
     print("deidflow demo: using an EPHEMERAL random key (demo only): pseudonyms change on every run; "
           f"real runs need ${KEY_ENV} or --key-file")
-    env = dict(os.environ)
-    env[KEY_ENV] = ephemeral_key().decode()
-    args.input, args.output = str(inp), str(out)
-    args.restricted = args.key_file = None
-    try:
-        config = _effective_config(args)
-    except ConfigError as exc:
-        print(f"deidflow: {exc}", file=sys.stderr)
-        return 2
-    return run_workflow(config, cores=args.cores, env=env)
+    env = {KEY_ENV: ephemeral_key().decode()}
+    os.environ.update(env)
+    check_run(config, [])
+    return run_workflow(config, cores=cores, env=env, verbose=args.verbose)
+
+
+def _cmd_keygen(args: argparse.Namespace) -> int:
+    """A new random key (64 hex digits, 256 bits) in a new file of mode 0600."""
+    target = Path(args.file)
+    _check_path_text(args.file, "keygen")
+    if target.exists():
+        raise UsageError(f"keygen: {target} exists; deidflow never overwrites a key (pseudonyms depend on it)")
+    _writable_parent(target.resolve().parent, "keygen: folder")
+    target.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+    fd = os.open(target, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    with os.fdopen(fd, "w") as fh:
+        fh.write(secrets.token_hex(32) + "\n")
+    os.chmod(target, 0o600)
+    print(f"deidflow: wrote a new key to {target} (mode 0600, fingerprint {fingerprint(target.read_bytes().strip())}).")
+    print("deidflow: keep it with the restricted folder, never with the release; losing it means new "
+          "pseudonyms for the next delivery. Use it with: deidflow run INPUT OUTPUT --key-file " + str(target))
+    return EXIT_OK
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse that reports a mistake as one line (raised, so main() prints it)."""
+
+    def error(self, message: str):
+        raise UsageError(f"{message} (see '{self.prog} --help')")
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="deidflow", description=__doc__.splitlines()[0])
+    p = _Parser(prog="deidflow", description=__doc__.splitlines()[0],
+                epilog="Exit status: 0 release complete, 1 internal error (a bug), 2 usage or configuration "
+                       "error, 3 release incomplete (files or subjects withheld, leak found), 130 interrupted.")
     p.add_argument("--version", action="version", version=f"deidflow {__version__}")
-    sub = p.add_subparsers(dest="command", required=True)
+    p.add_argument("--debug", action="store_true", help="show the traceback of an error")
+    sub = p.add_subparsers(dest="command", required=True, parser_class=_Parser)
 
     def common(sp: argparse.ArgumentParser) -> None:
         sp.add_argument("--config", help="YAML file with config keys (see config/README.md)")
@@ -214,21 +487,28 @@ def build_parser() -> argparse.ArgumentParser:
         sp.add_argument("--restricted", help="restricted folder (default: <OUTPUT>_restricted)")
         sp.add_argument("--key-file", help=f"file holding the secret key (default: ${KEY_ENV})")
 
+    def shown(sp: argparse.ArgumentParser) -> None:
+        sp.add_argument("--verbose", action="store_true", help="show Snakemake's log instead of the progress lines")
+        sp.add_argument("--debug", action="store_true", help="show the traceback of an error")
+
     r = sub.add_parser("run", help="de-identify INPUT into the release OUTPUT",
                        epilog="Arguments after a lone -- are passed to Snakemake unchanged.")
     r.add_argument("input")
     r.add_argument("output")
     common(r)
     r.add_argument("--cores", default="all", help="cores for Snakemake (default: all)")
-    r.add_argument("--profile", help="Snakemake profile (e.g. profiles/slurm)")
+    r.add_argument("--profile", help="Snakemake profile: a folder, or a bundled one (default, slurm)")
     r.add_argument("--strict", action="store_true", help="fail when any input file is quarantined")
-    r.add_argument("--dry-run", action="store_true", help="show the jobs without running them")
+    r.add_argument("--dry-run", action="store_true",
+                   help="preview subjects, series, BIDS names, defacing, pixel cleaning and quarantine; write nothing")
+    shown(r)
     r.set_defaults(func=_cmd_run)
 
     i = sub.add_parser("inventory", help="inventory INPUT into the restricted folder of OUTPUT")
     i.add_argument("input")
     i.add_argument("output")
     common(i)
+    i.add_argument("--debug", action="store_true", help="show the traceback of an error")
     i.set_defaults(func=_cmd_inventory)
 
     d = sub.add_parser("demo", help="generate fake patients and de-identify them (ephemeral key)")
@@ -236,26 +516,83 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--cores", default="all")
     d.add_argument("--set", action="append", metavar="KEY=VALUE")
     d.add_argument("--config")
+    shown(d)
     d.set_defaults(func=_cmd_demo)
 
     v = sub.add_parser("verify", help="leak-scan the release OUTPUT for its subjects' original identifiers "
-                                      "(exit status 1 on any hit)")
+                                      "(exit status 3 on any hit)")
     v.add_argument("output")
     v.add_argument("--restricted", help="restricted folder (default: <OUTPUT>_restricted)")
     v.add_argument("--pixel-data", action="store_true", help="also search pixel data and NIfTI image blocks")
+    v.add_argument("--debug", action="store_true", help="show the traceback of an error")
     v.set_defaults(func=_cmd_verify)
+
+    k = sub.add_parser("keygen", help="write a new random secret key to FILE (mode 0600)")
+    k.add_argument("file")
+    k.add_argument("--debug", action="store_true", help="show the traceback of an error")
+    k.set_defaults(func=_cmd_keygen)
     return p
 
 
+# Exceptions that are user mistakes; their messages name the key, file or folder at fault.
+def _user_error(exc: BaseException) -> str | None:
+    from .inventory import InventoryError
+    from .pipeline import ReleaseKeyMismatch
+    if isinstance(exc, (UsageError, ConfigError, MissingKeyError, ReleaseKeyMismatch, InventoryError)):
+        return str(exc)
+    if isinstance(exc, OSError) and exc.errno in (errno.EACCES, errno.EPERM, errno.EROFS, errno.ENOSPC,
+                                                  errno.EDQUOT, errno.ENAMETOOLONG, errno.ENOENT,
+                                                  errno.ENOTDIR, errno.EEXIST, errno.ELOOP):
+        return f"{exc.strerror}" + (f": {exc.filename}" if exc.filename else "")
+    return None
+
+
 def main(argv: list[str] | None = None) -> int:
+    """Run the command line; return its exit status (see the README's Troubleshooting)."""
     argv = list(sys.argv[1:] if argv is None else argv)
     extra: list[str] = []
     if "--" in argv:
         cut = argv.index("--")
         argv, extra = argv[:cut], argv[cut + 1:]
-    args = build_parser().parse_args(argv)
-    args.snakemake_args = extra
-    return args.func(args)
+    debug = "--debug" in argv or os.environ.get("DEIDFLOW_DEBUG") == "1"
+    try:
+        args = build_parser().parse_args(argv)
+        args.snakemake_args, args.argv = extra, argv + extra
+        return args.func(args)
+    except KeyboardInterrupt:
+        print("\n" + INTERRUPTED, file=sys.stderr)
+        return EXIT_INTERRUPTED
+    except SystemExit:
+        raise  # --help, --version
+    except BrokenPipeError:  # the reader of our output went away (``| head``): not an error
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return EXIT_OK
+    except BaseException as exc:
+        message = _user_error(exc)
+        if debug:
+            traceback.print_exc()
+        if message is not None:
+            print(f"deidflow: error: {message}", file=sys.stderr)
+            return EXIT_USAGE
+        what = str(exc) if isinstance(exc, PublicError) else type(exc).__name__
+        where = _write_traceback()
+        print(f"deidflow: error: internal error ({what}); this is a bug: please report it"
+              + (f" (traceback in {where})" if where else " with the output of the same command run with --debug"),
+              file=sys.stderr)
+        return EXIT_BUG
+
+
+def _write_traceback() -> Path | None:
+    """The current exception's traceback in the restricted logs folder (mode 0600), if there is one."""
+    if _restricted_log_dir is None:
+        return None
+    try:
+        make_restricted_dir(_restricted_log_dir)
+        target = _restricted_log_dir / time.strftime("deidflow-error-%Y%m%dT%H%M%S.log")
+        atomic_write_text(target, traceback.format_exc(), RESTRICTED_FILE_MODE)
+        return target
+    except OSError:
+        return None
 
 
 def console_main() -> None:

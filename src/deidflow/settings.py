@@ -11,7 +11,17 @@ from typing import Any, Iterable, Mapping
 import jsonschema
 import yaml
 
-WORKFLOW_DIR = Path(__file__).resolve().parents[2]
+def _workflow_dir() -> Path:
+    """The folder holding the Snakefile: the clone's top level (a development checkout, an
+    editable install) or the copy a wheel carries as ``deidflow/workflow`` (see setup.py)."""
+    here = Path(__file__).resolve().parent
+    clone = here.parents[1]
+    if (clone / "Snakefile").is_file() and (clone / "src" / "deidflow").is_dir():
+        return clone
+    return here / "workflow"
+
+
+WORKFLOW_DIR = _workflow_dir()
 SNAKEFILE = WORKFLOW_DIR / "Snakefile"
 DEFAULT_CONFIG = WORKFLOW_DIR / "config" / "config.yaml"
 SCHEMA = WORKFLOW_DIR / "config" / "schema.yaml"
