@@ -38,6 +38,8 @@ def _effective_config(args: argparse.Namespace) -> dict:
         config["key_file"] = str(Path(args.key_file).resolve())
     if getattr(args, "strict", False):
         config["strict"] = True
+    if getattr(args, "force", False):
+        config["force"] = True
     return validate(config, semantics=False)  # profile semantics are checked at Snakefile parse
 
 
@@ -47,9 +49,15 @@ def run_workflow(config: dict, *, cores: int | str = "all", profile: str | None 
     if not workflow_files_present():
         raise SystemExit("deidflow: the workflow files (Snakefile, config/) were not found next to the "
                          "package; install deidflow from a clone with 'pip install -e .'")
-    paths = resolve_paths(config)
-    if not paths.input.is_dir():
-        raise SystemExit(f"deidflow: input folder {paths.input} does not exist")
+    from .errors import UsageError
+    from .publish import check_folders, release_status
+    try:
+        paths = resolve_paths(config)
+        if not dry_run:  # refuse before anything is written
+            check_folders(paths.input, paths.output, paths.restricted, force=bool(config.get("force")))
+    except (UsageError, ConfigError) as exc:
+        print(f"deidflow: error: {exc}", file=sys.stderr)
+        return 2
     make_restricted_dir(paths.restricted)
     # One run per restricted folder: a kernel lock that dies with the process, so a killed run
     # never leaves a stale lock behind (Snakemake's own lock is turned off with --nolock).
@@ -91,6 +99,10 @@ def run_workflow(config: dict, *, cores: int | str = "all", profile: str | None 
         if n_bad:
             print(f"deidflow: {n_bad} input file(s) quarantined, each with its reason in {quarantine}")
         _print_qc(paths)
+        status = release_status(paths.output, paths.restricted)
+        for line in status["lines"]:
+            print(line, file=sys.stderr)
+        rc = status["exit"]
     elif rc:
         for line in _job_failures(paths.restricted / "logs", started):
             print(line, file=sys.stderr)
@@ -115,6 +127,8 @@ def _cmd_verify(args: argparse.Namespace) -> int:
     if not out.is_dir() or not (restricted / "manifests").is_dir():
         print(f"deidflow verify: {out} is not a release or {restricted} is not its restricted folder", file=sys.stderr)
         return 2
+    from .publish import release_status
+    status = release_status(out, restricted)
     result = leakscan.verify(out, restricted, pixel_data=args.pixel_data)
     lines = leakscan.hit_lines(result)
     for line in lines:
@@ -135,7 +149,9 @@ def _cmd_verify(args: argparse.Namespace) -> int:
         print(f"deidflow verify: LEAK: {len(lines)} hit(s) in {', '.join(leaky)}")
         return 1
     print("deidflow verify: no identifying value found")
-    return 0
+    for line in status["lines"]:
+        print(line.replace("deidflow:", "deidflow verify:", 1))
+    return status["exit"]
 
 
 def _job_failures(logs: Path, since: float) -> list[str]:
@@ -223,6 +239,8 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--profile", help="Snakemake profile (e.g. profiles/slurm)")
     r.add_argument("--strict", action="store_true", help="fail when any input file is quarantined")
     r.add_argument("--dry-run", action="store_true", help="show the jobs without running them")
+    r.add_argument("--force", action="store_true",
+                   help="use a non-empty output folder that no deidflow run wrote (its files join the release)")
     r.set_defaults(func=_cmd_run)
 
     i = sub.add_parser("inventory", help="inventory INPUT into the restricted folder of OUTPUT")

@@ -88,8 +88,8 @@ def _release_formats(release: Path) -> tuple[Counter, dict[str, Counter]]:
     per: dict[str, Counter] = defaultdict(Counter)
     qc = (Path(release) / QC_SUBDIR).as_posix()
     for p in sorted(Path(release).rglob("*")):
-        if not p.is_file() or p.as_posix().startswith(qc + "/"):
-            continue
+        if not p.is_file() or p.as_posix().startswith(qc + "/") or p.name == "RELEASE_INCOMPLETE":
+            continue  # the run's own marker (deidflow.publish.MARKER) is no released file
         fmt = _format_of(p.name)
         total[fmt] += 1
         sub = next((part for part in p.relative_to(release).parts if re.match(r"^sub-[A-Za-z0-9]+$", part)), None)
