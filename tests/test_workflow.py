@@ -247,5 +247,7 @@ def test_incremental_release_processes_only_new_subjects(tmp_path):
     strip = lambda h: {k: v for k, v in h.items() if not k.endswith(".snakemake_timestamp")}  # noqa: E731
     assert strip(tree_hashes(out)) == strip(tree_hashes(complete))  # same as releasing all at once
     r = run_cli(*args[:-1], "jobs.files_per_job=0", "--set", "dicom.private=safe")
-    assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-2000:]
+    # 3: the leak scan finds original UIDs in the Siemens CSA header that private=safe keeps, and
+    # withholds those subjects (the rest is released)
+    assert r.returncode in (0, 3), r.stdout[-2000:] + r.stderr[-2000:]
     assert all(p.stat().st_mtime_ns != t for p, t in before.items() if p.exists())  # profile change: all re-run

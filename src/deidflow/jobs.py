@@ -226,6 +226,9 @@ def run(argv: list[str]) -> int:
             sp.add_argument(f"--{arg}", required=True)
         sp.set_defaults(func=func)
     args = p.parse_args(argv)
+    if os.environ.get("DEIDFLOW_TEST_PAUSE_AT"):  # test hook only (deidflow.publish.PAUSE_ENV)
+        from .publish import test_pause
+        test_pause(args.stage)
     if args.stage not in NEEDS_REQUESTS:
         sys.modules.setdefault("requests", None)  # type: ignore[assignment]
     args.func(args)

@@ -32,6 +32,20 @@ SUBJECTS = "work/subjects.txt"      # restricted: the subjects of the current in
 STAGING = "staging"
 DATASET_STAGING = "staging/dataset"
 ON_LEAK = ("withhold", "fail", "publish")
+# Test hook (tests/test_release_gate.py): DEIDFLOW_TEST_PAUSE_AT="<point>:<folder>" makes the jobs
+# that reach <point> (a stage's name, or "publish-mid" after a unit's first folder moved) create
+# <folder>/<point> and wait, so a test can kill the run at a known place. Unset in real runs.
+PAUSE_ENV = "DEIDFLOW_TEST_PAUSE_AT"
+
+
+def test_pause(point: str) -> None:
+    """Announce ``point`` and sleep when the test hook names it (see PAUSE_ENV)."""
+    spec = os.environ.get(PAUSE_ENV, "")
+    name, _, folder = spec.partition(":")
+    if name == point and folder:
+        import time
+        Path(folder, point).touch()
+        time.sleep(600)
 
 
 def staging_root(restricted: Path, unit: str) -> Path:
@@ -69,10 +83,20 @@ def mark_incomplete(release: Path) -> None:
 # ------------------------------------------------------------------------------------------------
 # One job unit
 # ------------------------------------------------------------------------------------------------
+def _area(rel: str) -> str:
+    """The release area of a staged file (``sourcedata/dicom``, ``bids``, ``derivatives``): a file's
+    own name can hold the leaked value (a BIDS entity made from it), so it is never shown."""
+    parts = rel.split("/")
+    if parts[0] == "sourcedata" and len(parts) > 1:
+        return f"sourcedata/{parts[1]}"
+    return "derivatives" if parts[0] == "derivatives" else "bids"
+
+
 def _hit_paths(hits: Iterable[Mapping]) -> list[dict]:
-    """Where each hit is (file, attribute/field path, kind of value, source field): never the value."""
-    seen = {(h["file"], h["location"], h["kind"], h["field"]) for h in hits}
-    return [{"file": f, "location": loc, "kind": k, "field": fld} for f, loc, k, fld in sorted(seen)]
+    """Where each hit is (release area, attribute/field path, kind of value, source field): never
+    the value, nor the file name."""
+    seen = {(_area(h["file"]), h["location"], h["kind"], h["field"]) for h in hits}
+    return [{"area": a, "location": loc, "kind": k, "field": fld} for a, loc, k, fld in sorted(seen)]
 
 
 def publish_unit(manifest: Path, verify_done: Path, staging: Path, release: Path, restricted: Path,
@@ -107,6 +131,7 @@ def publish_unit(manifest: Path, verify_done: Path, staging: Path, release: Path
                     shutil.rmtree(src)          # the previous version, exchanged out before a kill
             elif src.is_dir() and src.stat().st_ino == ino:
                 publish_dir(src, dst)
+                test_pause("publish-mid")
             else:
                 raise PublicError(f"publish {unit}: the staged folder {rel} is gone; run again with "
                                   f"'-- --forcerun dicom other' to rebuild the unit")
@@ -117,9 +142,15 @@ def publish_unit(manifest: Path, verify_done: Path, staging: Path, release: Path
         for rel in subject_folders(release, subject):
             remove_tree(release / rel, trash)   # an earlier version must not stay either
     _prune_empty(staging)
-    lines = [json.dumps({"file": subject, "reason": f"subject withheld: leak scan found {h['kind']} of "
-                                                    f"{h['field']} in {h['file']} at {h['location']}"})
-             for subject, hits in sorted(plan["withheld"].items()) for h in hits]
+    # quarantine.tsv lists input files: every input file of a withheld subject, with the subject's
+    # keyed ID and the attribute/field paths of its hits (never a value)
+    files_of = {subj["subject"]: [f["relpath"] for f in subj["files"]] for subj in m["subjects"]}
+    lines = []
+    for subject, hits in sorted(plan["withheld"].items()):
+        where = sorted({f"{h['area']}: {h['location']}" for h in hits})
+        reason = (f"subject {subject} withheld: the leak scan found identifying values at "
+                  f"{', '.join(where[:6])}{' …' if len(where) > 6 else ''} (every hit in {WITHHELD})")
+        lines += [json.dumps({"file": rel, "reason": reason}) for rel in sorted(files_of.get(subject, []))]
     make_restricted_dir(Path(quarantine).parent)
     atomic_write_text(quarantine, "".join(line + "\n" for line in lines), RESTRICTED_FILE_MODE)
     record = {"unit": unit, "on_leak": on_leak, "published": sorted(plan["publish"]),
@@ -128,7 +159,7 @@ def publish_unit(manifest: Path, verify_done: Path, staging: Path, release: Path
     atomic_write_text(done, json.dumps(record, indent=1, sort_keys=True) + "\n", RESTRICTED_FILE_MODE)
     return {"published": len(plan["publish"]), "withheld": len(plan["withheld"]),
             "leaky_published": len(plan["published_with_leaks"]),
-            "lines": [f"{s}: withheld, leak scan hit at {h['file']} {h['location']}"
+            "lines": [f"{s}: withheld, leak scan hit in {h['area']} at {h['location']} ({h['kind']} of {h['field']})"
                       for s, hits in sorted(plan["withheld"].items()) for h in hits]}
 
 
@@ -257,7 +288,7 @@ def release_status(release: Path, restricted: Path) -> dict:
     if withheld and (restricted / WITHHELD).exists():
         details = json.loads((restricted / WITHHELD).read_text()).get("withheld", {})
     for s in withheld:
-        paths = sorted({f"{h['file']} {h['location']}" for h in details.get(s, [])})
+        paths = sorted({f"{h['area']}: {h['location']}" for h in details.get(s, [])})
         lines.append(f"deidflow: {s} withheld from the release: leak scan found identifying values at "
                      f"{'; '.join(paths[:5])}{' …' if len(paths) > 5 else ''} (all in {restricted / 'quarantine.tsv'})")
     if leaky:
