@@ -45,13 +45,14 @@ rule publish:
 
 rule publish_dataset:
     """Take withdrawn subjects out of the release (restricted/withdrawn.tsv), then move the
-    verified dataset-level files in."""
+    verified dataset-level files in; restricted/withheld.json for the QC report."""
     input:
         units=unit_done("publish"),
         verify=VERIFY_DATASET,
         subjects=restricted("work/subjects.txt"),
     output:
         done=PUBLISH_DATASET,
+        units_list=temp(restricted("work/publish-units.list")),
     params:
         python=PYTHON,
         staged=qc_rules.constant(DATASET_STAGED),
@@ -66,8 +67,10 @@ rule publish_dataset:
     conda:
         "../envs/core.yaml"
     shell:
+        "printf '%s\\n' {input.units:q} > {output.units_list:q}; "
         "{params.python:q} -m deidflow.jobs publish_dataset --staged {params.staged:q} --release {params.release:q}"
         " --restricted {params.restricted:q} --subjects {input.subjects:q} --done {output.done:q}"
+        " --units-list {output.units_list:q}"
         " --log {log:q} 2>> {log:q}"
 
 

@@ -119,7 +119,7 @@ def _publish(a: argparse.Namespace) -> None:
 def _publish_dataset(a: argparse.Namespace) -> None:
     from .publish import publish_dataset
     with job_logging(a.log, "publish_dataset job") as log:
-        c = publish_dataset(a.staged, a.release, a.restricted, a.subjects, a.done)
+        c = publish_dataset(a.staged, a.release, a.restricted, a.subjects, a.done, _listed(a.units_list))
         log.info("%(files)d dataset-level files published, %(withdrawn)d withdrawn subject(s) removed", c)
 
 
@@ -191,7 +191,7 @@ STAGES = {
              "deface or skull-strip the head MRI of one job unit (NIfTI, Analyze, MGH and DICOM)"),
     "publish": (_publish, ("manifest", "verify", "staging", "release", "restricted", "done", "quarantine", "on-leak"),
                 "move the verified subjects of one job unit from its staging tree into the release"),
-    "publish_dataset": (_publish_dataset, ("staged", "release", "restricted", "subjects", "done"),
+    "publish_dataset": (_publish_dataset, ("staged", "release", "restricted", "subjects", "done", "units-list"),
                         "remove withdrawn subjects, publish the verified dataset-level files"),
     "bids_dataset": (_bids_dataset, ("done-list", "published-list", "release-root", "settings", "bids", "output"),
                      "dataset_description.json, participants.tsv/json, README, CHANGES, .bidsignore"),

@@ -16,6 +16,7 @@ import datetime as _dt
 import json
 import os
 import shutil
+import time
 from pathlib import Path
 from typing import Any, Iterable, Mapping
 
@@ -43,7 +44,6 @@ def test_pause(point: str) -> None:
     spec = os.environ.get(PAUSE_ENV, "")
     name, _, folder = spec.partition(":")
     if name == point and folder:
-        import time
         Path(folder, point).touch()
         time.sleep(600)
 
@@ -110,6 +110,7 @@ def publish_unit(manifest: Path, verify_done: Path, staging: Path, release: Path
     of the release and listed in ``quarantine`` (JSON lines, hit paths, never values)."""
     if on_leak not in ON_LEAK:
         raise PublicError(f"verify.on_leak must be one of {', '.join(ON_LEAK)}, not {on_leak!r}")
+    started = time.perf_counter()
     m = json.loads(Path(manifest).read_text())
     unit = m["unit"]
     staging, release, restricted = Path(staging), Path(release), Path(restricted)
@@ -154,7 +155,8 @@ def publish_unit(manifest: Path, verify_done: Path, staging: Path, release: Path
     make_restricted_dir(Path(quarantine).parent)
     atomic_write_text(quarantine, "".join(line + "\n" for line in lines), RESTRICTED_FILE_MODE)
     record = {"unit": unit, "on_leak": on_leak, "published": sorted(plan["publish"]),
-              "withheld": plan["withheld"], "published_with_leaks": plan["published_with_leaks"]}
+              "withheld": plan["withheld"], "published_with_leaks": plan["published_with_leaks"],
+              "seconds": round(time.perf_counter() - started, 4)}
     make_restricted_dir(Path(done).parent)
     atomic_write_text(done, json.dumps(record, indent=1, sort_keys=True) + "\n", RESTRICTED_FILE_MODE)
     return {"published": len(plan["publish"]), "withheld": len(plan["withheld"]),
@@ -198,10 +200,14 @@ def _prune_empty(root: Path) -> None:
 # ------------------------------------------------------------------------------------------------
 # Dataset level
 # ------------------------------------------------------------------------------------------------
-def publish_dataset(staged: Path, release: Path, restricted: Path, subjects_file: Path, done: Path) -> dict:
+def publish_dataset(staged: Path, release: Path, restricted: Path, subjects_file: Path, done: Path,
+                    unit_records: Iterable[Path] = ()) -> dict:
     """Take withdrawn subjects out of the release (recorded in ``withdrawn.tsv``), then move the
-    staged dataset-level files (``dataset_description.json``, ``participants.tsv`` …) into it."""
+    staged dataset-level files (``dataset_description.json``, ``participants.tsv`` …) into it.
+    ``unit_records`` (the units' publish markers) give ``withheld.json`` for the QC report."""
+    started = time.perf_counter()
     staged, release, restricted = Path(staged), Path(release), Path(restricted)
+    write_withheld(restricted, unit_records)
     current = set(Path(subjects_file).read_text().split())
     gone = sorted(release_subjects(release) - current)
     today = _dt.date.today().isoformat()
@@ -224,7 +230,7 @@ def publish_dataset(staged: Path, release: Path, restricted: Path, subjects_file
                 (release / rel).parent.mkdir(parents=True, exist_ok=True)
                 os.replace(p, release / rel)
                 moved.append(rel.as_posix())
-    record = {"withdrawn": gone, "files": moved}
+    record = {"withdrawn": gone, "files": moved, "seconds": round(time.perf_counter() - started, 4)}
     make_restricted_dir(Path(done).parent)
     atomic_write_text(done, json.dumps(record, indent=1, sort_keys=True) + "\n", RESTRICTED_FILE_MODE)
     return {"withdrawn": len(gone), "files": len(moved)}
@@ -240,22 +246,30 @@ def write_subjects(restricted: Path, subjects: Iterable[str]) -> None:
 # ------------------------------------------------------------------------------------------------
 # The release's state
 # ------------------------------------------------------------------------------------------------
+def write_withheld(restricted: Path, unit_records: Iterable[Path]) -> dict:
+    """``withheld.json`` (restricted): the subjects the publish jobs withheld and those published
+    with leaks (``verify.on_leak: publish``), each with the area and attribute path of its hits."""
+    withheld: dict[str, list[dict]] = {}
+    leaky: dict[str, list[dict]] = {}
+    for p in unit_records:
+        rec = json.loads(Path(p).read_text())
+        withheld.update(rec["withheld"])
+        leaky.update(rec["published_with_leaks"])
+    doc = {"withheld": withheld, "published_with_leaks": leaky}
+    atomic_write_text(Path(restricted) / WITHHELD, json.dumps(doc, indent=1, sort_keys=True) + "\n",
+                      RESTRICTED_FILE_MODE)
+    return doc
+
+
 def finalize(release: Path, restricted: Path, units: Iterable[str]) -> dict:
     """At the end of a successful run: record what was withheld (``withheld.json``, the run's
     ``release-status.json``) and take the RELEASE_INCOMPLETE marker away."""
     release, restricted = Path(release), Path(restricted)
-    withheld: dict[str, list[dict]] = {}
-    leaky: dict[str, list[dict]] = {}
-    for unit in units:
-        rec = json.loads((restricted / "done" / "publish" / f"{unit}.json").read_text())
-        withheld.update(rec["withheld"])
-        leaky.update(rec["published_with_leaks"])
+    doc = write_withheld(restricted, [restricted / "done" / "publish" / f"{u}.json" for u in units])
     quarantine = restricted / "quarantine.tsv"
     n_bad = max(0, len(quarantine.read_text().splitlines()) - 1) if quarantine.exists() else 0
-    atomic_write_text(restricted / WITHHELD, json.dumps({"withheld": withheld, "published_with_leaks": leaky},
-                                                        indent=1, sort_keys=True) + "\n", RESTRICTED_FILE_MODE)
-    status = {"complete": True, "withheld_subjects": sorted(withheld), "published_with_leaks": sorted(leaky),
-              "quarantined_files": n_bad}
+    status = {"complete": True, "withheld_subjects": sorted(doc["withheld"]),
+              "published_with_leaks": sorted(doc["published_with_leaks"]), "quarantined_files": n_bad}
     atomic_write_text(restricted / STATUS, json.dumps(status, indent=1, sort_keys=True) + "\n", RESTRICTED_FILE_MODE)
     (release / MARKER).unlink(missing_ok=True)
     return status
