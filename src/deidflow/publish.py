@@ -13,15 +13,18 @@ anything is written.
 from __future__ import annotations
 
 import datetime as _dt
+import errno
 import json
 import os
 import shutil
+import tempfile
 import time
 from pathlib import Path
 from typing import Any, Iterable, Mapping
 
 from .errors import EXIT_INCOMPLETE, EXIT_OK, PublicError, UsageError
-from .fsutil import RESTRICTED_FILE_MODE, atomic_write_text, make_restricted_dir, publish_dir, remove_tree
+from .fsutil import (RESTRICTED_FILE_MODE, atomic_write_bytes, atomic_write_text, make_restricted_dir, publish_dir,
+                     remove_tree)
 
 MARKER = "RELEASE_INCOMPLETE"
 MARKER_TEXT = ("This release is incomplete (a deidflow run is under way, or stopped before it finished): "
@@ -114,7 +117,6 @@ def publish_unit(manifest: Path, verify_done: Path, staging: Path, release: Path
     m = json.loads(Path(manifest).read_text())
     unit = m["unit"]
     staging, release, restricted = Path(staging), Path(release), Path(restricted)
-    trash = restricted / "tmp" / "publish"
     st = os.stat(verify_done)
     token = f"{st.st_ino}:{st.st_mtime_ns}"
     plan_file = restricted / "work" / "publish" / f"{unit}.json"
@@ -123,15 +125,31 @@ def publish_unit(manifest: Path, verify_done: Path, staging: Path, release: Path
         plan = _plan(m, json.loads(Path(verify_done).read_text()), staging, token, on_leak)
         make_restricted_dir(plan_file.parent)
         atomic_write_text(plan_file, json.dumps(plan, indent=1, sort_keys=True) + "\n", RESTRICTED_FILE_MODE)
+        plan_file.with_suffix(".progress").unlink(missing_ok=True)
     release.mkdir(parents=True, exist_ok=True)
+    trash = scratch_dir(release, restricted)
+    copying = trash.parent != restricted / "tmp"
+    progress = plan_file.with_suffix(".progress")  # folders published by copy (other file system)
+    copied = set(progress.read_text().split("\n")) if progress.exists() else set()
     for subject, folders in sorted(plan["publish"].items()):
         for rel, ino in sorted(folders.items()):
             src, dst = staging / rel, release / rel
-            if dst.is_dir() and dst.stat().st_ino == ino:
+            if rel in copied or (dst.is_dir() and dst.stat().st_ino == ino):
                 if src.exists():
                     shutil.rmtree(src)          # the previous version, exchanged out before a kill
             elif src.is_dir() and src.stat().st_ino == ino:
-                publish_dir(src, dst)
+                if copying:                     # restricted folder on another file system
+                    incoming = Path(tempfile.mkdtemp(dir=make_restricted_dir(trash), prefix=".incoming-")) / "x"
+                    try:
+                        _copy_tree(src, incoming)
+                        publish_dir(incoming, dst)
+                        with open(progress, "a") as fh:
+                            fh.write(rel + "\n")
+                    finally:
+                        shutil.rmtree(incoming.parent, ignore_errors=True)
+                    shutil.rmtree(src)
+                else:
+                    publish_dir(src, dst)
                 test_pause("publish-mid")
             else:
                 raise PublicError(f"publish {unit}: the staged folder {rel} is gone; run again with "
@@ -142,6 +160,8 @@ def publish_unit(manifest: Path, verify_done: Path, staging: Path, release: Path
     for subject in sorted(plan["withheld"]):
         for rel in subject_folders(release, subject):
             remove_tree(release / rel, trash)   # an earlier version must not stay either
+        for rel in subject_folders(staging, subject):
+            remove_tree(staging / rel, restricted / "tmp" / "publish")  # a later run stages it afresh
     _prune_empty(staging)
     # quarantine.tsv lists input files: every input file of a withheld subject, with the subject's
     # keyed ID and the attribute/field paths of its hits (never a value)
@@ -163,6 +183,27 @@ def publish_unit(manifest: Path, verify_done: Path, staging: Path, release: Path
             "leaky_published": len(plan["published_with_leaks"]),
             "lines": [f"{s}: withheld, leak scan hit in {h['area']} at {h['location']} ({h['kind']} of {h['field']})"
                       for s, hits in sorted(plan["withheld"].items()) for h in hits]}
+
+
+def _copy_tree(src: Path, dst: Path) -> None:
+    """Copy a folder (files and modes); the first error is raised as it is (a full disk reads
+    ``No space left on device``)."""
+    for dirpath, _dirs, files in os.walk(src):
+        target = dst / Path(dirpath).relative_to(src)
+        target.mkdir(parents=True, exist_ok=True)
+        for name in files:
+            shutil.copy2(Path(dirpath) / name, target / name)
+
+
+def scratch_dir(release: Path, restricted: Path) -> Path:
+    """Where published folders are renamed away (and copied in from): ``<restricted>/tmp/publish``
+    on the release's file system (the default sibling layout), else a hidden sibling of the release
+    (``.<name>.deidflow-tmp``), since a rename cannot cross file systems."""
+    release, restricted = Path(release), Path(restricted)
+    tmp = make_restricted_dir(restricted / "tmp")
+    if os.stat(tmp).st_dev == os.stat(release).st_dev:
+        return tmp / "publish"
+    return release.parent / f".{release.name}.deidflow-tmp"
 
 
 def _plan(m: Mapping, verify: Mapping, staging: Path, token: str, on_leak: str) -> dict:
@@ -211,7 +252,8 @@ def publish_dataset(staged: Path, release: Path, restricted: Path, subjects_file
     current = set(Path(subjects_file).read_text().split())
     gone = sorted(release_subjects(release) - current)
     today = _dt.date.today().isoformat()
-    trash = restricted / "tmp" / "publish"
+    release.mkdir(parents=True, exist_ok=True)
+    trash = scratch_dir(release, restricted)
     audit = restricted / WITHDRAWN
     for subject in gone:
         folders = subject_folders(release, subject)
@@ -228,7 +270,13 @@ def publish_dataset(staged: Path, release: Path, restricted: Path, subjects_file
             if p.is_file():
                 rel = p.relative_to(staged)
                 (release / rel).parent.mkdir(parents=True, exist_ok=True)
-                os.replace(p, release / rel)
+                try:
+                    os.replace(p, release / rel)
+                except OSError as exc:          # restricted folder on another file system
+                    if exc.errno != errno.EXDEV:
+                        raise
+                    atomic_write_bytes(release / rel, p.read_bytes(), 0o644)
+                    p.unlink()
                 moved.append(rel.as_posix())
     record = {"withdrawn": gone, "files": moved, "seconds": round(time.perf_counter() - started, 4)}
     make_restricted_dir(Path(done).parent)
@@ -305,6 +353,9 @@ def release_status(release: Path, restricted: Path) -> dict:
         paths = sorted({f"{h['area']}: {h['location']}" for h in details.get(s, [])})
         lines.append(f"deidflow: {s} withheld from the release: leak scan found identifying values at "
                      f"{'; '.join(paths[:5])}{' …' if len(paths) > 5 else ''} (all in {restricted / 'quarantine.tsv'})")
+    if release.is_dir() and restricted.is_dir() and scratch_dir(release, restricted).parent == release.parent:
+        lines.append(f"deidflow: warning: {restricted} is on another file system than the release: subject folders "
+                     "are published by a copy next to the release and a rename (slower); keep both on one file system")
     if leaky:
         lines.append(f"deidflow: WARNING: verify.on_leak is 'publish': {', '.join(leaky)} published WITH "
                      "identifying values found by the leak scan; the release is not de-identified")
