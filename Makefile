@@ -50,6 +50,7 @@ bench: install-all  ## throughput and overhead benchmarks, printed as tables
 	$(BIN)/python benchmarks/report.py
 	$(BIN)/python benchmarks/pixels.py
 	$(BIN)/python benchmarks/face.py
+	$(BIN)/python benchmarks/publish.py
 
 lint: install
 	DEIDFLOW_KEY=lint-only-key-0123456789 $(BIN)/snakemake --lint --config input=tests output=/tmp/deidflow-lint-release

@@ -19,6 +19,7 @@ include: "rules/convert.smk"
 include: "rules/face.smk"
 include: "rules/mapping.smk"
 include: "rules/verify.smk"
+include: "rules/publish.smk"
 include: "rules/report.smk"
 
 
@@ -26,3 +27,12 @@ rule all:
     input:
         final_outputs(),
     default_target: True
+
+
+onstart:
+    mark_incomplete(OUT)  # RELEASE_INCOMPLETE from the first job until the run succeeds
+
+
+onsuccess:
+    for _line in finalize_run(OUT, RESTRICTED, UNITS):
+        print(_line, file=sys.stderr)

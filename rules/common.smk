@@ -7,6 +7,7 @@ import sys
 
 from deidflow.fsutil import release_umask
 from deidflow.pipeline import prepare, write_run_record
+from deidflow.publish import finalize_run, mark_incomplete, on_leak_of, write_subjects
 from deidflow.settings import _check_semantics, profile_settings
 
 _check_semantics(config)
@@ -26,6 +27,7 @@ SETTINGS = {**profile_settings(config), "key_fingerprint": PREPARED.fingerprint}
 SETTINGS_JSON = json.dumps(SETTINGS, sort_keys=True)
 if workflow.is_main_process:
     write_run_record(PREPARED, SETTINGS)  # restricted/run.json: versions, settings, key fingerprint
+    write_subjects(RESTRICTED, PREPARED.subjects)  # restricted/work/subjects.txt: withdrawals
 # Jobs run the interpreter that runs Snakemake, or the env's own python under --sdm conda.
 PYTHON = "python" if "conda" in str(workflow.deployment_settings.deployment_method).lower() else sys.executable
 
@@ -42,6 +44,34 @@ def restricted(path):
 def release(path):
     """A path inside the release folder."""
     return os.path.join(OUT, path)
+
+
+def staged(path=""):
+    """Params function: ``path`` inside the job unit's staging tree <restricted>/staging/<unit>/,
+    which has the release layout (deidflow.publish). Every per-unit stage writes there; only the
+    publish rule moves folders into the release."""
+
+    def param(wildcards):
+        return os.path.join(RESTRICTED, "staging", wildcards.unit, path)
+
+    return param
+
+
+def stamp(stage):
+    """The temporary flag a per-unit stage leaves beside its staged files: consumed by the unit's
+    publish job, then deleted by Snakemake. A later re-run of any stage of the unit finds it
+    missing and re-runs the unit's chain from its first stage, since publishing emptied the
+    staging tree."""
+    return restricted(f"work/{{unit}}/staged-{stage}")
+
+
+def unit_stamps_of(*stages):
+    """Input function: the staging flags of those of ``stages`` that run for the unit."""
+
+    def inputs(wildcards):
+        return [restricted(f"work/{wildcards.unit}/staged-{s}") for s in stages if wildcards.unit in UNIT_STAGES.get(s, ())]
+
+    return inputs
 
 
 def restricted_of(wildcards, output):
@@ -76,6 +106,9 @@ def per_unit(pattern, units=None):
 # before a unit is verified. EXTRA_TARGETS are aggregate targets (dataset files, report) of rule all.
 UNIT_STAGES = {}  # stage -> set of the units it runs for
 EXTRA_TARGETS = []
+# dataset-level files (participants.tsv …) are written here, leak-scanned, then published
+DATASET_STAGED = restricted("staging/dataset")
+DATASET_TARGETS = []  # done markers of the jobs that write into DATASET_STAGED
 
 
 def register_unit_stage(stage, units=None):
@@ -129,6 +162,7 @@ def final_outputs():
     targets = [restricted("mapping/uids.csv"), restricted("quarantine.tsv")]
     for stage in UNIT_STAGES:
         targets += unit_done(stage)
+    targets += unit_done("publish")
     targets += EXTRA_TARGETS
     if config["strict"]:
         targets.append(restricted("strict.ok"))

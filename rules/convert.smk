@@ -1,5 +1,6 @@
 # BIDS release (docs/bids.md): dcm2niix on the de-identified DICOM of each job unit, then the
 # dataset-level files once every unit is converted. Enabled by outputs.bids.
+import deidflow.qc.rules as qc_rules
 from deidflow.bids.heuristic import rules_for as _bids_rules
 
 try:
@@ -24,19 +25,21 @@ localrules:
 
 rule convert:
     """NIfTI + scrubbed sidecars of one job unit, converted from its de-identified DICOM; each
-    subject's BIDS folder (and its sourcedata/unsorted folder) appears in one rename."""
+    subject's staged BIDS folder (and its sourcedata/unsorted folder) appears in one rename."""
     input:
         manifest=restricted("manifests/{unit}.json"),
         dicom=restricted("done/dicom/{unit}.json"),
+        dicom_staged=stamp("dicom"),
     output:
         done=restricted("done/convert/{unit}.json"),
+        staged=temp(stamp("convert")),
     params:
         python=PYTHON,
         settings=SETTINGS_JSON,
         bids=BIDS_JSON,
         dicom_root=DICOM_ROOT,
         work_root=BIDS_WORK_ROOT,
-        release_root=release_root_of,
+        release_root=staged(),
         restricted=restricted_of,
     log:
         restricted("logs/convert/{unit}.log"),
@@ -52,21 +55,24 @@ rule convert:
         "{params.python:q} -m deidflow.jobs convert --manifest {input.manifest:q}"
         " --dicom-root {params.dicom_root:q} --work-root={params.work_root:q} --release-root {params.release_root:q}"
         " --restricted {params.restricted:q} --done {output.done:q} --settings {params.settings:q}"
-        " --bids {params.bids:q} --log {log:q} 2>> {log:q}"
+        " --bids {params.bids:q} --log {log:q} 2>> {log:q} && touch {output.staged:q}"
 
 
 rule bids_dataset:
-    """dataset_description.json, participants.tsv/json, README, CHANGES and .bidsignore."""
+    """dataset_description.json, participants.tsv/json, README, CHANGES and .bidsignore of the
+    published subjects (withheld ones left out), staged for the dataset leak scan."""
     input:
         done=unit_done("convert"),
+        published=unit_done("publish"),
     output:
         done=restricted("done/bids_dataset.json"),
         done_list=temp(restricted("work/bids-done.list")),
+        published_list=temp(restricted("work/bids-published.list")),
     params:
         python=PYTHON,
         settings=SETTINGS_JSON,
         bids=BIDS_JSON,
-        release_root=release_root_of,
+        release_root=qc_rules.constant(DATASET_STAGED),
     log:
         restricted("logs/bids_dataset.log"),
     threads: 1
@@ -77,7 +83,9 @@ rule bids_dataset:
         "../envs/core.yaml"
     shell:
         "printf '%s\\n' {input.done:q} > {output.done_list:q}; "
+        "printf '%s\\n' {input.published:q} > {output.published_list:q}; "
         "{params.python:q} -m deidflow.jobs bids_dataset --done-list {output.done_list:q}"
+        " --published-list {output.published_list:q}"
         " --release-root {params.release_root:q} --settings {params.settings:q} --bids {params.bids:q}"
         " --output {output.done:q} --log {log:q} 2>> {log:q}"
 
@@ -85,3 +93,4 @@ rule bids_dataset:
 if config["outputs"].get("bids", True):
     register_unit_stage("convert", DICOM_UNITS)
     EXTRA_TARGETS.append(restricted("done/bids_dataset.json"))
+    DATASET_TARGETS.append(restricted("done/bids_dataset.json"))

@@ -11,13 +11,15 @@ FACE_TORCH = any(
 
 
 rule face:
-    """Deface / skull-strip the head MRI of one job unit (NIfTI, Analyze, MGH and DICOM, in place,
-    kill-safe); QC pictures in derivatives/deidflow/qc/<subject>/face."""
+    """Deface / skull-strip the head MRI of one job unit (NIfTI, Analyze, MGH and DICOM) in its staging
+    tree, in place and kill-safe; QC pictures in derivatives/deidflow/qc/<subject>/face there."""
     input:
         unpack(unit_markers_of("convert", "other", "dicom")),
         manifest=restricted("manifests/{unit}.json"),
+        staged=unit_stamps_of("convert", "other"),
     output:
         done=restricted("done/face/{unit}.json"),
+        staged_face=temp(stamp("face")),
         quarantine=restricted("work/{unit}/face-quarantine.jsonl"),
         uids=restricted("work/face/{unit}/uids.csv"),
     params:
@@ -27,7 +29,7 @@ rule face:
         convert_done=input_or_empty("convert"),
         other_done=input_or_empty("other"),
         dicom_root=DICOM_ROOT,
-        release_root=release_root_of,
+        release_root=staged(),
         restricted=restricted_of,
     log:
         restricted("logs/face/{unit}.log"),
@@ -45,7 +47,7 @@ rule face:
         " --dicom-root {params.dicom_root:q} --release-root {params.release_root:q}"
         " --restricted {params.restricted:q} --done {output.done:q} --quarantine {output.quarantine:q}"
         " --settings {params.settings:q} --face {params.face:q} --threads {threads}"
-        " --log {log:q} 2>> {log:q}"
+        " --log {log:q} 2>> {log:q} && touch {output.staged_face:q}"
 
 
 # Units with BIDS images (when the BIDS release is on), released DICOM or non-DICOM files.

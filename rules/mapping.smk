@@ -13,7 +13,8 @@ rule mapping:
         quarantine=[restricted("work/inventory-quarantine.jsonl")]
         + per_unit(restricted("work/{unit}/quarantine.jsonl"), DICOM_UNITS)
         + per_unit(restricted("work/{unit}/other-quarantine.jsonl"), OTHER_UNITS)
-        + FACE_QUARANTINE,
+        + FACE_QUARANTINE
+        + per_unit(restricted("work/{unit}/publish-quarantine.jsonl")),
     output:
         uids=restricted("mapping/uids.csv"),
         quarantine=restricted("quarantine.tsv"),

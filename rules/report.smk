@@ -38,6 +38,7 @@ rule qc_report:
     input:
         verify=unit_done("verify"),
         verify_dataset=VERIFY_DATASET,
+        published=PUBLISH_DATASET,
         audit=restricted("audit.parquet"),
         quarantine=restricted("quarantine.tsv"),
     output:

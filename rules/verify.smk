@@ -1,9 +1,11 @@
-# Leak scan (docs/qc.md): each job unit's release files are searched for the original identifying
-# values of its subjects once every other per-unit stage is done; then the dataset-level files.
+# Leak scan (docs/qc.md): each job unit's staged files are searched for the original identifying
+# values of its subjects once every other per-unit stage is done; the unit's publish job (rules/
+# publish.smk) acts on the result (verify.on_leak). Then the staged dataset-level files.
 # verify is not a registered unit stage (it would wait for itself): its markers are extra targets.
 import deidflow.qc.rules as qc_rules
 
-VERIFY_STRICT = "true" if config["strict"] else "false"
+ON_LEAK = on_leak_of(config)  # withhold | fail | publish (strict: true means fail)
+VERIFY_STRICT = "true" if ON_LEAK == "fail" else "false"
 VERIFY_PIXEL_DATA = "true" if config.get("verify", {}).get("pixel_data", False) else "false"
 VERIFY_DATASET = restricted("done/verify_dataset.json")
 QC_TARGETS = []
@@ -14,16 +16,17 @@ localrules:
 
 
 rule verify:
-    """Leak scan of one job unit: every release file of its subjects (names, bytes, gunzipped
+    """Leak scan of one job unit: every staged file of its subjects (names, bytes, gunzipped
     content, DICOM elements at any depth, NIfTI extensions, JSON) against their original values."""
     input:
         stages=stages_done_of_unit,
+        staged=lambda wildcards: unit_stamps_of(*UNIT_STAGES)(wildcards),
         manifest=restricted("manifests/{unit}.json"),
     output:
         done=restricted("done/verify/{unit}.json"),
     params:
         python=PYTHON,
-        release=release(""),
+        release=staged(),
         restricted=restricted_of,
         strict=VERIFY_STRICT,
         pixel_data=VERIFY_PIXEL_DATA,
@@ -44,15 +47,15 @@ rule verify:
 
 
 rule verify_dataset:
-    """Leak scan of the dataset-level release files (no subject folder) against every subject."""
+    """Leak scan of the staged dataset-level files (no subject folder) against every subject."""
     input:
         units=unit_done("verify"),
-        aggregates=qc_rules.targets_except(EXTRA_TARGETS, QC_TARGETS),
+        aggregates=qc_rules.targets_except(DATASET_TARGETS, []),
     output:
         done=VERIFY_DATASET,
     params:
         python=PYTHON,
-        release=release(""),
+        release=qc_rules.constant(DATASET_STAGED),
         restricted=qc_rules.constant(RESTRICTED),
         strict=VERIFY_STRICT,
         pixel_data=VERIFY_PIXEL_DATA,
@@ -65,7 +68,7 @@ rule verify_dataset:
     conda:
         "../envs/core.yaml"
     shell:
-        "{params.python:q} -m deidflow.jobs verify_dataset --release {params.release:q}"
+        "mkdir -p {params.release:q} && {params.python:q} -m deidflow.jobs verify_dataset --release {params.release:q}"
         " --restricted {params.restricted:q} --output {output.done:q} --strict {params.strict}"
         " --pixel-data {params.pixel_data} --log {log:q} 2>> {log:q}"
 

@@ -177,7 +177,7 @@ def test_strict_fails_on_quarantine_and_lists_it(demo, tmp_path):
     (inp / "broken.dcm").write_bytes(b"\x00" * 10)
     out = tmp_path / "rel"
     r = run_cli("run", str(inp), str(out), "--cores", "2", *NO_FACES)
-    assert r.returncode == 0
+    assert r.returncode == 3  # EXIT_INCOMPLETE: a file was withheld
     q = (tmp_path / "rel_restricted" / "quarantine.tsv").read_text().splitlines()
     assert q[1].startswith("broken.dcm\t")
     r = run_cli("run", str(inp), str(out), "--cores", "2", *NO_FACES, "--strict")
@@ -247,5 +247,7 @@ def test_incremental_release_processes_only_new_subjects(tmp_path):
     strip = lambda h: {k: v for k, v in h.items() if not k.endswith(".snakemake_timestamp")}  # noqa: E731
     assert strip(tree_hashes(out)) == strip(tree_hashes(complete))  # same as releasing all at once
     r = run_cli(*args[:-1], "jobs.files_per_job=0", "--set", "dicom.private=safe")
-    assert r.returncode == 0
+    # 3: the leak scan finds original UIDs in the Siemens CSA header that private=safe keeps, and
+    # withholds those subjects (the rest is released)
+    assert r.returncode in (0, 3), r.stdout[-2000:] + r.stderr[-2000:]
     assert all(p.stat().st_mtime_ns != t for p, t in before.items() if p.exists())  # profile change: all re-run

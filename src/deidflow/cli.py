@@ -31,6 +31,7 @@ import yaml
 from . import __version__
 from .errors import EXIT_BUG, EXIT_INCOMPLETE, EXIT_INTERRUPTED, EXIT_OK, EXIT_USAGE, PublicError, UsageError
 from .fsutil import RESTRICTED_FILE_MODE, atomic_write_text, make_restricted_dir
+from .publish import check_folders, release_status
 from .pseudonym import KEY_ENV, MIN_KEY_BYTES, MissingKeyError, ephemeral_key, fingerprint, load_key
 from ._snakemake import run_snakemake
 from .settings import (SNAKEFILE, WORKFLOW_DIR, ConfigError, Paths, deep_update, load_defaults, parse_set,
@@ -107,6 +108,8 @@ def _effective_config(args: argparse.Namespace) -> dict:
     for name in ("input", "output", "restricted"):
         if isinstance(config.get(name), str) and config[name]:
             _check_path_text(config[name], name)
+    if getattr(args, "force", False):
+        config["force"] = True
     return validate(config, semantics=True)
 
 
@@ -243,6 +246,7 @@ def check_run(config: dict, argv: list[str] | None = None) -> tuple[Paths, bytes
         raise UsageError(f"input folder {paths.input} cannot be read ({exc.strerror})") from None
     if empty:
         raise UsageError(f"input folder {paths.input} is empty: nothing to de-identify")
+    check_folders(paths.input, paths.output, paths.restricted, force=bool(config.get("force")))
     _writable_parent(paths.output, "output")
     _writable_parent(paths.restricted, "restricted folder")
     key = _check_key(config, argv or [])
@@ -338,7 +342,9 @@ def run_workflow(config: dict, *, cores: int | str = "all", profile: str | None 
           + summary.lines(counts, paths, finished=rc == 0)
           + ([f"  Snakemake's log: {log}"] if log is not None else []), sys.stdout)
     if rc == 0:
-        return EXIT_INCOMPLETE if counts.leaky else EXIT_OK
+        status = release_status(paths.output, paths.restricted)
+        _emit(status["lines"], sys.stderr)
+        return EXIT_INCOMPLETE if counts.leaky else status["exit"]
     if failures or failed_rules:
         return EXIT_INCOMPLETE
     print(f"deidflow: error: the workflow stopped before its jobs ran; see {log or 'the output above'}",
@@ -362,6 +368,7 @@ def _cmd_verify(args: argparse.Namespace) -> int:
     restricted = Path(args.restricted).resolve() if args.restricted else out.with_name(out.name + "_restricted")
     if not out.is_dir() or not (restricted / "manifests").is_dir():
         raise UsageError(f"verify: {out} is not a release or {restricted} is not its restricted folder")
+    status = release_status(out, restricted)
     result = leakscan.verify(out, restricted, pixel_data=args.pixel_data)
     lines = leakscan.hit_lines(result)
     for line in lines:
@@ -382,7 +389,9 @@ def _cmd_verify(args: argparse.Namespace) -> int:
         print(f"deidflow verify: LEAK: {len(lines)} hit(s) in {', '.join(leaky)}")
         return EXIT_INCOMPLETE
     print("deidflow verify: no identifying value found")
-    return 0
+    for line in status["lines"]:
+        print(line.replace("deidflow:", "deidflow verify:", 1))
+    return status["exit"]
 
 
 def _job_failures(logs: Path, since: float) -> list[str]:
@@ -501,6 +510,8 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--strict", action="store_true", help="fail when any input file is quarantined")
     r.add_argument("--dry-run", action="store_true",
                    help="preview subjects, series, BIDS names, defacing, pixel cleaning and quarantine; write nothing")
+    r.add_argument("--force", action="store_true",
+                   help="use a non-empty output folder that no deidflow run wrote (its files join the release)")
     shown(r)
     r.set_defaults(func=_cmd_run)
 

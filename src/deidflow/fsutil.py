@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import csv
+import errno
 import gzip
 import io
 import os
@@ -70,18 +71,62 @@ def write_if_changed(path: Path, data: bytes, mode: int | None = None) -> bool:
 
 def publish_dir(staging: Path, final: Path) -> None:
     """Move a completely written staging folder into place.  A previous version of ``final`` is
-    first renamed into the staging folder's parent (never left in the release) and then deleted."""
+    swapped out in one atomic exchange (Linux ``renameat2``) and then deleted from where the
+    staging folder was; where the exchange is not available it is first renamed next to the
+    staging folder (never left in the release), then deleted."""
     staging, final = Path(staging), Path(final)
     final.parent.mkdir(parents=True, exist_ok=True)
-    if final.exists():
+    if not final.exists():
+        os.replace(staging, final)
+    elif exchange(staging, final):
+        shutil.rmtree(staging, ignore_errors=True)  # the previous version
+    else:
         trash = staging.with_name(f".trash-{final.name}")
         if trash.exists():
             shutil.rmtree(trash)
         os.replace(final, trash)
         os.replace(staging, final)
         shutil.rmtree(trash, ignore_errors=True)
-    else:
-        os.replace(staging, final)
+
+
+_RENAME_EXCHANGE = 2
+_AT_FDCWD = -100
+_renameat2 = None
+
+
+def exchange(a: Path, b: Path) -> bool:
+    """Atomically swap two paths on one file system (``renameat2(RENAME_EXCHANGE)``); False when
+    the system cannot (other kernel or C library, or a file system without it)."""
+    global _renameat2
+    if _renameat2 is None:
+        import ctypes
+        try:
+            libc = ctypes.CDLL(None, use_errno=True)
+            fn = libc.renameat2
+            fn.argtypes = [ctypes.c_int, ctypes.c_char_p, ctypes.c_int, ctypes.c_char_p, ctypes.c_uint]
+            _renameat2 = fn
+        except (AttributeError, OSError):
+            _renameat2 = False
+    if not _renameat2:
+        return False
+    import ctypes
+    if _renameat2(_AT_FDCWD, os.fsencode(a), _AT_FDCWD, os.fsencode(b), _RENAME_EXCHANGE) == 0:
+        return True
+    err = ctypes.get_errno()
+    if err in (errno.EINVAL, errno.ENOSYS, errno.EOPNOTSUPP):
+        return False
+    raise OSError(err, os.strerror(err), str(b))
+
+
+def remove_tree(path: Path, trash_dir: Path) -> None:
+    """Take a folder out in one rename (into ``trash_dir``, on the same file system), then delete it."""
+    path = Path(path)
+    if not path.exists():
+        return
+    trash_dir = make_restricted_dir(trash_dir)
+    trash = Path(tempfile.mkdtemp(dir=trash_dir, prefix=".trash-"))
+    os.replace(path, trash / "x")
+    shutil.rmtree(trash, ignore_errors=True)
 
 
 def staging_dir_for(final: Path, restricted: Path) -> Path:

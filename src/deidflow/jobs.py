@@ -74,9 +74,54 @@ def _face(a: argparse.Namespace) -> None:
 def _bids_dataset(a: argparse.Namespace) -> None:
     from .bids.dataset import write_dataset
     with job_logging(a.log, "BIDS dataset files") as log:
-        counts = write_dataset(done_files=_listed(a.done_list), release_root=a.release_root, marker=a.output,
+        done_files = _published_only(_listed(a.done_list), _listed(a.published_list), Path(a.output).parent)
+        counts = write_dataset(done_files=done_files, release_root=a.release_root, marker=a.output,
                                settings=json.loads(a.settings), bids=json.loads(a.bids))
         log.info("%(files)d dataset files, %(changed)d rewritten", counts)
+
+
+def _published_only(done_files: list[str], published: list[str], restricted_done: Path) -> list[str]:
+    """The convert markers without the subjects the publish jobs withheld (participants.tsv lists
+    only subjects that are in the release); markers with such subjects are rewritten into
+    ``work/bids-dataset/``."""
+    from .fsutil import RESTRICTED_FILE_MODE, atomic_write_text
+    withheld = set()
+    for p in published:
+        withheld |= set(json.loads(Path(p).read_text())["withheld"])
+    if not withheld:
+        return done_files
+    out = []
+    work = restricted_done.parent / "work" / "bids-dataset"
+    for f in done_files:
+        marker = json.loads(Path(f).read_text())
+        kept = [s for s in marker["subjects"] if s["subject"] not in withheld]
+        if len(kept) == len(marker["subjects"]):
+            out.append(f)
+            continue
+        target = work / Path(f).name
+        atomic_write_text(target, json.dumps({**marker, "subjects": kept}), RESTRICTED_FILE_MODE)
+        out.append(str(target))
+    return out
+
+
+def _publish(a: argparse.Namespace) -> None:
+    from .publish import publish_unit
+    with job_logging(a.log, f"publish job {Path(a.manifest).stem}") as log:
+        c = publish_unit(a.manifest, a.verify, a.staging, a.release, a.restricted, a.done, a.quarantine,
+                         on_leak=a.on_leak)
+        for line in c["lines"]:
+            log.warning(line)
+        if c["leaky_published"]:
+            log.warning("verify.on_leak is 'publish': %d subject(s) with leak-scan hits PUBLISHED",
+                        c["leaky_published"])
+        log.info("%(published)d subjects published, %(withheld)d withheld", c)
+
+
+def _publish_dataset(a: argparse.Namespace) -> None:
+    from .publish import publish_dataset
+    with job_logging(a.log, "publish_dataset job") as log:
+        c = publish_dataset(a.staged, a.release, a.restricted, a.subjects, a.done, _listed(a.units_list))
+        log.info("%(files)d dataset-level files published, %(withdrawn)d withdrawn subject(s) removed", c)
 
 
 def _other(a: argparse.Namespace) -> None:
@@ -147,7 +192,11 @@ STAGES = {
     "face": (_face, ("manifest", "convert-done", "other-done", "dicom-root", "release-root", "restricted", "done",
                      "quarantine", "settings", "face", "threads"),
              "deface or skull-strip the head MRI of one job unit (NIfTI, Analyze, MGH and DICOM)"),
-    "bids_dataset": (_bids_dataset, ("done-list", "release-root", "settings", "bids", "output"),
+    "publish": (_publish, ("manifest", "verify", "staging", "release", "restricted", "done", "quarantine", "on-leak"),
+                "move the verified subjects of one job unit from its staging tree into the release"),
+    "publish_dataset": (_publish_dataset, ("staged", "release", "restricted", "subjects", "done", "units-list"),
+                        "remove withdrawn subjects, publish the verified dataset-level files"),
+    "bids_dataset": (_bids_dataset, ("done-list", "published-list", "release-root", "settings", "bids", "output"),
                      "dataset_description.json, participants.tsv/json, README, CHANGES, .bidsignore"),
 }
 
@@ -182,6 +231,9 @@ def run(argv: list[str]) -> int:
             sp.add_argument(f"--{arg}", required=True)
         sp.set_defaults(func=func)
     args = p.parse_args(argv)
+    if os.environ.get("DEIDFLOW_TEST_PAUSE_AT"):  # test hook only (deidflow.publish.PAUSE_ENV)
+        from .publish import test_pause
+        test_pause(args.stage)
     if args.stage not in NEEDS_REQUESTS:
         sys.modules.setdefault("requests", None)  # type: ignore[assignment]
     args.func(args)

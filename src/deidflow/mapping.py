@@ -34,13 +34,30 @@ def write_inventory_mappings(rows: Iterable[Mapping], restricted: Path) -> dict:
     restricted = Path(restricted)
     for sub in ("mapping", "work"):
         make_restricted_dir(restricted / sub)
-    write_if_changed(restricted / PATIENTS, csv_text([("id_old", "id_new"), *pat]).encode(), RESTRICTED_FILE_MODE)
+    rows_out = _with_withdrawn(restricted / PATIENTS, pat)
+    write_if_changed(restricted / PATIENTS, csv_text([("id_old", "id_new", "withdrawn"), *rows_out]).encode(),
+                     RESTRICTED_FILE_MODE)
     write_if_changed(restricted / DATES, csv_text([("subject", "offset_days"), *offsets]).encode(),
                      RESTRICTED_FILE_MODE)
     write_if_changed(restricted / INVENTORY_QUARANTINE,
                      "".join(json.dumps({"file": f, "reason": r}) + "\n" for f, r in bad).encode(),
                      RESTRICTED_FILE_MODE)
     return {"patients": len(pat), "quarantined": len(bad)}
+
+
+def _with_withdrawn(path: Path, current: list[tuple[str, str]]) -> list[tuple[str, str, str]]:
+    """Append-only patients.csv: the current rows, and every earlier row that is no longer in the
+    input, kept with the date it was first found withdrawn (``withdrawn`` column)."""
+    import datetime as dt
+    old: dict[tuple[str, str], str] = {}
+    if Path(path).exists():
+        with open(path, newline="") as fh:
+            for row in csv.DictReader(fh):
+                old[(row["id_old"], row["id_new"])] = row.get("withdrawn") or ""
+    now = set(current)
+    today = dt.date.today().isoformat()
+    gone = [(a, b, old[(a, b)] or today) for a, b in sorted(old) if (a, b) not in now]
+    return sorted([(a, b, "") for a, b in current] + gone)
 
 
 def merge_job_outputs(uid_files: Iterable[Path], quarantine_files: Iterable[Path], uids: Path,

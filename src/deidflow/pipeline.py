@@ -104,6 +104,9 @@ def prepare(config: Mapping[str, Any], *, main_process: bool = True) -> Prepared
     if main_process and _take_ahead(config):
         return prepare(config, main_process=False)  # the child wrote the inventory and manifests
     paths = resolve_paths(config)
+    if main_process:  # refuse an unusable input or a foreign output before anything is written
+        from .publish import check_folders
+        check_folders(paths.input, paths.output, paths.restricted, force=bool(config.get("force")))
     key = load_key(config.get("key_file") or None)
     fp = fingerprint(key)
     if not main_process:

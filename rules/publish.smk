@@ -1,0 +1,77 @@
+# The release gate (docs/design-notes.md, deidflow.publish): a unit's subjects enter the release
+# only here, one rename per subject folder, after every stage of the unit and its leak scan are
+# done; then the dataset-level files, and withdrawn subjects leave the release. The
+# RELEASE_INCOMPLETE marker lies at the release root from the first job of a run until the run
+# succeeds (onstart / onsuccess in the Snakefile).
+PUBLISH_DATASET = restricted("done/publish_dataset.json")
+
+
+localrules:
+    publish_dataset,
+
+
+rule publish:
+    """Move the verified subjects of one job unit from its staging tree into the release
+    (verify.on_leak: withhold a subject with leak-scan hits, fail, or publish with a warning)."""
+    input:
+        verify=restricted("done/verify/{unit}.json"),
+        staged=lambda wildcards: unit_stamps_of(*UNIT_STAGES)(wildcards),
+        manifest=restricted("manifests/{unit}.json"),
+    output:
+        done=restricted("done/publish/{unit}.json"),
+        quarantine=restricted("work/{unit}/publish-quarantine.jsonl"),
+    params:
+        python=PYTHON,
+        staging=staged(),
+        release=release_root_of,
+        restricted=restricted_of,
+        on_leak=ON_LEAK,
+    log:
+        restricted("logs/publish/{unit}.log"),
+    group:
+        "unit"
+    threads: 1
+    resources:
+        mem_mb=500,
+        runtime=10,
+    conda:
+        "../envs/core.yaml"
+    shell:
+        "{params.python:q} -m deidflow.jobs publish --manifest {input.manifest:q} --verify {input.verify:q}"
+        " --staging {params.staging:q} --release {params.release:q} --restricted {params.restricted:q}"
+        " --done {output.done:q} --quarantine {output.quarantine:q} --on-leak {params.on_leak}"
+        " --log {log:q} 2>> {log:q}"
+
+
+rule publish_dataset:
+    """Take withdrawn subjects out of the release (restricted/withdrawn.tsv), then move the
+    verified dataset-level files in; restricted/withheld.json for the QC report."""
+    input:
+        units=unit_done("publish"),
+        verify=VERIFY_DATASET,
+        subjects=restricted("work/subjects.txt"),
+    output:
+        done=PUBLISH_DATASET,
+        units_list=temp(restricted("work/publish-units.list")),
+    params:
+        python=PYTHON,
+        staged=qc_rules.constant(DATASET_STAGED),
+        release=release_root_of,
+        restricted=qc_rules.constant(RESTRICTED),
+    log:
+        restricted("logs/publish_dataset.log"),
+    threads: 1
+    resources:
+        mem_mb=500,
+        runtime=10,
+    conda:
+        "../envs/core.yaml"
+    shell:
+        "printf '%s\\n' {input.units:q} > {output.units_list:q}; "
+        "{params.python:q} -m deidflow.jobs publish_dataset --staged {params.staged:q} --release {params.release:q}"
+        " --restricted {params.restricted:q} --subjects {input.subjects:q} --done {output.done:q}"
+        " --units-list {output.units_list:q}"
+        " --log {log:q} 2>> {log:q}"
+
+
+EXTRA_TARGETS.append(PUBLISH_DATASET)

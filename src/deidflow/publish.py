@@ -1,0 +1,404 @@
+"""The release gate: what reaches the release, when, and what the release's state is.
+
+Every per-unit stage writes into the unit's staging tree ``<restricted>/staging/<unit>/`` (the
+release layout: ``sourcedata/dicom/sub-X/``, ``sub-X/``, ``sourcedata/<fmt>/sub-X/``,
+``derivatives/deidflow/qc/sub-X/``); the leak scan reads it there.  :func:`publish_unit` then moves
+each subject's folders into the release, one rename per folder, only for subjects the leak scan
+passed (``verify.on_leak``); dataset-level files follow in :func:`publish_dataset`, which also takes
+withdrawn subjects out.  A marker file ``RELEASE_INCOMPLETE`` lies at the release root while a run
+is under way or after one stopped early; :func:`release_status` says whether the release is
+complete and what was withheld.  :func:`check_folders` refuses folders a run must not use before
+anything is written.
+"""
+from __future__ import annotations
+
+import datetime as _dt
+import errno
+import json
+import os
+import shutil
+import tempfile
+import time
+from pathlib import Path
+from typing import Any, Iterable, Mapping
+
+from .errors import EXIT_INCOMPLETE, EXIT_OK, PublicError, UsageError
+from .fsutil import (RESTRICTED_FILE_MODE, atomic_write_bytes, atomic_write_text, make_restricted_dir, publish_dir,
+                     remove_tree)
+
+MARKER = "RELEASE_INCOMPLETE"
+MARKER_TEXT = ("This release is incomplete (a deidflow run is under way, or stopped before it finished): "
+               "do not share it; run the same deidflow command again until it ends without this file.\n")
+STATUS = "release-status.json"      # restricted: the last finished run's outcome
+WITHHELD = "withheld.json"          # restricted: subjects withheld by the leak scan, with hit paths
+WITHDRAWN = "withdrawn.tsv"         # restricted audit: subjects taken out of the release (date, keyed ID)
+SUBJECTS = "work/subjects.txt"      # restricted: the subjects of the current input, one a line
+STAGING = "staging"
+DATASET_STAGING = "staging/dataset"
+ON_LEAK = ("withhold", "fail", "publish")
+# Test hook (tests/test_release_gate.py): DEIDFLOW_TEST_PAUSE_AT="<point>:<folder>" makes the jobs
+# that reach <point> (a stage's name, or "publish-mid" after a unit's first folder moved) create
+# <folder>/<point> and wait, so a test can kill the run at a known place. Unset in real runs.
+PAUSE_ENV = "DEIDFLOW_TEST_PAUSE_AT"
+
+
+def test_pause(point: str) -> None:
+    """Announce ``point`` and sleep when the test hook names it (see PAUSE_ENV)."""
+    spec = os.environ.get(PAUSE_ENV, "")
+    name, _, folder = spec.partition(":")
+    if name == point and folder:
+        Path(folder, point).touch()
+        time.sleep(600)
+
+
+def staging_root(restricted: Path, unit: str) -> Path:
+    """The staging tree of a job unit (the release layout, inside the restricted folder)."""
+    return Path(restricted) / STAGING / unit
+
+
+def subject_folders(root: Path, subject: str) -> list[str]:
+    """The folders of ``subject`` under ``root`` in the release layout, relative to ``root``:
+    ``sub-X``, ``sourcedata/<fmt>/sub-X``, ``derivatives/<name>/sub-X``, ``derivatives/<name>/<sub>/sub-X``."""
+    root = Path(root)
+    parents = [root, *(p for p in root.glob("sourcedata/*") if p.is_dir()),
+               *(p for p in root.glob("derivatives/*") if p.is_dir()),
+               *(p for p in root.glob("derivatives/*/*") if p.is_dir())]
+    return sorted((p / subject).relative_to(root).as_posix() for p in parents if (p / subject).is_dir())
+
+
+def release_subjects(release: Path) -> set[str]:
+    """Every subject that has a folder in the release."""
+    release = Path(release)
+    parents = [release, *release.glob("sourcedata/*"), *release.glob("derivatives/*"),
+               *release.glob("derivatives/*/*")]
+    return {c.name for p in parents if p.is_dir() for c in p.iterdir()
+            if c.name.startswith("sub-") and c.is_dir()}
+
+
+def mark_incomplete(release: Path) -> None:
+    """Put the RELEASE_INCOMPLETE marker at the release root (the start of a run)."""
+    release = Path(release)
+    release.mkdir(parents=True, exist_ok=True)
+    if not (release / MARKER).exists():
+        atomic_write_text(release / MARKER, MARKER_TEXT, 0o644)
+
+
+# ------------------------------------------------------------------------------------------------
+# One job unit
+# ------------------------------------------------------------------------------------------------
+def _area(rel: str) -> str:
+    """The release area of a staged file (``sourcedata/dicom``, ``bids``, ``derivatives``): a file's
+    own name can hold the leaked value (a BIDS entity made from it), so it is never shown."""
+    parts = rel.split("/")
+    if parts[0] == "sourcedata" and len(parts) > 1:
+        return f"sourcedata/{parts[1]}"
+    return "derivatives" if parts[0] == "derivatives" else "bids"
+
+
+def _hit_paths(hits: Iterable[Mapping]) -> list[dict]:
+    """Where each hit is (release area, attribute/field path, kind of value, source field): never
+    the value, nor the file name."""
+    seen = {(_area(h["file"]), h["location"], h["kind"], h["field"]) for h in hits}
+    return [{"area": a, "location": loc, "kind": k, "field": fld} for a, loc, k, fld in sorted(seen)]
+
+
+def publish_unit(manifest: Path, verify_done: Path, staging: Path, release: Path, restricted: Path,
+                 done: Path, quarantine: Path, on_leak: str = "withhold") -> dict:
+    """Publish the subjects of one job unit whose staged files passed the leak scan.
+
+    A plan (``work/publish/<unit>.json``: the folders to move and the inode of each) is written
+    first, so a killed job resumes where it stopped: a folder whose planned inode is already in
+    the release is done, one still staged is moved, a previous version that an atomic exchange
+    left in the staging tree is deleted.  Withheld subjects (``on_leak: withhold``) are taken out
+    of the release and listed in ``quarantine`` (JSON lines, hit paths, never values)."""
+    if on_leak not in ON_LEAK:
+        raise PublicError(f"verify.on_leak must be one of {', '.join(ON_LEAK)}, not {on_leak!r}")
+    started = time.perf_counter()
+    m = json.loads(Path(manifest).read_text())
+    unit = m["unit"]
+    staging, release, restricted = Path(staging), Path(release), Path(restricted)
+    st = os.stat(verify_done)
+    token = f"{st.st_ino}:{st.st_mtime_ns}"
+    plan_file = restricted / "work" / "publish" / f"{unit}.json"
+    plan = json.loads(plan_file.read_text()) if plan_file.exists() else None
+    if not plan or plan.get("token") != token:
+        plan = _plan(m, json.loads(Path(verify_done).read_text()), staging, token, on_leak)
+        make_restricted_dir(plan_file.parent)
+        atomic_write_text(plan_file, json.dumps(plan, indent=1, sort_keys=True) + "\n", RESTRICTED_FILE_MODE)
+        plan_file.with_suffix(".progress").unlink(missing_ok=True)
+    release.mkdir(parents=True, exist_ok=True)
+    trash = scratch_dir(release, restricted)
+    copying = trash.parent != restricted / "tmp"
+    progress = plan_file.with_suffix(".progress")  # folders published by copy (other file system)
+    copied = set(progress.read_text().split("\n")) if progress.exists() else set()
+    for subject, folders in sorted(plan["publish"].items()):
+        for rel, ino in sorted(folders.items()):
+            src, dst = staging / rel, release / rel
+            if rel in copied or (dst.is_dir() and dst.stat().st_ino == ino):
+                if src.exists():
+                    shutil.rmtree(src)          # the previous version, exchanged out before a kill
+            elif src.is_dir() and src.stat().st_ino == ino:
+                if copying:                     # restricted folder on another file system
+                    incoming = Path(tempfile.mkdtemp(dir=make_restricted_dir(trash), prefix=".incoming-")) / "x"
+                    try:
+                        _copy_tree(src, incoming)
+                        publish_dir(incoming, dst)
+                        with open(progress, "a") as fh:
+                            fh.write(rel + "\n")
+                    finally:
+                        shutil.rmtree(incoming.parent, ignore_errors=True)
+                    shutil.rmtree(src)
+                else:
+                    publish_dir(src, dst)
+                test_pause("publish-mid")
+            else:
+                raise PublicError(f"publish {unit}: the staged folder {rel} is gone; run again with "
+                                  f"'-- --forcerun dicom other' to rebuild the unit")
+        for rel in subject_folders(release, subject):
+            if rel not in folders:              # no longer produced (e.g. no BIDS image any more)
+                remove_tree(release / rel, trash)
+    for subject in sorted(plan["withheld"]):
+        for rel in subject_folders(release, subject):
+            remove_tree(release / rel, trash)   # an earlier version must not stay either
+        for rel in subject_folders(staging, subject):
+            remove_tree(staging / rel, restricted / "tmp" / "publish")  # a later run stages it afresh
+    _prune_empty(staging)
+    # quarantine.tsv lists input files: every input file of a withheld subject, with the subject's
+    # keyed ID and the attribute/field paths of its hits (never a value)
+    files_of = {subj["subject"]: [f["relpath"] for f in subj["files"]] for subj in m["subjects"]}
+    lines = []
+    for subject, hits in sorted(plan["withheld"].items()):
+        where = sorted({f"{h['area']}: {h['location']}" for h in hits})
+        reason = (f"subject {subject} withheld: the leak scan found identifying values at "
+                  f"{', '.join(where[:6])}{' …' if len(where) > 6 else ''} (every hit in {WITHHELD})")
+        lines += [json.dumps({"file": rel, "reason": reason}) for rel in sorted(files_of.get(subject, []))]
+    make_restricted_dir(Path(quarantine).parent)
+    atomic_write_text(quarantine, "".join(line + "\n" for line in lines), RESTRICTED_FILE_MODE)
+    record = {"unit": unit, "on_leak": on_leak, "published": sorted(plan["publish"]),
+              "withheld": plan["withheld"], "published_with_leaks": plan["published_with_leaks"],
+              "seconds": round(time.perf_counter() - started, 4)}
+    make_restricted_dir(Path(done).parent)
+    atomic_write_text(done, json.dumps(record, indent=1, sort_keys=True) + "\n", RESTRICTED_FILE_MODE)
+    return {"published": len(plan["publish"]), "withheld": len(plan["withheld"]),
+            "leaky_published": len(plan["published_with_leaks"]),
+            "lines": [f"{s}: withheld, leak scan hit in {h['area']} at {h['location']} ({h['kind']} of {h['field']})"
+                      for s, hits in sorted(plan["withheld"].items()) for h in hits]}
+
+
+def _copy_tree(src: Path, dst: Path) -> None:
+    """Copy a folder (files and modes); the first error is raised as it is (a full disk reads
+    ``No space left on device``)."""
+    for dirpath, _dirs, files in os.walk(src):
+        target = dst / Path(dirpath).relative_to(src)
+        target.mkdir(parents=True, exist_ok=True)
+        for name in files:
+            shutil.copy2(Path(dirpath) / name, target / name)
+
+
+def scratch_dir(release: Path, restricted: Path) -> Path:
+    """Where published folders are renamed away (and copied in from): ``<restricted>/tmp/publish``
+    on the release's file system (the default sibling layout), else a hidden sibling of the release
+    (``.<name>.deidflow-tmp``), since a rename cannot cross file systems."""
+    release, restricted = Path(release), Path(restricted)
+    tmp = make_restricted_dir(restricted / "tmp")
+    if os.stat(tmp).st_dev == os.stat(release).st_dev:
+        return tmp / "publish"
+    return release.parent / f".{release.name}.deidflow-tmp"
+
+
+def _plan(m: Mapping, verify: Mapping, staging: Path, token: str, on_leak: str) -> dict:
+    publish: dict[str, dict[str, int]] = {}
+    withheld: dict[str, list[dict]] = {}
+    leaky: dict[str, list[dict]] = {}
+    for subj in m["subjects"]:
+        s = subj["subject"]
+        result = verify["subjects"].get(s)
+        if result is None:
+            raise PublicError(f"publish {m['unit']}: {s} has no leak-scan result")
+        hits = _hit_paths(result["hits"])
+        if hits and on_leak == "fail":
+            raise PublicError(f"leak scan: {s} holds identifying values (verify.on_leak: fail)")
+        if hits and on_leak == "withhold":
+            withheld[s] = hits
+            continue
+        if hits:
+            leaky[s] = hits
+        publish[s] = {rel: (staging / rel).stat().st_ino for rel in subject_folders(staging, s)}
+    return {"token": token, "unit": m["unit"], "publish": publish, "withheld": withheld,
+            "published_with_leaks": leaky}
+
+
+def _prune_empty(root: Path) -> None:
+    """Remove the empty folders a publish left in a staging tree."""
+    for dirpath, _dirs, _files in sorted(os.walk(root), key=lambda t: -len(t[0])):
+        if dirpath != str(root):
+            try:
+                os.rmdir(dirpath)
+            except OSError:
+                pass
+
+
+# ------------------------------------------------------------------------------------------------
+# Dataset level
+# ------------------------------------------------------------------------------------------------
+def publish_dataset(staged: Path, release: Path, restricted: Path, subjects_file: Path, done: Path,
+                    unit_records: Iterable[Path] = ()) -> dict:
+    """Take withdrawn subjects out of the release (recorded in ``withdrawn.tsv``), then move the
+    staged dataset-level files (``dataset_description.json``, ``participants.tsv`` …) into it.
+    ``unit_records`` (the units' publish markers) give ``withheld.json`` for the QC report."""
+    started = time.perf_counter()
+    staged, release, restricted = Path(staged), Path(release), Path(restricted)
+    write_withheld(restricted, unit_records)
+    current = set(Path(subjects_file).read_text().split())
+    gone = sorted(release_subjects(release) - current)
+    today = _dt.date.today().isoformat()
+    release.mkdir(parents=True, exist_ok=True)
+    trash = scratch_dir(release, restricted)
+    audit = restricted / WITHDRAWN
+    for subject in gone:
+        folders = subject_folders(release, subject)
+        for rel in folders:
+            remove_tree(release / rel, trash)
+        line = f"{today}\t{subject}\t{' '.join(folders)}\n"
+        if not audit.exists():
+            atomic_write_text(audit, "date\tsubject\tfolders_removed\n", RESTRICTED_FILE_MODE)
+        with open(audit, "a") as fh:        # append-only
+            fh.write(line)
+    moved = []
+    if staged.is_dir():
+        for p in sorted(staged.rglob("*")):
+            if p.is_file():
+                rel = p.relative_to(staged)
+                (release / rel).parent.mkdir(parents=True, exist_ok=True)
+                try:
+                    os.replace(p, release / rel)
+                except OSError as exc:          # restricted folder on another file system
+                    if exc.errno != errno.EXDEV:
+                        raise
+                    atomic_write_bytes(release / rel, p.read_bytes(), 0o644)
+                    p.unlink()
+                moved.append(rel.as_posix())
+    record = {"withdrawn": gone, "files": moved, "seconds": round(time.perf_counter() - started, 4)}
+    make_restricted_dir(Path(done).parent)
+    atomic_write_text(done, json.dumps(record, indent=1, sort_keys=True) + "\n", RESTRICTED_FILE_MODE)
+    return {"withdrawn": len(gone), "files": len(moved)}
+
+
+def write_subjects(restricted: Path, subjects: Iterable[str]) -> None:
+    """The current input's subjects (rewritten only when the set changes)."""
+    from .fsutil import write_if_changed
+    write_if_changed(Path(restricted) / SUBJECTS, "".join(f"{s}\n" for s in sorted(subjects)).encode(),
+                     RESTRICTED_FILE_MODE)
+
+
+# ------------------------------------------------------------------------------------------------
+# The release's state
+# ------------------------------------------------------------------------------------------------
+def write_withheld(restricted: Path, unit_records: Iterable[Path]) -> dict:
+    """``withheld.json`` (restricted): the subjects the publish jobs withheld and those published
+    with leaks (``verify.on_leak: publish``), each with the area and attribute path of its hits."""
+    withheld: dict[str, list[dict]] = {}
+    leaky: dict[str, list[dict]] = {}
+    for p in unit_records:
+        rec = json.loads(Path(p).read_text())
+        withheld.update(rec["withheld"])
+        leaky.update(rec["published_with_leaks"])
+    doc = {"withheld": withheld, "published_with_leaks": leaky}
+    atomic_write_text(Path(restricted) / WITHHELD, json.dumps(doc, indent=1, sort_keys=True) + "\n",
+                      RESTRICTED_FILE_MODE)
+    return doc
+
+
+def finalize(release: Path, restricted: Path, units: Iterable[str]) -> dict:
+    """At the end of a successful run: record what was withheld (``withheld.json``, the run's
+    ``release-status.json``) and take the RELEASE_INCOMPLETE marker away."""
+    release, restricted = Path(release), Path(restricted)
+    doc = write_withheld(restricted, [restricted / "done" / "publish" / f"{u}.json" for u in units])
+    quarantine = restricted / "quarantine.tsv"
+    n_bad = max(0, len(quarantine.read_text().splitlines()) - 1) if quarantine.exists() else 0
+    status = {"complete": True, "withheld_subjects": sorted(doc["withheld"]),
+              "published_with_leaks": sorted(doc["published_with_leaks"]), "quarantined_files": n_bad}
+    atomic_write_text(restricted / STATUS, json.dumps(status, indent=1, sort_keys=True) + "\n", RESTRICTED_FILE_MODE)
+    (release / MARKER).unlink(missing_ok=True)
+    return status
+
+
+def finalize_run(release: Path, restricted: Path, units: Iterable[str]) -> list[str]:
+    """The Snakefile's ``onsuccess``: :func:`finalize`, then the lines the terminal must show
+    (withheld subjects with their hit paths, a published leak)."""
+    finalize(release, restricted, units)
+    return release_status(release, restricted)["lines"]
+
+
+def release_status(release: Path, restricted: Path) -> dict:
+    """Whether the release is complete, what was withheld, and the exit status that says so
+    (``EXIT_INCOMPLETE`` when a run is unfinished or anything was withheld or quarantined, or
+    leaks were published by ``verify.on_leak: publish``), with one line per fact for the terminal."""
+    release, restricted = Path(release), Path(restricted)
+    rec = {}
+    if (restricted / STATUS).exists():
+        rec = json.loads((restricted / STATUS).read_text())
+    complete = bool(rec) and not (release / MARKER).exists()
+    withheld = rec.get("withheld_subjects", [])
+    leaky = rec.get("published_with_leaks", [])
+    n_bad = rec.get("quarantined_files", 0)
+    lines = []
+    if not complete:
+        lines.append(f"deidflow: RELEASE INCOMPLETE: {release / MARKER} is there: a run is under way or stopped "
+                     "early; do not share the release, run the same command again")
+    details = {}
+    if withheld and (restricted / WITHHELD).exists():
+        details = json.loads((restricted / WITHHELD).read_text()).get("withheld", {})
+    for s in withheld:
+        paths = sorted({f"{h['area']}: {h['location']}" for h in details.get(s, [])})
+        lines.append(f"deidflow: {s} withheld from the release: leak scan found identifying values at "
+                     f"{'; '.join(paths[:5])}{' …' if len(paths) > 5 else ''} (all in {restricted / 'quarantine.tsv'})")
+    if release.is_dir() and restricted.is_dir() and scratch_dir(release, restricted).parent == release.parent:
+        lines.append(f"deidflow: warning: {restricted} is on another file system than the release: subject folders "
+                     "are published by a copy next to the release and a rename (slower); keep both on one file system")
+    if leaky:
+        lines.append(f"deidflow: WARNING: verify.on_leak is 'publish': {', '.join(leaky)} published WITH "
+                     "identifying values found by the leak scan; the release is not de-identified")
+    incomplete = not complete or withheld or leaky or n_bad
+    return {"complete": complete, "withheld": withheld, "published_with_leaks": leaky, "quarantined_files": n_bad,
+            "exit": EXIT_INCOMPLETE if incomplete else EXIT_OK, "lines": lines}
+
+
+# ------------------------------------------------------------------------------------------------
+# Before a run writes anything
+# ------------------------------------------------------------------------------------------------
+def check_folders(input_dir: Path, output: Path, restricted: Path, *, force: bool = False) -> None:
+    """Refuse (UsageError) an input folder that is missing, empty or holds nothing deidflow
+    recognises, an output inside the input, and a non-empty output folder no deidflow run wrote
+    (no run record in its restricted folder) unless ``force``."""
+    from .sniff import sniff
+    inp, out, restricted = Path(input_dir), Path(output), Path(restricted)
+    if not inp.is_dir():
+        raise UsageError(f"input folder {inp} does not exist")
+    for a, b, what in ((out, inp, "output folder"), (restricted, inp, "restricted folder")):
+        if a == b or b in a.parents:
+            raise UsageError(f"{what} {a} is inside the input folder {b}; choose a folder outside it")
+    if out.exists() and not out.is_dir():
+        raise UsageError(f"output {out} is a file, not a folder")
+    if (out.is_dir() and any(out.iterdir()) and not (restricted / "run.json").exists() and not force):
+        raise UsageError(f"output folder {out} is not empty and no deidflow run wrote it (no run record in "
+                         f"{restricted}); choose an empty or new folder, or pass --force to use it anyway")
+    seen = False
+    for dirpath, dirs, files in os.walk(inp):
+        dirs.sort()
+        for name in sorted(files):
+            seen = True
+            try:
+                if sniff(Path(dirpath) / name) not in ("unknown", "empty"):
+                    return
+            except OSError:
+                continue
+    raise UsageError(f"input folder {inp} is empty" if not seen else
+                     f"input folder {inp} holds no file deidflow recognises (DICOM, NIfTI, Analyze, MINC, "
+                     "PAR/REC, MGH, twix, BIDS JSON)")
+
+
+def on_leak_of(config: Mapping[str, Any]) -> str:
+    """``verify.on_leak`` (default withhold); ``strict: true`` makes a leak fail the run."""
+    v = (config.get("verify") or {}).get("on_leak", "withhold")
+    return "fail" if config.get("strict") else v

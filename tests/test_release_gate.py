@@ -1,0 +1,328 @@
+"""The release gate (issue 14): a subject reaches the release only finished, defaced and leak-free.
+
+Every per-unit stage works in <restricted>/staging/<unit>/; a publish job moves each verified
+subject's folders into the release. These tests run `deidflow run` end to end on the demo export.
+"""
+from __future__ import annotations
+
+import csv
+import hashlib
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import pydicom
+import pytest
+
+from .conftest import ROOT, TEST_KEY
+
+pytestmark = [pytest.mark.workflow, pytest.mark.slow]
+NO_FACES = ("--set", "face.method=none")
+MARKER = "RELEASE_INCOMPLETE"
+
+
+def _env(**extra: str) -> dict:
+    env = {k: v for k, v in os.environ.items() if k != "DEIDFLOW_KEY"}
+    env["DEIDFLOW_KEY"] = TEST_KEY
+    env.update(extra)
+    return env
+
+
+def run_cli(*args: str, **extra: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "deidflow.cli", *args], env=_env(**extra), cwd=ROOT,
+                          capture_output=True, text=True, timeout=900)
+
+
+def hashes(root: Path) -> dict[str, str]:
+    return {p.relative_to(root).as_posix(): hashlib.sha256(p.read_bytes()).hexdigest()
+            for p in sorted(root.rglob("*")) if p.is_file() and p.name != MARKER}
+
+
+def _subjects(restricted: Path) -> dict[str, str]:
+    with open(restricted / "mapping" / "patients.csv") as fh:
+        return {row["id_old"]: row["id_new"] for row in csv.DictReader(fh)}
+
+
+# ------------------------------------------------------------------------------------------------
+# Folders a run must refuse before writing anything
+# ------------------------------------------------------------------------------------------------
+def _assert_refused(r: subprocess.CompletedProcess, *paths: Path, words: str) -> None:
+    assert r.returncode == 2, r.stdout + r.stderr
+    lines = r.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("deidflow: error: ") and words in lines[0], r.stderr
+    assert "Traceback" not in r.stderr
+
+
+def test_foreign_output_folder_refused(demo_export, tmp_path):
+    out = tmp_path / "shared"
+    out.mkdir()
+    (out / "notes.txt").write_text("someone else's files")
+    r = run_cli("run", str(demo_export), str(out), *NO_FACES)
+    _assert_refused(r, words="no deidflow run wrote it")
+    assert sorted(p.name for p in out.iterdir()) == ["notes.txt"]
+    assert not (tmp_path / "shared_restricted").exists()
+
+
+def test_empty_and_unrecognised_input_refused(tmp_path):
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    r = run_cli("run", str(empty), str(tmp_path / "rel"))
+    _assert_refused(r, words="is empty")
+    junk = tmp_path / "junk"
+    junk.mkdir()
+    (junk / "readme.txt").write_text("not an image")
+    r = run_cli("run", str(junk), str(tmp_path / "rel"))
+    _assert_refused(r, words="recognises")
+    assert not (tmp_path / "rel").exists() and not (tmp_path / "rel_restricted").exists()
+
+
+def test_output_inside_input_refused(demo_export, tmp_path):
+    inp = tmp_path / "input"
+    shutil.copytree(demo_export, inp)
+    before = sorted(p.relative_to(inp) for p in inp.rglob("*"))
+    r = run_cli("run", str(inp), str(inp / "release"), *NO_FACES)
+    _assert_refused(r, words="must not be inside")
+    assert sorted(p.relative_to(inp) for p in inp.rglob("*")) == before
+
+
+# ------------------------------------------------------------------------------------------------
+# Leaks: withhold, fail
+# ------------------------------------------------------------------------------------------------
+def _plant(inp: Path) -> tuple[str, str]:
+    """An identifier of one patient (its PatientID) in an attribute the profile keeps (Sequence
+    Name, (0018,0024)) of one of its files, as a vendor's sequence string would carry it."""
+    folder = sorted(p for p in inp.iterdir() if p.name.startswith("MUSTERMANN"))[0]
+    f = sorted(folder.rglob("*.dcm"))[0]
+    ds = pydicom.dcmread(f)
+    ds.SequenceName = f"*tfl3d1_{ds.PatientID}"
+    ds.save_as(f)
+    return str(ds.PatientID), folder.name
+
+
+def test_planted_identifier_withholds_subject(demo_export, tmp_path):
+    inp = tmp_path / "input"
+    shutil.copytree(demo_export, inp)
+    pid, folder = _plant(inp)
+    out = tmp_path / "rel"
+    r = run_cli("run", str(inp), str(out), "--cores", "2", *NO_FACES)
+    assert r.returncode == 3, r.stderr[-3000:]
+    restricted = tmp_path / "rel_restricted"
+    subject = _subjects(restricted)[pid]
+    others = set(_subjects(restricted).values()) - {subject}
+    # withheld: nothing of it in the release, participants.tsv without it; the others are there
+    assert not list(out.rglob(f"{subject}*"))
+    assert subject not in (out / "participants.tsv").read_text()
+    assert others and all((out / "sourcedata" / "dicom" / s).is_dir() for s in others)
+    # terminal, quarantine.tsv, withheld.json name the attribute path, never the value
+    assert f"{subject} withheld" in r.stderr and "SequenceName" in r.stderr, r.stderr
+    assert pid not in r.stderr and pid not in r.stdout
+    q = (restricted / "quarantine.tsv").read_text()
+    assert f"subject {subject} withheld" in q and "SequenceName" in q
+    assert pid not in "".join(line.split("\t", 1)[1] for line in q.splitlines()[1:])  # reasons: no value
+    withheld = json.loads((restricted / "withheld.json").read_text())["withheld"]
+    assert list(withheld) == [subject] and any("SequenceName" in h["location"] for h in withheld[subject])
+    assert pid not in (restricted / "withheld.json").read_text()
+    assert not (out / MARKER).exists()
+    status = json.loads((restricted / "release-status.json").read_text())
+    assert status["withheld_subjects"] == [subject]
+    # (the QC report's leak-scan table shows the staged file names of the hits, which can carry
+    # the value itself, e.g. a BIDS acq- entity made from the planted SequenceName: qc/report.py)
+    # `deidflow verify` on the release: clean, but it says what was withheld (exit 3)
+    v = run_cli("verify", str(out))
+    assert v.returncode == 3 and f"{subject} withheld" in v.stdout, v.stdout + v.stderr
+    # a run whose leak scan fails the run
+    out2 = tmp_path / "rel2"
+    r = run_cli("run", str(inp), str(out2), "--cores", "2", *NO_FACES, "--set", "verify.on_leak=fail")
+    assert r.returncode not in (0, 3)
+    assert "leak scan" in r.stderr
+    assert (out2 / MARKER).exists()
+    assert not list(out2.rglob(f"{subject}*"))
+
+
+def test_on_leak_publish_warns(demo_export, tmp_path):
+    inp = tmp_path / "input"
+    shutil.copytree(demo_export, inp)
+    pid, _ = _plant(inp)
+    out = tmp_path / "rel"
+    r = run_cli("run", str(inp), str(out), "--cores", "2", *NO_FACES, "--set", "verify.on_leak=publish")
+    assert r.returncode == 3, r.stderr[-2000:]
+    subject = _subjects(tmp_path / "rel_restricted")[pid]
+    assert (out / "sourcedata" / "dicom" / subject).is_dir()
+    assert "WARNING" in r.stderr and subject in r.stderr and "not de-identified" in r.stderr
+
+
+# ------------------------------------------------------------------------------------------------
+# Withdrawal
+# ------------------------------------------------------------------------------------------------
+def test_withdrawn_subject_leaves_release(demo_export, tmp_path):
+    inp = tmp_path / "input"
+    shutil.copytree(demo_export, inp)
+    out = tmp_path / "rel"
+    restricted = tmp_path / "rel_restricted"
+    assert run_cli("run", str(inp), str(out), "--cores", "2", *NO_FACES).returncode == 0
+    gone_folder = sorted(p for p in inp.iterdir() if p.name.startswith("DOE"))[0]
+    pid = pydicom.dcmread(sorted(gone_folder.rglob("*.dcm"))[0], stop_before_pixels=True).PatientID
+    subject = _subjects(restricted)[pid]
+    assert (out / subject).is_dir() or (out / "sourcedata" / "dicom" / subject).is_dir()
+    shutil.rmtree(gone_folder)
+    r = run_cli("run", str(inp), str(out), "--cores", "2", *NO_FACES)
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert not list(out.rglob(f"*{subject}*")), "withdrawn subject still in the release"
+    assert subject not in (out / "participants.tsv").read_text()
+    with open(restricted / "mapping" / "patients.csv") as fh:
+        rows = {row["id_new"]: row for row in csv.DictReader(fh)}
+    assert rows[subject]["withdrawn"] and rows[subject]["id_old"] == pid  # kept, flagged with a date
+    assert all(not r["withdrawn"] for s, r in rows.items() if s != subject)
+    audit = (restricted / "withdrawn.tsv").read_text().splitlines()
+    assert audit[0].split("\t") == ["date", "subject", "folders_removed"] and audit[1].split("\t")[1] == subject
+    assert (restricted / "withdrawn.tsv").stat().st_mode & 0o777 == 0o600
+    validator = Path(sys.executable).with_name("bids-validator-deno")
+    if not validator.exists():
+        pytest.skip("bids-validator-deno is not installed")
+    v = subprocess.run([str(validator), str(out), "--json"], capture_output=True, text=True, timeout=600)
+    issues = json.loads(v.stdout)["issues"]["issues"]
+    errors = [i for i in issues if i.get("severity") == "error"]
+    assert not errors, errors[:3]
+
+
+# ------------------------------------------------------------------------------------------------
+# Kill safety: a watcher samples the release every 50 ms while runs are killed at ten points
+# ------------------------------------------------------------------------------------------------
+class Watcher(threading.Thread):
+    """Samples the release every 50 ms: every file must be one of the finished release's files,
+    byte for byte (so: of a finished subject, defaced, leak-scanned), and a release that is not
+    the finished one must carry the RELEASE_INCOMPLETE marker."""
+
+    def __init__(self, release: Path, final: dict[str, str]):
+        super().__init__(daemon=True)
+        self.release, self.final = release, final
+        self.stop = threading.Event()
+        self.samples = 0
+        self.bad: list[str] = []
+        self._cache: dict[tuple, str] = {}
+
+    def _hash(self, p: Path) -> str | None:
+        try:
+            st = p.stat()
+            key = (str(p), st.st_ino, st.st_mtime_ns, st.st_size)
+            if key not in self._cache:
+                self._cache[key] = hashlib.sha256(p.read_bytes()).hexdigest()
+            return self._cache[key]
+        except FileNotFoundError:
+            return None                         # renamed away while sampled
+
+    def run(self) -> None:
+        while not self.stop.is_set():
+            seen = {}
+            for dirpath, _dirs, files in os.walk(self.release):
+                for name in files:
+                    p = Path(dirpath) / name
+                    rel = p.relative_to(self.release).as_posix()
+                    if name == MARKER:
+                        seen[rel] = "marker"
+                        continue
+                    h = self._hash(p)
+                    if h is None:
+                        continue
+                    seen[rel] = h
+                    if self.final.get(rel) != h:
+                        self.bad.append(f"sample {self.samples}: {rel} is not the finished file")
+            files = {k: v for k, v in seen.items() if k != MARKER}
+            if files and MARKER not in seen and files != self.final:
+                self.bad.append(f"sample {self.samples}: unfinished release without {MARKER}")
+            self.samples += 1
+            time.sleep(0.05)
+
+
+KILL_POINTS = [
+    ("convert", signal.SIGKILL),          # after dicom
+    ("face", signal.SIGKILL),             # after convert
+    ("face-mid", signal.SIGKILL),         # inside face
+    ("verify", signal.SIGKILL),           # after face, the leak scan starting
+    ("publish", signal.SIGKILL),          # leak scan done
+    ("publish-mid", signal.SIGKILL),      # during publishing (a unit's first folder moved)
+    ("publish_dataset", signal.SIGKILL),  # units published, dataset files next
+    ("face-mid", signal.SIGINT),
+    ("verify", signal.SIGINT),
+    ("publish-mid", signal.SIGINT),
+    ("qc_report", signal.SIGINT),         # all published, the report being written
+]
+
+
+@pytest.fixture(scope="module")
+def kill_input(tmp_path_factory):
+    """Two demo patients, one with the T1w head MRI the face stage defaces."""
+    from deidflow.demo import make_demo_input
+    full = tmp_path_factory.mktemp("kill") / "full"
+    make_demo_input(full)
+    inp = full.parent / "input"
+    inp.mkdir()
+    for d in sorted(full.iterdir()):
+        if d.name.startswith(("Ødegård", "DOE")):
+            shutil.copytree(d, inp / d.name)
+    base = full.parent / "baseline"
+    r = run_cli("run", str(inp), str(base), "--cores", "2", "--set", "jobs.files_per_job=0")
+    assert r.returncode == 0, r.stderr[-3000:]
+    final = hashes(base)
+    assert any("_T1w.nii.gz" in k for k in final), "the demo head MRI did not reach BIDS"
+    return inp, final
+
+
+def _pause_point(point: str) -> str:
+    """face-mid: the face job is killed while it works (after it started, before it is done)."""
+    return "face" if point == "face-mid" else point
+
+
+@pytest.mark.parametrize("point,sig", KILL_POINTS, ids=[f"{p}-{s.name}" for p, s in KILL_POINTS])
+def test_killed_run_never_exposes_unfinished_subject(kill_input, tmp_path, point, sig):
+    inp, final = kill_input
+    out = tmp_path / "rel"
+    flags = tmp_path / "flags"
+    flags.mkdir()
+    watcher = Watcher(out, final)
+    watcher.start()
+    args = [sys.executable, "-m", "deidflow.cli", "run", str(inp), str(out), "--cores", "2",
+            "--set", "jobs.files_per_job=0"]
+    env = _env()
+    if point != "face-mid":
+        env["DEIDFLOW_TEST_PAUSE_AT"] = f"{_pause_point(point)}:{flags}"
+    proc = subprocess.Popen(args, env=env, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                            start_new_session=True)
+    try:
+        deadline = time.time() + 600
+        if point == "face-mid":
+            log_dir = tmp_path / "rel_restricted" / "logs" / "face"
+            while time.time() < deadline and not any(log_dir.glob("*.log")) and proc.poll() is None:
+                time.sleep(0.05)
+            time.sleep(1.0)                 # well inside the defacing of the head
+        else:
+            while time.time() < deadline and not (flags / _pause_point(point)).exists() and proc.poll() is None:
+                time.sleep(0.05)
+            assert (flags / _pause_point(point)).exists(), f"the run never reached {point}"
+        assert proc.poll() is None, "the run ended before it could be killed"
+        os.killpg(proc.pid, sig)
+        proc.wait(timeout=120)
+        if sig == signal.SIGKILL:
+            try:
+                os.killpg(proc.pid, signal.SIGKILL)  # jobs of the killed group
+            except ProcessLookupError:
+                pass
+        time.sleep(0.3)
+        assert (out / MARKER).exists(), "an interrupted run left no RELEASE_INCOMPLETE marker"
+        r = run_cli("run", str(inp), str(out), "--cores", "2", "--set", "jobs.files_per_job=0")
+        assert r.returncode == 0, r.stderr[-3000:]
+    finally:
+        watcher.stop.set()
+        watcher.join()
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+    assert watcher.samples > 20
+    assert not watcher.bad, watcher.bad[:5]
+    assert hashes(out) == final
+    assert not (out / MARKER).exists()
