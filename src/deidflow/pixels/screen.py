@@ -159,6 +159,22 @@ def _module(header) -> tuple | None:
     return mod
 
 
+def _tail_region(data: bytes, nbytes: int) -> tuple[int, int] | None:
+    """(start, end) of the pixel data value: checked in place when (7FE0,0010) is the last element
+    (the usual layout; its length is ``nbytes``, padded to even), else found by the leak scan's
+    search from the end of the file."""
+    size = len(data)
+    for length in {nbytes + (nbytes & 1), nbytes}:
+        start = size - length
+        for head in (12, 8):  # explicit VR (OB/OW, reserved, 4-byte length) or implicit VR
+            i = start - head
+            if i >= 132 and data[i:i + 4] == b"\xe0\x7f\x10\x00" and \
+                    struct.unpack_from("<I", data, start - 4)[0] == length:
+                return start, size
+    from ..qc.leakscan import pixel_region
+    return pixel_region(data)
+
+
 def read_frames(path: Path, header):
     """The frames of a staged file.  Native little-endian grey or RGB pixel data is viewed
     straight in the file's bytes, laid out by the pixel module in ``header`` (the original values
@@ -169,10 +185,9 @@ def read_frames(path: Path, header):
     ts = _transfer_syntax(data)
     mod = _module(header) if header is not None and ts in ("1.2.840.10008.1.2", "1.2.840.10008.1.2.1") else None
     if mod is not None:
-        from ..qc.leakscan import pixel_region
         rows, cols, spp, bits, stored, signed, n, pi, planar = mod
-        region = pixel_region(data)
         count = n * rows * cols * spp
+        region = _tail_region(data, count * bits // 8)
         if region is not None and region[1] - region[0] >= count * bits // 8:
             dtype = np.dtype(f"<{'i' if signed and spp == 1 else 'u'}{bits // 8}")
             a = np.frombuffer(data, dtype, count=count, offset=region[0])
@@ -199,12 +214,12 @@ def sample(n: int) -> list[int]:
 
 
 def stats(frame: np.ndarray) -> tuple:
-    """Cheap statistics of one frame (on every other pixel): shape, mean, std, minimum, maximum
-    and the share of pixels at the maximum (flat overlays and text raise it)."""
-    g = render.gray_of(frame)
-    sub = g[::2, ::2]
-    hi = int(g.max())
-    return (frame.shape, float(sub.mean()), float(sub.std()), int(g.min()), hi,
+    """Cheap statistics of one frame (on every other pixel of every other row): shape, mean,
+    standard deviation, minimum, maximum and the share of pixels at the maximum (flat overlays
+    and text raise it)."""
+    sub = render.gray_of(frame)[::2, ::2]
+    hi = int(sub.max())
+    return (frame.shape, float(sub.mean()), float(sub.std()), int(sub.min()), hi,
             float(np.count_nonzero(sub == hi)) / max(1, sub.size))
 
 
