@@ -45,7 +45,7 @@ MIN_SCORE = 0.5
 MAX_OUTLIERS = 8
 READ_BATCH = 6
 MAX_UP = 4.0
-EDGE = 0.2  # an edge: a step of this share of the series' range between neighbouring pixels
+EDGE = 0.2  # an edge: a step of this share of the frame's range between neighbouring pixels
 MIN_CONSTANT_EDGES = 12  # constant edge pixels that make the detector look (a character has dozens)
 _FRAME_TAGS = tuple(tag_for_keyword(k) for k in ("Rows", "Columns", "SamplesPerPixel", "BitsAllocated", "BitsStored",
                                                   "PixelRepresentation", "NumberOfFrames", "PhotometricInterpretation",
@@ -282,27 +282,13 @@ def text_in(frame: np.ndarray, invert: bool, threads: int = 1,
     """Text the screen accepts in one frame (or the ``crop`` of it): boxes in frame pixels, the
     text read and its confidence, for boxes that read as at least MIN_CHARS letters or digits with
     confidence MIN_SCORE."""
-    import cv2
     eng = ocr.engine(threads)
     x0, y0 = (crop[0], crop[1]) if crop else (0, 0)
     part = frame[crop[1]:crop[3], crop[0]:crop[2]] if crop else frame
-    h, w = part.shape[:2]
     s = scale_for(*render.gray_of(frame).shape)  # the same scale for a crop as for its frame
     out = []
-    for img in render.renderings(part, invert).values():
-        scaled = img if s == 1.0 else cv2.resize(img, (max(1, round(w * s)), max(1, round(h * s))),
-                                                 interpolation=cv2.INTER_AREA if s < 1 else cv2.INTER_CUBIC)
-        sh, sw = scaled.shape
-        padded = np.pad(scaled, ((0, -sh % 32 + (32 if sh < 32 else 0)), (0, -sw % 32 + (32 if sw < 32 else 0))))
-        rgb = np.repeat(padded[:, :, None], 3, axis=2)
-        boxes, _ = eng.det(rgb)
-        found = []
-        for b in [] if boxes is None else boxes:
-            bx0, by0 = np.floor(b.min(0) / s)
-            bx1, by1 = np.ceil((b.max(0) + 1) / s)
-            bx0, by0, bx1, by1 = int(max(0, bx0)), int(max(0, by0)), int(min(w, bx1)), int(min(h, by1))
-            if bx1 > bx0 and by1 > by0:
-                found.append(ocr.TextBox(bx0, by0, bx1, by1))
+    for curve, img in render.renderings(part, invert).items():
+        found, rgb, _ = eng.detect(img, curve, s)
         # widest boxes first (text lines are wide), a few at a time: one readable line decides
         found.sort(key=lambda b: -(b.x1 - b.x0))
         for i in range(0, len(found), READ_BATCH):
