@@ -127,13 +127,16 @@ def bench_clean_series(scratch: Path) -> None:
                 continue
             if "Rows" in h and "SeriesInstanceUID" in h:
                 series.setdefault(h.SeriesInstanceUID, []).append((f, h))
+        staged = []
         for k, (uid, members) in enumerate(sorted(series.items())):
             members.sort(key=lambda m: int(m[1].get("InstanceNumber") or 0))
             for i, (f, h) in enumerate(members):
                 dst = work / f"{k}_{i}.dcm"
                 shutil.copyfile(f, dst)
-                sp.add(str(f), f"sub-B/ses-1/S{k}/{i:04d}.dcm", dst, h, {})
+                staged.append((str(f), f"sub-B/ses-1/S{k}/{i:04d}.dcm", dst, h))
         t = time.perf_counter()
+        for src, name, dst, h in staged:
+            sp.add(src, name, dst, h, {})
         sp.finish(work / "restricted")
         dt = time.perf_counter() - t
         facts = sp.series

@@ -182,3 +182,33 @@ def test_override_off_leaves_text_for_the_pixel_leak_check(tmp_path):
     # a matcher for someone else finds nothing
     other = Matcher(needles_for("sub-T", [("name", "PatientName", "MUELLER^KLAUS")], b"salt"))
     assert pixel_hits(root, tmp_path / "r", "sub-T", identifier_finder(other))[0] == []
+
+
+def test_demo_ct_and_mr_series_have_no_text(tmp_path):
+    """The demo's CT and MR series (pydicom's CT_small and MR_small, an enhanced MR head) are
+    screened and left alone."""
+    import shutil
+
+    from deidflow.demo import make_demo_input
+    make_demo_input(tmp_path / "in")
+    series: dict[str, list] = {}
+    for f in sorted((tmp_path / "in").rglob("*")):
+        try:
+            h = pydicom.dcmread(f, stop_before_pixels=True) if f.is_file() else None
+        except Exception:
+            continue
+        if h is not None and h.get("Modality") in ("CT", "MR") and "Rows" in h:
+            series.setdefault(h.SeriesInstanceUID, []).append((f, h))
+    staged = {}
+    for k, (uid, members) in enumerate(sorted(series.items())):
+        staged[f"S{k}"] = []
+        for i, (f, h) in enumerate(members):
+            dst = tmp_path / "stage" / f"{k}_{i}.dcm"
+            dst.parent.mkdir(exist_ok=True)
+            shutil.copyfile(f, dst)
+            staged[f"S{k}"].append((dst, h))
+    before = {p: digest(p) for files in staged.values() for p, _ in files}
+    fact, _ = run_series(staged, tmp_path / "r", {"clean": "auto"})
+    assert len(fact["series"]) >= 4
+    assert all(s["text_found"] is False and s["boxes"] == 0 for s in fact["series"])
+    assert {p: digest(p) for p in before} == before

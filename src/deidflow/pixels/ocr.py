@@ -84,13 +84,15 @@ class OcrEngine:
         s = min(MAX_UPSCALE, max(1.0, DET_SIDE / max(1, min(h, w))))
         return min(s, MAX_SIDE / max(h, w))
 
-    def detect(self, img: np.ndarray, curve: str = "") -> tuple[list[TextBox], np.ndarray, float]:
-        """Text boxes in ``img`` (uint8, 2-D); also the scaled RGB image and the scale used."""
+    def detect(self, img: np.ndarray, curve: str = "",
+               scale: float | None = None) -> tuple[list[TextBox], np.ndarray, float]:
+        """Text boxes in ``img`` (uint8, 2-D); also the scaled RGB image and the scale used
+        (default :meth:`scale_for`; the screen passes its own, smaller one)."""
         import cv2
         h, w = img.shape[:2]
-        s = self.scale_for(h, w)
+        s = self.scale_for(h, w) if scale is None else scale
         scaled = img if s == 1.0 else cv2.resize(img, (max(1, round(w * s)), max(1, round(h * s))),
-                                                 interpolation=cv2.INTER_CUBIC)
+                                                 interpolation=cv2.INTER_CUBIC if s > 1 else cv2.INTER_AREA)
         sh, sw = scaled.shape[:2]
         ph, pw = -sh % 32, -sw % 32
         padded = np.pad(scaled, ((0, ph), (0, pw))) if (ph or pw) else scaled

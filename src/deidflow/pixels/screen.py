@@ -45,7 +45,7 @@ MIN_SCORE = 0.5
 MAX_OUTLIERS = 8
 READ_BATCH = 6
 MAX_UP = 4.0
-EDGE = 0.2  # an edge: a step of this share of the series' range between neighbouring pixels
+EDGE = 0.2  # an edge: a step of this share of the frame's range between neighbouring pixels
 MIN_CONSTANT_EDGES = 12  # constant edge pixels that make the detector look (a character has dozens)
 _FRAME_TAGS = tuple(tag_for_keyword(k) for k in ("Rows", "Columns", "SamplesPerPixel", "BitsAllocated", "BitsStored",
                                                   "PixelRepresentation", "NumberOfFrames", "PhotometricInterpretation",
@@ -159,6 +159,22 @@ def _module(header) -> tuple | None:
     return mod
 
 
+def _tail_region(data: bytes, nbytes: int) -> tuple[int, int] | None:
+    """(start, end) of the pixel data value: checked in place when (7FE0,0010) is the last element
+    (the usual layout; its length is ``nbytes``, padded to even), else found by the leak scan's
+    search from the end of the file."""
+    size = len(data)
+    for length in {nbytes + (nbytes & 1), nbytes}:
+        start = size - length
+        for head in (12, 8):  # explicit VR (OB/OW, reserved, 4-byte length) or implicit VR
+            i = start - head
+            if i >= 132 and data[i:i + 4] == b"\xe0\x7f\x10\x00" and \
+                    struct.unpack_from("<I", data, start - 4)[0] == length:
+                return start, size
+    from ..qc.leakscan import pixel_region
+    return pixel_region(data)
+
+
 def read_frames(path: Path, header):
     """The frames of a staged file.  Native little-endian grey or RGB pixel data is viewed
     straight in the file's bytes, laid out by the pixel module in ``header`` (the original values
@@ -169,10 +185,9 @@ def read_frames(path: Path, header):
     ts = _transfer_syntax(data)
     mod = _module(header) if header is not None and ts in ("1.2.840.10008.1.2", "1.2.840.10008.1.2.1") else None
     if mod is not None:
-        from ..qc.leakscan import pixel_region
         rows, cols, spp, bits, stored, signed, n, pi, planar = mod
-        region = pixel_region(data)
         count = n * rows * cols * spp
+        region = _tail_region(data, count * bits // 8)
         if region is not None and region[1] - region[0] >= count * bits // 8:
             dtype = np.dtype(f"<{'i' if signed and spp == 1 else 'u'}{bits // 8}")
             a = np.frombuffer(data, dtype, count=count, offset=region[0])
@@ -199,12 +214,12 @@ def sample(n: int) -> list[int]:
 
 
 def stats(frame: np.ndarray) -> tuple:
-    """Cheap statistics of one frame (on every other pixel): shape, mean, std, minimum, maximum
-    and the share of pixels at the maximum (flat overlays and text raise it)."""
-    g = render.gray_of(frame)
-    sub = g[::2, ::2]
-    hi = int(g.max())
-    return (frame.shape, float(sub.mean()), float(sub.std()), int(g.min()), hi,
+    """Cheap statistics of one frame (on every other pixel of every other row): shape, mean,
+    standard deviation, minimum, maximum and the share of pixels at the maximum (flat overlays
+    and text raise it)."""
+    sub = render.gray_of(frame)[::2, ::2]
+    hi = int(sub.max())
+    return (frame.shape, float(sub.mean()), float(sub.std()), int(sub.min()), hi,
             float(np.count_nonzero(sub == hi)) / max(1, sub.size))
 
 
@@ -267,27 +282,13 @@ def text_in(frame: np.ndarray, invert: bool, threads: int = 1,
     """Text the screen accepts in one frame (or the ``crop`` of it): boxes in frame pixels, the
     text read and its confidence, for boxes that read as at least MIN_CHARS letters or digits with
     confidence MIN_SCORE."""
-    import cv2
     eng = ocr.engine(threads)
     x0, y0 = (crop[0], crop[1]) if crop else (0, 0)
     part = frame[crop[1]:crop[3], crop[0]:crop[2]] if crop else frame
-    h, w = part.shape[:2]
     s = scale_for(*render.gray_of(frame).shape)  # the same scale for a crop as for its frame
     out = []
-    for img in render.renderings(part, invert).values():
-        scaled = img if s == 1.0 else cv2.resize(img, (max(1, round(w * s)), max(1, round(h * s))),
-                                                 interpolation=cv2.INTER_AREA if s < 1 else cv2.INTER_CUBIC)
-        sh, sw = scaled.shape
-        padded = np.pad(scaled, ((0, -sh % 32 + (32 if sh < 32 else 0)), (0, -sw % 32 + (32 if sw < 32 else 0))))
-        rgb = np.repeat(padded[:, :, None], 3, axis=2)
-        boxes, _ = eng.det(rgb)
-        found = []
-        for b in [] if boxes is None else boxes:
-            bx0, by0 = np.floor(b.min(0) / s)
-            bx1, by1 = np.ceil((b.max(0) + 1) / s)
-            bx0, by0, bx1, by1 = int(max(0, bx0)), int(max(0, by0)), int(min(w, bx1)), int(min(h, by1))
-            if bx1 > bx0 and by1 > by0:
-                found.append(ocr.TextBox(bx0, by0, bx1, by1))
+    for curve, img in render.renderings(part, invert).items():
+        found, rgb, _ = eng.detect(img, curve, s)
         # widest boxes first (text lines are wide), a few at a time: one readable line decides
         found.sort(key=lambda b: -(b.x1 - b.x0))
         for i in range(0, len(found), READ_BATCH):
