@@ -292,8 +292,8 @@ def test_killed_run_never_exposes_unfinished_subject(kill_input, tmp_path, point
     env = _env()
     if point != "face-mid":
         env["DEIDFLOW_TEST_PAUSE_AT"] = f"{_pause_point(point)}:{flags}"
-    proc = subprocess.Popen(args, env=env, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
-                            start_new_session=True)
+    log = open(tmp_path / "run.log", "wb")  # a pipe nobody reads would block the run once full
+    proc = subprocess.Popen(args, env=env, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
     try:
         deadline = time.time() + 600
         if point == "face-mid":
@@ -322,6 +322,7 @@ def test_killed_run_never_exposes_unfinished_subject(kill_input, tmp_path, point
         watcher.join()
         if proc.poll() is None:
             os.killpg(proc.pid, signal.SIGKILL)
+        log.close()
     assert watcher.samples > 20
     assert not watcher.bad, watcher.bad[:5]
     assert hashes(out) == final

@@ -200,9 +200,8 @@ def scratch_dir(release: Path, restricted: Path) -> Path:
     on the release's file system (the default sibling layout), else a hidden sibling of the release
     (``.<name>.deidflow-tmp``), since a rename cannot cross file systems."""
     release, restricted = Path(release), Path(restricted)
-    tmp = make_restricted_dir(restricted / "tmp")
-    if os.stat(tmp).st_dev == os.stat(release).st_dev:
-        return tmp / "publish"
+    if os.stat(restricted).st_dev == os.stat(release).st_dev:
+        return restricted / "tmp" / "publish"
     return release.parent / f".{release.name}.deidflow-tmp"
 
 
@@ -257,13 +256,14 @@ def publish_dataset(staged: Path, release: Path, restricted: Path, subjects_file
     audit = restricted / WITHDRAWN
     for subject in gone:
         folders = subject_folders(release, subject)
-        for rel in folders:
-            remove_tree(release / rel, trash)
         line = f"{today}\t{subject}\t{' '.join(folders)}\n"
         if not audit.exists():
             atomic_write_text(audit, "date\tsubject\tfolders_removed\n", RESTRICTED_FILE_MODE)
-        with open(audit, "a") as fh:        # append-only
-            fh.write(line)
+        if line not in audit.read_text():   # recorded before the folders go (a killed job repeats it)
+            with open(audit, "a") as fh:    # append-only
+                fh.write(line)
+        for rel in folders:
+            remove_tree(release / rel, trash)
     moved = []
     if staged.is_dir():
         for p in sorted(staged.rglob("*")):
