@@ -38,8 +38,11 @@ def test_invalid_dates_raise(bad):
 
 
 def test_clean_text_removes_identifiers_keeps_meaning():
-    ids = textclean.compile_identifiers(textclean.name_parts(["DOE^JOHN", "MRN12345"]) | textclean.date_forms("19610312"))
-    out = textclean.clean_text("T1 MPRAGE for John Doe, born 12.03.1961, MRN12345, call +49 40 1234567", ids)
+    from deidflow.qc.identifiers import IdentifierModel
+    model = IdentifierModel([("name", "PatientName", "DOE^JOHN"), ("id", "PatientID", "MRN12345"),
+                             ("date", "PatientBirthDate", "19610312")])
+    out = textclean.clean_text(model.redact_text(
+        "T1 MPRAGE for John Doe, born 12.03.1961, MRN12345, call +49 40 1234567"))
     for gone in ("John", "Doe", "1961", "12345", "1234567"):
         assert gone not in out
     assert out.startswith("T1 MPRAGE for")

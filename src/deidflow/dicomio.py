@@ -308,7 +308,7 @@ def _stream(mm, size: int, body: int, meta: FileMetaDataset, ts: str, encoding: 
                     scrubber.record_change(tag, "C")
             continue
         fast = scrubber.fast_action(tag, vr)
-        if fast == "K" and tag in dirty:  # a kept value that holds an identifier: decoded and swept
+        if fast == "K" and tag in dirty and _sweepable(tag, vr):  # a kept value holding an identifier
             try:
                 ds = tmp_dataset(el, vr)
                 scrubber.sweep_element(ds, tag)
@@ -462,6 +462,14 @@ def _sweep_candidates(mm, elems, scrubber: Scrubber, charset) -> frozenset[int] 
     import bisect
     hits = scrubber.model.matcher.spans(b"\n".join(parts))
     return frozenset(cands[bisect.bisect_right(starts, s) - 1].tag for s, _, _ in hits)
+
+
+def _sweepable(tag: int, vr: str | None) -> bool:
+    """Whether a public element's value holds characters the residual sweep searches."""
+    if vr is None:
+        info = _dict_info(tag)
+        vr = info[0].split(" or ")[0] if info else None
+    return vr in SWEEP_VRS
 
 
 class _All:

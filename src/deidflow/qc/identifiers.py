@@ -534,9 +534,9 @@ def _bounded(hay: bytes, s: int, e: int) -> bool:
 _TOKEN = re.compile(rb"[a-z]+|[0-9]+")
 _UID_TOKEN = re.compile(rb"[0-9]+(?:\.[0-9]+)+")
 _SPLIT_WORDS = re.compile(r"[\s,;]+")
-_RUN = re.compile(rb"[a-z0-9]+(?:[\s()./_:+-]{1,3}[a-z0-9]+)+")
-_RUN_TOKEN = re.compile(rb"[a-z0-9]+")
-_MAX_RUN_TOKENS = 8
+_ID_SEPARATOR_BYTES = b" \t\r\n()./_:+-"
+_YEAR = re.compile(rb"(?:1[89]|20)[0-9][0-9]")
+_DATE_BEFORE, _DATE_AFTER = 48, 12  # how far a written date reaches before and after its year
 
 
 class Matcher:
@@ -552,6 +552,7 @@ class Matcher:
         self.uids: dict[bytes, list[Needle]] = {}
         self.dates: dict[bytes, list[Needle]] = {}
         self.compact: dict[bytes, list[Needle]] = {}
+        self.compact_anchors: dict[bytes, list[Needle]] = {}
         self.substrings: list[Needle] = []
         self.count = 0
         seen = set()
@@ -565,6 +566,8 @@ class Matcher:
                 self.dates.setdefault(n.text, []).append(n)
             elif n.mode == "compact":
                 self.compact.setdefault(n.text, []).append(n)
+                toks = _TOKEN.findall(n.text)
+                self.compact_anchors.setdefault(max(toks, key=len), []).append(n)
             elif n.kind == "uid" and _UID_TOKEN.fullmatch(n.text):
                 self.uids.setdefault(n.text, []).append(n)
             else:
@@ -608,28 +611,66 @@ class Matcher:
                     if _bounded(low, i, i + len(uid)):
                         hits.extend((i, i + len(uid), n) for n in self.uids[uid])
                     i = low.find(uid, i + 1)
-        if self.dates and (len(self.date_years) > 16 or any(y in low for y in self.date_years)
-                           or any(y[2:] in low for y in self.date_years)):
-            for s, e, cands in dates_in(low):
-                for c in cands:
-                    for n in self.dates.get(c.encode(), ()):
-                        hits.append((s, e, n))
+        if self.dates:
+            for ws, we in self._date_windows(low):
+                for s, e, cands in dates_in(low[ws:we]):
+                    for c in cands:
+                        for n in self.dates.get(c.encode(), ()):
+                            hits.append((ws + s, ws + e, n))
         if self.compact:
-            for run in _RUN.finditer(low):
-                toks = [(m.start(), m.end()) for m in _RUN_TOKEN.finditer(low, run.start(), run.end())]
-                for i in range(len(toks)):
-                    acc = b""
-                    for j in range(i, min(len(toks), i + _MAX_RUN_TOKENS)):
-                        acc += low[toks[j][0]:toks[j][1]]
-                        if j > i:
-                            for n in self.compact.get(acc, ()):
-                                hits.append((toks[i][0], toks[j][1], n))
+            hits += self._compact_spans(low)
         for needle in self.substrings:
             i = low.find(needle.text)
             while i >= 0:
                 hits.append((i, i + len(needle.text), needle))
                 i = low.find(needle.text, i + 1)
         return hits
+
+    def _date_windows(self, low: bytes) -> list[tuple[int, int]]:
+        """Stretches of ``low`` around each occurrence of a searched date's year (a written date
+        with a four-digit year lies within them), merged; dates are recognised only there."""
+        if len(self.date_years) <= 8:
+            pos = []
+            for y in self.date_years:
+                i = low.find(y)
+                while i >= 0:
+                    pos.append(i)
+                    i = low.find(y, i + 1)
+        else:
+            pos = [m.start() for m in _YEAR.finditer(low) if m.group() in self.date_years]
+        out: list[list[int]] = []
+        for p in sorted(pos):
+            s, e = max(0, p - _DATE_BEFORE), min(len(low), p + 4 + _DATE_AFTER)
+            while s > 0 and (48 <= low[s - 1] <= 57 or low[s - 1] == 46):
+                s -= 1  # do not start inside a number
+            if out and s <= out[-1][1]:
+                out[-1][1] = max(out[-1][1], e)
+            else:
+                out.append([s, e])
+        return [(s, e) for s, e in out]
+
+    def _compact_spans(self, low: bytes) -> list[tuple[int, int, Needle]]:
+        """IDs written with separators between their letters and digits (``P 968-287``): the text
+        without separators is searched for the IDs' letters and digits; a hit maps back to the
+        original stretch."""
+        compacted = low.translate(None, _ID_SEPARATOR_BYTES)
+        if len(compacted) == len(low):
+            return []  # no separator at all: the literal forms found everything
+        present = [t for t in self.compact_anchors if t in compacted] if len(self.compact_anchors) < 48 else \
+            self.compact_anchors.keys() & set(_TOKEN.findall(compacted))
+        out = []
+        index = None
+        for tok in present:
+            for n in self.compact_anchors[tok]:
+                i = compacted.find(n.text)
+                while i >= 0:
+                    if index is None:  # compacted offset -> original offset
+                        index = [k for k, b in enumerate(low) if b not in _ID_SEPARATOR_BYTES]
+                    s, e = index[i], index[i + len(n.text) - 1] + 1
+                    if e - s > len(n.text) and _bounded(low, s, e):  # written with separators
+                        out.append((s, e, n))
+                    i = compacted.find(n.text, i + 1)
+        return out
 
     def find(self, text: bytes | str) -> list[tuple[int, Needle]]:
         """(offset, needle) of every occurrence in ``text`` (bytes, or str searched as UTF-8)."""
@@ -702,6 +743,9 @@ def needles_for(subject: str, entries: Iterable[tuple[str, str, str]], salt: byt
                         excluded[rule] += 1
                 else:
                     out.append(Needle(d.encode(), kind, fld, digest, subject, "date"))
+                    y2, m, dd = d[2:4], d[4:6], d[6:]  # two-digit years: literal forms
+                    for f in {f"{dd}.{m}.{y2}", f"{m}/{dd}/{y2}", f"{dd}/{m}/{y2}", f"{dd}-{m}-{y2}"}:
+                        out.append(Needle(f.encode(), kind, fld, digest, subject))
             if kind == "date":
                 continue
         for form in forms(kind, value):
