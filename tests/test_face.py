@@ -315,6 +315,42 @@ def test_ct_head_registers_with_the_modality_hint(demo_registration):
     assert np.abs(reg.to_subject(marks) - (marks @ truth[:3, :3].T + truth[:3, 3])).max() < 4.0
 
 
+def test_face_stage_registers_once_per_frame_of_reference(tmp_path):
+    """Two series of a subject in one frame of reference share one registration; a series in
+    another frame, another subject, or a NIfTI input (no frame) registers anew."""
+    from types import SimpleNamespace
+
+    from deidflow.face.stage import _removal
+    calls = []
+
+    class Reg:
+        def mask_for(self, shape, affine):
+            return np.zeros(shape, bool)
+
+    class Backend:
+        def registration(self, data, affine, modality):
+            calls.append(modality)
+            return Reg()
+
+    def image(subject, name, frame, modality="MR"):
+        folder = None
+        if frame:
+            folder = tmp_path / subject / name
+            folder.mkdir(parents=True)
+            ds = pydicom.dcmread(io.BytesIO(_classic_series(np.ones((4, 4, 1), np.uint16), np.eye(4))[0]))
+            ds.FrameOfReferenceUID = frame
+            ds.save_as(folder / "0001.dcm", enforce_file_format=True)
+        return SimpleNamespace(subject=subject, rel=name, series_dir=folder,
+                               facts=SimpleNamespace(modality=modality))
+
+    vol = reference_volume(np.zeros((4, 4, 4), np.float32), np.eye(4))
+    cache: dict = {}
+    for im in (image("sub-a", "t1", "1.2.3"), image("sub-a", "t2", "1.2.3"), image("sub-a", "prone", "1.2.4"),
+               image("sub-b", "t1", "1.2.3", "CT"), image("sub-a", "nifti", None), image("sub-a", "nifti2", None)):
+        assert _removal(Backend(), vol, im, cache).shape == (4, 4, 4)
+    assert calls == ["MR", "MR", "CT", "MR", "MR"]
+
+
 # ------------------------------------------------------------------------------------------ kill-safe bookkeeping
 def _sha(p):
     return hashlib.sha256(p.read_bytes()).hexdigest()

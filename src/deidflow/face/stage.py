@@ -227,6 +227,7 @@ def face_unit(convert_done: Path | None, dicom_root: Path, release_root: Path, r
     counts = {"images": len(images), "treated": 0, "dicom_files": 0, "withheld": 0, "references": 0}
     pseudo = None
     series_todo = []
+    registrations: dict[tuple[str, str], Any] = {}   # one registration per head: see _removal
     for group in _groups([im for im in images if im.decision.method != "none"]):
         ref = group[0]
         method = ref.decision.method
@@ -240,7 +241,7 @@ def face_unit(convert_done: Path | None, dicom_root: Path, release_root: Path, r
         t0 = time.perf_counter()
         nii = ref.load(keeper)
         vol = reference_volume(nii.real(), nii.affine)
-        removed_ras = np.asarray(backend.removal_mask(vol), dtype=bool)
+        removed_ras = _removal(backend, vol, ref, registrations)
         native = vol.to_native(removed_ras)
         seconds = round(time.perf_counter() - t0, 2)
         frac = float(removed_ras.mean())
@@ -454,6 +455,42 @@ def _groups(images: list[_Image]) -> list[list[_Image]]:
         members = sorted(groups[key], key=lambda im: ("part-phase" in im.rel, im.rel))
         out.append(members)
     return out
+
+
+# ---------------------------------------------------------------------------------------------- one registration per head
+def _removal(backend, vol, im: _Image, registrations: dict) -> np.ndarray:
+    """The removal mask (RAS) of ``im``. A backend with a reusable registration (``ants``:
+    ``registration(data, affine, modality)`` -> an object with ``mask_for(shape, affine)``) registers
+    each head once: series of a subject that share a DICOM frame of reference reuse the first one's
+    registration, the mask being looked up in physical space on each series' own grid. Without a
+    shared frame of reference (NIfTI inputs, a patient repositioned) every image registers anew:
+    physical coordinates of two frames are not comparable, so reuse would risk a missed face."""
+    fit = getattr(backend, "registration", None)
+    if fit is None:
+        return np.asarray(backend.removal_mask(vol), dtype=bool)
+    key = _frame_of_reference(im)
+    reg = registrations.get(key) if key else None
+    if reg is None:
+        reg = fit(vol.data, vol.affine, "CT" if im.facts.modality.upper() == "CT" else "MR")
+        if key:
+            registrations[key] = reg
+    else:
+        log.info("%s: registration of the same head reused (frame of reference shared)", im.rel)
+    return np.asarray(reg.mask_for(vol.data.shape, vol.affine), dtype=bool)
+
+
+def _frame_of_reference(im: _Image) -> tuple[str, str] | None:
+    """(subject, FrameOfReferenceUID) of the image's released DICOM series, or None."""
+    if im.series_dir is None:
+        return None
+    import pydicom
+    for path in sorted(im.series_dir.glob("*.dcm")):
+        try:
+            uid = pydicom.dcmread(path, specific_tags=["FrameOfReferenceUID"]).get("FrameOfReferenceUID")
+        except Exception:  # noqa: BLE001 - unreadable: no reuse, the image registers on its own
+            return None
+        return (im.subject, str(uid)) if uid else None
+    return None
 
 
 MIN_FACE_TISSUE = 0.005
