@@ -4,9 +4,8 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed-stamp
 CORES  ?= 2
-# The SLURM executor plugins (the `slurm` extra for users) go to a folder of their own that only the
-# SLURM test puts on PYTHONPATH: Snakemake imports every installed executor plugin at start, and the
-# SLURM plugin's pandas import cost every local run 0.3 s. Their dependencies are in the test extra.
+# The SLURM executor plugins (the `slurm` extra for users), without their dependencies, which are in
+# the test extra. (A private folder for them saved nothing measurable: docs/design-notes.md.)
 SLURM_PLUGINS := snakemake-executor-plugin-slurm==2.8.0 snakemake-executor-plugin-slurm-jobstep==0.6.1
 
 .PHONY: install demo test test-fast fuzz bench lint clean
@@ -15,7 +14,7 @@ $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
 	$(BIN)/python -m pip install --quiet -e ".[test,pixels,deepbet]"
-	$(BIN)/python -m pip install --quiet --no-deps --upgrade --target $(VENV)/slurm-plugins $(SLURM_PLUGINS)
+	$(BIN)/python -m pip install --quiet --no-deps $(SLURM_PLUGINS)
 	touch $(STAMP)
 
 install: $(STAMP)  ## create .venv with deidflow (editable) and the test extras

@@ -60,8 +60,6 @@ def run_workflow(config: dict, *, cores: int | str = "all", profile: str | None 
         raise SystemExit(f"deidflow: another deidflow run is using {paths.restricted}") from None
     cfg_file = paths.restricted / "run-config.yaml"
     atomic_write_text(cfg_file, yaml.safe_dump(config, sort_keys=True), RESTRICTED_FILE_MODE)
-    from .pipeline import prepare_ahead, settle_ahead
-    prepare_ahead(config)  # the inventory runs while Snakemake starts
     args = ["--snakefile", str(SNAKEFILE), "--directory", str(paths.restricted),
             "--configfile", str(cfg_file), "--cores", str(cores), "--nolock"]
     if profile:
@@ -80,7 +78,6 @@ def run_workflow(config: dict, *, cores: int | str = "all", profile: str | None 
     try:
         rc = run_snakemake(args)
     finally:
-        settle_ahead()  # Snakemake stopped before reading the Snakefile (bad arguments): reap the child
         if server:
             os.environ.pop(zygote.ENV, None)
             zygote.stop(*server)
