@@ -35,6 +35,7 @@ bench: install  ## throughput and overhead benchmarks, printed as tables
 	$(BIN)/python benchmarks/run.py
 	$(BIN)/python benchmarks/pixels.py
 	$(BIN)/python benchmarks/face.py
+	$(BIN)/python benchmarks/startup.py
 
 lint: install
 	DEIDFLOW_KEY=lint-only-key-0123456789 $(BIN)/snakemake --lint --config input=tests output=/tmp/deidflow-lint-release
