@@ -194,16 +194,21 @@ def faces_checked(tree: Path, out: Path) -> tuple[int, int, list[str]]:
 
 
 def report_seconds(out: Path) -> float:
-    """Duration of the qc_report job from its log's first and last time stamps."""
+    """Duration of the qc_report job (whole seconds), from Snakemake's log of the run."""
+    import re
     from datetime import datetime
-    log = out.with_name(out.name + "_restricted") / "logs" / "qc_report.log"
-    stamps = []
-    for line in log.read_text(errors="replace").splitlines() if log.exists() else ():
-        try:
-            stamps.append(datetime.strptime(line[:23], "%Y-%m-%d %H:%M:%S,%f"))
-        except ValueError:
-            continue
-    return (stamps[-1] - stamps[0]).total_seconds() if len(stamps) > 1 else float("nan")
+    logs = sorted((out.with_name(out.name + "_restricted") / ".snakemake" / "log").glob("*.snakemake.log"))
+    stamp, started, rule = None, {}, None
+    for line in logs[-1].read_text(errors="replace").splitlines() if logs else ():
+        if m := re.match(r"\[(\w+ \w+ +\d+ [\d:]+ \d+)\]", line):
+            stamp = datetime.strptime(m.group(1), "%a %b %d %H:%M:%S %Y")
+        elif m := re.match(r"\s*(?:local)?rule (\w+):", line):
+            rule = m.group(1)
+        elif (m := re.match(r"\s*jobid: (\d+)", line)) and rule == "qc_report":
+            started[m.group(1)] = stamp
+        elif (m := re.match(r"Finished jobid: (\d+) \(Rule: qc_report\)", line)) and m.group(1) in started:
+            return (stamp - started[m.group(1)]).total_seconds()
+    return float("nan")
 
 
 def bench_default(tree: Path, scratch: Path, reps: int) -> dict:
