@@ -4,14 +4,12 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed-stamp
 CORES  ?= 2
-# The SLURM executor plugins (the `slurm` extra for users) go to a folder of their own that only the
-# SLURM test puts on PYTHONPATH: Snakemake imports every installed executor plugin at start, and the
-# SLURM plugin's pandas import cost every local run 0.3 s. Their dependencies are in the test extra.
+# The SLURM executor plugins (the `slurm` extra for users), without their dependencies, which are in
+# the test extra. (A private folder for them saved nothing measurable: docs/design-notes.md.)
 SLURM_PLUGINS := snakemake-executor-plugin-slurm==2.8.0 snakemake-executor-plugin-slurm-jobstep==0.6.1
 
 # Exact versions of everything installed: constraints.txt (pyproject.toml keeps ranges).
 PIP    := $(BIN)/python -m pip install --progress-bar on -c constraints.txt
-TORCH_INDEX := --extra-index-url https://download.pytorch.org/whl/cpu
 ALL_STAMP := $(VENV)/.installed-all-stamp
 
 .PHONY: install install-all demo test test-fast fuzz bench lint clean
@@ -23,10 +21,11 @@ $(STAMP): pyproject.toml constraints.txt
 	touch $(STAMP)
 
 # Everything the test-suite exercises: the test extra, deepbet with the CPU build of torch (the
-# tests of the deepbet/quickshear backends skip without it, so CI must install it), the SLURM plugins.
+# tests of the deepbet/quickshear backends skip without it, so CI must install it; constraints.txt pins
+# the CPU build), the SLURM plugins.
 $(ALL_STAMP): $(STAMP)
-	$(PIP) $(TORCH_INDEX) -e ".[test,deepbet]"
-	$(BIN)/python -m pip install --progress-bar on --no-deps --upgrade --target $(VENV)/slurm-plugins $(SLURM_PLUGINS)
+	$(PIP) -e ".[test,deepbet]"
+	$(PIP) --no-deps $(SLURM_PLUGINS)
 	touch $(ALL_STAMP)
 
 install: $(STAMP)  ## .venv with deidflow (editable) and what `make demo` needs; no torch (default backend: ants)
@@ -51,6 +50,7 @@ bench: install-all  ## throughput and overhead benchmarks, printed as tables
 	$(BIN)/python benchmarks/pixels.py
 	$(BIN)/python benchmarks/face.py
 	$(BIN)/python benchmarks/publish.py
+	$(BIN)/python benchmarks/startup.py
 
 lint: install
 	DEIDFLOW_KEY=lint-only-key-0123456789 $(BIN)/snakemake --lint --config input=tests output=/tmp/deidflow-lint-release

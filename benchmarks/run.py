@@ -10,7 +10,15 @@ Tables printed:
 4. dry runs (inventory + DAG) for 100, 1,000 and 10,000 synthetic subjects, one job per subject
    and batched, with peak memory;
 5. a real run over 1,000 tiny subjects vs the library doing the same work in one process;
-6. the leak scan (``deidflow verify``) against the de-identification time (benchmarks/verify.py).
+6. the leak scan (``deidflow verify``) against the de-identification time (benchmarks/verify.py);
+7. the DEFAULT ``deidflow run`` (BIDS, defacing, pixels) and the header path (``face.method=none``, no
+   BIDS, no pixel cleaning) vs a plain pydicom read+write loop over the same files in the same run,
+   with a face-region check of every head series (``--patients``/``--studies`` as table 3; the
+   issue's tree is ``--default-patients 30``);
+8. header-path runs of 1,000 / 5,000 / 10,000 one-file subjects vs the pydicom loop on the same
+   files (``--scaling``): linear growth, report step share.
+Every table states the load average at its start: the machine may be shared, relative figures within
+one table are what counts.
 """
 from __future__ import annotations
 
@@ -50,6 +58,7 @@ KEY = "benchmark-key-0123456789abcdef"
 # Tables 3 and 5 compare with the library doing the same work: the DICOM release with its leak scan
 # and QC report (BIDS conversion and defacing have their own benchmarks).
 DICOM_RELEASE = ("--set", "outputs.bids=false")
+HEADER_PATH = ("--set", "outputs.bids=false", "--set", "face.method=none", "--set", "pixels.clean=off")
 SETTINGS = {"options": [], "private": "remove", "overrides": [], "pseudonym_length": 8,
             "date_offset_days": [-365, -1], "mapping_csv": "", "key_file": ""}
 
@@ -188,6 +197,91 @@ def timed_rss(tree: Path, out: Path, *extra: str) -> tuple[float, float]:
     return dt, int(r.stderr.strip().splitlines()[-1]) / 1024
 
 
+def pydicom_loop(tree: Path, scratch: Path) -> float:
+    """The plain baseline: read and write every file of ``tree`` with pydicom, one process."""
+    files = sorted(tree.rglob("*.dcm"))
+    out = scratch / "loop.dcm"
+    t = time.perf_counter()
+    for f in files:
+        pydicom.dcmread(f).save_as(out)
+    return time.perf_counter() - t
+
+
+def faces_checked(tree: Path, out: Path) -> tuple[int, int, list[str]]:
+    """(head series in the input, head series defaced in the release, problems): every head series
+    of the bench tree (each is a T1 head stack) must be defaced — its report entry says deface with
+    >= 5 % of the voxels removed, every one of its DICOM files rewritten, none withheld."""
+    heads = {p.parent for p in tree.rglob("*.dcm")}
+    restricted = out.with_name(out.name + "_restricted")
+    done, problems = 0, []
+    for rep in sorted((restricted / "done" / "face").glob("*.json")):
+        for im in json.loads(rep.read_text())["images"]:
+            series = out / "sourcedata" / "dicom" / im["nifti"].split("/")[0] / im.get("series", "")
+            n = sum(1 for _ in series.glob("*.dcm")) if im.get("series") else 0
+            if (im["method"] != "deface" or im.get("withheld") or im.get("removed_fraction", 0) < 0.05
+                    or im.get("dicom_files") != n):
+                problems.append(f"{im['nifti']}: {im['method']}, {im.get('removed_fraction')}, {im.get('withheld')}")
+            else:
+                done += 1
+    return len(heads), done, problems
+
+
+def report_seconds(out: Path) -> float:
+    """Duration of the qc_report job (whole seconds), from Snakemake's log of the run."""
+    import re
+    from datetime import datetime
+    logs = sorted((out.with_name(out.name + "_restricted") / ".snakemake" / "log").glob("*.snakemake.log"))
+    stamp, started, rule = None, {}, None
+    for line in logs[-1].read_text(errors="replace").splitlines() if logs else ():
+        if m := re.match(r"\[(\w+ \w+ +\d+ [\d:]+ \d+)\]", line):
+            stamp = datetime.strptime(m.group(1), "%a %b %d %H:%M:%S %Y")
+        elif m := re.match(r"\s*(?:local)?rule (\w+):", line):
+            rule = m.group(1)
+        elif (m := re.match(r"\s*jobid: (\d+)", line)) and rule == "qc_report":
+            started[m.group(1)] = stamp
+        elif (m := re.match(r"Finished jobid: (\d+) \(Rule: qc_report\)", line)) and m.group(1) in started:
+            return (stamp - started[m.group(1)]).total_seconds()
+    return float("nan")
+
+
+def bench_default(tree: Path, scratch: Path, reps: int) -> dict:
+    """Table 7: pydicom loop, default run, header path, alternating, median of ``reps``."""
+    loop, default, header, checks = [], [], [], None
+    for i in range(reps):
+        for which in (("loop", "default", "header") if i % 2 == 0 else ("header", "default", "loop")):
+            work = Path(tempfile.mkdtemp(dir=scratch))
+            os.sync()
+            if which == "loop":
+                loop.append(pydicom_loop(tree, work))
+            elif which == "default":
+                default.append(deidflow_run(tree, work / "release"))
+                checks = faces_checked(tree, work / "release")
+            else:
+                header.append(deidflow_run(tree, work / "release", *HEADER_PATH))
+            shutil.rmtree(work)
+    return {"loop": statistics.median(loop), "default": statistics.median(default),
+            "header": statistics.median(header), "faces": checks,
+            "all": list(zip(loop, default, header))}
+
+
+def bench_scaling(work: Path, scratch: Path, sizes: list[int]) -> list[dict]:
+    """Table 8: real header-path runs of one-file subjects, and the pydicom loop on the same files."""
+    rows = []
+    for n in sizes:
+        tiny = work / f"tiny_{n}"
+        tiny_subject_tree(tiny, n)
+        run_dir = Path(tempfile.mkdtemp(dir=scratch))
+        loop = pydicom_loop(tiny, run_dir)
+        wall = deidflow_run(tiny, run_dir / "release", *HEADER_PATH)
+        rows.append({"subjects": n, "loop": loop, "run": wall, "report": report_seconds(run_dir / "release")})
+        shutil.rmtree(run_dir)
+    return rows
+
+
+def _load() -> str:
+    return f"load average {os.getloadavg()[0]:.1f} on {os.cpu_count()} cores"
+
+
 def _fast_scratch() -> str:
     """A tmpfs for table 3's outputs (two 1.6 GB releases at most at once), else the temp folder."""
     shm = Path("/dev/shm")
@@ -243,6 +337,10 @@ def main() -> None:
                          "comparison measures CPU and scheduling rather than the disk's write-back)")
     ap.add_argument("--dag-subjects", type=int, nargs="+", default=[100, 1000, 10000])
     ap.add_argument("--work", default=os.environ.get("DEIDFLOW_BENCH_DIR", tempfile.gettempdir() + "/deidflow-bench"))
+    ap.add_argument("--only", choices=["default", "scaling"], help="run only table 7 or 8")
+    ap.add_argument("--default-patients", type=int, default=30, help="patients (one study each) of table 7's tree")
+    ap.add_argument("--default-reps", type=int, default=3)
+    ap.add_argument("--scaling", type=int, nargs="+", default=[1000, 5000, 10000])
     ap.add_argument("--baseline", nargs=2, metavar=("TREE", "SCRATCH"), help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.baseline:
@@ -252,6 +350,14 @@ def main() -> None:
     source = ROOT.parent / "shared" / "data" / "dcm_qa_decubitus" / "In"
     if not source.is_dir():
         raise SystemExit(f"benchmark needs {source} (../shared/data beside the clone)")
+    if args.only:
+        work.mkdir(parents=True, exist_ok=True)
+        scratch = Path(tempfile.mkdtemp(prefix="run-", dir=work))
+        try:
+            (tables_default if args.only == "default" else tables_scaling)(args, work, source, scratch)
+        finally:
+            shutil.rmtree(scratch, ignore_errors=True)
+        return
     tree = work / f"decubitus_{args.patients}x{args.studies}"
     n = real_header_tree(source, tree, args.patients, args.studies)
     scratch = Path(tempfile.mkdtemp(prefix="run-", dir=work))
@@ -310,12 +416,44 @@ def main() -> None:
         table("5. Real run, 1,000 tiny subjects (default batching)",
               [("measure", "seconds"), ("library, one process (inventory + every subject)", f"{lib:.2f}"),
                ("deidflow run --cores 2", f"{real:.2f}"), ("ratio", f"{real / lib:.2f}x (target <= 3x)")])
+        tables_default(args, work, source, scratch)
+        tables_scaling(args, work, source, scratch)
         print(json.dumps({"inventory_files_per_s": round(inv_rate), "engine_files_per_s": round(engine),
                           "pydicom_files_per_s": round(base), "run_wall_s": round(wall, 2),
                           "library_2proc_s": round(ideal, 2), "snakemake_share": round(overhead, 3),
                           "dry_runs": dry, "tiny_1000_library_s": round(lib, 2), "tiny_1000_run_s": round(real, 2)}))
     finally:
         shutil.rmtree(scratch, ignore_errors=True)
+
+
+def tables_default(args, work: Path, source: Path, scratch: Path) -> None:
+    tree = work / f"decubitus_{args.default_patients}x1"
+    n = real_header_tree(source, tree, args.default_patients, 1)
+    load = _load()
+    r = bench_default(tree, scratch, args.default_reps)
+    heads, defaced, problems = r["faces"]
+    table(f"7. Default run vs plain pydicom read+write ({n} real-header files, {args.default_patients} patients, "
+          f"{heads} head series; --cores 2; median of {args.default_reps}, alternating; {load})",
+          [("measure", "seconds", "x pydicom loop", "target"),
+           ("pydicom dcmread+save_as loop, 1 process", f"{r['loop']:.1f}", "1.0", ""),
+           ("deidflow run, default (BIDS, defacing, pixels)", f"{r['default']:.1f}", f"{r['default'] / r['loop']:.1f}",
+            "<= 5x"),
+           ("deidflow run, header path (face none, no BIDS, no pixels)", f"{r['header']:.1f}",
+            f"{r['header'] / r['loop']:.2f}", "<= 1.0x"),
+           ("head series defaced (face-region check per series)", f"{defaced} of {heads}", "",
+            "all" + (f"; problems: {problems[:3]}" if problems else "")),
+           ("each rep (loop / default / header)", "  ".join(f"{a:.0f}/{b:.0f}/{c:.0f}" for a, b, c in r["all"]), "", "")])
+
+
+def tables_scaling(args, work: Path, source: Path, scratch: Path) -> None:
+    load = _load()
+    rows = bench_scaling(work, scratch, args.scaling)
+    base = rows[0]
+    table(f"8. Header-path run of one-file subjects vs the pydicom loop on the same files (--cores 2; {load})",
+          [("subjects", "pydicom loop s", "deidflow run s", "x loop", "x first size", "report s", "report share")]
+          + [(f"{r['subjects']:,}", f"{r['loop']:.1f}", f"{r['run']:.1f}", f"{r['run'] / r['loop']:.2f} (<= 2x)",
+              f"{r['run'] / base['run']:.1f} (size x{r['subjects'] / base['subjects']:.0f})", f"{r['report']:.1f}",
+              f"{r['report'] / r['run']:.0%} (<= 10%)") for r in rows])
 
 
 if __name__ == "__main__":

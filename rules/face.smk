@@ -35,7 +35,8 @@ rule face:
         restricted("logs/face/{unit}.log"),
     group:
         "unit"
-    threads: 2
+    # ants registers on one thread (deterministic); only torch backends use a second core
+    threads: 2 if FACE_TORCH else 1
     resources:
         mem_mb=attempt_scaled(config["resources"]["face_mem_mb"]),
         runtime=attempt_scaled(config["resources"]["face_runtime_min"]),

@@ -285,6 +285,109 @@ def test_implausible_masks_are_caught():
     assert implausible(vol, np.ones(data.shape, bool), "skullstrip")
 
 
+# ------------------------------------------------------------------------------------------ one registration per head
+def _demo_head():
+    """The demo head (pydeface's template turned by a known rotation) as an array in its stored
+    (slice, row, column) order, its RAS affine, and the template-to-subject truth (4x4, RAS mm)."""
+    from deidflow import demo_head as dh
+    row, col, normal = dh._axes()
+    grid = np.eye(4)
+    grid[:3, 0], grid[:3, 1], grid[:3, 2] = dh.SPACING_MM * normal, dh.SPACING_MM * col, dh.SPACING_MM * row
+    grid[:3, 3] = dh.position(0)
+    to_ras = np.diag([-1.0, -1.0, 1.0, 1.0])
+    centre = to_ras[:3, :3] @ np.array(dh.FOV_CENTRE_LPS)
+    truth = np.eye(4)                        # the subject is the template turned by R about the centre
+    truth[:3, :3] = dh._rotation()
+    truth[:3, 3] = centre - truth[:3, :3] @ centre
+    return dh.head_t1().astype(np.float32), to_ras @ grid, truth
+
+
+@pytest.fixture(scope="module")
+def demo_registration():
+    from deidflow.face.ants_deface import HeadRegistration
+    data, affine, truth = _demo_head()
+    return data, affine, truth, HeadRegistration.fit(data, affine, "MR")
+
+
+def test_head_registration_finds_the_known_pose(demo_registration):
+    """The demo head is the template turned by a known rotation: the registration puts the eyes
+    and brows where the truth does (within 3 mm), and the removed region covers them."""
+    from deidflow.face.ants_deface import template
+    data, affine, truth, reg = demo_registration
+    marks = np.array(list(template().landmarks.values()))
+    want = marks @ truth[:3, :3].T + truth[:3, 3]
+    assert np.abs(reg.to_subject(marks) - want).max() < 3.0
+    removed = reg.mask_for(data.shape, affine)
+    vox = np.rint((np.linalg.inv(affine) @ np.c_[want, np.ones(len(want))].T).T[:, :3]).astype(int)
+    assert all(removed[tuple(v)] for v in vox)           # eyeball centres and brows are removed
+    assert 0.05 < removed.mean() < 0.3
+
+
+def test_one_registration_serves_every_grid_of_the_head(demo_registration):
+    """mask_for works in physical space: a stack of every third slice, a grid stored in another
+    voxel order and a resampled 3 mm grid of the same head get the masks of the same region;
+    fitting the head stored in another order gives the same registration (deterministic)."""
+    from deidflow.face.ants_deface import HeadRegistration
+    data, affine, _, reg = demo_registration
+    full = reg.mask_for(data.shape, affine)
+    stack = data[::3]
+    stack_affine = affine @ np.diag([3.0, 1.0, 1.0, 1.0])
+    np.testing.assert_array_equal(reg.mask_for(stack.shape, stack_affine), full[::3])
+    flipped_affine = affine @ np.array([[1, 0, 0, 0], [0, -1, 0, data.shape[1] - 1], [0, 0, 1, 0], [0, 0, 0, 1.0]])
+    np.testing.assert_array_equal(reg.mask_for(data.shape, flipped_affine), full[:, ::-1])
+    again = HeadRegistration.fit(np.ascontiguousarray(data[:, ::-1]), flipped_affine, "MR")
+    np.testing.assert_array_equal(again.to_template, reg.to_template)
+    coarse = reg.mask_for((32, 43, 43), affine @ np.diag([3.0, 3.0, 3.0, 1.0]))
+    assert abs(coarse.mean() - full.mean()) < 0.02
+
+
+def test_ct_head_registers_with_the_modality_hint(demo_registration):
+    """A CT-like head (the demo head's tissue as Hounsfield units: air -1000, soft tissue 0-80,
+    its brightest tissue as bone) registers with modality "CT" as the MR head does."""
+    from deidflow.face.ants_deface import HeadRegistration, template
+    data, affine, truth, _ = demo_registration
+    hu = np.where(data < 60, -1000.0, np.where(data > 900, 1200.0, data * 0.1)).astype(np.float32)
+    reg = HeadRegistration.fit(hu, affine, "CT")
+    marks = np.array(list(template().landmarks.values()))
+    assert np.abs(reg.to_subject(marks) - (marks @ truth[:3, :3].T + truth[:3, 3])).max() < 4.0
+
+
+def test_face_stage_registers_once_per_frame_of_reference(tmp_path):
+    """Two series of a subject in one frame of reference share one registration; a series in
+    another frame, another subject, or a NIfTI input (no frame) registers anew."""
+    from types import SimpleNamespace
+
+    from deidflow.face.stage import _removal
+    calls = []
+
+    class Reg:
+        def mask_for(self, shape, affine):
+            return np.zeros(shape, bool)
+
+    class Backend:
+        def registration(self, data, affine, modality):
+            calls.append(modality)
+            return Reg()
+
+    def image(subject, name, frame, modality="MR"):
+        folder = None
+        if frame:
+            folder = tmp_path / subject / name
+            folder.mkdir(parents=True)
+            ds = pydicom.dcmread(io.BytesIO(_classic_series(np.ones((4, 4, 1), np.uint16), np.eye(4))[0]))
+            ds.FrameOfReferenceUID = frame
+            ds.save_as(folder / "0001.dcm", enforce_file_format=True)
+        return SimpleNamespace(subject=subject, rel=name, series_dir=folder,
+                               facts=SimpleNamespace(modality=modality))
+
+    vol = reference_volume(np.zeros((4, 4, 4), np.float32), np.eye(4))
+    cache: dict = {}
+    for im in (image("sub-a", "t1", "1.2.3"), image("sub-a", "t2", "1.2.3"), image("sub-a", "prone", "1.2.4"),
+               image("sub-b", "t1", "1.2.3", "CT"), image("sub-a", "nifti", None), image("sub-a", "nifti2", None)):
+        assert _removal(Backend(), vol, im, cache).shape == (4, 4, 4)
+    assert calls == ["MR", "MR", "CT", "MR", "MR"]
+
+
 # ------------------------------------------------------------------------------------------ kill-safe bookkeeping
 def _sha(p):
     return hashlib.sha256(p.read_bytes()).hexdigest()

@@ -381,3 +381,87 @@ def test_head_ct_dcm_qa_ct_ge_is_selected_and_defaced(tmp_path, monkeypatch):
     olds = {pydicom.dcmread(io.BytesIO(b), stop_before_pixels=True).SOPInstanceUID for b in before.values()}
     news = {pydicom.dcmread(io.BytesIO(b), stop_before_pixels=True).SOPInstanceUID for b in after.values()}
     assert not (olds & news)
+
+
+# ---------------------------------------------------------------------------------------- coverage of eyes and brows
+COVER_DEPTH_MM = 20.0    # the face's own tissue: within this depth of the front skin surface …
+BRAIN_CLEAR_MM = 12.0    # … and this far from the brain (the template keeps 6 mm off its brain; affine error)
+
+
+def _real_heads(tmp_path_factory) -> dict[str, Path]:
+    out = tmp_path_factory.mktemp("heads")
+    heads = {"chris_t1": require_shared("mricron", "chris_t1.nii.gz"),
+             "xa30_5": require_shared("dcm_qa_xa30", "Ref", "5_anat-T1w_acq-tfl.nii"),
+             "xa30_6": require_shared("dcm_qa_xa30", "Ref", "6_anat-T1w_acq-tfl.nii")}
+    from deidflow.bids.dcm2niix import executable
+    for pos in ("HFS", "HFP"):                   # classic 2D sagittal stacks, supine and prone
+        subprocess.run([executable(), "-z", "y", "-f", pos, "-o", str(out),
+                        str(require_shared("dcm_qa_decubitus", "In", pos))], check=True, capture_output=True)
+        heads[f"decubitus_{pos}"] = out / f"{pos}.nii.gz"
+    return heads
+
+
+@pytest.fixture(scope="module")
+def real_heads(tmp_path_factory):
+    return _real_heads(tmp_path_factory)
+
+
+def _reference_box(vol) -> np.ndarray:
+    """The template's eye/brow box mapped to the subject by an independent, thorough registration
+    (2 mm, three levels, four times the iterations, tight convergence), not the one under test."""
+    from ants.internal import get_lib_fn, get_pointer_string, process_arguments
+    from deidflow.face import ants_deface as ad
+    ants = ad._ants()
+    tpl = ad.template()
+    small, small_aff = ad.downsample(vol.data, vol.affine, 2.0)
+    fixed, moving = ad.to_ants(ants, small, small_aff), ad.to_ants(ants, tpl.image.astype(np.float32), tpl.image_affine)
+    fx, mv = get_pointer_string(fixed), get_pointer_string(moving)
+    import tempfile
+    with tempfile.TemporaryDirectory() as tmp:
+        args = ["--dimensionality", "3", "--float", "1", "-r", f"[{fx},{mv},1]",
+                "--metric", f"MI[{fx},{mv},1,32,Regular,0.25]", "--transform", "Affine[0.1]",
+                "--convergence", "[200x100x50,1e-6,10]", "--shrink-factors", "4x2x1", "--smoothing-sigmas", "2x1x0vox",
+                "-u", "0", "-z", "1", "--random-seed", "1", "--output", tmp + "/r"]
+        assert get_lib_fn("antsRegistration")(process_arguments(args)) == 0
+        tx = ants.read_transform(tmp + "/r0GenericAffine.mat")
+        p, c = np.asarray(tx.parameters, float), np.asarray(tx.fixed_parameters, float)
+    lin = p[:9].reshape(3, 3)
+    m = np.eye(4)
+    m[:3, :3], m[:3, 3] = lin, c + p[9:12] - lin @ c
+    flip = np.diag([-1.0, -1.0, 1.0, 1.0])
+    inv = np.linalg.inv(flip @ m @ flip)              # template RAS -> subject RAS
+    return tpl.eye_brow_box @ inv[:3, :3].T + inv[:3, 3]
+
+
+def _inside(shape, affine, corners) -> np.ndarray:
+    """Voxels of a grid inside the parallelepiped of ``corners`` (the 8 corners of a mapped box)."""
+    c0 = corners[0]
+    edges = np.stack([corners[4] - c0, corners[2] - c0, corners[1] - c0], axis=1)
+    ijk = np.indices(shape).reshape(3, -1)
+    uvw = np.linalg.solve(edges, affine[:3, :3] @ ijk + affine[:3, 3:] - c0[:, None])
+    return np.all((uvw >= 0) & (uvw <= 1), axis=0).reshape(shape)
+
+
+@pytest.mark.parametrize("name", ["chris_t1", "xa30_5", "xa30_6", "decubitus_HFS", "decubitus_HFP"])
+def test_eyes_and_brows_are_removed_and_the_brain_is_not(real_heads, brain_of, name):
+    """On each real head: no voxel of the deepbet brain mask of the original is removed, and every
+    tissue voxel of the eye/brow region (eyeballs from their centres forward, lids, brows — the
+    template's landmarks mapped by an independent registration) that lies within 20 mm of the face
+    surface and more than 12 mm from the brain is removed; two fits give the same mask."""
+    from deidflow.face.ants_deface import HeadRegistration
+    img = nib.load(real_heads[name])
+    vol = reference_volume(img.get_fdata(dtype=np.float32), img.affine)
+    reg = HeadRegistration.fit(vol.data, vol.affine)
+    removed = reg.mask_for(vol.data.shape, vol.affine)
+    assert np.array_equal(HeadRegistration.fit(vol.data, vol.affine).mask_for(vol.data.shape, vol.affine), removed)
+    brain = brain_of(vol)
+    assert brain.sum() > 1000 and not (brain & removed).any()
+    tissue = vol.data > render.skin_threshold(vol.data)
+    ny = vol.data.shape[1]
+    front = np.where(tissue.any(axis=1), ny - 1 - np.argmax(tissue[:, ::-1, :], axis=1), -1)
+    depth = (front[:, None, :] - np.arange(ny)[None, :, None]) * vol.zooms[1]
+    clear = ndimage.distance_transform_edt(~brain, sampling=vol.zooms) > BRAIN_CLEAR_MM
+    region = _inside(vol.data.shape, vol.affine, _reference_box(vol)) & tissue & (depth <= COVER_DEPTH_MM) & clear
+    assert region.sum() * np.prod(vol.zooms) > 5000            # a real region (> 5 cm3), not an empty test
+    missed = region & ~removed
+    assert not missed.any(), f"{name}: {int(missed.sum())} of {int(region.sum())} eye/brow voxels kept"

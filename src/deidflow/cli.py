@@ -300,8 +300,6 @@ def run_workflow(config: dict, *, cores: int | str = "all", profile: str | None 
     atomic_write_text(cfg_file, yaml.safe_dump(config, sort_keys=True), RESTRICTED_FILE_MODE)
     if env is not None:
         os.environ.update(env)  # e.g. the demo's ephemeral key: environment, never an argument
-    from .pipeline import prepare_ahead, settle_ahead
-    prepare_ahead(config)  # the inventory runs while Snakemake starts
     args = ["--snakefile", str(SNAKEFILE), "--directory", str(paths.restricted),
             "--configfile", str(cfg_file), "--cores", str(cores), "--nolock"]
     if profile:
@@ -323,7 +321,6 @@ def run_workflow(config: dict, *, cores: int | str = "all", profile: str | None 
         except KeyboardInterrupt:
             interrupt.seen, rc = True, EXIT_INTERRUPTED
         finally:
-            settle_ahead()  # Snakemake stopped before reading the Snakefile (bad arguments): reap the child
             if server:
                 os.environ.pop(zygote.ENV, None)
                 zygote.stop(*server)

@@ -6,7 +6,6 @@ the inventory that the main process wrote.
 from __future__ import annotations
 
 import json
-import os
 from dataclasses import dataclass
 from typing import Any, Mapping
 
@@ -41,68 +40,8 @@ def pseudonymizer(key: bytes, config: Mapping[str, Any]) -> Pseudonymizer:
     return Pseudonymizer(key, length=ps["length"], offset_range=(lo, hi), mapping=mapping)
 
 
-# (pid, pipe, what it prepares) of the child prepare_ahead() started; the Snakefile's prepare()
-# in the same process takes its result.
-_ahead: tuple[int, int, str] | None = None
-
-
-def prepare_ahead(config: Mapping[str, Any]) -> None:
-    """Start :func:`prepare` in a forked child now, so the inventory (most of a run's start) is
-    read while Snakemake imports and parses (0.6 s, one core); the Snakefile's ``prepare`` in this
-    process then waits for the child and reads what it wrote.  When the child fails, ``prepare``
-    does the work itself and reports the error as usual."""
-    global _ahead
-    settle_ahead()  # never two inventories writing one restricted folder
-    read_end, write_end = os.pipe()
-    pid = os.fork()
-    if pid == 0:
-        os.close(read_end)
-        ok = False
-        try:
-            from .zygote import die_with_parent
-            die_with_parent()
-            prepare(config)
-            ok = True
-        except BaseException:  # the parent's own prepare() raises it again, with its message
-            pass
-        finally:
-            os.write(write_end, b"1" if ok else b"0")
-            os._exit(0)
-    os.close(write_end)
-    _ahead = (pid, read_end, _prepared_from(config))
-
-
-def _prepared_from(config: Mapping[str, Any]) -> str:
-    """The part of the configuration that decides what prepare() writes."""
-    keys = ("input", "output", "restricted", "key_file", "pseudonym", "jobs", "formats")
-    return json.dumps({k: config.get(k) for k in keys}, sort_keys=True, default=str)
-
-
-def settle_ahead() -> str | None:
-    """Wait for prepare_ahead's child, if one is pending (two inventories must never write at
-    once); returns what it prepared when it succeeded, else None."""
-    global _ahead
-    if _ahead is None:
-        return None
-    pid, fd, prepared = _ahead
-    _ahead = None
-    try:
-        ok = os.read(fd, 1) == b"1"
-    finally:
-        os.close(fd)
-        os.waitpid(pid, 0)
-    return prepared if ok else None
-
-
-def _take_ahead(config: Mapping[str, Any]) -> bool:
-    """True when prepare_ahead's child prepared this configuration and succeeded."""
-    return settle_ahead() == _prepared_from(config)
-
-
 def prepare(config: Mapping[str, Any], *, main_process: bool = True) -> Prepared:
     """Resolve folders, load the key and (main process) refresh the inventory and manifests."""
-    if main_process and _take_ahead(config):
-        return prepare(config, main_process=False)  # the child wrote the inventory and manifests
     paths = resolve_paths(config)
     if main_process:  # refuse an unusable input or a foreign output before anything is written
         from .publish import check_folders

@@ -1,7 +1,10 @@
 """The backends of the face stage behind one interface, and what each needs to run.
 
 Every backend has ``removal_mask(volume) -> bool array`` (RAS, True = set to zero): for defacing
-the face region, for skull-stripping everything outside the brain. :func:`check_backend` runs at
+the face region, for skull-stripping everything outside the brain. A backend that registers a
+template (``ants``) also has ``registration(data, affine, modality) -> HeadRegistration``: one
+registration per head, whose ``mask_for(shape, affine)`` gives the removed region on any grid of
+that head (every series in its frame of reference; see :mod:`.ants_deface`). :func:`check_backend` runs at
 config validation, before any job, and names the install command of a missing optional backend.
 """
 from __future__ import annotations
@@ -52,7 +55,8 @@ def check_backend(name: str, method: str, program: str | None = None) -> None:
     if name == "ants":
         from .ants_deface import template_files_present
         if not template_files_present():
-            raise BackendUnavailable("backend 'ants' needs pydeface's template data files: pip install pydeface==2.1.0")
+            raise BackendUnavailable("backend 'ants' needs its template data (deidflow/data/face_template.npz): "
+                                     "reinstall deidflow")
     if name == "external":
         from .external import PROGRAMS, missing_reason
         if program is None or PROGRAMS.get(program, (None,))[0] != method:

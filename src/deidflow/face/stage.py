@@ -247,6 +247,7 @@ def face_unit(convert_done: Path | None, dicom_root: Path, release_root: Path, r
     counts = {"images": len(images) + len(series), "treated": 0, "dicom_files": 0, "withheld": 0, "references": 0}
     jobs: list[_SeriesJob] = []
     fatal: list[BaseException] = []
+    registrations: dict[tuple[str, str], Any] = {}   # one registration per head: see _removal_mask
     for group in _groups([im for im in images if im.decision.method != "none"]):
         ref = group[0]
         method = ref.decision.method
@@ -260,7 +261,7 @@ def face_unit(convert_done: Path | None, dicom_root: Path, release_root: Path, r
             nii = ref.load(keeper)
             vol = reference_volume(nii.real(), nii.affine)
             bvol = for_backend(vol, ref.facts.modality)
-            removed_ras = _removal_mask(bvol, method, backend_name, face_cfg)
+            removed_ras = _removal_mask(bvol, method, backend_name, face_cfg, _frame_of_reference(ref), registrations)
             native = vol.to_native(removed_ras)
             seconds = round(time.perf_counter() - t0, 2)
             frac = float(removed_ras.mean())
@@ -549,6 +550,21 @@ def _groups(images: list[_Image]) -> list[list[_Image]]:
     return out
 
 
+# ---------------------------------------------------------------------------------------------- one registration per head
+def _frame_of_reference(im: _Image) -> tuple[str, str] | None:
+    """(subject, FrameOfReferenceUID) of the image's released DICOM series, or None."""
+    if im.series_dir is None:
+        return None
+    import pydicom
+    for path in sorted(im.series_dir.glob("*.dcm")):
+        try:
+            uid = pydicom.dcmread(path, specific_tags=["FrameOfReferenceUID"]).get("FrameOfReferenceUID")
+        except Exception:  # noqa: BLE001 - unreadable: no reuse, the image registers on its own
+            return None
+        return (im.subject, str(uid)) if uid else None
+    return None
+
+
 MIN_FACE_TISSUE = 0.005
 
 
@@ -605,14 +621,34 @@ def _why(exc: BaseException) -> str:
     return f"{type(exc).__name__} while processing (registration or write-back failed)"
 
 
-def _removal_mask(vol, method: str, backend_name: str, face_cfg) -> np.ndarray:
+def _removal_mask(vol, method: str, backend_name: str, face_cfg, head: tuple[str, str] | None = None,
+                  registrations: dict | None = None) -> np.ndarray:
     """The backend's mask; a field of view longer than a head (neck, whole body) is registered on
-    its top part only (:func:`~.volume.head_part`) and the rest is kept."""
+    its top part only (:func:`~.volume.head_part`) and the rest is kept.
+
+    A backend with a reusable registration (``ants``: ``registration(data, affine)`` -> an object
+    with ``mask_for(shape, affine)``) registers each ``head`` (subject, FrameOfReferenceUID) once:
+    series that share a frame of reference reuse the first one's registration, the mask being
+    looked up in physical space on each series' own grid. Without a shared frame of reference
+    (NIfTI inputs, a patient repositioned) every image registers anew: physical coordinates of two
+    frames are not comparable, so reuse would risk a missed face."""
     from .backends import get_backend
     from .volume import crop, head_part
     backend = get_backend(backend_name, face_cfg["external"][method])
     z0 = head_part(vol, render.skin_threshold(vol.data)) if method == "deface" else 0
-    part = np.asarray(backend.removal_mask(crop(vol, z0)), dtype=bool)
+    part_vol = crop(vol, z0)
+    fit = getattr(backend, "registration", None)
+    if fit is None or registrations is None:
+        part = np.asarray(backend.removal_mask(part_vol), dtype=bool)
+    else:
+        reg = registrations.get(head) if head else None
+        if reg is None:
+            reg = fit(part_vol.data, part_vol.affine)  # CT arrives in T1-like contrast (volume.for_backend)
+            if head:
+                registrations[head] = reg
+        else:
+            log.info("registration of the same head reused (frame of reference shared)")
+        part = np.asarray(reg.mask_for(part_vol.data.shape, part_vol.affine), dtype=bool)
     if z0 == 0:
         return part
     mask = np.zeros(vol.data.shape, bool)
