@@ -69,6 +69,29 @@ def test_foreign_output_folder_refused(demo_export, tmp_path):
     assert not (tmp_path / "shared_restricted").exists()
 
 
+def test_force_sets_foreign_files_aside(demo_export, tmp_path):
+    """With --force the run uses the folder, but files no deidflow stage wrote (they were never
+    leak-scanned; their names may identify someone) leave the release for the restricted folder;
+    so does a file dropped into a finished release before the next run that publishes."""
+    out = tmp_path / "shared"
+    (out / "Quintero_Zachariah").mkdir(parents=True)
+    (out / "Quintero_Zachariah" / "RX1000004.txt").write_text("Patient Zachariah Quintero RX1000004")
+    (out / "notes.txt").write_text("Patient Zachariah Quintero DOB 1970-01-01")
+    r = run_cli("run", str(demo_export), str(out), "--force", *NO_FACES)
+    assert r.returncode in (0, 3), r.stdout + r.stderr
+    restricted = tmp_path / "shared_restricted"
+    assert not (out / "notes.txt").exists() and not (out / "Quintero_Zachariah").exists()
+    assert (restricted / "foreign" / "notes.txt").is_file()
+    assert (restricted / "foreign" / "Quintero_Zachariah" / "RX1000004.txt").is_file()
+    assert not any("Quintero" in p.as_posix() for p in out.rglob("*"))
+    dropped = next((out / "sourcedata").iterdir()) / "later.txt"
+    dropped.write_text("added by hand")
+    r = run_cli("run", str(demo_export), str(out), *NO_FACES, "--set", "bids.name=another name")
+    assert r.returncode in (0, 3), r.stdout + r.stderr
+    assert not dropped.exists()
+    assert (restricted / "foreign" / dropped.relative_to(out)).is_file()
+
+
 def test_empty_and_unrecognised_input_refused(tmp_path):
     empty = tmp_path / "empty"
     empty.mkdir()

@@ -508,7 +508,7 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--dry-run", action="store_true",
                    help="preview subjects, series, BIDS names, defacing, pixel cleaning and quarantine; write nothing")
     r.add_argument("--force", action="store_true",
-                   help="use a non-empty output folder that no deidflow run wrote (its files join the release)")
+                   help="use a non-empty output folder that no deidflow run wrote (its files are moved into the restricted folder)")
     shown(r)
     r.set_defaults(func=_cmd_run)
 

@@ -59,6 +59,7 @@ def prepare(config: Mapping[str, Any], *, main_process: bool = True) -> Prepared
         units = _units(counts, config)
         return Prepared(paths, sorted(counts), units, fp, _unit_formats(units, formats))
     make_restricted_dir(paths.restricted)
+    make_restricted_dir(paths.restricted / "staging")  # 0700 like the rest; its contents keep release modes
     _check_fingerprint(paths, fp)
     inv = inventory.build(paths.input, pseudonymizer(key, config),
                           previous=paths.restricted / "inventory.parquet",

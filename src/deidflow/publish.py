@@ -264,6 +264,7 @@ def publish_dataset(staged: Path, release: Path, restricted: Path, subjects_file
                 fh.write(line)
         for rel in folders:
             remove_tree(release / rel, trash)
+    foreign = set_aside_foreign(release, restricted)
     moved = []
     if staged.is_dir():
         for p in sorted(staged.rglob("*")):
@@ -278,10 +279,57 @@ def publish_dataset(staged: Path, release: Path, restricted: Path, subjects_file
                     atomic_write_bytes(release / rel, p.read_bytes(), 0o644)
                     p.unlink()
                 moved.append(rel.as_posix())
-    record = {"withdrawn": gone, "files": moved, "seconds": round(time.perf_counter() - started, 4)}
+    record = {"withdrawn": gone, "files": moved, "foreign_set_aside": foreign,
+              "seconds": round(time.perf_counter() - started, 4)}
     make_restricted_dir(Path(done).parent)
     atomic_write_text(done, json.dumps(record, indent=1, sort_keys=True) + "\n", RESTRICTED_FILE_MODE)
     return {"withdrawn": len(gone), "files": len(moved)}
+
+
+# What deidflow itself puts at the release root; anything else there is foreign (see set_aside_foreign).
+OWN_ROOT_ENTRIES = frozenset({"sourcedata", "derivatives", "dataset_description.json", "participants.tsv",
+                              "participants.json", "README", "CHANGES", ".bidsignore", MARKER})
+FOREIGN = "foreign"
+
+
+def set_aside_foreign(release: Path, restricted: Path) -> list[str]:
+    """Move every entry of the release that no deidflow stage wrote (files of a folder used with
+    ``--force``, files someone dropped into an earlier release) into ``<restricted>/foreign/``:
+    nothing the leak scan has not passed stays in the release. Returns their keyed count only
+    (names may identify a person, so they are listed in the restricted folder, never printed)."""
+    release, restricted = Path(release), Path(restricted)
+    found = []
+    if release.is_dir():
+        for entry in release.iterdir():
+            if not (entry.name in OWN_ROOT_ENTRIES or (entry.name.startswith("sub-") and entry.is_dir())):
+                found.append(entry)
+        derivatives = release / "derivatives"
+        if derivatives.is_dir():
+            found += [e for e in derivatives.iterdir() if e.name != "deidflow"]
+        sourcedata = release / "sourcedata"
+        if sourcedata.is_dir():
+            for area in sourcedata.iterdir():
+                if not area.is_dir():
+                    found.append(area)
+                    continue
+                found += [e for e in area.iterdir() if not (e.name.startswith("sub-") and e.is_dir())]
+    if not found:
+        return []
+    dest = make_restricted_dir(restricted / FOREIGN)
+    moved = []
+    for entry in sorted(found):
+        rel = entry.relative_to(release).as_posix()
+        target = dest / rel
+        target.parent.mkdir(parents=True, exist_ok=True)
+        if target.exists():
+            target = target.with_name(f"{target.name}.{int(time.time())}")
+        shutil.move(str(entry), str(target))
+        moved.append(rel)
+    with open(dest / "moved.tsv", "a") as fh:   # append-only, restricted
+        for rel in moved:
+            fh.write(f"{_dt.datetime.now().isoformat(timespec='seconds')}\t{rel}\n")
+    os.chmod(dest / "moved.tsv", RESTRICTED_FILE_MODE)
+    return moved
 
 
 def write_subjects(restricted: Path, subjects: Iterable[str]) -> None:
@@ -382,7 +430,8 @@ def check_folders(input_dir: Path, output: Path, restricted: Path, *, force: boo
         raise UsageError(f"output {out} is a file, not a folder")
     if (out.is_dir() and any(out.iterdir()) and not (restricted / "run.json").exists() and not force):
         raise UsageError(f"output folder {out} is not empty and no deidflow run wrote it (no run record in "
-                         f"{restricted}); choose an empty or new folder, or pass --force to use it anyway")
+                         f"{restricted}); choose an empty or new folder, or pass --force to use it anyway "
+                         "(its files are then moved into the restricted folder, never released)")
     seen = False
     for dirpath, dirs, files in os.walk(inp):
         dirs.sort()

@@ -84,7 +84,18 @@ def raw_key(header, tags: tuple[int, ...]) -> tuple:
     """The stored bytes of ``tags`` in ``header`` (not decoded): files of a series repeat them,
     so a decision made from those values can be remembered under this key."""
     raw = getattr(header, "_dict", {})
-    return tuple(getattr(raw.get(t), "value", None) for t in tags)
+    return tuple(_hashable(getattr(raw.get(t), "value", None)) for t in tags)
+
+
+def _hashable(value):
+    """A raw value as it is, or, for a data set pydicom decoded (deflated files are read whole),
+    a multi-valued element as a tuple of its values' text."""
+    try:
+        hash(value)
+        return value
+    except TypeError:
+        return tuple(str(v) for v in value) if isinstance(value, (list, tuple)) or hasattr(value, "__iter__") \
+            else repr(value)
 
 
 def _rows(path: Path) -> Iterable[tuple[int, dict]]:
