@@ -202,3 +202,16 @@ def test_ink_rows_two_lines_in_one_box():
         top, bottom = _ink_rows(frame, (10, y - 4, 290, y + 24), 1020)
         assert any(c[1] < top and c[3] > bottom for c in cuts)
     assert sum(layout.area(c) for c in cuts) < layout.area(box)
+
+
+def test_selection_key_of_a_decoded_data_set_is_hashable():
+    """A deflated file is read whole by pydicom, so its selection values arrive decoded (ImageType
+    as a MultiValue): the per-series decision cache must still take them as a key."""
+    from pydicom.dataset import Dataset
+
+    from deidflow.pixels.policy import raw_key
+    ds = Dataset()
+    ds.ImageType = ["ORIGINAL", "PRIMARY", "M"]
+    ds.Modality = "MR"
+    key = raw_key(ds, (0x00080008, 0x00080060, 0x00280301))
+    assert hash(key) and key[0] == ("ORIGINAL", "PRIMARY", "M")
