@@ -438,14 +438,26 @@ def _sweep_candidates(mm, elems, scrubber: Scrubber, charset) -> frozenset[int] 
         return frozenset()
     if any(c not in _BYTE_SEARCHABLE for c in (charset or ())):
         return _All()
+    plan = scrubber.plan
     cands = []
+    creators: dict[int, str] = {}
     for el in elems:
         if el.undefined or el.vend == el.vstart:
             continue
-        if (el.tag >> 16) & 1:
-            if (el.tag & 0xFFFF) >= 0x1000:
-                cands.append(el)
-        elif el.vr is not None:
+        if (el.tag >> 16) & 1:  # a private value: only when it is kept
+            group, num = el.tag >> 16, el.tag & 0xFFFF
+            if 0x10 <= num <= 0xFF:
+                creators[group << 8 | num] = _str_value(mm, el)
+            elif num >= 0x1000 and plan.private_policy != "remove":
+                creator = creators.get(group << 8 | num >> 8)
+                if creator is not None and (plan.private_policy == "keep"
+                                            or plan.is_safe_private(creator, group, num)):
+                    cands.append(el)
+            continue
+        rule = plan.rule_for(el.tag)
+        if rule is not None and rule.action != "K":
+            continue  # removed or replaced anyway
+        if el.vr is not None:
             if el.vr.decode() in SWEEP_VRS:
                 cands.append(el)
         else:
