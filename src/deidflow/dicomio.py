@@ -215,7 +215,15 @@ def _stream(mm, size: int, body: int, meta: FileMetaDataset, ts: str, encoding: 
     if _CHARSET in by_tag:
         charset = [c.strip() for c in _str_value(mm, by_tag[_CHARSET]).split("\\")]
     encodings = convert_encodings(charset)
-    scrubber.begin(_identifier_source(mm, elems, charset, implicit, little, scrubber.source_tags))
+    # the file's identifying values feed the subject's model; a subject's files mostly repeat
+    # them, so they are decoded only when their bytes are new
+    sources = (tuple(charset or ()),) + tuple((el.tag, mm[el.vstart:el.vend]) for el in elems
+                    if el.tag in scrubber.source_tags and not el.undefined)
+    if sources in scrubber.seen_sources:
+        scrubber.begin(None)
+    else:
+        scrubber.begin(_identifier_source(mm, elems, charset, implicit, little, scrubber.source_tags))
+        scrubber.seen_sources.add(sources)
     dirty = _sweep_candidates(mm, elems, scrubber, charset)
     captured = _identifier_source(mm, elems, charset, implicit, little, capture) if capture else None
 
