@@ -10,7 +10,9 @@ Tables printed:
 4. dry runs (inventory + DAG) for 100, 1,000 and 10,000 synthetic subjects, one job per subject
    and batched, with peak memory;
 5. a real run over 1,000 tiny subjects vs the library doing the same work in one process;
-6. the leak scan (``deidflow verify``) against the de-identification time (benchmarks/verify.py).
+6. the leak scan (``deidflow verify``) against the de-identification time (benchmarks/verify.py);
+2b. the residual identifier sweep's share of the DICOM engine (with / without, same run);
+7. the report's self-check and the dataset-level scan at 1,000 and 5,000 subjects (benchmarks/leakscan_scale.py).
 """
 from __future__ import annotations
 
@@ -34,6 +36,7 @@ sys.path.insert(0, str(ROOT / "benchmarks"))
 from tables import table  # noqa: E402
 from trees import real_header_tree, tiny_subject_tree  # noqa: E402
 from verify import bench_verify, table_rows as verify_rows  # noqa: E402
+import leakscan_scale  # noqa: E402
 
 from deidflow import inventory  # noqa: E402
 from deidflow.dicom import Scrubber, SubjectContext  # noqa: E402
@@ -287,6 +290,9 @@ def main() -> None:
                ("Snakemake share of wall", f"{overhead:.0%} (target <= 20%)")])
         leak = bench_verify(tree, scratch)
         table(f"6. Leak scan vs de-identification (one core, {leak['files']} files)", verify_rows(leak))
+        scale = [leakscan_scale.measure(n) for n in (1000, 5000)]
+        table("7. Report self-check and dataset leak scan vs subjects (one combined matcher; linear = 5x)",
+              leakscan_scale.table_rows(scale))
         rows = [("subjects", "jobs", "first dry run s", "repeat s", "peak RSS MB", "target")]
         dry = {}
         for n_subj in args.dag_subjects:
