@@ -114,6 +114,7 @@ class Scrubber:
         self.shift_dates = "retain_long_modified_dates" in plan.options
         self.model = ctx.model
         self.source_tags = source_tags(plan)
+        self.seen_sources: set = set()  # identifying values (raw) already in the model (streaming path)
         self._markers: Dataset | None = None
         self.actions: dict[str, str] = {}
         self.collect = ctx.identifiers  # deidflow.qc.identifiers.IdentifierCollector or None

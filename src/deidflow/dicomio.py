@@ -215,7 +215,15 @@ def _stream(mm, size: int, body: int, meta: FileMetaDataset, ts: str, encoding: 
     if _CHARSET in by_tag:
         charset = [c.strip() for c in _str_value(mm, by_tag[_CHARSET]).split("\\")]
     encodings = convert_encodings(charset)
-    scrubber.begin(_identifier_source(mm, elems, charset, implicit, little, scrubber.source_tags))
+    # the file's identifying values feed the subject's model; a subject's files mostly repeat
+    # them, so they are decoded only when their bytes are new
+    sources = (tuple(charset or ()),) + tuple((el.tag, mm[el.vstart:el.vend]) for el in elems
+                    if el.tag in scrubber.source_tags and not el.undefined)
+    if sources in scrubber.seen_sources:
+        scrubber.begin(None)
+    else:
+        scrubber.begin(_identifier_source(mm, elems, charset, implicit, little, scrubber.source_tags))
+        scrubber.seen_sources.add(sources)
     dirty = _sweep_candidates(mm, elems, scrubber, charset)
     captured = _identifier_source(mm, elems, charset, implicit, little, capture) if capture else None
 
@@ -438,14 +446,26 @@ def _sweep_candidates(mm, elems, scrubber: Scrubber, charset) -> frozenset[int] 
         return frozenset()
     if any(c not in _BYTE_SEARCHABLE for c in (charset or ())):
         return _All()
+    plan = scrubber.plan
     cands = []
+    creators: dict[int, str] = {}
     for el in elems:
         if el.undefined or el.vend == el.vstart:
             continue
-        if (el.tag >> 16) & 1:
-            if (el.tag & 0xFFFF) >= 0x1000:
-                cands.append(el)
-        elif el.vr is not None:
+        if (el.tag >> 16) & 1:  # a private value: only when it is kept
+            group, num = el.tag >> 16, el.tag & 0xFFFF
+            if 0x10 <= num <= 0xFF:
+                creators[group << 8 | num] = _str_value(mm, el)
+            elif num >= 0x1000 and plan.private_policy != "remove":
+                creator = creators.get(group << 8 | num >> 8)
+                if creator is not None and (plan.private_policy == "keep"
+                                            or plan.is_safe_private(creator, group, num)):
+                    cands.append(el)
+            continue
+        rule = plan.rule_for(el.tag)
+        if rule is not None and rule.action != "K":
+            continue  # removed or replaced anyway
+        if el.vr is not None:
             if el.vr.decode() in SWEEP_VRS:
                 cands.append(el)
         else:

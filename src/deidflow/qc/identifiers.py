@@ -536,7 +536,17 @@ _UID_TOKEN = re.compile(rb"[0-9]+(?:\.[0-9]+)+")
 _SPLIT_WORDS = re.compile(r"[\s,;]+")
 _ID_SEPARATOR_BYTES = b" \t\r\n()./_:+-"
 _YEAR = re.compile(rb"(?:1[89]|20)[0-9][0-9]")
-_DATE_BEFORE, _DATE_AFTER = 48, 12  # how far a written date reaches before and after its year
+_DATE_BEFORE, _DATE_AFTER = 48, 12
+# A numeric date with a two-digit year (12.03.61): looked up whole, not by its two-digit tokens
+# (which occur everywhere in binary blobs).
+_SHORT_DATE = re.compile(rb"(?<![0-9.])[0-9]{2}[./-][0-9]{2}[./-][0-9]{2}(?![0-9]|\.[0-9])")
+_SEPARATORS_RE = rb"[" + re.escape(b" \t\r\n()./_:+-") + rb"]*"
+
+
+@lru_cache(maxsize=4096)
+def _spaced(compact: bytes) -> re.Pattern:
+    """An ID's letters and digits with any separators between them."""
+    return re.compile(_SEPARATORS_RE.join(re.escape(bytes([c])) for c in compact))  # how far a written date reaches before and after its year
 
 
 class Matcher:
@@ -553,6 +563,7 @@ class Matcher:
         self.dates: dict[bytes, list[Needle]] = {}
         self.compact: dict[bytes, list[Needle]] = {}
         self.compact_anchors: dict[bytes, list[Needle]] = {}
+        self.short_dates: dict[bytes, list[Needle]] = {}
         self.substrings: list[Needle] = []
         self.count = 0
         seen = set()
@@ -570,6 +581,8 @@ class Matcher:
                 self.compact_anchors.setdefault(max(toks, key=len), []).append(n)
             elif n.kind == "uid" and _UID_TOKEN.fullmatch(n.text):
                 self.uids.setdefault(n.text, []).append(n)
+            elif _SHORT_DATE.fullmatch(n.text):
+                self.short_dates.setdefault(n.text, []).append(n)
             else:
                 toks = [(m.start(), m.group()) for m in _TOKEN.finditer(n.text)]
                 if not toks:
@@ -617,6 +630,17 @@ class Matcher:
                     for c in cands:
                         for n in self.dates.get(c.encode(), ()):
                             hits.append((ws + s, ws + e, n))
+        if self.short_dates:
+            if len(self.short_dates) < 48:  # a few dates: direct search is faster than the pattern
+                for k in self.short_dates:
+                    i = low.find(k)
+                    while i >= 0:
+                        if _bounded(low, i, i + len(k)) and low[i - 1:i] != b".":
+                            hits.extend((i, i + len(k), n) for n in self.short_dates[k])
+                        i = low.find(k, i + 1)
+            else:
+                for m in _SHORT_DATE.finditer(low):
+                    hits.extend((m.start(), m.end(), n) for n in self.short_dates.get(m.group(), ()))
         if self.compact:
             hits += self._compact_spans(low)
         for needle in self.substrings:
@@ -659,17 +683,14 @@ class Matcher:
         present = [t for t in self.compact_anchors if t in compacted] if len(self.compact_anchors) < 48 else \
             self.compact_anchors.keys() & set(_TOKEN.findall(compacted))
         out = []
-        index = None
         for tok in present:
             for n in self.compact_anchors[tok]:
-                i = compacted.find(n.text)
-                while i >= 0:
-                    if index is None:  # compacted offset -> original offset
-                        index = [k for k, b in enumerate(low) if b not in _ID_SEPARATOR_BYTES]
-                    s, e = index[i], index[i + len(n.text) - 1] + 1
+                if compacted.find(n.text) < 0:
+                    continue
+                for m in _spaced(n.text).finditer(low):  # where it is in the original text
+                    s, e = m.span()
                     if e - s > len(n.text) and _bounded(low, s, e):  # written with separators
                         out.append((s, e, n))
-                    i = compacted.find(n.text, i + 1)
         return out
 
     def find(self, text: bytes | str) -> list[tuple[int, Needle]]:
