@@ -397,7 +397,7 @@ def main() -> None:
         leak = bench_verify(tree, scratch)
         table(f"6. Leak scan vs de-identification (one core, {leak['files']} files)", verify_rows(leak))
         scale = [leakscan_scale.measure(n) for n in (1000, 5000)]
-        table("7. Report self-check and dataset leak scan vs subjects (one combined matcher; linear = 5x)",
+        table("9. Report self-check and dataset leak scan vs subjects (one combined matcher; linear = 5x)",
               leakscan_scale.table_rows(scale))
         rows = [("subjects", "jobs", "first dry run s", "repeat s", "peak RSS MB", "target")]
         dry = {}
