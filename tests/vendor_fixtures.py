@@ -13,9 +13,14 @@ from pydicom.data import get_testdata_file
 from pydicom.uid import generate_uid
 
 
+_NAMES = {"PHILIPS": "Lindqvist", "GEDWI": "Okonkwo"}
+
+
 def _base(i: int, series: str, study: str, frame: str, patient: str, slices: int, z: int) -> pydicom.Dataset:
     ds = copy.deepcopy(pydicom.dcmread(get_testdata_file("MR_small.dcm")))
-    ds.PatientName, ds.PatientID = f"{patient}^TEST", f"{patient}-0001"
+    # a person's name, not the vendor's: a patient called "Philips" would be (rightly) found by the
+    # leak scan in another subject's Manufacturer
+    ds.PatientName, ds.PatientID = f"{_NAMES[patient]}^Test", f"{patient}-0001"
     ds.SeriesInstanceUID, ds.StudyInstanceUID, ds.FrameOfReferenceUID = series, study, frame
     ds.SOPInstanceUID = generate_uid(entropy_srcs=[series, str(i)])
     ds.file_meta.MediaStorageSOPInstanceUID = ds.SOPInstanceUID

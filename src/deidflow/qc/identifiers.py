@@ -459,6 +459,9 @@ _NUMERIC_FORM = re.compile(r"[\d\s()./:+-]+")
 _PLAIN_WORD = re.compile(r"[^\W\d_]+")
 
 
+_SHORT_CODE = re.compile(r"(?=.*[a-z])(?=.*[0-9])[a-z0-9]{2,5}", re.I)  # letters with digits, <= 5 chars
+
+
 def excluded_by(form: str, kind: str) -> str | None:
     """The rule that excludes ``form`` from the search, None when it is searched for."""
     r = rules()
@@ -475,6 +478,8 @@ def excluded_by(form: str, kind: str) -> str | None:
         return "too_few_digits"
     if kind == "path" and _PLAIN_WORD.fullmatch(form):
         return "plain_word_path"  # a folder label like "unreadable"; names in paths are searched as names
+    if kind == "path" and _SHORT_CODE.fullmatch(form):
+        return "short_code_path"  # a scanner or software label like "xa30", "ve11c" (no name, no ID)
     return None
 
 
