@@ -212,3 +212,22 @@ def test_convert_job_resumes_after_a_kill(default, tmp_path):
     convert_all()
     assert bids_hashes(release) == clean
     assert not stage.exists() and not (restricted / "tmp" / f"convert-{manifests[0].stem}").exists()
+
+
+def test_dcm2niix_failure_fails_the_convert_job(default, tmp_path, monkeypatch):
+    """dcm2niix failing (a full disk, a crash) is a job failure, never "not converted": the unit is
+    not published, and a rerun converts it."""
+    from deidflow.bids import dcm2niix
+    from deidflow.bids.convert import ConvertOutputError, convert_unit
+
+    def fail(*a, **k):
+        raise dcm2niix.ConversionError("dcm2niix exited with status 134")
+
+    monkeypatch.setattr(dcm2niix, "convert_series", fail)
+    m = sorted((default["restricted"] / "manifests").glob("*.json"))[0]
+    restricted = tmp_path / "restricted"
+    with pytest.raises(ConvertOutputError, match="status 134"):
+        convert_unit(m, default["out"] / "sourcedata" / "dicom", tmp_path / "release", restricted,
+                     restricted / "done.json", {"options": []}, {"mapping": [], "dicom_released": True},
+                     work_root=default["restricted"] / "work" / "bids-dicom")
+    assert not (restricted / "done.json").exists()

@@ -97,8 +97,9 @@ def _subject(subj: Mapping[str, Any], dicom_root: Path, work_root: Path | None, 
         try:
             outputs = dcm2niix.convert_series(folder, work / f"{ses}_{label}", log=log)
         except dcm2niix.ConversionError as exc:
-            not_converted.append({"series": info.relpath, "reason": str(exc)})
-            continue
+            # dcm2niix itself failed (a full disk, a crash): the job fails, so the unit is not
+            # published and a rerun converts it; "nothing to convert" (SR, documents) is not a failure
+            raise ConvertOutputError(f"BIDS conversion of {subject}/{info.relpath} failed: {exc}") from None
         if not outputs:
             not_converted.append({"series": info.relpath, "reason": "dcm2niix found no image to convert (e.g. SR, document)"})
             continue
