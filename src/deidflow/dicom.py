@@ -84,7 +84,10 @@ def _new_model() -> "IdentifierModel":
 
 
 # A UID embedded in binary or text: at least six numeric components, not part of a longer number.
-_EMBEDDED_UID = re.compile(rb"(?<![0-9.])(?:0|[1-9][0-9]*)(?:\.(?:0|[1-9][0-9]*)){5,}(?![0-9.])")
+# A UID inside a binary value: three or more numeric components (UUID-derived "2.25.<n>" has three)
+# and at least EMBEDDED_UID_MIN characters, so version strings such as "4.2.2" stay as they are.
+_EMBEDDED_UID = re.compile(rb"(?<![0-9.])(?:0|[1-9][0-9]*)(?:\.(?:0|[1-9][0-9]*)){2,}(?![0-9.])")
+EMBEDDED_UID_MIN = 16
 
 
 def looks_like_items(value) -> bool:
@@ -284,6 +287,8 @@ class Scrubber:
 
         def replace(m: re.Match) -> bytes:
             uid = m.group().decode("ascii")
+            if len(uid) < EMBEDDED_UID_MIN:
+                return m.group()
             if self.collect is not None:
                 self.collect.add("uid", "embedded UID", uid)
             return self.ctx.pseudo.same_length_uid(uid).encode("ascii")

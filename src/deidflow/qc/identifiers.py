@@ -474,6 +474,8 @@ def excluded_by(form: str, kind: str) -> str | None:
         return "too_short"
     if form.casefold() in r["common"]:
         return "common"
+    if len(set(compact.casefold())) == 1:
+        return "one_character"  # "000000000", "XXXXXX": a placeholder a device wrote, no identity
     if _NUMERIC_FORM.fullmatch(form) and sum(c.isdigit() for c in form) < r["min_digits"]:
         return "too_few_digits"
     if kind == "path" and _PLAIN_WORD.fullmatch(form):
