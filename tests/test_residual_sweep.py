@@ -241,3 +241,27 @@ def test_kept_keyword_coverage():
     assert {"CS", "LO", "SH", "LT", "ST", "UT", "UC", "UR", "PN"} <= set(kept), sorted(kept)  # no AE is kept
     assert keyword_for_tag(kept["LO"][0])
     _ = make_scrubber, pydicom
+
+
+@pytest.mark.parametrize("text", [
+    "Thorax von Jürgen Müller",        # ASCII-recorded name written with its accents
+    "Thorax Pat 4711923",              # the ID without its leading zeros
+    "born 17th of March 1958",         # "of" between day and month
+    "DOB 17 03 1958",                  # numbers separated by spaces
+    "geb. am 17. III. 1958",           # Roman-numeral month
+])
+def test_red_team_evasions_are_found(text):
+    """Forms a red-team run got past the sweep and the scan (exit 0, no marker)."""
+    from deidflow.qc import identifiers as ids
+    m = ids.matcher_for([("name", "PatientName", "MUELLER^JUERGEN"), ("id", "PatientID", "0004711923"),
+                         ("date", "PatientBirthDate", "19580317")], "sub-x")
+    assert m.find(text), text
+    assert "*" in m.redact_text(text)
+
+
+@pytest.mark.parametrize("text", ["dose 17 03 58", "vector 1 17 2 3 1958", "Mueller-Hinton agar 4711"])
+def test_near_misses_stay(text):
+    from deidflow.qc import identifiers as ids
+    m = ids.matcher_for([("name", "PatientName", "SMITH^JOHN"), ("id", "PatientID", "0004711923"),
+                         ("date", "PatientBirthDate", "19580317")], "sub-x")
+    assert not m.find(text), text

@@ -305,14 +305,15 @@ def _month_number_table() -> dict[bytes, int]:
     return table
 
 
-_MONTH_NO = _month_number_table()
+_ROMAN_MONTHS = ("i", "ii", "iii", "iv", "v", "vi", "vii", "viii", "ix", "x", "xi", "xii")
+_MONTH_NO = {**_month_number_table(), **{r.encode(): i for i, r in enumerate(_ROMAN_MONTHS, 1)}}  # 17. III. 1958
 _MONTH_RE = b"|".join(re.escape(m) for m in sorted(_MONTH_NO, key=len, reverse=True))
 _NB = rb"(?<![0-9])"
 _NA = rb"(?![0-9]|\.[0-9])"
 _DATE_TEXT = re.compile(
     rb"(?P<c8>" + _NB + rb"(?<!\.)\d{8}" + _NA + rb")"
-    rb"|" + _NB + rb"(?<!\.)(?P<a>\d{1,4})(?P<s>[./-]) ?(?P<b>\d{1,2})(?P=s) ?(?P<c>\d{4}|\d{2})" + _NA +
-    rb"|" + _NB + rb"(?P<d1>\d{1,2})(?:\.|st|nd|rd|th)?[ -]?(?:de )?(?<![a-z])(?P<m1>" + _MONTH_RE +
+    rb"|" + _NB + rb"(?<!\.)(?P<a>\d{1,4})(?P<s>[./ -]) ?(?P<b>\d{1,2})(?P=s) ?(?P<c>\d{4}|\d{2})" + _NA +
+    rb"|" + _NB + rb"(?P<d1>\d{1,2})(?:\.|st|nd|rd|th)?[ -]?(?:de |of )?(?<![a-z])(?P<m1>" + _MONTH_RE +
     rb")(?![a-z])\.?,?[ -]?(?:de )?(?P<y1>\d{4}|\d{2})" + _NA +
     rb"|(?<![a-z])(?P<m2>" + _MONTH_RE + rb")(?![a-z])\.? ?(?P<d2>\d{1,2})(?:st|nd|rd|th)?,? (?P<y2>\d{4})" + _NA,
     re.IGNORECASE)
@@ -341,6 +342,8 @@ def dates_in(low: bytes) -> Iterator[tuple[int, int, set[str]]]:
             out.add(v)
         elif g["a"]:
             a, b, c = g["a"].decode(), int(g["b"]), g["c"]
+            if g["s"] == b" " and len(a) + len(c) != 6:
+                continue  # space-separated numbers are a date only with a 4-digit year: 17 03 1958
             if len(a) == 4 and len(c) <= 2:
                 d = _ymd(a, b, int(c))
                 out |= {d} if d else set()
@@ -436,6 +439,8 @@ def forms(kind: str, value: str) -> set[str]:
         compact = _ID_SEPARATORS.sub("", value)
         if compact != value:
             out.add(compact)  # 123-45-6789 also as 123456789, P-968-287 as P968287
+        if compact.isdigit() and compact.startswith("0") and len(compact.lstrip("0")) >= 6:
+            out.add(compact.lstrip("0"))  # 0004711923 also as 4711923
         for part in re.split(r"[\r\n,;^\\]+", value):  # address and institution lines one by one
             if part.strip() and part.strip() != value:
                 out.add(part.strip())
@@ -452,7 +457,30 @@ def forms(kind: str, value: str) -> set[str]:
         out = {value}
     for o in list(out):
         out |= transliterations(o)
+    if kind == "name":
+        for o in list(out):
+            out |= accented_spellings(o)
     return out
+
+
+_ACCENTS = (("ue", "ü"), ("oe", "ö"), ("ae", "ä"), ("aa", "å"), ("oe", "ø"), ("ss", "ß"))
+
+
+def accented_spellings(value: str) -> set[str]:
+    """The spellings an ASCII name may have in text written with accents: MUELLER → Müller, Muller;
+    OEDEGAARD → Ødegård (one digraph replaced everywhere at a time, then all at once)."""
+    low = value.lower()
+    if not value.isascii() or not any(d in low for d, _ in _ACCENTS):
+        return set()
+    out = set()
+    for digraph, letter in _ACCENTS:
+        if digraph in low:
+            out |= {low.replace(digraph, letter), low.replace(digraph, digraph[0])}
+    every = low
+    for digraph, letter in _ACCENTS[:4]:
+        every = every.replace(digraph, letter)
+    out.add(every)
+    return {o for o in out if o != low and len(o) >= 3}
 
 
 _NUMERIC_FORM = re.compile(r"[\d\s()./:+-]+")
