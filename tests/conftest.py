@@ -65,3 +65,18 @@ def identifier_in(value: str, blob: bytes, name: str = "") -> bool:
         elif b in blob:
             return True
     return False
+
+
+def assert_finished(r, out) -> None:
+    """A run that finished: exit 0, or 3 only because input files were quarantined (an unknown
+    format, a truncated file) — no subject withheld, no RELEASE_INCOMPLETE marker."""
+    import json as _json
+    out = Path(out)
+    assert r.returncode in (0, 3), (r.stdout or "")[-2000:] + (r.stderr or "")[-3000:]
+    assert not (out / "RELEASE_INCOMPLETE").exists(), (r.stdout or "")[-2000:] + (r.stderr or "")[-3000:]
+    if r.returncode == 3:
+        restricted = out.with_name(out.name + "_restricted")
+        withheld = _json.loads((restricted / "withheld.json").read_text())
+        assert not withheld["withheld"] and not withheld["published_with_leaks"], withheld
+        quarantined = (restricted / "quarantine.tsv").read_text().splitlines()[1:]
+        assert quarantined, "exit 3 with nothing quarantined or withheld"

@@ -26,7 +26,7 @@ import pytest
 
 from deidflow.bids import dcm2niix
 
-from .conftest import ROOT, TEST_KEY, require_shared
+from .conftest import ROOT, TEST_KEY, assert_finished, require_shared
 from .test_realdata_dicom import Ident, _fail_on_hits, collect_identifiers, scan_bytes, scan_tree
 
 pytestmark = [pytest.mark.realdata, pytest.mark.slow, pytest.mark.workflow]
@@ -57,7 +57,7 @@ def _run(inp: Path, out: Path, *extra: str) -> None:
     r = subprocess.run([sys.executable, "-m", "deidflow.cli", "run", str(inp), str(out), "--cores", "2",
                         "--set", "face.method=none", *extra],
                        env=env, cwd=ROOT, capture_output=True, text=True, timeout=600)
-    assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-3000:]
+    assert_finished(r, out)
 
 
 def _images(restricted: Path) -> dict[str, list[dict]]:

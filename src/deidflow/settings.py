@@ -103,6 +103,12 @@ def _check_semantics(config: dict) -> None:
             check_config(config["pixels"])
         except (ValueError, RuntimeError, OSError) as exc:
             raise ConfigError(f"config key pixels: {exc}") from None
+    if (config.get("bids") or {}).get("mapping"):
+        from .bids.heuristic import rules_for  # a bad user rule fails here, not at parse time
+        try:
+            rules_for(config["bids"]["mapping"])
+        except ValueError as exc:
+            raise ConfigError(f"config key {exc}") from None
     if config.get("face"):  # the face stage runs for BIDS images and for NIfTI/Analyze/MGH inputs
         from .face.backends import check_config  # a missing optional backend fails here, not in a job
         try:

@@ -18,6 +18,7 @@ from __future__ import annotations
 import csv
 import dataclasses
 import hashlib
+import os
 import re
 import shutil
 from functools import lru_cache
@@ -27,7 +28,7 @@ from typing import Iterator, Mapping
 
 from ..dicom import Scrubber, SubjectContext
 from ..dicomio import DicomError, deidentify_path
-from ..fsutil import publish_dir, staging_dir_for
+from ..fsutil import RESTRICTED_DIR_MODE, RESTRICTED_FILE_MODE, publish_dir, staging_dir_for
 from ..profile import Plan, build_plan, safe_private_table
 from ..qc.identifiers import IdentifierCollector
 
@@ -162,18 +163,24 @@ class WorkingCopy:
 
     def add(self, src: Path, relpath: str, released: Path, pixels_changed: bool) -> None:
         """Write the working copy of ``src``.  A file whose pixels the release changed (burned-in
-        text), or that the working-copy profile cannot write, is converted from the released file."""
+        text), or that the working-copy profile cannot write, is converted from the released file.
+        Restricted modes (0600 files, 0700 folders), like everything in the restricted folder."""
         if self.stage is None:
             self.stage = staging_dir_for(self.final, self.restricted / "tmp" / "stage-bids-dicom")
         dst = self.stage / relpath
+        written = False
         if not pixels_changed:
             try:
                 deidentify_path(src, dst, self.scrubber)
-                return
+                written = True
             except (DicomError, OSError):
                 dst.unlink(missing_ok=True)
-        dst.parent.mkdir(parents=True, exist_ok=True)
-        shutil.copyfile(released, dst)
+        if not written:
+            dst.parent.mkdir(parents=True, exist_ok=True)
+            shutil.copyfile(released, dst)
+        os.chmod(dst, RESTRICTED_FILE_MODE)
+        for folder in dst.relative_to(self.stage).parents:
+            os.chmod(self.stage / folder, RESTRICTED_DIR_MODE)
 
     def scan_entries(self, entries: list[list[str]]) -> list[list[str]]:
         """The release's leak-scan identifiers without the private values the working copy keeps

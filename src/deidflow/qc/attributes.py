@@ -93,8 +93,15 @@ def _walk(ds, prefix: str, out: dict[str, tuple[int, str, str]]) -> None:
 
 
 def _read(path: Path):
+    import gzip
+
     import pydicom
+
+    from ..sniff import is_gzip
     try:
+        if is_gzip(path):  # a .dcm.gz input
+            with gzip.open(path, "rb") as fh:
+                return pydicom.dcmread(fh, stop_before_pixels=True, force=True)
         return pydicom.dcmread(path, stop_before_pixels=True, force=True)
     except Exception:  # unreadable here: the row stays without it, the report still builds
         return None

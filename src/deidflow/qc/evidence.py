@@ -186,47 +186,6 @@ def run_record(restricted: Path, run: Mapping) -> dict:
             "stages": stage_times(restricted)}
 
 
-PATH_OPTIONS = frozenset({"--dest", "--restricted", "--key-file", "--config", "--profile", "--configfile",
-                          "--directory", "--snakefile"})
-VALUE_OPTIONS = frozenset({"--cores", "--set", "--seed", "--jobs", "-j", "-c"})
-
-
-def public_command(command: list[str]) -> str:
-    """The command line with every path replaced by its role: ``<input>``/``<output>`` for the
-    positional arguments, ``<path>`` for path options and path-like ``--set`` values (folder
-    names can be patient names)."""
-    out = command[:2]
-    roles = iter(("<input>", "<output>"))
-    expects = ""  # "path" or "value": what the previous option takes
-    for a in command[2:]:
-        opt, eq, value = a.partition("=")
-        if expects == "path":
-            out.append("<path>")
-            expects = ""
-        elif expects == "value" and "=" not in a and "/" not in a:
-            out.append(a)
-            expects = ""
-        elif a.startswith("-"):
-            expects = ""
-            if opt in PATH_OPTIONS:
-                out.append(f"{opt}=<path>" if eq else opt)
-                expects = "" if eq else "path"
-            elif opt in VALUE_OPTIONS and not eq:
-                out.append(a)
-                expects = "value"
-            else:
-                out.append(a if "/" not in a else f"{opt}=<path>")
-        elif eq and not is_path_key(opt.rsplit(".", 1)[-1]) and "/" not in value:
-            expects = ""
-            out.append(a)  # a --set KEY=VALUE pair
-        elif eq:
-            out.append(f"{opt}=<path>")
-        else:
-            expects = ""
-            out.append(next(roles, "<path>"))
-    return " ".join(out)
-
-
 _STAMP = re.compile(r"^(\d{4}-\d\d-\d\d \d\d:\d\d:\d\d),(\d{3})")
 
 
@@ -269,11 +228,15 @@ def dciodvfy(pairs: list[tuple[Path, Path]], limit: int = 10) -> dict | None:
     exe = shutil.which("dciodvfy")
     if not exe:
         return None
+    import tempfile
+
+    from ..sniff import decompressed
     new: Counter = Counter()
     checked = 0
     for src, out in pairs[:limit]:
         try:
-            a = subprocess.run([exe, str(src)], capture_output=True, text=True, timeout=60, errors="replace")
+            with tempfile.TemporaryDirectory() as tmp, decompressed(src, tmp) as plain:  # .dcm.gz inputs
+                a = subprocess.run([exe, str(plain)], capture_output=True, text=True, timeout=60, errors="replace")
             b = subprocess.run([exe, str(out)], capture_output=True, text=True, timeout=60, errors="replace")
         except (OSError, subprocess.TimeoutExpired):
             continue

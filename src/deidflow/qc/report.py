@@ -527,9 +527,8 @@ def _run_record(facts: Mapping, restricted_copy: bool) -> str:
         command = '<span class="warn">not available</span> (this run did not record its command line)'
     elif restricted_copy:
         command = f"<code>{e(' '.join(cmd))}</code>"
-    else:
-        command = (f"<code>{e(evidence.public_command(cmd))}</code> "
-                   '<span class="muted">(paths as given: restricted copy)</span>')
+    else:  # the release must not depend on how the command was typed (--cores, --restricted …)
+        command = '<span class="muted">in the restricted copy (paths as given)</span>'
     diff = rec.get("diff") or []
     diff_html = "none (every setting at its default)" if not diff else "<br>".join(
         f"<code>{e(k)}</code>: {e(_shown(k, v, restricted_copy))} "
