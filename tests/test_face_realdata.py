@@ -33,7 +33,7 @@ from deidflow.face.apply import Nifti
 from deidflow.face.volume import reference_volume
 from deidflow.settings import load_defaults
 
-from .conftest import ROOT, TEST_KEY, require_shared
+from .conftest import ROOT, TEST_KEY, assert_finished, require_shared
 
 pytestmark = [pytest.mark.realdata, pytest.mark.slow]
 
@@ -82,7 +82,7 @@ def released(tmp_path_factory):
     env = dict(os.environ, DEIDFLOW_KEY=TEST_KEY)
     r = subprocess.run([sys.executable, "-m", "deidflow.cli", "run", str(inp), str(out), "--cores", "2"],
                        env=env, cwd=ROOT, capture_output=True, text=True, timeout=900)
-    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    assert_finished(r, out)
     restricted = out.with_name(out.name + "_restricted")
     reports = {d: json.loads(d.read_text()) for d in sorted((restricted / "done" / "face").glob("*.json"))}
     images = [dict(im, unit=r["unit"]) for r in reports.values() for im in r["images"]]

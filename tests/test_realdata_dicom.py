@@ -58,6 +58,8 @@ from pydicom.uid import UID_dictionary
 from deidflow import inventory, release
 from deidflow.pseudonym import Pseudonymizer
 
+from .conftest import assert_finished
+
 SETTINGS = {"options": [], "private": "remove", "overrides": [], "pseudonym_length": 8,
             "date_offset_days": [-365, -1], "mapping_csv": "", "key_file": ""}
 
@@ -812,7 +814,7 @@ def test_cli_run_decubitus_leaves_no_identifier_in_release_or_snakemake(tmp_path
     proc = subprocess.run([sys.executable, "-m", "deidflow.cli", "run", str(input_dir), str(out),
                            "--cores", "2"], env=env, cwd=tmp_path, capture_output=True, text=True,
                           timeout=600)
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
+    assert_finished(proc, out)
     restricted = tmp_path / "release_restricted"
     snakemake_dir = restricted / ".snakemake"
     assert snakemake_dir.is_dir(), "the CLI starts Snakemake in the restricted folder"
