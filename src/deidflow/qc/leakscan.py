@@ -551,12 +551,30 @@ def _scan_dicom(path: Path, rel: str, head: bytes, size: int, matcher: Matcher, 
     parse = _DEFLATED in header[:4096] or any(t not in _SAFE_CHARSETS for t in _CHARSET_TERMS.findall(header))
     if found:
         for off, n in found:
-            res.hits.append(_hit(rel, _dicom_location(path, n, off), n))
+            where = _dicom_location(path, n, off)
+            if not _label_in_defined_term(n, where):
+                res.hits.append(_hit(rel, where, n))
     if parse:
         for where, text in _dicom_strings(path, deflated=_DEFLATED in header[:4096]):
             for _, n in matcher.find(text.encode("utf-8")):
-                res.hits.append(_hit(rel, f"DICOM {where}", n))
+                if not _label_in_defined_term(n, f"DICOM {where}"):
+                    res.hits.append(_hit(rel, f"DICOM {where}", n))
     _dedupe(res)
+
+
+def _label_in_defined_term(n: Needle, location: str) -> bool:
+    """An original file or folder name found as a coded value (VR CS: SpecificCharacterSet GB18030,
+    ImageType, Modality …) is a label that happens to name a defined term, not an identity; a
+    person's name or an ID planted in a CS value is still a hit (other kinds)."""
+    if n.kind != "path" or not location.startswith("DICOM "):
+        return False
+    keyword = location[6:].rsplit(".", 1)[-1].split("[", 1)[0]
+    from pydicom.datadict import dictionary_VR, tag_for_keyword
+    tag = tag_for_keyword(keyword)
+    try:
+        return tag is not None and dictionary_VR(tag) == "CS"
+    except KeyError:
+        return False
 
 
 def _dicom_strings(path: Path, deflated: bool) -> Iterator[tuple[str, str]]:
