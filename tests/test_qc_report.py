@@ -354,7 +354,7 @@ def test_demo_reports_in_chromium(demo, chromium, tmp_path):
     assert before == {"face_front_before", "pixels_before_after"}, before
     # the face decision of every image, with its reason
     faces = [t for a, t in public.find("table", id="face-table")]
-    assert "defaced" in faces[0] and "modality CT, not MR" in faces[0]
+    assert "defaced" in faces[0] and "no 3D coverage of a face" in faces[0]
     # kept/changed/removed: private tags named by creator (ACME PACS stamp, Siemens CSA header)
     rows = [t for a, t in public.find("tr") if "data-action" in a]
     assert any("(0029,1010)" in t and "SIEMENS CSA HEADER" in t and "CSA Image Header Info" in t for t in rows)
@@ -413,7 +413,7 @@ def test_jsl_reports_in_chromium(jsl, chromium, tmp_path):
     full = open_report(chromium, tmp_path, jsl["restricted"] / "qc" / "report-full.html", jsl["restricted"],
                        "jsl-restricted")
     states = public.signoff()
-    assert states["Burned-in text"] == "PASS" and states["Faces"] == "WARN"  # no BIDS: no face stage
+    assert states["Burned-in text"] == "PASS" and states["Faces"] == "PASS"  # selected from the DICOM itself
     pics = _public_pictures(public)
     assert pics and all(a["data-before"] == "no" for a in pics)
     assert {a["alt"].split()[-1] for a in pics} == {"pixels_before_after"}
@@ -433,14 +433,18 @@ def leaky(tmp_path_factory):
     make_demo_input(base / "input")
     # an attacker's private block: its creator is the patient's name (removed with the block; the
     # report names creators read from the originals, so it must withhold this one)
+    # and another patient's ID in a kept attribute of every file of the series (a mis-filed study:
+    # the engine sweeps a file owner's own values, another patient's are for the leak scan), all
+    # subjects in one job unit so its scan knows both; published on purpose to show the report
+    other = next(f for f in sorted((base / "input").rglob("*.dcm")) if "MUSTERMANN" not in str(f))
+    other_id = str(pydicom.dcmread(other).PatientID)
     (series,) = sorted((base / "input").glob("MUSTERMANN_*/*/001_*"))
     for f in sorted(series.glob("*.dcm")):
         ds = pydicom.dcmread(f)
         ds.private_block(0x0011, "MUSTERMANN ERIKA", create=True).add_new(0x01, "LO", "x")
+        ds.SequenceName = f"*tse2d1_{other_id}"
         ds.save_as(f)
-    config = {"dicom": {"overrides": [{"attribute": "PatientName", "action": "keep"}]}}
-    if "on_leak" in (ROOT / "config" / "schema.yaml").read_text():  # the release gate would withhold them
-        config["verify"] = {"on_leak": "publish"}
+    config = {"jobs": {"min_batches": 1}, "verify": {"on_leak": "publish"}}
     r = run_deidflow(base / "input", base / "release", "--set", "face.method=none", "--set", "outputs.bids=false",
                      config=config)
     return {"release": base / "release", "restricted": base / "release_restricted", "rc": r.returncode,
@@ -448,8 +452,9 @@ def leaky(tmp_path_factory):
 
 
 def test_leaking_run_report_in_chromium(leaky, chromium, tmp_path):
-    """A run that keeps PatientName: the sign-off fails the leak scan, the hits are grouped by
-    attribute and kind of identifier with their file counts, each group expandable per file."""
+    """A run that publishes a leak (verify.on_leak: publish): the sign-off fails the leak scan, the
+    hits are grouped by attribute and kind of identifier with their file counts, each group
+    expandable per file."""
     assert leaky["html"].exists(), leaky["stderr"][-3000:]
     public = open_report(chromium, tmp_path, leaky["html"], leaky["restricted"], "leak-public")
     open_report(chromium, tmp_path, leaky["restricted"] / "qc" / "report-full.html", leaky["restricted"],
@@ -458,10 +463,11 @@ def test_leaking_run_report_in_chromium(leaky, chromium, tmp_path):
     assert states["Leak scan: metadata"] == "FAIL"
     assert [a for a, _ in public.find("section", id="signoff")][0]["data-overall"] == "FAIL"
     groups = [t for a, t in public.find("tr", **{"class": "leak-group"})]
-    assert groups and any(g.startswith("DICOM PatientName") for g in groups), groups
+    assert groups and any(g.startswith("DICOM SequenceName") for g in groups), groups
     n_files = sum(1 for _ in (leaky["release"] / "sourcedata" / "dicom").rglob("*.dcm"))
-    name_group = next(g for g in groups if g.startswith("DICOM PatientName"))
-    assert str(n_files) in name_group  # every released DICOM file keeps the name
+    planted = sum(1 for _ in sorted(leaky["release"].parent.glob("input/MUSTERMANN_*/*/001_*"))[0].glob("*.dcm"))
+    id_group = next(g for g in groups if g.startswith("DICOM SequenceName"))
+    assert str(planted) in id_group  # every planted file, one group
     assert len(groups) < n_files  # grouped, not one row per file
     assert [a for a, _ in public.find("details", **{"class": "group"})]
     rows = [t for a, t in public.find("tr") if "data-action" in a]
