@@ -32,8 +32,8 @@ rule publish:
         "unit"
     threads: 1
     resources:
-        mem_mb=500,
-        runtime=10,
+        mem_mb=attempt_scaled(config["resources"]["publish_mem_mb"]),
+        runtime=attempt_scaled(config["resources"]["publish_runtime_min"]),
     conda:
         "../envs/core.yaml"
     shell:

@@ -15,6 +15,7 @@ from pathlib import Path
 import pydicom
 import pytest
 
+from .conftest import assert_finished
 from .test_bids_workflow import run_cli, validator_errors
 
 pytestmark = [pytest.mark.workflow, pytest.mark.slow]
@@ -22,7 +23,7 @@ pytestmark = [pytest.mark.workflow, pytest.mark.slow]
 
 def _release(inp: Path, out: Path, *extra: str) -> Path:
     r = run_cli("run", str(inp), str(out), "--cores", "2", "--set", "face.method=none", *extra)
-    assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-3000:]
+    assert_finished(r, out)
     return out
 
 
