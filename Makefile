@@ -4,6 +4,7 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed-stamp
 CORES  ?= 2
+LINT_DIR := $(shell mktemp -u -d /tmp/deidflow-lint-XXXXXX)
 # The SLURM executor plugins (the `slurm` extra for users), without their dependencies, which are in
 # the test extra. (A private folder for them saved nothing measurable: docs/design-notes.md.)
 SLURM_PLUGINS := snakemake-executor-plugin-slurm==2.8.0 snakemake-executor-plugin-slurm-jobstep==0.6.1
@@ -53,7 +54,8 @@ bench: install-all  ## throughput and overhead benchmarks, printed as tables
 	$(BIN)/python benchmarks/startup.py
 
 lint: install
-	DEIDFLOW_KEY=lint-only-key-0123456789 $(BIN)/snakemake --lint --config input=tests output=/tmp/deidflow-lint-release
+	rm -rf $(LINT_DIR) && $(BIN)/python -c "from deidflow.demo import make_demo_input; make_demo_input('$(LINT_DIR)/input')"
+	DEIDFLOW_KEY=lint-only-key-0123456789 $(BIN)/snakemake --lint --config input=$(LINT_DIR)/input output=$(LINT_DIR)/release
 
 clean:
 	rm -rf $(VENV) demo .snakemake .pytest_cache build dist
