@@ -80,3 +80,28 @@ def assert_finished(r, out) -> None:
         assert not withheld["withheld"] and not withheld["published_with_leaks"], withheld
         quarantined = (restricted / "quarantine.tsv").read_text().splitlines()[1:]
         assert quarantined, "exit 3 with nothing quarantined or withheld"
+
+
+def debian_program(program: str, package: str, what: str) -> str:
+    """``program`` on PATH, installed from Debian's ``package`` with apt-get when missing (root on
+    a Debian machine); ``what`` names the test in the message when it cannot be had: a failure
+    in CI, a skip elsewhere."""
+    import shutil
+    import subprocess
+
+    def unavailable(reason: str):
+        if os.environ.get("CI", "").lower() in ("1", "true", "yes"):
+            pytest.fail(f"{what} cannot run: {reason}")
+        pytest.skip(f"{what} cannot run: {reason}")
+
+    exe = shutil.which(program)
+    if exe:
+        return exe
+    if os.geteuid() != 0 or not shutil.which("apt-get"):
+        unavailable(f"Debian's {package} is not installed and this is not a root Debian machine")
+    env = dict(os.environ, DEBIAN_FRONTEND="noninteractive")
+    for cmd in (["apt-get", "update", "-qq"], ["apt-get", "install", "-y", "-qq", package]):
+        r = subprocess.run(cmd, capture_output=True, text=True, env=env)
+        if r.returncode:
+            unavailable(f"{' '.join(cmd)} failed: {(r.stderr or r.stdout).strip()[-400:]}")
+    return shutil.which(program) or unavailable(f"{program} not on PATH after installing {package}")

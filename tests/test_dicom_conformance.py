@@ -5,9 +5,7 @@ options.  (Siemens XA writes the SR's Type 1 CompletionFlag with VR LO; it used 
 VR mismatch.)  dicom3tools is installed with apt-get when missing and this is a root Debian machine."""
 from __future__ import annotations
 
-import os
 import re
-import shutil
 import subprocess
 from pathlib import Path
 
@@ -18,33 +16,16 @@ from deidflow.dicomio import deidentify_path
 from deidflow.profile import build_plan
 from deidflow.pseudonym import Pseudonymizer
 
-from .conftest import TEST_KEY, require_shared
+from .conftest import TEST_KEY, debian_program, require_shared
 
-IN_CI = os.environ.get("CI", "").lower() in ("1", "true", "yes")
 FILES_PER_FOLDER = 2  # every series folder is represented; dciodvfy costs ~0.1 s per file
 CONFIGS = {"default": {}, "private_safe": {"private": "safe"},
            "clean": {"options": ("clean_descriptors", "clean_structured_content", "clean_graphics")}}
 
 
-def _unavailable(reason: str):
-    if IN_CI:
-        pytest.fail(f"dciodvfy comparison cannot run: {reason}")
-    pytest.skip(f"dciodvfy comparison cannot run: {reason}")
-
-
 @pytest.fixture(scope="session")
 def dciodvfy() -> str:
-    exe = shutil.which("dciodvfy")
-    if exe:
-        return exe
-    if os.geteuid() != 0 or not shutil.which("apt-get"):
-        _unavailable("Debian's dicom3tools is not installed and this is not a root Debian machine")
-    env = dict(os.environ, DEBIAN_FRONTEND="noninteractive")
-    for cmd in (["apt-get", "update", "-qq"], ["apt-get", "install", "-y", "-qq", "dicom3tools"]):
-        r = subprocess.run(cmd, capture_output=True, text=True, env=env)
-        if r.returncode:
-            _unavailable(f"{' '.join(cmd)} failed: {(r.stderr or r.stdout).strip()[-400:]}")
-    return shutil.which("dciodvfy") or _unavailable("dciodvfy not on PATH after installing dicom3tools")
+    return debian_program("dciodvfy", "dicom3tools", "dciodvfy comparison")
 
 
 def shared_dicom_files() -> list[Path]:

@@ -30,33 +30,16 @@ import pytest
 from deidflow.demo import make_demo_input, planted_identifiers
 from deidflow.qc import audit, report
 
-from .conftest import ROOT, TEST_KEY, identifier_in
+from .conftest import ROOT, TEST_KEY, debian_program, identifier_in
 
 pytestmark = [pytest.mark.workflow, pytest.mark.slow]
-IN_CI = os.environ.get("CI", "").lower() in ("1", "true", "yes")
 QC = Path("derivatives") / "deidflow" / "qc"
 STATUS_CLEAN_RGB = (0x17, 0x70, 0x3A)  # colour of a "clean" leak-scan status (.ok in qc_report.html)
 
 
-def _unavailable(reason: str):
-    if IN_CI:
-        pytest.fail(f"report browser test cannot run: {reason}")
-    pytest.skip(f"report browser test cannot run: {reason}")
-
-
 @pytest.fixture(scope="session")
 def chromium() -> str:
-    exe = shutil.which("chromium")
-    if exe:
-        return exe
-    if os.geteuid() != 0 or not shutil.which("apt-get"):
-        _unavailable("Debian's chromium is not installed and this is not a root Debian machine")
-    env = dict(os.environ, DEBIAN_FRONTEND="noninteractive")
-    for cmd in (["apt-get", "update", "-qq"], ["apt-get", "install", "-y", "-qq", "chromium"]):
-        r = subprocess.run(cmd, capture_output=True, text=True, env=env)
-        if r.returncode:
-            _unavailable(f"{' '.join(cmd)} failed: {(r.stderr or r.stdout).strip()[-400:]}")
-    return shutil.which("chromium") or _unavailable("chromium not on PATH after installing it")
+    return debian_program("chromium", "chromium", "report browser test")
 
 
 def browser(exe: str, tmp: Path, url: str, *extra: str) -> subprocess.CompletedProcess:
