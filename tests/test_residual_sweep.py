@@ -265,3 +265,12 @@ def test_near_misses_stay(text):
     m = ids.matcher_for([("name", "PatientName", "SMITH^JOHN"), ("id", "PatientID", "0004711923"),
                          ("date", "PatientBirthDate", "19580317")], "sub-x")
     assert not m.find(text), text
+
+
+@pytest.mark.parametrize("text", ["Thorax Sidorov", "Pyotr Sidorov", "Thorax Wolfeschlegelste"])
+def test_cyrillic_in_latin_and_truncated_names_are_found(text):
+    """A Cyrillic name written in Latin letters, a long name cut to a 16-character field."""
+    from deidflow.qc import identifiers as ids
+    m = ids.matcher_for([("name", "PatientName", "Сидоров^Пётр"),
+                         ("name", "OtherPatientNames", "WOLFESCHLEGELSTEINHAUSEN^HUBERT")], "sub-x")
+    assert m.find(text), text

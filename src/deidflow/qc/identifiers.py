@@ -274,11 +274,31 @@ _FOLD_EXTRA = {"ß": "ss", "ø": "o", "Ø": "O", "æ": "ae", "Æ": "AE", "đ": "
                "œ": "oe", "Œ": "OE", "þ": "th", "Þ": "TH", "ı": "i"}
 
 
+# Cyrillic in Latin letters, as names are written in Latin-script documents (BGN/PCGN-like; ё and
+# the soft/hard signs also in their other common spellings): Сидоров → Sidorov, Пётр → Petr, Pyotr.
+_CYRILLIC = dict(zip("абвгдезийклмнопрстуфыэ", "abvgdeziyklmnoprstufye"))
+_CYRILLIC.update({"ж": "zh", "х": "kh", "ц": "ts", "ч": "ch", "ш": "sh", "щ": "shch", "ю": "yu", "я": "ya",
+                  "ь": "", "ъ": "", "ё": "e", "є": "ye", "і": "i", "ї": "yi", "ґ": "g"})
+_CYRILLIC_ALT = {"ё": "yo", "х": "h", "й": "i", "ю": "iu", "я": "ia"}
+
+
+def _latin_of_cyrillic(value: str) -> set[str]:
+    low = value.lower()
+    if not any("\u0400" <= c <= "\u04ff" for c in low):
+        return set()
+    main = "".join(_CYRILLIC.get(c, c) for c in low)
+    alt = "".join(_CYRILLIC_ALT.get(c, _CYRILLIC.get(c, c)) for c in low)
+    return {o for o in (main, alt) if o.isascii()}
+
+
 def transliterations(value: str) -> set[str]:
     """ASCII spellings of a value with accented letters: Müller → Muller, Mueller; Ødegård → Odegard,
-    Oedegaard; ß → ss.  Empty for ASCII values."""
+    Oedegaard; ß → ss; Cyrillic in Latin letters (Сидоров → Sidorov).  Empty for ASCII values."""
     if value.isascii():
         return set()
+    latin = _latin_of_cyrillic(value)
+    if latin:
+        return latin
     import unicodedata
 
     def strip(s: str) -> str:
@@ -405,7 +425,12 @@ def name_forms(value: str) -> set[str]:
                 out |= {f"{given} {middle} {family}", f"{given} {middle[0]}. {family}"}
         if "^" not in group and " " in group.strip():  # a plain "Given Family" name
             out.update(w for w in group.split() if w)
+    # a long name part cut to a field's length (SH and many vendor fields hold 16 characters)
+    out.update(w[:TRUNCATED_AT] for w in list(out) if " " not in w and "^" not in w and len(w) > TRUNCATED_AT)
     return {o.strip() for o in out if o.strip()}
+
+
+TRUNCATED_AT = 16
 
 
 def time_forms(value: str) -> set[str]:
