@@ -128,9 +128,6 @@ def test_same_key_same_bytes_and_rerun_is_idempotent(default, demo_export, tmp_p
     assert r.returncode == 0 and bids_hashes(default["out"]) == before
 
 
-@pytest.mark.xfail(reason="the release gate withholds the CT subject: with clean_descriptors its NIfTI aux_file "
-                          "holds a name the leak scan traces to private (0009,1010) (a leak the old flow released); "
-                          "bids/convert must scrub aux_file", strict=False)
 def test_bids_only_release_with_options_and_mapping(demo_export, tmp_path):
     """outputs.dicom false: the scrubbed DICOM stays in the restricted work area and is still
     converted; retain_patient_characteristics gives sex/age; a bids.mapping rule wins."""
