@@ -14,31 +14,22 @@ import json
 import os
 import shutil
 import statistics
-import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "benchmarks"))
 from tables import table  # noqa: E402
+from runs import deidflow_run  # noqa: E402
 from trees import real_header_tree  # noqa: E402
 
-KEY = "benchmark-key-0123456789abcdef"
 SETTINGS = ("--set", "face.method=none")  # the face stage has its own benchmark
 
 
 def run(src: Path, tree: Path, out: Path) -> float:
     """Wall seconds of ``deidflow run --cores 2`` with the package and workflow at ``src``."""
-    env = dict(os.environ, DEIDFLOW_KEY=KEY, PYTHONPATH=str(src / "src"))
-    t = time.perf_counter()
-    r = subprocess.run([sys.executable, "-m", "deidflow.cli", "run", str(tree), str(out), "--cores", "2",
-                        *SETTINGS], env=env, cwd=src, capture_output=True, text=True)
-    dt = time.perf_counter() - t
-    if r.returncode not in (0, 3):
-        raise SystemExit(f"deidflow run failed:\n{r.stderr[-3000:]}")
-    return dt
+    return deidflow_run(tree, out, *SETTINGS, src=src, ok=(0, 3))
 
 
 def publish_seconds(restricted: Path) -> float:

@@ -15,7 +15,6 @@ import argparse
 import os
 import shutil
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
@@ -24,23 +23,16 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "benchmarks"))
 from tables import table  # noqa: E402
+from runs import deidflow_run  # noqa: E402
 from trees import real_header_tree, tiny_subject_tree  # noqa: E402
 
 from deidflow.qc import report  # noqa: E402
 
-KEY = "benchmark-key-0123456789abcdef"
 HEADER_PATH = ("--set", "outputs.bids=false", "--set", "face.method=none")
 
 
 def run(tree: Path, out: Path) -> float:
-    env = dict(os.environ, DEIDFLOW_KEY=KEY)
-    t = time.perf_counter()
-    r = subprocess.run([sys.executable, "-m", "deidflow.cli", "run", str(tree), str(out), "--cores", "2",
-                        *HEADER_PATH], env=env, capture_output=True, text=True)
-    dt = time.perf_counter() - t
-    if r.returncode not in (0, 3):
-        raise SystemExit(f"deidflow run failed:\n{r.stderr[-3000:]}")
-    return dt
+    return deidflow_run(tree, out, *HEADER_PATH, ok=(0, 3))
 
 
 def report_times(release: Path, restricted: Path, reps: int) -> dict[str, float]:

@@ -42,6 +42,7 @@ import pydicom
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "benchmarks"))
 from tables import table  # noqa: E402
+from runs import KEY, deidflow_run  # noqa: E402
 from trees import real_header_tree, tiny_subject_tree  # noqa: E402
 from verify import bench_verify, table_rows as verify_rows  # noqa: E402
 import leakscan_scale  # noqa: E402
@@ -57,7 +58,6 @@ from deidflow.qc.leakscan import verify_dataset, verify_unit  # noqa: E402
 from deidflow.qc.report import write_report  # noqa: E402
 from deidflow.release import deidentify_unit  # noqa: E402
 
-KEY = "benchmark-key-0123456789abcdef"
 # Tables 3 and 5 compare with the library doing the same work: the DICOM release with its leak scan
 # and QC report (BIDS conversion and defacing have their own benchmarks).
 DICOM_RELEASE = ("--set", "outputs.bids=false")
@@ -175,17 +175,6 @@ def library_time(tree: Path, scratch: Path) -> tuple[float, dict]:
     if r.returncode:
         raise SystemExit(f"baseline failed:\n{r.stderr[-3000:]}")
     return wall, json.loads(r.stdout.strip().splitlines()[-1])
-
-
-def deidflow_run(tree: Path, out: Path, *extra: str) -> float:
-    env = dict(os.environ, DEIDFLOW_KEY=KEY)
-    t = time.perf_counter()
-    r = subprocess.run([sys.executable, "-m", "deidflow.cli", "run", str(tree), str(out), "--cores", "2", *extra],
-                       env=env, capture_output=True, text=True)
-    dt = time.perf_counter() - t
-    if r.returncode:
-        raise SystemExit(f"deidflow run failed:\n{r.stderr[-3000:]}")
-    return dt
 
 
 def timed_rss(tree: Path, out: Path, *extra: str) -> tuple[float, float]:
