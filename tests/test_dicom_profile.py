@@ -1209,3 +1209,12 @@ def test_both_engines_give_same_dataset(tmp_path, ts, config):
     assert stream.result.actions == dataset.result.actions
     assert stream.result.sop_instance_uid == dataset.result.sop_instance_uid
     assert [e.tag for e in stream.ds] == [e.tag for e in dataset.ds]
+
+
+def test_embedded_uids_in_blobs_short_long_and_versions():
+    """UIDs in kept private blobs are keyed: six components however short, UUID-derived 2.25.<n>
+    (three components); a version string such as 4.2.2 is no UID."""
+    from deidflow.dicom import _EMBEDDED_UID, is_embedded_uid
+    blob = b'v = "4.2.2" a = "1.2.3.4.5.6" b = "2.25.83469687826313945834466730245711855763"'
+    found = [m.group().decode() for m in _EMBEDDED_UID.finditer(blob) if is_embedded_uid(m.group().decode())]
+    assert found == ["1.2.3.4.5.6", "2.25.83469687826313945834466730245711855763"]

@@ -84,10 +84,16 @@ def _new_model() -> "IdentifierModel":
 
 
 # A UID embedded in binary or text: at least six numeric components, not part of a longer number.
-# A UID inside a binary value: three or more numeric components (UUID-derived "2.25.<n>" has three)
-# and at least EMBEDDED_UID_MIN characters, so version strings such as "4.2.2" stay as they are.
+# A UID inside a binary value: six or more numeric components, or three or more (UUID-derived
+# "2.25.<n>" has three) in at least EMBEDDED_UID_MIN characters, so version strings such as "4.2.2"
+# stay as they are.
 _EMBEDDED_UID = re.compile(rb"(?<![0-9.])(?:0|[1-9][0-9]*)(?:\.(?:0|[1-9][0-9]*)){2,}(?![0-9.])")
 EMBEDDED_UID_MIN = 16
+
+
+def is_embedded_uid(text: str) -> bool:
+    """Whether a dotted number found in a binary value is taken for a UID (see _EMBEDDED_UID)."""
+    return text.count(".") >= 5 or len(text) >= EMBEDDED_UID_MIN
 
 
 def looks_like_items(value) -> bool:
@@ -287,7 +293,7 @@ class Scrubber:
 
         def replace(m: re.Match) -> bytes:
             uid = m.group().decode("ascii")
-            if len(uid) < EMBEDDED_UID_MIN:
+            if not is_embedded_uid(uid):
                 return m.group()
             if self.collect is not None:
                 self.collect.add("uid", "embedded UID", uid)
