@@ -409,27 +409,13 @@ def real_heads(tmp_path_factory):
 def _reference_box(vol) -> np.ndarray:
     """The template's eye/brow box mapped to the subject by an independent, thorough registration
     (2 mm, three levels, four times the iterations, tight convergence), not the one under test."""
-    from ants.internal import get_lib_fn, get_pointer_string, process_arguments
     from deidflow.face import ants_deface as ad
-    ants = ad._ants()
     tpl = ad.template()
-    small, small_aff = ad.downsample(vol.data, vol.affine, 2.0)
-    fixed, moving = ad.to_ants(ants, small, small_aff), ad.to_ants(ants, tpl.image.astype(np.float32), tpl.image_affine)
-    fx, mv = get_pointer_string(fixed), get_pointer_string(moving)
-    import tempfile
-    with tempfile.TemporaryDirectory() as tmp:
-        args = ["--dimensionality", "3", "--float", "1", "-r", f"[{fx},{mv},1]",
-                "--metric", f"MI[{fx},{mv},1,32,Regular,0.25]", "--transform", "Affine[0.1]",
-                "--convergence", "[200x100x50,1e-6,10]", "--shrink-factors", "4x2x1", "--smoothing-sigmas", "2x1x0vox",
-                "-u", "0", "-z", "1", "--random-seed", "1", "--output", tmp + "/r"]
-        assert get_lib_fn("antsRegistration")(process_arguments(args)) == 0
-        tx = ants.read_transform(tmp + "/r0GenericAffine.mat")
-        p, c = np.asarray(tx.parameters, float), np.asarray(tx.fixed_parameters, float)
-    lin = p[:9].reshape(3, 3)
-    m = np.eye(4)
-    m[:3, :3], m[:3, 3] = lin, c + p[9:12] - lin @ c
-    flip = np.diag([-1.0, -1.0, 1.0, 1.0])
-    inv = np.linalg.inv(flip @ m @ flip)              # template RAS -> subject RAS
+    to_template = ad.affine_registration(ad.downsample(vol.data, vol.affine, 2.0),
+                                         (tpl.image.astype(np.float32), tpl.image_affine), sampling=0.25,
+                                         convergence="[200x100x50,1e-6,10]", shrink="4x2x1",
+                                         smoothing="2x1x0vox", step=0.1, seed=1)
+    inv = np.linalg.inv(to_template)                  # template RAS -> subject RAS
     return tpl.eye_brow_box @ inv[:3, :3].T + inv[:3, 3]
 
 

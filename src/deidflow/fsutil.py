@@ -165,7 +165,10 @@ def _unlink_quietly(path: str | Path) -> None:
         pass
 
 
-GZIP_LEVEL = 6
+# zlib level of every gzip file deidflow writes (NIfTI from conversion, defaced NIfTI, masks):
+# level 1 compresses a 4.5 MB T1 stack 5x faster than level 6 (0.06 s vs 0.28 s) into a file 8 %
+# larger (2.16 vs 2.01 MB); a default run compresses each converted head twice (convert, face).
+GZIP_LEVEL = 1
 
 
 @contextmanager

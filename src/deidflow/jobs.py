@@ -202,8 +202,8 @@ STAGES = {
 
 
 # pydicom imports `requests` (0.1 s of every job's start) only to offer downloads of its test
-# files, and no job goes to the network; only antspyx (face) needs the module to import.
-NEEDS_REQUESTS = {"face"}
+# files, and no job goes to the network (the face backends load ANTs' library without the antspyx
+# package, which imports it; deepbet does not).
 ZYGOTE_ENV = "DEIDFLOW_ZYGOTE"  # deidflow.zygote.ENV, without importing it
 
 
@@ -211,7 +211,7 @@ def main(argv: list[str] | None = None) -> int:
     """Run one job: in a child of the fork server when ``deidflow run`` started one (see
     :mod:`deidflow.zygote`), else in this process."""
     argv = list(sys.argv[1:] if argv is None else argv)
-    if os.environ.get(ZYGOTE_ENV) and argv and argv[0] not in NEEDS_REQUESTS:
+    if os.environ.get(ZYGOTE_ENV) and argv:
         from .zygote import run_remote
         rc = run_remote(argv)
         if rc is not None:
@@ -234,8 +234,7 @@ def run(argv: list[str]) -> int:
     if os.environ.get("DEIDFLOW_TEST_PAUSE_AT"):  # test hook only (deidflow.publish.PAUSE_ENV)
         from .publish import test_pause
         test_pause(args.stage)
-    if args.stage not in NEEDS_REQUESTS:
-        sys.modules.setdefault("requests", None)  # type: ignore[assignment]
+    sys.modules.setdefault("requests", None)  # type: ignore[assignment]
     args.func(args)
     return 0
 

@@ -70,7 +70,7 @@ def _serve(listener: socket.socket) -> None:
     signal.signal(signal.SIGTERM, lambda *_: os._exit(0))
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGCHLD, signal.SIG_IGN)  # children report their status themselves
-    sys.modules.setdefault("requests", None)  # see deidflow.jobs.NEEDS_REQUESTS
+    sys.modules.setdefault("requests", None)  # see deidflow.jobs.main
     import importlib
     for name in PRELOAD:
         try:

@@ -36,22 +36,86 @@ CONVERGENCE = "[100x50,1e-5,5]"   # iterations per level, early stop: metric cha
 TEMPLATE_FILE = "face_template.npz"
 CT_WINDOW_HU = (-200.0, 300.0)   # soft tissue to thin bone: skin, fat, muscle, skull (air and dense bone clipped)
 _LPS = np.diag([-1.0, -1.0, 1.0])
+_FLIP = np.diag([-1.0, -1.0, 1.0, 1.0])
 
 
-def _ants():
+def _lib():
+    """ANTs' compiled library (the ``ants.lib`` extension of antspyx) without the Python package
+    around it: ``import ants`` also imports its plotting, learning and statistics modules
+    (matplotlib, statsmodels, scikit-learn: 1.4 s of every face job), none of which defacing uses."""
+    import importlib.machinery
+    import importlib.util
+    import sys
     os.environ["ITK_GLOBAL_DEFAULT_NUMBER_OF_THREADS"] = "1"  # deterministic; 3 mm images are small
-    import ants
-    ants.config.set_ants_deterministic(True, SEED)
-    return ants
+    if "ants.lib" in sys.modules:
+        return sys.modules["ants.lib"]
+    spec = importlib.util.find_spec("ants")
+    for folder in (spec.submodule_search_locations or []) if spec else []:
+        for suffix in importlib.machinery.EXTENSION_SUFFIXES:
+            path = os.path.join(folder, "lib" + suffix)
+            if os.path.isfile(path):
+                lib_spec = importlib.util.spec_from_file_location("ants.lib", path)
+                lib = importlib.util.module_from_spec(lib_spec)
+                sys.modules["ants.lib"] = lib   # a later ``import ants`` uses this one, never a second copy
+                lib_spec.loader.exec_module(lib)
+                return lib
+    raise ImportError("antspyx is not installed (the 'ants' face backend needs it)")
 
 
-def to_ants(ants, data: np.ndarray, affine: np.ndarray):
-    """An ANTs image (LPS physical space) of an array with a NIfTI (RAS) affine, in any voxel order."""
-    zooms = np.sqrt((affine[:3, :3] ** 2).sum(axis=0))
-    direction = _LPS @ (affine[:3, :3] / zooms)
-    origin = _LPS @ affine[:3, 3]
-    return ants.from_numpy(np.asarray(data, dtype=np.float32), origin=tuple(float(v) for v in origin),
-                           spacing=tuple(float(v) for v in zooms), direction=direction)
+class _Image:
+    """An ITK float image of an array with a NIfTI (RAS) affine, in LPS physical space as ITK
+    wants it, in any voxel order; keeps the array alive as long as the image."""
+
+    def __init__(self, lib, data: np.ndarray, affine: np.ndarray):
+        zooms = np.sqrt((affine[:3, :3] ** 2).sum(axis=0))
+        self.data = np.asarray(data, dtype=np.float32).T.copy(order="C")   # ITK's index order: x fastest
+        self.pointer = lib.fromNumpyF3(self.data, self.data.shape[::-1])
+        lib.setOrigin(self.pointer, [float(v) for v in _LPS @ affine[:3, 3]])
+        lib.setSpacing(self.pointer, [float(v) for v in zooms])
+        lib.setDirection(self.pointer, _LPS @ (affine[:3, :3] / zooms))
+        self.ref = lib.ptrstr(self.pointer)
+
+
+def affine_registration(fixed: tuple[np.ndarray, np.ndarray], moving: tuple[np.ndarray, np.ndarray], *,
+                        sampling: float, convergence: str, shrink: str, smoothing: str, step: float = 0.25,
+                        seed: int = SEED, initial: np.ndarray | None = None) -> np.ndarray:
+    """ANTs affine registration of ``moving`` to ``fixed`` ((data, RAS affine) each), Mattes mutual
+    information on a regular grid of ``sampling`` of the voxels, levels ``shrink``/``smoothing``
+    (ANTs syntax, e.g. "2x1", "1x0vox"), each stopped as ``convergence`` says. Initialised by
+    matching the centres of mass, or at ``initial`` (a 4x4 RAS fixed -> moving matrix). Returns the
+    4x4 RAS matrix mapping fixed (subject) millimetres to moving (template) millimetres."""
+    lib = _lib()
+    fx, mv = _Image(lib, *fixed), _Image(lib, *moving)
+    with tempfile.TemporaryDirectory(prefix="deidflow-reg-") as tmp:
+        prefix = os.path.join(tmp, "r")
+        init = f"[{fx.ref},{mv.ref},1]"
+        if initial is not None:
+            init = os.path.join(tmp, "init.txt")
+            _write_itk_affine(init, initial)
+        args = ["--dimensionality", "3", "--float", "1", "--initial-moving-transform", init,
+                "--metric", f"MI[{fx.ref},{mv.ref},1,32,Regular,{sampling}]", "--transform", f"Affine[{step}]",
+                "--convergence", convergence, "--shrink-factors", shrink, "--smoothing-sigmas", smoothing,
+                "--use-histogram-matching", "0", "--collapse-output-transforms", "1",
+                "--random-seed", str(seed), "--output", prefix]
+        if lib.antsRegistration(args) != 0:
+            raise RuntimeError("ANTs registration failed")
+        tx = lib.readTransformF3(prefix + "0GenericAffine.mat", 3, "float")
+        params = np.asarray(lib.getTransformParameters(tx), float)
+        center = np.asarray(lib.getTransformFixedParameters(tx), float)
+    # ITK affine: p_moving = A (p_fixed - c) + c + t, in LPS; as a 4x4 matrix in RAS
+    lin, trans = params[:9].reshape(3, 3), params[9:12]
+    lps = np.eye(4)
+    lps[:3, :3], lps[:3, 3] = lin, center + trans - lin @ center
+    return _FLIP @ lps @ _FLIP
+
+
+def _write_itk_affine(path: str, ras: np.ndarray) -> None:
+    """A 4x4 RAS fixed -> moving matrix as an ITK text transform file (LPS, centre 0)."""
+    lps = _FLIP @ np.asarray(ras, float) @ _FLIP
+    values = " ".join(repr(float(v)) for v in [*lps[:3, :3].ravel(), *lps[:3, 3]])
+    with open(path, "w") as fh:
+        fh.write("#Insight Transform File V1.0\n#Transform 0\nTransform: AffineTransform_double_3_3\n"
+                 f"Parameters: {values}\nFixedParameters: 0 0 0\n")
 
 
 @dataclass(frozen=True)
@@ -107,27 +171,6 @@ def _preprocess(data: np.ndarray, modality: str) -> np.ndarray:
     return data
 
 
-def _affine_registration(ants, fixed, moving) -> tuple[np.ndarray, np.ndarray]:
-    """ANTs affine registration of ``moving`` (template) to ``fixed`` (subject), both about 3 mm:
-    initialised by matching the centres of mass, Mattes mutual information on a regular grid of
-    ``SAMPLING`` of the voxels, two levels (shrink 2: 6 mm, then 3 mm), each stopped when the metric
-    improved by less than ``CONVERGENCE`` over its last iterations. Returns ITK's parameters
-    (3x3 matrix, translation) and centre, in LPS millimetres."""
-    from ants.internal import get_lib_fn, get_pointer_string, process_arguments
-    fx, mv = get_pointer_string(fixed), get_pointer_string(moving)
-    with tempfile.TemporaryDirectory(prefix="deidflow-reg-") as tmp:
-        prefix = os.path.join(tmp, "r")
-        args = ["--dimensionality", "3", "--float", "1", "--initial-moving-transform", f"[{fx},{mv},1]",
-                "--metric", f"MI[{fx},{mv},1,32,Regular,{SAMPLING}]", "--transform", "Affine[0.25]",
-                "--convergence", CONVERGENCE, "--shrink-factors", "2x1", "--smoothing-sigmas", "1x0vox",
-                "--use-histogram-matching", "0", "--collapse-output-transforms", "1",
-                "--random-seed", str(SEED), "--output", prefix]
-        if get_lib_fn("antsRegistration")(process_arguments(args)) != 0:
-            raise RuntimeError("ANTs registration failed")
-        tx = ants.read_transform(prefix + "0GenericAffine.mat")
-        return np.asarray(tx.parameters, float), np.asarray(tx.fixed_parameters, float)
-
-
 @dataclass(frozen=True)
 class HeadRegistration:
     """The template registered to one head: ``to_template`` maps subject RAS mm to template RAS mm."""
@@ -140,19 +183,13 @@ class HeadRegistration:
         """Register the template to the head in ``data`` (3D — of 4D data the first volume — in any
         voxel order and orientation; ``affine`` maps voxels to RAS mm; real values, Hounsfield units
         for ``modality="CT"``). The same head stored in another voxel order gives the same result."""
-        ants = _ants()
         tpl = template()
         ras = reference_volume(_preprocess(data, modality), np.asarray(affine, float))  # any storage order: one result
-        small, small_aff = downsample(ras.data, ras.affine)
-        fixed = to_ants(ants, small, small_aff)
-        moving = to_ants(ants, tpl.image.astype(np.float32), tpl.image_affine)
-        params, center = _affine_registration(ants, fixed, moving)
-        # ITK affine: p_moving = A (p_fixed - c) + c + t, in LPS; as a 4x4 matrix in RAS
-        lin, trans = params[:9].reshape(3, 3), params[9:12]
-        lps = np.eye(4)
-        lps[:3, :3], lps[:3, 3] = lin, center + trans - lin @ center
-        flip = np.diag([-1.0, -1.0, 1.0, 1.0])
-        return cls(flip @ lps @ flip, modality.upper())
+        small = downsample(ras.data, ras.affine)
+        to_template = affine_registration(small, (tpl.image.astype(np.float32), tpl.image_affine),
+                                          sampling=SAMPLING, convergence=CONVERGENCE, shrink="2x1",
+                                          smoothing="1x0vox")
+        return cls(to_template, modality.upper())
 
     def to_subject(self, points: np.ndarray) -> np.ndarray:
         """Template RAS mm points (n, 3) in the subject's RAS mm."""

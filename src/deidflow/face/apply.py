@@ -17,6 +17,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from ..fsutil import GZIP_LEVEL
+
 GEOMETRY_TOL_VOX = 0.1
 
 
@@ -109,7 +111,7 @@ class Nifti:
         fill = stored_zero(out.dtype, self.slope, self.inter - fill)
         out[mask3d.reshape(out.shape[:min(3, out.ndim)])] = fill  # a 3D mask indexes the first axes
         body = self.prefix + out.tobytes(order="F") + self.suffix
-        return gzip.compress(body, compresslevel=6, mtime=0) if self.gz else body
+        return gzip.compress(body, compresslevel=GZIP_LEVEL, mtime=0) if self.gz else body
 
 
 def _sizeof_hdr(data: bytes) -> int:
@@ -140,20 +142,38 @@ def frame_mask(ds, frame: int, affine: np.ndarray, mask3d: np.ndarray, snap: boo
     if geo is None:
         raise GeometryMismatch("frame without position, orientation or pixel spacing")
     rows, cols = int(ds.Rows), int(ds.Columns)
-    vox = frame_voxels(*geo, rows, cols, affine)
-    idx = np.rint(vox)
+    if not snap:
+        return _lattice_mask(*geo, rows, cols, affine, mask3d)
     shape = np.array(mask3d.shape[:3])
-    if snap:
-        idx = idx.astype(np.int64)
-        inside = ((idx >= 0) & (idx < shape)).all(axis=-1)
-        idx = np.clip(idx, 0, shape - 1)
-        return mask3d[idx[..., 0], idx[..., 1], idx[..., 2]] & inside
-    if np.abs(vox - idx).max() > GEOMETRY_TOL_VOX:
+    vox = frame_voxels(*geo, rows, cols, affine)
+    idx = np.rint(vox).astype(np.int64)
+    inside = ((idx >= 0) & (idx < shape)).all(axis=-1)
+    idx = np.clip(idx, 0, shape - 1)
+    return mask3d[idx[..., 0], idx[..., 1], idx[..., 2]] & inside
+
+
+def _lattice_mask(ipp, iop, ps, rows: int, cols: int, affine: np.ndarray, mask3d: np.ndarray) -> np.ndarray | None:
+    """The frame's mask when every pixel centre lies within ``GEOMETRY_TOL_VOX`` of a voxel centre
+    of the grid, else None. Pixel -> voxel is affine, so the pixels sit on the integer lattice
+    ``v0 + r*dr + c*dc`` (rounded) exactly when its four corners do: checked there, then the voxel
+    indices of all pixels follow in integer arithmetic (the same voxels as rounding each pixel)."""
+    from .dicomvol import frame_voxels
+    corners = frame_voxels(ipp, iop, ps, rows, cols, affine, corners=True).reshape(4, 3)
+    v0 = np.rint(corners[0])
+    dr = np.rint(corners[2] - corners[0]) / max(rows - 1, 1)
+    dc = np.rint(corners[1] - corners[0]) / max(cols - 1, 1)
+    if not (np.allclose(dr, np.rint(dr)) and np.allclose(dc, np.rint(dc))):
         return None
-    idx = idx.astype(np.int64)
-    if (idx < 0).any() or (idx >= shape).any():
+    dr, dc = np.rint(dr), np.rint(dc)
+    lattice = v0 + np.array([[0, 0], [0, cols - 1], [rows - 1, 0], [rows - 1, cols - 1]]) @ np.stack([dr, dc])
+    if np.abs(corners - lattice).max() > GEOMETRY_TOL_VOX:
         return None
-    return mask3d[idx[..., 0], idx[..., 1], idx[..., 2]]
+    shape = np.array(mask3d.shape[:3])
+    if (lattice < 0).any() or (lattice >= shape).any():
+        return None
+    v0, dr, dc = v0.astype(np.int64), dr.astype(np.int64), dc.astype(np.int64)
+    r, c = np.arange(rows)[:, None], np.arange(cols)[None, :]
+    return mask3d[v0[0] + r * dr[0] + c * dc[0], v0[1] + r * dr[1] + c * dc[1], v0[2] + r * dr[2] + c * dc[2]]
 
 
 @dataclass
@@ -223,7 +243,7 @@ def mask_dicom(data: bytes, grids: list[tuple[np.ndarray, np.ndarray]], new_uid,
     ds.SOPInstanceUID = new
     ds.file_meta.MediaStorageSOPInstanceUID = new
     _mark_derived(ds, derivation, method_note)
-    if refs:
+    if refs and uids_in(data) & refs.keys():
         remap_uids(ds, refs)
     if ds.file_meta.TransferSyntaxUID != ts and ds.file_meta.TransferSyntaxUID != ExplicitVRLittleEndian:
         ds.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian

@@ -147,11 +147,13 @@ class SeriesVolume:
     resampled: bool             # irregular spacing or tilt: not the frames' own grid
 
 
-def frame_voxels(ipp, iop, ps, rows: int, cols: int, affine: np.ndarray) -> np.ndarray:
+def frame_voxels(ipp, iop, ps, rows: int, cols: int, affine: np.ndarray, corners: bool = False) -> np.ndarray:
     """Continuous voxel coordinates (rows, cols, 3) in the grid of ``affine`` (voxel -> RAS) of
-    every pixel of a frame with this position, orientation and pixel spacing."""
+    every pixel of a frame with this position, orientation and pixel spacing (``corners``: of its
+    four corner pixels only, (2, 2, 3))."""
     ipp, iop, ps = np.asarray(ipp, float), np.asarray(iop, float), np.asarray(ps, float)
-    r, c = np.meshgrid(np.arange(rows), np.arange(cols), indexing="ij")
+    r, c = np.meshgrid(*(([0, rows - 1], [0, cols - 1]) if corners else (np.arange(rows), np.arange(cols))),
+                       indexing="ij")
     lps = ipp + (c[..., None] * ps[1]) * iop[:3] + (r[..., None] * ps[0]) * iop[3:]
     ras = lps * np.array([-1.0, -1.0, 1.0])
     inv = np.linalg.inv(affine)
