@@ -7,7 +7,7 @@ template and the removed region on its 1 mm grid: pydeface's face mask, plus a b
 6 mm (docs/face.md).
 
 :class:`HeadRegistration` is the reusable part: :meth:`HeadRegistration.fit` registers the template
-to one head (ANTs affine, Mattes mutual information, 6 mm then 3 mm, initialised at the centres of
+to one head (ANTs affine, Mattes mutual information, 8 mm then 4 mm, initialised at the centres of
 mass, stopped when the metric stops improving; one thread and a fixed seed, so the same head always
 gives the same transform) and :meth:`HeadRegistration.mask_for` gives the removed region on any
 voxel grid of that head — a 3D volume, a stack of 2D slices, another series in the same frame of
@@ -29,7 +29,7 @@ import numpy as np
 
 from .volume import Volume, reference_volume
 
-REG_MM = 3.0                  # the finest registration level; the coarser one is twice that
+REG_MM = 4.0                  # the finest registration level; the coarser one is twice that
 SEED = 20240917
 SAMPLING = 0.1                # share of the voxels the metric samples (regular grid, seeded perturbation)
 CONVERGENCE = "[100x50,1e-5,5]"   # iterations per level, early stop: metric change < 1e-5 over 5 iterations
@@ -46,7 +46,7 @@ def _lib():
     import importlib.machinery
     import importlib.util
     import sys
-    os.environ["ITK_GLOBAL_DEFAULT_NUMBER_OF_THREADS"] = "1"  # deterministic; 3 mm images are small
+    os.environ["ITK_GLOBAL_DEFAULT_NUMBER_OF_THREADS"] = "1"  # deterministic; 4 mm images are small
     if "ants.lib" in sys.modules:
         return sys.modules["ants.lib"]
     spec = importlib.util.find_spec("ants")

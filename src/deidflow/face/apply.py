@@ -243,7 +243,7 @@ def mask_dicom(data: bytes, grids: list[tuple[np.ndarray, np.ndarray]], new_uid,
     ds.SOPInstanceUID = new
     ds.file_meta.MediaStorageSOPInstanceUID = new
     _mark_derived(ds, derivation, method_note)
-    if refs and uids_in(data) & refs.keys():
+    if refs and (uids_in(data) - {old}) & refs.keys():   # its own UID is not a reference
         remap_uids(ds, refs)
     if ds.file_meta.TransferSyntaxUID != ts and ds.file_meta.TransferSyntaxUID != ExplicitVRLittleEndian:
         ds.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
