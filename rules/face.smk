@@ -4,10 +4,10 @@
 # the NIfTI / Analyze / MGH volumes released by the other stage (after the unit's other job). A
 # missing optional backend already failed at config validation.
 FACE_JSON = json.dumps(config["face"], sort_keys=True)
-FACE_TORCH = any(
-    config["face"][f"{m}_backend"] in ("deepbet", "quickshear")
-    for m in {config["face"]["method"], *config["face"]["by_suffix"].values()} - {"none"}
-)
+# The methods some image can get; none at all (face.method and every face.by_suffix none): no face
+# job is scheduled, and the report says the face stage did not run.
+FACE_METHODS = {config["face"]["method"], *config["face"]["by_suffix"].values()} - {"none"}
+FACE_TORCH = any(config["face"][f"{m}_backend"] in ("deepbet", "quickshear") for m in FACE_METHODS)
 
 
 rule face:
@@ -52,7 +52,7 @@ rule face:
 
 
 # Units with BIDS images (when the BIDS release is on), released DICOM or non-DICOM files.
-FACE_UNITS = units_of("convert", "other", *(["dicom"] if config["outputs"]["dicom"] else []))
+FACE_UNITS = units_of("convert", "other", *(["dicom"] if config["outputs"]["dicom"] else [])) if FACE_METHODS else []
 register_unit_stage("face", FACE_UNITS)
 # merged by rule mapping: files withheld, and the new SOP Instance UIDs of rewritten DICOM files
 FACE_QUARANTINE = per_unit(restricted("work/{unit}/face-quarantine.jsonl"), FACE_UNITS)

@@ -251,3 +251,18 @@ def test_incremental_release_processes_only_new_subjects(tmp_path):
     # withholds those subjects (the rest is released)
     assert r.returncode in (0, 3), r.stdout[-2000:] + r.stderr[-2000:]
     assert all(p.stat().st_mtime_ns != t for p, t in before.items() if p.exists())  # profile change: all re-run
+
+
+def test_no_face_job_without_a_face_method_and_relative_pythonpath(demo, tmp_path):
+    """face.method none (no by_suffix method): no face job at all, and the summary says the faces
+    were not treated; jobs (run in the restricted folder) import deidflow from a relative
+    PYTHONPATH given to the CLI."""
+    out = tmp_path / "release"
+    env = {**os.environ, "DEIDFLOW_KEY": TEST_KEY, "PYTHONPATH": os.path.relpath(ROOT / "src", tmp_path)}
+    r = subprocess.run([sys.executable, "-m", "deidflow.cli", "run", str(demo["input"]), str(out), "--cores", "2",
+                        *NO_FACES], env=env, cwd=tmp_path, capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stderr[-3000:]
+    restricted = tmp_path / "release_restricted"
+    assert not (restricted / "done" / "face").exists() and not (restricted / "logs" / "face").exists()
+    assert "faces:       not treated" in r.stdout
+    assert any((out / "sourcedata" / "dicom").iterdir())

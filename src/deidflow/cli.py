@@ -305,6 +305,7 @@ def run_workflow(config: dict, *, cores: int | str = "all", profile: str | None 
     if profile:
         args += ["--profile", profile]
     args += extra or []
+    _absolute_pythonpath()
     started = time.time()
     server = None
     with _Interrupt() as interrupt, progress.quiet_terminal(paths.restricted, verbose=verbose) as (term, log):
@@ -347,6 +348,14 @@ def run_workflow(config: dict, *, cores: int | str = "all", profile: str | None 
     print(f"deidflow: error: the workflow stopped before its jobs ran; see {log or 'the output above'}",
           file=sys.stderr)
     return EXIT_BUG
+
+
+def _absolute_pythonpath() -> None:
+    """Jobs run in the restricted folder: relative ``PYTHONPATH`` entries (``../src``) are made
+    absolute, so that the jobs import the same deidflow as this process."""
+    entries = os.environ.get("PYTHONPATH", "").split(os.pathsep)
+    if any(entries):
+        os.environ["PYTHONPATH"] = os.pathsep.join(os.path.abspath(p) if p else p for p in entries)
 
 
 def _emit(lines: list[str], stream) -> None:

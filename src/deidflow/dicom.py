@@ -8,6 +8,7 @@ de-identified.  Reading and writing files, with pixel data streamed untouched, l
 from __future__ import annotations
 
 import copy
+import hashlib
 import re
 from dataclasses import dataclass, field
 from functools import lru_cache
@@ -87,6 +88,8 @@ def _new_model() -> "IdentifierModel":
 # A UID inside a binary value: six or more numeric components, or three or more (UUID-derived
 # "2.25.<n>" has three) in at least EMBEDDED_UID_MIN characters, so version strings such as "4.2.2"
 # stay as they are.
+_BLOB_CACHE_MIN, _BLOB_CACHE_ENTRIES = 1024, 64  # Scrubber.clean_private: values this large, per subject
+_UNCHANGED = object()
 _EMBEDDED_UID = re.compile(rb"(?<![0-9.])(?:0|[1-9][0-9]*)(?:\.(?:0|[1-9][0-9]*)){2,}(?![0-9.])")
 EMBEDDED_UID_MIN = 16
 
@@ -127,6 +130,7 @@ class Scrubber:
         self._markers: Dataset | None = None
         self.actions: dict[str, str] = {}
         self.collect = ctx.identifiers  # deidflow.qc.identifiers.IdentifierCollector or None
+        self._blobs: dict[tuple, object] = {}  # clean_private's results for large values
 
     # -- public -------------------------------------------------------------------------------
     def scrub(self, ds: Dataset) -> dict[str, str]:
@@ -303,7 +307,26 @@ class Scrubber:
     def clean_private(self, creator: str, tag: int, value: bytes, swept: bool = True) -> bytes:
         """A kept private value: embedded UIDs keyed, vendor blobs cleaned (:mod:`deidflow.vendorblobs`)
         and, unless ``swept`` is False (the caller knows it holds no identifier), the residual sweep.
-        Returns ``value`` itself when nothing changed."""
+        Returns ``value`` itself when nothing changed.
+
+        Every file of a series repeats the same large blobs (Siemens CSA series header 120 kB, XA
+        protocol): a large value is cleaned once per subject and identifier model (the model only
+        grows, so its size tells its state); what cleaning records, the embedded UIDs, is recorded
+        on the first time."""
+        key = None
+        if len(value) >= _BLOB_CACHE_MIN:
+            key = (creator, tag, swept, len(self.model.entries), hashlib.blake2b(value, digest_size=20).digest())
+            hit = self._blobs.get(key)
+            if hit is not None:
+                return value if hit is _UNCHANGED else hit
+        new = self._clean_private(creator, tag, value, swept)
+        if key is not None:
+            if len(self._blobs) >= _BLOB_CACHE_ENTRIES:
+                self._blobs.clear()
+            self._blobs[key] = _UNCHANGED if new is value else new
+        return new
+
+    def _clean_private(self, creator: str, tag: int, value: bytes, swept: bool) -> bytes:
         new = self.scrub_blob(value)
         key = (creator.strip(), tag >> 16, tag & 0xFF)
         if key == vendorblobs.GE_PDB or key == vendorblobs.GE_USER_DATA or key in vendorblobs.SIEMENS_CSA:

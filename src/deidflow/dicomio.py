@@ -20,7 +20,7 @@ import pydicom
 from pydicom.charset import convert_encodings
 from pydicom.dataelem import RawDataElement
 from pydicom.dataset import Dataset, FileMetaDataset
-from pydicom.filebase import DicomBytesIO, DicomFileLike
+from pydicom.filebase import DicomBytesIO
 from pydicom.filereader import _read_file_meta_info, read_preamble
 from pydicom.filewriter import write_data_element, write_file_meta_info
 from pydicom.tag import BaseTag
@@ -371,7 +371,7 @@ def _stream(mm, size: int, body: int, meta: FileMetaDataset, ts: str, encoding: 
     if not sop_class:
         raise DicomError("no SOPClassUID in the data set or file meta")
     out.write(b"\x00" * 128 + b"DICM")
-    write_file_meta_info(DicomFileLike(out), _new_meta(sop_class, sop_instance, ts))
+    out.write(_meta_bytes(sop_class, sop_instance, ts))
     view = memoryview(mm)
     try:
         for c in chunks:
@@ -510,6 +510,34 @@ def _identifier_source(mm, elems, charset, implicit, little, wanted: frozenset[i
             vr = el.vr.decode("ascii") if el.vr else None
             ds[el.tag] = RawDataElement(BaseTag(el.tag), vr, len(value), value, el.vstart, implicit, little, True)
     return ds
+
+
+def _meta_bytes(sop_class: str, sop_instance: str, ts: str) -> bytes:
+    """The file meta group of :func:`_new_meta` as pydicom's ``write_file_meta_info`` writes it
+    (explicit VR little endian, group length first), encoded directly: through pydicom it cost
+    about a tenth of the engine's time per file.  Values that are not plain ASCII of a valid
+    length take pydicom's path."""
+    try:
+        values = [v.encode("ascii") for v in (sop_class, sop_instance, ts, IMPLEMENTATION_CLASS_UID,
+                                              IMPLEMENTATION_VERSION)]
+    except UnicodeEncodeError:
+        values = []
+    if len(values) != 5 or max(map(len, values)) > 0xFFFC:
+        buf = DicomBytesIO()
+        write_file_meta_info(buf, _new_meta(sop_class, sop_instance, ts))
+        return buf.getvalue()
+    body = [_META_VERSION]
+    for element, value in zip((0x0002, 0x0003, 0x0010, 0x0012), values):  # UI: padded with NUL
+        value += b"\x00" * (len(value) & 1)
+        body.append(_META_SHORT.pack(2, element, b"UI", len(value)) + value)
+    name = values[4] + b" " * (len(values[4]) & 1)  # SH: padded with a space
+    body.append(_META_SHORT.pack(2, 0x0013, b"SH", len(name)) + name)
+    rest = b"".join(body)
+    return _META_SHORT.pack(2, 0x0000, b"UL", 4) + struct.pack("<I", len(rest)) + rest
+
+
+_META_SHORT = struct.Struct("<HH2sH")  # group, element, VR, 16-bit length
+_META_VERSION = struct.pack("<HH2sHI", 2, 0x0001, b"OB", 0, 2) + b"\x00\x01"  # FileMetaInformationVersion
 
 
 def _new_meta(sop_class: str, sop_instance: str, ts: str) -> FileMetaDataset:

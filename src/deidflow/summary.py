@@ -27,6 +27,7 @@ class Counts:
     dataset_files: int = 0         # dataset-level files (dataset_description.json, participants.tsv, …)
     quarantined: Counter = field(default_factory=Counter)  # reason -> files
     faces: Counter = field(default_factory=Counter)         # deface, skullstrip, withheld, none -> images
+    faces_ran: bool = False        # the face stage left decisions (not when face.method is none everywhere)
     pixel_images: int = 0          # images whose pixels were cleaned (text found and redacted, or blanked)
     pixel_boxes: int = 0           # text boxes redacted
     scanned_subjects: int = 0
@@ -78,6 +79,7 @@ def collect(paths: Paths) -> Counts:
         if line:
             c.quarantined[reason_kind(line.partition("\t")[2])] += 1
     done = paths.restricted / "done"
+    c.faces_ran = (done / "face").is_dir()
     for m in sorted((done / "face").glob("*.json")):
         for img in _json(m).get("images", ()):
             c.faces["withheld" if img.get("withheld") else (img.get("method") or "none")] += 1
@@ -132,7 +134,8 @@ def lines(c: Counts, paths: Paths, *, finished: bool) -> list[str]:
     faces = c.faces
     out.append(f"  faces:       {faces['deface']} defaced, {faces['skullstrip']} skull-stripped, "
                f"{faces['withheld']} withheld"
-               f" ({faces['none']} images not head MRI or not treated by configuration)")
+               f" ({faces['none']} images not head MRI or not treated by configuration)" if c.faces_ran else
+               "  faces:       not treated (the face stage did not run: face.method none)")
     out.append(f"  pixels:      {_n(c.pixel_images, 'image')} cleaned, {_n(c.pixel_boxes, 'text box')} redacted")
     leak = f"LEAK in {', '.join(c.leaky)}" if c.leaky else "no identifying value found"
     out.append(f"  leak scan:   {_n(c.scanned_subjects, 'subject')}, {_n(c.scanned_files, 'file')}: {leak}")

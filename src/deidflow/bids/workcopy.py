@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import csv
 import dataclasses
-import hashlib
 import os
 import re
 import shutil
@@ -99,7 +98,6 @@ PROTOCOL_TEXT_KEEP = re.compile(
     rb"|.*sCoilElementID\.t(CoilID|Element)|.*sCoilStringForConversion|.*\.tNucleus|sTXSPEC\.aRFPULSE\[\d+\]\.tName)$")
 _ASCCONV = re.compile(rb"### ASCCONV BEGIN.*?### ASCCONV END ###", re.S)
 _ASC_LINE = re.compile(rb"^([^\s=]+)([ \t]*=[ \t]*)(\"+)([^\"\r\n]*)(\"+)", re.M)
-_CACHE_MIN, _CACHE_ENTRIES = 1024, 64
 _QUOTED = re.compile(rb"\"([\x20\x21\x23-\x7e\x80-\xff]*)\"")  # text only: never across binary fields
 
 
@@ -129,24 +127,15 @@ def clean_protocol_text(value: bytes) -> bytes:
 
 
 class WorkingCopyScrubber(Scrubber):
-    """The release profile with the vendor table for private elements and protocol text blanked."""
+    """The release profile with the vendor table for private elements and protocol text blanked
+    (each large blob once per subject: :meth:`Scrubber.clean_private`)."""
 
     def __init__(self, plan: Plan, ctx: SubjectContext):
         # same keys, date offset and UID map as the release; its own record of what it removed
         super().__init__(plan, dataclasses.replace(ctx, identifiers=IdentifierCollector()))
-        # Every file of a series carries the same protocol blobs (100 kB+ on XA): cleaned once.
-        self._blobs: dict[bytes, bytes | None] = {}
 
     def scrub_blob(self, value: bytes) -> bytes:
-        key = hashlib.blake2b(value, digest_size=20).digest() if len(value) >= _CACHE_MIN else b""
-        if key and key in self._blobs:
-            new = self._blobs[key]
-            return value if new is None else new
         new = clean_protocol_text(super().scrub_blob(value))
-        if key:
-            if len(self._blobs) >= _CACHE_ENTRIES:
-                self._blobs.clear()
-            self._blobs[key] = None if new == value else new
         return value if new == value else new
 
 
