@@ -248,6 +248,65 @@ def test_dicom_frame_off_the_grid_is_refused():
         mask_dicom(data, [(shifted, np.zeros(arr.shape, bool))], str, "d", "n")
 
 
+
+def _per_pixel_mask(ipp, iop, ps, rows, cols, affine, mask3d):
+    """The write-back's frame lookup done pixel by pixel (the reference for the corner check)."""
+    from deidflow.face.apply import GEOMETRY_TOL_VOX
+    from deidflow.face.dicomvol import frame_voxels
+    vox = frame_voxels(ipp, iop, ps, rows, cols, affine)
+    idx = np.rint(vox)
+    if np.abs(vox - idx).max() > GEOMETRY_TOL_VOX:
+        return None
+    idx = idx.astype(np.int64)
+    if (idx < 0).any() or (idx >= np.array(mask3d.shape)).any():
+        return None
+    return mask3d[idx[..., 0], idx[..., 1], idx[..., 2]]
+
+
+@pytest.mark.parametrize("case", ["axial", "sagittal", "coronal-flipped", "within-tolerance", "drift-beyond",
+                                  "half-voxel-steps", "outside", "oblique"])
+def test_frame_lookup_from_corners_equals_pixel_by_pixel(case):
+    """The write-back checks a frame's four corners and derives every pixel's voxel in integer
+    arithmetic: for frames on the grid, off it by a drift, at half-voxel steps, outside it or
+    oblique, the result (mask or refusal) is the one of rounding each pixel."""
+    from deidflow.face.apply import _lattice_mask
+    rng = np.random.default_rng(7)
+    mask3d = rng.random((40, 48, 36)) < 0.5
+    affine = np.array([[-1.0, 0, 0, 20], [0, -1.0, 0, 24], [0, 0, 2.0, -30], [0, 0, 0, 1]])
+
+    def frame(v0, col_step, row_step, rows, cols):
+        """Position, orientation, spacing of a frame whose pixels step through voxel space."""
+        lps = np.array([-1.0, -1.0, 1.0])
+        ipp = lps * (affine @ [*v0, 1])[:3]
+        dc, dr = lps * (affine[:3, :3] @ col_step), lps * (affine[:3, :3] @ row_step)
+        return ipp, np.concatenate([dc / np.linalg.norm(dc), dr / np.linalg.norm(dr)]), \
+            np.array([np.linalg.norm(dr), np.linalg.norm(dc)]), rows, cols
+
+    ipp, iop, ps, rows, cols = frame([3, 5, 11], [1, 0, 0], [0, 1, 0], 30, 34)         # axial
+    if case == "sagittal":
+        ipp, iop, ps, rows, cols = frame([9, 2, 35], [0, 1, 0], [0, 0, -1], 33, 40)
+    elif case == "coronal-flipped":
+        ipp, iop, ps, rows, cols = frame([35, 7, 30], [-1, 0, 0], [0, 0, -1], 14, 30)
+    elif case == "within-tolerance":
+        ipp = ipp + np.array([0.05, -0.04, 0.1])
+        ps = ps * np.array([1.002, 0.998])
+    elif case == "drift-beyond":
+        ps = ps * np.array([1.0, 1.01])                 # 0.33 voxel off at the last column
+    elif case == "half-voxel-steps":
+        ps = ps * 0.5
+    elif case == "outside":
+        ipp, iop, ps, rows, cols = frame([20, 30, 11], [1, 0, 0], [0, 1, 0], 30, 34)  # past the grid's edge
+    elif case == "oblique":
+        a = np.deg2rad(10)
+        iop = np.array([np.cos(a), np.sin(a), 0, -np.sin(a), np.cos(a), 0])
+    expected = _per_pixel_mask(ipp, iop, ps, rows, cols, affine, mask3d)
+    got = _lattice_mask(ipp, iop, ps, rows, cols, affine, mask3d)
+    if expected is None:
+        assert got is None
+    else:
+        assert got is not None and got.shape == (rows, cols) and np.array_equal(got, expected)
+    assert (expected is None) == (case in ("drift-beyond", "half-voxel-steps", "outside", "oblique"))
+
 # ------------------------------------------------------------------------------------------ quickshear, render, plausibility
 def test_quickshear_cuts_the_face_side_and_spares_the_brain():
     data, brain = _phantom((40, 60, 48))
