@@ -549,7 +549,7 @@ def rules() -> dict:
     return r
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class Needle:
     """One searchable byte form of an original value (lower-cased as the scanned text is).
     ``mode``: ``literal`` (found as written), ``date`` (``text`` is YYYYMMDD, found in any written
@@ -833,43 +833,52 @@ def needles_for(subject: str, entries: Iterable[tuple[str, str, str]], salt: byt
     done: set[tuple[str, str]] = set()
     for kind, fld, value in entries:
         digest = _digest(salt, value)
-        if kind in ("date", "datetime"):
-            d = value.strip()[:8]
-            if len(d) == 8 and d.isdigit() and (d, "date") not in done:
-                done.add((d, "date"))
-                rule = excluded_by(d, "date")
-                if rule:
-                    if excluded is not None:
-                        excluded[rule] += 1
-                else:
-                    out.append(Needle(d.encode(), kind, fld, digest, subject, "date"))
-                    y2, m, dd = d[2:4], d[4:6], d[6:]  # two-digit years: literal forms
-                    for f in {f"{dd}.{m}.{y2}", f"{m}/{dd}/{y2}", f"{dd}/{m}/{y2}", f"{dd}-{m}-{y2}"}:
-                        out.append(Needle(f.encode(), kind, fld, digest, subject))
-            if kind == "date":
+        for key, rule, texts in _searched(kind, value):
+            if key in done:
                 continue
-        for form in forms(kind, value):
-            if (form, kind) in done:
-                continue
-            done.add((form, kind))
-            rule = excluded_by(form, kind)
+            done.add(key)
             if rule:
                 if excluded is not None:
                     excluded[rule] += 1
                 continue
+            out += [Needle(text, kind, fld, digest, subject, mode) for text, mode in texts]
+    return out
+
+
+@lru_cache(maxsize=1 << 15)
+def _searched(kind: str, value: str) -> tuple[tuple[tuple[str, str], str | None, tuple[tuple[bytes, str], ...]], ...]:
+    """What :func:`needles_for` searches for one value, whoever it belongs to: per form, its key
+    (a subject's forms are searched once), the rule that excludes it or None, and its byte forms
+    with their modes.  Cached: values many subjects share (institution, dates) are worked out once."""
+    out = []
+    if kind in ("date", "datetime"):
+        d = value.strip()[:8]
+        if len(d) == 8 and d.isdigit():
+            rule = excluded_by(d, "date")
+            y2, m, dd = d[2:4], d[4:6], d[6:]  # two-digit years: literal forms
+            texts = [] if rule else [(d.encode(), "date")] + [
+                (f.encode(), "literal") for f in sorted({f"{dd}.{m}.{y2}", f"{m}/{dd}/{y2}", f"{dd}/{m}/{y2}",
+                                                         f"{dd}-{m}-{y2}"})]
+            out.append(((d, "date"), rule, tuple(texts)))
+        if kind == "date":
+            return tuple(out)
+    for form in sorted(forms(kind, value)):
+        rule = excluded_by(form, kind)
+        texts = []
+        if not rule:
             variants = {form} if form.isascii() else {form, form.lower(), form.upper(), form.casefold()}
-            for v in variants:
+            for v in sorted(variants):
                 for enc in ("utf-8", "latin-1"):
                     try:
-                        b = v.encode(enc).lower()
+                        texts.append((v.encode(enc).lower(), "literal"))
                     except UnicodeEncodeError:
                         continue
-                    out.append(Needle(b, kind, fld, digest, subject))
             if kind == "id" and form.isascii():
                 compact = re.sub(rb"[^a-z0-9]", b"", form.lower().encode())
                 if len(compact) >= 6 and sum(c.isdigit() for c in form) >= 3:
-                    out.append(Needle(compact, kind, fld, digest, subject, "compact"))
-    return out
+                    texts.append((compact, "compact"))
+        out.append(((form, kind), rule, tuple(texts)))
+    return tuple(out)
 
 
 def matcher_for(entries: Iterable[tuple[str, str, str]], subject: str = "", salt: bytes = b"") -> Matcher:
