@@ -877,7 +877,7 @@ def _searched(kind: str, value: str) -> tuple[tuple[tuple[str, str], str | None,
                 compact = re.sub(rb"[^a-z0-9]", b"", form.lower().encode())
                 if len(compact) >= 6 and sum(c.isdigit() for c in form) >= 3:
                     texts.append((compact, "compact"))
-        out.append(((form, kind), rule, tuple(texts)))
+        out.append(((form, kind), rule, tuple(dict.fromkeys(texts))))  # an ASCII form is one byte string
     return tuple(out)
 
 
