@@ -37,7 +37,9 @@ def synthetic_restricted(root: Path, n: int) -> tuple[Path, str]:
                   *[["uid", k, f"1.2.826.0.1.3680043.9.{i}.{j}"] for j, k in
                     enumerate(("StudyInstanceUID", "SeriesInstanceUID", "SOPInstanceUID"))]]
         identifiers.write(root, unit, "dicom", s, values)
-        lines.append(f"<tr><td>{s}</td><td>1 file</td><td>clean</td><td>0 quarantined</td><td>CT</td></tr>")
+        # the words of a report row include the anchors many subjects' values share (surname, hospital)
+        lines.append(f"<tr><td>{s}</td><td>1 file</td><td>clean</td><td>surname and hospital removed</td>"
+                     "<td>CT</td></tr>")
     return root, "\n".join(lines)
 
 

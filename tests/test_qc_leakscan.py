@@ -327,3 +327,36 @@ def test_one_matcher_for_all_subjects_names_the_owner():
     m = leakscan.Matcher(a + b)
     found = {n.owner for _, n in m.find(b"John Doe, born 12 March 1961")}
     assert found == {"sub-a", "sub-b"}
+
+
+def _subject_entries(i: int) -> list[tuple[str, str, str]]:
+    return [("name", "PatientName", f"SHARED^SUBJECT{i:05d}"), ("id", "PatientID", f"PX{i:06d}"),
+            ("id", "InstitutionName", "Shared General Hospital"),
+            ("uid", "StudyInstanceUID", f"1.2.826.0.1.3680043.9.{i}.1"), ("date", "PatientBirthDate", "19700101")]
+
+
+def test_dataset_matcher_of_many_subjects_finds_subject_n_over_2():
+    """The combined matcher of thousands of subjects (one pass over the text's tokens, values that
+    many subjects share checked once per occurrence) finds what one subject's own matcher finds."""
+    n, salt = 3000, b"0" * 16
+    half = n // 2
+    big = leakscan.Matcher([x for i in range(n) for x in leakscan.needles_for(f"sub-{i}", _subject_entries(i), salt)])
+    small = leakscan.Matcher(leakscan.needles_for(f"sub-{half}", _subject_entries(half), salt))
+    assert len(big.anchors) >= 48  # the many-values path
+    filler = "<tr><td>sub-x</td><td>subject table</td><td>clean</td></tr>\n" * 2000
+    planted = {
+        "name": f"Subject{half:05d}",
+        "id with separators": f"PX {half:06d}"[:6] + "-" + f"{half:06d}"[3:],
+        "uid": f"ref 1.2.826.0.1.3680043.9.{half}.1.",
+    }
+    for what, value in planted.items():
+        text = (filler + value + "\n" + filler).encode()
+        owners = {nd.owner for _, nd in big.find(text)}
+        assert owners == {f"sub-{half}"}, what
+        assert sorted(s for s, _ in big.find(text)) == sorted(s for s, _ in small.find(text)), what
+    # near misses stay misses: a longer number, a longer word, another subject's neighbour UID
+    text = (filler + f"subject{half:05d}9 Xsubject{half:05d} 1.2.826.0.1.3680043.9.{half}.11").encode()
+    assert big.find(text) == []
+    # a value every subject shares is reported once for each of them
+    shared = big.find(b"seen at Shared General Hospital.")
+    assert len({nd.owner for _, nd in shared}) == n

@@ -181,3 +181,18 @@ def output_stream(path: Path, gz: bool):
                 yield sink
         else:
             yield raw
+
+
+def layout_parents(root: Path) -> list[Path]:
+    """The folders of the release layout that hold subject folders, sorted: ``root``,
+    ``sourcedata/<fmt>``, ``derivatives/<name>`` and ``derivatives/<name>/<sub>`` (a subject's own
+    folder is none of them, so a lookup per subject costs the same at any dataset size)."""
+    root = Path(root)
+
+    def dirs(p: Path) -> list[Path]:
+        try:
+            return sorted(Path(e.path) for e in os.scandir(p) if e.is_dir() and not e.name.startswith("sub-"))
+        except (FileNotFoundError, NotADirectoryError):
+            return []
+    derivatives = dirs(root / "derivatives")
+    return [root, *dirs(root / "sourcedata"), *derivatives, *(q for d in derivatives for q in dirs(d))]

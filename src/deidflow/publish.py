@@ -23,8 +23,8 @@ from pathlib import Path
 from typing import Any, Iterable, Mapping
 
 from .errors import EXIT_INCOMPLETE, EXIT_OK, PublicError, UsageError
-from .fsutil import (RESTRICTED_FILE_MODE, atomic_write_bytes, atomic_write_text, make_restricted_dir, publish_dir,
-                     remove_tree)
+from .fsutil import (RESTRICTED_FILE_MODE, atomic_write_bytes, atomic_write_text, layout_parents, make_restricted_dir,
+                     publish_dir, remove_tree)
 
 MARKER = "RELEASE_INCOMPLETE"
 MARKER_TEXT = ("This release is incomplete (a deidflow run is under way, or stopped before it finished): "
@@ -60,18 +60,12 @@ def subject_folders(root: Path, subject: str) -> list[str]:
     """The folders of ``subject`` under ``root`` in the release layout, relative to ``root``:
     ``sub-X``, ``sourcedata/<fmt>/sub-X``, ``derivatives/<name>/sub-X``, ``derivatives/<name>/<sub>/sub-X``."""
     root = Path(root)
-    parents = [root, *(p for p in root.glob("sourcedata/*") if p.is_dir()),
-               *(p for p in root.glob("derivatives/*") if p.is_dir()),
-               *(p for p in root.glob("derivatives/*/*") if p.is_dir())]
-    return sorted((p / subject).relative_to(root).as_posix() for p in parents if (p / subject).is_dir())
+    return sorted((p / subject).relative_to(root).as_posix() for p in layout_parents(root) if (p / subject).is_dir())
 
 
 def release_subjects(release: Path) -> set[str]:
     """Every subject that has a folder in the release."""
-    release = Path(release)
-    parents = [release, *release.glob("sourcedata/*"), *release.glob("derivatives/*"),
-               *release.glob("derivatives/*/*")]
-    return {c.name for p in parents if p.is_dir() for c in p.iterdir()
+    return {c.name for p in layout_parents(release) for c in os.scandir(p)
             if c.name.startswith("sub-") and c.is_dir()}
 
 

@@ -549,7 +549,7 @@ def rules() -> dict:
     return r
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class Needle:
     """One searchable byte form of an original value (lower-cased as the scanned text is).
     ``mode``: ``literal`` (found as written), ``date`` (``text`` is YYYYMMDD, found in any written
@@ -609,6 +609,18 @@ def _spaced(compact: bytes) -> re.Pattern:
     return re.compile(_SEPARATORS_RE.join(re.escape(bytes([c])) for c in compact))  # how far a written date reaches before and after its year
 
 
+def _index(index: dict, needle: Needle) -> bool:
+    """File ``needle`` under its longest ASCII token (the first of equal length) in ``index``;
+    False when it has none."""
+    toks = [(m.start(), m.group()) for m in _TOKEN.finditer(needle.text)]
+    if not toks:
+        return False
+    off, tok = max(toks, key=lambda t: (len(t[1]), -t[0]))
+    shape = index.setdefault(tok, {}).setdefault((off, len(needle.text)), {})
+    shape.setdefault(needle.text, []).append(needle)
+    return True
+
+
 class Matcher:
     """Finds the values of any number of subjects in a text in one pass (cost grows with the text,
     not with the number of values): literal forms are indexed by their longest ASCII token, UIDs by
@@ -618,11 +630,13 @@ class Matcher:
     (:meth:`redact`), the leak scan and the report's self-check use it."""
 
     def __init__(self, needles: Iterable[Needle]):
-        self.anchors: dict[bytes, list[tuple[Needle, int]]] = {}
+        # anchor token -> (offset of the token in the form, form length) -> form -> its needles: an
+        # occurrence of the token is checked once per shape, however many subjects share the token
+        self.anchors: dict[bytes, dict[tuple[int, int], dict[bytes, list[Needle]]]] = {}
         self.uids: dict[bytes, list[Needle]] = {}
         self.dates: dict[bytes, list[Needle]] = {}
         self.compact: dict[bytes, list[Needle]] = {}
-        self.compact_anchors: dict[bytes, list[Needle]] = {}
+        self.compact_anchors: dict[bytes, dict[tuple[int, int], dict[bytes, list[Needle]]]] = {}
         self.short_dates: dict[bytes, list[Needle]] = {}
         self.substrings: list[Needle] = []
         self.count = 0
@@ -637,19 +651,14 @@ class Matcher:
                 self.dates.setdefault(n.text, []).append(n)
             elif n.mode == "compact":
                 self.compact.setdefault(n.text, []).append(n)
-                toks = _TOKEN.findall(n.text)
-                self.compact_anchors.setdefault(max(toks, key=len), []).append(n)
+                _index(self.compact_anchors, n)
             elif n.kind == "uid" and _UID_TOKEN.fullmatch(n.text):
                 self.uids.setdefault(n.text, []).append(n)
             elif _SHORT_DATE.fullmatch(n.text):
                 self.short_dates.setdefault(n.text, []).append(n)
             else:
-                toks = [(m.start(), m.group()) for m in _TOKEN.finditer(n.text)]
-                if not toks:
+                if not _index(self.anchors, n):
                     self.substrings.append(n)
-                    continue
-                off, tok = max(toks, key=lambda t: (len(t[1]), -t[0]))
-                self.anchors.setdefault(tok, []).append((n, off))
         self.anchor_keys = frozenset(self.anchors)
         self.uid_keys = frozenset(self.uids)
         self.date_years = frozenset(k[:4] for k in self.dates)
@@ -664,26 +673,23 @@ class Matcher:
         low = text.lower()
         hits: list[tuple[int, int, Needle]] = []
         if self.anchor_keys:
-            if len(self.anchor_keys) < 48:
-                present = [t for t in self.anchor_keys if t in low]
-            else:
-                present = self.anchor_keys.intersection(_TOKEN.findall(low))
-            for tok in present:
-                for needle, off in self.anchors[tok]:
-                    n = len(needle.text)
+            if len(self.anchor_keys) < 48:  # a few values: direct search is faster than tokenising
+                for tok in [t for t in self.anchor_keys if t in low]:
                     i = low.find(tok)
                     while i >= 0:
-                        s = i - off
-                        if s >= 0 and low.startswith(needle.text, s) and _bounded(low, s, s + n):
-                            hits.append((s, s + n, needle))
+                        self._anchored(low, i, tok, hits)
                         i = low.find(tok, i + 1)
-        if self.uid_keys and b"." in low:
-            for uid in self.uid_keys.intersection(_UID_TOKEN.findall(low)):
-                i = low.find(uid)
-                while i >= 0:
-                    if _bounded(low, i, i + len(uid)):
-                        hits.extend((i, i + len(uid), n) for n in self.uids[uid])
-                    i = low.find(uid, i + 1)
+            else:  # many values (a dataset): one pass over the text's tokens, not one search per value
+                # (a bounded occurrence's anchor is always one whole token of the text)
+                anchors = self.anchors
+                for m in _TOKEN.finditer(low):
+                    if m.group() in anchors:
+                        self._anchored(low, m.start(), m.group(), hits)
+        if self.uid_keys and b"." in low:  # a bounded UID is one whole UID token of the text
+            for m in _UID_TOKEN.finditer(low):
+                uid = m.group()
+                if uid in self.uid_keys and _bounded(low, m.start(), m.end()):
+                    hits.extend((m.start(), m.end(), n) for n in self.uids[uid])
         if self.dates:
             for ws, we in self._date_windows(low):
                 for s, e, cands in dates_in(low[ws:we]):
@@ -709,6 +715,13 @@ class Matcher:
                 hits.append((i, i + len(needle.text), needle))
                 i = low.find(needle.text, i + 1)
         return hits
+
+    def _anchored(self, low: bytes, i: int, tok: bytes, hits: list) -> None:
+        """The values anchored on ``tok`` that occur, whole, around its occurrence at ``i``."""
+        for (off, n), forms in self.anchors[tok].items():
+            s = i - off
+            if s >= 0 and (found := forms.get(low[s:s + n])) and _bounded(low, s, s + n):
+                hits.extend((s, s + n, needle) for needle in found)
 
     def _date_windows(self, low: bytes) -> list[tuple[int, int]]:
         """Stretches of ``low`` around each occurrence of a searched date's year (a written date
@@ -742,15 +755,21 @@ class Matcher:
             return []  # no separator at all: the literal forms found everything
         present = [t for t in self.compact_anchors if t in compacted] if len(self.compact_anchors) < 48 else \
             self.compact_anchors.keys() & set(_TOKEN.findall(compacted))
+        found: dict[bytes, list[Needle]] = {}
+        for tok in present:  # which IDs the compacted text holds: each occurrence of an anchor once
+            shapes = self.compact_anchors[tok]
+            i = compacted.find(tok)
+            while i >= 0:
+                for (off, n), forms in shapes.items():
+                    if i >= off and (f := forms.get(compacted[i - off:i - off + n])):
+                        found[compacted[i - off:i - off + n]] = f
+                i = compacted.find(tok, i + 1)
         out = []
-        for tok in present:
-            for n in self.compact_anchors[tok]:
-                if compacted.find(n.text) < 0:
-                    continue
-                for m in _spaced(n.text).finditer(low):  # where it is in the original text
-                    s, e = m.span()
-                    if e - s > len(n.text) and _bounded(low, s, e):  # written with separators
-                        out.append((s, e, n))
+        for text, needles in found.items():
+            for m in _spaced(text).finditer(low):  # where it is in the original text
+                s, e = m.span()
+                if e - s > len(text) and _bounded(low, s, e):  # written with separators
+                    out += [(s, e, n) for n in needles]
         return out
 
     def find(self, text: bytes | str) -> list[tuple[int, Needle]]:
@@ -814,43 +833,52 @@ def needles_for(subject: str, entries: Iterable[tuple[str, str, str]], salt: byt
     done: set[tuple[str, str]] = set()
     for kind, fld, value in entries:
         digest = _digest(salt, value)
-        if kind in ("date", "datetime"):
-            d = value.strip()[:8]
-            if len(d) == 8 and d.isdigit() and (d, "date") not in done:
-                done.add((d, "date"))
-                rule = excluded_by(d, "date")
-                if rule:
-                    if excluded is not None:
-                        excluded[rule] += 1
-                else:
-                    out.append(Needle(d.encode(), kind, fld, digest, subject, "date"))
-                    y2, m, dd = d[2:4], d[4:6], d[6:]  # two-digit years: literal forms
-                    for f in {f"{dd}.{m}.{y2}", f"{m}/{dd}/{y2}", f"{dd}/{m}/{y2}", f"{dd}-{m}-{y2}"}:
-                        out.append(Needle(f.encode(), kind, fld, digest, subject))
-            if kind == "date":
+        for key, rule, texts in _searched(kind, value):
+            if key in done:
                 continue
-        for form in forms(kind, value):
-            if (form, kind) in done:
-                continue
-            done.add((form, kind))
-            rule = excluded_by(form, kind)
+            done.add(key)
             if rule:
                 if excluded is not None:
                     excluded[rule] += 1
                 continue
+            out += [Needle(text, kind, fld, digest, subject, mode) for text, mode in texts]
+    return out
+
+
+@lru_cache(maxsize=1 << 15)
+def _searched(kind: str, value: str) -> tuple[tuple[tuple[str, str], str | None, tuple[tuple[bytes, str], ...]], ...]:
+    """What :func:`needles_for` searches for one value, whoever it belongs to: per form, its key
+    (a subject's forms are searched once), the rule that excludes it or None, and its byte forms
+    with their modes.  Cached: values many subjects share (institution, dates) are worked out once."""
+    out = []
+    if kind in ("date", "datetime"):
+        d = value.strip()[:8]
+        if len(d) == 8 and d.isdigit():
+            rule = excluded_by(d, "date")
+            y2, m, dd = d[2:4], d[4:6], d[6:]  # two-digit years: literal forms
+            texts = [] if rule else [(d.encode(), "date")] + [
+                (f.encode(), "literal") for f in sorted({f"{dd}.{m}.{y2}", f"{m}/{dd}/{y2}", f"{dd}/{m}/{y2}",
+                                                         f"{dd}-{m}-{y2}"})]
+            out.append(((d, "date"), rule, tuple(texts)))
+        if kind == "date":
+            return tuple(out)
+    for form in sorted(forms(kind, value)):
+        rule = excluded_by(form, kind)
+        texts = []
+        if not rule:
             variants = {form} if form.isascii() else {form, form.lower(), form.upper(), form.casefold()}
-            for v in variants:
+            for v in sorted(variants):
                 for enc in ("utf-8", "latin-1"):
                     try:
-                        b = v.encode(enc).lower()
+                        texts.append((v.encode(enc).lower(), "literal"))
                     except UnicodeEncodeError:
                         continue
-                    out.append(Needle(b, kind, fld, digest, subject))
             if kind == "id" and form.isascii():
                 compact = re.sub(rb"[^a-z0-9]", b"", form.lower().encode())
                 if len(compact) >= 6 and sum(c.isdigit() for c in form) >= 3:
-                    out.append(Needle(compact, kind, fld, digest, subject, "compact"))
-    return out
+                    texts.append((compact, "compact"))
+        out.append(((form, kind), rule, tuple(dict.fromkeys(texts))))  # an ASCII form is one byte string
+    return tuple(out)
 
 
 def matcher_for(entries: Iterable[tuple[str, str, str]], subject: str = "", salt: bytes = b"") -> Matcher:

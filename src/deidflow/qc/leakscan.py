@@ -35,7 +35,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterable, Iterator, Mapping
 
-from ..fsutil import RESTRICTED_FILE_MODE, atomic_write_bytes, display_path, make_restricted_dir
+from ..fsutil import RESTRICTED_FILE_MODE, atomic_write_bytes, display_path, layout_parents, make_restricted_dir
 from ..sniff import TIFF_MAGICS
 from . import identifiers as idmod
 from .identifiers import (Matcher, Needle, date_forms, excluded_by, forms, name_forms,  # noqa: F401
@@ -93,22 +93,25 @@ def manifest_paths(subject_entry: Mapping) -> list[tuple[str, str, str]]:
 # ------------------------------------------------------------------------------------------------
 # Files of a subject
 # ------------------------------------------------------------------------------------------------
-def subject_files(release: Path, subject: str) -> list[Path]:
-    """The release files that belong to ``subject`` (its folders anywhere in the usual layouts,
-    and files named ``<subject>_*``)."""
+def subject_files(release: Path, subjects: Iterable[str]) -> dict[str, list[Path]]:
+    """The release files of each of ``subjects`` (their folders anywhere in the usual layouts, and
+    files named ``<subject>_*``): each folder of the layouts is listed once for all of them."""
     release = Path(release)
-    parents = [release, *sorted(p for p in (release / "sourcedata").glob("*") if p.is_dir()),
-               *sorted(p for p in release.glob("derivatives/*") if p.is_dir()),
-               *sorted(p for p in release.glob("derivatives/*/*") if p.is_dir())]
-    out: list[Path] = []
-    for parent in parents:
-        d = parent / subject
-        if d.is_dir():
-            out += _walk_files(d)
+    wanted = set(subjects)
+    parents = layout_parents(release)
+    out: dict[str, list[Path]] = {s: [] for s in sorted(wanted)}
+    for parent in parents:  # per folder: a subject's own folder (sorts first), then its named files
         try:
-            out += sorted(p for p in parent.iterdir() if p.is_file() and p.name.startswith(subject + "_"))
+            entries = sorted(os.scandir(parent), key=lambda e: e.name)
         except FileNotFoundError:
-            pass
+            continue
+        for e in entries:
+            if e.name in wanted and e.is_dir():
+                out[e.name] += _walk_files(Path(e.path))
+            elif e.is_file():
+                for i in (i for i, c in enumerate(e.name) if c == "_"):
+                    if e.name[:i] in wanted:
+                        out[e.name[:i]].append(Path(e.path))
     return out
 
 
@@ -687,9 +690,10 @@ def scan_unit(release: Path, restricted: Path, manifest: Path, *, pixel_data: bo
     salt = load_salt(restricted)
     matcher, excluded, counts = unit_matcher(restricted, m, salt)
     subjects = {}
+    files_of = subject_files(release, [subj["subject"] for subj in m["subjects"]])
     for subj in m["subjects"]:
         s = subj["subject"]
-        files = subject_files(release, s)
+        files = files_of[s]
         hits: list[dict] = []
         scanned = skipped = 0
         notes: list[str] = []

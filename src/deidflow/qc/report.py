@@ -95,7 +95,7 @@ def _release_formats(release: Path) -> tuple[Counter, dict[str, Counter]]:
         if folder == qc:
             dirs[:] = []
             continue
-        parts = os.path.relpath(folder, release).split(os.sep)
+        parts = folder[len(release) + 1:].split(os.sep)  # os.walk's folders all start with release
         folder_sub = next((part for part in parts if _SUBJECT_DIR.match(part)), None)
         for name in files:
             if folder == release and name == evidence.INCOMPLETE_MARKER:
@@ -193,6 +193,20 @@ def _qc_images(release: Path, restricted: Path, subject: str, *, restricted_copy
                         "width": w, "height": h,
                         "uri": "data:image/png;base64," + base64.b64encode(data).decode("ascii")})
     return out
+
+
+def _images_of(release: Path, restricted: Path, subjects: Iterable[str], *, restricted_copy: bool) -> dict[str, list[dict]]:
+    """:func:`_qc_images` of each subject; the QC folders are listed once (most subjects of a large
+    dataset have no rendering)."""
+    bases = [Path(release) / QC_SUBDIR] + ([Path(restricted) / "qc"] if restricted_copy else [])
+    having = set()
+    for base in bases:
+        try:
+            having |= {e.name for e in os.scandir(base) if e.is_dir()}
+        except (FileNotFoundError, NotADirectoryError):
+            pass
+    return {s: _qc_images(release, restricted, s, restricted_copy=restricted_copy) if s in having else []
+            for s in subjects}
 
 
 def _before_images_in_release(release: Path) -> int:
@@ -307,7 +321,7 @@ def build(release: Path, restricted: Path) -> dict:
     for r in ok:
         if r.get("subject"):
             by_subject[r["subject"]].append(r)
-    images = {s: _qc_images(release, restricted, s, restricted_copy=False) for s in subjects}
+    images = _images_of(release, restricted, subjects, restricted_copy=False)
     per = {}
     for s in subjects:
         mine = by_subject.get(s, [])
@@ -930,8 +944,8 @@ def write_report(release: Path, restricted: Path, output: Path, charts: str, tab
     atomic_write_text(table, tsv, 0o644)
     atomic_write_text(output, page, 0o644)
     # the restricted copy: the same facts (quarantine reasons as checked above) plus the before-images
-    full_facts = {**facts, "restricted_copy": True, "per": {
-        s: {**p, "images": _qc_images(release, restricted, s, restricted_copy=True)} for s, p in facts["per"].items()}}
+    images = _images_of(release, restricted, facts["per"], restricted_copy=True)
+    full_facts = {**facts, "restricted_copy": True, "per": {s: {**p, "images": images[s]} for s, p in facts["per"].items()}}
     make_restricted_dir(Path(full).parent)
     atomic_write_text(full, render(full_facts, run_time=_run_time(restricted))[0], RESTRICTED_FILE_MODE)
     return Path(output)
