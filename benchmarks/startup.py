@@ -1,18 +1,16 @@
 """`make bench`, start-up tricks: what each one saves on whole runs, faces on and off.
 
-Each variant is a whole ``deidflow run --cores 2`` with one trick switched off, in alternating rounds
-with the variant that has them all (the same tree, fresh output folders, page cache warm):
+Each variant is a whole ``deidflow run --cores 2`` in alternating rounds (the same tree, fresh output
+folders, page cache warm):
 
 * ``no zygote``  — ``DEIDFLOW_NO_ZYGOTE=1``: every job starts a fresh interpreter (no fork server);
-* ``no ahead``   — ``pipeline.prepare_ahead`` made a no-op: the inventory runs after Snakemake's start
-  instead of beside it;
-* ``no _exit``   — ``sys.exit(main())`` instead of ``cli.console_main``'s ``os._exit`` (the interpreter
-  tears its modules down);
-* ``slurm in venv`` — the SLURM executor plugins importable (as if installed into the venv rather than
-  the Makefile's private folder), so Snakemake loads them at start.
+* ``all tricks, again`` — the same code as ``all tricks``: how far two identical variants drift
+  apart on this machine (a trick whose gain is within that is not measurable).
 
-A trick stays when it pays >= 5 % of the run's wall time (docs/design-notes.md). Figures are
-medians of the rounds; the load average is printed, since the machine may be shared.
+A trick stays when it pays >= 5 % of the run's wall time (docs/design-notes.md, which also lists the
+tricks removed: the forked inventory, the private SLURM plugin folder, ``os._exit`` at the end of
+the console script). Figures are medians of the rounds; the load average is printed, since the
+machine may be shared.
 
     python benchmarks/startup.py [--rounds 3] [--faces-tree PATH] [--header-tree PATH]
 """
@@ -35,19 +33,12 @@ from trees import real_header_tree  # noqa: E402
 
 KEY = "benchmark-key-0123456789abcdef"
 HEADER_PATH = ["--set", "outputs.bids=false", "--set", "face.method=none", "--set", "pixels.clean=off"]
-SLURM_DIR = Path(sys.prefix) / "slurm-plugins"
 
 RUN_ALL = "import sys; from deidflow.cli import console_main; sys.argv = ['deidflow'] + sys.argv[1:]; console_main()"
-RUN_NO_AHEAD = ("import sys; import deidflow.pipeline as p; p.prepare_ahead = lambda config: None; "
-                "from deidflow.cli import console_main; sys.argv = ['deidflow'] + sys.argv[1:]; console_main()")
-RUN_NO_EXIT = "import sys; from deidflow.cli import main; sys.exit(main(sys.argv[1:]))"
 VARIANTS = {  # name -> (python code, extra environment)
     "all tricks": (RUN_ALL, {}),
     "no zygote": (RUN_ALL, {"DEIDFLOW_NO_ZYGOTE": "1"}),
-    "no ahead": (RUN_NO_AHEAD, {}),
-    "no _exit": (RUN_NO_EXIT, {}),
-    "slurm in venv": (RUN_ALL, {"PYTHONPATH": os.pathsep.join(filter(None, [os.environ.get("PYTHONPATH"),
-                                                                            str(SLURM_DIR)]))}),
+    "all tricks, again": (RUN_ALL, {}),
 }
 
 
@@ -72,8 +63,6 @@ def measure(tree: Path, scratch: Path, args: list[str], rounds: int) -> dict[str
     for i in range(rounds):
         for name in (names if i % 2 == 0 else names[::-1]):
             code, env = VARIANTS[name]
-            if name == "slurm in venv" and not SLURM_DIR.is_dir():
-                continue
             times[name].append(one_run(code, env, tree, scratch, args))
     return times
 
@@ -82,9 +71,6 @@ def rows_of(times: dict[str, list[float]]) -> list[tuple]:
     base = statistics.median(times["all tricks"])
     rows = [("variant", "median s", "gain of the trick", "runs")]
     for name, ts in times.items():
-        if not ts:
-            rows.append((name, "n/a", f"({SLURM_DIR} missing)", ""))
-            continue
         med = statistics.median(ts)
         gain = "" if name == "all tricks" else f"{(med - base) / med:+.1%} of wall"
         rows.append((name, f"{med:.1f}", gain, " ".join(f"{t:.1f}" for t in ts)))

@@ -12,7 +12,6 @@ status (:mod:`deidflow.errors`); a traceback is shown only with ``--debug``.
 from __future__ import annotations
 
 import argparse
-import atexit
 import errno
 import fcntl
 import io
@@ -613,14 +612,8 @@ def _write_traceback() -> Path | None:
 
 
 def console_main() -> None:
-    """The ``deidflow`` console script: :func:`main`, then exit without the interpreter's module
-    teardown, which after a Snakemake run took 0.3-0.5 s of every run's wall time. Output is
-    flushed and exit handlers (logging shutdown, temporary-folder finalizers) still run."""
-    rc = main()
-    sys.stdout.flush()
-    sys.stderr.flush()
-    atexit._run_exitfuncs()
-    os._exit(rc)
+    """The ``deidflow`` console script: :func:`main`'s status as the exit status."""
+    sys.exit(main())
 
 
 if __name__ == "__main__":
