@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import re
 from collections import Counter
 from dataclasses import dataclass
@@ -234,12 +235,17 @@ def write(restricted: Path, unit: str, stage: str, subject: str, entries: Iterab
     return target
 
 
-def read_subject(restricted: Path, unit: str, subject: str) -> list[tuple[str, str, str]]:
-    """Every stage's identifiers of ``subject`` in job unit ``unit``."""
+def read_unit(restricted: Path, unit: str) -> dict[str, list[tuple[str, str, str]]]:
+    """Every stage's identifiers of every subject of job unit ``unit`` (subject -> values, the
+    stages in name order): each stage folder is listed once, not searched once per subject."""
     base = Path(restricted) / "work" / unit / IDENTIFIERS_DIR
-    out: list[tuple[str, str, str]] = []
-    for f in sorted(base.glob(f"*/{subject}.json")):
-        out += [tuple(v) for v in json.loads(f.read_text(encoding="utf-8"))["values"]]
+    out: dict[str, list[tuple[str, str, str]]] = {}
+    if not base.is_dir():
+        return out
+    for stage in sorted(e.path for e in os.scandir(base) if e.is_dir()):
+        for name in sorted(n for n in os.listdir(stage) if n.endswith(".json")):
+            values = json.loads(Path(stage, name).read_text(encoding="utf-8"))["values"]
+            out.setdefault(name[:-len(".json")], []).extend(tuple(v) for v in values)
     return out
 
 

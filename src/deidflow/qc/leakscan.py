@@ -674,9 +674,10 @@ def unit_matcher(restricted: Path, manifest: Mapping, salt: bytes) -> tuple[Matc
     excluded: Counter = Counter()
     needles: list[Needle] = []
     counts = {}
+    values = idmod.read_unit(restricted, manifest["unit"])
     for subj in manifest["subjects"]:
         s = subj["subject"]
-        entries = idmod.read_subject(restricted, manifest["unit"], s) + manifest_paths(subj)
+        entries = values.get(s, []) + manifest_paths(subj)
         counts[s] = len(entries)
         needles += needles_for(s, entries, salt, excluded)
     return Matcher(needles), excluded, counts
@@ -744,8 +745,9 @@ def dataset_matcher(restricted: Path, extra: tuple[str, ...] = ()) -> Matcher:
     needles: list[Needle] = []
     for mf in mfs:
         m = json.loads(mf.read_text())
+        values = idmod.read_unit(restricted, m["unit"])
         for subj in m["subjects"]:
-            entries = idmod.read_subject(restricted, m["unit"], subj["subject"]) + manifest_paths(subj)
+            entries = values.get(subj["subject"], []) + manifest_paths(subj)
             needles += needles_for(subj["subject"], entries, salt)
     if extra:
         needles += needles_for("", [("path", "original name", e) for e in extra], salt)
