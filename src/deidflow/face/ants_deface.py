@@ -78,21 +78,17 @@ class _Image:
 
 def affine_registration(fixed: tuple[np.ndarray, np.ndarray], moving: tuple[np.ndarray, np.ndarray], *,
                         sampling: float, convergence: str, shrink: str, smoothing: str, step: float = 0.25,
-                        seed: int = SEED, initial: np.ndarray | None = None) -> np.ndarray:
+                        seed: int = SEED) -> np.ndarray:
     """ANTs affine registration of ``moving`` to ``fixed`` ((data, RAS affine) each), Mattes mutual
     information on a regular grid of ``sampling`` of the voxels, levels ``shrink``/``smoothing``
-    (ANTs syntax, e.g. "2x1", "1x0vox"), each stopped as ``convergence`` says. Initialised by
-    matching the centres of mass, or at ``initial`` (a 4x4 RAS fixed -> moving matrix). Returns the
-    4x4 RAS matrix mapping fixed (subject) millimetres to moving (template) millimetres."""
+    (ANTs syntax, e.g. "2x1", "1x0vox"), each stopped as ``convergence`` says, initialised by
+    matching the centres of mass. Returns the 4x4 RAS matrix mapping fixed (subject) millimetres to
+    moving (template) millimetres."""
     lib = _lib()
     fx, mv = _Image(lib, *fixed), _Image(lib, *moving)
     with tempfile.TemporaryDirectory(prefix="deidflow-reg-") as tmp:
         prefix = os.path.join(tmp, "r")
-        init = f"[{fx.ref},{mv.ref},1]"
-        if initial is not None:
-            init = os.path.join(tmp, "init.txt")
-            _write_itk_affine(init, initial)
-        args = ["--dimensionality", "3", "--float", "1", "--initial-moving-transform", init,
+        args = ["--dimensionality", "3", "--float", "1", "--initial-moving-transform", f"[{fx.ref},{mv.ref},1]",
                 "--metric", f"MI[{fx.ref},{mv.ref},1,32,Regular,{sampling}]", "--transform", f"Affine[{step}]",
                 "--convergence", convergence, "--shrink-factors", shrink, "--smoothing-sigmas", smoothing,
                 "--use-histogram-matching", "0", "--collapse-output-transforms", "1",
@@ -107,15 +103,6 @@ def affine_registration(fixed: tuple[np.ndarray, np.ndarray], moving: tuple[np.n
     lps = np.eye(4)
     lps[:3, :3], lps[:3, 3] = lin, center + trans - lin @ center
     return _FLIP @ lps @ _FLIP
-
-
-def _write_itk_affine(path: str, ras: np.ndarray) -> None:
-    """A 4x4 RAS fixed -> moving matrix as an ITK text transform file (LPS, centre 0)."""
-    lps = _FLIP @ np.asarray(ras, float) @ _FLIP
-    values = " ".join(repr(float(v)) for v in [*lps[:3, :3].ravel(), *lps[:3, 3]])
-    with open(path, "w") as fh:
-        fh.write("#Insight Transform File V1.0\n#Transform 0\nTransform: AffineTransform_double_3_3\n"
-                 f"Parameters: {values}\nFixedParameters: 0 0 0\n")
 
 
 @dataclass(frozen=True)
