@@ -171,6 +171,12 @@ def _unlink_quietly(path: str | Path) -> None:
 GZIP_LEVEL = 1
 
 
+def gzip_bytes(data: bytes) -> bytes:
+    """``data`` gzip-compressed at :data:`GZIP_LEVEL` with mtime 0 and no file name in the header
+    (equal content gives equal bytes; a killed run resumes to the same release)."""
+    return gzip.compress(data, compresslevel=GZIP_LEVEL, mtime=0)
+
+
 @contextmanager
 def output_stream(path: Path, gz: bool):
     """A binary writer for ``path``, gzip-compressed when ``gz`` (mtime 0 and no file name in the

@@ -17,7 +17,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from ..fsutil import GZIP_LEVEL
+from ..fsutil import gzip_bytes
 
 GEOMETRY_TOL_VOX = 0.1
 
@@ -111,7 +111,7 @@ class Nifti:
         fill = stored_zero(out.dtype, self.slope, self.inter - fill)
         out[mask3d.reshape(out.shape[:min(3, out.ndim)])] = fill  # a 3D mask indexes the first axes
         body = self.prefix + out.tobytes(order="F") + self.suffix
-        return gzip.compress(body, compresslevel=GZIP_LEVEL, mtime=0) if self.gz else body
+        return gzip_bytes(body) if self.gz else body
 
 
 def _sizeof_hdr(data: bytes) -> int:

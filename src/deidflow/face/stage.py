@@ -34,7 +34,7 @@ from typing import Any, Mapping
 import numpy as np
 
 from .. import __version__
-from ..fsutil import GZIP_LEVEL, RESTRICTED_FILE_MODE, atomic_write_bytes, atomic_write_text, make_restricted_dir
+from ..fsutil import RESTRICTED_FILE_MODE, atomic_write_bytes, atomic_write_text, gzip_bytes, make_restricted_dir
 from . import render
 from ..errors import OUTPUT_ERRNOS, PublicError
 from .apply import GeometryMismatch, Nifti, derived_sidecar, mask_dicom, remap_file, uids_in
@@ -584,14 +584,12 @@ def implausible(vol, removed: np.ndarray, method: str) -> str | None:
 
 def _save_mask(path: Path, native: np.ndarray, affine: np.ndarray) -> None:
     """The removed region (uint8 NIfTI, restricted) for audits and tests."""
-    import gzip
-
     import nibabel as nib
     img = nib.Nifti1Image(native.astype(np.uint8), affine)
     img.header.set_data_dtype(np.uint8)
     path = path.with_name(_stem(path.name) + "_removed.nii.gz")
     make_restricted_dir(path.parent)
-    atomic_write_bytes(path, gzip.compress(img.to_bytes(), compresslevel=GZIP_LEVEL, mtime=0), RESTRICTED_FILE_MODE)
+    atomic_write_bytes(path, gzip_bytes(img.to_bytes()), RESTRICTED_FILE_MODE)
 
 
 class FaceOutputError(PublicError):
