@@ -669,18 +669,26 @@ def _locate(ds, prefix: str, needle: bytes) -> str | None:
 # ------------------------------------------------------------------------------------------------
 # A job unit, the dataset, the whole release
 # ------------------------------------------------------------------------------------------------
-def unit_matcher(restricted: Path, manifest: Mapping, salt: bytes) -> tuple[Matcher, Counter, dict]:
-    """The matcher for every subject of a job unit, the exclusion counts and values per subject."""
-    excluded: Counter = Counter()
-    needles: list[Needle] = []
-    counts = {}
+def unit_needles(restricted: Path, manifest: Mapping, salt: bytes, excluded: Counter | None = None,
+                 counts: dict | None = None) -> list[Needle]:
+    """The needles of every subject of a job unit (its identifier files and original paths);
+    exclusions counted per rule in ``excluded``, values per subject in ``counts``."""
     values = idmod.read_unit(restricted, manifest["unit"])
+    needles: list[Needle] = []
     for subj in manifest["subjects"]:
         s = subj["subject"]
         entries = values.get(s, []) + manifest_paths(subj)
-        counts[s] = len(entries)
+        if counts is not None:
+            counts[s] = len(entries)
         needles += needles_for(s, entries, salt, excluded)
-    return Matcher(needles), excluded, counts
+    return needles
+
+
+def unit_matcher(restricted: Path, manifest: Mapping, salt: bytes) -> tuple[Matcher, Counter, dict]:
+    """The matcher for every subject of a job unit, the exclusion counts and values per subject."""
+    excluded: Counter = Counter()
+    counts: dict = {}
+    return Matcher(unit_needles(restricted, manifest, salt, excluded, counts)), excluded, counts
 
 
 def scan_unit(release: Path, restricted: Path, manifest: Path, *, pixel_data: bool = False) -> dict:
@@ -744,11 +752,7 @@ def dataset_matcher(restricted: Path, extra: tuple[str, ...] = ()) -> Matcher:
     salt = load_salt(restricted)
     needles: list[Needle] = []
     for mf in mfs:
-        m = json.loads(mf.read_text())
-        values = idmod.read_unit(restricted, m["unit"])
-        for subj in m["subjects"]:
-            entries = values.get(subj["subject"], []) + manifest_paths(subj)
-            needles += needles_for(subj["subject"], entries, salt)
+        needles += unit_needles(restricted, json.loads(mf.read_text()), salt)
     if extra:
         needles += needles_for("", [("path", "original name", e) for e in extra], salt)
     matcher = Matcher(needles)
