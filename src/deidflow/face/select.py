@@ -171,7 +171,7 @@ def decide(facts: ImageFacts, face_cfg: Mapping[str, Any]) -> Decision:
     elif facts.description and re.search(sel["description_pattern"], facts.description, re.I):
         why = "series description (or original file name) names head anatomy"
     elif facts.bare:
-        lo, hi = sel["min_extent_mm"], sel.get("max_extent_mm", MAX_EXTENT_MM)
+        hi = sel.get("max_extent_mm", MAX_EXTENT_MM)   # the minimum extent was checked above
         if facts.volumes != 1 or max(ext[:3]) > hi:
             return Decision("none", f"no header says what this is, and it is not one head-sized 3D volume "
                                     f"(extent {_mm(ext)} mm, {facts.volumes} volume{'s' * (facts.volumes != 1)})")

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import gzip
 import os
-import re
 import tempfile
 import zlib
 from contextlib import contextmanager
