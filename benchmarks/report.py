@@ -26,7 +26,7 @@ from tables import table  # noqa: E402
 from runs import deidflow_run  # noqa: E402
 from trees import real_header_tree, tiny_subject_tree  # noqa: E402
 
-from deidflow.qc import report  # noqa: E402
+from deidflow.qc import leakscan, report  # noqa: E402
 
 HEADER_PATH = ("--set", "outputs.bids=false", "--set", "face.method=none")
 
@@ -48,7 +48,7 @@ def report_times(release: Path, restricted: Path, reps: int) -> dict[str, float]
         gather.append(t1 - t0)
         render.append(time.perf_counter() - t1)
     t2 = time.perf_counter()
-    report._check_public(restricted, facts, {"report.html": page, **svgs})
+    report._check_public(restricted, facts, {"report.html": page, **svgs}, leakscan.dataset_matcher(restricted))
     t3 = time.perf_counter()
     report.write_report(release, restricted, qc / "report.html",
                         f"{qc / 'files_per_modality.svg'},{qc / 'actions_per_attribute.svg'}",

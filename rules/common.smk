@@ -109,6 +109,10 @@ EXTRA_TARGETS = []
 # dataset-level files (participants.tsv …) are written here, leak-scanned, then published
 DATASET_STAGED = restricted("staging/dataset")
 DATASET_TARGETS = []  # done markers of the jobs that write into DATASET_STAGED
+# the QC report's public files: checked and staged by verify_dataset, copied in by publish_dataset
+QC_DIR = release("derivatives/deidflow/qc")
+QC_FILES = ("report.html", "files_per_modality.svg", "actions_per_attribute.svg", "subjects.tsv")
+REPORT_STAGED = restricted("staging/qc")
 
 
 def register_unit_stage(stage, units=None):

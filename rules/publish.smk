@@ -1,6 +1,6 @@
 # The release gate (docs/design-notes.md, deidflow.publish): a unit's subjects enter the release
 # only here, one rename per subject folder, after every stage of the unit and its leak scan are
-# done; then the dataset-level files, and withdrawn subjects leave the release. The
+# done; then the dataset-level files and the QC report, and withdrawn subjects leave the release. The
 # RELEASE_INCOMPLETE marker lies at the release root from the first job of a run until the run
 # succeeds (onstart / onsuccess in the Snakefile).
 PUBLISH_DATASET = restricted("done/publish_dataset.json")
@@ -44,20 +44,43 @@ rule publish:
 
 
 rule publish_dataset:
-    """Take withdrawn subjects out of the release (restricted/withdrawn.tsv), then move the
-    verified dataset-level files in; restricted/withheld.json for the QC report."""
+    """Take withdrawn subjects out of the release (restricted/withdrawn.tsv), move the verified
+    dataset-level files in (a leak-scan hit keeps them staged, unless verify.on_leak is publish),
+    then copy in the QC report verify_dataset checked."""
     input:
         units=unit_done("publish"),
         verify=VERIFY_DATASET,
+        report=expand(os.path.join(REPORT_STAGED, "{name}"), name=QC_FILES),
         subjects=restricted("work/subjects.txt"),
     output:
         done=PUBLISH_DATASET,
-        units_list=temp(restricted("work/publish-units.list")),
+        html=report(os.path.join(QC_DIR, "report.html"), caption="../report/qc_report.rst", category="QC",
+                    labels={"item": "QC report"}),
+        modalities=report(
+            os.path.join(QC_DIR, "files_per_modality.svg"),
+            caption="../report/files_per_modality.rst",
+            category="QC",
+            labels={"item": "files per modality"},
+        ),
+        actions=report(
+            os.path.join(QC_DIR, "actions_per_attribute.svg"),
+            caption="../report/actions_per_attribute.rst",
+            category="QC",
+            labels={"item": "actions per attribute"},
+        ),
+        table=report(
+            os.path.join(QC_DIR, "subjects.tsv"),
+            caption="../report/subjects.rst",
+            category="QC",
+            labels={"item": "subjects"},
+        ),
     params:
         python=PYTHON,
         staged=qc_rules.constant(DATASET_STAGED),
+        report_dir=qc_rules.constant(REPORT_STAGED),
         release=release_root_of,
         restricted=qc_rules.constant(RESTRICTED),
+        on_leak=ON_LEAK,
     log:
         restricted("logs/publish_dataset.log"),
     threads: 1
@@ -67,11 +90,10 @@ rule publish_dataset:
     conda:
         "../envs/core.yaml"
     shell:
-        "printf '%s\\n' {input.units:q} > {output.units_list:q}; "
-        "{params.python:q} -m deidflow.jobs publish_dataset --staged {params.staged:q} --release {params.release:q}"
-        " --restricted {params.restricted:q} --subjects {input.subjects:q} --done {output.done:q}"
-        " --units-list {output.units_list:q}"
+        "{params.python:q} -m deidflow.jobs publish_dataset --staged {params.staged:q}"
+        " --report-dir {params.report_dir:q} --release {params.release:q} --restricted {params.restricted:q}"
+        " --subjects {input.subjects:q} --verify {input.verify:q} --on-leak {params.on_leak} --done {output.done:q}"
         " --log {log:q} 2>> {log:q}"
 
 
-EXTRA_TARGETS.append(PUBLISH_DATASET)
+EXTRA_TARGETS.extend([PUBLISH_DATASET, os.path.join(QC_DIR, "report.html")])

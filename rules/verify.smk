@@ -1,6 +1,7 @@
 # Leak scan (docs/qc.md): each job unit's staged files are searched for the original identifying
 # values of its subjects once every other per-unit stage is done; the unit's publish job (rules/
-# publish.smk) acts on the result (verify.on_leak). Then the staged dataset-level files.
+# publish.smk) acts on the result (verify.on_leak). Then the staged dataset-level files and the QC
+# report, with one matcher (verify_dataset), before publish_dataset moves them in.
 # verify is not a registered unit stage (it would wait for itself): its markers are extra targets.
 import deidflow.qc.rules as qc_rules
 
@@ -47,15 +48,25 @@ rule verify:
 
 
 rule verify_dataset:
-    """Leak scan of the staged dataset-level files (no subject folder) against every subject."""
+    """The dataset gate: once every unit is published, ONE matcher for every subject's values
+    scans the staged dataset-level files, then checks the QC report (which shows the result)
+    before staging it for publish_dataset; the restricted copy of the report goes beside."""
     input:
         units=unit_done("verify"),
+        published=unit_done("publish"),
         aggregates=qc_rules.targets_except(DATASET_TARGETS, []),
+        audit=restricted("audit.parquet"),
+        quarantine=restricted("quarantine.tsv"),
     output:
         done=VERIFY_DATASET,
+        report=expand(os.path.join(REPORT_STAGED, "{name}"), name=QC_FILES),
+        full=restricted("qc/report-full.html"),
+        units_list=temp(restricted("work/verify-dataset-units.list")),
     params:
         python=PYTHON,
-        release=qc_rules.constant(DATASET_STAGED),
+        staged=qc_rules.constant(DATASET_STAGED),
+        report_dir=qc_rules.constant(REPORT_STAGED),
+        release=release_root_of,
         restricted=qc_rules.constant(RESTRICTED),
         strict=VERIFY_STRICT,
         pixel_data=VERIFY_PIXEL_DATA,
@@ -63,14 +74,16 @@ rule verify_dataset:
         restricted("logs/verify_dataset.log"),
     threads: 1
     resources:
-        mem_mb=1000,
+        mem_mb=2000,
         runtime=60,
     conda:
         "../envs/core.yaml"
     shell:
-        "mkdir -p {params.release:q} && {params.python:q} -m deidflow.jobs verify_dataset --release {params.release:q}"
-        " --restricted {params.restricted:q} --output {output.done:q} --strict {params.strict}"
-        " --pixel-data {params.pixel_data} --log {log:q} 2>> {log:q}"
+        "printf '%s\\n' {input.published:q} > {output.units_list:q}; "
+        "mkdir -p {params.staged:q} && {params.python:q} -m deidflow.jobs verify_dataset --staged {params.staged:q}"
+        " --release {params.release:q} --restricted {params.restricted:q} --units-list {output.units_list:q}"
+        " --report-dir {params.report_dir:q} --full {output.full:q} --output {output.done:q}"
+        " --strict {params.strict} --pixel-data {params.pixel_data} --log {log:q} 2>> {log:q}"
 
 
 QC_TARGETS.extend([*unit_done("verify"), VERIFY_DATASET])

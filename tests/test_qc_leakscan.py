@@ -33,7 +33,7 @@ def cli(*args: str) -> subprocess.CompletedProcess:
 
 # -- rules and matcher ---------------------------------------------------------------------------
 def test_exclusion_rules_are_explicit():
-    ex = leakscan.excluded_by
+    ex = identifiers.excluded_by
     assert ex("M", "name") == ex("1", "id") == ex("MR", "id") == "too_short"
     assert ex("ANONYMIZED", "name") == ex("Prof", "name") == ex("van", "name") == "common"
     assert ex("4711", "id") == ex("0930", "time") == "too_few_digits"
@@ -44,12 +44,12 @@ def test_exclusion_rules_are_explicit():
 
 
 def test_date_name_and_time_forms():
-    d = leakscan.date_forms("19640716")
+    d = identifiers.date_forms("19640716")
     assert {"19640716", "1964-07-16", "16.07.1964", "07/16/1964", "16/07/1964", "16.7.1964", "16 jul 1964",
             "july 16, 1964"} <= {x.lower() for x in d}
-    n = leakscan.name_forms("MÜLLER^JÜRGEN^^DR. MED.")
+    n = identifiers.name_forms("MÜLLER^JÜRGEN^^DR. MED.")
     assert {"MÜLLER", "JÜRGEN", "JÜRGEN MÜLLER", "MÜLLER, JÜRGEN"} <= n
-    assert {"093015", "09:30:15"} <= leakscan.time_forms("093015.123")
+    assert {"093015", "09:30:15"} <= identifiers.time_forms("093015.123")
 
 
 def _matcher(*entries):

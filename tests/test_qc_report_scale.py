@@ -91,12 +91,13 @@ def test_self_check_of_many_subjects_finds_the_middle_subjects_identifier(many):
     """The report's self-check (one matcher over every subject's values) stops a page that holds
     an original value of subject N/2, in any of its forms; the written page holds none."""
     restricted = many["restricted"]
-    assert leakscan.text_hits(restricted, {"page": many["html"]}, ignore=report._own_words()) == {"page": 0}
+    matcher = leakscan.dataset_matcher(restricted)
+    assert leakscan.text_hits([matcher], {"page": many["html"]}, ignore=report._own_words()) == {"page": 0}
     half = N // 2 + 1  # not one of the withheld subjects' neighbours' own files
     for planted in (f"Jadwiga{half:04d} Kowalska", f"MRN {half:07d}"[:7] + "-" + f"{half:07d}"[3:],
                     f"MRN{half:07d}"):
         page = many["html"].replace("</body>", f"<p>{planted}</p></body>")
-        assert leakscan.text_hits(restricted, {"page": page})["page"] >= 1, planted
+        assert leakscan.text_hits([matcher], {"page": page})["page"] >= 1, planted
         facts = {"quarantine": [], "attributes": {"rows": []}}
         with pytest.raises(PublicError, match="QC report not written"):
-            report._check_public(restricted, facts, {"report.html": page})
+            report._check_public(restricted, facts, {"report.html": page}, matcher)

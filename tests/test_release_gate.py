@@ -191,6 +191,71 @@ def test_on_leak_publish_warns(demo_export, tmp_path):
 
 
 # ------------------------------------------------------------------------------------------------
+# Dataset-level files and the QC report
+# ------------------------------------------------------------------------------------------------
+def _dataset_gate_folders(tmp_path: Path, hits: list) -> tuple[Path, Path, Path, Path, Path]:
+    """A staged participants.tsv, a staged QC report, the verify_dataset record with ``hits``."""
+    staged, report_dir, release, restricted = (tmp_path / n for n in ("staged", "qc", "rel", "rel_restricted"))
+    for d in (staged, report_dir, release, restricted / "work"):
+        d.mkdir(parents=True)
+    (staged / "participants.tsv").write_text("participant_id\tnote\nsub-A\tErika Mustermann\n")
+    (report_dir / "report.html").write_text("<html>report</html>\n")
+    (restricted / "work" / "subjects.txt").write_text("sub-A\n")
+    verify = restricted / "verify_dataset.json"
+    verify.write_text(json.dumps({"files": 1, "hits": hits}))
+    return staged, report_dir, release, restricted, verify
+
+
+@pytest.mark.parametrize("on_leak", ["withhold", "publish"])
+def test_dataset_level_leak_keeps_dataset_files_staged(tmp_path, on_leak):
+    """A leak-scan hit in a staged dataset-level file keeps every dataset-level file out of the
+    release (verify.on_leak withhold); the QC report, checked on its own, is published."""
+    from deidflow.publish import publish_dataset
+    hit = {"file": "participants.tsv", "location": "line 2", "owner": "sub-A", "field": "PatientName"}
+    staged, report_dir, release, restricted, verify = _dataset_gate_folders(tmp_path, [hit])
+    c = publish_dataset(staged, release, restricted, restricted / "work" / "subjects.txt", restricted / "done.json",
+                        verify=verify, report_dir=report_dir, on_leak=on_leak)
+    qc_copy = release / "derivatives" / "deidflow" / "qc" / "report.html"
+    assert qc_copy.read_text() == "<html>report</html>\n" and (report_dir / "report.html").exists()
+    record = json.loads((restricted / "done.json").read_text())
+    if on_leak == "withhold":
+        assert c["withheld"] == 1 and c["files"] == 0
+        assert not (release / "participants.tsv").exists() and (staged / "participants.tsv").exists()
+        assert record["withheld"] == ["participants.tsv"] and record["files"] == []
+    else:
+        assert c["withheld"] == 0 and (release / "participants.tsv").exists()
+
+
+def test_dataset_gate_refuses_without_a_staged_report(tmp_path):
+    from deidflow.errors import PublicError
+    from deidflow.publish import publish_dataset
+    staged, report_dir, release, restricted, verify = _dataset_gate_folders(tmp_path, [])
+    (report_dir / "report.html").unlink()
+    with pytest.raises(PublicError, match="QC report is not in the staging area"):
+        publish_dataset(staged, release, restricted, restricted / "work" / "subjects.txt", restricted / "done.json",
+                        verify=verify, report_dir=report_dir)
+    assert not (release / "participants.tsv").exists()
+
+
+def test_deleted_report_comes_back_unchanged(demo_export, tmp_path):
+    """The QC report reaches the release only through publish_dataset, from the copy the dataset
+    gate checked: a report deleted from the release is published again, the same bytes, without
+    a new scan."""
+    out = tmp_path / "rel"
+    assert run_cli("run", str(demo_export), str(out), "--cores", "2", *NO_FACES).returncode == 0
+    qc = out / "derivatives" / "deidflow" / "qc"
+    before = {p.name: p.read_bytes() for p in qc.iterdir() if p.is_file()}
+    assert set(before) == {"report.html", "files_per_modality.svg", "actions_per_attribute.svg", "subjects.tsv"}
+    gate = tmp_path / "rel_restricted" / "done" / "verify_dataset.json"
+    scanned = gate.stat().st_mtime_ns
+    (qc / "report.html").unlink()
+    r = run_cli("run", str(demo_export), str(out), "--cores", "2", *NO_FACES)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert {p.name: p.read_bytes() for p in qc.iterdir() if p.is_file()} == before
+    assert gate.stat().st_mtime_ns == scanned
+
+
+# ------------------------------------------------------------------------------------------------
 # Withdrawal
 # ------------------------------------------------------------------------------------------------
 def test_withdrawn_subject_leaves_release(demo_export, tmp_path):
@@ -284,7 +349,7 @@ KILL_POINTS = [
     ("face-mid", signal.SIGINT),
     ("verify", signal.SIGINT),
     ("publish-mid", signal.SIGINT),
-    ("qc_report", signal.SIGINT),         # all published, the report being written
+    ("verify_dataset", signal.SIGINT),    # units published, the dataset scan and report under way
 ]
 
 

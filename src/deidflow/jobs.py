@@ -120,8 +120,13 @@ def _publish(a: argparse.Namespace) -> None:
 def _publish_dataset(a: argparse.Namespace) -> None:
     from .publish import publish_dataset
     with job_logging(a.log, "publish_dataset job") as log:
-        c = publish_dataset(a.staged, a.release, a.restricted, a.subjects, a.done, _listed(a.units_list))
-        log.info("%(files)d dataset-level files published, %(withdrawn)d withdrawn subject(s) removed", c)
+        c = publish_dataset(a.staged, a.release, a.restricted, a.subjects, a.done, verify=a.verify,
+                            report_dir=a.report_dir, on_leak=a.on_leak)
+        if c["withheld"]:
+            log.warning("%(withheld)d dataset-level file(s) withheld: the leak scan found identifying values in "
+                        "them (restricted/done/verify_dataset.json)", c)
+        log.info("%(files)d dataset-level files and the QC report published, %(withdrawn)d withdrawn subject(s) "
+                 "removed", c)
 
 
 def _other(a: argparse.Namespace) -> None:
@@ -145,18 +150,31 @@ def _verify(a: argparse.Namespace) -> None:
 
 
 def _verify_dataset(a: argparse.Namespace) -> None:
-    from .qc.leakscan import verify_dataset
-    with job_logging(a.log, "verify_dataset job") as log:
-        c = verify_dataset(a.release, a.restricted, a.output, strict=a.strict == "true",
-                           pixel_data=a.pixel_data == "true")
-        log.info("%(files)d dataset-level files: %(hits)d leak-scan hits", c)
-
-
-def _qc_report(a: argparse.Namespace) -> None:
+    """The dataset gate: one matcher for every subject's values scans the staged dataset-level
+    files, then checks the QC report (rendered with the scan's result) before it is staged."""
+    import time
+    from .fsutil import RESTRICTED_FILE_MODE
+    from .publish import write_withheld
+    from .qc.leakscan import dataset_matcher, verify_dataset, write_dataset_record
     from .qc.report import write_report
-    with job_logging(a.log, "qc report job") as log:
-        log.info("report written: %s", write_report(a.release, a.restricted, a.output, a.charts, a.table,
-                                                    a.full))
+    with job_logging(a.log, "verify_dataset job") as log:
+        write_withheld(a.restricted, _listed(a.units_list))  # the report's record of the release gate
+        t = time.perf_counter()
+        matcher = dataset_matcher(a.restricted)
+        log.info("one matcher, %d forms of every subject's values, in %.2f s", len(matcher), time.perf_counter() - t)
+        result = verify_dataset(a.staged, a.restricted, strict=a.strict == "true", pixel_data=a.pixel_data == "true",
+                                matcher=matcher)
+        for line in result["lines"]:
+            log.warning(line)
+        log.info("%d dataset-level files: %d leak-scan hits", result["files"], len(result["lines"]))
+        t = time.perf_counter()
+        d = Path(a.report_dir)
+        write_report(a.release, a.restricted, d / "report.html",
+                     f"{d / 'files_per_modality.svg'},{d / 'actions_per_attribute.svg'}", d / "subjects.tsv", a.full,
+                     staged=a.staged, matcher=matcher, dataset_verify={k: v for k, v in result.items() if k != "lines"},
+                     mode=RESTRICTED_FILE_MODE)
+        log.info("QC report rendered, checked and staged in %.2f s", time.perf_counter() - t)
+        write_dataset_record(a.output, result)
 
 
 def _audit(a: argparse.Namespace) -> None:
@@ -179,10 +197,9 @@ STAGES = {
     "strict": (_strict, ("quarantine", "output"), "fail when anything was quarantined"),
     "verify": (_verify, ("manifest", "release", "restricted", "done", "strict", "pixel-data"),
                "leak-scan the release files of one job unit"),
-    "verify_dataset": (_verify_dataset, ("release", "restricted", "output", "strict", "pixel-data"),
-                       "leak-scan the dataset-level release files"),
-    "qc_report": (_qc_report, ("release", "restricted", "output", "charts", "table", "full"),
-                  "the self-contained HTML QC report"),
+    "verify_dataset": (_verify_dataset, ("staged", "release", "restricted", "units-list", "report-dir", "full", "output",
+                                         "strict", "pixel-data"),
+                       "leak-scan the staged dataset-level files and stage the checked QC report"),
     "audit": (_audit, ("restricted", "output"), "restricted/audit/*.jsonl into restricted/audit.parquet"),
     "other": (_other, ("manifest", "release", "restricted", "done", "quarantine", "settings", "formats"),
               "de-identify the non-DICOM files of one job unit (NIfTI, Analyze, MINC, PAR/REC, MGH, twix, JSON)"),
@@ -194,8 +211,9 @@ STAGES = {
              "deface or skull-strip the head MRI of one job unit (NIfTI, Analyze, MGH and DICOM)"),
     "publish": (_publish, ("manifest", "verify", "staging", "release", "restricted", "done", "quarantine", "on-leak"),
                 "move the verified subjects of one job unit from its staging tree into the release"),
-    "publish_dataset": (_publish_dataset, ("staged", "release", "restricted", "subjects", "done", "units-list"),
-                        "remove withdrawn subjects, publish the verified dataset-level files"),
+    "publish_dataset": (_publish_dataset, ("staged", "report-dir", "release", "restricted", "subjects", "verify",
+                                           "on-leak", "done"),
+                        "remove withdrawn subjects, publish the verified dataset-level files and the QC report"),
     "bids_dataset": (_bids_dataset, ("done-list", "published-list", "release-root", "settings", "bids", "output"),
                      "dataset_description.json, participants.tsv/json, README, CHANGES, .bidsignore"),
 }

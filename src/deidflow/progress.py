@@ -25,8 +25,8 @@ from typing import IO, Iterator
 STAGE_NAMES = {
     "dicom": "DICOM de-identification", "other": "other formats", "convert": "BIDS conversion",
     "bids_dataset": "BIDS dataset files", "face": "defacing", "mapping": "mappings",
-    "verify": "leak scan", "verify_dataset": "leak scan (dataset files)", "audit": "audit table",
-    "qc_report": "QC report", "strict_check": "strict check",
+    "verify": "leak scan", "verify_dataset": "leak scan (dataset files) and QC report", "audit": "audit table",
+    "publish_dataset": "publish (dataset files, QC report)", "strict_check": "strict check",
 }
 _UNIT_OF = re.compile(r"/done/(\w+)/((?:sub|batch)-[A-Za-z0-9]+)\.json$")
 

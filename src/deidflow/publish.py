@@ -234,14 +234,21 @@ def _prune_empty(root: Path) -> None:
 # ------------------------------------------------------------------------------------------------
 # Dataset level
 # ------------------------------------------------------------------------------------------------
-def publish_dataset(staged: Path, release: Path, restricted: Path, subjects_file: Path, done: Path,
-                    unit_records: Iterable[Path] = ()) -> dict:
+def publish_dataset(staged: Path, release: Path, restricted: Path, subjects_file: Path, done: Path, *,
+                    verify: Path, report_dir: Path, on_leak: str = "withhold") -> dict:
     """Take withdrawn subjects out of the release (recorded in ``withdrawn.tsv``), then move the
-    staged dataset-level files (``dataset_description.json``, ``participants.tsv`` …) into it.
-    ``unit_records`` (the units' publish markers) give ``withheld.json`` for the QC report."""
+    staged dataset-level files (``dataset_description.json``, ``participants.tsv`` …) into it,
+    unless their leak scan (``verify``, the ``verify_dataset`` record) found an identifying value
+    and ``on_leak`` is not ``publish``: then they stay in staging, withheld.  Last, the QC report
+    the ``verify_dataset`` job checked and staged in ``report_dir`` is copied in (it stays there,
+    so a deleted copy comes back on the next run)."""
+    from .qc.report import QC_SUBDIR
     started = time.perf_counter()
     staged, release, restricted = Path(staged), Path(release), Path(restricted)
-    write_withheld(restricted, unit_records)
+    leaky = bool(json.loads(Path(verify).read_text()).get("hits")) and on_leak != "publish"
+    report_files = sorted(p for p in Path(report_dir).iterdir() if p.is_file()) if Path(report_dir).is_dir() else []
+    if not report_files:
+        raise PublicError("the QC report is not in the staging area: run again with --forcerun verify_dataset")
     current = set(Path(subjects_file).read_text().split())
     gone = sorted(release_subjects(release) - current)
     today = _dt.date.today().isoformat()
@@ -259,8 +266,10 @@ def publish_dataset(staged: Path, release: Path, restricted: Path, subjects_file
         for rel in folders:
             remove_tree(release / rel, trash)
     foreign = set_aside_foreign(release, restricted)
-    moved = []
-    if staged.is_dir():
+    moved, withheld = [], []
+    if staged.is_dir() and leaky:
+        withheld = [p.relative_to(staged).as_posix() for p in sorted(staged.rglob("*")) if p.is_file()]
+    elif staged.is_dir():
         for p in sorted(staged.rglob("*")):
             if p.is_file():
                 rel = p.relative_to(staged)
@@ -273,11 +282,13 @@ def publish_dataset(staged: Path, release: Path, restricted: Path, subjects_file
                     atomic_write_bytes(release / rel, p.read_bytes(), 0o644)
                     p.unlink()
                 moved.append(rel.as_posix())
-    record = {"withdrawn": gone, "files": moved, "foreign_set_aside": foreign,
-              "seconds": round(time.perf_counter() - started, 4)}
+    for p in report_files:
+        atomic_write_bytes(release / QC_SUBDIR / p.name, p.read_bytes(), 0o644)
+    record = {"withdrawn": gone, "files": moved, "withheld": withheld, "report": [p.name for p in report_files],
+              "foreign_set_aside": foreign, "seconds": round(time.perf_counter() - started, 4)}
     make_restricted_dir(Path(done).parent)
     atomic_write_text(done, json.dumps(record, indent=1, sort_keys=True) + "\n", RESTRICTED_FILE_MODE)
-    return {"withdrawn": len(gone), "files": len(moved)}
+    return {"withdrawn": len(gone), "files": len(moved), "withheld": len(withheld)}
 
 
 # What deidflow itself puts at the release root; anything else there is foreign (see set_aside_foreign).

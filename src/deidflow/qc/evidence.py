@@ -16,6 +16,7 @@ from __future__ import annotations
 import datetime as _dt
 import hashlib
 import json
+import os
 import re
 import shutil
 import subprocess
@@ -245,13 +246,31 @@ def dciodvfy(pairs: list[tuple[Path, Path]], limit: int = 10) -> dict | None:
     return {"checked": checked, "new_kinds": sorted(new)}
 
 
-def bids_validator(release: Path) -> dict | None:
-    """The BIDS validator's verdict on the release; None when not installed or not a BIDS tree."""
+def bids_validator(release: Path, staged: Path | None = None, restricted: Path | None = None) -> dict | None:
+    """The BIDS validator's verdict on the release as ``publish_dataset`` will leave it (its
+    dataset-level files staged in ``staged``, seen through links in a scratch folder of
+    ``restricted``); None when not installed or not a BIDS tree."""
     exe = shutil.which("bids-validator")
-    if not exe or not (Path(release) / "dataset_description.json").exists():
+    if not exe:
+        return None
+    staged_files = [p for p in Path(staged).iterdir() if p.is_file()] if staged and Path(staged).is_dir() else []
+    if not staged_files:
+        return _validate(exe, Path(release))
+    import tempfile
+    with tempfile.TemporaryDirectory(dir=restricted) as view:
+        for entry in Path(release).iterdir():
+            if not (Path(staged) / entry.name).exists():
+                os.symlink(entry.resolve(), Path(view) / entry.name)
+        for f in staged_files:
+            os.symlink(f.resolve(), Path(view) / f.name)
+        return _validate(exe, Path(view))
+
+
+def _validate(exe: str, root: Path) -> dict | None:
+    if not (root / "dataset_description.json").exists():
         return None
     try:
-        r = subprocess.run([exe, str(release)], capture_output=True, text=True, timeout=300, errors="replace")
+        r = subprocess.run([exe, str(root)], capture_output=True, text=True, timeout=300, errors="replace")
     except (OSError, subprocess.TimeoutExpired) as exc:
         return {"ok": False, "summary": f"did not finish ({type(exc).__name__})"}
     errors = sum(1 for ln in (r.stdout + r.stderr).splitlines() if "ERR" in ln.upper())

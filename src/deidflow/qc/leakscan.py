@@ -38,8 +38,7 @@ from typing import Iterable, Iterator, Mapping
 from ..fsutil import RESTRICTED_FILE_MODE, atomic_write_bytes, display_path, layout_parents, make_restricted_dir
 from ..sniff import TIFF_MAGICS
 from . import identifiers as idmod
-from .identifiers import (Matcher, Needle, date_forms, excluded_by, forms, name_forms,  # noqa: F401
-                          needles_for, rules, time_forms)
+from .identifiers import Matcher, Needle, needles_for, rules
 
 SALT_FILE = "qc/leakscan.salt"
 _CHARSET_TERMS = re.compile(rb"ISO[ _]2022[ _]IR[ _]\d+|ISO_IR[ _]\d+|GB18030|GBK")
@@ -740,37 +739,31 @@ def manifests(restricted: Path) -> list[Path]:
     return sorted((Path(restricted) / "manifests").glob("*.json"))
 
 
-def dataset_matcher(restricted: Path, extra: tuple[str, ...] = ()) -> Matcher:
-    """ONE matcher for the values of every subject of every job unit (plus ``extra`` original
-    strings): dataset-level files and the report are searched once, whatever the number of
-    subjects (a hit names its owner)."""
-    mfs = manifests(restricted)
-    key = (str(Path(restricted).resolve()), tuple(extra),
-           tuple((mf.name, mf.stat().st_mtime_ns) for mf in mfs))
-    if _DATASET_MATCHER[0] == key:  # the report checks twice; nothing was written in between
-        return _DATASET_MATCHER[1]
+def dataset_matcher(restricted: Path) -> Matcher:
+    """ONE matcher for the values of every subject of every job unit: the dataset-level files and
+    the QC report are searched with it in one pass each, whatever the number of subjects (a hit
+    names its owner).  The ``verify_dataset`` job builds it once for both."""
     salt = load_salt(restricted)
     needles: list[Needle] = []
-    for mf in mfs:
+    for mf in manifests(restricted):
         needles += unit_needles(restricted, json.loads(mf.read_text()), salt)
-    if extra:
-        needles += needles_for("", [("path", "original name", e) for e in extra], salt)
-    matcher = Matcher(needles)
-    _DATASET_MATCHER[:] = [key, matcher]
-    return matcher
+    return Matcher(needles)
 
 
-_DATASET_MATCHER: list = [None, None]  # (key, matcher) of the last dataset_matcher call
+def originals_matcher(restricted: Path, originals: Iterable[str]) -> Matcher:
+    """A matcher for original strings that belong to no subject's identifier files (the parts of
+    quarantined input paths the report names)."""
+    return Matcher(needles_for("", [("path", "original name", e) for e in originals], load_salt(restricted)))
 
 
 def scan_dataset(release: Path, restricted: Path, *, pixel_data: bool = False,
-                 files: list[Path] | None = None) -> dict:
+                 files: list[Path] | None = None, matcher: Matcher | None = None) -> dict:
     """Leak-scan the dataset-level release files against every subject's values (one pass)."""
     release = Path(release)
     files = dataset_files(release) if files is None else files
     hits: list[dict] = []
     scanned = skipped = 0
-    matcher = dataset_matcher(restricted)
+    matcher = dataset_matcher(restricted) if matcher is None else matcher
     for f in files:
         fs = scan_file(f, f.relative_to(release).as_posix(), matcher, pixel_data=pixel_data)
         hits += [h.as_dict() for h in fs.hits]
@@ -780,13 +773,13 @@ def scan_dataset(release: Path, restricted: Path, *, pixel_data: bool = False,
             "hits": sorted(hits, key=_hit_key), "status": "leak" if hits else "clean"}
 
 
-def text_hits(restricted: Path, texts: Mapping[str, str], extra: Iterable[str] = (),
+def text_hits(matchers: Iterable[Matcher], texts: Mapping[str, str],
               ignore: frozenset[bytes] = frozenset()) -> dict[str, int]:
-    """How many identifying values (of any subject, plus ``extra`` original strings) each text
-    holds: the report's own check before it is written (one matcher, one pass per text).  Forms
-    in ``ignore`` (the report's own words, lower case) are not counted."""
-    matcher = dataset_matcher(restricted, tuple(extra))
-    return {k: sum(1 for _, n in matcher.find(t.encode("utf-8")) if n.text not in ignore)
+    """How many identifying values each text holds, by ``matchers`` (one pass per text and
+    matcher): the QC report's check of its pages.  Forms in ``ignore`` (the report's own words,
+    lower case) are not counted."""
+    matchers = list(matchers)
+    return {k: sum(1 for m in matchers for _, n in m.find(t.encode("utf-8")) if n.text not in ignore)
             for k, t in texts.items()}
 
 
@@ -840,16 +833,22 @@ def verify_unit(manifest: Path, release: Path, restricted: Path, done: Path, *, 
             "files": sum(r["files"] for r in result["subjects"].values()), "lines": lines}
 
 
-def verify_dataset(release: Path, restricted: Path, output: Path, *, strict: bool = False,
-                   pixel_data: bool = False) -> dict:
-    """The ``verify_dataset`` job: dataset-level release files against every subject's values."""
+def verify_dataset(release: Path, restricted: Path, *, strict: bool = False, pixel_data: bool = False,
+                   matcher: Matcher | None = None) -> dict:
+    """The dataset-level scan of the ``verify_dataset`` job: the staged dataset-level files
+    against every subject's values; with ``strict`` a hit stops the job (nothing is published)."""
     from ..errors import PublicError
-    from ..fsutil import atomic_write_text
-    result = scan_dataset(release, restricted, pixel_data=pixel_data)
+    result = scan_dataset(release, restricted, pixel_data=pixel_data, matcher=matcher)
     lines = hit_lines({"dataset": result})
     if lines and strict:
         raise PublicError(f"leak scan: {len(lines)} identifying value(s) found in dataset-level release "
                           "files:\n" + "\n".join(lines[:20]))
+    return {**result, "lines": lines}
+
+
+def write_dataset_record(output: Path, result: Mapping) -> None:
+    """``done/verify_dataset.json`` (restricted): the dataset-level scan's result."""
+    from ..fsutil import atomic_write_text
     make_restricted_dir(Path(output).parent)
-    atomic_write_text(output, json.dumps(result, indent=1, sort_keys=True) + "\n", RESTRICTED_FILE_MODE)
-    return {"files": result["files"], "hits": len(lines), "lines": lines}
+    record = {k: v for k, v in result.items() if k != "lines"}
+    atomic_write_text(output, json.dumps(record, indent=1, sort_keys=True) + "\n", RESTRICTED_FILE_MODE)

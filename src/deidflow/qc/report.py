@@ -11,6 +11,8 @@ It lives in the release, so it holds no identifying value: original paths are ne
 quarantine reasons are checked value by value, renderings whose kind contains ``before`` (the
 original face, burned-in text) go only into the restricted copy ``restricted/qc/report-full.html``,
 and the finished page is searched for every subject's original values before it is written.
+The ``verify_dataset`` job writes it into ``restricted/staging/qc`` with the one matcher it also
+scans the dataset-level files with; ``publish_dataset`` copies it into the release.
 The public page is deterministic (same key and input, same bytes); the run time is in the
 restricted copy only.
 """
@@ -32,6 +34,7 @@ from .. import inventory
 from ..errors import PublicError
 from ..fsutil import RESTRICTED_FILE_MODE, atomic_write_text, display_path, make_restricted_dir
 from . import attributes, audit, evidence, leakscan
+from .identifiers import Matcher
 
 QC_SUBDIR = "derivatives/deidflow/qc"
 ACTION_NAMES = {"X": "removed", "Z": "emptied", "D": "dummy value", "U": "keyed UID", "C": "cleaned/shifted",
@@ -84,30 +87,47 @@ def _quarantine(restricted: Path, rows: list[dict]) -> list[dict]:
     return sorted(out, key=lambda x: (x["src_id"], x["reason"]))
 
 
-def _release_formats(release: Path) -> tuple[Counter, dict[str, Counter]]:
-    """Files in the release per format, overall and per subject (QC products excluded); one walk
-    (os.walk: no Path object per file)."""
+def _release_formats(release: Path, staged: Path | None = None,
+                     subjects: Iterable[str] | None = None) -> tuple[Counter, dict[str, Counter]]:
+    """Files per format, overall and per subject (QC products excluded), of the release as
+    ``publish_dataset`` will leave it: the published subjects (only ``subjects``, when given: a
+    withdrawn subject's folders are about to go), the dataset-level files staged in ``staged`` or
+    already published, nothing set aside as foreign.  One walk (os.walk: no Path object per file)."""
+    from ..publish import OWN_ROOT_ENTRIES
     total: Counter = Counter()
     per: dict[str, Counter] = defaultdict(Counter)
-    release = str(release)
-    qc = os.path.join(release, QC_SUBDIR)
-    for folder, dirs, files in os.walk(release):
-        if folder == qc:
-            dirs[:] = []
-            continue
-        parts = folder[len(release) + 1:].split(os.sep)  # os.walk's folders all start with release
-        folder_sub = next((part for part in parts if _SUBJECT_DIR.match(part)), None)
-        for name in files:
-            if folder == release and name == evidence.INCOMPLETE_MARKER:
-                continue  # the run's own marker, no released file
-            fmt = _format_of(name)
-            total[fmt] += 1
-            sub = folder_sub
-            if sub is None:
-                m = _SUBJECT_FILE.match(name)
-                sub = m.group(1) if m else None
-            if sub:
-                per[sub][fmt] += 1
+    current = None if subjects is None else set(subjects)
+    dataset: set[str] = set()
+    for root, is_release in ((str(release), True), *(((str(staged), False),) if staged else ())):
+        qc = os.path.join(root, QC_SUBDIR)
+        for folder, dirs, files in os.walk(root):
+            if folder == qc:
+                dirs[:] = []
+                continue
+            rel = folder[len(root) + 1:]
+            parts = rel.split(os.sep) if rel else []
+            if is_release and parts and parts[0] not in OWN_ROOT_ENTRIES and not _SUBJECT_DIR.match(parts[0]):
+                dirs[:] = []  # foreign: publish_dataset sets it aside
+                continue
+            folder_sub = next((part for part in parts if _SUBJECT_DIR.match(part)), None)
+            if current is not None and folder_sub is not None and folder_sub not in current:
+                dirs[:] = []
+                continue
+            for name in files:
+                if not parts and (name == evidence.INCOMPLETE_MARKER or name not in OWN_ROOT_ENTRIES):
+                    continue  # the run's own marker, or a foreign file at the root
+                sub = folder_sub
+                if sub is None:
+                    m = _SUBJECT_FILE.match(name)
+                    sub = m.group(1) if m else None
+                if sub is None:
+                    dataset.add(os.path.join(rel, name))  # staged or published, counted once
+                elif current is None or sub in current:
+                    fmt = _format_of(name)
+                    total[fmt] += 1
+                    per[sub][fmt] += 1
+    for path in dataset:
+        total[_format_of(path)] += 1
     return total, per
 
 
@@ -209,9 +229,12 @@ def _images_of(release: Path, restricted: Path, subjects: Iterable[str], *, rest
             for s in subjects}
 
 
-def _before_images_in_release(release: Path) -> int:
+def _before_images_in_release(release: Path, subjects: Iterable[str] | None = None) -> int:
     n = 0
+    current = None if subjects is None else set(subjects)
     for index in sorted((Path(release) / QC_SUBDIR).glob("sub-*/*/index.json")):
+        if current is not None and index.parent.parent.name not in current:
+            continue
         try:
             n += sum(1 for it in json.loads(index.read_text())
                      if is_before(str(it.get("kind", "")), str(it.get("file", ""))))
@@ -301,19 +324,24 @@ REASON_WITHHELD = "(reason withheld: it contains an identifying value; see the r
 BIG = 512  # face pictures are shown at least this wide (whole-number scaling, pixels kept sharp)
 
 
-def build(release: Path, restricted: Path) -> dict:
-    """Everything the public report shows, gathered from the restricted folder and the release
-    (``write_report`` adds the before-images for the restricted copy)."""
+def build(release: Path, restricted: Path, staged: Path | None = None, dataset_verify: Mapping | None = None) -> dict:
+    """Everything the public report shows, gathered from the restricted folder, the release and
+    the staged dataset-level files ``staged`` (``write_report`` adds the before-images for the
+    restricted copy).  ``dataset_verify`` is the scan of those files, when it was just made."""
+    from ..publish import SUBJECTS
     release, restricted = Path(release), Path(restricted)
     rows = _inventory_rows(restricted)
     run = json.loads((restricted / "run.json").read_text()) if (restricted / "run.json").exists() else {}
     ok = [r for r in rows if r.get("status") == "ok"]
     subjects = sorted({r["subject"] for r in ok if r.get("subject")})
     verify, dataset = _verify_results(restricted)
+    dataset = dict(dataset_verify) if dataset_verify is not None else dataset
     subjects = sorted(set(subjects) | set(verify["subjects"]))
+    current_file = restricted / SUBJECTS
+    current = set(current_file.read_text().split()) if current_file.is_file() else None
     facts_audit = audit.scan(restricted)
     counts, audited = facts_audit.counts, facts_audit.files
-    out_total, out_per = _release_formats(release)
+    out_total, out_per = _release_formats(release, staged, current)
     quarantine = _quarantine(restricted, rows)
     record = evidence.run_record(restricted, run)
     q_by_subject = Counter(q["subject"] for q in quarantine)
@@ -360,12 +388,12 @@ def build(release: Path, restricted: Path) -> dict:
         "modalities": dict(sorted(Counter((r.get("modality") or "other") for r in ok).items())),
         "studies": len({r["session"] for r in ok if r.get("session")}),
         "series": len({(r.get("session"), r.get("series_label")) for r in ok if r.get("series_label")}),
-        "before_in_release": _before_images_in_release(release), "versions": _versions(),
+        "before_in_release": _before_images_in_release(release, current), "versions": _versions(),
         "attributes": attrs, "faces": evidence.face_decisions(restricted),
         "pixels": evidence.pixel_series(facts_audit.pixels, restricted),
         "pixel_mode": str(((run.get("settings") or {}).get("pixels") or {}).get("clean", "")),
         "gate": evidence.gate(release, restricted), "dciodvfy": evidence.dciodvfy(pairs),
-        "bids_validator": evidence.bids_validator(release),
+        "bids_validator": evidence.bids_validator(release, staged, restricted),
         "restricted_copy": False,
     }
 
@@ -409,7 +437,8 @@ def checks(facts: Mapping) -> list[tuple[str, str, str, str]]:
     released_leaks = [s for s in leaky if s not in held]
     if released_leaks or (ds and ds.get("hits")):
         out.append(("Leak scan: metadata", "FAIL", f"original identifying values found in {len(released_leaks)} "
-                    "released subject(s)" + (" and the dataset-level files" if ds and ds.get("hits") else ""),
+                    "released subject(s)" + (" and the dataset-level files (kept in staging, out of the release, "
+                                             "unless verify.on_leak is publish)" if ds and ds.get("hits") else ""),
                     "leak-scan"))
     elif leaky:
         out.append(("Leak scan: metadata", "WARN", f"original identifying values found in {len(leaky)} subject(s), "
@@ -895,9 +924,10 @@ def _reason_texts() -> list[str]:
     return texts
 
 
-def _check_public(restricted: Path, facts: dict, texts: Mapping[str, str]) -> bool:
-    """One search for every subject's original values over the quarantine reasons, the private
-    creators (both read from input files) and ``texts`` (the pages).  Reasons and creators that
+def _check_public(restricted: Path, facts: dict, texts: Mapping[str, str], matcher: Matcher) -> bool:
+    """One search for every subject's original values (``matcher``) and the quarantined input
+    paths over the quarantine reasons, the private creators (both read from input files) and
+    ``texts`` (the pages).  Reasons and creators that
     hold one are withheld in ``facts`` and True is returned: render again and check again.
     Otherwise a text that holds one stops the report (it is never written)."""
     originals = sorted({part for q in facts["quarantine"] for part in q["_path"].split("/") if part})
@@ -908,7 +938,8 @@ def _check_public(restricted: Path, facts: dict, texts: Mapping[str, str]) -> bo
               **{f"text {k}": _DATA_URI.sub("data:", t) for k, t in texts.items()}}  # images were scanned as files
     if not search:
         return False
-    found = leakscan.text_hits(restricted, search, originals, _own_words())
+    matchers = [matcher] + ([leakscan.originals_matcher(restricted, originals)] if originals else [])
+    found = leakscan.text_hits(matchers, search, _own_words())
     withheld = False
     for i, q in enumerate(facts["quarantine"]):
         if found[f"reason {i}"]:
@@ -926,23 +957,30 @@ def _check_public(restricted: Path, facts: dict, texts: Mapping[str, str]) -> bo
     return False
 
 
-def write_report(release: Path, restricted: Path, output: Path, charts: str, table: Path, full: Path) -> Path:
-    """Write the public report, its charts and subject table (release) and the restricted copy."""
+def write_report(release: Path, restricted: Path, output: Path, charts: str, table: Path, full: Path, *,
+                 staged: Path | None = None, matcher: Matcher | None = None,
+                 dataset_verify: Mapping | None = None, mode: int = 0o644) -> Path:
+    """Write the public report, its charts and subject table (``output``, ``charts``, ``table``:
+    the ``verify_dataset`` job puts them in the staging area) and the restricted copy ``full``.
+    ``matcher`` (default: built here) holds every subject's values; ``staged`` and
+    ``dataset_verify`` are the staged dataset-level files and their scan (see :func:`build`);
+    ``mode`` is the public files' (restricted while they are staged)."""
     release, restricted = Path(release), Path(restricted)
-    facts = build(release, restricted)
+    facts = build(release, restricted, staged, dataset_verify)
+    matcher = leakscan.dataset_matcher(restricted) if matcher is None else matcher
     for attempt in range(2):  # a second time only when a quarantine reason or creator was withheld
         page, svgs = render(facts)
         tsv = subjects_tsv(facts)
-        if not _check_public(restricted, facts, {"report.html": page, "subjects.tsv": tsv, **svgs}):
+        if not _check_public(restricted, facts, {"report.html": page, "subjects.tsv": tsv, **svgs}, matcher):
             break
     else:
         raise PublicError("QC report not written: withholding identifying quarantine reasons and private "
                           "creators did not make it clean")
     chart_paths = [Path(p) for p in charts.split(",")] if charts else []
     for path, svg in zip(chart_paths, (svgs["modalities"], svgs["actions"])):
-        atomic_write_text(path, svg + "\n", 0o644)
-    atomic_write_text(table, tsv, 0o644)
-    atomic_write_text(output, page, 0o644)
+        atomic_write_text(path, svg + "\n", mode)
+    atomic_write_text(table, tsv, mode)
+    atomic_write_text(output, page, mode)
     # the restricted copy: the same facts (quarantine reasons as checked above) plus the before-images
     images = _images_of(release, restricted, facts["per"], restricted_copy=True)
     full_facts = {**facts, "restricted_copy": True, "per": {s: {**p, "images": images[s]} for s, p in facts["per"].items()}}
