@@ -7,7 +7,7 @@ import sys
 
 from deidflow.fsutil import release_umask
 from deidflow.pipeline import prepare, write_run_record
-from deidflow.publish import finalize_run, mark_incomplete, on_leak_of, write_subjects
+from deidflow.publish import REPORT_FILES, REPORT_STAGING, finalize_run, mark_incomplete, on_leak_of, write_subjects
 from deidflow.settings import _check_semantics, profile_settings
 
 _check_semantics(config)
@@ -111,8 +111,7 @@ DATASET_STAGED = restricted("staging/dataset")
 DATASET_TARGETS = []  # done markers of the jobs that write into DATASET_STAGED
 # the QC report's public files: checked and staged by verify_dataset, copied in by publish_dataset
 QC_DIR = release("derivatives/deidflow/qc")
-QC_FILES = ("report.html", "files_per_modality.svg", "actions_per_attribute.svg", "subjects.tsv")
-REPORT_STAGED = restricted("staging/qc")
+REPORT_STAGED = restricted(REPORT_STAGING)
 
 
 def register_unit_stage(stage, units=None):

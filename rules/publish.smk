@@ -50,7 +50,7 @@ rule publish_dataset:
     input:
         units=unit_done("publish"),
         verify=VERIFY_DATASET,
-        report=expand(os.path.join(REPORT_STAGED, "{name}"), name=QC_FILES),
+        report=expand(os.path.join(REPORT_STAGED, "{name}"), name=REPORT_FILES),
         subjects=restricted("work/subjects.txt"),
     output:
         done=PUBLISH_DATASET,

@@ -59,7 +59,7 @@ rule verify_dataset:
         quarantine=restricted("quarantine.tsv"),
     output:
         done=VERIFY_DATASET,
-        report=expand(os.path.join(REPORT_STAGED, "{name}"), name=QC_FILES),
+        report=expand(os.path.join(REPORT_STAGED, "{name}"), name=REPORT_FILES),
         full=restricted("qc/report-full.html"),
         units_list=temp(restricted("work/verify-dataset-units.list")),
     params:

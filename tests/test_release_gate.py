@@ -199,7 +199,9 @@ def _dataset_gate_folders(tmp_path: Path, hits: list) -> tuple[Path, Path, Path,
     for d in (staged, report_dir, release, restricted / "work"):
         d.mkdir(parents=True)
     (staged / "participants.tsv").write_text("participant_id\tnote\nsub-A\tErika Mustermann\n")
-    (report_dir / "report.html").write_text("<html>report</html>\n")
+    from deidflow.publish import REPORT_FILES
+    for name in REPORT_FILES:
+        (report_dir / name).write_text("<html>report</html>\n" if name == "report.html" else "checked\n")
     (restricted / "work" / "subjects.txt").write_text("sub-A\n")
     verify = restricted / "verify_dataset.json"
     verify.write_text(json.dumps({"files": 1, "hits": hits}))
@@ -210,13 +212,15 @@ def _dataset_gate_folders(tmp_path: Path, hits: list) -> tuple[Path, Path, Path,
 def test_dataset_level_leak_keeps_dataset_files_staged(tmp_path, on_leak):
     """A leak-scan hit in a staged dataset-level file keeps every dataset-level file out of the
     release (verify.on_leak withhold); the QC report, checked on its own, is published."""
-    from deidflow.publish import publish_dataset
+    from deidflow.publish import REPORT_FILES, publish_dataset
     hit = {"file": "participants.tsv", "location": "line 2", "owner": "sub-A", "field": "PatientName"}
     staged, report_dir, release, restricted, verify = _dataset_gate_folders(tmp_path, [hit])
+    (report_dir / "unchecked.html").write_text("not written by the dataset gate\n")
     c = publish_dataset(staged, release, restricted, restricted / "work" / "subjects.txt", restricted / "done.json",
                         verify=verify, report_dir=report_dir, on_leak=on_leak)
-    qc_copy = release / "derivatives" / "deidflow" / "qc" / "report.html"
-    assert qc_copy.read_text() == "<html>report</html>\n" and (report_dir / "report.html").exists()
+    qc = release / "derivatives" / "deidflow" / "qc"
+    assert (qc / "report.html").read_text() == "<html>report</html>\n" and (report_dir / "report.html").exists()
+    assert sorted(p.name for p in qc.iterdir()) == sorted(REPORT_FILES)  # only the report's own files
     record = json.loads((restricted / "done.json").read_text())
     if on_leak == "withhold":
         assert c["withheld"] == 1 and c["files"] == 0

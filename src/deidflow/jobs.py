@@ -154,7 +154,7 @@ def _verify_dataset(a: argparse.Namespace) -> None:
     files, then checks the QC report (rendered with the scan's result) before it is staged."""
     import time
     from .fsutil import RESTRICTED_FILE_MODE
-    from .publish import write_withheld
+    from .publish import REPORT_FILES, write_withheld
     from .qc.leakscan import dataset_matcher, verify_dataset, write_dataset_record
     from .qc.report import write_report
     with job_logging(a.log, "verify_dataset job") as log:
@@ -168,9 +168,8 @@ def _verify_dataset(a: argparse.Namespace) -> None:
             log.warning(line)
         log.info("%d dataset-level files: %d leak-scan hits", result["files"], len(result["lines"]))
         t = time.perf_counter()
-        d = Path(a.report_dir)
-        write_report(a.release, a.restricted, d / "report.html",
-                     f"{d / 'files_per_modality.svg'},{d / 'actions_per_attribute.svg'}", d / "subjects.tsv", a.full,
+        page, modalities, actions, table = (Path(a.report_dir) / name for name in REPORT_FILES)
+        write_report(a.release, a.restricted, page, f"{modalities},{actions}", table, a.full,
                      staged=a.staged, matcher=matcher, dataset_verify={k: v for k, v in result.items() if k != "lines"},
                      mode=RESTRICTED_FILE_MODE)
         log.info("QC report rendered, checked and staged in %.2f s", time.perf_counter() - t)

@@ -33,6 +33,8 @@ STATUS = "release-status.json"      # restricted: the last finished run's outcom
 WITHHELD = "withheld.json"          # restricted: subjects withheld by the leak scan, with hit paths
 WITHDRAWN = "withdrawn.tsv"         # restricted audit: subjects taken out of the release (date, keyed ID)
 SUBJECTS = "work/subjects.txt"      # restricted: the subjects of the current input, one a line
+REPORT_STAGING = "staging/qc"       # restricted: the QC report's public files, checked (verify_dataset)
+REPORT_FILES = ("report.html", "files_per_modality.svg", "actions_per_attribute.svg", "subjects.tsv")
 STAGING = "staging"
 DATASET_STAGING = "staging/dataset"
 ON_LEAK = ("withhold", "fail", "publish")
@@ -246,8 +248,8 @@ def publish_dataset(staged: Path, release: Path, restricted: Path, subjects_file
     started = time.perf_counter()
     staged, release, restricted = Path(staged), Path(release), Path(restricted)
     leaky = bool(json.loads(Path(verify).read_text()).get("hits")) and on_leak != "publish"
-    report_files = sorted(p for p in Path(report_dir).iterdir() if p.is_file()) if Path(report_dir).is_dir() else []
-    if not report_files:
+    report_files = [Path(report_dir) / name for name in REPORT_FILES]  # these names only: nothing unchecked
+    if not all(p.is_file() for p in report_files):
         raise PublicError("the QC report is not in the staging area: run again with --forcerun verify_dataset")
     current = set(Path(subjects_file).read_text().split())
     gone = sorted(release_subjects(release) - current)
