@@ -57,6 +57,8 @@ IDS = identify.Identifiers.from_values(names=["KAUFMAN^SCOTT", "Francis, Todd an
     ("Name: KAUFNAN", "patient:identifier"),             # one OCR error in a long part
     ("D0B:07/22/1943", "patient:identifier"),
     ("Study Date:2013Sep11", "patient:identifier"),
+    ("DOB 1943 JUL 22", "patient:identifier"),            # year first, month by name
+    ("DOB 22-JUL-43", "patient:identifier"),
     ("Age: 70", "patient:age"),
     ("11-05-25-142825", "generic:date"),
     ("24-MAY-02", "generic:date"),

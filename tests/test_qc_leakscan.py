@@ -62,6 +62,9 @@ def test_matcher_whole_tokens_case_and_uids():
     assert not m.find(b"ORIGINAL\\PRIMARY\\AXIAL")  # MARY inside PRIMARY
     assert m.find(b"seen by mary on 15.03.2021.")
     assert len(m.find(b"x 2021-03-15 y")) == 1
+    for written in (b"scan 2021 Mar 15.", b"2021-MAR-15", b"2021Mar15", b"15-Mar-2021"):  # year first too
+        assert len(m.find(written)) == 1, written
+    assert not m.find(b"2021 Mar 150") and not m.find(b"2021 Mar 16")
     assert not m.find(b"2.25.1202103154417")  # a date inside a longer number
     assert not m.find(b"1.2.840.99.1.23") and not m.find(b"9.1.2.840.99.1.2")
     assert m.find(b"ref 1.2.840.99.1.2.")

@@ -12,11 +12,12 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass, field
-from datetime import date
 from typing import Iterable
 
 from pydicom.dataset import Dataset
 from pydicom.multival import MultiValue
+
+from ..qc.identifiers import date_forms
 
 MONTHS = ("JAN", "FEB", "MAR", "APR", "MAY", "JUN", "JUL", "AUG", "SEP", "OCT", "NOV", "DEC")
 NAME_SOURCES = ("PatientName", "OtherPatientNames", "PatientBirthName", "PatientMotherBirthName",
@@ -99,23 +100,6 @@ class Identifiers:
             return out
         age = values([AGE_SOURCE])
         return cls.from_values(values(NAME_SOURCES), values(ID_SOURCES), values(DATE_SOURCES), age[0] if age else "")
-
-
-def date_forms(da: str) -> set[str]:
-    """Written forms of a DA date (19610312): numeric in the usual orders and with month names."""
-    da = da.strip()
-    if len(da) != 8 or not da.isdigit():
-        return set()
-    y, m, d = da[:4], da[4:6], da[6:]
-    try:
-        date(int(y), int(m), int(d))
-    except ValueError:
-        return {da}
-    mon = MONTHS[int(m) - 1]
-    dn, mn = str(int(d)), str(int(m))
-    return {da, f"{y}-{m}-{d}", f"{d}.{m}.{y}", f"{m}/{d}/{y}", f"{d}/{m}/{y}", f"{mn}/{dn}/{y}",
-            f"{dn}/{mn}/{y}", f"{y} {mon} {d}", f"{d} {mon} {y}", f"{d}-{mon}-{y[2:]}", f"{mon} {d} {y}",
-            f"{y}/{m}/{d}", f"{m}/{d}/{y[2:]}", f"{d}.{m}.{y[2:]}"}
 
 
 def _within(pattern: str, text: str, k: int) -> bool:

@@ -341,7 +341,8 @@ _DATE_TEXT = re.compile(
     rb"|" + _NB + rb"(?<!\.)(?P<a>\d{1,4})(?P<s>[./ -]) ?(?P<b>\d{1,2})(?P=s) ?(?P<c>\d{4}|\d{2})" + _NA +
     rb"|" + _NB + rb"(?P<d1>\d{1,2})(?:\.|st|nd|rd|th)?[ -]?(?:de |of )?(?<![a-z])(?P<m1>" + _MONTH_RE +
     rb")(?![a-z])\.?,?[ -]?(?:de )?(?P<y1>\d{4}|\d{2})" + _NA +
-    rb"|(?<![a-z])(?P<m2>" + _MONTH_RE + rb")(?![a-z])\.? ?(?P<d2>\d{1,2})(?:st|nd|rd|th)?,? (?P<y2>\d{4})" + _NA,
+    rb"|(?<![a-z])(?P<m2>" + _MONTH_RE + rb")(?![a-z])\.? ?(?P<d2>\d{1,2})(?:st|nd|rd|th)?,? (?P<y2>\d{4})" + _NA +
+    rb"|" + _NB + rb"(?P<y3>\d{4})[ /.-]?(?<![a-z])(?P<m3>" + _MONTH_RE + rb")(?![a-z])\.?[ /.-]?(?P<d3>\d{1,2})" + _NA,
     re.IGNORECASE)
 
 
@@ -359,7 +360,7 @@ def _years(y: bytes) -> list[str]:
 def dates_in(low: bytes) -> Iterator[tuple[int, int, set[str]]]:
     """(start, end, candidate YYYYMMDD dates) of every written date in lower-cased ``low``:
     19610312, 1961-03-12, 12.03.1961, 03/12/61 (both day-month orders), 12 March 1961, 12. März
-    1961, March 12, 1961, 12-MAR-1961, 12 de marzo de 1961 …"""
+    1961, March 12, 1961, 12-MAR-1961, 12 de marzo de 1961, 1961 Mar 12, 1961Mar12 …"""
     for m in _DATE_TEXT.finditer(low):
         out: set[str] = set()
         g = m.groupdict()
@@ -377,7 +378,8 @@ def dates_in(low: bytes) -> Iterator[tuple[int, int, set[str]]]:
                 for y in _years(c):
                     out |= {x for x in (_ymd(y, b, int(a)), _ymd(y, int(a), b)) if x}
         else:
-            day, mon, year = (g["d1"], g["m1"], g["y1"]) if g["m1"] else (g["d2"], g["m2"], g["y2"])
+            day, mon, year = ((g["d1"], g["m1"], g["y1"]) if g["m1"] else (g["d2"], g["m2"], g["y2"]) if g["m2"]
+                              else (g["d3"], g["m3"], g["y3"]))
             mo = _MONTH_NO.get(mon.lower())
             if mo:
                 for y in _years(year):
@@ -403,7 +405,8 @@ def date_forms(yyyymmdd: str) -> set[str]:
             f"{m}/{d}/{y}", f"{d}-{m}-{y}", f"{m}-{d}-{y}", f"{di}.{mi}.{y}", f"{mi}/{di}/{y}",
             f"{di}/{mi}/{y}", f"{d} {short} {y}", f"{d}-{short}-{y}", f"{di} {short} {y}",
             f"{full} {di}, {y}", f"{short} {di}, {y}", f"{short} {d} {y}", f"{di} {full} {y}",
-            f"{d}. {full} {y}", f"{di}. {full} {y}", f"{d}.{m}.{y[2:]}", f"{m}/{d}/{y[2:]}"}
+            f"{d}. {full} {y}", f"{di}. {full} {y}", f"{d}.{m}.{y[2:]}", f"{m}/{d}/{y[2:]}", f"{y} {short} {d}",
+            f"{d}-{short}-{y[2:]}"}
 
 
 def name_forms(value: str) -> set[str]:
