@@ -241,22 +241,40 @@ def test_dataset_gate_refuses_without_a_staged_report(tmp_path):
     assert not (release / "participants.tsv").exists()
 
 
-def test_deleted_report_comes_back_unchanged(demo_export, tmp_path):
-    """The QC report reaches the release only through publish_dataset, from the copy the dataset
-    gate checked: a report deleted from the release is published again, the same bytes, without
-    a new scan."""
+def test_deleted_parts_of_the_release_come_back_unchanged(demo_export, tmp_path):
+    """What is deleted from a finished release (the QC report, a dataset-level file, a subject's
+    folder, the whole release with its restricted folder kept) is published again by the next
+    run, byte for byte, and the run says so by its exit status only when something is withheld;
+    before, a deleted release gave "Nothing to be done", exit 0 and an empty release."""
     out = tmp_path / "rel"
+    restricted = tmp_path / "rel_restricted"
     assert run_cli("run", str(demo_export), str(out), "--cores", "2", *NO_FACES).returncode == 0
+    final = hashes(out)
     qc = out / "derivatives" / "deidflow" / "qc"
-    before = {p.name: p.read_bytes() for p in qc.iterdir() if p.is_file()}
-    assert set(before) == {"report.html", "files_per_modality.svg", "actions_per_attribute.svg", "subjects.tsv"}
-    gate = tmp_path / "rel_restricted" / "done" / "verify_dataset.json"
+    assert {"report.html", "files_per_modality.svg", "actions_per_attribute.svg", "subjects.tsv"} <= {
+        p.name for p in qc.iterdir()}
+    gate = restricted / "done" / "verify_dataset.json"
     scanned = gate.stat().st_mtime_ns
+    # the report and participants.tsv: copied again from their staging areas, no new scan
     (qc / "report.html").unlink()
+    (out / "participants.tsv").unlink()
     r = run_cli("run", str(demo_export), str(out), "--cores", "2", *NO_FACES)
     assert r.returncode == 0, r.stderr[-3000:]
-    assert {p.name: p.read_bytes() for p in qc.iterdir() if p.is_file()} == before
-    assert gate.stat().st_mtime_ns == scanned
+    assert hashes(out) == final and gate.stat().st_mtime_ns == scanned
+    # one subject's folder: its unit runs again from its first stage
+    subject = sorted(_subjects(restricted).values())[0]
+    shutil.rmtree(out / "sourcedata" / "dicom" / subject)
+    r = run_cli("run", str(demo_export), str(out), "--cores", "2", *NO_FACES)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert hashes(out) == final
+    # the whole release
+    shutil.rmtree(out)
+    r = run_cli("run", str(demo_export), str(out), "--cores", "2", *NO_FACES)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert hashes(out) == final and not (out / MARKER).exists()
+    # nothing deleted: nothing to do
+    r = run_cli("run", str(demo_export), str(out), "--cores", "2", *NO_FACES)
+    assert r.returncode == 0 and hashes(out) == final
 
 
 # ------------------------------------------------------------------------------------------------

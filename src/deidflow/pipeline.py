@@ -6,6 +6,7 @@ the inventory that the main process wrote.
 from __future__ import annotations
 
 import json
+import sys
 from dataclasses import dataclass
 from typing import Any, Mapping
 
@@ -66,6 +67,11 @@ def prepare(config: Mapping[str, Any], *, main_process: bool = True) -> Prepared
                           unmapped=config["pseudonym"]["unmapped"],
                           subject_pattern=(config.get("formats") or {}).get("subject_pattern") or "")
     units = _units(inventory.files_per_subject(inv), config)
+    from .publish import forget_lost
+    lost = forget_lost(paths.output, paths.restricted, units)
+    if lost:
+        print(f"deidflow: {len(lost)} published part(s) of the release are gone from {paths.output}: "
+              "publishing them again", file=sys.stderr)
     inventory.write(inv, paths.restricted, units)
     write_inventory_mappings(inv.rows, paths.restricted)
     formats = {s: {r["format"] for r in rows} for s, rows in inv.by_subject().items()}

@@ -13,7 +13,6 @@ anything is written.
 from __future__ import annotations
 
 import datetime as _dt
-import errno
 import json
 import os
 import shutil
@@ -35,6 +34,7 @@ WITHDRAWN = "withdrawn.tsv"         # restricted audit: subjects taken out of th
 SUBJECTS = "work/subjects.txt"      # restricted: the subjects of the current input, one a line
 REPORT_STAGING = "staging/qc"       # restricted: the QC report's public files, checked (verify_dataset)
 REPORT_FILES = ("report.html", "files_per_modality.svg", "actions_per_attribute.svg", "subjects.tsv")
+QC_SUBDIR = "derivatives/deidflow/qc"  # the QC report's folder in the release (qc/report.py)
 STAGING = "staging"
 DATASET_STAGING = "staging/dataset"
 ON_LEAK = ("withhold", "fail", "publish")
@@ -181,6 +181,40 @@ def publish_unit(manifest: Path, verify_done: Path, staging: Path, release: Path
                       for s, hits in sorted(plan["withheld"].items()) for h in hits]}
 
 
+def forget_lost(release: Path, restricted: Path, units: Iterable[str]) -> list[str]:
+    """Remove the publish markers of what is no longer in the release (a deleted release, a
+    deleted subject folder or dataset-level file), so this run publishes it again instead of
+    saying "Nothing to be done" over a release that lacks it: a unit's chain runs again from its
+    first stage (publishing emptied its staging tree), the dataset-level files and the QC report
+    are copied again from their staging areas.  Returns the markers removed (restricted paths)."""
+    release, restricted = Path(release), Path(restricted)
+    done = restricted / "done"
+    lost = []
+    for unit in units:
+        marker = done / "publish" / f"{unit}.json"
+        if not marker.is_file():
+            continue
+        plan_file = restricted / "work" / "publish" / f"{unit}.json"
+        try:
+            folders = [rel for f in json.loads(plan_file.read_text())["publish"].values() for rel in f]
+        except (OSError, ValueError, KeyError, AttributeError):
+            folders = None                      # no readable plan: publish again rather than trust it
+        if folders is None or not all((release / rel).is_dir() for rel in folders):
+            marker.unlink()
+            lost.append(marker.relative_to(restricted).as_posix())
+    marker = done / "publish_dataset.json"
+    if marker.is_file():
+        try:
+            record = json.loads(marker.read_text())
+            files = [*record["files"], *(f"{QC_SUBDIR}/{name}" for name in record.get("report", REPORT_FILES))]
+        except (OSError, ValueError, KeyError, TypeError):
+            files = None
+        if files is None or not all((release / rel).is_file() for rel in files):
+            marker.unlink()
+            lost.append(marker.relative_to(restricted).as_posix())
+    return lost
+
+
 def _copy_tree(src: Path, dst: Path) -> None:
     """Copy a folder (files and modes); the first error is raised as it is (a full disk reads
     ``No space left on device``)."""
@@ -238,13 +272,12 @@ def _prune_empty(root: Path) -> None:
 # ------------------------------------------------------------------------------------------------
 def publish_dataset(staged: Path, release: Path, restricted: Path, subjects_file: Path, done: Path, *,
                     verify: Path, report_dir: Path, on_leak: str = "withhold") -> dict:
-    """Take withdrawn subjects out of the release (recorded in ``withdrawn.tsv``), then move the
+    """Take withdrawn subjects out of the release (recorded in ``withdrawn.tsv``), then copy the
     staged dataset-level files (``dataset_description.json``, ``participants.tsv`` …) into it,
     unless their leak scan (``verify``, the ``verify_dataset`` record) found an identifying value
-    and ``on_leak`` is not ``publish``: then they stay in staging, withheld.  Last, the QC report
-    the ``verify_dataset`` job checked and staged in ``report_dir`` is copied in (it stays there,
-    so a deleted copy comes back on the next run)."""
-    from .qc.report import QC_SUBDIR
+    and ``on_leak`` is not ``publish``: then they are withheld.  Last, the QC report the
+    ``verify_dataset`` job checked and staged in ``report_dir`` is copied in.  Both stay staged, so
+    a file deleted from the release comes back on the next run (:func:`forget_lost`)."""
     started = time.perf_counter()
     staged, release, restricted = Path(staged), Path(release), Path(restricted)
     leaky = bool(json.loads(Path(verify).read_text()).get("hits")) and on_leak != "publish"
@@ -275,15 +308,11 @@ def publish_dataset(staged: Path, release: Path, restricted: Path, subjects_file
         for p in sorted(staged.rglob("*")):
             if p.is_file():
                 rel = p.relative_to(staged)
-                (release / rel).parent.mkdir(parents=True, exist_ok=True)
-                try:
-                    os.replace(p, release / rel)
-                except OSError as exc:          # restricted folder on another file system
-                    if exc.errno != errno.EXDEV:
-                        raise
-                    atomic_write_bytes(release / rel, p.read_bytes(), 0o644)
-                    p.unlink()
+                atomic_write_bytes(release / rel, p.read_bytes(), 0o644)
                 moved.append(rel.as_posix())
+    for p in staged.rglob("*") if staged.is_dir() else ():
+        if p.is_file():
+            os.chmod(p, RESTRICTED_FILE_MODE)  # the staged copies are restricted files now
     for p in report_files:
         atomic_write_bytes(release / QC_SUBDIR / p.name, p.read_bytes(), 0o644)
     record = {"withdrawn": gone, "files": moved, "withheld": withheld, "report": [p.name for p in report_files],

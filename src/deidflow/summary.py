@@ -14,9 +14,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterable
 
+from .publish import QC_SUBDIR
 from .settings import Paths
 
-QC_SUBDIR = "derivatives/deidflow/qc"
 _SUBJECT = re.compile(r"^(sub-[A-Za-z0-9]+)(?:_|$)")
 
 

@@ -33,10 +33,10 @@ from typing import Iterable, Mapping
 from .. import inventory
 from ..errors import PublicError
 from ..fsutil import RESTRICTED_FILE_MODE, atomic_write_text, display_path, make_restricted_dir
+from ..publish import QC_SUBDIR
 from . import attributes, audit, evidence, leakscan
 from .identifiers import Matcher
 
-QC_SUBDIR = "derivatives/deidflow/qc"
 ACTION_NAMES = {"X": "removed", "Z": "emptied", "D": "dummy value", "U": "keyed UID", "C": "cleaned/shifted",
                 "P": "pseudonym", "R": "replaced", "K": "kept"}
 ACTION_COLORS = {"X": "#b3261e", "Z": "#e8a33d", "D": "#7b5ea7", "U": "#2a7ab0", "C": "#3d9a5b", "P": "#1f3a5f",
