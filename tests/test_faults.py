@@ -178,3 +178,19 @@ def test_read_only_release_fails_cleanly(demo_export, tmp_path):
         assert "Read-only file system" in r.stdout + r.stderr
     finally:
         subprocess.run(["umount", str(out_fs)], check=False)
+
+
+def test_restricted_folders_lock_their_own_folders_not_shared_temp(tmp_path):
+    """A job run by hand with ``--log /tmp/job.log`` locks nothing shared: a sticky folder (like
+    /tmp) keeps its mode; any other folder deidflow writes restricted files into becomes 0700."""
+    from deidflow.fsutil import make_restricted_dir
+    shared = tmp_path / "shared"
+    shared.mkdir()
+    os.chmod(shared, 0o1777)
+    make_restricted_dir(shared)
+    assert shared.stat().st_mode & 0o7777 == 0o1777
+    own = tmp_path / "own"
+    own.mkdir(mode=0o755)
+    make_restricted_dir(own / "logs")
+    make_restricted_dir(own)
+    assert own.stat().st_mode & 0o777 == 0o700 and (own / "logs").stat().st_mode & 0o777 == 0o700

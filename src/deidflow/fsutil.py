@@ -7,6 +7,7 @@ import gzip
 import io
 import os
 import shutil
+import stat
 import tempfile
 from contextlib import contextmanager
 from pathlib import Path
@@ -26,10 +27,12 @@ def release_umask() -> None:
 
 
 def make_restricted_dir(path: Path) -> Path:
-    """Create ``path`` (and parents) and force mode 0700 on it."""
+    """Create ``path`` (and parents) and force mode 0700 on it, unless it is a shared sticky
+    folder such as ``/tmp`` (a job run by hand with ``--log /tmp/x.log`` must not lock it)."""
     path = Path(path)
     path.mkdir(parents=True, exist_ok=True)
-    os.chmod(path, RESTRICTED_DIR_MODE)
+    if not os.stat(path).st_mode & stat.S_ISVTX:
+        os.chmod(path, RESTRICTED_DIR_MODE)
     return path
 
 
