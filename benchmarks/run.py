@@ -17,7 +17,9 @@ Tables printed:
    with a face-region check of every head series (``--patients``/``--studies`` as table 3; the
    issue's tree is ``--default-patients 30``);
 8. header-path runs of 1,000 / 5,000 / 10,000 one-file subjects vs the pydicom loop on the same
-   files (``--scaling``): linear growth, report step share.
+   files (``--scaling``): linear growth, the report's share (gathered, rendered, checked and staged,
+   from the ``verify_dataset`` job's log: the job renders it with the matcher it scans the dataset-level
+   files with) and the whole job's duration.
 9. the report's self-check and the dataset-level scan at 1,000 and 5,000 subjects (benchmarks/leakscan_scale.py).
 Every table states the load average at its start: the machine may be shared, relative figures within
 one table are what counts.

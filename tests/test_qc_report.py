@@ -485,6 +485,35 @@ def test_pixel_after_pictures_are_public_not_before_images(tmp_path):
     assert [im["before"] for im in sorted(full, key=lambda im: im["file"])] == [False, True]
 
 
+def test_release_counted_and_validated_as_publish_dataset_will_leave_it(tmp_path, monkeypatch):
+    """The report is written before publish_dataset: it counts the staged dataset-level files,
+    not a withdrawn subject's folder or a foreign file, and the BIDS validator sees the staged
+    dataset_description.json through a view of the release."""
+    from deidflow.qc import evidence
+    release, staged, restricted = tmp_path / "rel", tmp_path / "staged", tmp_path / "rel_restricted"
+    for sub in ("sub-a", "sub-gone"):
+        (release / sub / "anat").mkdir(parents=True)
+        (release / sub / "anat" / f"{sub}_T1w.nii.gz").write_bytes(b"x")
+    (release / "stray.txt").write_text("dropped into the release by someone\n")
+    (release / "participants.tsv").write_text("participant_id\nsub-a\nsub-gone\n")  # an earlier run's
+    staged.mkdir()
+    (staged / "participants.tsv").write_text("participant_id\nsub-a\n")
+    (staged / "dataset_description.json").write_text('{"Name": "x", "BIDSVersion": "1.9.0"}')
+    total, per = report._release_formats(release, staged, ["sub-a"])
+    assert per == {"sub-a": Counter({"NIfTI": 1})}
+    assert total == Counter({"NIfTI": 1, "TSV": 1, "JSON": 1})  # participants.tsv once, no stray.txt
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    fake = bin_dir / "bids-validator"  # exits 0 only when the tree it is given is a BIDS dataset
+    fake.write_text("#!/bin/sh\n[ -f \"$1/dataset_description.json\" ] && [ -d \"$1/sub-a\" ] || exit 1\n")
+    fake.chmod(0o755)
+    monkeypatch.setenv("PATH", f"{bin_dir}:{os.environ['PATH']}")
+    restricted.mkdir()
+    assert evidence.bids_validator(release) is None  # no dataset_description.json in the release yet
+    assert evidence.bids_validator(release, staged, restricted) == {"ok": True, "summary": "no error"}
+    assert not any(restricted.iterdir())  # the view is gone
+
+
 @pytest.mark.parametrize("umask", [0o000, 0o077])
 def test_release_modes_whatever_the_umask(demo_export, tmp_path, umask):
     """Release files 0644 and folders 0755, restricted folders 0700 and mappings/audit 0600, with
