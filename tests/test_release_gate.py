@@ -77,13 +77,21 @@ def test_force_sets_foreign_files_aside(demo_export, tmp_path):
     (out / "Quintero_Zachariah").mkdir(parents=True)
     (out / "Quintero_Zachariah" / "RX1000004.txt").write_text("Patient Zachariah Quintero RX1000004")
     (out / "notes.txt").write_text("Patient Zachariah Quintero DOB 1970-01-01")
+    # inside the folders deidflow writes itself: its QC folder holds only the report and sub-X/
+    qc = out / "derivatives" / "deidflow" / "qc"
+    qc.mkdir(parents=True)
+    (qc / "Quintero.html").write_text("<p>Zachariah Quintero, RX1000004</p>")
+    (qc.parent / "notes.txt").write_text("Patient Zachariah Quintero RX1000004")
     r = run_cli("run", str(demo_export), str(out), "--force", *NO_FACES)
     assert r.returncode in (0, 3), r.stdout + r.stderr
     restricted = tmp_path / "shared_restricted"
     assert not (out / "notes.txt").exists() and not (out / "Quintero_Zachariah").exists()
     assert (restricted / "foreign" / "notes.txt").is_file()
     assert (restricted / "foreign" / "Quintero_Zachariah" / "RX1000004.txt").is_file()
+    assert (restricted / "foreign" / "derivatives" / "deidflow" / "qc" / "Quintero.html").is_file()
+    assert (restricted / "foreign" / "derivatives" / "deidflow" / "notes.txt").is_file()
     assert not any("Quintero" in p.as_posix() for p in out.rglob("*"))
+    assert not [p for p in out.rglob("*") if p.is_file() and b"Quintero" in p.read_bytes()]
     dropped = next((out / "sourcedata").iterdir()) / "later.txt"
     dropped.write_text("added by hand")
     r = run_cli("run", str(demo_export), str(out), *NO_FACES, "--set", "bids.name=another name")

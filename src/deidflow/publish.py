@@ -312,7 +312,13 @@ def set_aside_foreign(release: Path, restricted: Path) -> list[str]:
                 found.append(entry)
         derivatives = release / "derivatives"
         if derivatives.is_dir():
-            found += [e for e in derivatives.iterdir() if e.name != "deidflow"]
+            found += [e for e in derivatives.iterdir() if e.name != "deidflow" or not e.is_dir()]
+        own = derivatives / "deidflow"
+        if own.is_dir():  # deidflow writes its QC folder there: the report's files and sub-X/ folders
+            found += [e for e in own.iterdir() if e.name != "qc" or not e.is_dir()]
+        qc = own / "qc"
+        if qc.is_dir():
+            found += [e for e in qc.iterdir() if not (e.name in REPORT_FILES or (e.name.startswith("sub-") and e.is_dir()))]
         sourcedata = release / "sourcedata"
         if sourcedata.is_dir():
             for area in sourcedata.iterdir():
