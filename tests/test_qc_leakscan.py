@@ -266,6 +266,18 @@ def test_each_planted_leak_is_reported(demo, tmp_path):
     assert p.folder not in r.stdout and "[name withheld" in r.stdout
 
 
+def test_file_dropped_into_the_qc_folder_is_scanned(demo, tmp_path):
+    """The QC folder holds the report's four files (checked by the dataset gate) and the subjects'
+    QC folders: anything else there is a dataset-level file `deidflow verify` searches."""
+    p = demo["patient"]
+    release = _copy(demo, tmp_path)
+    qc = release / "derivatives" / "deidflow" / "qc"
+    (qc / "notes.html").write_text(f"<p>MRN {p.patient_id}</p>")
+    result = leakscan.verify(release, demo["restricted"])
+    assert [h["file"] for h in result["dataset"]["hits"]] == ["derivatives/deidflow/qc/notes.html"]
+    assert not any(str(f).endswith("report.html") for f in leakscan.dataset_files(release))
+
+
 def test_strict_run_fails_on_a_leak_and_report_shows_it(tmp_path):
     """Keeping PatientID by override leaves it in the release: the private copy of it and the
     original folder names give it away.  Without --strict the report says LEAK; with it the run fails."""

@@ -116,15 +116,15 @@ def subject_files(release: Path, subjects: Iterable[str]) -> dict[str, list[Path
 
 def dataset_files(release: Path) -> list[Path]:
     """Release files that belong to no subject (dataset description, participants table, …).  The
-    report's own files (``derivatives/deidflow/qc/*``) are left out: the report checks them before
-    writing them, and scanning an earlier run's report would make this run's report differ."""
+    report's own files (``derivatives/deidflow/qc/report.html`` …) are left out: the dataset gate
+    checks them with the report's own words as exceptions; anything else in that folder is not."""
+    from ..publish import REPORT_FILES
     out = []
     own = Path(release) / "derivatives" / "deidflow" / "qc"
     for root, dirs, files in os.walk(release):
         dirs[:] = sorted(d for d in dirs if not _SUBJECT_DIR.match(d))
-        if Path(root) == own:
-            continue
-        out += [Path(root) / f for f in sorted(files) if not _SUBJECT_FILE.match(f)]
+        mine = REPORT_FILES if Path(root) == own else ()
+        out += [Path(root) / f for f in sorted(files) if not _SUBJECT_FILE.match(f) and f not in mine]
     return out
 
 
