@@ -270,21 +270,30 @@ def test_deleted_report_comes_back_unchanged(demo_export, tmp_path):
 # ------------------------------------------------------------------------------------------------
 # Withdrawal
 # ------------------------------------------------------------------------------------------------
-def test_withdrawn_subject_leaves_release(demo_export, tmp_path):
+@pytest.mark.parametrize("units", ["batches", "one per subject"])
+def test_withdrawn_subject_leaves_release(demo_export, tmp_path, units):
+    """DOE's ultrasound has burned-in text (a QC picture of the cleaned frame): the QC report,
+    rendered while the withdrawn subject's folders are still in the release, must not show it,
+    its pseudonym or its records (a unit of its own leaves a stale leak-scan record behind)."""
     inp = tmp_path / "input"
     shutil.copytree(demo_export, inp)
     out = tmp_path / "rel"
     restricted = tmp_path / "rel_restricted"
-    assert run_cli("run", str(inp), str(out), "--cores", "2", *NO_FACES).returncode == 0
+    per_unit = ("--set", "jobs.files_per_job=0") if units == "one per subject" else ()
+    assert run_cli("run", str(inp), str(out), "--cores", "2", *NO_FACES, *per_unit).returncode == 0
     gone_folder = sorted(p for p in inp.iterdir() if p.name.startswith("DOE"))[0]
     pid = pydicom.dcmread(sorted(gone_folder.rglob("*.dcm"))[0], stop_before_pixels=True).PatientID
     subject = _subjects(restricted)[pid]
     assert (out / subject).is_dir() or (out / "sourcedata" / "dicom" / subject).is_dir()
+    assert subject.encode() in (out / "derivatives" / "deidflow" / "qc" / "report.html").read_bytes()
     shutil.rmtree(gone_folder)
-    r = run_cli("run", str(inp), str(out), "--cores", "2", *NO_FACES)
+    r = run_cli("run", str(inp), str(out), "--cores", "2", *NO_FACES, *per_unit)
     assert r.returncode == 0, r.stderr[-2000:]
     assert not list(out.rglob(f"*{subject}*")), "withdrawn subject still in the release"
     assert subject not in (out / "participants.tsv").read_text()
+    named = [p.relative_to(out).as_posix() for p in out.rglob("*") if p.is_file() and subject.encode() in p.read_bytes()]
+    assert not named, f"the withdrawn subject is named in {named}"
+    assert "leak scan:   4 subjects" in r.stdout, r.stdout
     with open(restricted / "mapping" / "patients.csv") as fh:
         rows = {row["id_new"]: row for row in csv.DictReader(fh)}
     assert rows[subject]["withdrawn"] and rows[subject]["id_old"] == pid  # kept, flagged with a date

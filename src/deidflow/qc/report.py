@@ -339,7 +339,9 @@ def build(release: Path, restricted: Path, staged: Path | None = None, dataset_v
     subjects = sorted(set(subjects) | set(verify["subjects"]))
     current_file = restricted / SUBJECTS
     current = set(current_file.read_text().split()) if current_file.is_file() else None
-    facts_audit = audit.scan(restricted)
+    if current is not None:  # a withdrawn subject's records stay in the restricted folder, not in the report
+        subjects = [s for s in subjects if s in current]
+    facts_audit = audit.scan(restricted, current)
     counts, audited = facts_audit.counts, facts_audit.files
     out_total, out_per = _release_formats(release, staged, current)
     quarantine = _quarantine(restricted, rows)
@@ -389,13 +391,18 @@ def build(release: Path, restricted: Path, staged: Path | None = None, dataset_v
         "studies": len({r["session"] for r in ok if r.get("session")}),
         "series": len({(r.get("session"), r.get("series_label")) for r in ok if r.get("series_label")}),
         "before_in_release": _before_images_in_release(release, current), "versions": _versions(),
-        "attributes": attrs, "faces": evidence.face_decisions(restricted),
-        "pixels": evidence.pixel_series(facts_audit.pixels, restricted),
+        "attributes": attrs, "faces": _current(evidence.face_decisions(restricted), current),
+        "pixels": _current(evidence.pixel_series(facts_audit.pixels, restricted), current),
         "pixel_mode": str(((run.get("settings") or {}).get("pixels") or {}).get("clean", "")),
         "gate": evidence.gate(release, restricted), "dciodvfy": evidence.dciodvfy(pairs),
         "bids_validator": evidence.bids_validator(release, staged, restricted),
         "restricted_copy": False,
     }
+
+
+def _current(rows: list[dict] | None, current: set[str] | None) -> list[dict] | None:
+    """The rows of the current input's subjects (``current``; all when it is not known)."""
+    return rows if rows is None or current is None else [r for r in rows if not r["subject"] or r["subject"] in current]
 
 
 def _accounting(rows: list[dict], quarantine: list[dict], sources: set[str]) -> dict[str, int]:
