@@ -266,6 +266,22 @@ def test_each_planted_leak_is_reported(demo, tmp_path):
     assert p.folder not in r.stdout and "[name withheld" in r.stdout
 
 
+def test_verify_finds_a_value_of_a_subject_in_another_unit(demo, tmp_path):
+    """A run's unit scan knows its unit's values only; `deidflow verify` searches every file for
+    every subject's values: Erika Mustermann's ID in a sidecar of a subject of another unit."""
+    p, subject = demo["patient"], demo["subject"]
+    units = [json.loads(m.read_text()) for m in leakscan.manifests(demo["restricted"])]
+    other = next(s["subject"] for u in units if subject not in {s["subject"] for s in u["subjects"]}
+                 for s in u["subjects"] if (demo["release"] / s["subject"]).is_dir())
+    release = _copy(demo, tmp_path)
+    sidecar = next((release / other).rglob("*.json"))
+    sidecar.write_text(json.dumps({**json.loads(sidecar.read_text()), "SequenceName": f"*tfl3d1_{p.patient_id}"}))
+    r = cli("verify", str(release), "--restricted", str(demo["restricted"]))
+    assert r.returncode == 3, r.stdout + r.stderr
+    assert f"LEAK {other}: {sidecar.relative_to(release).as_posix()} at JSON SequenceName" in r.stdout, r.stdout
+    assert f"(value of {subject})" in r.stdout and p.patient_id not in r.stdout
+
+
 def test_file_dropped_into_the_qc_folder_is_scanned(demo, tmp_path):
     """The QC folder holds the report's four files (checked by the dataset gate) and the subjects'
     QC folders: anything else there is a dataset-level file `deidflow verify` searches."""
