@@ -282,6 +282,20 @@ def test_verify_finds_a_value_of_a_subject_in_another_unit(demo, tmp_path):
     assert f"(value of {subject})" in r.stdout and p.patient_id not in r.stdout
 
 
+def test_dataset_gate_scans_every_staged_file(tmp_path):
+    """publish_dataset moves every file of the dataset staging area into the release: the gate
+    searches every one, also those named like a subject's (``sub-X_sessions.tsv``, ``sub-X/``)."""
+    staged = tmp_path / "staging" / "dataset"
+    (staged / "sub-a").mkdir(parents=True)
+    (staged / "sub-a_sessions.tsv").write_text("session_id\tnote\nses-1\tMary Smith\n")
+    (staged / "sub-a" / "notes.txt").write_text("seen by Mary Smith\n")
+    (staged / "README").write_text("clean\n")
+    m = _matcher(("name", "PatientName", "MARY^SMITH"))
+    result = leakscan.verify_dataset(staged, tmp_path, matcher=m)
+    assert result["files"] == 3
+    assert sorted({h["file"] for h in result["hits"]}) == ["sub-a/notes.txt", "sub-a_sessions.tsv"]
+
+
 def test_file_dropped_into_the_qc_folder_is_scanned(demo, tmp_path):
     """The QC folder holds the report's four files (checked by the dataset gate) and the subjects'
     QC folders: anything else there is a dataset-level file `deidflow verify` searches."""

@@ -844,7 +844,8 @@ def verify_dataset(release: Path, restricted: Path, *, strict: bool = False, pix
     """The dataset-level scan of the ``verify_dataset`` job: the staged dataset-level files
     against every subject's values; with ``strict`` a hit stops the job (nothing is published)."""
     from ..errors import PublicError
-    result = scan_dataset(release, restricted, pixel_data=pixel_data, matcher=matcher)
+    # every staged file, whatever its name: publish_dataset moves every one of them
+    result = scan_dataset(release, restricted, pixel_data=pixel_data, matcher=matcher, files=_walk_files(Path(release)))
     lines = hit_lines({"dataset": result})
     if lines and strict:
         raise PublicError(f"leak scan: {len(lines)} identifying value(s) found in dataset-level release "
