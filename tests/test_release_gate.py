@@ -238,6 +238,28 @@ def test_dataset_level_leak_keeps_dataset_files_staged(tmp_path, on_leak):
         assert c["withheld"] == 0 and (release / "participants.tsv").exists()
 
 
+def test_withheld_dataset_files_take_the_published_ones_out(tmp_path):
+    """Dataset-level files withheld by the gate leave no earlier copy behind: the previous run's
+    participants.tsv still listed a subject withdrawn since (its folders leave in the same job).
+    The release is incomplete: the run's status and `deidflow verify` say so (exit 3)."""
+    from deidflow.errors import EXIT_INCOMPLETE
+    from deidflow.publish import finalize, publish_dataset, release_status
+    hit = {"file": "participants.tsv", "location": "line 2", "owner": "sub-A", "field": "PatientName"}
+    staged, report_dir, release, restricted, verify = _dataset_gate_folders(tmp_path, [hit])
+    (release / "participants.tsv").write_text("participant_id\nsub-A\nsub-B\n")  # the previous run's
+    (release / "sub-B" / "anat").mkdir(parents=True)
+    (release / "sub-B" / "anat" / "sub-B_T1w.json").write_text("{}")
+    publish_dataset(staged, release, restricted, restricted / "work" / "subjects.txt", restricted / "done" /
+                    "publish_dataset.json", verify=verify, report_dir=report_dir, on_leak="withhold")
+    assert not (release / "sub-B").exists()
+    assert not [p for p in release.rglob("*") if p.is_file() and b"sub-B" in p.read_bytes()]
+    assert (staged / "participants.tsv").exists()
+    finalize(release, restricted, [])
+    status = release_status(release, restricted)
+    assert status["exit"] == EXIT_INCOMPLETE
+    assert any("dataset-level" in line for line in status["lines"]), status["lines"]
+
+
 def test_dataset_gate_refuses_without_a_staged_report(tmp_path):
     from deidflow.errors import PublicError
     from deidflow.publish import publish_dataset

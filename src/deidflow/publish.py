@@ -271,6 +271,8 @@ def publish_dataset(staged: Path, release: Path, restricted: Path, subjects_file
     moved, withheld = [], []
     if staged.is_dir() and leaky:
         withheld = [p.relative_to(staged).as_posix() for p in sorted(staged.rglob("*")) if p.is_file()]
+        for rel in withheld:  # an earlier run's copy describes an earlier release (withdrawn subjects)
+            (release / rel).unlink(missing_ok=True)
     elif staged.is_dir():
         for p in sorted(staged.rglob("*")):
             if p.is_file():
@@ -377,8 +379,11 @@ def finalize(release: Path, restricted: Path, units: Iterable[str]) -> dict:
     doc = write_withheld(restricted, [restricted / "done" / "publish" / f"{u}.json" for u in units])
     quarantine = restricted / "quarantine.tsv"
     n_bad = max(0, len(quarantine.read_text().splitlines()) - 1) if quarantine.exists() else 0
+    dataset = restricted / "done" / "publish_dataset.json"
+    n_dataset = len(json.loads(dataset.read_text()).get("withheld", ())) if dataset.exists() else 0
     status = {"complete": True, "withheld_subjects": sorted(doc["withheld"]),
-              "published_with_leaks": sorted(doc["published_with_leaks"]), "quarantined_files": n_bad}
+              "published_with_leaks": sorted(doc["published_with_leaks"]), "quarantined_files": n_bad,
+              "dataset_files_withheld": n_dataset}
     atomic_write_text(restricted / STATUS, json.dumps(status, indent=1, sort_keys=True) + "\n", RESTRICTED_FILE_MODE)
     (release / MARKER).unlink(missing_ok=True)
     return status
@@ -403,6 +408,7 @@ def release_status(release: Path, restricted: Path) -> dict:
     withheld = rec.get("withheld_subjects", [])
     leaky = rec.get("published_with_leaks", [])
     n_bad = rec.get("quarantined_files", 0)
+    n_dataset = rec.get("dataset_files_withheld", 0)
     lines = []
     if not complete:
         lines.append(f"deidflow: RELEASE INCOMPLETE: {release / MARKER} is there: a run is under way or stopped "
@@ -414,13 +420,17 @@ def release_status(release: Path, restricted: Path) -> dict:
         paths = sorted({f"{h['area']}: {h['location']}" for h in details.get(s, [])})
         lines.append(f"deidflow: {s} withheld from the release: leak scan found identifying values at "
                      f"{'; '.join(paths[:5])}{' …' if len(paths) > 5 else ''} (all in {restricted / 'quarantine.tsv'})")
+    if n_dataset:
+        lines.append(f"deidflow: {n_dataset} dataset-level file(s) (dataset_description.json, participants.tsv …) "
+                     "withheld from the release: the leak scan found identifying values in them "
+                     f"(hits in {restricted / 'done' / 'verify_dataset.json'})")
     if release.is_dir() and restricted.is_dir() and scratch_dir(release, restricted).parent == release.parent:
         lines.append(f"deidflow: warning: {restricted} is on another file system than the release: subject folders "
                      "are published by a copy next to the release and a rename (slower); keep both on one file system")
     if leaky:
         lines.append(f"deidflow: WARNING: verify.on_leak is 'publish': {', '.join(leaky)} published WITH "
                      "identifying values found by the leak scan; the release is not de-identified")
-    incomplete = not complete or withheld or leaky or n_bad
+    incomplete = not complete or withheld or leaky or n_bad or n_dataset
     return {"complete": complete, "withheld": withheld, "published_with_leaks": leaky, "quarantined_files": n_bad,
             "exit": EXIT_INCOMPLETE if incomplete else EXIT_OK, "lines": lines}
 
