@@ -298,6 +298,15 @@ def test_audit_summary_and_table_of_crafted_lines(tmp_path):
         ("dicom", "x/1.dcm", "Seq[1].PatientID", "X"), ("other", "x/3.nii", "descrip", "Z")]
 
 
+def test_expected_exit_counts_dataset_level_hits():
+    """The report is written before the run ends: a hit in a dataset-level file means exit 3
+    (the files are withheld, or published under verify.on_leak publish), like a subject's."""
+    facts = {"gate": {"withheld": [], "published_with_leaks": []}, "per": {}, "subjects": [], "quarantine": []}
+    assert report.expected_exit(facts)[0] == 0
+    hit = {"file": "participants.tsv", "location": "line 2", "owner": "sub-a", "field": "PatientName"}
+    assert report.expected_exit({**facts, "dataset_verify": {"files": 6, "hits": [hit]}})[0] == 3
+
+
 def test_snakemake_report_zip(demo, tmp_path):
     r = subprocess.run([sys.executable, "-m", "snakemake", "--snakefile", str(ROOT / "Snakefile"),
                         "--directory", str(demo["restricted"]), "--configfile",

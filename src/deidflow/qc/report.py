@@ -533,6 +533,8 @@ def expected_exit(facts: Mapping) -> tuple[int, str]:
         return 3, "release incomplete: files or subjects withheld, or leaks published"
     if leaks:
         return 3, "leak-scan hits in the release"
+    if (facts.get("dataset_verify") or {}).get("hits"):
+        return 3, "leak-scan hits in the dataset-level files: withheld, or published under verify.on_leak publish"
     return 0, "release complete"
 
 
