@@ -307,6 +307,25 @@ def test_expected_exit_counts_dataset_level_hits():
     assert report.expected_exit({**facts, "dataset_verify": {"files": 6, "hits": [hit]}})[0] == 3
 
 
+def test_bids_validator_sees_the_release_publish_dataset_will_leave(tmp_path, monkeypatch):
+    """The report is rendered during the run: the validator must not see the run's
+    RELEASE_INCOMPLETE marker, a withdrawn subject's folder or a foreign file (publish_dataset
+    takes them out), and must see the staged dataset-level files."""
+    from deidflow.qc import evidence
+    release, staged, restricted, bin_ = (tmp_path / n for n in ("rel", "staged", "rel_restricted", "bin"))
+    for d in (release / "sub-a" / "anat", release / "sub-gone" / "anat", staged, restricted, bin_):
+        d.mkdir(parents=True)
+    (release / "RELEASE_INCOMPLETE").write_text("incomplete\n")
+    (release / "notes.txt").write_text("foreign\n")
+    (staged / "dataset_description.json").write_text('{"Name": "x", "BIDSVersion": "1.10.1"}\n')
+    fake = bin_ / "bids-validator"  # fails on anything publish_dataset will not leave
+    fake.write_text('#!/bin/sh\nfor n in RELEASE_INCOMPLETE sub-gone notes.txt; do [ -e "$1/$n" ] && exit 1; done\n'
+                    '[ -e "$1/sub-a" ] && [ -e "$1/dataset_description.json" ]\n')
+    fake.chmod(0o755)
+    monkeypatch.setenv("PATH", f"{bin_}{os.pathsep}{os.environ['PATH']}")
+    assert evidence.bids_validator(release, staged, restricted, ["sub-a"]) == {"ok": True, "summary": "no error"}
+
+
 def test_snakemake_report_zip(demo, tmp_path):
     r = subprocess.run([sys.executable, "-m", "snakemake", "--snakefile", str(ROOT / "Snakefile"),
                         "--directory", str(demo["restricted"]), "--configfile",

@@ -395,7 +395,7 @@ def build(release: Path, restricted: Path, staged: Path | None = None, dataset_v
         "pixels": _current(evidence.pixel_series(facts_audit.pixels, restricted), current),
         "pixel_mode": str(((run.get("settings") or {}).get("pixels") or {}).get("clean", "")),
         "gate": evidence.gate(release, restricted), "dciodvfy": evidence.dciodvfy(pairs),
-        "bids_validator": evidence.bids_validator(release, staged, restricted),
+        "bids_validator": evidence.bids_validator(release, staged, restricted, current),
         "restricted_copy": False,
     }
 
