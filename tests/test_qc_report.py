@@ -326,6 +326,24 @@ def test_bids_validator_sees_the_release_publish_dataset_will_leave(tmp_path, mo
     assert evidence.bids_validator(release, staged, restricted, ["sub-a"]) == {"ok": True, "summary": "no error"}
 
 
+def test_report_counts_the_release_publish_dataset_will_leave(tmp_path):
+    """Files publish_dataset sets aside as foreign (anywhere, not only at the root) and the run's
+    marker are not counted; the staged dataset-level files are."""
+    from deidflow.publish import foreign_entries
+    release, staged = tmp_path / "rel", tmp_path / "staged"
+    files = ["sub-a/anat/sub-a_T1w.nii.gz", "derivatives/other/x.tsv", "derivatives/deidflow/notes.tsv",
+             "derivatives/deidflow/qc/report.html", "derivatives/deidflow/qc/old.tsv", "sourcedata/dicom/list.tsv",
+             "RELEASE_INCOMPLETE", "notes.tsv", "foreign/y.tsv"]
+    for rel in files:
+        (release / rel).parent.mkdir(parents=True, exist_ok=True)
+        (release / rel).write_text("x\n")
+    staged.mkdir()
+    (staged / "participants.tsv").write_text("participant_id\nsub-a\n")
+    assert len(foreign_entries(release)) == 6
+    total, per = report._release_formats(release, staged, ["sub-a"])
+    assert dict(total) == {"NIfTI": 1, "TSV": 1} and dict(per) == {"sub-a": {"NIfTI": 1}}
+
+
 def test_snakemake_report_zip(demo, tmp_path):
     r = subprocess.run([sys.executable, "-m", "snakemake", "--snakefile", str(ROOT / "Snakefile"),
                         "--directory", str(demo["restricted"]), "--configfile",

@@ -301,33 +301,45 @@ OWN_ROOT_ENTRIES = frozenset({"sourcedata", "derivatives", "dataset_description.
 FOREIGN = "foreign"
 
 
+def foreign_entries(release: Path) -> list[Path]:
+    """The entries of the release that no deidflow stage wrote: at the root anything but the
+    dataset-level files and ``sub-X/``; in ``derivatives/`` anything but ``deidflow/``, there
+    anything but ``qc/``, there anything but the report's files and ``sub-X/``; in each
+    ``sourcedata/<area>/`` anything but ``sub-X/``."""
+    release = Path(release)
+    found: list[Path] = []
+    if not release.is_dir():
+        return found
+    for entry in release.iterdir():
+        if not (entry.name in OWN_ROOT_ENTRIES or (entry.name.startswith("sub-") and entry.is_dir())):
+            found.append(entry)
+    derivatives = release / "derivatives"
+    if derivatives.is_dir():
+        found += [e for e in derivatives.iterdir() if e.name != "deidflow" or not e.is_dir()]
+    own = derivatives / "deidflow"
+    if own.is_dir():  # deidflow writes its QC folder there: the report's files and sub-X/ folders
+        found += [e for e in own.iterdir() if e.name != "qc" or not e.is_dir()]
+    qc = own / "qc"
+    if qc.is_dir():
+        found += [e for e in qc.iterdir() if not (e.name in REPORT_FILES or (e.name.startswith("sub-") and e.is_dir()))]
+    sourcedata = release / "sourcedata"
+    if sourcedata.is_dir():
+        for area in sourcedata.iterdir():
+            if not area.is_dir():
+                found.append(area)
+                continue
+            found += [e for e in area.iterdir() if not (e.name.startswith("sub-") and e.is_dir())]
+    return found
+
+
 def set_aside_foreign(release: Path, restricted: Path) -> list[str]:
-    """Move every entry of the release that no deidflow stage wrote (files of a folder used with
-    ``--force``, files someone dropped into an earlier release) into ``<restricted>/foreign/``:
-    nothing the leak scan has not passed stays in the release. Returns their keyed count only
-    (names may identify a person, so they are listed in the restricted folder, never printed)."""
+    """Move every entry of the release that no deidflow stage wrote (:func:`foreign_entries`: files
+    of a folder used with ``--force``, files someone dropped into an earlier release) into
+    ``<restricted>/foreign/``: nothing the leak scan has not passed stays in the release. Returns
+    their keyed count only (names may identify a person, so they are listed in the restricted
+    folder, never printed)."""
     release, restricted = Path(release), Path(restricted)
-    found = []
-    if release.is_dir():
-        for entry in release.iterdir():
-            if not (entry.name in OWN_ROOT_ENTRIES or (entry.name.startswith("sub-") and entry.is_dir())):
-                found.append(entry)
-        derivatives = release / "derivatives"
-        if derivatives.is_dir():
-            found += [e for e in derivatives.iterdir() if e.name != "deidflow" or not e.is_dir()]
-        own = derivatives / "deidflow"
-        if own.is_dir():  # deidflow writes its QC folder there: the report's files and sub-X/ folders
-            found += [e for e in own.iterdir() if e.name != "qc" or not e.is_dir()]
-        qc = own / "qc"
-        if qc.is_dir():
-            found += [e for e in qc.iterdir() if not (e.name in REPORT_FILES or (e.name.startswith("sub-") and e.is_dir()))]
-        sourcedata = release / "sourcedata"
-        if sourcedata.is_dir():
-            for area in sourcedata.iterdir():
-                if not area.is_dir():
-                    found.append(area)
-                    continue
-                found += [e for e in area.iterdir() if not (e.name.startswith("sub-") and e.is_dir())]
+    found = foreign_entries(release)
     if not found:
         return []
     dest = make_restricted_dir(restricted / FOREIGN)

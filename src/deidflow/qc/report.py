@@ -93,29 +93,29 @@ def _release_formats(release: Path, staged: Path | None = None,
     ``publish_dataset`` will leave it: the published subjects (only ``subjects``, when given: a
     withdrawn subject's folders are about to go), the dataset-level files staged in ``staged`` or
     already published, nothing set aside as foreign.  One walk (os.walk: no Path object per file)."""
-    from ..publish import OWN_ROOT_ENTRIES
+    from ..publish import foreign_entries
     total: Counter = Counter()
     per: dict[str, Counter] = defaultdict(Counter)
     current = None if subjects is None else set(subjects)
     dataset: set[str] = set()
+    foreign = {str(p) for p in foreign_entries(release)}  # publish_dataset sets them aside
     for root, is_release in ((str(release), True), *(((str(staged), False),) if staged else ())):
         qc = os.path.join(root, QC_SUBDIR)
         for folder, dirs, files in os.walk(root):
+            if is_release:
+                dirs[:] = [d for d in dirs if os.path.join(folder, d) not in foreign]
             if folder == qc:
                 dirs[:] = []
                 continue
             rel = folder[len(root) + 1:]
             parts = rel.split(os.sep) if rel else []
-            if is_release and parts and parts[0] not in OWN_ROOT_ENTRIES and not _SUBJECT_DIR.match(parts[0]):
-                dirs[:] = []  # foreign: publish_dataset sets it aside
-                continue
             folder_sub = next((part for part in parts if _SUBJECT_DIR.match(part)), None)
             if current is not None and folder_sub is not None and folder_sub not in current:
                 dirs[:] = []
                 continue
             for name in files:
-                if not parts and (name == evidence.INCOMPLETE_MARKER or name not in OWN_ROOT_ENTRIES):
-                    continue  # the run's own marker, or a foreign file at the root
+                if (is_release and os.path.join(folder, name) in foreign) or (not parts and name == evidence.INCOMPLETE_MARKER):
+                    continue  # foreign, or the run's own marker
                 sub = folder_sub
                 if sub is None:
                     m = _SUBJECT_FILE.match(name)
