@@ -260,6 +260,25 @@ def test_withheld_dataset_files_take_the_published_ones_out(tmp_path):
     assert any("dataset-level" in line for line in status["lines"]), status["lines"]
 
 
+def test_dataset_name_naming_a_patient_is_withheld(demo_export, tmp_path):
+    """A data holder names the dataset after a patient (bids.name reaches dataset_description.json
+    and README): the dataset gate finds it, keeps the dataset-level files out of the release, and
+    the QC report (whose run record shows the settings) withholds that setting and is published.
+    Exit 3, and the terminal says why; the value is printed nowhere."""
+    patient = next(p for p in sorted(demo_export.iterdir()) if p.name.startswith("MUSTERMANN"))
+    pid = str(pydicom.dcmread(next(patient.rglob("*.dcm")), stop_before_pixels=True).PatientID)
+    out = tmp_path / "rel"
+    r = run_cli("run", str(demo_export), str(out), "--cores", "2", *NO_FACES, "--set", f"bids.name=Cohort {pid}")
+    assert r.returncode == 3, r.stdout + r.stderr[-3000:]
+    assert "LEAK in dataset" in r.stdout and "dataset-level file(s)" in r.stderr, r.stdout + r.stderr
+    assert pid not in r.stdout + r.stderr
+    assert not (out / "dataset_description.json").exists() and not (out / "README").exists()
+    assert not [p for p in out.rglob("*") if p.is_file() and pid.encode() in p.read_bytes()]
+    page = (out / "derivatives" / "deidflow" / "qc" / "report.html").read_text()
+    assert "value withheld" in page and not (out / MARKER).exists()
+    assert run_cli("verify", str(out)).returncode == 3
+
+
 def test_dataset_gate_refuses_without_a_staged_report(tmp_path):
     from deidflow.errors import PublicError
     from deidflow.publish import publish_dataset

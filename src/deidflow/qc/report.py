@@ -321,6 +321,7 @@ DETAIL_LIMIT = 200  # subjects with a detail section of their own each (beyond: 
 PICTURE_LIMIT = 300  # face and pixel pictures shown inline (all are in derivatives/deidflow/qc)
 CREATOR_WITHHELD = "(creator withheld: it holds an identifying value)"
 REASON_WITHHELD = "(reason withheld: it contains an identifying value; see the restricted quarantine.tsv)"
+SETTING_WITHHELD = "(value withheld: it contains an identifying value; see the restricted run-config.yaml)"
 BIG = 512  # face pictures are shown at least this wide (whole-number scaling, pixels kept sharp)
 
 
@@ -908,7 +909,7 @@ def _own_words() -> frozenset[bytes]:
              "searched": 0, "pixel_data": False}, "dataset_verify": None, "formats_in": {}, "formats_out": {},
              "files_in": 0, "modalities": {}, "studies": 0, "series": 0, "before_in_release": 1, "versions": {},
              "restricted_copy": False}
-    page = " ".join((render(empty)[0], *ACTION_NAMES.values(), *FORMAT_NAMES.values(), REASON_WITHHELD, CREATOR_WITHHELD,
+    page = " ".join((render(empty)[0], *ACTION_NAMES.values(), *FORMAT_NAMES.values(), REASON_WITHHELD, CREATOR_WITHHELD, SETTING_WITHHELD,
                      *_reason_texts()))
     return frozenset(re.findall(rb"[a-z]+", html.unescape(page).encode("utf-8").lower()))
 
@@ -935,15 +936,19 @@ def _reason_texts() -> list[str]:
 
 def _check_public(restricted: Path, facts: dict, texts: Mapping[str, str], matcher: Matcher) -> bool:
     """One search for every subject's original values (``matcher``) and the quarantined input
-    paths over the quarantine reasons, the private creators (both read from input files) and
-    ``texts`` (the pages).  Reasons and creators that
-    hold one are withheld in ``facts`` and True is returned: render again and check again.
-    Otherwise a text that holds one stops the report (it is never written)."""
+    paths over the quarantine reasons, the private creators (both read from input files), the
+    settings that differ from the defaults (a ``bids.name`` that names a patient also reaches the
+    dataset-level files, which the gate then withholds) and ``texts`` (the pages).  Reasons,
+    creators and settings that hold one are withheld in ``facts`` and True is returned: render
+    again and check again.  Otherwise a text that holds one stops the report (it is never written)."""
     originals = sorted({part for q in facts["quarantine"] for part in q["_path"].split("/") if part})
     rows = (facts.get("attributes") or {}).get("rows", ())
     creators = sorted({c for r in rows for c in r["creator"].split(" | ") if c})
+    diff = (facts.get("record") or {}).get("diff") or []
     search = {**{f"reason {i}": q["reason"] for i, q in enumerate(facts["quarantine"])},
               **{f"creator {i}": c for i, c in enumerate(creators)},
+              **{f"setting {i}": json.dumps(v, ensure_ascii=False, default=str) for i, (_, v, _) in enumerate(diff)
+                 if v != SETTING_WITHHELD},
               **{f"text {k}": _DATA_URI.sub("data:", t) for k, t in texts.items()}}  # images were scanned as files
     if not search:
         return False
@@ -957,7 +962,11 @@ def _check_public(restricted: Path, facts: dict, texts: Mapping[str, str], match
     bad_creators = {c for i, c in enumerate(creators) if found[f"creator {i}"]}
     for r in rows if bad_creators else ():
         r["creator"] = " | ".join(CREATOR_WITHHELD if c in bad_creators else c for c in r["creator"].split(" | "))
-    if withheld or bad_creators:
+    bad_settings = {i for i in range(len(diff)) if found.get(f"setting {i}")}
+    if bad_settings:
+        facts["record"]["diff"] = [(k, SETTING_WITHHELD if i in bad_settings else v, d)
+                                   for i, (k, v, d) in enumerate(diff)]
+    if withheld or bad_creators or bad_settings:
         return True
     bad = {k[5:]: n for k, n in found.items() if k.startswith("text ") and n}
     if bad:
