@@ -114,7 +114,8 @@ def _release_formats(release: Path, staged: Path | None = None,
                 dirs[:] = []
                 continue
             for name in files:
-                if (is_release and os.path.join(folder, name) in foreign) or (not parts and name == evidence.INCOMPLETE_MARKER):
+                if ((is_release and os.path.join(folder, name) in foreign)
+                        or (not parts and name == evidence.INCOMPLETE_MARKER)):
                     continue  # foreign, or the run's own marker
                 sub = folder_sub
                 if sub is None:
