@@ -279,6 +279,25 @@ def test_dataset_name_naming_a_patient_is_withheld(demo_export, tmp_path):
     assert run_cli("verify", str(out)).returncode == 3
 
 
+def test_dataset_level_names_are_foreign_unless_deidflow_writes_them(tmp_path):
+    """A README or participants.tsv at the root of a folder used with --force is someone else's
+    unless this run's bids_dataset job writes that file (with outputs.bids false it writes none):
+    it leaves the release like any foreign file, never scanned as it is."""
+    from deidflow.publish import publish_dataset
+    staged, report_dir, release, restricted, verify = _dataset_gate_folders(tmp_path, [])
+    (staged / "participants.tsv").unlink()
+    for name in ("README", "participants.tsv"):
+        (release / name).write_text("Patient Erika Mustermann, MRN 66448162\n")
+    args = (staged, release, restricted, restricted / "work" / "subjects.txt", restricted / "done" / "pd.json")
+    publish_dataset(*args, verify=verify, report_dir=report_dir)
+    assert not (release / "README").exists() and not (release / "participants.tsv").exists()
+    assert (restricted / "foreign" / "README").is_file() and (restricted / "foreign" / "participants.tsv").is_file()
+    (restricted / "done" / "bids_dataset.json").write_text(json.dumps({"files": ["README"], "participants": 1}))
+    (release / "README").write_text("# De-identified imaging dataset\n")  # an earlier run's, published
+    publish_dataset(*args, verify=verify, report_dir=report_dir)
+    assert (release / "README").is_file()
+
+
 def test_dataset_gate_refuses_without_a_staged_report(tmp_path):
     from deidflow.errors import PublicError
     from deidflow.publish import publish_dataset

@@ -301,17 +301,34 @@ OWN_ROOT_ENTRIES = frozenset({"sourcedata", "derivatives", "dataset_description.
 FOREIGN = "foreign"
 
 
-def foreign_entries(release: Path) -> list[Path]:
-    """The entries of the release that no deidflow stage wrote: at the root anything but the
-    dataset-level files and ``sub-X/``; in ``derivatives/`` anything but ``deidflow/``, there
+BIDS_DATASET_DONE = "done/bids_dataset.json"  # restricted: the bids_dataset job's record (its "files")
+
+
+def own_root_entries(restricted: Path | None = None) -> frozenset[str]:
+    """The root entries deidflow writes: ``sourcedata``, ``derivatives``, the marker, and the
+    dataset-level files the ``bids_dataset`` job of ``restricted`` lists (none without BIDS output:
+    a README there is someone else's); every name of :data:`OWN_ROOT_ENTRIES` when not known."""
+    if restricted is None:
+        return OWN_ROOT_ENTRIES
+    try:
+        listed = json.loads((Path(restricted) / BIDS_DATASET_DONE).read_text())["files"]
+    except (OSError, ValueError, KeyError, TypeError):
+        listed = []
+    return frozenset({"sourcedata", "derivatives", MARKER, *(n for n in listed if n in OWN_ROOT_ENTRIES)})
+
+
+def foreign_entries(release: Path, restricted: Path | None = None) -> list[Path]:
+    """The entries of the release that no deidflow stage wrote: at the root anything but
+    :func:`own_root_entries` and ``sub-X/``; in ``derivatives/`` anything but ``deidflow/``, there
     anything but ``qc/``, there anything but the report's files and ``sub-X/``; in each
     ``sourcedata/<area>/`` anything but ``sub-X/``."""
     release = Path(release)
     found: list[Path] = []
     if not release.is_dir():
         return found
+    own_root = own_root_entries(restricted)
     for entry in release.iterdir():
-        if not (entry.name in OWN_ROOT_ENTRIES or (entry.name.startswith("sub-") and entry.is_dir())):
+        if not (entry.name in own_root or (entry.name.startswith("sub-") and entry.is_dir())):
             found.append(entry)
     derivatives = release / "derivatives"
     if derivatives.is_dir():
@@ -339,7 +356,7 @@ def set_aside_foreign(release: Path, restricted: Path) -> list[str]:
     their keyed count only (names may identify a person, so they are listed in the restricted
     folder, never printed)."""
     release, restricted = Path(release), Path(restricted)
-    found = foreign_entries(release)
+    found = foreign_entries(release, restricted)
     if not found:
         return []
     dest = make_restricted_dir(restricted / FOREIGN)

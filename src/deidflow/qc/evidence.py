@@ -252,18 +252,19 @@ def bids_validator(release: Path, staged: Path | None = None, restricted: Path |
     dataset-level files staged in ``staged``, without the run's RELEASE_INCOMPLETE marker, foreign
     entries and the folders of subjects not in ``subjects``, the current input's; seen through
     links in a scratch folder of ``restricted``); None when not installed or not a BIDS tree."""
-    from ..publish import OWN_ROOT_ENTRIES
+    from ..publish import own_root_entries
     exe = shutil.which("bids-validator")
     if not exe:
         return None
     staged_files = [p for p in Path(staged).iterdir() if p.is_file()] if staged and Path(staged).is_dir() else []
     current = None if subjects is None else set(subjects)
+    own_root = own_root_entries(restricted)
     import tempfile
     with tempfile.TemporaryDirectory(dir=restricted) as view:
         for entry in Path(release).iterdir():
             subject = entry.name.startswith("sub-") and entry.is_dir()
             if (entry.name == INCOMPLETE_MARKER or (subject and current is not None and entry.name not in current)
-                    or not (subject or entry.name in OWN_ROOT_ENTRIES)):
+                    or not (subject or entry.name in own_root)):
                 continue  # publish_dataset takes these out
             if not (staged and (Path(staged) / entry.name).exists()):
                 os.symlink(entry.resolve(), Path(view) / entry.name)

@@ -87,8 +87,8 @@ def _quarantine(restricted: Path, rows: list[dict]) -> list[dict]:
     return sorted(out, key=lambda x: (x["src_id"], x["reason"]))
 
 
-def _release_formats(release: Path, staged: Path | None = None,
-                     subjects: Iterable[str] | None = None) -> tuple[Counter, dict[str, Counter]]:
+def _release_formats(release: Path, staged: Path | None = None, subjects: Iterable[str] | None = None,
+                     restricted: Path | None = None) -> tuple[Counter, dict[str, Counter]]:
     """Files per format, overall and per subject (QC products excluded), of the release as
     ``publish_dataset`` will leave it: the published subjects (only ``subjects``, when given: a
     withdrawn subject's folders are about to go), the dataset-level files staged in ``staged`` or
@@ -98,7 +98,7 @@ def _release_formats(release: Path, staged: Path | None = None,
     per: dict[str, Counter] = defaultdict(Counter)
     current = None if subjects is None else set(subjects)
     dataset: set[str] = set()
-    foreign = {str(p) for p in foreign_entries(release)}  # publish_dataset sets them aside
+    foreign = {str(p) for p in foreign_entries(release, restricted)}  # publish_dataset sets them aside
     for root, is_release in ((str(release), True), *(((str(staged), False),) if staged else ())):
         qc = os.path.join(root, QC_SUBDIR)
         for folder, dirs, files in os.walk(root):
@@ -345,7 +345,7 @@ def build(release: Path, restricted: Path, staged: Path | None = None, dataset_v
         subjects = [s for s in subjects if s in current]
     facts_audit = audit.scan(restricted, current)
     counts, audited = facts_audit.counts, facts_audit.files
-    out_total, out_per = _release_formats(release, staged, current)
+    out_total, out_per = _release_formats(release, staged, current, restricted)
     quarantine = _quarantine(restricted, rows)
     record = evidence.run_record(restricted, run)
     q_by_subject = Counter(q["subject"] for q in quarantine)
