@@ -269,6 +269,48 @@ def test_each_planted_leak_is_reported(demo, tmp_path):
     assert p.folder not in r.stdout and "[name withheld" in r.stdout
 
 
+def test_verify_finds_a_value_of_a_subject_in_another_unit(demo, tmp_path):
+    """A run's unit scan knows its unit's values only; `deidflow verify` searches every file for
+    every subject's values: Erika Mustermann's ID in a sidecar of a subject of another unit."""
+    p, subject = demo["patient"], demo["subject"]
+    units = [json.loads(m.read_text()) for m in leakscan.manifests(demo["restricted"])]
+    other = next(s["subject"] for u in units if subject not in {s["subject"] for s in u["subjects"]}
+                 for s in u["subjects"] if (demo["release"] / s["subject"]).is_dir())
+    release = _copy(demo, tmp_path)
+    sidecar = next((release / other).rglob("*.json"))
+    sidecar.write_text(json.dumps({**json.loads(sidecar.read_text()), "SequenceName": f"*tfl3d1_{p.patient_id}"}))
+    r = cli("verify", str(release), "--restricted", str(demo["restricted"]))
+    assert r.returncode == 3, r.stdout + r.stderr
+    assert f"LEAK {other}: {sidecar.relative_to(release).as_posix()} at JSON SequenceName" in r.stdout, r.stdout
+    assert f"(value of {subject})" in r.stdout and p.patient_id not in r.stdout
+
+
+def test_dataset_gate_scans_every_staged_file(tmp_path):
+    """publish_dataset moves every file of the dataset staging area into the release: the gate
+    searches every one, also those named like a subject's (``sub-X_sessions.tsv``, ``sub-X/``)."""
+    staged = tmp_path / "staging" / "dataset"
+    (staged / "sub-a").mkdir(parents=True)
+    (staged / "sub-a_sessions.tsv").write_text("session_id\tnote\nses-1\tMary Smith\n")
+    (staged / "sub-a" / "notes.txt").write_text("seen by Mary Smith\n")
+    (staged / "README").write_text("clean\n")
+    m = _matcher(("name", "PatientName", "MARY^SMITH"))
+    result = leakscan.verify_dataset(staged, tmp_path, matcher=m)
+    assert result["files"] == 3
+    assert sorted({h["file"] for h in result["hits"]}) == ["sub-a/notes.txt", "sub-a_sessions.tsv"]
+
+
+def test_file_dropped_into_the_qc_folder_is_scanned(demo, tmp_path):
+    """The QC folder holds the report's four files (checked by the dataset gate) and the subjects'
+    QC folders: anything else there is a dataset-level file `deidflow verify` searches."""
+    p = demo["patient"]
+    release = _copy(demo, tmp_path)
+    qc = release / "derivatives" / "deidflow" / "qc"
+    (qc / "notes.html").write_text(f"<p>MRN {p.patient_id}</p>")
+    result = leakscan.verify(release, demo["restricted"])
+    assert [h["file"] for h in result["dataset"]["hits"]] == ["derivatives/deidflow/qc/notes.html"]
+    assert not any(str(f).endswith("report.html") for f in leakscan.dataset_files(release))
+
+
 def test_strict_run_fails_on_a_leak_and_report_shows_it(tmp_path):
     """Keeping PatientID by override leaves it in the release: the private copy of it and the
     original folder names give it away.  Without --strict the report says LEAK; with it the run fails."""

@@ -298,6 +298,52 @@ def test_audit_summary_and_table_of_crafted_lines(tmp_path):
         ("dicom", "x/1.dcm", "Seq[1].PatientID", "X"), ("other", "x/3.nii", "descrip", "Z")]
 
 
+def test_expected_exit_counts_dataset_level_hits():
+    """The report is written before the run ends: a hit in a dataset-level file means exit 3
+    (the files are withheld, or published under verify.on_leak publish), like a subject's."""
+    facts = {"gate": {"withheld": [], "published_with_leaks": []}, "per": {}, "subjects": [], "quarantine": []}
+    assert report.expected_exit(facts)[0] == 0
+    hit = {"file": "participants.tsv", "location": "line 2", "owner": "sub-a", "field": "PatientName"}
+    assert report.expected_exit({**facts, "dataset_verify": {"files": 6, "hits": [hit]}})[0] == 3
+
+
+def test_bids_validator_sees_the_release_publish_dataset_will_leave(tmp_path, monkeypatch):
+    """The report is rendered during the run: the validator must not see the run's
+    RELEASE_INCOMPLETE marker, a withdrawn subject's folder or a foreign file (publish_dataset
+    takes them out), and must see the staged dataset-level files."""
+    from deidflow.qc import evidence
+    release, staged, restricted, bin_ = (tmp_path / n for n in ("rel", "staged", "rel_restricted", "bin"))
+    for d in (release / "sub-a" / "anat", release / "sub-gone" / "anat", staged, restricted, bin_):
+        d.mkdir(parents=True)
+    (release / "RELEASE_INCOMPLETE").write_text("incomplete\n")
+    (release / "notes.txt").write_text("foreign\n")
+    (staged / "dataset_description.json").write_text('{"Name": "x", "BIDSVersion": "1.10.1"}\n')
+    fake = bin_ / "bids-validator"  # fails on anything publish_dataset will not leave
+    fake.write_text('#!/bin/sh\nfor n in RELEASE_INCOMPLETE sub-gone notes.txt; do [ -e "$1/$n" ] && exit 1; done\n'
+                    '[ -e "$1/sub-a" ] && [ -e "$1/dataset_description.json" ]\n')
+    fake.chmod(0o755)
+    monkeypatch.setenv("PATH", f"{bin_}{os.pathsep}{os.environ['PATH']}")
+    assert evidence.bids_validator(release, staged, restricted, ["sub-a"]) == {"ok": True, "summary": "no error"}
+
+
+def test_report_counts_the_release_publish_dataset_will_leave(tmp_path):
+    """Files publish_dataset sets aside as foreign (anywhere, not only at the root) and the run's
+    marker are not counted; the staged dataset-level files are."""
+    from deidflow.publish import foreign_entries
+    release, staged = tmp_path / "rel", tmp_path / "staged"
+    files = ["sub-a/anat/sub-a_T1w.nii.gz", "derivatives/other/x.tsv", "derivatives/deidflow/notes.tsv",
+             "derivatives/deidflow/qc/report.html", "derivatives/deidflow/qc/old.tsv", "sourcedata/dicom/list.tsv",
+             "RELEASE_INCOMPLETE", "notes.tsv", "foreign/y.tsv"]
+    for rel in files:
+        (release / rel).parent.mkdir(parents=True, exist_ok=True)
+        (release / rel).write_text("x\n")
+    staged.mkdir()
+    (staged / "participants.tsv").write_text("participant_id\nsub-a\n")
+    assert len(foreign_entries(release)) == 6
+    total, per = report._release_formats(release, staged, ["sub-a"])
+    assert dict(total) == {"NIfTI": 1, "TSV": 1} and dict(per) == {"sub-a": {"NIfTI": 1}}
+
+
 def test_snakemake_report_zip(demo, tmp_path):
     r = subprocess.run([sys.executable, "-m", "snakemake", "--snakefile", str(ROOT / "Snakefile"),
                         "--directory", str(demo["restricted"]), "--configfile",

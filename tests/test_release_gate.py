@@ -77,13 +77,21 @@ def test_force_sets_foreign_files_aside(demo_export, tmp_path):
     (out / "Quintero_Zachariah").mkdir(parents=True)
     (out / "Quintero_Zachariah" / "RX1000004.txt").write_text("Patient Zachariah Quintero RX1000004")
     (out / "notes.txt").write_text("Patient Zachariah Quintero DOB 1970-01-01")
+    # inside the folders deidflow writes itself: its QC folder holds only the report and sub-X/
+    qc = out / "derivatives" / "deidflow" / "qc"
+    qc.mkdir(parents=True)
+    (qc / "Quintero.html").write_text("<p>Zachariah Quintero, RX1000004</p>")
+    (qc.parent / "notes.txt").write_text("Patient Zachariah Quintero RX1000004")
     r = run_cli("run", str(demo_export), str(out), "--force", *NO_FACES)
     assert r.returncode in (0, 3), r.stdout + r.stderr
     restricted = tmp_path / "shared_restricted"
     assert not (out / "notes.txt").exists() and not (out / "Quintero_Zachariah").exists()
     assert (restricted / "foreign" / "notes.txt").is_file()
     assert (restricted / "foreign" / "Quintero_Zachariah" / "RX1000004.txt").is_file()
+    assert (restricted / "foreign" / "derivatives" / "deidflow" / "qc" / "Quintero.html").is_file()
+    assert (restricted / "foreign" / "derivatives" / "deidflow" / "notes.txt").is_file()
     assert not any("Quintero" in p.as_posix() for p in out.rglob("*"))
+    assert not [p for p in out.rglob("*") if p.is_file() and b"Quintero" in p.read_bytes()]
     dropped = next((out / "sourcedata").iterdir()) / "later.txt"
     dropped.write_text("added by hand")
     r = run_cli("run", str(demo_export), str(out), *NO_FACES, "--set", "bids.name=another name")
@@ -230,6 +238,66 @@ def test_dataset_level_leak_keeps_dataset_files_staged(tmp_path, on_leak):
         assert c["withheld"] == 0 and (release / "participants.tsv").exists()
 
 
+def test_withheld_dataset_files_take_the_published_ones_out(tmp_path):
+    """Dataset-level files withheld by the gate leave no earlier copy behind: the previous run's
+    participants.tsv still listed a subject withdrawn since (its folders leave in the same job).
+    The release is incomplete: the run's status and `deidflow verify` say so (exit 3)."""
+    from deidflow.errors import EXIT_INCOMPLETE
+    from deidflow.publish import finalize, publish_dataset, release_status
+    hit = {"file": "participants.tsv", "location": "line 2", "owner": "sub-A", "field": "PatientName"}
+    staged, report_dir, release, restricted, verify = _dataset_gate_folders(tmp_path, [hit])
+    (release / "participants.tsv").write_text("participant_id\nsub-A\nsub-B\n")  # the previous run's
+    (release / "sub-B" / "anat").mkdir(parents=True)
+    (release / "sub-B" / "anat" / "sub-B_T1w.json").write_text("{}")
+    publish_dataset(staged, release, restricted, restricted / "work" / "subjects.txt", restricted / "done" /
+                    "publish_dataset.json", verify=verify, report_dir=report_dir, on_leak="withhold")
+    assert not (release / "sub-B").exists()
+    assert not [p for p in release.rglob("*") if p.is_file() and b"sub-B" in p.read_bytes()]
+    assert (staged / "participants.tsv").exists()
+    finalize(release, restricted, [])
+    status = release_status(release, restricted)
+    assert status["exit"] == EXIT_INCOMPLETE
+    assert any("dataset-level" in line for line in status["lines"]), status["lines"]
+
+
+def test_dataset_name_naming_a_patient_is_withheld(demo_export, tmp_path):
+    """A data holder names the dataset after a patient (bids.name reaches dataset_description.json
+    and README): the dataset gate finds it, keeps the dataset-level files out of the release, and
+    the QC report (whose run record shows the settings) withholds that setting and is published.
+    Exit 3, and the terminal says why; the value is printed nowhere."""
+    patient = next(p for p in sorted(demo_export.iterdir()) if p.name.startswith("MUSTERMANN"))
+    pid = str(pydicom.dcmread(next(patient.rglob("*.dcm")), stop_before_pixels=True).PatientID)
+    out = tmp_path / "rel"
+    r = run_cli("run", str(demo_export), str(out), "--cores", "2", *NO_FACES, "--set", f"bids.name=Cohort {pid}")
+    assert r.returncode == 3, r.stdout + r.stderr[-3000:]
+    assert "LEAK in dataset" in r.stdout and "dataset-level file(s)" in r.stderr, r.stdout + r.stderr
+    assert pid not in r.stdout + r.stderr
+    assert not (out / "dataset_description.json").exists() and not (out / "README").exists()
+    assert not [p for p in out.rglob("*") if p.is_file() and pid.encode() in p.read_bytes()]
+    page = (out / "derivatives" / "deidflow" / "qc" / "report.html").read_text()
+    assert "value withheld" in page and not (out / MARKER).exists()
+    assert run_cli("verify", str(out)).returncode == 3
+
+
+def test_dataset_level_names_are_foreign_unless_deidflow_writes_them(tmp_path):
+    """A README or participants.tsv at the root of a folder used with --force is someone else's
+    unless this run's bids_dataset job writes that file (with outputs.bids false it writes none):
+    it leaves the release like any foreign file, never scanned as it is."""
+    from deidflow.publish import publish_dataset
+    staged, report_dir, release, restricted, verify = _dataset_gate_folders(tmp_path, [])
+    (staged / "participants.tsv").unlink()
+    for name in ("README", "participants.tsv"):
+        (release / name).write_text("Patient Erika Mustermann, MRN 66448162\n")
+    args = (staged, release, restricted, restricted / "work" / "subjects.txt", restricted / "done" / "pd.json")
+    publish_dataset(*args, verify=verify, report_dir=report_dir)
+    assert not (release / "README").exists() and not (release / "participants.tsv").exists()
+    assert (restricted / "foreign" / "README").is_file() and (restricted / "foreign" / "participants.tsv").is_file()
+    (restricted / "done" / "bids_dataset.json").write_text(json.dumps({"files": ["README"], "participants": 1}))
+    (release / "README").write_text("# De-identified imaging dataset\n")  # an earlier run's, published
+    publish_dataset(*args, verify=verify, report_dir=report_dir)
+    assert (release / "README").is_file()
+
+
 def test_dataset_gate_refuses_without_a_staged_report(tmp_path):
     from deidflow.errors import PublicError
     from deidflow.publish import publish_dataset
@@ -280,21 +348,30 @@ def test_deleted_parts_of_the_release_come_back_unchanged(demo_export, tmp_path)
 # ------------------------------------------------------------------------------------------------
 # Withdrawal
 # ------------------------------------------------------------------------------------------------
-def test_withdrawn_subject_leaves_release(demo_export, tmp_path):
+@pytest.mark.parametrize("units", ["batches", "one per subject"])
+def test_withdrawn_subject_leaves_release(demo_export, tmp_path, units):
+    """DOE's ultrasound has burned-in text (a QC picture of the cleaned frame): the QC report,
+    rendered while the withdrawn subject's folders are still in the release, must not show it,
+    its pseudonym or its records (a unit of its own leaves a stale leak-scan record behind)."""
     inp = tmp_path / "input"
     shutil.copytree(demo_export, inp)
     out = tmp_path / "rel"
     restricted = tmp_path / "rel_restricted"
-    assert run_cli("run", str(inp), str(out), "--cores", "2", *NO_FACES).returncode == 0
+    per_unit = ("--set", "jobs.files_per_job=0") if units == "one per subject" else ()
+    assert run_cli("run", str(inp), str(out), "--cores", "2", *NO_FACES, *per_unit).returncode == 0
     gone_folder = sorted(p for p in inp.iterdir() if p.name.startswith("DOE"))[0]
     pid = pydicom.dcmread(sorted(gone_folder.rglob("*.dcm"))[0], stop_before_pixels=True).PatientID
     subject = _subjects(restricted)[pid]
     assert (out / subject).is_dir() or (out / "sourcedata" / "dicom" / subject).is_dir()
+    assert subject.encode() in (out / "derivatives" / "deidflow" / "qc" / "report.html").read_bytes()
     shutil.rmtree(gone_folder)
-    r = run_cli("run", str(inp), str(out), "--cores", "2", *NO_FACES)
+    r = run_cli("run", str(inp), str(out), "--cores", "2", *NO_FACES, *per_unit)
     assert r.returncode == 0, r.stderr[-2000:]
     assert not list(out.rglob(f"*{subject}*")), "withdrawn subject still in the release"
     assert subject not in (out / "participants.tsv").read_text()
+    named = [p.relative_to(out).as_posix() for p in out.rglob("*") if p.is_file() and subject.encode() in p.read_bytes()]
+    assert not named, f"the withdrawn subject is named in {named}"
+    assert "leak scan:   4 subjects" in r.stdout, r.stdout
     with open(restricted / "mapping" / "patients.csv") as fh:
         rows = {row["id_new"]: row for row in csv.DictReader(fh)}
     assert rows[subject]["withdrawn"] and rows[subject]["id_old"] == pid  # kept, flagged with a date

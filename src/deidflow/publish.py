@@ -304,6 +304,8 @@ def publish_dataset(staged: Path, release: Path, restricted: Path, subjects_file
     moved, withheld = [], []
     if staged.is_dir() and leaky:
         withheld = [p.relative_to(staged).as_posix() for p in sorted(staged.rglob("*")) if p.is_file()]
+        for rel in withheld:  # an earlier run's copy describes an earlier release (withdrawn subjects)
+            (release / rel).unlink(missing_ok=True)
     elif staged.is_dir():
         for p in sorted(staged.rglob("*")):
             if p.is_file():
@@ -328,27 +330,62 @@ OWN_ROOT_ENTRIES = frozenset({"sourcedata", "derivatives", "dataset_description.
 FOREIGN = "foreign"
 
 
+BIDS_DATASET_DONE = "done/bids_dataset.json"  # restricted: the bids_dataset job's record (its "files")
+
+
+def own_root_entries(restricted: Path | None = None) -> frozenset[str]:
+    """The root entries deidflow writes: ``sourcedata``, ``derivatives``, the marker, and the
+    dataset-level files the ``bids_dataset`` job of ``restricted`` lists (none without BIDS output:
+    a README there is someone else's); every name of :data:`OWN_ROOT_ENTRIES` when not known."""
+    if restricted is None:
+        return OWN_ROOT_ENTRIES
+    try:
+        listed = json.loads((Path(restricted) / BIDS_DATASET_DONE).read_text())["files"]
+    except (OSError, ValueError, KeyError, TypeError):
+        listed = []
+    return frozenset({"sourcedata", "derivatives", MARKER, *(n for n in listed if n in OWN_ROOT_ENTRIES)})
+
+
+def foreign_entries(release: Path, restricted: Path | None = None) -> list[Path]:
+    """The entries of the release that no deidflow stage wrote: at the root anything but
+    :func:`own_root_entries` and ``sub-X/``; in ``derivatives/`` anything but ``deidflow/``, there
+    anything but ``qc/``, there anything but the report's files and ``sub-X/``; in each
+    ``sourcedata/<area>/`` anything but ``sub-X/``."""
+    release = Path(release)
+    found: list[Path] = []
+    if not release.is_dir():
+        return found
+    own_root = own_root_entries(restricted)
+    for entry in release.iterdir():
+        if not (entry.name in own_root or (entry.name.startswith("sub-") and entry.is_dir())):
+            found.append(entry)
+    derivatives = release / "derivatives"
+    if derivatives.is_dir():
+        found += [e for e in derivatives.iterdir() if e.name != "deidflow" or not e.is_dir()]
+    own = derivatives / "deidflow"
+    if own.is_dir():  # deidflow writes its QC folder there: the report's files and sub-X/ folders
+        found += [e for e in own.iterdir() if e.name != "qc" or not e.is_dir()]
+    qc = own / "qc"
+    if qc.is_dir():
+        found += [e for e in qc.iterdir() if not (e.name in REPORT_FILES or (e.name.startswith("sub-") and e.is_dir()))]
+    sourcedata = release / "sourcedata"
+    if sourcedata.is_dir():
+        for area in sourcedata.iterdir():
+            if not area.is_dir():
+                found.append(area)
+                continue
+            found += [e for e in area.iterdir() if not (e.name.startswith("sub-") and e.is_dir())]
+    return found
+
+
 def set_aside_foreign(release: Path, restricted: Path) -> list[str]:
-    """Move every entry of the release that no deidflow stage wrote (files of a folder used with
-    ``--force``, files someone dropped into an earlier release) into ``<restricted>/foreign/``:
-    nothing the leak scan has not passed stays in the release. Returns their keyed count only
-    (names may identify a person, so they are listed in the restricted folder, never printed)."""
+    """Move every entry of the release that no deidflow stage wrote (:func:`foreign_entries`: files
+    of a folder used with ``--force``, files someone dropped into an earlier release) into
+    ``<restricted>/foreign/``: nothing the leak scan has not passed stays in the release. Returns
+    their keyed count only (names may identify a person, so they are listed in the restricted
+    folder, never printed)."""
     release, restricted = Path(release), Path(restricted)
-    found = []
-    if release.is_dir():
-        for entry in release.iterdir():
-            if not (entry.name in OWN_ROOT_ENTRIES or (entry.name.startswith("sub-") and entry.is_dir())):
-                found.append(entry)
-        derivatives = release / "derivatives"
-        if derivatives.is_dir():
-            found += [e for e in derivatives.iterdir() if e.name != "deidflow"]
-        sourcedata = release / "sourcedata"
-        if sourcedata.is_dir():
-            for area in sourcedata.iterdir():
-                if not area.is_dir():
-                    found.append(area)
-                    continue
-                found += [e for e in area.iterdir() if not (e.name.startswith("sub-") and e.is_dir())]
+    found = foreign_entries(release, restricted)
     if not found:
         return []
     dest = make_restricted_dir(restricted / FOREIGN)
@@ -400,8 +437,11 @@ def finalize(release: Path, restricted: Path, units: Iterable[str]) -> dict:
     doc = write_withheld(restricted, [restricted / "done" / "publish" / f"{u}.json" for u in units])
     quarantine = restricted / "quarantine.tsv"
     n_bad = max(0, len(quarantine.read_text().splitlines()) - 1) if quarantine.exists() else 0
+    dataset = restricted / "done" / "publish_dataset.json"
+    n_dataset = len(json.loads(dataset.read_text()).get("withheld", ())) if dataset.exists() else 0
     status = {"complete": True, "withheld_subjects": sorted(doc["withheld"]),
-              "published_with_leaks": sorted(doc["published_with_leaks"]), "quarantined_files": n_bad}
+              "published_with_leaks": sorted(doc["published_with_leaks"]), "quarantined_files": n_bad,
+              "dataset_files_withheld": n_dataset}
     atomic_write_text(restricted / STATUS, json.dumps(status, indent=1, sort_keys=True) + "\n", RESTRICTED_FILE_MODE)
     (release / MARKER).unlink(missing_ok=True)
     return status
@@ -426,6 +466,7 @@ def release_status(release: Path, restricted: Path) -> dict:
     withheld = rec.get("withheld_subjects", [])
     leaky = rec.get("published_with_leaks", [])
     n_bad = rec.get("quarantined_files", 0)
+    n_dataset = rec.get("dataset_files_withheld", 0)
     lines = []
     if not complete:
         lines.append(f"deidflow: RELEASE INCOMPLETE: {release / MARKER} is there: a run is under way or stopped "
@@ -437,13 +478,17 @@ def release_status(release: Path, restricted: Path) -> dict:
         paths = sorted({f"{h['area']}: {h['location']}" for h in details.get(s, [])})
         lines.append(f"deidflow: {s} withheld from the release: leak scan found identifying values at "
                      f"{'; '.join(paths[:5])}{' …' if len(paths) > 5 else ''} (all in {restricted / 'quarantine.tsv'})")
+    if n_dataset:
+        lines.append(f"deidflow: {n_dataset} dataset-level file(s) (dataset_description.json, participants.tsv …) "
+                     "withheld from the release: the leak scan found identifying values in them "
+                     f"(hits in {restricted / 'done' / 'verify_dataset.json'})")
     if release.is_dir() and restricted.is_dir() and scratch_dir(release, restricted).parent == release.parent:
         lines.append(f"deidflow: warning: {restricted} is on another file system than the release: subject folders "
                      "are published by a copy next to the release and a rename (slower); keep both on one file system")
     if leaky:
         lines.append(f"deidflow: WARNING: verify.on_leak is 'publish': {', '.join(leaky)} published WITH "
                      "identifying values found by the leak scan; the release is not de-identified")
-    incomplete = not complete or withheld or leaky or n_bad
+    incomplete = not complete or withheld or leaky or n_bad or n_dataset
     return {"complete": complete, "withheld": withheld, "published_with_leaks": leaky, "quarantined_files": n_bad,
             "exit": EXIT_INCOMPLETE if incomplete else EXIT_OK, "lines": lines}
 

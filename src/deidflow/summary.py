@@ -90,8 +90,11 @@ def collect(paths: Paths) -> Counts:
     for m in sorted((done / "face").glob("*.json")):
         for img in _json(m).get("images", ()):
             c.faces["withheld" if img.get("withheld") else (img.get("method") or "none")] += 1
+    current = _current_subjects(paths.restricted)
     for m in sorted((done / "verify").glob("*.json")):
         for s, r in _json(m).get("subjects", {}).items():
+            if current is not None and s not in current:
+                continue  # withdrawn: its unit's last leak-scan record stays in the restricted folder
             c.scanned_subjects += 1
             c.scanned_files += int(r.get("files", 0) or 0)
             if r.get("hits"):
@@ -111,6 +114,15 @@ def collect(paths: Paths) -> Counts:
     report = paths.output / QC_SUBDIR / "report.html"
     c.report = report if report.is_file() else None
     return c
+
+
+def _current_subjects(restricted: Path) -> set[str] | None:
+    """The current input's subjects (``publish.SUBJECTS``), None before a run wrote them."""
+    from .publish import SUBJECTS
+    try:
+        return set((restricted / SUBJECTS).read_text().split())
+    except OSError:
+        return None
 
 
 def _json(path: Path) -> dict:

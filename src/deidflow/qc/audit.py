@@ -12,7 +12,7 @@ import re
 from collections import Counter, defaultdict
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterator
+from typing import Collection, Iterator
 
 from ..fsutil import RESTRICTED_FILE_MODE, make_restricted_dir
 
@@ -20,9 +20,12 @@ COLUMNS = ("subject", "stage", "file", "source", "attribute", "action")
 _INDEX = re.compile(r"\[\d+\]")
 
 
-def _entries(restricted: Path) -> Iterator[tuple[str, dict]]:
-    """(subject, entry) for every readable line of every audit file, in a stable order."""
+def _entries(restricted: Path, subjects: Collection[str] | None = None) -> Iterator[tuple[str, dict]]:
+    """(subject, entry) for every readable line of every audit file (of ``subjects`` only, when
+    given), in a stable order."""
     for f in sorted((Path(restricted) / "audit").glob("*.jsonl")):
+        if subjects is not None and f.stem not in subjects:
+            continue
         for line in f.read_text(encoding="utf-8").splitlines():
             if not line.strip():
                 continue
@@ -86,14 +89,15 @@ class AuditFacts:
     sources: set[str] = field(default_factory=set)  # source IDs of the released files
 
 
-def scan(restricted: Path) -> AuditFacts:
+def scan(restricted: Path, subjects: Collection[str] | None = None) -> AuditFacts:
     """Per-subject action counts, files per (attribute, action) over the dataset, the pixel
-    step's records and one file (with its source ID) per series folder, in one pass."""
+    step's records and one file (with its source ID) per series folder, in one pass; only the
+    audit of ``subjects`` when given (a withdrawn subject's audit stays in the restricted folder)."""
     raw: dict[str, Counter] = defaultdict(Counter)
     files: dict[str, int] = defaultdict(int)
     per_file: Counter = Counter()
     out = AuditFacts()
-    for subject, item in _entries(restricted):
+    for subject, item in _entries(restricted, subjects):
         files[subject] += 1
         actions = item.get("actions") or {}
         raw[subject].update(actions.items())  # codes are strings; Counter.update runs in C

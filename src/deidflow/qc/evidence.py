@@ -22,7 +22,7 @@ import shutil
 import subprocess
 from collections import Counter, defaultdict
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any, Iterable, Mapping
 
 INCOMPLETE_MARKER = "RELEASE_INCOMPLETE"
 PATH_KEYS = ("input", "output", "restricted", "key_file")
@@ -246,20 +246,27 @@ def dciodvfy(pairs: list[tuple[Path, Path]], limit: int = 10) -> dict | None:
     return {"checked": checked, "new_kinds": sorted(new)}
 
 
-def bids_validator(release: Path, staged: Path | None = None, restricted: Path | None = None) -> dict | None:
+def bids_validator(release: Path, staged: Path | None = None, restricted: Path | None = None,
+                   subjects: Iterable[str] | None = None) -> dict | None:
     """The BIDS validator's verdict on the release as ``publish_dataset`` will leave it (its
-    dataset-level files staged in ``staged``, seen through links in a scratch folder of
-    ``restricted``); None when not installed or not a BIDS tree."""
+    dataset-level files staged in ``staged``, without the run's RELEASE_INCOMPLETE marker, foreign
+    entries and the folders of subjects not in ``subjects``, the current input's; seen through
+    links in a scratch folder of ``restricted``); None when not installed or not a BIDS tree."""
+    from ..publish import own_root_entries
     exe = shutil.which("bids-validator")
     if not exe:
         return None
     staged_files = [p for p in Path(staged).iterdir() if p.is_file()] if staged and Path(staged).is_dir() else []
-    if not staged_files:
-        return _validate(exe, Path(release))
+    current = None if subjects is None else set(subjects)
+    own_root = own_root_entries(restricted)
     import tempfile
     with tempfile.TemporaryDirectory(dir=restricted) as view:
         for entry in Path(release).iterdir():
-            if not (Path(staged) / entry.name).exists():
+            subject = entry.name.startswith("sub-") and entry.is_dir()
+            if (entry.name == INCOMPLETE_MARKER or (subject and current is not None and entry.name not in current)
+                    or not (subject or entry.name in own_root)):
+                continue  # publish_dataset takes these out
+            if not (staged and (Path(staged) / entry.name).exists()):
                 os.symlink(entry.resolve(), Path(view) / entry.name)
         for f in staged_files:
             os.symlink(f.resolve(), Path(view) / f.name)

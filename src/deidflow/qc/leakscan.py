@@ -116,15 +116,15 @@ def subject_files(release: Path, subjects: Iterable[str]) -> dict[str, list[Path
 
 def dataset_files(release: Path) -> list[Path]:
     """Release files that belong to no subject (dataset description, participants table, …).  The
-    report's own files (``derivatives/deidflow/qc/*``) are left out: the report checks them before
-    writing them, and scanning an earlier run's report would make this run's report differ."""
+    report's own files (``derivatives/deidflow/qc/report.html`` …) are left out: the dataset gate
+    checks them with the report's own words as exceptions; anything else in that folder is not."""
+    from ..publish import REPORT_FILES
     out = []
     own = Path(release) / "derivatives" / "deidflow" / "qc"
     for root, dirs, files in os.walk(release):
         dirs[:] = sorted(d for d in dirs if not _SUBJECT_DIR.match(d))
-        if Path(root) == own:
-            continue
-        out += [Path(root) / f for f in sorted(files) if not _SUBJECT_FILE.match(f)]
+        mine = REPORT_FILES if Path(root) == own else ()
+        out += [Path(root) / f for f in sorted(files) if not _SUBJECT_FILE.match(f) and f not in mine]
     return out
 
 
@@ -690,13 +690,16 @@ def unit_matcher(restricted: Path, manifest: Mapping, salt: bytes) -> tuple[Matc
     return Matcher(unit_needles(restricted, manifest, salt, excluded, counts)), excluded, counts
 
 
-def scan_unit(release: Path, restricted: Path, manifest: Path, *, pixel_data: bool = False) -> dict:
+def scan_unit(release: Path, restricted: Path, manifest: Path, *, pixel_data: bool = False,
+              matcher: Matcher | None = None) -> dict:
     """Leak-scan the release files of every subject of one job unit against the identifiers of
-    all of them (a subject's value in another subject's file is found too)."""
+    all of them (a subject's value in another subject's file is found too), or against
+    ``matcher`` when given (``deidflow verify``: every subject's values, :func:`dataset_matcher`)."""
     release, restricted = Path(release), Path(restricted)
     m = json.loads(Path(manifest).read_text())
     salt = load_salt(restricted)
-    matcher, excluded, counts = unit_matcher(restricted, m, salt)
+    own, excluded, counts = unit_matcher(restricted, m, salt)
+    matcher = own if matcher is None else matcher
     subjects = {}
     files_of = subject_files(release, [subj["subject"] for subj in m["subjects"]])
     for subj in m["subjects"]:
@@ -784,9 +787,12 @@ def text_hits(matchers: Iterable[Matcher], texts: Mapping[str, str],
 
 
 def verify(release: Path, restricted: Path, *, pixel_data: bool = False) -> dict:
-    """The whole release: every job unit, then the dataset-level files (``deidflow verify``)."""
-    units = [scan_unit(release, restricted, mf, pixel_data=pixel_data) for mf in manifests(restricted)]
-    return {"units": units, "dataset": scan_dataset(release, restricted, pixel_data=pixel_data)}
+    """The whole release (``deidflow verify``): every job unit, then the dataset-level files, all
+    against every subject's values (a run's unit scan knows its own unit's values only: a value
+    of a subject in another unit is found here)."""
+    matcher = dataset_matcher(restricted)
+    units = [scan_unit(release, restricted, mf, pixel_data=pixel_data, matcher=matcher) for mf in manifests(restricted)]
+    return {"units": units, "dataset": scan_dataset(release, restricted, pixel_data=pixel_data, matcher=matcher)}
 
 
 def hit_lines(result: Mapping) -> list[str]:
@@ -838,7 +844,8 @@ def verify_dataset(release: Path, restricted: Path, *, strict: bool = False, pix
     """The dataset-level scan of the ``verify_dataset`` job: the staged dataset-level files
     against every subject's values; with ``strict`` a hit stops the job (nothing is published)."""
     from ..errors import PublicError
-    result = scan_dataset(release, restricted, pixel_data=pixel_data, matcher=matcher)
+    # every staged file, whatever its name: publish_dataset moves every one of them
+    result = scan_dataset(release, restricted, pixel_data=pixel_data, matcher=matcher, files=_walk_files(Path(release)))
     lines = hit_lines({"dataset": result})
     if lines and strict:
         raise PublicError(f"leak scan: {len(lines)} identifying value(s) found in dataset-level release "

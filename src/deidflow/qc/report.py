@@ -87,35 +87,36 @@ def _quarantine(restricted: Path, rows: list[dict]) -> list[dict]:
     return sorted(out, key=lambda x: (x["src_id"], x["reason"]))
 
 
-def _release_formats(release: Path, staged: Path | None = None,
-                     subjects: Iterable[str] | None = None) -> tuple[Counter, dict[str, Counter]]:
+def _release_formats(release: Path, staged: Path | None = None, subjects: Iterable[str] | None = None,
+                     restricted: Path | None = None) -> tuple[Counter, dict[str, Counter]]:
     """Files per format, overall and per subject (QC products excluded), of the release as
     ``publish_dataset`` will leave it: the published subjects (only ``subjects``, when given: a
     withdrawn subject's folders are about to go), the dataset-level files staged in ``staged`` or
     already published, nothing set aside as foreign.  One walk (os.walk: no Path object per file)."""
-    from ..publish import OWN_ROOT_ENTRIES
+    from ..publish import foreign_entries
     total: Counter = Counter()
     per: dict[str, Counter] = defaultdict(Counter)
     current = None if subjects is None else set(subjects)
     dataset: set[str] = set()
+    foreign = {str(p) for p in foreign_entries(release, restricted)}  # publish_dataset sets them aside
     for root, is_release in ((str(release), True), *(((str(staged), False),) if staged else ())):
         qc = os.path.join(root, QC_SUBDIR)
         for folder, dirs, files in os.walk(root):
+            if is_release:
+                dirs[:] = [d for d in dirs if os.path.join(folder, d) not in foreign]
             if folder == qc:
                 dirs[:] = []
                 continue
             rel = folder[len(root) + 1:]
             parts = rel.split(os.sep) if rel else []
-            if is_release and parts and parts[0] not in OWN_ROOT_ENTRIES and not _SUBJECT_DIR.match(parts[0]):
-                dirs[:] = []  # foreign: publish_dataset sets it aside
-                continue
             folder_sub = next((part for part in parts if _SUBJECT_DIR.match(part)), None)
             if current is not None and folder_sub is not None and folder_sub not in current:
                 dirs[:] = []
                 continue
             for name in files:
-                if not parts and (name == evidence.INCOMPLETE_MARKER or name not in OWN_ROOT_ENTRIES):
-                    continue  # the run's own marker, or a foreign file at the root
+                if ((is_release and os.path.join(folder, name) in foreign)
+                        or (not parts and name == evidence.INCOMPLETE_MARKER)):
+                    continue  # foreign, or the run's own marker
                 sub = folder_sub
                 if sub is None:
                     m = _SUBJECT_FILE.match(name)
@@ -321,6 +322,7 @@ DETAIL_LIMIT = 200  # subjects with a detail section of their own each (beyond: 
 PICTURE_LIMIT = 300  # face and pixel pictures shown inline (all are in derivatives/deidflow/qc)
 CREATOR_WITHHELD = "(creator withheld: it holds an identifying value)"
 REASON_WITHHELD = "(reason withheld: it contains an identifying value; see the restricted quarantine.tsv)"
+SETTING_WITHHELD = "(value withheld: it contains an identifying value; see the restricted run-config.yaml)"
 BIG = 512  # face pictures are shown at least this wide (whole-number scaling, pixels kept sharp)
 
 
@@ -339,9 +341,11 @@ def build(release: Path, restricted: Path, staged: Path | None = None, dataset_v
     subjects = sorted(set(subjects) | set(verify["subjects"]))
     current_file = restricted / SUBJECTS
     current = set(current_file.read_text().split()) if current_file.is_file() else None
-    facts_audit = audit.scan(restricted)
+    if current is not None:  # a withdrawn subject's records stay in the restricted folder, not in the report
+        subjects = [s for s in subjects if s in current]
+    facts_audit = audit.scan(restricted, current)
     counts, audited = facts_audit.counts, facts_audit.files
-    out_total, out_per = _release_formats(release, staged, current)
+    out_total, out_per = _release_formats(release, staged, current, restricted)
     quarantine = _quarantine(restricted, rows)
     record = evidence.run_record(restricted, run)
     q_by_subject = Counter(q["subject"] for q in quarantine)
@@ -389,13 +393,18 @@ def build(release: Path, restricted: Path, staged: Path | None = None, dataset_v
         "studies": len({r["session"] for r in ok if r.get("session")}),
         "series": len({(r.get("session"), r.get("series_label")) for r in ok if r.get("series_label")}),
         "before_in_release": _before_images_in_release(release, current), "versions": _versions(),
-        "attributes": attrs, "faces": evidence.face_decisions(restricted),
-        "pixels": evidence.pixel_series(facts_audit.pixels, restricted),
+        "attributes": attrs, "faces": _current(evidence.face_decisions(restricted), current),
+        "pixels": _current(evidence.pixel_series(facts_audit.pixels, restricted), current),
         "pixel_mode": str(((run.get("settings") or {}).get("pixels") or {}).get("clean", "")),
         "gate": evidence.gate(release, restricted), "dciodvfy": evidence.dciodvfy(pairs),
-        "bids_validator": evidence.bids_validator(release, staged, restricted),
+        "bids_validator": evidence.bids_validator(release, staged, restricted, current),
         "restricted_copy": False,
     }
+
+
+def _current(rows: list[dict] | None, current: set[str] | None) -> list[dict] | None:
+    """The rows of the current input's subjects (``current``; all when it is not known)."""
+    return rows if rows is None or current is None else [r for r in rows if not r["subject"] or r["subject"] in current]
 
 
 def _accounting(rows: list[dict], quarantine: list[dict], sources: set[str]) -> dict[str, int]:
@@ -526,6 +535,8 @@ def expected_exit(facts: Mapping) -> tuple[int, str]:
         return 3, "release incomplete: files or subjects withheld, or leaks published"
     if leaks:
         return 3, "leak-scan hits in the release"
+    if (facts.get("dataset_verify") or {}).get("hits"):
+        return 3, "leak-scan hits in the dataset-level files: withheld, or published under verify.on_leak publish"
     return 0, "release complete"
 
 
@@ -899,7 +910,7 @@ def _own_words() -> frozenset[bytes]:
              "searched": 0, "pixel_data": False}, "dataset_verify": None, "formats_in": {}, "formats_out": {},
              "files_in": 0, "modalities": {}, "studies": 0, "series": 0, "before_in_release": 1, "versions": {},
              "restricted_copy": False}
-    page = " ".join((render(empty)[0], *ACTION_NAMES.values(), *FORMAT_NAMES.values(), REASON_WITHHELD, CREATOR_WITHHELD,
+    page = " ".join((render(empty)[0], *ACTION_NAMES.values(), *FORMAT_NAMES.values(), REASON_WITHHELD, CREATOR_WITHHELD, SETTING_WITHHELD,
                      *_reason_texts()))
     return frozenset(re.findall(rb"[a-z]+", html.unescape(page).encode("utf-8").lower()))
 
@@ -926,15 +937,19 @@ def _reason_texts() -> list[str]:
 
 def _check_public(restricted: Path, facts: dict, texts: Mapping[str, str], matcher: Matcher) -> bool:
     """One search for every subject's original values (``matcher``) and the quarantined input
-    paths over the quarantine reasons, the private creators (both read from input files) and
-    ``texts`` (the pages).  Reasons and creators that
-    hold one are withheld in ``facts`` and True is returned: render again and check again.
-    Otherwise a text that holds one stops the report (it is never written)."""
+    paths over the quarantine reasons, the private creators (both read from input files), the
+    settings that differ from the defaults (a ``bids.name`` that names a patient also reaches the
+    dataset-level files, which the gate then withholds) and ``texts`` (the pages).  Reasons,
+    creators and settings that hold one are withheld in ``facts`` and True is returned: render
+    again and check again.  Otherwise a text that holds one stops the report (it is never written)."""
     originals = sorted({part for q in facts["quarantine"] for part in q["_path"].split("/") if part})
     rows = (facts.get("attributes") or {}).get("rows", ())
     creators = sorted({c for r in rows for c in r["creator"].split(" | ") if c})
+    diff = (facts.get("record") or {}).get("diff") or []
     search = {**{f"reason {i}": q["reason"] for i, q in enumerate(facts["quarantine"])},
               **{f"creator {i}": c for i, c in enumerate(creators)},
+              **{f"setting {i}": json.dumps(v, ensure_ascii=False, default=str) for i, (_, v, _) in enumerate(diff)
+                 if v != SETTING_WITHHELD},
               **{f"text {k}": _DATA_URI.sub("data:", t) for k, t in texts.items()}}  # images were scanned as files
     if not search:
         return False
@@ -948,7 +963,11 @@ def _check_public(restricted: Path, facts: dict, texts: Mapping[str, str], match
     bad_creators = {c for i, c in enumerate(creators) if found[f"creator {i}"]}
     for r in rows if bad_creators else ():
         r["creator"] = " | ".join(CREATOR_WITHHELD if c in bad_creators else c for c in r["creator"].split(" | "))
-    if withheld or bad_creators:
+    bad_settings = {i for i in range(len(diff)) if found.get(f"setting {i}")}
+    if bad_settings:
+        facts["record"]["diff"] = [(k, SETTING_WITHHELD if i in bad_settings else v, d)
+                                   for i, (k, v, d) in enumerate(diff)]
+    if withheld or bad_creators or bad_settings:
         return True
     bad = {k[5:]: n for k, n in found.items() if k.startswith("text ") and n}
     if bad:
