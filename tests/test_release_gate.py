@@ -186,6 +186,24 @@ def test_planted_identifier_withholds_subject(demo_export, tmp_path):
     assert not list(out2.rglob(f"{subject}*"))
 
 
+def test_identifier_of_a_subject_in_another_unit_withholds_subject(demo_export, tmp_path):
+    """One job unit per subject: the unit holding the planted MRN knows only its own subjects'
+    values from their identifier files, and every other subject's IDs from the inventory."""
+    inp = tmp_path / "input"
+    shutil.copytree(demo_export, inp)
+    pid, planted = _plant(inp)
+    out = tmp_path / "rel"
+    r = run_cli("run", str(inp), str(out), "--cores", "2", *NO_FACES, "--set", "jobs.files_per_job=0")
+    assert r.returncode == 3, r.stderr[-3000:]
+    restricted = tmp_path / "rel_restricted"
+    subject = _subjects(restricted)[pid]
+    assert not list(out.rglob(f"{subject}*")) and f"{subject} withheld" in r.stderr
+    assert planted not in r.stderr + r.stdout
+    assert list(json.loads((restricted / "withheld.json").read_text())["withheld"]) == [subject]
+    others = set(_subjects(restricted).values()) - {subject}
+    assert others and all((out / "sourcedata" / "dicom" / s).is_dir() for s in others)
+
+
 def test_on_leak_publish_warns(demo_export, tmp_path):
     inp = tmp_path / "input"
     shutil.copytree(demo_export, inp)

@@ -683,11 +683,35 @@ def unit_needles(restricted: Path, manifest: Mapping, salt: bytes, excluded: Cou
     return needles
 
 
+def other_units_ids(restricted: Path, manifest: Mapping, salt: bytes) -> list[Needle]:
+    """The patient IDs and accession numbers of every subject outside the job unit (from the
+    inventory, read before any job ran): one patient's MRN in another unit's file (a mis-filed
+    comparison study) is found by that unit's scan, before it is published.  Values one of the
+    unit's own subjects also carries are its own, not another's."""
+    from .. import inventory
+    own = {subj["subject"] for subj in manifest["subjects"]}
+    try:
+        table = inventory.read(restricted, columns=["subject", "patient_id", "accession"])
+    except (OSError, ValueError):
+        return []  # no inventory (a hand-made restricted folder): the unit's own values only
+    rows = list(zip(*(table[c].to_pylist() for c in ("subject", "patient_id", "accession"))))
+    mine = {v for s, *values in rows if s in own for v in values if v}
+    entries: dict[str, set[tuple[str, str, str]]] = {}
+    for s, pid, acc in rows:
+        if s and s not in own:
+            for fld, v in (("PatientID", pid), ("AccessionNumber", acc)):
+                if v and v not in mine:
+                    entries.setdefault(s, set()).add(("id", fld, v))
+    return [n for s, e in sorted(entries.items()) for n in needles_for(s, sorted(e), salt)]
+
+
 def unit_matcher(restricted: Path, manifest: Mapping, salt: bytes) -> tuple[Matcher, Counter, dict]:
-    """The matcher for every subject of a job unit, the exclusion counts and values per subject."""
+    """The matcher for every subject of a job unit (plus the IDs of every other subject), the
+    exclusion counts and values per subject."""
     excluded: Counter = Counter()
     counts: dict = {}
-    return Matcher(unit_needles(restricted, manifest, salt, excluded, counts)), excluded, counts
+    needles = unit_needles(restricted, manifest, salt, excluded, counts) + other_units_ids(restricted, manifest, salt)
+    return Matcher(needles), excluded, counts
 
 
 def scan_unit(release: Path, restricted: Path, manifest: Path, *, pixel_data: bool = False,
