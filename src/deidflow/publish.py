@@ -301,20 +301,17 @@ def publish_dataset(staged: Path, release: Path, restricted: Path, subjects_file
         for rel in folders:
             remove_tree(release / rel, trash)
     foreign = set_aside_foreign(release, restricted)
+    files = sorted(p for p in staged.rglob("*") if p.is_file()) if staged.is_dir() else []
     moved, withheld = [], []
-    if staged.is_dir() and leaky:
-        withheld = [p.relative_to(staged).as_posix() for p in sorted(staged.rglob("*")) if p.is_file()]
-        for rel in withheld:  # an earlier run's copy describes an earlier release (withdrawn subjects)
+    for p in files:
+        rel = p.relative_to(staged).as_posix()
+        if leaky:  # an earlier run's copy describes an earlier release (withdrawn subjects): out too
+            withheld.append(rel)
             (release / rel).unlink(missing_ok=True)
-    elif staged.is_dir():
-        for p in sorted(staged.rglob("*")):
-            if p.is_file():
-                rel = p.relative_to(staged)
-                atomic_write_bytes(release / rel, p.read_bytes(), 0o644)
-                moved.append(rel.as_posix())
-    for p in staged.rglob("*") if staged.is_dir() else ():
-        if p.is_file():
-            os.chmod(p, RESTRICTED_FILE_MODE)  # the staged copies are restricted files now
+        else:
+            atomic_write_bytes(release / rel, p.read_bytes(), 0o644)
+            moved.append(rel)
+        os.chmod(p, RESTRICTED_FILE_MODE)  # the staged copies are restricted files now
     for p in report_files:
         atomic_write_bytes(release / QC_SUBDIR / p.name, p.read_bytes(), 0o644)
     record = {"withdrawn": gone, "files": moved, "withheld": withheld, "report": [p.name for p in report_files],
@@ -403,6 +400,14 @@ def set_aside_foreign(release: Path, restricted: Path) -> list[str]:
             fh.write(f"{_dt.datetime.now().isoformat(timespec='seconds')}\t{rel}\n")
     os.chmod(dest / "moved.tsv", RESTRICTED_FILE_MODE)
     return moved
+
+
+def current_subjects(restricted: Path) -> set[str] | None:
+    """The current input's subjects (:data:`SUBJECTS`), None before a run wrote them."""
+    try:
+        return set((Path(restricted) / SUBJECTS).read_text().split())
+    except OSError:
+        return None
 
 
 def write_subjects(restricted: Path, subjects: Iterable[str]) -> None:

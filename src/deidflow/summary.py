@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterable
 
-from .publish import QC_SUBDIR
+from .publish import QC_SUBDIR, current_subjects
 from .settings import Paths
 
 _SUBJECT = re.compile(r"^(sub-[A-Za-z0-9]+)(?:_|$)")
@@ -90,7 +90,7 @@ def collect(paths: Paths) -> Counts:
     for m in sorted((done / "face").glob("*.json")):
         for img in _json(m).get("images", ()):
             c.faces["withheld" if img.get("withheld") else (img.get("method") or "none")] += 1
-    current = _current_subjects(paths.restricted)
+    current = current_subjects(paths.restricted)
     for m in sorted((done / "verify").glob("*.json")):
         for s, r in _json(m).get("subjects", {}).items():
             if current is not None and s not in current:
@@ -114,15 +114,6 @@ def collect(paths: Paths) -> Counts:
     report = paths.output / QC_SUBDIR / "report.html"
     c.report = report if report.is_file() else None
     return c
-
-
-def _current_subjects(restricted: Path) -> set[str] | None:
-    """The current input's subjects (``publish.SUBJECTS``), None before a run wrote them."""
-    from .publish import SUBJECTS
-    try:
-        return set((restricted / SUBJECTS).read_text().split())
-    except OSError:
-        return None
 
 
 def _json(path: Path) -> dict:

@@ -651,7 +651,7 @@ class Matcher:
         self.count = 0
         seen = set()
         for n in needles:
-            key = (n.text, n.owner, n.digest, n.mode)
+            key = self.key(n)
             if key in seen:
                 continue
             seen.add(key)
@@ -674,6 +674,11 @@ class Matcher:
 
     def __len__(self) -> int:
         return self.count
+
+    @staticmethod
+    def key(n: Needle) -> tuple:
+        """What makes two needles one searched form (:func:`len` counts these)."""
+        return (n.text, n.owner, n.digest, n.mode)
 
     def spans(self, text: bytes) -> list[tuple[int, int, Needle]]:
         """(start, end, needle) of every occurrence in ``text`` (any case)."""

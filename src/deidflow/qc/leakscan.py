@@ -705,18 +705,6 @@ def other_units_ids(restricted: Path, manifest: Mapping, salt: bytes) -> list[Ne
     return [n for s, e in sorted(entries.items()) for n in needles_for(s, sorted(e), salt)]
 
 
-def unit_matcher(restricted: Path, manifest: Mapping, salt: bytes) -> tuple[Matcher, Counter, dict, int]:
-    """The matcher for every subject of a job unit (plus the IDs of every other subject), the
-    exclusion counts, values per subject and the number of the unit's own forms (what the unit's
-    record reports: the other subjects' IDs depend on which subjects a run had, and a release made
-    in two runs must equal one made at once)."""
-    excluded: Counter = Counter()
-    counts: dict = {}
-    own = unit_needles(restricted, manifest, salt, excluded, counts)
-    forms = len({(n.text, n.owner, n.digest, n.mode) for n in own})
-    return Matcher(own + other_units_ids(restricted, manifest, salt)), excluded, counts, forms
-
-
 def scan_unit(release: Path, restricted: Path, manifest: Path, *, pixel_data: bool = False,
               matcher: Matcher | None = None) -> dict:
     """Leak-scan the release files of every subject of one job unit against the identifiers of
@@ -725,8 +713,16 @@ def scan_unit(release: Path, restricted: Path, manifest: Path, *, pixel_data: bo
     release, restricted = Path(release), Path(restricted)
     m = json.loads(Path(manifest).read_text())
     salt = load_salt(restricted)
-    own, excluded, counts, forms = unit_matcher(restricted, m, salt)
-    matcher = own if matcher is None else matcher
+    excluded: Counter = Counter()
+    counts: dict = {}
+    own = unit_needles(restricted, m, salt, excluded, counts)
+    if matcher is None:  # the unit's subjects' values and every other subject's IDs
+        matcher = Matcher(own + other_units_ids(restricted, m, salt))
+        # the record counts the unit's own forms: the other subjects' IDs depend on which subjects
+        # the run had, and a release made in two runs must equal one made at once
+        forms = len({Matcher.key(n) for n in own})
+    else:
+        forms = len(matcher)
     subjects = {}
     files_of = subject_files(release, [subj["subject"] for subj in m["subjects"]])
     for subj in m["subjects"]:
@@ -747,7 +743,7 @@ def scan_unit(release: Path, restricted: Path, manifest: Path, *, pixel_data: bo
         subjects[s] = {"files": len(files), "identifiers": counts[s], "bytes_scanned": scanned,
                        "bytes_not_scanned": skipped, "hits": sorted(hits, key=_hit_key), "notes": notes,
                        "pixel_frames_read": pixel_frames, "status": "leak" if hits else "clean"}
-    return {"unit": m["unit"], "searched_forms": forms if matcher is own else len(matcher), "excluded_forms": dict(sorted(excluded.items())),
+    return {"unit": m["unit"], "searched_forms": forms, "excluded_forms": dict(sorted(excluded.items())),
             "pixel_data_scanned": pixel_data, "subjects": subjects}
 
 

@@ -33,7 +33,7 @@ from typing import Iterable, Mapping
 from .. import inventory
 from ..errors import PublicError
 from ..fsutil import RESTRICTED_FILE_MODE, atomic_write_text, display_path, make_restricted_dir
-from ..publish import QC_SUBDIR
+from ..publish import QC_SUBDIR, current_subjects
 from . import attributes, audit, evidence, leakscan
 from .identifiers import Matcher
 
@@ -330,7 +330,6 @@ def build(release: Path, restricted: Path, staged: Path | None = None, dataset_v
     """Everything the public report shows, gathered from the restricted folder, the release and
     the staged dataset-level files ``staged`` (``write_report`` adds the before-images for the
     restricted copy).  ``dataset_verify`` is the scan of those files, when it was just made."""
-    from ..publish import SUBJECTS
     release, restricted = Path(release), Path(restricted)
     rows = _inventory_rows(restricted)
     run = json.loads((restricted / "run.json").read_text()) if (restricted / "run.json").exists() else {}
@@ -339,8 +338,7 @@ def build(release: Path, restricted: Path, staged: Path | None = None, dataset_v
     verify, dataset = _verify_results(restricted)
     dataset = dict(dataset_verify) if dataset_verify is not None else dataset
     subjects = sorted(set(subjects) | set(verify["subjects"]))
-    current_file = restricted / SUBJECTS
-    current = set(current_file.read_text().split()) if current_file.is_file() else None
+    current = current_subjects(restricted)
     if current is not None:  # a withdrawn subject's records stay in the restricted folder, not in the report
         subjects = [s for s in subjects if s in current]
     facts_audit = audit.scan(restricted, current)
