@@ -692,8 +692,8 @@ def other_units_ids(restricted: Path, manifest: Mapping, salt: bytes) -> list[Ne
     own = {subj["subject"] for subj in manifest["subjects"]}
     try:
         table = inventory.read(restricted, columns=["subject", "patient_id", "accession"])
-    except (OSError, ValueError):
-        return []  # no inventory (a hand-made restricted folder): the unit's own values only
+    except FileNotFoundError:  # a library caller's hand-made restricted folder: its own values only
+        return []  # (a damaged inventory fails the job: in a run every job reads it at start anyway)
     rows = list(zip(*(table[c].to_pylist() for c in ("subject", "patient_id", "accession"))))
     mine = {v for s, *values in rows if s in own for v in values if v}
     entries: dict[str, set[tuple[str, str, str]]] = {}
