@@ -869,10 +869,7 @@ def _searched(kind: str, value: str) -> tuple[tuple[tuple[str, str], str | None,
         d = value.strip()[:8]
         if len(d) == 8 and d.isdigit():
             rule = excluded_by(d, "date")
-            y2, m, dd = d[2:4], d[4:6], d[6:]  # two-digit years: literal forms
-            texts = [] if rule else [(d.encode(), "date")] + [
-                (f.encode(), "literal") for f in sorted({f"{dd}.{m}.{y2}", f"{m}/{dd}/{y2}", f"{dd}/{m}/{y2}",
-                                                         f"{dd}-{m}-{y2}"})]
+            texts = [] if rule else [(d.encode(), "date")] + [(f.encode(), "literal") for f in _two_digit_year_forms(d)]
             out.append(((d, "date"), rule, tuple(texts)))
         if kind == "date":
             return tuple(out)
@@ -893,6 +890,20 @@ def _searched(kind: str, value: str) -> tuple[tuple[tuple[str, str], str | None,
                     texts.append((compact, "compact"))
         out.append(((form, kind), rule, tuple(dict.fromkeys(texts))))  # an ASCII form is one byte string
     return tuple(out)
+
+
+def _two_digit_year_forms(d: str) -> list[str]:
+    """Written forms of YYYYMMDD ``d`` with a two-digit year, searched literally (the date reader
+    looks for dates only around four-digit years): 16.07.64, 07/16/64, 16/07/64, 16-07-64, and the
+    month by its English abbreviation as legacy systems print it, 16-jul-64, 16 jul 64, 16jul64
+    (also with the day's leading zero dropped)."""
+    y2, m, dd = d[2:4], d[4:6], d[6:]
+    out = {f"{dd}.{m}.{y2}", f"{m}/{dd}/{y2}", f"{dd}/{m}/{y2}", f"{dd}-{m}-{y2}"}
+    if 1 <= int(m) <= 12:
+        mon = _MONTHS[int(m) - 1][:3].lower()
+        for day in {dd, str(int(dd))}:
+            out |= {f"{day}-{mon}-{y2}", f"{day} {mon} {y2}", f"{day}{mon}{y2}"}
+    return sorted(out)
 
 
 def matcher_for(entries: Iterable[tuple[str, str, str]], subject: str = "", salt: bytes = b"") -> Matcher:
