@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterable
 
-from .publish import QC_SUBDIR, current_subjects
+from .publish import MARKER, QC_SUBDIR, current_subjects
 from .settings import Paths
 
 _SUBJECT = re.compile(r"^(sub-[A-Za-z0-9]+)(?:_|$)")
@@ -78,7 +78,7 @@ def collect(paths: Paths) -> Counts:
             if sub:
                 subjects.add(sub)
                 c.released_files += 1
-            else:
+            elif rel or name != MARKER:  # the marker of an unfinished run is not a file of the release
                 c.dataset_files += 1
     c.released_subjects = sorted(subjects)
     q = paths.restricted / "quarantine.tsv"
