@@ -390,6 +390,8 @@ def test_withdrawn_subject_leaves_release(demo_export, tmp_path, units):
     named = [p.relative_to(out).as_posix() for p in out.rglob("*") if p.is_file() and subject.encode() in p.read_bytes()]
     assert not named, f"the withdrawn subject is named in {named}"
     assert "leak scan:   4 subjects" in r.stdout, r.stdout
+    v = run_cli("verify", str(out))
+    assert v.returncode == 0 and "deidflow verify: 4 subjects" in v.stdout, v.stdout  # not the withdrawn one
     with open(restricted / "mapping" / "patients.csv") as fh:
         rows = {row["id_new"]: row for row in csv.DictReader(fh)}
     assert rows[subject]["withdrawn"] and rows[subject]["id_old"] == pid  # kept, flagged with a date

@@ -30,7 +30,7 @@ import yaml
 from . import __version__
 from .errors import EXIT_BUG, EXIT_INCOMPLETE, EXIT_INTERRUPTED, EXIT_OK, EXIT_USAGE, PublicError, UsageError
 from .fsutil import RESTRICTED_FILE_MODE, atomic_write_text, make_restricted_dir
-from .publish import check_folders, release_status
+from .publish import check_folders, current_subjects, release_status
 from .pseudonym import KEY_ENV, MIN_KEY_BYTES, MissingKeyError, ephemeral_key, fingerprint, load_key
 from ._snakemake import run_snakemake
 from .settings import (SNAKEFILE, WORKFLOW_DIR, ConfigError, Paths, deep_update, load_defaults, parse_set,
@@ -379,6 +379,8 @@ def _cmd_verify(args: argparse.Namespace) -> int:
     for line in lines:
         print(line)
     subs = {s: r for u in result["units"] for s, r in u["subjects"].items()}
+    current = current_subjects(restricted)  # a withdrawn subject's manifest may stay: counted only with files here
+    subs = {s: r for s, r in subs.items() if current is None or s in current or r["files"] or r["hits"]}
     excluded: dict[str, int] = {}
     for u in result["units"]:
         for k, n in u["excluded_forms"].items():
