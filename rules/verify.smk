@@ -67,7 +67,7 @@ rule verify_dataset:
         report_dir=qc_rules.constant(REPORT_STAGED),
         release=release_root_of,
         restricted=qc_rules.constant(RESTRICTED),
-        strict=VERIFY_STRICT,
+        on_leak=ON_LEAK,
         pixel_data=VERIFY_PIXEL_DATA,
     log:
         restricted("logs/verify_dataset.log"),
@@ -82,7 +82,7 @@ rule verify_dataset:
         "mkdir -p {params.staged:q} && {params.python:q} -m deidflow.jobs verify_dataset --staged {params.staged:q}"
         " --release {params.release:q} --restricted {params.restricted:q} --units-list {output.units_list:q}"
         " --report-dir {params.report_dir:q} --full {output.full:q} --output {output.done:q}"
-        " --strict {params.strict} --pixel-data {params.pixel_data} --log {log:q} 2>> {log:q}"
+        " --on-leak {params.on_leak} --pixel-data {params.pixel_data} --log {log:q} 2>> {log:q}"
 
 
 QC_TARGETS.extend([*unit_done("verify"), VERIFY_DATASET])

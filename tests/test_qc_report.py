@@ -558,6 +558,11 @@ def test_release_counted_and_validated_as_publish_dataset_will_leave_it(tmp_path
     assert evidence.bids_validator(release) is None  # no dataset_description.json in the release yet
     assert evidence.bids_validator(release, staged, restricted) == {"ok": True, "summary": "no error"}
     assert not any(restricted.iterdir())  # the view is gone
+    # a leak-scan hit keeps the staged files out and takes the earlier participants.tsv out: not counted
+    total, _ = report._release_formats(release, staged, ["sub-a"], withhold_staged=True)
+    assert total == Counter({"NIfTI": 1})
+    (release / "dataset_description.json").write_text('{"Name": "earlier", "BIDSVersion": "1.9.0"}')
+    assert evidence.bids_validator(release, None, restricted, withheld=staged) is None  # nothing left to validate
 
 
 @pytest.mark.parametrize("umask", [0o000, 0o077])

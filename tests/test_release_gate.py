@@ -9,6 +9,7 @@ import csv
 import hashlib
 import json
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -294,6 +295,10 @@ def test_dataset_name_naming_a_patient_is_withheld(demo_export, tmp_path):
     assert not [p for p in out.rglob("*") if p.is_file() and pid.encode() in p.read_bytes()]
     page = (out / "derivatives" / "deidflow" / "qc" / "report.html").read_text()
     assert "value withheld" in page and not (out / MARKER).exists()
+    released = re.search(r"<b[^>]*>(\d+)</b><span>files released</span>", page)
+    qc = out / "derivatives" / "deidflow" / "qc"
+    assert released and int(released.group(1)) == sum(1 for p in out.rglob("*") if p.is_file() and qc not in p.parents)
+    assert "(+0 dataset files)" in r.stdout, r.stdout  # none published
     assert run_cli("verify", str(out)).returncode == 3
 
 

@@ -162,7 +162,7 @@ def _verify_dataset(a: argparse.Namespace) -> None:
         t = time.perf_counter()
         matcher = dataset_matcher(a.restricted)
         log.info("one matcher, %d forms of every subject's values, in %.2f s", len(matcher), time.perf_counter() - t)
-        result = verify_dataset(a.staged, a.restricted, strict=a.strict == "true", pixel_data=a.pixel_data == "true",
+        result = verify_dataset(a.staged, a.restricted, strict=a.on_leak == "fail", pixel_data=a.pixel_data == "true",
                                 matcher=matcher)
         for line in result["lines"]:
             log.warning(line)
@@ -171,7 +171,7 @@ def _verify_dataset(a: argparse.Namespace) -> None:
         page, modalities, actions, table = (Path(a.report_dir) / name for name in REPORT_FILES)
         write_report(a.release, a.restricted, page, f"{modalities},{actions}", table, a.full,
                      staged=a.staged, matcher=matcher, dataset_verify={k: v for k, v in result.items() if k != "lines"},
-                     mode=RESTRICTED_FILE_MODE)
+                     on_leak=a.on_leak, mode=RESTRICTED_FILE_MODE)
         log.info("QC report rendered, checked and staged in %.2f s", time.perf_counter() - t)
         write_dataset_record(a.output, result)
 
@@ -197,7 +197,7 @@ STAGES = {
     "verify": (_verify, ("manifest", "release", "restricted", "done", "strict", "pixel-data"),
                "leak-scan the release files of one job unit"),
     "verify_dataset": (_verify_dataset, ("staged", "release", "restricted", "units-list", "report-dir", "full", "output",
-                                         "strict", "pixel-data"),
+                                         "on-leak", "pixel-data"),
                        "leak-scan the staged dataset-level files and stage the checked QC report"),
     "audit": (_audit, ("restricted", "output"), "restricted/audit/*.jsonl into restricted/audit.parquet"),
     "other": (_other, ("manifest", "release", "restricted", "done", "quarantine", "settings", "formats"),

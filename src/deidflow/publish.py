@@ -280,7 +280,7 @@ def publish_dataset(staged: Path, release: Path, restricted: Path, subjects_file
     a file deleted from the release comes back on the next run (:func:`forget_lost`)."""
     started = time.perf_counter()
     staged, release, restricted = Path(staged), Path(release), Path(restricted)
-    leaky = bool(json.loads(Path(verify).read_text()).get("hits")) and on_leak != "publish"
+    leaky = dataset_files_withheld(json.loads(Path(verify).read_text()), on_leak)
     report_files = [Path(report_dir) / name for name in REPORT_FILES]  # these names only: nothing unchecked
     if not all(p.is_file() for p in report_files):
         raise PublicError("the QC report is not in the staging area: run again with --forcerun verify_dataset")
@@ -319,6 +319,13 @@ def publish_dataset(staged: Path, release: Path, restricted: Path, subjects_file
     make_restricted_dir(Path(done).parent)
     atomic_write_text(done, json.dumps(record, indent=1, sort_keys=True) + "\n", RESTRICTED_FILE_MODE)
     return {"withdrawn": len(gone), "files": len(moved), "withheld": len(withheld)}
+
+
+def dataset_files_withheld(verify_record: Mapping[str, Any], on_leak: str) -> bool:
+    """Whether :func:`publish_dataset` keeps the staged dataset-level files out of the release (and
+    takes an earlier run's copies out): their scan (the ``verify_dataset`` record) found an
+    identifying value and ``on_leak`` is not ``publish``."""
+    return bool(verify_record.get("hits")) and on_leak != "publish"
 
 
 # What deidflow itself puts at the release root; anything else there is foreign (see set_aside_foreign).

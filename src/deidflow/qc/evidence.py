@@ -247,11 +247,12 @@ def dciodvfy(pairs: list[tuple[Path, Path]], limit: int = 10) -> dict | None:
 
 
 def bids_validator(release: Path, staged: Path | None = None, restricted: Path | None = None,
-                   subjects: Iterable[str] | None = None) -> dict | None:
+                   subjects: Iterable[str] | None = None, withheld: Path | None = None) -> dict | None:
     """The BIDS validator's verdict on the release as ``publish_dataset`` will leave it (its
     dataset-level files staged in ``staged``, without the run's RELEASE_INCOMPLETE marker, foreign
-    entries and the folders of subjects not in ``subjects``, the current input's; seen through
-    links in a scratch folder of ``restricted``); None when not installed or not a BIDS tree."""
+    entries, the folders of subjects not in ``subjects``, the current input's, and the files
+    withheld in ``withheld`` — their earlier copies leave too; seen through links in a scratch
+    folder of ``restricted``); None when not installed or not a BIDS tree."""
     from ..publish import own_root_entries
     exe = shutil.which("bids-validator")
     if not exe:
@@ -266,7 +267,7 @@ def bids_validator(release: Path, staged: Path | None = None, restricted: Path |
             if (entry.name == INCOMPLETE_MARKER or (subject and current is not None and entry.name not in current)
                     or not (subject or entry.name in own_root)):
                 continue  # publish_dataset takes these out
-            if not (staged and (Path(staged) / entry.name).exists()):
+            if not any(d and (Path(d) / entry.name).exists() for d in (staged, withheld)):
                 os.symlink(entry.resolve(), Path(view) / entry.name)
         for f in staged_files:
             os.symlink(f.resolve(), Path(view) / f.name)

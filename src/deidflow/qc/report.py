@@ -33,7 +33,7 @@ from typing import Iterable, Mapping
 from .. import inventory
 from ..errors import PublicError
 from ..fsutil import RESTRICTED_FILE_MODE, atomic_write_text, display_path, make_restricted_dir
-from ..publish import QC_SUBDIR, current_subjects
+from ..publish import QC_SUBDIR, current_subjects, dataset_files_withheld
 from . import attributes, audit, evidence, leakscan
 from .identifiers import Matcher
 
@@ -88,18 +88,24 @@ def _quarantine(restricted: Path, rows: list[dict]) -> list[dict]:
 
 
 def _release_formats(release: Path, staged: Path | None = None, subjects: Iterable[str] | None = None,
-                     restricted: Path | None = None) -> tuple[Counter, dict[str, Counter]]:
+                     restricted: Path | None = None, withhold_staged: bool = False) -> tuple[Counter, dict[str, Counter]]:
     """Files per format, overall and per subject (QC products excluded), of the release as
     ``publish_dataset`` will leave it: the published subjects (only ``subjects``, when given: a
     withdrawn subject's folders are about to go), the dataset-level files staged in ``staged`` or
-    already published, nothing set aside as foreign.  One walk (os.walk: no Path object per file)."""
+    already published — none of the staged ones when ``withhold_staged`` (a leak-scan hit keeps
+    them out, and their earlier copies leave) — nothing set aside as foreign.  One walk (os.walk:
+    no Path object per file)."""
     from ..publish import foreign_entries
     total: Counter = Counter()
     per: dict[str, Counter] = defaultdict(Counter)
     current = None if subjects is None else set(subjects)
     dataset: set[str] = set()
     foreign = {str(p) for p in foreign_entries(release, restricted)}  # publish_dataset sets them aside
-    for root, is_release in ((str(release), True), *(((str(staged), False),) if staged else ())):
+    if withhold_staged and staged and Path(staged).is_dir():
+        foreign |= {os.path.join(str(release), str(p.relative_to(staged))) for p in Path(staged).rglob("*")
+                    if p.is_file()}
+    roots = ((str(release), True), *(((str(staged), False),) if staged and not withhold_staged else ()))
+    for root, is_release in roots:
         qc = os.path.join(root, QC_SUBDIR)
         for folder, dirs, files in os.walk(root):
             if is_release:
@@ -326,10 +332,12 @@ SETTING_WITHHELD = "(value withheld: it contains an identifying value; see the r
 BIG = 512  # face pictures are shown at least this wide (whole-number scaling, pixels kept sharp)
 
 
-def build(release: Path, restricted: Path, staged: Path | None = None, dataset_verify: Mapping | None = None) -> dict:
+def build(release: Path, restricted: Path, staged: Path | None = None, dataset_verify: Mapping | None = None,
+          on_leak: str = "withhold") -> dict:
     """Everything the public report shows, gathered from the restricted folder, the release and
     the staged dataset-level files ``staged`` (``write_report`` adds the before-images for the
-    restricted copy).  ``dataset_verify`` is the scan of those files, when it was just made."""
+    restricted copy).  ``dataset_verify`` is the scan of those files, when it was just made;
+    ``on_leak`` (``verify.on_leak``) says whether ``publish_dataset`` will publish them after a hit."""
     release, restricted = Path(release), Path(restricted)
     rows = _inventory_rows(restricted)
     run = json.loads((restricted / "run.json").read_text()) if (restricted / "run.json").exists() else {}
@@ -343,7 +351,8 @@ def build(release: Path, restricted: Path, staged: Path | None = None, dataset_v
         subjects = [s for s in subjects if s in current]
     facts_audit = audit.scan(restricted, current)
     counts, audited = facts_audit.counts, facts_audit.files
-    out_total, out_per = _release_formats(release, staged, current, restricted)
+    withhold_staged = dataset_files_withheld(dataset or {}, on_leak)
+    out_total, out_per = _release_formats(release, staged, current, restricted, withhold_staged)
     quarantine = _quarantine(restricted, rows)
     record = evidence.run_record(restricted, run)
     q_by_subject = Counter(q["subject"] for q in quarantine)
@@ -395,7 +404,8 @@ def build(release: Path, restricted: Path, staged: Path | None = None, dataset_v
         "pixels": _current(evidence.pixel_series(facts_audit.pixels, restricted), current),
         "pixel_mode": str(((run.get("settings") or {}).get("pixels") or {}).get("clean", "")),
         "gate": evidence.gate(release, restricted), "dciodvfy": evidence.dciodvfy(pairs),
-        "bids_validator": evidence.bids_validator(release, staged, restricted, current),
+        "bids_validator": evidence.bids_validator(release, None if withhold_staged else staged, restricted, current,
+                                                  withheld=staged if withhold_staged else None),
         "restricted_copy": False,
     }
 
@@ -976,14 +986,15 @@ def _check_public(restricted: Path, facts: dict, texts: Mapping[str, str], match
 
 def write_report(release: Path, restricted: Path, output: Path, charts: str, table: Path, full: Path, *,
                  staged: Path | None = None, matcher: Matcher | None = None,
-                 dataset_verify: Mapping | None = None, mode: int = 0o644) -> Path:
+                 dataset_verify: Mapping | None = None, on_leak: str = "withhold", mode: int = 0o644) -> Path:
     """Write the public report, its charts and subject table (``output``, ``charts``, ``table``:
     the ``verify_dataset`` job puts them in the staging area) and the restricted copy ``full``.
     ``matcher`` (default: built here) holds every subject's values; ``staged`` and
-    ``dataset_verify`` are the staged dataset-level files and their scan (see :func:`build`);
+    ``dataset_verify`` are the staged dataset-level files and their scan, ``on_leak`` what
+    ``publish_dataset`` does after a hit (see :func:`build`);
     ``mode`` is the public files' (restricted while they are staged)."""
     release, restricted = Path(release), Path(restricted)
-    facts = build(release, restricted, staged, dataset_verify)
+    facts = build(release, restricted, staged, dataset_verify, on_leak)
     matcher = leakscan.dataset_matcher(restricted) if matcher is None else matcher
     for attempt in range(2):  # a second time only when a quarantine reason or creator was withheld
         page, svgs = render(facts)
