@@ -88,7 +88,7 @@ def _new_model() -> "IdentifierModel":
 # A UID inside a binary value: six or more numeric components, or three or more (UUID-derived
 # "2.25.<n>" has three) in at least EMBEDDED_UID_MIN characters, so version strings such as "4.2.2"
 # stay as they are.
-_BLOB_CACHE_MIN, _BLOB_CACHE_ENTRIES = 1024, 64  # Scrubber.clean_private: values this large, per subject
+BLOB_CACHE_MIN, _BLOB_CACHE_ENTRIES = 1024, 64  # Scrubber.clean_private: values this large, per subject
 _UNCHANGED = object()
 _EMBEDDED_UID = re.compile(rb"(?<![0-9.])(?:0|[1-9][0-9]*)(?:\.(?:0|[1-9][0-9]*)){2,}(?![0-9.])")
 EMBEDDED_UID_MIN = 16
@@ -314,7 +314,7 @@ class Scrubber:
         grows, so its size tells its state); what cleaning records, the embedded UIDs, is recorded
         on the first time."""
         key = None
-        if len(value) >= _BLOB_CACHE_MIN:
+        if len(value) >= BLOB_CACHE_MIN:
             key = (creator, tag, swept, len(self.model.entries), hashlib.blake2b(value, digest_size=20).digest())
             hit = self._blobs.get(key)
             if hit is not None:

@@ -28,7 +28,7 @@ from pydicom.uid import (DeflatedExplicitVRLittleEndian, ExplicitVRBigEndian,
                          ExplicitVRLittleEndian, ImplicitVRLittleEndian)
 
 from . import __version__
-from .dicom import SWEEP_VRS, Scrubber, _dict_info, looks_like_items
+from .dicom import BLOB_CACHE_MIN, SWEEP_VRS, Scrubber, _dict_info, looks_like_items
 
 IMPLEMENTATION_CLASS_UID = "2.25.173526497432135315340637374432658215186"  # fixed, deidflow's own
 IMPLEMENTATION_VERSION = ("DEIDFLOW_" + __version__.split("+")[0].replace(".", ""))[:16]
@@ -448,6 +448,7 @@ def _sweep_candidates(mm, elems, scrubber: Scrubber, charset) -> frozenset[int] 
         return _All()
     plan = scrubber.plan
     cands = []
+    blobs = []  # large kept private values: always swept, by Scrubber.clean_private (once per repeated blob)
     creators: dict[int, str] = {}
     for el in elems:
         if el.undefined or el.vend == el.vstart:
@@ -460,7 +461,10 @@ def _sweep_candidates(mm, elems, scrubber: Scrubber, charset) -> frozenset[int] 
                 creator = creators.get(group << 8 | num >> 8)
                 if creator is not None and (plan.private_policy == "keep"
                                             or plan.is_safe_private(creator, group, num)):
-                    cands.append(el)
+                    if el.vend - el.vstart >= BLOB_CACHE_MIN:
+                        blobs.append(el.tag)
+                    else:
+                        cands.append(el)
             continue
         rule = plan.rule_for(el.tag)
         if rule is not None and rule.action != "K":
@@ -473,7 +477,7 @@ def _sweep_candidates(mm, elems, scrubber: Scrubber, charset) -> frozenset[int] 
             if info is not None and info[0].split(" or ")[0] in SWEEP_VRS:
                 cands.append(el)
     if not cands:
-        return frozenset()
+        return frozenset(blobs)
     starts, parts, pos = [], [], 0
     for el in cands:
         starts.append(pos)
@@ -481,7 +485,7 @@ def _sweep_candidates(mm, elems, scrubber: Scrubber, charset) -> frozenset[int] 
         pos += el.vend - el.vstart + 1
     import bisect
     hits = scrubber.model.matcher.spans(b"\n".join(parts))
-    return frozenset(cands[bisect.bisect_right(starts, s) - 1].tag for s, _, _ in hits)
+    return frozenset(blobs).union(cands[bisect.bisect_right(starts, s) - 1].tag for s, _, _ in hits)
 
 
 def _sweepable(tag: int, vr: str | None) -> bool:
