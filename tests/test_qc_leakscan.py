@@ -50,6 +50,22 @@ def test_date_name_and_time_forms():
     n = identifiers.name_forms("MÜLLER^JÜRGEN^^DR. MED.")
     assert {"MÜLLER", "JÜRGEN", "JÜRGEN MÜLLER", "MÜLLER, JÜRGEN"} <= n
     assert {"093015", "09:30:15"} <= identifiers.time_forms("093015.123")
+    w = identifiers.whole_name_forms("MÜLLER^JÜRGEN^^DR. MED.")
+    assert {"JÜRGEN MÜLLER", "MÜLLER, JÜRGEN", "MÜLLER^JÜRGEN", "MÜLLER JÜRGEN"} <= w
+    assert not w & {"MÜLLER", "JÜRGEN", "J. MÜLLER"}  # parts and initials are not another subject's whole name
+    assert {"Erika Mustermann", "Mustermann, Erika"} <= identifiers.whole_name_forms("Erika Mustermann")
+    assert identifiers.whole_name_forms("MUSTERMANN") == set()
+
+
+def test_another_subjects_whole_name_is_found_not_its_parts():
+    """A unit's scan searches other subjects' names as written whole (in any order, with accents
+    or transliterated), never a family name alone: thousands of subjects share those."""
+    m = leakscan.Matcher(leakscan.needles_for("sub-b", [("whole_name", "PatientName", "MÜLLER^JÜRGEN")], b"0" * 16))
+    for text in (b"seen with Juergen Mueller", "Müller, Jürgen".encode(), b"MULLER^JURGEN", "jürgen müller".encode("latin-1")):
+        hits = m.find(text)
+        assert hits and {n.kind for _, n in hits} == {"name"} and {n.owner for _, n in hits} == {"sub-b"}, text
+    for text in (b"Dr. Mueller", b"Juergen", b"J. Mueller", b"Juergen Muellerson"):
+        assert not m.find(text), text
 
 
 def _matcher(*entries):

@@ -130,18 +130,25 @@ def test_output_inside_input_refused(demo_export, tmp_path):
 ONE_UNIT = ("--set", "jobs.min_batches=1")
 
 
-def _plant(inp: Path) -> tuple[str, str]:
+def _plant(inp: Path, what: str = "id") -> tuple[str, str]:
     """One patient's ID (Erika Mustermann's) in an attribute the profile keeps (Sequence Name,
-    (0018,0024)) of ANOTHER patient's file, as a mis-filed comparison study would carry it. The
-    engine's residual sweep removes the file owner's own values; another patient's value is for
-    the leak scan to find. Returns (the file owner's PatientID, the planted value)."""
-    planted = str(pydicom.dcmread(next(sorted(p for p in inp.iterdir() if p.name.startswith("MUSTERMANN"))[0]
-                                       .rglob("*.dcm"))).PatientID)
+    (0018,0024)) of ANOTHER patient's file, as a mis-filed comparison study would carry it; or
+    (``what="name"``) her name written whole, as a report or a protocol note would (Manufacturer's
+    Model Name, kept). The engine's residual sweep removes the file owner's own values; another
+    patient's value is for the leak scan to find. Returns (the file owner's PatientID, the planted
+    value)."""
+    source = pydicom.dcmread(next(sorted(p for p in inp.iterdir() if p.name.startswith("MUSTERMANN"))[0]
+                                  .rglob("*.dcm")))
+    family, given = str(source.PatientName).split("^")[:2]
+    planted = str(source.PatientID) if what == "id" else f"{given.title()} {family.title()}"
     for folder in sorted(p for p in inp.iterdir() if p.is_dir() and not p.name.startswith("MUSTERMANN")):
         files = sorted(folder.rglob("*.dcm"))
         if files:
             ds = pydicom.dcmread(files[0])
-            ds.SequenceName = f"*tfl3d1_{planted}"
+            if what == "id":
+                ds.SequenceName = f"*tfl3d1_{planted}"
+            else:
+                ds.ManufacturerModelName = f"Avanto (comparison: {planted})"
             ds.save_as(files[0])
             return str(ds.PatientID), planted
     raise AssertionError("no second DICOM patient in the demo")
@@ -187,12 +194,14 @@ def test_planted_identifier_withholds_subject(demo_export, tmp_path):
     assert not list(out2.rglob(f"{subject}*"))
 
 
-def test_identifier_of_a_subject_in_another_unit_withholds_subject(demo_export, tmp_path):
-    """One job unit per subject: the unit holding the planted MRN knows only its own subjects'
-    values from their identifier files, and every other subject's IDs from the inventory."""
+@pytest.mark.parametrize("what", ["id", "name"])
+def test_identifier_of_a_subject_in_another_unit_withholds_subject(demo_export, tmp_path, what):
+    """One job unit per subject: the unit holding the planted MRN or name knows only its own
+    subjects' values from their identifier files, and every other subject's IDs and whole names
+    from the inventory."""
     inp = tmp_path / "input"
     shutil.copytree(demo_export, inp)
-    pid, planted = _plant(inp)
+    pid, planted = _plant(inp, what)
     out = tmp_path / "rel"
     r = run_cli("run", str(inp), str(out), "--cores", "2", *NO_FACES, "--set", "jobs.files_per_job=0")
     assert r.returncode == 3, r.stderr[-3000:]

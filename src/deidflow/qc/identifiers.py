@@ -427,11 +427,9 @@ def name_forms(value: str) -> set[str]:
         family, given, middle = (comps + ["", "", ""])[:3]
         if family and given:
             g0 = given[0]
-            out |= {f"{given} {family}", f"{family} {given}", f"{family}, {given}", f"{family}^{given}",
-                    f"{family},{given}", f"{given}, {family}", f"{g0}. {family}", f"{family}, {g0}.",
-                    f"{family} {g0}."}
+            out |= _whole(family, given, middle) | {f"{g0}. {family}", f"{family}, {g0}.", f"{family} {g0}."}
             if middle:
-                out |= {f"{given} {middle} {family}", f"{given} {middle[0]}. {family}"}
+                out.add(f"{given} {middle[0]}. {family}")
         if "^" not in group and " " in group.strip():  # a plain "Given Family" name
             out.update(w for w in group.split() if w)
     # a long name part cut to a field's length (SH and many vendor fields hold 16 characters)
@@ -440,6 +438,30 @@ def name_forms(value: str) -> set[str]:
 
 
 TRUNCATED_AT = 16
+
+
+def _whole(family: str, given: str, middle: str = "") -> set[str]:
+    """A name written whole, family and given name together, in the orders text uses."""
+    out = {f"{given} {family}", f"{family} {given}", f"{family}, {given}", f"{family}^{given}",
+           f"{family},{given}", f"{given}, {family}"}
+    return out | ({f"{given} {middle} {family}"} if middle else set())
+
+
+def whole_name_forms(value: str) -> set[str]:
+    """The forms of a person name that write it whole (DOE^JOHN, John Doe, Doe, John …), not its
+    parts or initials: what another subject's name is searched as (a family name alone, or an
+    initial, is shared by many of thousands of subjects).  A plain name of two or more words is
+    also searched with its last word first."""
+    out = set()
+    for group in value.split("="):
+        comps = [c.strip() for c in group.split("^")]
+        family, given, middle = (comps + ["", "", ""])[:3]
+        if family and given:
+            out |= _whole(family, given, middle)
+        elif "^" not in group and len(words := group.split()) >= 2:
+            first, last = " ".join(words[:-1]), words[-1]
+            out |= {group.strip(), f"{last} {first}", f"{last}, {first}", f"{last},{first}"}
+    return {o.strip() for o in out if o.strip()}
 
 
 def time_forms(value: str) -> set[str]:
@@ -462,6 +484,8 @@ def forms(kind: str, value: str) -> set[str]:
     value = value.strip()
     if kind == "name":
         out = name_forms(value)
+    elif kind == "whole_name":
+        out = whole_name_forms(value)
     elif kind == "date":
         out = {value}
     elif kind == "datetime":
@@ -491,7 +515,7 @@ def forms(kind: str, value: str) -> set[str]:
         out = {value}
     for o in list(out):
         out |= transliterations(o)
-    if kind == "name":
+    if kind in ("name", "whole_name"):
         for o in list(out):
             out |= accented_spellings(o)
     return out
@@ -855,7 +879,8 @@ def needles_for(subject: str, entries: Iterable[tuple[str, str, str]], salt: byt
                 if excluded is not None:
                     excluded[rule] += 1
                 continue
-            out += [Needle(text, kind, fld, digest, subject, mode) for text, mode in texts]
+            out += [Needle(text, "name" if kind == "whole_name" else kind, fld, digest, subject, mode)
+                    for text, mode in texts]
     return out
 
 

@@ -683,25 +683,29 @@ def unit_needles(restricted: Path, manifest: Mapping, salt: bytes, excluded: Cou
     return needles
 
 
-def other_units_ids(restricted: Path, manifest: Mapping, salt: bytes) -> list[Needle]:
-    """The patient IDs and accession numbers of every subject outside the job unit (from the
-    inventory, read before any job ran): one patient's MRN in another unit's file (a mis-filed
-    comparison study) is found by that unit's scan, before it is published.  Values one of the
+def other_units_values(restricted: Path, manifest: Mapping, salt: bytes) -> list[Needle]:
+    """The patient IDs, accession numbers and whole patient names of every subject outside the job
+    unit (from the inventory, read before any job ran): one patient's MRN or name in another unit's
+    file (a mis-filed comparison study, a report naming another patient) is found by that unit's
+    scan, before it is published.  Names only as written whole (DOE^JOHN, John Doe): a family name
+    or an initial alone, and dates, are shared by many of thousands of subjects.  Values one of the
     unit's own subjects also carries are its own, not another's."""
     from .. import inventory
     own = {subj["subject"] for subj in manifest["subjects"]}
+    columns = ["subject", "patient_id", "accession", "patient_name"]
     try:
-        table = inventory.read(restricted, columns=["subject", "patient_id", "accession"])
+        table = inventory.read(restricted, columns=columns)
     except FileNotFoundError:  # a library caller's hand-made restricted folder: its own values only
         return []  # (a damaged inventory fails the job: in a run every job reads it at start anyway)
-    rows = list(zip(*(table[c].to_pylist() for c in ("subject", "patient_id", "accession"))))
+    rows = list(zip(*(table[c].to_pylist() for c in columns)))
     mine = {v for s, *values in rows if s in own for v in values if v}
     entries: dict[str, set[tuple[str, str, str]]] = {}
-    for s, pid, acc in rows:
+    for s, pid, acc, name in rows:
         if s and s not in own:
-            for fld, v in (("PatientID", pid), ("AccessionNumber", acc)):
+            for kind, fld, v in (("id", "PatientID", pid), ("id", "AccessionNumber", acc),
+                                 ("whole_name", "PatientName", name)):
                 if v and v not in mine:
-                    entries.setdefault(s, set()).add(("id", fld, v))
+                    entries.setdefault(s, set()).add((kind, fld, v))
     return [n for s, e in sorted(entries.items()) for n in needles_for(s, sorted(e), salt)]
 
 
@@ -716,8 +720,8 @@ def scan_unit(release: Path, restricted: Path, manifest: Path, *, pixel_data: bo
     excluded: Counter = Counter()
     counts: dict = {}
     own = unit_needles(restricted, m, salt, excluded, counts)
-    if matcher is None:  # the unit's subjects' values and every other subject's IDs
-        matcher = Matcher(own + other_units_ids(restricted, m, salt))
+    if matcher is None:  # the unit's subjects' values and every other subject's IDs and names
+        matcher = Matcher(own + other_units_values(restricted, m, salt))
         # the record counts the unit's own forms: the other subjects' IDs depend on which subjects
         # the run had, and a release made in two runs must equal one made at once
         forms = len({Matcher.key(n) for n in own})
