@@ -68,6 +68,33 @@ def test_another_subjects_whole_name_is_found_not_its_parts():
         assert not m.find(text), text
 
 
+def _word(i: int, first: str) -> str:
+    """A made-up name part of its own for each ``i`` (letters only)."""
+    return first + "".join(chr(97 + (i // 26 ** k) % 26) for k in range(3)) + "ler"
+
+
+def test_unit_matcher_finds_what_one_matcher_of_every_name_finds():
+    """Other subjects' names become needles only when a text holds their anchor word: the hits are
+    those of one Matcher made of every name at once (accented, transliterated, CJK, several
+    representations), and a text naming nobody makes none."""
+    salt = b"0" * 16
+    names = {"sub-b": "MÜLLER^JÜRGEN", "sub-c": "Erika Mustermann", "sub-d": "YAMADA^TAROU=山田^太郎=やまだ^たろう",
+             "sub-e": "STRAUß^ANNA", **{f"sub-x{i}": f"{_word(i, 'K')}^{_word(i, 'V')}" for i in range(300)}}
+    own = leakscan.needles_for("sub-a", [("id", "PatientID", "P968287")], salt)
+    lazy = leakscan.UnitMatcher(own, names, salt)
+    whole = leakscan.Matcher(own + [n for s, v in names.items()
+                                    for n in leakscan.needles_for(s, [("whole_name", "PatientName", v)], salt)])
+    assert lazy.others is not None and {n.owner for n in lazy.made} == {"sub-d"}  # CJK forms: made at once
+    texts = [b"nothing to see", b"seen: Juergen Mueller; P-968-287", "Müller, Jürgen".encode("latin-1"),
+             "Anna Strauss / strauß, anna".encode(), "山田 太郎 / 山田^太郎".encode(),
+             f"{_word(7, 'v')} {_word(7, 'k')} and {_word(250, 'K')}^{_word(250, 'V')}".encode(),
+             b"Mustermann, Erika", f"{_word(12, 'k')} alone, {_word(12, 'v')} alone".encode()]
+    for t in texts:
+        assert sorted((s, e, n.owner, n.text) for s, e, n in lazy.spans(t)) == \
+            sorted((s, e, n.owner, n.text) for s, e, n in whole.spans(t)), t
+    assert len({n.owner for n in lazy.made}) < 12  # the rest were never made
+
+
 def _matcher(*entries):
     return leakscan.Matcher(leakscan.needles_for("sub-a", entries, b"0" * 16))
 

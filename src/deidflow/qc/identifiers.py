@@ -522,14 +522,15 @@ def forms(kind: str, value: str) -> set[str]:
 
 
 _ACCENTS = (("ue", "ü"), ("oe", "ö"), ("ae", "ä"), ("aa", "å"), ("oe", "ø"), ("ss", "ß"))
+_ACCENT_DIGRAPH = re.compile("|".join(sorted({d for d, _ in _ACCENTS})), re.IGNORECASE)
 
 
 def accented_spellings(value: str) -> set[str]:
     """The spellings an ASCII name may have in text written with accents: MUELLER → Müller, Muller;
     OEDEGAARD → Ødegård (one digraph replaced everywhere at a time, then all at once)."""
-    low = value.lower()
-    if not value.isascii() or not any(d in low for d, _ in _ACCENTS):
+    if not value.isascii() or not _ACCENT_DIGRAPH.search(value):
         return set()
+    low = value.lower()
     out = set()
     for digraph, letter in _ACCENTS:
         if digraph in low:
@@ -642,13 +643,25 @@ def _spaced(compact: bytes) -> re.Pattern:
     return re.compile(_SEPARATORS_RE.join(re.escape(bytes([c])) for c in compact))  # how far a written date reaches before and after its year
 
 
+def anchor(text: bytes) -> tuple[int, bytes] | None:
+    """The word a form is found by (:class:`Matcher`): its longest ASCII word, the first of equal
+    length, with its offset; None when it has none.  A bounded occurrence of the form in a text
+    holds this word as a whole word of the text (:func:`words`)."""
+    toks = [(m.start(), m.group()) for m in _TOKEN.finditer(text)]
+    return max(toks, key=lambda t: (len(t[1]), -t[0])) if toks else None
+
+
+def words(low: bytes) -> set[bytes]:
+    """The ASCII words of lower-cased ``low``, as the Matcher tokenises a text."""
+    return set(_TOKEN.findall(low))
+
+
 def _index(index: dict, needle: Needle) -> bool:
-    """File ``needle`` under its longest ASCII token (the first of equal length) in ``index``;
-    False when it has none."""
-    toks = [(m.start(), m.group()) for m in _TOKEN.finditer(needle.text)]
-    if not toks:
+    """File ``needle`` under its :func:`anchor` in ``index``; False when it has none."""
+    found = anchor(needle.text)
+    if found is None:
         return False
-    off, tok = max(toks, key=lambda t: (len(t[1]), -t[0]))
+    off, tok = found
     shape = index.setdefault(tok, {}).setdefault((off, len(needle.text)), {})
     shape.setdefault(needle.text, []).append(needle)
     return True
@@ -901,19 +914,20 @@ def _searched(kind: str, value: str) -> tuple[tuple[tuple[str, str], str | None,
     for form in sorted(forms(kind, value)):
         rule = excluded_by(form, kind)
         texts = []
-        if not rule:
-            variants = {form} if form.isascii() else {form, form.lower(), form.upper(), form.casefold()}
-            for v in sorted(variants):
+        if not rule and form.isascii():  # the same bytes in UTF-8 and Latin-1
+            texts.append((form.lower().encode("ascii"), "literal"))
+            if kind == "id":
+                compact = re.sub(rb"[^a-z0-9]", b"", texts[0][0])
+                if len(compact) >= 6 and sum(c.isdigit() for c in form) >= 3:
+                    texts.append((compact, "compact"))
+        elif not rule:
+            for v in sorted({form, form.lower(), form.upper(), form.casefold()}):
                 for enc in ("utf-8", "latin-1"):
                     try:
                         texts.append((v.encode(enc).lower(), "literal"))
                     except UnicodeEncodeError:
                         continue
-            if kind == "id" and form.isascii():
-                compact = re.sub(rb"[^a-z0-9]", b"", form.lower().encode())
-                if len(compact) >= 6 and sum(c.isdigit() for c in form) >= 3:
-                    texts.append((compact, "compact"))
-        out.append(((form, kind), rule, tuple(dict.fromkeys(texts))))  # an ASCII form is one byte string
+        out.append(((form, kind), rule, tuple(dict.fromkeys(texts))))
     return tuple(out)
 
 
@@ -929,6 +943,11 @@ def _two_digit_year_forms(d: str) -> list[str]:
         for day in {dd, str(int(dd))}:
             out |= {f"{day}-{mon}-{y2}", f"{day} {mon} {y2}", f"{day}{mon}{y2}"}
     return sorted(out)
+
+
+def needle_texts(kind: str, value: str) -> list[bytes]:
+    """The byte forms :func:`needles_for` makes of one value (excluded forms left out)."""
+    return [text for _, rule, texts in _searched(kind, value) if not rule for text, _ in texts]
 
 
 def matcher_for(entries: Iterable[tuple[str, str, str]], subject: str = "", salt: bytes = b"") -> Matcher:

@@ -683,30 +683,70 @@ def unit_needles(restricted: Path, manifest: Mapping, salt: bytes, excluded: Cou
     return needles
 
 
-def other_units_values(restricted: Path, manifest: Mapping, salt: bytes) -> list[Needle]:
-    """The patient IDs, accession numbers and whole patient names of every subject outside the job
-    unit (from the inventory, read before any job ran): one patient's MRN or name in another unit's
-    file (a mis-filed comparison study, a report naming another patient) is found by that unit's
-    scan, before it is published.  Names only as written whole (DOE^JOHN, John Doe): a family name
-    or an initial alone, and dates, are shared by many of thousands of subjects.  Values one of the
-    unit's own subjects also carries are its own, not another's."""
+def other_units_values(restricted: Path, manifest: Mapping, salt: bytes) -> tuple[list[Needle], dict[str, str]]:
+    """The patient IDs and accession numbers (as needles) and the patient names of every subject
+    outside the job unit (from the inventory, read before any job ran): one patient's MRN or name
+    in another unit's file (a mis-filed comparison study, a note naming another patient) is found
+    by that unit's scan, before it is published (:class:`UnitMatcher`).  Values one of the unit's
+    own subjects also carries are its own, not another's."""
     from .. import inventory
     own = {subj["subject"] for subj in manifest["subjects"]}
     columns = ["subject", "patient_id", "accession", "patient_name"]
     try:
         table = inventory.read(restricted, columns=columns)
     except FileNotFoundError:  # a library caller's hand-made restricted folder: its own values only
-        return []  # (a damaged inventory fails the job: in a run every job reads it at start anyway)
+        return [], {}  # (a damaged inventory fails the job: in a run every job reads it at start anyway)
     rows = list(zip(*(table[c].to_pylist() for c in columns)))
     mine = {v for s, *values in rows if s in own for v in values if v}
-    entries: dict[str, set[tuple[str, str, str]]] = {}
+    ids: dict[str, set[tuple[str, str, str]]] = {}
+    names: dict[str, str] = {}
     for s, pid, acc, name in rows:
         if s and s not in own:
-            for kind, fld, v in (("id", "PatientID", pid), ("id", "AccessionNumber", acc),
-                                 ("whole_name", "PatientName", name)):
+            for fld, v in (("PatientID", pid), ("AccessionNumber", acc)):
                 if v and v not in mine:
-                    entries.setdefault(s, set()).add((kind, fld, v))
-    return [n for s, e in sorted(entries.items()) for n in needles_for(s, sorted(e), salt)]
+                    ids.setdefault(s, set()).add(("id", fld, v))
+            if name and name not in mine:
+                names[s] = name
+    return [n for s, e in sorted(ids.items()) for n in needles_for(s, sorted(e), salt)], names
+
+
+class UnitMatcher(Matcher):
+    """The matcher of one job unit's scan: ``needles`` (its subjects' values, every other subject's
+    IDs) and the other subjects' ``names`` searched as written whole (DOE^JOHN, John Doe, Doe, John;
+    a family name or an initial alone, and dates, are shared by many of thousands of subjects).
+    A name's needles are made only when a scanned text holds the word one of its forms is anchored
+    on (making 10,000 names into needles cost each unit job about 1 s; a text names few people):
+    it finds what one :class:`Matcher` of all of them finds.  ``len`` counts ``needles`` only."""
+
+    def __init__(self, needles: list[Needle], names: Mapping[str, str], salt: bytes):
+        super().__init__(needles)
+        self.names, self.salt = dict(names), salt
+        self.others: Matcher | None = None
+        self.made: list[Needle] = []
+        self.waiting: dict[bytes, set[str]] = {}
+        eager = []
+        for s, name in self.names.items():
+            for text in idmod.needle_texts("whole_name", name):
+                found = idmod.anchor(text)
+                if found is None:  # no ASCII word (CJK): searched as a substring, made now
+                    eager.append(s)
+                else:
+                    self.waiting.setdefault(found[1], set()).add(s)
+        self._make(eager)
+
+    def _make(self, subjects: Iterable[str]) -> None:
+        new = [s for s in dict.fromkeys(subjects) if s in self.names]
+        for s in new:
+            self.made += needles_for(s, [("whole_name", "PatientName", self.names.pop(s))], self.salt)
+        if new:
+            self.others = Matcher(self.made)
+
+    def spans(self, text: bytes) -> list[tuple[int, int, Needle]]:
+        if self.waiting and self.names:
+            words = self.waiting.keys() & idmod.words(text.lower())
+            self._make(s for w in sorted(words) for s in sorted(self.waiting.pop(w)))
+        hits = super().spans(text)
+        return hits + self.others.spans(text) if self.others is not None else hits
 
 
 def scan_unit(release: Path, restricted: Path, manifest: Path, *, pixel_data: bool = False,
@@ -721,7 +761,8 @@ def scan_unit(release: Path, restricted: Path, manifest: Path, *, pixel_data: bo
     counts: dict = {}
     own = unit_needles(restricted, m, salt, excluded, counts)
     if matcher is None:  # the unit's subjects' values and every other subject's IDs and names
-        matcher = Matcher(own + other_units_values(restricted, m, salt))
+        others, names = other_units_values(restricted, m, salt)
+        matcher = UnitMatcher(own + others, names, salt)
         # the record counts the unit's own forms: the other subjects' IDs depend on which subjects
         # the run had, and a release made in two runs must equal one made at once
         forms = len({Matcher.key(n) for n in own})
