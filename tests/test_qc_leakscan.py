@@ -68,6 +68,23 @@ def test_another_subjects_whole_name_is_found_not_its_parts():
         assert not m.find(text), text
 
 
+def test_separated_ids_are_found_as_well_among_many_subjects():
+    """An ID written with other separators than stored (968-287 for 968287) is found by a matcher
+    of thousands of subjects' IDs (the dataset's, or a unit's with every other subject's IDs) as by
+    a subject's own, also where its digits run into a date once the separators are gone."""
+    salt = b"0" * 16
+    own = leakscan.needles_for("sub-a", [("id", "PatientID", "968287"), ("id", "AccessionNumber", "A-77-4711-3")], salt)
+    few = leakscan.Matcher(own)
+    many = leakscan.Matcher(own + [n for i in range(200) for n in
+                                   leakscan.needles_for(f"sub-{i}", [("id", "PatientID", f"{700001 + 37 * i}")], salt)])
+    assert len(many.compact_anchors) >= 48
+    for text in (b"MRN 968-287 2019-05-01", b"MRN 968 287 2019", b"(968.287)", b"ref A 77 4711 3 20190501",
+                 b"acc a774711-3-2019"):
+        assert [(s, n.text) for s, n in few.find(text)] == [(s, n.text) for s, n in many.find(text)] != [], text
+    for text in (b"x 1968-287 2", b"968-2870", b"a774711-32"):
+        assert not many.find(text) and not few.find(text), text
+
+
 def _word(i: int, first: str) -> str:
     """A made-up name part of its own for each ``i`` (letters only)."""
     return first + "".join(chr(97 + (i // 26 ** k) % 26) for k in range(3)) + "ler"

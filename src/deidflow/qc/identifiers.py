@@ -708,6 +708,7 @@ class Matcher:
         self.anchor_keys = frozenset(self.anchors)
         self.uid_keys = frozenset(self.uids)
         self.date_years = frozenset(k[:4] for k in self.dates)
+        self.digit_anchor_lengths = sorted({len(t) for t in self.compact_anchors if t.isdigit()})
 
     def __len__(self) -> int:
         return self.count
@@ -804,8 +805,16 @@ class Matcher:
         compacted = low.translate(None, _ID_SEPARATOR_BYTES)
         if len(compacted) == len(low):
             return []  # no separator at all: the literal forms found everything
-        present = [t for t in self.compact_anchors if t in compacted] if len(self.compact_anchors) < 48 else \
-            self.compact_anchors.keys() & set(_TOKEN.findall(compacted))
+        if len(self.compact_anchors) < 48:
+            present = {t for t in self.compact_anchors if t in compacted}
+        else:  # whole words of the text with and without separators, and an anchor's digits run into
+            # neighbouring digits once the separators went (968-287 2019-05-01 -> 96828720190501)
+            words = set(_TOKEN.findall(compacted)) | set(_TOKEN.findall(low))
+            present = self.compact_anchors.keys() & words
+            for w in words:
+                if self.digit_anchor_lengths and len(w) > self.digit_anchor_lengths[0] and w[:1].isdigit():
+                    for n in self.digit_anchor_lengths:
+                        present.update(w[i:i + n] for i in range(len(w) - n + 1) if w[i:i + n] in self.compact_anchors)
         found: dict[bytes, list[Needle]] = {}
         for tok in present:  # which IDs the compacted text holds: each occurrence of an anchor once
             shapes = self.compact_anchors[tok]
