@@ -174,8 +174,9 @@ def _lattice_mask(ipp, iop, ps, rows: int, cols: int, affine: np.ndarray, mask3d
     v0, dr, dc = v0.astype(np.int64), dr.astype(np.int64), dc.astype(np.int64)
     memory = mask3d if mask3d.flags.c_contiguous else mask3d.T if mask3d.flags.f_contiguous else None
     if mask3d.ndim == 3 and memory is not None:
-        # the lattice is a strided view of the grid (numpy checks it stays inside the buffer):
-        # 0.03 ms a frame against 0.45 ms for gathering 65,536 pixels by index arrays
+        # the lattice is a strided view of the grid (numpy checks it stays inside the buffer): a
+        # 256x256 frame in 0.5 instead of 0.9 ms in the face job (0.1 ms when the frame is a
+        # contiguous plane of the mask), against gathering its pixels by index arrays
         st = np.array(mask3d.strides, np.int64)
         return np.ndarray((rows, cols), mask3d.dtype, buffer=memory, offset=int(v0 @ st),
                           strides=(int(dr @ st), int(dc @ st))).copy()
