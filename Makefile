@@ -13,7 +13,7 @@ SLURM_PLUGINS := snakemake-executor-plugin-slurm==2.8.0 snakemake-executor-plugi
 PIP    := $(BIN)/python -m pip install --progress-bar on -c constraints.txt
 ALL_STAMP := $(VENV)/.installed-all-stamp
 
-.PHONY: install install-all demo test test-fast fuzz bench lint clean
+.PHONY: install install-all demo test test-fast fuzz bench bench-face-registration lint clean
 
 $(STAMP): pyproject.toml constraints.txt
 	$(PYTHON) -m venv $(VENV)
@@ -52,6 +52,9 @@ bench: install-all  ## throughput and overhead benchmarks, printed as tables
 	$(BIN)/python benchmarks/face.py
 	$(BIN)/python benchmarks/publish.py
 	$(BIN)/python benchmarks/startup.py
+
+bench-face-registration: install-all  ## ants registration options on the real heads: CPU and eye/brow corner movement (needs ../shared/data)
+	$(BIN)/python benchmarks/face_registration.py
 
 lint: install
 	rm -rf $(LINT_DIR) && $(BIN)/python -c "from deidflow.demo import make_demo_input; make_demo_input('$(LINT_DIR)/input')"

@@ -264,11 +264,12 @@ def _per_pixel_mask(ipp, iop, ps, rows, cols, affine, mask3d):
 
 
 @pytest.mark.parametrize("case", ["axial", "sagittal", "coronal-flipped", "within-tolerance", "drift-beyond",
-                                  "half-voxel-steps", "outside", "oblique"])
+                                  "half-voxel-steps", "outside", "oblique", "diagonal-lattice"])
 def test_frame_lookup_from_corners_equals_pixel_by_pixel(case):
     """The write-back checks a frame's four corners and derives every pixel's voxel in integer
     arithmetic: for frames on the grid, off it by a drift, at half-voxel steps, outside it or
-    oblique, the result (mask or refusal) is the one of rounding each pixel."""
+    oblique, the result (mask or refusal) is the one of rounding each pixel, whatever the memory
+    layout of the mask (C or Fortran order: a strided view; any other: index arrays)."""
     from deidflow.face.apply import _lattice_mask
     rng = np.random.default_rng(7)
     mask3d = rng.random((40, 48, 36)) < 0.5
@@ -299,12 +300,16 @@ def test_frame_lookup_from_corners_equals_pixel_by_pixel(case):
     elif case == "oblique":
         a = np.deg2rad(10)
         iop = np.array([np.cos(a), np.sin(a), 0, -np.sin(a), np.cos(a), 0])
+    elif case == "diagonal-lattice":               # in-plane 45 degrees: still on the voxel lattice
+        ipp, iop, ps, rows, cols = frame([3, 20, 11], [1, 1, 0], [1, -1, 0], 10, 12)
     expected = _per_pixel_mask(ipp, iop, ps, rows, cols, affine, mask3d)
-    got = _lattice_mask(ipp, iop, ps, rows, cols, affine, mask3d)
-    if expected is None:
-        assert got is None
-    else:
-        assert got is not None and got.shape == (rows, cols) and np.array_equal(got, expected)
+    layouts = (mask3d, np.asfortranarray(mask3d), np.pad(mask3d, 1)[1:-1, 1:-1, 1:-1])
+    for layout in layouts:
+        got = _lattice_mask(ipp, iop, ps, rows, cols, affine, layout)
+        if expected is None:
+            assert got is None
+        else:
+            assert got is not None and got.shape == (rows, cols) and np.array_equal(got, expected)
     assert (expected is None) == (case in ("drift-beyond", "half-voxel-steps", "outside", "oblique"))
 
 # ------------------------------------------------------------------------------------------ quickshear, render, plausibility

@@ -32,6 +32,7 @@ from .volume import Volume, reference_volume
 REG_MM = 4.0                  # the finest registration level; the coarser one is twice that
 SEED = 20240917
 SAMPLING = 0.1                # share of the voxels the metric samples (regular grid, seeded perturbation)
+BINS = 32                     # joint histogram bins of the Mattes mutual information
 CONVERGENCE = "[100x50,1e-5,5]"   # iterations per level, early stop: metric change < 1e-5 over 5 iterations
 TEMPLATE_FILE = "face_template.npz"
 CT_WINDOW_HU = (-200.0, 300.0)   # soft tissue to thin bone: skin, fat, muscle, skull (air and dense bone clipped)
@@ -78,9 +79,9 @@ class _Image:
 
 def affine_registration(fixed: tuple[np.ndarray, np.ndarray], moving: tuple[np.ndarray, np.ndarray], *,
                         sampling: float, convergence: str, shrink: str, smoothing: str, step: float = 0.25,
-                        seed: int = SEED) -> np.ndarray:
+                        seed: int = SEED, bins: int = BINS) -> np.ndarray:
     """ANTs affine registration of ``moving`` to ``fixed`` ((data, RAS affine) each), Mattes mutual
-    information on a regular grid of ``sampling`` of the voxels, levels ``shrink``/``smoothing``
+    information (``bins`` histogram bins) on a regular grid of ``sampling`` of the voxels, levels ``shrink``/``smoothing``
     (ANTs syntax, e.g. "2x1", "1x0vox"), each stopped as ``convergence`` says, initialised by
     matching the centres of mass. Returns the 4x4 RAS matrix mapping fixed (subject) millimetres to
     moving (template) millimetres."""
@@ -89,7 +90,7 @@ def affine_registration(fixed: tuple[np.ndarray, np.ndarray], moving: tuple[np.n
     with tempfile.TemporaryDirectory(prefix="deidflow-reg-") as tmp:
         prefix = os.path.join(tmp, "r")
         args = ["--dimensionality", "3", "--float", "1", "--initial-moving-transform", f"[{fx.ref},{mv.ref},1]",
-                "--metric", f"MI[{fx.ref},{mv.ref},1,32,Regular,{sampling}]", "--transform", f"Affine[{step}]",
+                "--metric", f"MI[{fx.ref},{mv.ref},1,{bins},Regular,{sampling}]", "--transform", f"Affine[{step}]",
                 "--convergence", convergence, "--shrink-factors", shrink, "--smoothing-sigmas", smoothing,
                 "--use-histogram-matching", "0", "--collapse-output-transforms", "1",
                 "--random-seed", str(seed), "--output", prefix]

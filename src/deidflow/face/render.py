@@ -24,7 +24,8 @@ def skin_threshold(data: np.ndarray) -> float:
     pos = data[data > 0]
     if pos.size == 0:
         return 1.0
-    return 0.12 * float(np.percentile(pos, 99.5))
+    # ``pos`` is a copy: partitioned in place, the same order statistic at half the cost
+    return 0.12 * float(np.percentile(pos, 99.5, overwrite_input=True))
 
 
 def _square_pixels(img: np.ndarray, dy: float, dx: float, order: int) -> np.ndarray:
@@ -54,7 +55,7 @@ def front_view(data: np.ndarray, zooms, threshold: float) -> np.ndarray:
     finite = depth[np.isfinite(depth)]
     if finite.size == 0:
         return np.zeros((16, 16), np.uint8)
-    near, far = float(finite.min()), float(np.percentile(finite, 95))
+    near, far = float(finite.min()), float(np.percentile(finite, 95, overwrite_input=True))
     d = np.where(np.isfinite(depth), depth, far + 30.0)
     d = ndimage.gaussian_filter(d, sigma=(1.0 / zx, 1.0 / zz))
     gx = np.gradient(d, zx, axis=0)
@@ -88,7 +89,7 @@ def slices_view(data: np.ndarray, removed: np.ndarray, zooms, center=None) -> np
     zx, zy, zz = (float(z) for z in zooms[:3])
     cx, cy, cz = (np.array(data.shape) // 2) if center is None else center
     pos = data[data > 0]
-    hi = float(np.percentile(pos, 99.5)) if pos.size else 1.0
+    hi = float(np.percentile(pos, 99.5, overwrite_input=True)) if pos.size else 1.0
     panels = []
     # sagittal: rows S→I, cols A→P (anterior on the left); coronal: rows S→I, cols R→L as seen
     # from the front...; axial: rows A→P, cols R→L (radiological).

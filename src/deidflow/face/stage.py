@@ -261,12 +261,14 @@ def face_unit(convert_done: Path | None, dicom_root: Path, release_root: Path, r
             nii = ref.load(keeper)
             vol = reference_volume(nii.real(), nii.affine)
             bvol = for_backend(vol, ref.facts.modality)
-            removed_ras = _removal_mask(bvol, method, backend_name, face_cfg, _frame_of_reference(ref), registrations)
+            thr = render.skin_threshold(bvol.data)   # once per image: registration crop, plausibility, QC
+            removed_ras = _removal_mask(bvol, method, backend_name, face_cfg, _frame_of_reference(ref), registrations,
+                                        threshold=thr)
             native = vol.to_native(removed_ras)
             seconds = round(time.perf_counter() - t0, 2)
             frac = float(removed_ras.mean())
             _save_mask(work / "masks" / ref.rel, native, nii.affine)
-            problem = implausible(bvol, removed_ras, method)
+            problem = implausible(bvol, removed_ras, method, thr)
             if problem:  # never release a face the backend missed: withhold the group's files
                 raise _Implausible(problem)
             fill = removed_value(ref.facts.modality)
@@ -289,7 +291,7 @@ def face_unit(convert_done: Path | None, dicom_root: Path, release_root: Path, r
             continue
         log.info("%s: %s by %s, %.1f%% of voxels removed, %.1f s", ref.rel, method, backend_name, 100 * frac, seconds)
         qc.setdefault(ref.subject, []).extend(
-            _qc(ref.rel, ref.subject, bvol, removed_ras, method, backend_name, release_root, restricted, face_cfg))
+            _qc(ref.rel, ref.subject, bvol, removed_ras, method, backend_name, release_root, restricted, face_cfg, thr))
         if series_dir is not None:
             jobs.append(_SeriesJob(ref.subject, series_dir, ref.rel, method, backend_name, [(nii.affine, native)],
                                    False, fill, ref.facts.modality, ref.result))
@@ -568,10 +570,10 @@ def _frame_of_reference(im: _Image) -> tuple[str, str] | None:
 MIN_FACE_TISSUE = 0.005
 
 
-def implausible(vol, removed: np.ndarray, method: str) -> str | None:
+def implausible(vol, removed: np.ndarray, method: str, threshold: float | None = None) -> str | None:
     """Why a removal mask cannot be right (a registration that missed the head removes no
-    tissue), or None."""
-    tissue = vol.data > render.skin_threshold(vol.data)
+    tissue), or None. ``threshold``: :func:`.render.skin_threshold` of ``vol`` if known."""
+    tissue = vol.data > (render.skin_threshold(vol.data) if threshold is None else threshold)
     if not tissue.any():
         return "no tissue in the image"
     share = float((removed & tissue).sum()) / float(tissue.sum())
@@ -620,7 +622,7 @@ def _why(exc: BaseException) -> str:
 
 
 def _removal_mask(vol, method: str, backend_name: str, face_cfg, head: tuple[str, str] | None = None,
-                  registrations: dict | None = None) -> np.ndarray:
+                  registrations: dict | None = None, threshold: float | None = None) -> np.ndarray:
     """The backend's mask; a field of view longer than a head (neck, whole body) is registered on
     its top part only (:func:`~.volume.head_part`) and the rest is kept.
 
@@ -629,11 +631,15 @@ def _removal_mask(vol, method: str, backend_name: str, face_cfg, head: tuple[str
     series that share a frame of reference reuse the first one's registration, the mask being
     looked up in physical space on each series' own grid. Without a shared frame of reference
     (NIfTI inputs, a patient repositioned) every image registers anew: physical coordinates of two
-    frames are not comparable, so reuse would risk a missed face."""
+    frames are not comparable, so reuse would risk a missed face. ``threshold``: the skin threshold
+    of ``vol`` when the caller has it (:func:`.render.skin_threshold`)."""
     from .backends import get_backend
     from .volume import crop, head_part
     backend = get_backend(backend_name, face_cfg["external"][method])
-    z0 = head_part(vol, render.skin_threshold(vol.data)) if method == "deface" else 0
+    if method == "deface":
+        z0 = head_part(vol, render.skin_threshold(vol.data) if threshold is None else threshold)
+    else:
+        z0 = 0
     part_vol = crop(vol, z0)
     fit = getattr(backend, "registration", None)
     if fit is None or registrations is None:
@@ -782,8 +788,9 @@ def _series_job(ser: _Series, method: str, keeper: Keeper, work: Path, release_r
             raise GeometryMismatch("no frames with a position to reconstruct a volume from")
         t0 = time.perf_counter()
         bvol = _series_volume(ser)
-        removed = _removal_mask(bvol, method, backend_name, face_cfg)
-        problem = implausible(bvol, removed, method)
+        thr = render.skin_threshold(bvol.data)   # once per image: registration crop, plausibility, QC
+        removed = _removal_mask(bvol, method, backend_name, face_cfg, threshold=thr)
+        problem = implausible(bvol, removed, method, thr)
         if problem:
             raise _Implausible(problem)
         native = bvol.to_native(removed)
@@ -806,7 +813,8 @@ def _series_job(ser: _Series, method: str, keeper: Keeper, work: Path, release_r
     log.info("%s: %s by %s from the DICOM volume, %.1f%% of voxels removed, %.1f s", ser.rel, method,
              backend_name, 100 * frac, seconds)
     qc.setdefault(ser.subject, []).extend(
-        _qc(ser.rel.rstrip("/"), ser.subject, bvol, removed, method, backend_name, release_root, restricted, face_cfg))
+        _qc(ser.rel.rstrip("/"), ser.subject, bvol, removed, method, backend_name, release_root, restricted, face_cfg,
+            thr))
     modality = ser.facts.modality
     ser.files = {}  # the write-back reads the files again, one at a time
     return _SeriesJob(ser.subject, ser.folder, ser.rel, method, backend_name, [(ser.volume.affine, native)], True,
@@ -923,11 +931,11 @@ def _stem(rel: str) -> str:
 
 
 def _qc(rel: str, subject: str, vol, removed: np.ndarray, method: str, backend: str, release_root: Path,
-        restricted: Path, face_cfg) -> list[dict]:
-    """Front views before/after and three-plane slices of one processed image."""
+        restricted: Path, face_cfg, thr: float) -> list[dict]:
+    """Front views before/after and three-plane slices of one processed image (``thr``: the
+    skin threshold of ``vol``)."""
     after = vol.data.copy()
     after[removed] = 0
-    thr = render.skin_threshold(vol.data)
     stem = _stem(rel)
     what = "defaced" if method == "deface" else "skull-stripped"
     center = None

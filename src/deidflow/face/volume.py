@@ -59,7 +59,7 @@ def head_mask(vol: Volume) -> np.ndarray:
     a fraction of a robust maximum is enough for MRI, whose background is dark."""
     from scipy import ndimage
     d = vol.data
-    hi = float(np.percentile(d[d > 0], 99.5)) if np.any(d > 0) else 0.0
+    hi = float(np.percentile(d[d > 0], 99.5, overwrite_input=True)) if np.any(d > 0) else 0.0
     if hi <= 0:
         return np.zeros(d.shape, bool)
     m = d > 0.1 * hi
