@@ -87,19 +87,3 @@ def test_killing_the_job_process_ends_the_job(server, tmp_path):
     writer()
     assert not opened.is_set(), "the job went on after its process was killed"
     assert not out.exists()
-
-
-@pytest.mark.skipif(not Path("/proc/self/maps").exists(), reason="reads /proc/<pid>/maps (Linux)")
-@pytest.mark.parametrize("face", [False, True])
-def test_server_imports_the_face_libraries_only_for_a_run_with_faces(tmp_path, face):
-    """A run with a face stage has the server import scipy.ndimage & co. once (each face job
-    imported them, 0.14 s); a run without faces does not pay for them."""
-    pid, path = zygote.start(zygote.FACE_PRELOAD if face else ())
-    try:
-        env = dict(os.environ, **{zygote.ENV: path, "PYTHONPATH": str(ROOT / "src")})
-        work = tmp_path / "cwd"
-        work.mkdir()
-        assert _job(_strict_args(tmp_path, []), work, env).wait(60) == 0   # served: its imports are done
-        assert ("_nd_image" in Path(f"/proc/{pid}/maps").read_text()) == face
-    finally:
-        zygote.stop(pid, path)
