@@ -315,9 +315,7 @@ def run_workflow(config: dict, *, cores: int | str = "all", profile: str | None 
         try:
             if profile is None and not os.environ.get("DEIDFLOW_NO_ZYGOTE"):
                 from . import zygote  # local jobs start from a process with the libraries imported
-                face = {config["face"]["method"], *config["face"]["by_suffix"].values()} != {"none"}
-                # inside the redirection: what it prints goes to the log
-                server = zygote.start(zygote.FACE_PRELOAD if face else ())
+                server = zygote.start()  # inside the redirection: what it prints goes to the log
                 os.environ[zygote.ENV] = server[1]
             rc = run_snakemake(args)
         except KeyboardInterrupt:

@@ -31,16 +31,11 @@ ENV = "DEIDFLOW_ZYGOTE"
 # What the server imports before forking: the libraries of every stage that runs in it.
 PRELOAD = ("deidflow.release", "deidflow.qc.leakscan", "deidflow.qc.report", "deidflow.qc.audit",
            "deidflow.mapping", "deidflow.formats.stage")
-# ... and, when the run has a face stage, its libraries: scipy.ndimage and nibabel are imported by
-# nothing else, and importing them cost each face job 0.14 s of its 2.2 s CPU (one job of two heads).
-FACE_PRELOAD = ("deidflow.face.stage", "deidflow.face.ants_deface", "deidflow.face.dicomvol",
-                "deidflow.face.backends", "deidflow.bids.series", "deidflow.sidecar", "scipy.ndimage", "nibabel")
 _INT = struct.Struct("<i")
 
 
-def start(extra: tuple[str, ...] = ()) -> tuple[int, str]:
-    """Fork the server, which imports :data:`PRELOAD` and the modules ``extra``; returns its pid
-    and the socket path (for ``$DEIDFLOW_ZYGOTE``)."""
+def start() -> tuple[int, str]:
+    """Fork the server; returns its pid and the socket path (for ``$DEIDFLOW_ZYGOTE``)."""
     folder = tempfile.mkdtemp(prefix="deidflow-z")  # 0700, short path (Unix sockets allow ~100 bytes)
     path = os.path.join(folder, "s")
     listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
@@ -51,7 +46,7 @@ def start(extra: tuple[str, ...] = ()) -> tuple[int, str]:
         listener.close()
         return pid, path
     try:
-        _serve(listener, PRELOAD + tuple(extra))
+        _serve(listener)
     finally:
         os._exit(0)
 
@@ -70,14 +65,14 @@ def stop(pid: int, path: str) -> None:
             pass
 
 
-def _serve(listener: socket.socket, preload: tuple[str, ...]) -> None:
+def _serve(listener: socket.socket) -> None:
     die_with_parent()
     signal.signal(signal.SIGTERM, lambda *_: os._exit(0))
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGCHLD, signal.SIG_IGN)  # children report their status themselves
     sys.modules.setdefault("requests", None)  # see deidflow.jobs.main
     import importlib
-    for name in preload:
+    for name in PRELOAD:
         try:
             importlib.import_module(name)
         except Exception:  # a stage that cannot import fails in its own job, with its own message
