@@ -405,3 +405,30 @@ def test_dataset_matcher_of_many_subjects_finds_subject_n_over_2():
     # a value every subject shares is reported once for each of them
     shared = big.find(b"seen at Shared General Hospital.")
     assert len({nd.owner for _, nd in shared}) == n
+
+
+def test_value_at_the_end_of_a_dicom_element_is_found(tmp_path):
+    """A name ending an even-length value is followed directly by the next tag: an item or sequence
+    delimiter (FE FF) or Pixel Data (E0 7F).  Those bytes are no letters (not UTF-8 text): the name
+    is a whole word.  A name followed by an accented letter (UTF-8) is still part of a longer word."""
+    m = _matcher(("name", "PersonName", "Adebayo^Folake"))
+    for tail in (b"\xfe\xff\x00\xe0", b"\xfe\xff\r\xe0", b"\xe0\x7f\x10\x00", b"\x88\x00\x04\x01"):
+        assert m.find(b"referred by Dr Adebayo" + tail), tail
+        assert m.find(b"\xfe\xff\x00\xe0Adebayo, F."), tail
+    assert not m.find("Adebayoé".encode("utf-8")) and not m.find("éAdebayo".encode("utf-8"))
+    # end to end: an SR text item (even length, last element of its item) in a released file
+    ds = Dataset()
+    ds.SOPClassUID, ds.SOPInstanceUID = "1.2.840.10008.5.1.4.1.1.88.22", "1.2.3.4.5.6"
+    item = Dataset()
+    item.ValueType, item.TextValue = "TEXT", "referred by Dr Adebayo"
+    ds.ContentSequence = [item]
+    ds["ContentSequence"].is_undefined_length = True  # items end with a delimiter, as scanners write them
+    ds.ContentSequence[0].is_undefined_length_sequence_item = True
+    ds.file_meta = pydicom.dataset.FileMetaDataset()
+    ds.file_meta.TransferSyntaxUID = pydicom.uid.ExplicitVRLittleEndian
+    ds.file_meta.MediaStorageSOPClassUID, ds.file_meta.MediaStorageSOPInstanceUID = ds.SOPClassUID, ds.SOPInstanceUID
+    path = tmp_path / "0001.dcm"
+    ds.save_as(path, enforce_file_format=True)
+    assert b"Adebayo\xfe\xff" in path.read_bytes()
+    hits = leakscan.scan_file(path, "sourcedata/dicom/sub-a/0001.dcm", m).hits
+    assert hits and hits[0].field == "PersonName"

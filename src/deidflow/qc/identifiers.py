@@ -580,20 +580,44 @@ def _is_digit(b: int) -> bool:
     return 48 <= b <= 57
 
 
+def _utf8_after(hay: bytes, e: int) -> bool:
+    """Whether a well-formed multi-byte UTF-8 character starts at hay[e] (a letter of text, not
+    the bytes of a binary structure such as a DICOM tag: FE FF item delimiters, E0 7F Pixel Data)."""
+    lead = hay[e]
+    n = 2 if 0xC2 <= lead <= 0xDF else 3 if 0xE0 <= lead <= 0xEF else 4 if 0xF0 <= lead <= 0xF4 else 0
+    if not n or e + n > len(hay):
+        return False
+    try:
+        hay[e:e + n].decode("utf-8")
+    except UnicodeDecodeError:
+        return False
+    return True
+
+
+def _utf8_before(hay: bytes, s: int) -> bool:
+    """Whether a well-formed multi-byte UTF-8 character ends at hay[s - 1]."""
+    for n in (2, 3, 4):
+        if s - n >= 0 and _utf8_after(hay, s - n) and len(hay[s - n:s].decode("utf-8", "ignore")) == 1:
+            return True
+    return False
+
+
 def _bounded(hay: bytes, s: int, e: int) -> bool:
     """Whether hay[s:e] is a whole token: an end that is an ASCII letter must not touch another
-    letter, one that is a digit not another digit (nor a decimal point between digits); an end
-    that is not ASCII may touch anything (CJK text has no word breaks)."""
+    letter (ASCII, or a non-ASCII character in UTF-8: Müller is not Mül; bytes that are not UTF-8
+    text, such as the tag after a DICOM value, are no letters), one that is a digit not another
+    digit (nor a decimal point between digits); an end that is not ASCII may touch anything (CJK
+    text has no word breaks)."""
     first, last = hay[s], hay[e - 1]
     if s > 0:
         left = hay[s - 1]
-        if first < 128 and _is_letter(first) and _is_letter(left):
+        if first < 128 and _is_letter(first) and _is_letter(left) and (left < 128 or _utf8_before(hay, s)):
             return False
         if _is_digit(first) and (_is_digit(left) or (left == 46 and s > 1 and _is_digit(hay[s - 2]))):
             return False
     if e < len(hay):
         right = hay[e]
-        if last < 128 and _is_letter(last) and _is_letter(right):
+        if last < 128 and _is_letter(last) and _is_letter(right) and (right < 128 or _utf8_after(hay, e)):
             return False
         if _is_digit(last) and (_is_digit(right) or (right == 46 and e + 1 < len(hay) and _is_digit(hay[e + 1]))):
             return False
