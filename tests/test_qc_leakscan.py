@@ -432,3 +432,13 @@ def test_value_at_the_end_of_a_dicom_element_is_found(tmp_path):
     assert b"Adebayo\xfe\xff" in path.read_bytes()
     hits = leakscan.scan_file(path, "sourcedata/dicom/sub-a/0001.dcm", m).hits
     assert hits and hits[0].field == "PersonName"
+
+
+def test_greek_names_are_found_in_latin_letters():
+    """pydicom's chrGreek.dcm patient Διονυσιος, written DIONYSIOS in a kept description (ISO_IR 126
+    text beside an ASCII one): the ELOT 743 and the classical spellings are searched, as Cyrillic."""
+    m = _matcher(("name", "PatientName", "Διονυσιος^Παπαδόπουλος"), ("name", "OperatorsName", "Χρήστος"))
+    for text in (b"DIONYSIOS head", b"seen by Dionisios", b"PAPADOPOULOS, D.", b"Dr Christos",
+                 "ΔΙΟΝΥΣΙΟΣ".encode("utf-8"), "Παπαδοπουλος".encode("utf-8")):
+        assert m.find(text), text
+    assert identifiers.transliterations("Пётр") == {"petr", "pyotr"}  # Cyrillic as before

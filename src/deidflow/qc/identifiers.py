@@ -286,23 +286,51 @@ _CYRILLIC = dict(zip("абвгдезийклмнопрстуфыэ", "abvgdeziyk
 _CYRILLIC.update({"ж": "zh", "х": "kh", "ц": "ts", "ч": "ch", "ш": "sh", "щ": "shch", "ю": "yu", "я": "ya",
                   "ь": "", "ъ": "", "ё": "e", "є": "ye", "і": "i", "ї": "yi", "ґ": "g"})
 _CYRILLIC_ALT = {"ё": "yo", "х": "h", "й": "i", "ю": "iu", "я": "ia"}
+# Greek in Latin letters (ELOT 743 / passport spelling; the classical spellings as the other one):
+# Διονύσιος → Dionysios, Dionisios; Παπαδόπουλος → Papadopoulos; Χρήστος → Christos, Hristos.
+_GREEK = dict(zip("αβγδεζηικλμνξοπρσςτυφω", "avgdeziiklmnxoprsstyfo"))
+_GREEK.update({"θ": "th", "χ": "ch", "ψ": "ps", "ου": "ou", "αυ": "av", "ευ": "ev", "μπ": "b", "ντ": "d",
+               "γκ": "gk", "γγ": "ng"})
+_GREEK_ALT = {"β": "b", "η": "e", "υ": "i", "χ": "h", "φ": "ph", "ξ": "ks", "ου": "u", "αυ": "af",
+              "ευ": "ef", "μπ": "mp", "ντ": "nt", "γκ": "g", "γγ": "gg", "ω": "o"}
+_SCRIPTS = (("\u0400", "\u04ff", _CYRILLIC, _CYRILLIC_ALT), ("\u0370", "\u03ff", _GREEK, _GREEK_ALT))
 
 
-def _latin_of_cyrillic(value: str) -> set[str]:
+def _latin_of_script(value: str) -> set[str]:
+    """A Cyrillic or Greek value in Latin letters (two common spellings; empty for other scripts),
+    and a Greek one also without its accents (ΠΑΠΑΔΟΠΟΥΛΟΣ for Παπαδόπουλος)."""
+    import unicodedata
     low = value.lower()
-    if not any("\u0400" <= c <= "\u04ff" for c in low):
-        return set()
-    main = "".join(_CYRILLIC.get(c, c) for c in low)
-    alt = "".join(_CYRILLIC_ALT.get(c, _CYRILLIC.get(c, c)) for c in low)
-    return {o for o in (main, alt) if o.isascii()}
+    for first, last, main, alt in _SCRIPTS:
+        if any(first <= c <= last for c in low):
+            plain = set()
+            if main is _GREEK:  # accents (tonos, dialytika): not in Latin letters, nor in capitals
+                bare = "".join(c for c in unicodedata.normalize("NFD", value) if not unicodedata.combining(c))
+                plain = {bare} if bare != value else set()
+                low = bare.lower()
+            out = set()
+            for table in (main, {**main, **alt}):
+                text, i = [], 0
+                while i < len(low):
+                    pair = low[i:i + 2]
+                    if pair in table:
+                        text.append(table[pair])
+                        i += 2
+                    else:
+                        text.append(table.get(low[i], low[i]))
+                        i += 1
+                out.add("".join(text))
+            return {o for o in out if o.isascii()} | plain
+    return set()
 
 
 def transliterations(value: str) -> set[str]:
     """ASCII spellings of a value with accented letters: Müller → Muller, Mueller; Ødegård → Odegard,
-    Oedegaard; ß → ss; Cyrillic in Latin letters (Сидоров → Sidorov).  Empty for ASCII values."""
+    Oedegaard; ß → ss; Cyrillic and Greek in Latin letters (Сидоров → Sidorov, Διονύσιος →
+    Dionysios; Greek also without its accents).  Empty for ASCII values."""
     if value.isascii():
         return set()
-    latin = _latin_of_cyrillic(value)
+    latin = _latin_of_script(value)
     if latin:
         return latin
     import unicodedata
