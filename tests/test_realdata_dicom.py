@@ -49,6 +49,7 @@ from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import numpy as np
 import pydicom
 import pydicom.data
 import pytest
@@ -669,6 +670,37 @@ def test_clean_descriptors_removes_patient_name_from_study_description(tmp_path,
     assert "StudyDescription" in ds  # kept (cleaned) under clean_descriptors
     assert "kaufman" not in ds.StudyDescription.lower() and "scott" not in ds.StudyDescription.lower(), \
         ds.StudyDescription
+
+
+@pytest.mark.realdata
+def test_embedded_overlay_in_unused_pixel_bits_is_cleared(tmp_path, key_env, shared_data):
+    """Siemens MR (16 bits allocated, 12 stored) with the patient's name drawn into bit 12 and a
+    retired embedded overlay (OverlayBitPosition 12) pointing at it: the profile removes the
+    overlay group, and the name stayed in the released Pixel Data's unused bits, exit 0 (found by
+    red-team 2).  The bits above HighBit are cleared; every stored pixel value stays the same."""
+    src_dir = shared_data("dcm_qa_decubitus", "In", "HFS", "3_t1_fl2d_sag")
+    inp = tmp_path / "input"
+    inp.mkdir()
+    originals = {}
+    for i, src in enumerate(sorted(src_dir.iterdir())[:3]):
+        ds = pydicom.dcmread(src)
+        assert (ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.PixelRepresentation) == (16, 12, 11, 0)
+        stored = ds.pixel_array & 0x0FFF
+        text = np.zeros_like(stored)
+        text[10:30, 10:120] = 1  # the "text": any set bit above HighBit is hidden content
+        ds.PixelData = (stored | (text << 12)).astype("<u2").tobytes()
+        for elem, vr, value in ((0x0010, "US", ds.Rows), (0x0011, "US", ds.Columns), (0x0040, "CS", "G"),
+                                (0x0050, "SS", [1, 1]), (0x0100, "US", 16), (0x0102, "US", 12)):
+            ds.add_new(0x60000000 | elem, vr, value)
+        ds.save_as(inp / f"{i}.dcm")
+        originals[ds.SOPInstanceUID] = stored
+    rel = build_release(inp, tmp_path / "work", key_env)
+    assert len(rel.released()) == 3
+    for out in rel.released():
+        ds = pydicom.dcmread(out)
+        raw = np.frombuffer(ds.PixelData, "<u2")
+        assert not (raw >> 12).any(), out
+        assert any(np.array_equal(raw.reshape(ds.Rows, ds.Columns), v) for v in originals.values())
 
 
 # Regression guard: with dicom.private: safe the Siemens CSA blobs (0029,xx10) CSA Image Header Info

@@ -4,6 +4,8 @@ The fast path memory-maps the source, walks the top-level elements with ``struct
 every element the profile keeps (and the pixel data) as raw bytes; only elements whose value
 changes, and sequences, are decoded with pydicom and re-encoded.  Files the fast path cannot
 stream (no preamble or file meta, deflated transfer syntax) go through pydicom as a whole.
+Native pixel data keep every stored pixel value; bits outside BitsStored, where a retired embedded
+overlay can hold text, are cleared (:func:`clear_unused_pixel_bits`).
 Any problem raises :class:`DicomError` with a one-line reason for the quarantine list.
 """
 from __future__ import annotations
@@ -16,6 +18,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import BinaryIO, NamedTuple
 
+import numpy as np
 import pydicom
 from pydicom.charset import convert_encodings
 from pydicom.dataelem import RawDataElement
@@ -627,6 +630,8 @@ def deidentify_path(src: Path, dst: Path, scrubber: Scrubber, capture: frozenset
     try:
         with open(tmp, "wb") as fh:
             result = deidentify_file(src, fh, scrubber, capture)
+        if clear_unused_pixel_bits(tmp):
+            result.actions["PixelData"] = "C"
         os.replace(tmp, dst)
     except BaseException:
         try:
@@ -635,3 +640,50 @@ def deidentify_path(src: Path, dst: Path, scrubber: Scrubber, capture: frozenset
             pass
         raise
     return result
+
+
+_BITS_TAGS = ("BitsAllocated", "BitsStored", "HighBit", "PixelRepresentation")
+
+
+def clear_unused_pixel_bits(path: Path) -> bool:
+    """Clear the bits of native Pixel Data outside BitsStored (in place); True when any was set.
+
+    Those bits are no part of any pixel value, but a retired embedded overlay (OverlayBitPosition
+    12 of a 12-bit MR) or a vendor keeps text or graphics there, which survives the removal of
+    the overlay group.  Bits above HighBit become the sign bit's copy for signed data (the usual
+    sign extension), else zero; bits below the stored range zero.  Every stored value stays the
+    same.  Encapsulated (compressed) pixel data holds only the stored bits' codestream."""
+    from pydicom.uid import UID
+    from .qc.leakscan import pixel_region
+    try:
+        ds = pydicom.dcmread(path, stop_before_pixels=True, specific_tags=list(_BITS_TAGS))
+        ts = UID(ds.file_meta.TransferSyntaxUID)
+        alloc, stored, high = int(ds.BitsAllocated), int(ds.BitsStored), int(ds.HighBit)
+        signed = int(ds.get("PixelRepresentation") or 0) == 1
+    except Exception:  # no pixel module, or one pydicom cannot read: nothing to clear here
+        return False
+    if ts.is_compressed or alloc not in (8, 16, 32) or not 0 < stored <= high + 1 <= alloc:
+        return False
+    if stored == alloc:
+        return False
+    with open(path, "r+b") as fh, mmap.mmap(fh.fileno(), 0) as mm:
+        region = pixel_region(mm)
+        if region is None or (region[1] - region[0]) < alloc // 8:
+            return False
+        dtype = np.dtype(f"{'<' if ts.is_little_endian else '>'}u{alloc // 8}")
+        n = (region[1] - region[0]) // dtype.itemsize
+        raw = np.frombuffer(mm, dtype, count=n, offset=region[0])
+        full = (1 << alloc) - 1
+        low = high + 1 - stored
+        value_bits = ((1 << stored) - 1) << low
+        new = raw & dtype.type(value_bits)
+        if signed:
+            above = full & ~((1 << (high + 1)) - 1)
+            new |= np.where(raw & dtype.type(1 << high), dtype.type(above), dtype.type(0)).astype(dtype)
+        if np.array_equal(new, raw):
+            del raw
+            return False
+        del raw
+        mm[region[0]:region[0] + n * dtype.itemsize] = new.tobytes()
+        mm.flush()
+    return True
