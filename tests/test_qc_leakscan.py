@@ -442,3 +442,13 @@ def test_greek_names_are_found_in_latin_letters():
                  "ΔΙΟΝΥΣΙΟΣ".encode("utf-8"), "Παπαδοπουλος".encode("utf-8")):
         assert m.find(text), text
     assert identifiers.transliterations("Пётр") == {"petr", "pyotr"}  # Cyrillic as before
+
+
+def test_hyphenated_and_apostrophe_names_in_free_text():
+    """O'Brien-Smith^Mary-Kate written MARY KATE OBRIEN, OBRIEN SMITH, O’Brien (typographic
+    apostrophe) in a kept description was released with exit 0 (found by red-team 2)."""
+    m = _matcher(("name", "PatientName", "O'Brien-Smith^Mary-Kate"))
+    for text in (b"t1 MARY KATE OBRIEN", b"OBRIEN", b"pt OBRIEN SMITH", "pt O’Brien Smith, Mary".encode("utf-8"),
+                 b"Kate O Brien", b"MaryKate", b"obriensmith", b"Mary-Kate O'Brien-Smith"):
+        assert m.find(text), text
+    assert not m.find(b"O positive") and not m.find(b"Brienz")

@@ -462,12 +462,31 @@ def name_forms(value: str) -> set[str]:
                 out |= {f"{given} {middle} {family}", f"{given} {middle[0]}. {family}"}
         if "^" not in group and " " in group.strip():  # a plain "Given Family" name
             out.update(w for w in group.split() if w)
+    out |= {v for o in list(out) for v in punctuation_spellings(o)}
     # a long name part cut to a field's length (SH and many vendor fields hold 16 characters)
     out.update(w[:TRUNCATED_AT] for w in list(out) if " " not in w and "^" not in w and len(w) > TRUNCATED_AT)
     return {o.strip() for o in out if o.strip()}
 
 
 TRUNCATED_AT = 16
+_APOSTROPHES = "'’‘`´"
+_NAME_PUNCT = re.compile(f"[-{_APOSTROPHES}]")
+
+
+def punctuation_spellings(name: str) -> set[str]:
+    """A name with hyphens or apostrophes as free text writes it: O'Brien-Smith → O’Brien-Smith,
+    OBrien Smith, O Brien Smith, OBrienSmith …, and each part alone (Brien, Smith; parts too short
+    to search alone are left to the exclusion rules)."""
+    if not _NAME_PUNCT.search(name):
+        return set()
+    out = {p for p in _NAME_PUNCT.split(name) for p in p.split() if p}
+    words = {w for w in re.split(r"[-\s]+", name) if w}  # O'Brien of O'Brien-Smith
+    for apo in ("'", "’", "", " "):
+        for hyphen in ("-", " ", ""):
+            for text in (name, *words):
+                v = re.sub(f"[{_APOSTROPHES}]", apo, text).replace("-", hyphen)
+                out.add(" ".join(v.split()))
+    return out
 
 
 def time_forms(value: str) -> set[str]:
