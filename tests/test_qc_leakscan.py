@@ -452,3 +452,14 @@ def test_hyphenated_and_apostrophe_names_in_free_text():
                  b"Kate O Brien", b"MaryKate", b"obriensmith", b"Mary-Kate O'Brien-Smith"):
         assert m.find(text), text
     assert not m.find(b"O positive") and not m.find(b"Brienz")
+
+
+def test_japanese_phonetic_names_in_every_kana():
+    """pydicom's chrH31 patient Yamada^Tarou=山田^太郎=やまだ^たろう written ヤマダ タロウ (katakana) in
+    a kept description and ﾔﾏﾀﾞ ﾀﾛｳ (half-width, chrH32's spelling) in ImageComments was released
+    with exit 0 (found by red-team 2); the other way round too."""
+    m = _matcher(("name", "PatientName", "Yamada^Tarou=山田^太郎=やまだ^たろう"))
+    for text in ("ヤマダ タロウ t1", "ﾔﾏﾀﾞ ﾀﾛｳ", "ﾀﾛｳ", "ヤマダタロウ様"):
+        assert m.find(text.encode("utf-8")), text
+    m = _matcher(("name", "PatientName", "ﾔﾏﾀﾞ^ﾀﾛｳ=山田^太郎=やまだ^たろう"))
+    assert m.find("ヤマダ".encode("utf-8")) and m.find("やまだ たろう".encode("utf-8"))

@@ -540,8 +540,34 @@ def forms(kind: str, value: str) -> set[str]:
         out |= transliterations(o)
     if kind == "name":
         for o in list(out):
-            out |= accented_spellings(o)
+            out |= accented_spellings(o) | kana_spellings(o)
     return out
+
+
+@lru_cache(maxsize=1)
+def _kana_tables() -> tuple[dict[str, str], dict[str, str]]:
+    """Full-width katakana → half-width, and the two voicing marks."""
+    import unicodedata
+    half = {}
+    for cp in range(0xFF66, 0xFF9E):
+        full = unicodedata.normalize("NFKC", chr(cp))
+        if len(full) == 1:
+            half[full] = chr(cp)
+    return half, {"\u3099": "\uff9e", "\u309a": "\uff9f"}
+
+
+def kana_spellings(value: str) -> set[str]:
+    """A Japanese phonetic name in its other kana: hiragana やまだ ↔ katakana ヤマダ, and full-width
+    ↔ half-width katakana ﾔﾏﾀﾞ (what older systems print).  Empty for values without kana."""
+    if not any("\u3041" <= c <= "\u30ff" or "\uff66" <= c <= "\uff9f" for c in value):
+        return set()
+    import unicodedata
+    full = unicodedata.normalize("NFKC", value)
+    kata = "".join(chr(ord(c) + 0x60) if "\u3041" <= c <= "\u3096" else c for c in full)
+    hira = "".join(chr(ord(c) - 0x60) if "\u30a1" <= c <= "\u30f6" else c for c in full)
+    half, marks = _kana_tables()
+    narrow = "".join(half.get(c, marks.get(c, c)) for c in unicodedata.normalize("NFD", kata))
+    return {v for v in (full, kata, hira, narrow) if v != value}
 
 
 _ACCENTS = (("ue", "ü"), ("oe", "ö"), ("ae", "ä"), ("aa", "å"), ("oe", "ø"), ("ss", "ß"))
