@@ -463,3 +463,12 @@ def test_japanese_phonetic_names_in_every_kana():
         assert m.find(text.encode("utf-8")), text
     m = _matcher(("name", "PatientName", "ﾔﾏﾀﾞ^ﾀﾛｳ=山田^太郎=やまだ^たろう"))
     assert m.find("ヤマダ".encode("utf-8")) and m.find("やまだ たろう".encode("utf-8"))
+
+
+def test_cjk_names_written_without_a_space_are_found_whole():
+    """王小东 (chrX2's Wang^XiaoDong=王^小东) in a kept StudyDescription lost 小东 only: the
+    one-character family name 王 (too short to search alone) stayed beside the redaction."""
+    m = _matcher(("name", "PatientName", "Wang^XiaoDong=王^小东"), ("name", "OtherPatientNames", "홍^길동"))
+    assert identifiers.Matcher.redact(m, "王小东 head".encode("utf-8")).decode("utf-8", "replace").count("王") == 0
+    assert m.find("홍길동".encode("utf-8"))
+    assert m.redact_text("患者 홍길동") == "患者 *"

@@ -460,6 +460,8 @@ def name_forms(value: str) -> set[str]:
                     f"{family} {g0}."}
             if middle:
                 out |= {f"{given} {middle} {family}", f"{given} {middle[0]}. {family}"}
+            if not (family + given).isascii():  # CJK names are written family-given without a space
+                out.add(f"{family}{given}")
         if "^" not in group and " " in group.strip():  # a plain "Given Family" name
             out.update(w for w in group.split() if w)
     out |= {v for o in list(out) for v in punctuation_spellings(o)}
