@@ -684,25 +684,36 @@ def unit_needles(restricted: Path, manifest: Mapping, salt: bytes, excluded: Cou
 
 
 def other_units_ids(restricted: Path, manifest: Mapping, salt: bytes) -> list[Needle]:
-    """The patient IDs and accession numbers of every subject outside the job unit (from the
-    inventory, read before any job ran): one patient's MRN in another unit's file (a mis-filed
-    comparison study) is found by that unit's scan, before it is published.  Values one of the
-    unit's own subjects also carries are its own, not another's."""
+    """The patient IDs, accession numbers and names of every subject outside the job unit (from
+    the inventory, read before any job ran): one patient's MRN or name in another unit's file (a
+    mis-filed comparison study) is found by that unit's scan, before it is published.  Names are
+    searched in their forms of two words or more (OKAFOR, CHIDI; Chidi Okafor): one name word of
+    thousands of patients would be found in every text.  Values one of the unit's own subjects
+    also carries are its own, not another's."""
     from .. import inventory
     own = {subj["subject"] for subj in manifest["subjects"]}
+    columns = ("subject", "patient_id", "accession", "patient_name")
     try:
-        table = inventory.read(restricted, columns=["subject", "patient_id", "accession"])
+        table = inventory.read(restricted, columns=list(columns))
     except FileNotFoundError:  # a library caller's hand-made restricted folder: its own values only
         return []  # (a damaged inventory fails the job: in a run every job reads it at start anyway)
-    rows = list(zip(*(table[c].to_pylist() for c in ("subject", "patient_id", "accession"))))
+    rows = list(zip(*(table[c].to_pylist() for c in columns)))
     mine = {v for s, *values in rows if s in own for v in values if v}
     entries: dict[str, set[tuple[str, str, str]]] = {}
-    for s, pid, acc in rows:
+    for s, pid, acc, name in rows:
         if s and s not in own:
-            for fld, v in (("PatientID", pid), ("AccessionNumber", acc)):
+            for kind, fld, v in (("id", "PatientID", pid), ("id", "AccessionNumber", acc), ("name", "PatientName", name)):
                 if v and v not in mine:
-                    entries.setdefault(s, set()).add(("id", fld, v))
-    return [n for s, e in sorted(entries.items()) for n in needles_for(s, sorted(e), salt)]
+                    entries.setdefault(s, set()).add((kind, fld, v))
+    return [n for s, e in sorted(entries.items()) for n in needles_for(s, sorted(e), salt)
+            if n.kind != "name" or _several_words(n.text)]
+
+
+def _several_words(form: bytes) -> bool:
+    """Whether a name form holds two words (of two letters or more), or is a CJK name of three
+    characters or more (王小东): a form a text holds by chance only for that person."""
+    words = re.findall(r"[^\W\d_]{2,}", form.decode("utf-8", "replace"))
+    return len(words) >= 2 or (len(words) == 1 and len(words[0]) >= 3 and all(ord(c) >= 0x2E80 for c in words[0]))
 
 
 def scan_unit(release: Path, restricted: Path, manifest: Path, *, pixel_data: bool = False,
