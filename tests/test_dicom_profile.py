@@ -1259,3 +1259,16 @@ def test_large_private_value_cleaned_again_when_the_model_grows():
     scrubber.model.add("name", "PatientName", "DOE^JANE")
     swept = scrubber.clean_private("SIEMENS CSA HEADER", 0x00291010, blob)
     assert len(swept) == len(blob) and b"DOE" not in swept and b"JANE" not in swept
+
+
+def test_clean_structured_content_sweeps_names_of_the_content_items(tmp_path, engine):
+    """An SR text item names the observer whose PNAME item comes after it ("referred by Dr
+    Adebayo", Person Observer Name Adebayo^Folake): the observer's name was released in the text
+    (found by red-team 2).  Names inside a cleaned sequence feed the sweep before its items are
+    cleaned."""
+    ds = make_dataset(ContentSequence=[
+        item(RelationshipType="CONTAINS", ValueType="TEXT", TextValue="referred by Dr Adebayo"),
+        item(RelationshipType="HAS OBS CONTEXT", ValueType="PNAME", PersonName="Adebayo^Folake")])
+    out = roundtrip(tmp_path, ds, engine, options=("clean_structured_content",))
+    assert "Adebayo" not in out.ds.ContentSequence[0].TextValue
+    assert "Adebayo" not in str(out.ds.ContentSequence[1].PersonName)
