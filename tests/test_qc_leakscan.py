@@ -472,3 +472,16 @@ def test_cjk_names_written_without_a_space_are_found_whole():
     assert identifiers.Matcher.redact(m, "王小东 head".encode("utf-8")).decode("utf-8", "replace").count("王") == 0
     assert m.find("홍길동".encode("utf-8"))
     assert m.redact_text("患者 홍길동") == "患者 *"
+
+
+def test_names_beside_typographic_punctuation_are_found():
+    """“Okafor” seen by Dr<NBSP>Adebayo’s team, Okafor’s scan: the curly quotes, apostrophe and
+    no-break space are UTF-8 bytes >= 0x80 and counted as letters, so the patient's and the
+    physician's names were released with exit 0 (found by red-team 2).  Only Latin letters and
+    combining marks continue a word; another script is a boundary too (Adebayo様)."""
+    m = _matcher(("name", "PatientName", "Okafor^Chidi"), ("name", "ReferringPhysicianName", "Adebayo^Folake"))
+    for text in ("“Okafor” seen", "Dr\u00a0Adebayo\u00a0said", "Adebayo’s team", "Okafor–Smith", "Okafor…",
+                 "（Okafor）", "Adebayo様", "«Okafor»"):
+        assert m.find(text.encode("utf-8")), text
+    for text in ("Okaforé", "éOkafor", "Okafore\u0301", "Okaforß"):
+        assert not m.find(text.encode("utf-8")), text

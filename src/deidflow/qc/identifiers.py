@@ -655,44 +655,57 @@ def _is_digit(b: int) -> bool:
     return 48 <= b <= 57
 
 
-def _utf8_after(hay: bytes, e: int) -> bool:
-    """Whether a well-formed multi-byte UTF-8 character starts at hay[e] (a letter of text, not
-    the bytes of a binary structure such as a DICOM tag: FE FF item delimiters, E0 7F Pixel Data)."""
+def _char_after(hay: bytes, e: int) -> str | None:
+    """The well-formed multi-byte UTF-8 character that starts at hay[e], None when there is none
+    (the bytes of a binary structure such as a DICOM tag: FE FF item delimiters, E0 7F Pixel Data)."""
     lead = hay[e]
     n = 2 if 0xC2 <= lead <= 0xDF else 3 if 0xE0 <= lead <= 0xEF else 4 if 0xF0 <= lead <= 0xF4 else 0
     if not n or e + n > len(hay):
-        return False
+        return None
     try:
-        hay[e:e + n].decode("utf-8")
+        return hay[e:e + n].decode("utf-8")
     except UnicodeDecodeError:
-        return False
-    return True
+        return None
 
 
-def _utf8_before(hay: bytes, s: int) -> bool:
-    """Whether a well-formed multi-byte UTF-8 character ends at hay[s - 1]."""
+def _char_before(hay: bytes, s: int) -> str | None:
+    """The well-formed multi-byte UTF-8 character that ends at hay[s - 1], None when there is none."""
     for n in (2, 3, 4):
-        if s - n >= 0 and _utf8_after(hay, s - n) and len(hay[s - n:s].decode("utf-8", "ignore")) == 1:
-            return True
-    return False
+        if s - n >= 0 and (c := _char_after(hay, s - n)) is not None and len(c) == 1 and len(c.encode()) == n:
+            return c
+    return None
+
+
+@lru_cache(maxsize=4096)
+def _latin_letter(c: str | None) -> bool:
+    """Whether a non-ASCII character continues a word of Latin letters: an accented Latin letter
+    (Müller is not Mül) or a combining mark; punctuation (’ “ ” – …), spaces (NBSP), symbols and
+    letters of other scripts (様, Cyrillic) end it."""
+    if c is None:
+        return False
+    import unicodedata
+    cat = unicodedata.category(c)
+    return cat.startswith("M") or (cat.startswith("L") and "LATIN" in unicodedata.name(c, ""))
 
 
 def _bounded(hay: bytes, s: int, e: int) -> bool:
     """Whether hay[s:e] is a whole token: an end that is an ASCII letter must not touch another
-    letter (ASCII, or a non-ASCII character in UTF-8: Müller is not Mül; bytes that are not UTF-8
-    text, such as the tag after a DICOM value, are no letters), one that is a digit not another
-    digit (nor a decimal point between digits); an end that is not ASCII may touch anything (CJK
-    text has no word breaks)."""
+    Latin letter (ASCII, or an accented one in UTF-8: Müller is not Mül; typographic punctuation,
+    NBSP, other scripts and bytes that are not UTF-8 text, such as the tag after a DICOM value,
+    are no letters), one that is a digit not another digit (nor a decimal point between digits);
+    an end that is not ASCII may touch anything (CJK text has no word breaks)."""
     first, last = hay[s], hay[e - 1]
     if s > 0:
         left = hay[s - 1]
-        if first < 128 and _is_letter(first) and _is_letter(left) and (left < 128 or _utf8_before(hay, s)):
+        if first < 128 and _is_letter(first) and _is_letter(left) and (
+                left < 128 or _latin_letter(_char_before(hay, s))):
             return False
         if _is_digit(first) and (_is_digit(left) or (left == 46 and s > 1 and _is_digit(hay[s - 2]))):
             return False
     if e < len(hay):
         right = hay[e]
-        if last < 128 and _is_letter(last) and _is_letter(right) and (right < 128 or _utf8_after(hay, e)):
+        if last < 128 and _is_letter(last) and _is_letter(right) and (
+                right < 128 or _latin_letter(_char_after(hay, e))):
             return False
         if _is_digit(last) and (_is_digit(right) or (right == 46 and e + 1 < len(hay) and _is_digit(hay[e + 1]))):
             return False
