@@ -703,6 +703,32 @@ def test_embedded_overlay_in_unused_pixel_bits_is_cleared(tmp_path, key_env, sha
         assert any(np.array_equal(raw.reshape(ds.Rows, ds.Columns), v) for v in originals.values())
 
 
+def test_jpeg_comment_and_exif_segments_are_stripped_from_pixel_data(tmp_path, key_env):
+    """A JPEG frame's COM segment ("Patient MUELLER HANS MRN8283746 DOB 17.03.1958", as converters
+    write notes there) and APP1 (EXIF: camera owner, capture date) were released inside the Pixel
+    Data with exit 0 (found by red-team 2).  They are removed; the pixels decode the same."""
+    import struct
+    from pydicom.encaps import encapsulate, generate_frames
+    src = pydicom.dcmread(pydicom.data.get_testdata_file("SC_rgb_jpeg_dcmtk.dcm"))
+    (frame,) = generate_frames(src.PixelData, number_of_frames=1)
+    note = b"Patient MUELLER HANS MRN8283746 DOB 17.03.1958"
+    exif = b"Exif\x00\x00MM\x00*OWNER MUELLER 2019:03:14 10:00:00"
+    leaky = (frame[:2] + b"\xff\xfe" + struct.pack(">H", len(note) + 2) + note
+             + b"\xff\xe1" + struct.pack(">H", len(exif) + 2) + exif + frame[2:])
+    ds = pydicom.dcmread(pydicom.data.get_testdata_file("SC_rgb_jpeg_dcmtk.dcm"))
+    ds.PatientName, ds.PatientID = "Mueller^Hans", "MRN8283746"
+    ds.PixelData = encapsulate([leaky])
+    inp = tmp_path / "input"
+    inp.mkdir()
+    ds.save_as(inp / "sc.dcm")
+    assert np.array_equal(pydicom.dcmread(inp / "sc.dcm").pixel_array, src.pixel_array)
+    rel = build_release(inp, tmp_path / "work", key_env)
+    (out,) = rel.released()
+    data = out.read_bytes()
+    assert b"MUELLER" not in data and b"8283746" not in data and b"Exif" not in data
+    assert np.array_equal(pydicom.dcmread(out).pixel_array, src.pixel_array)
+
+
 # Regression guard: with dicom.private: safe the Siemens CSA blobs (0029,xx10) CSA Image Header Info
 # and (0029,xx20) CSA Series Header Info are kept (private_safe.tsv rows "dcm2niix kCSA…"); in
 # dcm_qa_decubitus they carry the original SOPInstanceUIDs of the localizers (MrPhoenixProtocol

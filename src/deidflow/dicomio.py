@@ -5,7 +5,8 @@ every element the profile keeps (and the pixel data) as raw bytes; only elements
 changes, and sequences, are decoded with pydicom and re-encoded.  Files the fast path cannot
 stream (no preamble or file meta, deflated transfer syntax) go through pydicom as a whole.
 Native pixel data keep every stored pixel value; bits outside BitsStored, where a retired embedded
-overlay can hold text, are cleared (:func:`clear_unused_pixel_bits`).
+overlay can hold text, are cleared (:func:`clear_unused_pixel_bits`); comment and application
+segments of JPEG frames (a converter's note, EXIF) are removed (:func:`strip_jpeg_metadata`).
 Any problem raises :class:`DicomError` with a one-line reason for the quarantine list.
 """
 from __future__ import annotations
@@ -13,6 +14,7 @@ from __future__ import annotations
 import copy
 import mmap
 import os
+import re
 import struct
 from dataclasses import dataclass
 from pathlib import Path
@@ -630,7 +632,7 @@ def deidentify_path(src: Path, dst: Path, scrubber: Scrubber, capture: frozenset
     try:
         with open(tmp, "wb") as fh:
             result = deidentify_file(src, fh, scrubber, capture)
-        if clear_unused_pixel_bits(tmp):
+        if clear_unused_pixel_bits(tmp) | strip_jpeg_metadata(tmp):
             result.actions["PixelData"] = "C"
         os.replace(tmp, dst)
     except BaseException:
@@ -686,4 +688,82 @@ def clear_unused_pixel_bits(path: Path) -> bool:
         del raw
         mm[region[0]:region[0] + n * dtype.itemsize] = new.tobytes()
         mm.flush()
+    return True
+
+
+# JPEG-family transfer syntaxes (JPEG baseline, extended, lossless, JPEG-LS): their frames are
+# marker segments up to the first scan.
+JPEG_SYNTAXES = frozenset(("1.2.840.10008.1.2.4.50", "1.2.840.10008.1.2.4.51", "1.2.840.10008.1.2.4.57",
+                           "1.2.840.10008.1.2.4.70", "1.2.840.10008.1.2.4.80", "1.2.840.10008.1.2.4.81"))
+# Segments a decoder needs besides the tables: APP0 JFIF (without a thumbnail), APP2 ICC profile,
+# APP14 Adobe (colour transform).  COM, APP1 (EXIF, XMP: camera owner, dates, GPS), APP13 (IPTC)
+# and every other application segment are text or pictures no decoder needs.
+_TEXT_MARKERS = frozenset([0xFE] + [m for m in range(0xE0, 0xF0) if m not in (0xE2, 0xEE)])
+
+
+def _jpeg_frame_without_metadata(frame: bytes) -> bytes:
+    """``frame`` without COM and application segments (JFIF kept when it has no thumbnail);
+    ``frame`` itself when it has none.  Raises :class:`DicomError` when one sits between scans."""
+    if frame[:2] != b"\xff\xd8":
+        raise DicomError("JPEG frame without a start-of-image marker")
+    out, pos, changed = [frame[:2]], 2, False
+    while pos + 4 <= len(frame):
+        if frame[pos] != 0xFF:
+            raise DicomError("JPEG frame with a damaged marker segment")
+        marker = frame[pos + 1]
+        if marker == 0xFF:  # fill byte
+            pos += 1
+            continue
+        n = struct.unpack(">H", frame[pos + 2:pos + 4])[0]
+        segment = frame[pos:pos + 2 + n]
+        if marker == 0xDA:  # start of scan: the rest is coded data (and any further scans)
+            rest = frame[pos:]
+            if re.search(rb"\xff[\xe0-\xef\xfe]", rest):  # never in coded data: a segment between scans
+                raise DicomError("JPEG frame holds a comment or application segment between its scans")
+            out.append(rest)
+            break
+        jfif_plain = marker == 0xE0 and segment[4:9] == b"JFIF\x00" and n == 16
+        if marker in _TEXT_MARKERS and not jfif_plain:
+            changed = True
+        else:
+            out.append(segment)
+        pos += 2 + n
+    return b"".join(out) if changed else frame
+
+
+def strip_jpeg_metadata(path: Path) -> bool:
+    """Remove comment and application segments from every JPEG frame of encapsulated Pixel Data
+    (in place; the pixels decode the same); True when any was removed.  A file whose frames cannot
+    be told apart, or with an Extended Offset Table, raises :class:`DicomError` when it has such
+    segments (it is quarantined rather than released with them)."""
+    from pydicom.encaps import encapsulate, generate_frames
+    from .qc.leakscan import pixel_region
+    try:
+        ds = pydicom.dcmread(path, stop_before_pixels=True, specific_tags=["NumberOfFrames"])
+        ts = str(ds.file_meta.TransferSyntaxUID)
+    except Exception:
+        return False
+    if ts not in JPEG_SYNTAXES:
+        return False
+    data = Path(path).read_bytes()
+    region = pixel_region(data)
+    if region is None:
+        return False
+    value = data[region[0]:region[1]]
+    if not re.search(rb"\xff[\xe0-\xef\xfe]", value):
+        return False  # no such marker anywhere: nothing to remove (the usual case)
+    try:
+        frames = list(generate_frames(value, number_of_frames=int(ds.get("NumberOfFrames") or 1)))
+    except Exception:
+        raise DicomError("JPEG pixel data whose frames cannot be told apart holds comment or application "
+                         "segments") from None
+    new = [_jpeg_frame_without_metadata(f) for f in frames]
+    if all(a is b for a, b in zip(new, frames)):
+        return False
+    if b"\xe0\x7f\x01\x00" in data[:region[0]]:  # (7FE0,0001) Extended Offset Table
+        raise DicomError("JPEG frames with comment or application segments and an Extended Offset Table")
+    has_bot = value[4:8] != b"\x00\x00\x00\x00"
+    body = encapsulate(new, has_bot=has_bot)  # odd frames padded to even length
+    with open(path, "wb") as fh:
+        fh.write(data[:region[0]] + body + b"\xfe\xff\xdd\xe0\x00\x00\x00\x00" + data[region[1]:])
     return True
