@@ -458,6 +458,20 @@ def build_release(input_dir: Path, work: Path, key: bytes, *, files_per_job: int
     return rel
 
 
+def _without_frame_comments(ds) -> list[bytes] | bytes:
+    """The frames of compressed Pixel Data without their comment and application segments (what
+    the dicom stage removes); the value itself for native pixel data."""
+    from pydicom.encaps import generate_frames
+    from deidflow.dicomio import (J2K_SYNTAXES, JPEG_SYNTAXES, _j2k_frame_without_comments,
+                                  _jpeg_frame_without_metadata)
+    ts = str(ds.file_meta.TransferSyntaxUID)
+    if ts not in JPEG_SYNTAXES | J2K_SYNTAXES:
+        return ds.PixelData
+    strip = _jpeg_frame_without_metadata if ts in JPEG_SYNTAXES else _j2k_frame_without_comments
+    frames = generate_frames(ds.PixelData, number_of_frames=int(ds.get("NumberOfFrames") or 1))
+    return [strip(f).rstrip(b"\x00") for f in frames]  # a frame of odd length is padded to even
+
+
 def check_release(rel: Release, *, expected_quarantine: dict[str, str], label: str) -> dict:
     """All checks of the acceptance criterion on one release; returns figures for the report."""
     inputs = sorted(p for p in rel.input_dir.rglob("*") if p.is_file())
@@ -502,8 +516,11 @@ def check_release(rel: Release, *, expected_quarantine: dict[str, str], label: s
         assert ds.SOPClassUID == orig.SOPClassUID
         for kw in ("PixelData", "FloatPixelData", "DoubleFloatPixelData"):
             assert (kw in ds) == (kw in orig), f"{out}: {kw} present in one only"
-            if kw in orig:
-                assert ds[kw].value == orig[kw].value, f"{out}: {kw} differs from {src}"
+            if kw in orig and ds[kw].value != orig[kw].value:
+                # the one change allowed: comment and application segments of compressed frames
+                assert kw == "PixelData", f"{out}: {kw} differs from {src}"
+                assert _without_frame_comments(orig) == _without_frame_comments(ds), \
+                    f"{out}: {kw} differs from {src} beyond its frames' comment segments"
 
     # 4. The byte scan.
     excluded: Counter = Counter()
@@ -726,6 +743,29 @@ def test_jpeg_comment_and_exif_segments_are_stripped_from_pixel_data(tmp_path, k
     (out,) = rel.released()
     data = out.read_bytes()
     assert b"MUELLER" not in data and b"8283746" not in data and b"Exif" not in data
+    assert np.array_equal(pydicom.dcmread(out).pixel_array, src.pixel_array)
+
+
+def test_jpeg2000_comment_segment_is_stripped_from_pixel_data(tmp_path, key_env):
+    """A JPEG 2000 COM marker in the main header ("Patient MUELLER HANS MRN8283746") was released
+    inside the Pixel Data with exit 0 (found by red-team 2); it is removed, the pixels decode the
+    same."""
+    import struct
+    from pydicom.encaps import encapsulate, generate_frames
+    src = pydicom.dcmread(pydicom.data.get_testdata_file("MR_small_jp2klossless.dcm"))
+    (frame,) = generate_frames(src.PixelData, number_of_frames=1)
+    end_siz = 4 + struct.unpack(">H", frame[4:6])[0]
+    note = b"\x00\x01Patient MUELLER HANS MRN8283746"
+    ds = pydicom.dcmread(pydicom.data.get_testdata_file("MR_small_jp2klossless.dcm"))
+    ds.PatientName, ds.PatientID = "Mueller^Hans", "MRN8283746"
+    ds.PixelData = encapsulate([frame[:end_siz] + b"\xff\x64" + struct.pack(">H", len(note) + 2) + note
+                                + frame[end_siz:]])
+    inp = tmp_path / "input"
+    inp.mkdir()
+    ds.save_as(inp / "mr.dcm")
+    rel = build_release(inp, tmp_path / "work", key_env)
+    (out,) = rel.released()
+    assert b"MUELLER" not in out.read_bytes() and b"8283746" not in out.read_bytes()
     assert np.array_equal(pydicom.dcmread(out).pixel_array, src.pixel_array)
 
 

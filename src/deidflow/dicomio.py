@@ -731,11 +731,60 @@ def _jpeg_frame_without_metadata(frame: bytes) -> bytes:
     return b"".join(out) if changed else frame
 
 
+J2K_SYNTAXES = frozenset(("1.2.840.10008.1.2.4.90", "1.2.840.10008.1.2.4.91", "1.2.840.10008.1.2.4.201",
+                          "1.2.840.10008.1.2.4.202", "1.2.840.10008.1.2.4.203"))
+_J2K_TEXT_BOXES = (b"xml ", b"uuid", b"jp2i")
+
+
+def _j2k_frame_without_comments(frame: bytes) -> bytes:
+    """A JPEG 2000 codestream without the comment (COM) segments of its main header; ``frame``
+    itself when it has none.  Raises :class:`DicomError` for a comment in a tile-part header or
+    text in a JP2 wrapper (which this does not rewrite)."""
+    if frame[4:8] == b"jP  ":  # a JP2 file, not the bare codestream DICOM asks for
+        pos = 0
+        while pos + 8 <= len(frame):
+            size, kind = struct.unpack(">I", frame[pos:pos + 4])[0], frame[pos + 4:pos + 8]
+            if kind in _J2K_TEXT_BOXES:
+                raise DicomError("JPEG 2000 frame in a JP2 wrapper with a text box")
+            if kind == b"jp2c" and _j2k_frame_without_comments(frame[pos + 8:pos + size if size else None]) \
+                    is not frame[pos + 8:pos + size if size else None]:
+                raise DicomError("JPEG 2000 frame in a JP2 wrapper with a comment segment")
+            if size < 8:
+                break
+            pos += size
+        return frame
+    if frame[:2] != b"\xff\x4f":
+        raise DicomError("JPEG 2000 frame without a start-of-codestream marker")
+    out, pos, changed = [frame[:2]], 2, False
+    while pos + 4 <= len(frame) and frame[pos:pos + 2] != b"\xff\x90":  # main header, up to the first tile
+        n = struct.unpack(">H", frame[pos + 2:pos + 4])[0]
+        if frame[pos] != 0xFF or n < 2:
+            raise DicomError("JPEG 2000 frame with a damaged main header")
+        if frame[pos + 1] == 0x64:
+            changed = True
+        else:
+            out.append(frame[pos:pos + 2 + n])
+        pos += 2 + n
+    tiles = pos
+    while pos + 12 <= len(frame) and frame[pos:pos + 2] == b"\xff\x90":  # each tile-part header
+        psot = struct.unpack(">I", frame[pos + 6:pos + 10])[0]
+        q = pos + 12
+        while q + 4 <= len(frame) and frame[q:q + 2] not in (b"\xff\x93", b""):
+            if frame[q:q + 2] == b"\xff\x64":
+                raise DicomError("JPEG 2000 frame with a comment in a tile-part header")
+            q += 2 + struct.unpack(">H", frame[q + 2:q + 4])[0]
+        if not psot:
+            break
+        pos += psot
+    return b"".join(out) + frame[tiles:] if changed else frame
+
+
 def strip_jpeg_metadata(path: Path) -> bool:
-    """Remove comment and application segments from every JPEG frame of encapsulated Pixel Data
-    (in place; the pixels decode the same); True when any was removed.  A file whose frames cannot
-    be told apart, or with an Extended Offset Table, raises :class:`DicomError` when it has such
-    segments (it is quarantined rather than released with them)."""
+    """Remove comment and application segments from every JPEG frame of encapsulated Pixel Data,
+    and comment segments from JPEG 2000 frames (in place; the pixels decode the same); True when
+    any was removed.  A file whose frames cannot be told apart, or with an Extended Offset Table,
+    raises :class:`DicomError` when it has such segments (it is quarantined rather than released
+    with them)."""
     from pydicom.encaps import encapsulate, generate_frames
     from .qc.leakscan import pixel_region
     try:
@@ -743,21 +792,24 @@ def strip_jpeg_metadata(path: Path) -> bool:
         ts = str(ds.file_meta.TransferSyntaxUID)
     except Exception:
         return False
-    if ts not in JPEG_SYNTAXES:
+    if ts not in JPEG_SYNTAXES and ts not in J2K_SYNTAXES:
         return False
     data = Path(path).read_bytes()
     region = pixel_region(data)
     if region is None:
         return False
     value = data[region[0]:region[1]]
-    if not re.search(rb"\xff[\xe0-\xef\xfe]", value):
+    if ts in JPEG_SYNTAXES and not re.search(rb"\xff[\xe0-\xef\xfe]", value):
         return False  # no such marker anywhere: nothing to remove (the usual case)
+    if ts in J2K_SYNTAXES and b"\xff\x64" not in value and not any(b in value for b in _J2K_TEXT_BOXES):
+        return False
     try:
         frames = list(generate_frames(value, number_of_frames=int(ds.get("NumberOfFrames") or 1)))
     except Exception:
         raise DicomError("JPEG pixel data whose frames cannot be told apart holds comment or application "
                          "segments") from None
-    new = [_jpeg_frame_without_metadata(f) for f in frames]
+    strip = _jpeg_frame_without_metadata if ts in JPEG_SYNTAXES else _j2k_frame_without_comments
+    new = [strip(f) for f in frames]
     if all(a is b for a, b in zip(new, frames)):
         return False
     if b"\xe0\x7f\x01\x00" in data[:region[0]]:  # (7FE0,0001) Extended Offset Table
