@@ -1012,6 +1012,28 @@ def matcher_for(entries: Iterable[tuple[str, str, str]], subject: str = "", salt
     return Matcher(needles_for(subject, entries, salt))
 
 
+_NAME_LIKE = re.compile(r"[^\W\d_]{2,}(?:[_.,' -]+[^\W\d_]{2,}){1,3}")
+
+
+def guess(value: str) -> list[tuple[str, str]]:
+    """``(kind, value)`` of a value whose kind is known only from its look (the inventory's patient
+    name, ID and birth date of a subject, or a non-DICOM subject's identity from its folder): a
+    date (8 digits), a person name (``^`` or letters only), else an ID.  Two to four words of
+    letters joined by ``_`` or ``.`` (a folder named ``Mueller_Hans``, ``OKAFOR.CHIDI``) are a
+    name too (``Mueller^Hans``) besides the ID as written."""
+    v = str(value).strip("\x00 ")
+    if not v:
+        return []
+    digits = v.replace("-", "")
+    if len(digits) == 8 and digits.isdigit():
+        return [("date", digits)]
+    if "^" not in v and re.search(r"[_.]", v) and _NAME_LIKE.fullmatch(v):
+        return [("name", "^".join(w for w in re.split(r"[_., -]+", v) if w)), ("id", v)]
+    if "^" in v or all(c.isalpha() or c in " .,'-" for c in v):
+        return [("name", v)]
+    return [("id", v)]
+
+
 class IdentifierModel:
     """One subject's identifying values as an engine meets them, and the matcher over them: the
     residual sweep that every scrubber applies to each value it keeps (DICOM, the other formats,
@@ -1045,18 +1067,9 @@ class IdentifierModel:
                     self.add(kind, field, str(v))
 
     def add_guess(self, field: str, value: str) -> None:
-        """A value whose kind is known only from its look (the inventory's patient name, ID and
-        birth date of a subject): a date (8 digits), a person name (``^`` or letters only), else an ID."""
-        v = str(value).strip("\x00 ")
-        if not v:
-            return
-        digits = v.replace("-", "")
-        if len(digits) == 8 and digits.isdigit():
-            self.add("date", field, digits)
-        elif "^" in v or all(c.isalpha() or c in " .,'-" for c in v):
-            self.add("name", field, v)
-        else:
-            self.add("id", field, v)
+        """A value whose kind is known only from its look (see :func:`guess`)."""
+        for kind, v in guess(value):
+            self.add(kind, field, v)
 
     def add_keyword(self, keyword: str, value) -> None:
         """A value of the DICOM attribute ``keyword`` (a BIDS sidecar field of the same name)."""
