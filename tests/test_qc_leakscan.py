@@ -146,6 +146,25 @@ def test_collector_keeps_only_what_the_profile_changes(key_env, tmp_path):
     assert "SIEMENS" not in values and "1.2.840.10008.5.1.4.1.1.4" not in values  # kept; registered UID
 
 
+@pytest.mark.parametrize("options, searched", [((), True), (("retain_device_identity",), False)])
+def test_station_ae_title_is_device_identity(key_env, tmp_path, options, searched):
+    """Siemens scanners name the station and its AE title alike (dcm_qa_decubitus: StationName =
+    SourceApplicationEntityTitle).  With retain_device_identity the kept StationName made the
+    rebuilt file meta's AE title a leak: every subject of the research preset was withheld."""
+    from deidflow.dicom import Scrubber, SubjectContext
+    from deidflow.dicomio import deidentify_path
+    from deidflow.profile import build_plan
+    from deidflow.pseudonym import Pseudonymizer
+    src = tmp_path / "in.dcm"
+    ds = pydicom.dcmread(pydicom.data.get_testdata_file("MR_small.dcm"))
+    ds.StationName = ds.file_meta.SourceApplicationEntityTitle = "AWP67060"
+    ds.save_as(src)
+    col = identifiers.IdentifierCollector()
+    sc = Scrubber(build_plan(options), SubjectContext(Pseudonymizer(key_env), "sub-x", -10, identifiers=col))
+    deidentify_path(src, tmp_path / "out.dcm", sc)
+    assert ("AWP67060" in {v for _, _, v in col.entries()}) == searched
+
+
 # -- the demo release -------------------------------------------------------------------------------
 @pytest.fixture(scope="module")
 def demo(tmp_path_factory):

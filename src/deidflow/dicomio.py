@@ -260,7 +260,8 @@ def _stream(mm, size: int, body: int, meta: FileMetaDataset, ts: str, encoding: 
     policy = scrubber.plan.private_policy
     collect = scrubber.collect  # original identifying values for the leak scan, or None
     if collect is not None:
-        collect.file_meta(meta)  # the meta group is rebuilt: its AE titles and UIDs go
+        # the meta group is rebuilt: its AE titles and UIDs go
+        collect.file_meta(meta, ae_titles="retain_device_identity" not in scrubber.plan.options)
     sop_class = sop_instance = None
     pixel_bytes = 0
     for el in elems:
@@ -573,7 +574,7 @@ def _deidentify_dataset(src: Path, out: BinaryIO, scrubber: Scrubber, capture: f
         raise DicomError("UN element in a big-endian data set without file meta (ambiguous encoding)")
     old_meta = getattr(ds, "file_meta", None) or FileMetaDataset()
     if scrubber.collect is not None:
-        scrubber.collect.file_meta(old_meta)
+        scrubber.collect.file_meta(old_meta, ae_titles="retain_device_identity" not in scrubber.plan.options)
     if str(old_meta.get("TransferSyntaxUID", "")) != DeflatedExplicitVRLittleEndian:
         _check_complete(src, implicit, little)
     ts = str(old_meta.get("TransferSyntaxUID", "")) or {

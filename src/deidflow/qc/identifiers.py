@@ -141,11 +141,13 @@ class IdentifierCollector:
                 except Exception:  # an undecodable value cannot be searched for either
                     continue
 
-    def file_meta(self, meta) -> None:
-        """The AE titles and instance UIDs of a file meta group that is rebuilt."""
+    def file_meta(self, meta, ae_titles: bool = True) -> None:
+        """The AE titles and instance UIDs of a file meta group that is rebuilt; the AE titles only
+        with ``ae_titles`` (they name the station: device identity, which
+        retain_device_identity keeps as StationName, often the same string)."""
         try:
             for elem in meta:
-                kind = {"AE": "id", "UI": "uid"}.get(elem.VR)
+                kind = {"AE": "id" if ae_titles else None, "UI": "uid"}.get(elem.VR)
                 if kind and (kind == "id" or elem.keyword == "MediaStorageSOPInstanceUID"):
                     for s in _strings(elem.value):
                         self.add(kind, elem.keyword, s)
