@@ -165,6 +165,24 @@ def test_station_ae_title_is_device_identity(key_env, tmp_path, options, searche
     assert ("AWP67060" in {v for _, _, v in col.entries()}) == searched
 
 
+def test_collector_decodes_iso_2022_values(key_env, tmp_path):
+    """ISO 2022 IR 87 text is 7-bit (escape sequences and JIS X 0208 bytes): taken for ASCII, the
+    collected name of pydicom's chrH31 was "Yamada^Tarou=\\x1b$B;3ED\\x1b(B^…", so the leak scan
+    never searched 山田 or やまだ, and searched the escape sequence every Japanese text holds
+    (found by red-team 2)."""
+    from pydicom.data import get_charset_files
+    from deidflow.dicom import Scrubber, SubjectContext
+    from deidflow.dicomio import deidentify_path
+    from deidflow.profile import build_plan
+    from deidflow.pseudonym import Pseudonymizer
+    col = identifiers.IdentifierCollector()
+    sc = Scrubber(build_plan(), SubjectContext(Pseudonymizer(key_env), "sub-x", -10, identifiers=col))
+    deidentify_path(Path(get_charset_files("chrH31.dcm")[0]), tmp_path / "out.dcm", sc)
+    names = {v for k, _, v in col.entries() if k == "name"}
+    assert "Yamada^Tarou=山田^太郎=やまだ^たろう" in names
+    assert not any("\x1b" in v for _, _, v in col.entries())
+
+
 # -- the demo release -------------------------------------------------------------------------------
 @pytest.fixture(scope="module")
 def demo(tmp_path_factory):

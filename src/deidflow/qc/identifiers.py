@@ -166,7 +166,7 @@ class IdentifierCollector:
         if key in self._seen:
             return
         self._seen.add(key)
-        if data.isascii():
+        if data.isascii() and b"\x1b" not in data:  # ISO 2022 text is 7-bit too: decoded below
             text = data.decode("ascii")
         else:
             from pydicom.charset import decode_bytes
