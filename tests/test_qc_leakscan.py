@@ -522,3 +522,13 @@ def test_names_beside_typographic_punctuation_are_found():
         assert m.find(text.encode("utf-8")), text
     for text in ("Okaforé", "éOkafor", "Okafore\u0301", "Okaforß"):
         assert not m.find(text.encode("utf-8")), text
+
+
+def test_full_width_ids_and_names_of_a_cjk_subject():
+    """Japanese text writes Latin letters and digits full-width: 患者ＩＤ ＭＲＮ４７１１０００ ＹＡＭＡＤＡ in
+    chrH31's ImageComments was released with exit 0 (found by red-team 2)."""
+    m = _matcher(("name", "PatientName", "Yamada^Tarou=山田^太郎=やまだ^たろう"), ("id", "PatientID", "MRN4711000"))
+    text = "患者ＩＤ ＭＲＮ４７１１０００ ＹＡＭＡＤＡ Ｔａｒｏｕ"
+    assert m.redact_text(text) == "患者ＩＤ * * *"
+    plain = _matcher(("name", "PatientName", "Smith^John"), ("id", "PatientID", "MRN4711000"))
+    assert len(plain) == len(_matcher(("name", "PatientName", "Smith^John"))) + len(_matcher(("id", "PatientID", "MRN4711000")))

@@ -957,6 +957,9 @@ def needles_for(subject: str, entries: Iterable[tuple[str, str, str]], salt: byt
                 excluded: Counter | None = None) -> list[Needle]:
     """The searchable forms of a subject's identifier entries ``(kind, field, value)``; excluded
     forms are counted per rule in ``excluded``."""
+    entries = list(entries)
+    # a subject with a CJK name: its IDs and Latin names also as East Asian text writes them
+    wide = any(kind == "name" and _EAST_ASIAN.search(value) for kind, _, value in entries)
     out: list[Needle] = []
     done: set[tuple[str, str]] = set()
     for kind, fld, value in entries:
@@ -970,7 +973,21 @@ def needles_for(subject: str, entries: Iterable[tuple[str, str, str]], salt: byt
                     excluded[rule] += 1
                 continue
             out += [Needle(text, kind, fld, digest, subject, mode) for text, mode in texts]
+            if wide and kind in ("name", "id"):
+                out += [Needle(text, kind, fld, digest, subject) for text in full_width_forms(key[0])]
     return out
+
+
+_EAST_ASIAN = re.compile("[\u3040-\u30ff\u3400-\u9fff\uac00-\ud7af\uff66-\uff9f]")
+
+
+def full_width_forms(form: str) -> set[bytes]:
+    """An ASCII form in full-width letters and digits (ＭＲＮ４７１１０００, ＹＡＭＡＤＡ, Ｙａｍａｄａ),
+    as Japanese, Chinese and Korean text writes them, in UTF-8; empty for other forms."""
+    if not form.isascii() or not any(c.isalnum() for c in form):
+        return set()
+    wide = {c: chr(ord(c) + 0xFEE0) for c in map(chr, range(0x21, 0x7F))}
+    return {"".join(wide.get(c, c) for c in v).encode("utf-8") for v in (form, form.upper(), form.lower(), form.title())}
 
 
 @lru_cache(maxsize=1 << 15)
