@@ -228,3 +228,20 @@ def test_dcm2niix_failure_fails_the_convert_job(default, tmp_path, monkeypatch):
                      restricted / "done.json", {"options": []}, {"mapping": [], "dicom_released": True},
                      work_root=default["restricted"] / "work" / "bids-dicom")
     assert not (restricted / "done.json").exists()
+
+
+def test_iso_2022_text_does_not_fail_the_conversion(tmp_path):
+    """dcm2niix copies ISO 2022 text (Korean, Japanese) with its escape sequences into the sidecar,
+    which strict JSON refuses: the convert job failed and every subject of its batch was withheld
+    (found by red-team 2).  The sidecar is read leniently; the series converts."""
+    import pydicom
+    from pydicom.data import get_charset_files
+    from deidflow.bids import dcm2niix
+    series = tmp_path / "series"
+    series.mkdir()
+    ds = pydicom.dcmread(get_charset_files("chrI2.dcm")[0])  # ISO 2022 IR 149
+    ds.SeriesDescription = "홍길동 head"
+    ds.save_as(series / "0001.dcm")
+    assert b"\x1b$)C" in (series / "0001.dcm").read_bytes()
+    outputs = dcm2niix.convert_series(series, tmp_path / "work")
+    assert len(outputs) == 1 and "SeriesDescription" in outputs[0].sidecar

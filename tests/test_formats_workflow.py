@@ -64,3 +64,30 @@ def test_mixed_tree_release(tmp_path):
                 blob += gzip.decompress(blob)
             left = [v for v in planted if v.encode() in blob]
             assert not left, (p.relative_to(out), left)
+
+
+def test_folder_named_after_the_patient_is_a_name(tmp_path):
+    """NIfTI files whose subject is their folder, named after the patient (Mueller_Hans): the
+    descrip "T1 Hans Mueller" was kept under the research preset and released with exit 0 (found
+    by red-team 2): the folder's words were searched as a file name only.  A folder identity of
+    letter words is a person name: the sweep cleans it, and the leak scan withholds a copy the
+    sweep cannot clean (an extension kept byte for byte)."""
+    import nibabel as nib
+    import numpy as np
+    img = nib.load(require_shared("nibabel", "anatomical.nii"))
+    inp = tmp_path / "in"
+    for folder, ext in (("Mueller_Hans", None), ("OKAFOR.CHIDI", b"comment Chidi Okafor")):
+        (inp / folder).mkdir(parents=True)
+        h = img.header.copy()
+        h["descrip"] = b"T1 Hans Mueller" if folder == "Mueller_Hans" else b"T1"
+        out_img = nib.Nifti1Image(np.asanyarray(img.dataobj), img.affine, h)
+        if ext:
+            out_img.header.extensions.append(nib.nifti1.Nifti1Extension(6, ext))
+        nib.save(out_img, inp / folder / "t1.nii")
+    out = tmp_path / "release"
+    r = run_cli("run", str(inp), str(out), "--set", "profile.preset=research", "--set", "face.method=none",
+                "--set", "formats.nifti_extensions.keep=[6]")
+    assert r.returncode == 3, r.stderr[-3000:]  # Okafor's kept extension: withheld
+    released = b"".join(p.read_bytes() for p in (out / "sourcedata").rglob("*") if p.is_file())
+    assert b"Mueller" not in released and b"Hans" not in released and b"Okafor" not in released
+    assert len([p for p in (out / "sourcedata" / "nifti").iterdir()]) == 1  # Mueller's, cleaned

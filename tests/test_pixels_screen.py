@@ -212,3 +212,21 @@ def test_demo_ct_and_mr_series_have_no_text(tmp_path):
     assert len(fact["series"]) >= 4
     assert all(s["text_found"] is False and s["boxes"] == 0 for s in fact["series"])
     assert {p: digest(p) for p in before} == before
+
+
+def test_text_in_one_unsampled_frame_is_found(tmp_path):
+    """A name burned into the background of one slice of a long series, at the anatomy's brightness
+    (a key image annotated in place): neither sampled nor an outlier by its statistics, it was
+    released with exit 0 (a real GE head CT, found by red-team 2).  Strong edges in one frame where
+    both neighbours are flat background make it an outlier."""
+    frames = anatomy(24)
+    assert 13 not in screen.sample(24)
+    frames[13] = burn(frames[13], "MUELLER HANS", xy=(20, 160), value=int(np.percentile(frames[13], 99)))
+    assert 13 not in screen.outliers([screen.stats(f) for f in frames])
+    files = write_series(tmp_path / "s", frames)
+    fact, _ = run_series({"MR001-k": files}, tmp_path / "r", {"clean": "auto"})
+    (s,) = fact["series"]
+    assert s["text_found"] is True and s["decision"] == "cleaned"
+    clean, _ = run_series({"MR002-c": write_series(tmp_path / "c", anatomy(24, seed=5))}, tmp_path / "r2",
+                          {"clean": "auto"})
+    assert clean["series"][0]["text_found"] is False and clean["series"][0]["outlier_frames"] == 0

@@ -209,6 +209,43 @@ def test_collector_keeps_only_what_the_profile_changes(key_env, tmp_path):
     assert "SIEMENS" not in values and "1.2.840.10008.5.1.4.1.1.4" not in values  # kept; registered UID
 
 
+@pytest.mark.parametrize("options, searched", [((), True), (("retain_device_identity",), False)])
+def test_station_ae_title_is_device_identity(key_env, tmp_path, options, searched):
+    """Siemens scanners name the station and its AE title alike (dcm_qa_decubitus: StationName =
+    SourceApplicationEntityTitle).  With retain_device_identity the kept StationName made the
+    rebuilt file meta's AE title a leak: every subject of the research preset was withheld."""
+    from deidflow.dicom import Scrubber, SubjectContext
+    from deidflow.dicomio import deidentify_path
+    from deidflow.profile import build_plan
+    from deidflow.pseudonym import Pseudonymizer
+    src = tmp_path / "in.dcm"
+    ds = pydicom.dcmread(pydicom.data.get_testdata_file("MR_small.dcm"))
+    ds.StationName = ds.file_meta.SourceApplicationEntityTitle = "AWP67060"
+    ds.save_as(src)
+    col = identifiers.IdentifierCollector()
+    sc = Scrubber(build_plan(options), SubjectContext(Pseudonymizer(key_env), "sub-x", -10, identifiers=col))
+    deidentify_path(src, tmp_path / "out.dcm", sc)
+    assert ("AWP67060" in {v for _, _, v in col.entries()}) == searched
+
+
+def test_collector_decodes_iso_2022_values(key_env, tmp_path):
+    """ISO 2022 IR 87 text is 7-bit (escape sequences and JIS X 0208 bytes): taken for ASCII, the
+    collected name of pydicom's chrH31 was "Yamada^Tarou=\\x1b$B;3ED\\x1b(B^…", so the leak scan
+    never searched 山田 or やまだ, and searched the escape sequence every Japanese text holds
+    (found by red-team 2)."""
+    from pydicom.data import get_charset_files
+    from deidflow.dicom import Scrubber, SubjectContext
+    from deidflow.dicomio import deidentify_path
+    from deidflow.profile import build_plan
+    from deidflow.pseudonym import Pseudonymizer
+    col = identifiers.IdentifierCollector()
+    sc = Scrubber(build_plan(), SubjectContext(Pseudonymizer(key_env), "sub-x", -10, identifiers=col))
+    deidentify_path(Path(get_charset_files("chrH31.dcm")[0]), tmp_path / "out.dcm", sc)
+    names = {v for k, _, v in col.entries() if k == "name"}
+    assert "Yamada^Tarou=山田^太郎=やまだ^たろう" in names
+    assert not any("\x1b" in v for _, _, v in col.entries())
+
+
 # -- the demo release -------------------------------------------------------------------------------
 @pytest.fixture(scope="module")
 def demo(tmp_path_factory):
@@ -468,3 +505,93 @@ def test_dataset_matcher_of_many_subjects_finds_subject_n_over_2():
     # a value every subject shares is reported once for each of them
     shared = big.find(b"seen at Shared General Hospital.")
     assert len({nd.owner for _, nd in shared}) == n
+
+
+def test_value_at_the_end_of_a_dicom_element_is_found(tmp_path):
+    """A name ending an even-length value is followed directly by the next tag: an item or sequence
+    delimiter (FE FF) or Pixel Data (E0 7F).  Those bytes are no letters (not UTF-8 text): the name
+    is a whole word.  A name followed by an accented letter (UTF-8) is still part of a longer word."""
+    m = _matcher(("name", "PersonName", "Adebayo^Folake"))
+    for tail in (b"\xfe\xff\x00\xe0", b"\xfe\xff\r\xe0", b"\xe0\x7f\x10\x00", b"\x88\x00\x04\x01"):
+        assert m.find(b"referred by Dr Adebayo" + tail), tail
+        assert m.find(b"\xfe\xff\x00\xe0Adebayo, F."), tail
+    assert not m.find("Adebayoé".encode("utf-8")) and not m.find("éAdebayo".encode("utf-8"))
+    # end to end: an SR text item (even length, last element of its item) in a released file
+    ds = Dataset()
+    ds.SOPClassUID, ds.SOPInstanceUID = "1.2.840.10008.5.1.4.1.1.88.22", "1.2.3.4.5.6"
+    item = Dataset()
+    item.ValueType, item.TextValue = "TEXT", "referred by Dr Adebayo"
+    ds.ContentSequence = [item]
+    ds["ContentSequence"].is_undefined_length = True  # items end with a delimiter, as scanners write them
+    ds.ContentSequence[0].is_undefined_length_sequence_item = True
+    ds.file_meta = pydicom.dataset.FileMetaDataset()
+    ds.file_meta.TransferSyntaxUID = pydicom.uid.ExplicitVRLittleEndian
+    ds.file_meta.MediaStorageSOPClassUID, ds.file_meta.MediaStorageSOPInstanceUID = ds.SOPClassUID, ds.SOPInstanceUID
+    path = tmp_path / "0001.dcm"
+    ds.save_as(path, enforce_file_format=True)
+    assert b"Adebayo\xfe\xff" in path.read_bytes()
+    hits = leakscan.scan_file(path, "sourcedata/dicom/sub-a/0001.dcm", m).hits
+    assert hits and hits[0].field == "PersonName"
+
+
+def test_greek_names_are_found_in_latin_letters():
+    """pydicom's chrGreek.dcm patient Διονυσιος, written DIONYSIOS in a kept description (ISO_IR 126
+    text beside an ASCII one): the ELOT 743 and the classical spellings are searched, as Cyrillic."""
+    m = _matcher(("name", "PatientName", "Διονυσιος^Παπαδόπουλος"), ("name", "OperatorsName", "Χρήστος"))
+    for text in (b"DIONYSIOS head", b"seen by Dionisios", b"PAPADOPOULOS, D.", b"Dr Christos",
+                 "ΔΙΟΝΥΣΙΟΣ".encode("utf-8"), "Παπαδοπουλος".encode("utf-8")):
+        assert m.find(text), text
+    assert identifiers.transliterations("Пётр") == {"petr", "pyotr"}  # Cyrillic as before
+
+
+def test_hyphenated_and_apostrophe_names_in_free_text():
+    """O'Brien-Smith^Mary-Kate written MARY KATE OBRIEN, OBRIEN SMITH, O’Brien (typographic
+    apostrophe) in a kept description was released with exit 0 (found by red-team 2)."""
+    m = _matcher(("name", "PatientName", "O'Brien-Smith^Mary-Kate"))
+    for text in (b"t1 MARY KATE OBRIEN", b"OBRIEN", b"pt OBRIEN SMITH", "pt O’Brien Smith, Mary".encode("utf-8"),
+                 b"Kate O Brien", b"MaryKate", b"obriensmith", b"Mary-Kate O'Brien-Smith"):
+        assert m.find(text), text
+    assert not m.find(b"O positive") and not m.find(b"Brienz")
+
+
+def test_japanese_phonetic_names_in_every_kana():
+    """pydicom's chrH31 patient Yamada^Tarou=山田^太郎=やまだ^たろう written ヤマダ タロウ (katakana) in
+    a kept description and ﾔﾏﾀﾞ ﾀﾛｳ (half-width, chrH32's spelling) in ImageComments was released
+    with exit 0 (found by red-team 2); the other way round too."""
+    m = _matcher(("name", "PatientName", "Yamada^Tarou=山田^太郎=やまだ^たろう"))
+    for text in ("ヤマダ タロウ t1", "ﾔﾏﾀﾞ ﾀﾛｳ", "ﾀﾛｳ", "ヤマダタロウ様"):
+        assert m.find(text.encode("utf-8")), text
+    m = _matcher(("name", "PatientName", "ﾔﾏﾀﾞ^ﾀﾛｳ=山田^太郎=やまだ^たろう"))
+    assert m.find("ヤマダ".encode("utf-8")) and m.find("やまだ たろう".encode("utf-8"))
+
+
+def test_cjk_names_written_without_a_space_are_found_whole():
+    """王小东 (chrX2's Wang^XiaoDong=王^小东) in a kept StudyDescription lost 小东 only: the
+    one-character family name 王 (too short to search alone) stayed beside the redaction."""
+    m = _matcher(("name", "PatientName", "Wang^XiaoDong=王^小东"), ("name", "OtherPatientNames", "홍^길동"))
+    assert identifiers.Matcher.redact(m, "王小东 head".encode("utf-8")).decode("utf-8", "replace").count("王") == 0
+    assert m.find("홍길동".encode("utf-8"))
+    assert m.redact_text("患者 홍길동") == "患者 *"
+
+
+def test_names_beside_typographic_punctuation_are_found():
+    """“Okafor” seen by Dr<NBSP>Adebayo’s team, Okafor’s scan: the curly quotes, apostrophe and
+    no-break space are UTF-8 bytes >= 0x80 and counted as letters, so the patient's and the
+    physician's names were released with exit 0 (found by red-team 2).  Only Latin letters and
+    combining marks continue a word; another script is a boundary too (Adebayo様)."""
+    m = _matcher(("name", "PatientName", "Okafor^Chidi"), ("name", "ReferringPhysicianName", "Adebayo^Folake"))
+    for text in ("“Okafor” seen", "Dr\u00a0Adebayo\u00a0said", "Adebayo’s team", "Okafor–Smith", "Okafor…",
+                 "（Okafor）", "Adebayo様", "«Okafor»"):
+        assert m.find(text.encode("utf-8")), text
+    for text in ("Okaforé", "éOkafor", "Okafore\u0301", "Okaforß"):
+        assert not m.find(text.encode("utf-8")), text
+
+
+def test_full_width_ids_and_names_of_a_cjk_subject():
+    """Japanese text writes Latin letters and digits full-width: 患者ＩＤ ＭＲＮ４７１１０００ ＹＡＭＡＤＡ in
+    chrH31's ImageComments was released with exit 0 (found by red-team 2)."""
+    m = _matcher(("name", "PatientName", "Yamada^Tarou=山田^太郎=やまだ^たろう"), ("id", "PatientID", "MRN4711000"))
+    text = "患者ＩＤ ＭＲＮ４７１１０００ ＹＡＭＡＤＡ Ｔａｒｏｕ"
+    assert m.redact_text(text) == "患者ＩＤ * * *"
+    plain = _matcher(("name", "PatientName", "Smith^John"), ("id", "PatientID", "MRN4711000"))
+    assert len(plain) == len(_matcher(("name", "PatientName", "Smith^John"))) + len(_matcher(("id", "PatientID", "MRN4711000")))

@@ -154,6 +154,32 @@ def _plant(inp: Path, what: str = "id") -> tuple[str, str]:
     raise AssertionError("no second DICOM patient in the demo")
 
 
+def test_other_units_patient_name_in_a_kept_description_withholds_the_subject(tmp_path):
+    """Mueller's series comment names another patient ("compare prior of OKAFOR, CHIDI"), a
+    mis-filed comparison study; each patient is a job unit of its own.  The unit scan searched the
+    other units' IDs only, and the name was released with exit 0 (found by red-team 2).  Other
+    subjects' names are searched in their multi-word forms (a single name word of thousands of
+    patients would be found everywhere)."""
+    from pydicom.data import get_testdata_file
+    from pydicom.uid import generate_uid
+    inp = tmp_path / "input"
+    inp.mkdir()
+    for name, pid, comment in (("Okafor^Chidi", "MRN1111111", "follow-up"),
+                               ("Mueller^Hans", "MRN2222222", "compare prior of OKAFOR, CHIDI")):
+        ds = pydicom.dcmread(get_testdata_file("MR_small.dcm"))
+        ds.PatientName, ds.PatientID, ds.ImageComments = name, pid, comment
+        ds.StudyInstanceUID, ds.SeriesInstanceUID, ds.SOPInstanceUID = generate_uid(), generate_uid(), generate_uid()
+        ds.save_as(inp / f"{pid}.dcm")
+    out = tmp_path / "rel"
+    r = run_cli("run", str(inp), str(out), *NO_FACES, "--set", "jobs.files_per_job=0",
+                "--set", "profile.options=[clean_descriptors]", "--set", "outputs.bids=false")
+    assert r.returncode == 3, r.stderr[-3000:]
+    subjects = _subjects(tmp_path / "rel_restricted")
+    assert (out / "sourcedata" / "dicom" / subjects["MRN1111111"]).is_dir()
+    assert not (out / "sourcedata" / "dicom" / subjects["MRN2222222"]).exists()
+    assert b"OKAFOR" not in b"".join(p.read_bytes() for p in out.rglob("*") if p.is_file())
+
+
 def test_planted_identifier_withholds_subject(demo_export, tmp_path):
     inp = tmp_path / "input"
     shutil.copytree(demo_export, inp)

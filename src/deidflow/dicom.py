@@ -247,6 +247,8 @@ class Scrubber:
                 ds[tag] = DataElement(tag, "SQ", Sequence([self._dummy_item(i) for i in ds[tag].value or ()]))
                 self._record(prefix, name, "D")
             else:  # U, C on a sequence: keep its structure, de-identify every item
+                if code == "C":  # an SR text item may name an observer of a later item
+                    self._names_to_model(ds[tag].value or ())
                 self._recurse(ds, tag, prefix + name)
             return
         if code in ("Z", "P", "R"):
@@ -394,6 +396,20 @@ class Scrubber:
             elif vr in self.plan.dummy:
                 out[tag] = DataElement(tag, vr, self.plan.dummy[vr])
         return out
+
+    def _names_to_model(self, items) -> None:
+        """The person names the profile does not keep, in ``items`` at any depth, into the sweep."""
+        for item in items:
+            for elem in item:
+                try:
+                    if elem.VR == "SQ":
+                        self._names_to_model(elem.value or ())
+                    elif elem.VR == "PN" and not elem.tag.is_private:
+                        rule = self.plan.rule_for(int(elem.tag))
+                        if rule is None or rule.action != "K":
+                            self.model.add_element(int(elem.tag), "PN", elem.value)
+                except Exception:  # an undecodable value: removed by the profile, nothing to sweep for
+                    continue
 
     def _recurse(self, ds: Dataset, tag: int, path: str) -> None:
         for i, item in enumerate(ds[tag].value or ()):

@@ -4,6 +4,9 @@ The fast path memory-maps the source, walks the top-level elements with ``struct
 every element the profile keeps (and the pixel data) as raw bytes; only elements whose value
 changes, and sequences, are decoded with pydicom and re-encoded.  Files the fast path cannot
 stream (no preamble or file meta, deflated transfer syntax) go through pydicom as a whole.
+Native pixel data keep every stored pixel value; bits outside BitsStored, where a retired embedded
+overlay can hold text, are cleared (:func:`clear_unused_pixel_bits`); comment and application
+segments of JPEG frames (a converter's note, EXIF) are removed (:func:`strip_jpeg_metadata`).
 Any problem raises :class:`DicomError` with a one-line reason for the quarantine list.
 """
 from __future__ import annotations
@@ -11,11 +14,13 @@ from __future__ import annotations
 import copy
 import mmap
 import os
+import re
 import struct
 from dataclasses import dataclass
 from pathlib import Path
 from typing import BinaryIO, NamedTuple
 
+import numpy as np
 import pydicom
 from pydicom.charset import convert_encodings
 from pydicom.dataelem import RawDataElement
@@ -255,7 +260,8 @@ def _stream(mm, size: int, body: int, meta: FileMetaDataset, ts: str, encoding: 
     policy = scrubber.plan.private_policy
     collect = scrubber.collect  # original identifying values for the leak scan, or None
     if collect is not None:
-        collect.file_meta(meta)  # the meta group is rebuilt: its AE titles and UIDs go
+        # the meta group is rebuilt: its AE titles and UIDs go
+        collect.file_meta(meta, ae_titles="retain_device_identity" not in scrubber.plan.options)
     sop_class = sop_instance = None
     pixel_bytes = 0
     for el in elems:
@@ -572,7 +578,7 @@ def _deidentify_dataset(src: Path, out: BinaryIO, scrubber: Scrubber, capture: f
         raise DicomError("UN element in a big-endian data set without file meta (ambiguous encoding)")
     old_meta = getattr(ds, "file_meta", None) or FileMetaDataset()
     if scrubber.collect is not None:
-        scrubber.collect.file_meta(old_meta)
+        scrubber.collect.file_meta(old_meta, ae_titles="retain_device_identity" not in scrubber.plan.options)
     if str(old_meta.get("TransferSyntaxUID", "")) != DeflatedExplicitVRLittleEndian:
         _check_complete(src, implicit, little)
     ts = str(old_meta.get("TransferSyntaxUID", "")) or {
@@ -631,6 +637,8 @@ def deidentify_path(src: Path, dst: Path, scrubber: Scrubber, capture: frozenset
     try:
         with open(tmp, "wb") as fh:
             result = deidentify_file(src, fh, scrubber, capture)
+        if clear_unused_pixel_bits(tmp) | strip_jpeg_metadata(tmp):
+            result.actions["PixelData"] = "C"
         os.replace(tmp, dst)
     except BaseException:
         try:
@@ -639,3 +647,180 @@ def deidentify_path(src: Path, dst: Path, scrubber: Scrubber, capture: frozenset
             pass
         raise
     return result
+
+
+_BITS_TAGS = ("BitsAllocated", "BitsStored", "HighBit", "PixelRepresentation")
+
+
+def clear_unused_pixel_bits(path: Path) -> bool:
+    """Clear the bits of native Pixel Data outside BitsStored (in place); True when any was set.
+
+    Those bits are no part of any pixel value, but a retired embedded overlay (OverlayBitPosition
+    12 of a 12-bit MR) or a vendor keeps text or graphics there, which survives the removal of
+    the overlay group.  Bits above HighBit become the sign bit's copy for signed data (the usual
+    sign extension), else zero; bits below the stored range zero.  Every stored value stays the
+    same.  Encapsulated (compressed) pixel data holds only the stored bits' codestream."""
+    from pydicom.uid import UID
+    from .qc.leakscan import pixel_region
+    try:
+        ds = pydicom.dcmread(path, stop_before_pixels=True, specific_tags=list(_BITS_TAGS))
+        ts = UID(ds.file_meta.TransferSyntaxUID)
+        alloc, stored, high = int(ds.BitsAllocated), int(ds.BitsStored), int(ds.HighBit)
+        signed = int(ds.get("PixelRepresentation") or 0) == 1
+    except Exception:  # no pixel module, or one pydicom cannot read: nothing to clear here
+        return False
+    if ts.is_compressed or alloc not in (8, 16, 32) or not 0 < stored <= high + 1 <= alloc:
+        return False
+    if stored == alloc:
+        return False
+    with open(path, "r+b") as fh, mmap.mmap(fh.fileno(), 0) as mm:
+        region = pixel_region(mm)
+        if region is None or (region[1] - region[0]) < alloc // 8:
+            return False
+        dtype = np.dtype(f"{'<' if ts.is_little_endian else '>'}u{alloc // 8}")
+        n = (region[1] - region[0]) // dtype.itemsize
+        raw = np.frombuffer(mm, dtype, count=n, offset=region[0])
+        full = (1 << alloc) - 1
+        low = high + 1 - stored
+        value_bits = ((1 << stored) - 1) << low
+        new = raw & dtype.type(value_bits)
+        if signed:
+            above = full & ~((1 << (high + 1)) - 1)
+            new |= np.where(raw & dtype.type(1 << high), dtype.type(above), dtype.type(0)).astype(dtype)
+        if np.array_equal(new, raw):
+            del raw
+            return False
+        del raw
+        mm[region[0]:region[0] + n * dtype.itemsize] = new.tobytes()
+        mm.flush()
+    return True
+
+
+# JPEG-family transfer syntaxes (JPEG baseline, extended, lossless, JPEG-LS): their frames are
+# marker segments up to the first scan.
+JPEG_SYNTAXES = frozenset(("1.2.840.10008.1.2.4.50", "1.2.840.10008.1.2.4.51", "1.2.840.10008.1.2.4.57",
+                           "1.2.840.10008.1.2.4.70", "1.2.840.10008.1.2.4.80", "1.2.840.10008.1.2.4.81"))
+# Segments a decoder needs besides the tables: APP0 JFIF (without a thumbnail), APP2 ICC profile,
+# APP14 Adobe (colour transform).  COM, APP1 (EXIF, XMP: camera owner, dates, GPS), APP13 (IPTC)
+# and every other application segment are text or pictures no decoder needs.
+_TEXT_MARKERS = frozenset([0xFE] + [m for m in range(0xE0, 0xF0) if m not in (0xE2, 0xEE)])
+
+
+def _jpeg_frame_without_metadata(frame: bytes) -> bytes:
+    """``frame`` without COM and application segments (JFIF kept when it has no thumbnail);
+    ``frame`` itself when it has none.  Raises :class:`DicomError` when one sits between scans."""
+    if frame[:2] != b"\xff\xd8":
+        raise DicomError("JPEG frame without a start-of-image marker")
+    out, pos, changed = [frame[:2]], 2, False
+    while pos + 4 <= len(frame):
+        if frame[pos] != 0xFF:
+            raise DicomError("JPEG frame with a damaged marker segment")
+        marker = frame[pos + 1]
+        if marker == 0xFF:  # fill byte
+            pos += 1
+            continue
+        n = struct.unpack(">H", frame[pos + 2:pos + 4])[0]
+        segment = frame[pos:pos + 2 + n]
+        if marker == 0xDA:  # start of scan: the rest is coded data (and any further scans)
+            rest = frame[pos:]
+            if re.search(rb"\xff[\xe0-\xef\xfe]", rest):  # never in coded data: a segment between scans
+                raise DicomError("JPEG frame holds a comment or application segment between its scans")
+            out.append(rest)
+            break
+        jfif_plain = marker == 0xE0 and segment[4:9] == b"JFIF\x00" and n == 16
+        if marker in _TEXT_MARKERS and not jfif_plain:
+            changed = True
+        else:
+            out.append(segment)
+        pos += 2 + n
+    return b"".join(out) if changed else frame
+
+
+J2K_SYNTAXES = frozenset(("1.2.840.10008.1.2.4.90", "1.2.840.10008.1.2.4.91", "1.2.840.10008.1.2.4.201",
+                          "1.2.840.10008.1.2.4.202", "1.2.840.10008.1.2.4.203"))
+_J2K_TEXT_BOXES = (b"xml ", b"uuid", b"jp2i")
+
+
+def _j2k_frame_without_comments(frame: bytes) -> bytes:
+    """A JPEG 2000 codestream without the comment (COM) segments of its main header; ``frame``
+    itself when it has none.  Raises :class:`DicomError` for a comment in a tile-part header or
+    text in a JP2 wrapper (which this does not rewrite)."""
+    if frame[4:8] == b"jP  ":  # a JP2 file, not the bare codestream DICOM asks for
+        pos = 0
+        while pos + 8 <= len(frame):
+            size, kind = struct.unpack(">I", frame[pos:pos + 4])[0], frame[pos + 4:pos + 8]
+            if kind in _J2K_TEXT_BOXES:
+                raise DicomError("JPEG 2000 frame in a JP2 wrapper with a text box")
+            if kind == b"jp2c" and _j2k_frame_without_comments(frame[pos + 8:pos + size if size else None]) \
+                    is not frame[pos + 8:pos + size if size else None]:
+                raise DicomError("JPEG 2000 frame in a JP2 wrapper with a comment segment")
+            if size < 8:
+                break
+            pos += size
+        return frame
+    if frame[:2] != b"\xff\x4f":
+        raise DicomError("JPEG 2000 frame without a start-of-codestream marker")
+    out, pos, changed = [frame[:2]], 2, False
+    while pos + 4 <= len(frame) and frame[pos:pos + 2] != b"\xff\x90":  # main header, up to the first tile
+        n = struct.unpack(">H", frame[pos + 2:pos + 4])[0]
+        if frame[pos] != 0xFF or n < 2:
+            raise DicomError("JPEG 2000 frame with a damaged main header")
+        if frame[pos + 1] == 0x64:
+            changed = True
+        else:
+            out.append(frame[pos:pos + 2 + n])
+        pos += 2 + n
+    tiles = pos
+    while pos + 12 <= len(frame) and frame[pos:pos + 2] == b"\xff\x90":  # each tile-part header
+        psot = struct.unpack(">I", frame[pos + 6:pos + 10])[0]
+        q = pos + 12
+        while q + 4 <= len(frame) and frame[q:q + 2] not in (b"\xff\x93", b""):
+            if frame[q:q + 2] == b"\xff\x64":
+                raise DicomError("JPEG 2000 frame with a comment in a tile-part header")
+            q += 2 + struct.unpack(">H", frame[q + 2:q + 4])[0]
+        if not psot:
+            break
+        pos += psot
+    return b"".join(out) + frame[tiles:] if changed else frame
+
+
+def strip_jpeg_metadata(path: Path) -> bool:
+    """Remove comment and application segments from every JPEG frame of encapsulated Pixel Data,
+    and comment segments from JPEG 2000 frames (in place; the pixels decode the same); True when
+    any was removed.  A file whose frames cannot be told apart, or with an Extended Offset Table,
+    raises :class:`DicomError` when it has such segments (it is quarantined rather than released
+    with them)."""
+    from pydicom.encaps import encapsulate, generate_frames
+    from .qc.leakscan import pixel_region
+    try:
+        ds = pydicom.dcmread(path, stop_before_pixels=True, specific_tags=["NumberOfFrames"])
+        ts = str(ds.file_meta.TransferSyntaxUID)
+    except Exception:
+        return False
+    if ts not in JPEG_SYNTAXES and ts not in J2K_SYNTAXES:
+        return False
+    data = Path(path).read_bytes()
+    region = pixel_region(data)
+    if region is None:
+        return False
+    value = data[region[0]:region[1]]
+    if ts in JPEG_SYNTAXES and not re.search(rb"\xff[\xe0-\xef\xfe]", value):
+        return False  # no such marker anywhere: nothing to remove (the usual case)
+    if ts in J2K_SYNTAXES and b"\xff\x64" not in value and not any(b in value for b in _J2K_TEXT_BOXES):
+        return False
+    try:
+        frames = list(generate_frames(value, number_of_frames=int(ds.get("NumberOfFrames") or 1)))
+    except Exception:
+        raise DicomError("JPEG pixel data whose frames cannot be told apart holds comment or application "
+                         "segments") from None
+    strip = _jpeg_frame_without_metadata if ts in JPEG_SYNTAXES else _j2k_frame_without_comments
+    new = [strip(f) for f in frames]
+    if all(a is b for a, b in zip(new, frames)):
+        return False
+    if b"\xe0\x7f\x01\x00" in data[:region[0]]:  # (7FE0,0001) Extended Offset Table
+        raise DicomError("JPEG frames with comment or application segments and an Extended Offset Table")
+    has_bot = value[4:8] != b"\x00\x00\x00\x00"
+    body = encapsulate(new, has_bot=has_bot)  # odd frames padded to even length
+    with open(path, "wb") as fh:
+        fh.write(data[:region[0]] + body + b"\xfe\xff\xdd\xe0\x00\x00\x00\x00" + data[region[1]:])
+    return True

@@ -12,7 +12,10 @@ Action codes after resolution:
 Compound codes are resolved conservatively so that no original value survives *and* the object
 stays valid whatever the attribute's type in its IOD (we do not know the IOD type per element):
 ``X/Z`` → ``Z``, ``Z/D``, ``X/D``, ``X/Z/D`` → ``D``, ``X/Z/U*`` → ``U``.  When several enabled
-options name the same attribute, ``C`` (clean) wins over ``K`` (keep).
+options name the same attribute, ``C`` (clean) wins over ``K`` (keep).  deidflow cleans text, dates,
+times and UIDs: ``C`` on a value of bytes (an EXIF maker note, a binary timestamp that cannot be
+shifted) resolves to the Basic Profile's action, and so does ``C`` on an overlay (60xx): its bitmap
+can show a name drawn into it, which no text cleaning removes, so the overlay goes whole.
 """
 from __future__ import annotations
 
@@ -24,7 +27,7 @@ from importlib import resources
 from typing import Iterable, Mapping
 
 import yaml
-from pydicom.datadict import keyword_for_tag, private_dictionary_VR, tag_for_keyword
+from pydicom.datadict import dictionary_VR, keyword_for_tag, private_dictionary_VR, tag_for_keyword
 
 OPTIONS = (
     "retain_safe_private",
@@ -146,7 +149,27 @@ def resolve(row: ProfileRow, options: Iterable[str]) -> str:
     code = COMPOUND.get(code, code)
     if code not in SIMPLE:
         raise ValueError(f"unknown action code {code!r} for {row.name}")
+    if code == "C" and not cleanable(row.tag):
+        return resolve(row, ())  # as under the Basic Profile
     return code
+
+
+_BYTE_VRS = frozenset(("OB", "OW", "OF", "OD", "OL", "OV", "UN"))
+
+
+@lru_cache(maxsize=None)
+def cleanable(tag: str) -> bool:
+    """Whether a profile row's attribute can be cleaned (text, dates, times, UIDs, sequences):
+    not an overlay (a bitmap, whatever element of it) nor a value of bytes."""
+    if tag.startswith("60xx"):
+        return False
+    if tag == "private" or tag.count("x") > 2:  # private values; curves (50xxxxxx, data and text)
+        return True
+    try:
+        vr = dictionary_VR(int(tag.replace("x", "0"), 16))
+    except KeyError:
+        return True
+    return not all(v in _BYTE_VRS for v in vr.split(" or "))
 
 
 def parse_attribute(spec: str) -> int:

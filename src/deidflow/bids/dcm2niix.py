@@ -87,7 +87,9 @@ def convert_series(series_dir: Path, workdir: Path, *, log=None) -> list[Output]
     for nii in sorted(workdir.glob(f"{BASENAME}*.nii")):
         stem = nii.name[:-len(".nii")]
         sidecar_path = nii.with_name(stem + ".json")
-        sidecar = json.loads(sidecar_path.read_text(encoding="utf-8", errors="replace")) if sidecar_path.is_file() else {}
+        # strict=False: dcm2niix copies ISO 2022 text with its escape sequences (control characters)
+        sidecar = json.loads(sidecar_path.read_text(encoding="utf-8", errors="replace"),
+                             strict=False) if sidecar_path.is_file() else {}
         bval, bvec = nii.with_name(stem + ".bval"), nii.with_name(stem + ".bvec")
         outputs.append(Output(stem[len(BASENAME):], nii, sidecar, bval if bval.is_file() else None,
                               bvec if bvec.is_file() else None))

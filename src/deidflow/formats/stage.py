@@ -15,7 +15,7 @@ import json
 import shutil
 from collections import defaultdict
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any, Iterable, Mapping
 
 from ..errors import OUTPUT_ERRNOS, PublicError
 from ..fsutil import RESTRICTED_FILE_MODE, atomic_write_text, make_restricted_dir, publish_dir, staging_dir_for
@@ -107,7 +107,7 @@ def _subject(subj, input_dir: Path, release: Path, restricted: Path, unit: str, 
             raise
     audit_file = make_restricted_dir(restricted / "audit") / f"{STAGE}-{subject}.jsonl"
     atomic_write_text(audit_file, "".join(line + "\n" for line in audit), RESTRICTED_FILE_MODE)
-    _write_identifiers(restricted, unit, subject, found)
+    _write_identifiers(restricted, unit, subject, found, known)
     return released, bad
 
 
@@ -138,7 +138,11 @@ def _one(f, input_dir: Path, stage: Path, ctx: ScrubContext, bad, audit, found, 
     return True
 
 
-def _write_identifiers(restricted: Path, unit: str, subject: str, found: Mapping[str, str]) -> None:
-    """The original values found, for the leak scan (restricted; see deidflow.qc.identifiers)."""
+def _write_identifiers(restricted: Path, unit: str, subject: str, found: Mapping[str, str],
+                       known: Iterable[str] = ()) -> None:
+    """The original values found, and the subject's identity from the inventory (a header's, or
+    its folder's name), for the leak scan (restricted; see deidflow.qc.identifiers)."""
     from ..qc import identifiers
-    identifiers.write(restricted, unit, STAGE, subject, identifiers.from_fields(found))
+    entries = identifiers.from_fields(found) + [[kind, "subject identity", v] for k in known
+                                                for kind, v in identifiers.guess(k)]
+    identifiers.write(restricted, unit, STAGE, subject, entries)

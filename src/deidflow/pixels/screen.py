@@ -7,7 +7,9 @@ screened.  Which frames:
 * every frame of a small series (at most :data:`SMALL_SERIES` frames);
 * otherwise the first, middle and last frames and :data:`SPREAD` more spread between them
   (the *sample*), plus every frame whose pixel statistics differ from the series' (screen
-  captures and key images slipped into a series, see :func:`outliers`).
+  captures and key images slipped into a series, see :func:`outliers`) and every frame with
+  strong edges where its neighbours are flat background (a name drawn onto one slice at the
+  anatomy's brightness, see :func:`isolated_edges`).
 
 How: the text detector (the PP-OCRv4 model :mod:`.ocr` ships) runs on a render scaled so its
 short side is :data:`SCREEN_SIDE` (downsampled for large images, 2× for 256² MR), both tone
@@ -251,6 +253,40 @@ def outliers(all_stats: list[tuple]) -> list[int]:
     return sorted(out)
 
 
+def edge_map(frame: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(strong edges, flat background) of one frame on every other pixel of every other row: an
+    edge is a step of EDGE of the frame's range to the next pixel; background lies in the lowest
+    tenth of the range (air, the dark outside of the body)."""
+    g = render.gray_of(frame)[::2, ::2].astype(np.int32)
+    lo, hi = int(g.min()), int(g.max())
+    step = max(1.0, EDGE * (hi - lo))
+    edge = np.zeros(g.shape, bool)
+    edge[:, 1:] |= np.abs(np.diff(g, axis=1)) >= step
+    edge[1:, :] |= np.abs(np.diff(g, axis=0)) >= step
+    return edge, g <= lo + 0.1 * (hi - lo)
+
+
+def isolated_edges(cur: tuple[np.ndarray, np.ndarray], *neighbours: tuple[np.ndarray, np.ndarray]) -> int:
+    """Strong edges of a frame where every neighbouring frame is flat background (two pixels in
+    from its border): text or graphics drawn onto one slice of a series, which no neighbour shows
+    (anatomy continues from slice to slice; burned-in text on every frame is
+    :func:`constant_edges`' to find)."""
+    edge, _ = cur
+    flat = np.ones(edge.shape, bool)
+    for e, bg in neighbours:
+        if e.shape != edge.shape:
+            return 0
+        flat &= bg
+    for _ in range(2):  # erode: the border of the body moves a little from slice to slice
+        inner = flat.copy()
+        inner[1:, :] &= flat[:-1, :]
+        inner[:-1, :] &= flat[1:, :]
+        inner[:, 1:] &= flat[:, :-1]
+        inner[:, :-1] &= flat[:, 1:]
+        flat = inner
+    return int(np.count_nonzero(edge & flat))
+
+
 def constant_edges(frames: list[np.ndarray]) -> np.ndarray | None:
     """Pixels that are strong edges (a step of EDGE of the frame's range to the next pixel) in
     every one of ``frames``: where burned-in text sits in a series whose anatomy changes (the
@@ -332,6 +368,8 @@ def screen(files: list[tuple[Path, object]], threads: int = 1) -> Result:
     kept: dict[int, tuple[np.ndarray, bool]] = {}  # position -> (frame, invert)
     where: list[tuple[int, int]] = []  # position -> (file, frame)
     all_stats = []
+    maps: list = []  # edge maps of the last three frames
+    drawn: list[int] = []  # frames with text or graphics no neighbour shows
     for fi, (path, header) in enumerate(files):
         fr = _frames(fi, path, header)
         for k in range(fr.n):
@@ -344,6 +382,14 @@ def screen(files: list[tuple[Path, object]], threads: int = 1) -> Result:
             all_stats.append(stats(f))
             if pos in picks:
                 kept[pos] = (np.array(f), fr.invert)
+            if n > SMALL_SERIES:
+                maps = (maps + [edge_map(f)])[-3:]
+                if len(maps) == 2 and isolated_edges(maps[0], maps[1]) >= MIN_CONSTANT_EDGES:
+                    drawn.append(0)  # the first frame, against the second
+                elif len(maps) == 3 and isolated_edges(maps[1], maps[0], maps[2]) >= MIN_CONSTANT_EDGES:
+                    drawn.append(pos - 1)
+    if n > SMALL_SERIES and len(maps) >= 2 and isolated_edges(maps[-1], maps[-2]) >= MIN_CONSTANT_EDGES:
+        drawn.append(n - 1)  # the last frame, against the one before
 
     def look(pos: int, frame: np.ndarray, invert: bool, crop=None) -> bool:
         res.detector_runs += 1
@@ -359,7 +405,7 @@ def screen(files: list[tuple[Path, object]], threads: int = 1) -> Result:
                     return res
             return res
         res.sampled = len(kept)
-        outs = outliers(all_stats)
+        outs = sorted(set(outliers(all_stats)) | set(drawn))
         if len(outs) > MAX_OUTLIERS:
             outs = [outs[i] for i in sample(len(outs))][:MAX_OUTLIERS]
         res.outliers = len(outs)

@@ -141,11 +141,13 @@ class IdentifierCollector:
                 except Exception:  # an undecodable value cannot be searched for either
                     continue
 
-    def file_meta(self, meta) -> None:
-        """The AE titles and instance UIDs of a file meta group that is rebuilt."""
+    def file_meta(self, meta, ae_titles: bool = True) -> None:
+        """The AE titles and instance UIDs of a file meta group that is rebuilt; the AE titles only
+        with ``ae_titles`` (they name the station: device identity, which
+        retain_device_identity keeps as StationName, often the same string)."""
         try:
             for elem in meta:
-                kind = {"AE": "id", "UI": "uid"}.get(elem.VR)
+                kind = {"AE": "id" if ae_titles else None, "UI": "uid"}.get(elem.VR)
                 if kind and (kind == "id" or elem.keyword == "MediaStorageSOPInstanceUID"):
                     for s in _strings(elem.value):
                         self.add(kind, elem.keyword, s)
@@ -164,7 +166,7 @@ class IdentifierCollector:
         if key in self._seen:
             return
         self._seen.add(key)
-        if data.isascii():
+        if data.isascii() and b"\x1b" not in data:  # ISO 2022 text is 7-bit too: decoded below
             text = data.decode("ascii")
         else:
             from pydicom.charset import decode_bytes
@@ -286,23 +288,51 @@ _CYRILLIC = dict(zip("абвгдезийклмнопрстуфыэ", "abvgdeziyk
 _CYRILLIC.update({"ж": "zh", "х": "kh", "ц": "ts", "ч": "ch", "ш": "sh", "щ": "shch", "ю": "yu", "я": "ya",
                   "ь": "", "ъ": "", "ё": "e", "є": "ye", "і": "i", "ї": "yi", "ґ": "g"})
 _CYRILLIC_ALT = {"ё": "yo", "х": "h", "й": "i", "ю": "iu", "я": "ia"}
+# Greek in Latin letters (ELOT 743 / passport spelling; the classical spellings as the other one):
+# Διονύσιος → Dionysios, Dionisios; Παπαδόπουλος → Papadopoulos; Χρήστος → Christos, Hristos.
+_GREEK = dict(zip("αβγδεζηικλμνξοπρσςτυφω", "avgdeziiklmnxoprsstyfo"))
+_GREEK.update({"θ": "th", "χ": "ch", "ψ": "ps", "ου": "ou", "αυ": "av", "ευ": "ev", "μπ": "b", "ντ": "d",
+               "γκ": "gk", "γγ": "ng"})
+_GREEK_ALT = {"β": "b", "η": "e", "υ": "i", "χ": "h", "φ": "ph", "ξ": "ks", "ου": "u", "αυ": "af",
+              "ευ": "ef", "μπ": "mp", "ντ": "nt", "γκ": "g", "γγ": "gg", "ω": "o"}
+_SCRIPTS = (("\u0400", "\u04ff", _CYRILLIC, _CYRILLIC_ALT), ("\u0370", "\u03ff", _GREEK, _GREEK_ALT))
 
 
-def _latin_of_cyrillic(value: str) -> set[str]:
+def _latin_of_script(value: str) -> set[str]:
+    """A Cyrillic or Greek value in Latin letters (two common spellings; empty for other scripts),
+    and a Greek one also without its accents (ΠΑΠΑΔΟΠΟΥΛΟΣ for Παπαδόπουλος)."""
+    import unicodedata
     low = value.lower()
-    if not any("\u0400" <= c <= "\u04ff" for c in low):
-        return set()
-    main = "".join(_CYRILLIC.get(c, c) for c in low)
-    alt = "".join(_CYRILLIC_ALT.get(c, _CYRILLIC.get(c, c)) for c in low)
-    return {o for o in (main, alt) if o.isascii()}
+    for first, last, main, alt in _SCRIPTS:
+        if any(first <= c <= last for c in low):
+            plain = set()
+            if main is _GREEK:  # accents (tonos, dialytika): not in Latin letters, nor in capitals
+                bare = "".join(c for c in unicodedata.normalize("NFD", value) if not unicodedata.combining(c))
+                plain = {bare} if bare != value else set()
+                low = bare.lower()
+            out = set()
+            for table in (main, {**main, **alt}):
+                text, i = [], 0
+                while i < len(low):
+                    pair = low[i:i + 2]
+                    if pair in table:
+                        text.append(table[pair])
+                        i += 2
+                    else:
+                        text.append(table.get(low[i], low[i]))
+                        i += 1
+                out.add("".join(text))
+            return {o for o in out if o.isascii()} | plain
+    return set()
 
 
 def transliterations(value: str) -> set[str]:
     """ASCII spellings of a value with accented letters: Müller → Muller, Mueller; Ødegård → Odegard,
-    Oedegaard; ß → ss; Cyrillic in Latin letters (Сидоров → Sidorov).  Empty for ASCII values."""
+    Oedegaard; ß → ss; Cyrillic and Greek in Latin letters (Сидоров → Sidorov, Διονύσιος →
+    Dionysios; Greek also without its accents).  Empty for ASCII values."""
     if value.isascii():
         return set()
-    latin = _latin_of_cyrillic(value)
+    latin = _latin_of_script(value)
     if latin:
         return latin
     import unicodedata
@@ -432,18 +462,40 @@ def name_forms(value: str) -> set[str]:
                 out.add(f"{given} {middle[0]}. {family}")
         if "^" not in group and " " in group.strip():  # a plain "Given Family" name
             out.update(w for w in group.split() if w)
+    out |= {v for o in list(out) for v in punctuation_spellings(o)}
     # a long name part cut to a field's length (SH and many vendor fields hold 16 characters)
     out.update(w[:TRUNCATED_AT] for w in list(out) if " " not in w and "^" not in w and len(w) > TRUNCATED_AT)
     return {o.strip() for o in out if o.strip()}
 
 
 TRUNCATED_AT = 16
+_APOSTROPHES = "'’‘`´"
+_NAME_PUNCT = re.compile(f"[-{_APOSTROPHES}]")
+
+
+def punctuation_spellings(name: str) -> set[str]:
+    """A name with hyphens or apostrophes as free text writes it: O'Brien-Smith → O’Brien-Smith,
+    OBrien Smith, O Brien Smith, OBrienSmith …, and each part alone (Brien, Smith; parts too short
+    to search alone are left to the exclusion rules)."""
+    if not _NAME_PUNCT.search(name):
+        return set()
+    out = {p for p in _NAME_PUNCT.split(name) for p in p.split() if p}
+    words = {w for w in re.split(r"[-\s]+", name) if w}  # O'Brien of O'Brien-Smith
+    for apo in ("'", "’", "", " "):
+        for hyphen in ("-", " ", ""):
+            for text in (name, *words):
+                v = re.sub(f"[{_APOSTROPHES}]", apo, text).replace("-", hyphen)
+                out.add(" ".join(v.split()))
+    return out
 
 
 def _whole(family: str, given: str, middle: str = "") -> set[str]:
-    """A name written whole, family and given name together, in the orders text uses."""
+    """A name written whole, family and given name together, in the orders text uses (CJK names
+    family-given without a space too: 王小东)."""
     out = {f"{given} {family}", f"{family} {given}", f"{family}, {given}", f"{family}^{given}",
            f"{family},{given}", f"{given}, {family}"}
+    if not (family + given).isascii():
+        out.add(f"{family}{given}")
     return out | ({f"{given} {middle} {family}"} if middle else set())
 
 
@@ -461,7 +513,15 @@ def whole_name_forms(value: str) -> set[str]:
         elif "^" not in group and len(words := group.split()) >= 2:
             first, last = " ".join(words[:-1]), words[-1]
             out |= {group.strip(), f"{last} {first}", f"{last}, {first}", f"{last},{first}"}
+    out |= {v for o in list(out) for v in punctuation_spellings(o) if one_person(v)}
     return {o.strip() for o in out if o.strip()}
+
+
+def one_person(form: str) -> bool:
+    """Whether a name form holds two words of two letters or more, or is a CJK name of three
+    characters or more (王小东): a form a text holds by chance only for that person."""
+    words = re.findall(r"[^\W\d_]{2,}", form)
+    return len(words) >= 2 or (len(words) == 1 and len(words[0]) >= 3 and all(ord(c) >= 0x2E80 for c in words[0]))
 
 
 def time_forms(value: str) -> set[str]:
@@ -517,8 +577,34 @@ def forms(kind: str, value: str) -> set[str]:
         out |= transliterations(o)
     if kind in ("name", "whole_name"):
         for o in list(out):
-            out |= accented_spellings(o)
+            out |= accented_spellings(o) | kana_spellings(o)
     return out
+
+
+@lru_cache(maxsize=1)
+def _kana_tables() -> tuple[dict[str, str], dict[str, str]]:
+    """Full-width katakana → half-width, and the two voicing marks."""
+    import unicodedata
+    half = {}
+    for cp in range(0xFF66, 0xFF9E):
+        full = unicodedata.normalize("NFKC", chr(cp))
+        if len(full) == 1:
+            half[full] = chr(cp)
+    return half, {"\u3099": "\uff9e", "\u309a": "\uff9f"}
+
+
+def kana_spellings(value: str) -> set[str]:
+    """A Japanese phonetic name in its other kana: hiragana やまだ ↔ katakana ヤマダ, and full-width
+    ↔ half-width katakana ﾔﾏﾀﾞ (what older systems print).  Empty for values without kana."""
+    if not any("\u3041" <= c <= "\u30ff" or "\uff66" <= c <= "\uff9f" for c in value):
+        return set()
+    import unicodedata
+    full = unicodedata.normalize("NFKC", value)
+    kata = "".join(chr(ord(c) + 0x60) if "\u3041" <= c <= "\u3096" else c for c in full)
+    hira = "".join(chr(ord(c) - 0x60) if "\u30a1" <= c <= "\u30f6" else c for c in full)
+    half, marks = _kana_tables()
+    narrow = "".join(half.get(c, marks.get(c, c)) for c in unicodedata.normalize("NFD", kata))
+    return {v for v in (full, kata, hira, narrow) if v != value}
 
 
 _ACCENTS = (("ue", "ü"), ("oe", "ö"), ("ae", "ä"), ("aa", "å"), ("oe", "ø"), ("ss", "ß"))
@@ -605,20 +691,57 @@ def _is_digit(b: int) -> bool:
     return 48 <= b <= 57
 
 
+def _char_after(hay: bytes, e: int) -> str | None:
+    """The well-formed multi-byte UTF-8 character that starts at hay[e], None when there is none
+    (the bytes of a binary structure such as a DICOM tag: FE FF item delimiters, E0 7F Pixel Data)."""
+    lead = hay[e]
+    n = 2 if 0xC2 <= lead <= 0xDF else 3 if 0xE0 <= lead <= 0xEF else 4 if 0xF0 <= lead <= 0xF4 else 0
+    if not n or e + n > len(hay):
+        return None
+    try:
+        return hay[e:e + n].decode("utf-8")
+    except UnicodeDecodeError:
+        return None
+
+
+def _char_before(hay: bytes, s: int) -> str | None:
+    """The well-formed multi-byte UTF-8 character that ends at hay[s - 1], None when there is none."""
+    for n in (2, 3, 4):
+        if s - n >= 0 and (c := _char_after(hay, s - n)) is not None and len(c) == 1 and len(c.encode()) == n:
+            return c
+    return None
+
+
+@lru_cache(maxsize=4096)
+def _latin_letter(c: str | None) -> bool:
+    """Whether a non-ASCII character continues a word of Latin letters: an accented Latin letter
+    (Müller is not Mül) or a combining mark; punctuation (’ “ ” – …), spaces (NBSP), symbols and
+    letters of other scripts (様, Cyrillic) end it."""
+    if c is None:
+        return False
+    import unicodedata
+    cat = unicodedata.category(c)
+    return cat.startswith("M") or (cat.startswith("L") and "LATIN" in unicodedata.name(c, ""))
+
+
 def _bounded(hay: bytes, s: int, e: int) -> bool:
     """Whether hay[s:e] is a whole token: an end that is an ASCII letter must not touch another
-    letter, one that is a digit not another digit (nor a decimal point between digits); an end
-    that is not ASCII may touch anything (CJK text has no word breaks)."""
+    Latin letter (ASCII, or an accented one in UTF-8: Müller is not Mül; typographic punctuation,
+    NBSP, other scripts and bytes that are not UTF-8 text, such as the tag after a DICOM value,
+    are no letters), one that is a digit not another digit (nor a decimal point between digits);
+    an end that is not ASCII may touch anything (CJK text has no word breaks)."""
     first, last = hay[s], hay[e - 1]
     if s > 0:
         left = hay[s - 1]
-        if first < 128 and _is_letter(first) and _is_letter(left):
+        if first < 128 and _is_letter(first) and _is_letter(left) and (
+                left < 128 or _latin_letter(_char_before(hay, s))):
             return False
         if _is_digit(first) and (_is_digit(left) or (left == 46 and s > 1 and _is_digit(hay[s - 2]))):
             return False
     if e < len(hay):
         right = hay[e]
-        if last < 128 and _is_letter(last) and _is_letter(right):
+        if last < 128 and _is_letter(last) and _is_letter(right) and (
+                right < 128 or _latin_letter(_char_after(hay, e))):
             return False
         if _is_digit(last) and (_is_digit(right) or (right == 46 and e + 1 < len(hay) and _is_digit(hay[e + 1]))):
             return False
@@ -889,6 +1012,9 @@ def needles_for(subject: str, entries: Iterable[tuple[str, str, str]], salt: byt
                 excluded: Counter | None = None) -> list[Needle]:
     """The searchable forms of a subject's identifier entries ``(kind, field, value)``; excluded
     forms are counted per rule in ``excluded``."""
+    entries = list(entries)
+    # a subject with a CJK name: its IDs and Latin names also as East Asian text writes them
+    wide = any(kind in ("name", "whole_name") and _EAST_ASIAN.search(value) for kind, _, value in entries)
     out: list[Needle] = []
     done: set[tuple[str, str]] = set()
     for kind, fld, value in entries:
@@ -901,9 +1027,23 @@ def needles_for(subject: str, entries: Iterable[tuple[str, str, str]], salt: byt
                 if excluded is not None:
                     excluded[rule] += 1
                 continue
-            out += [Needle(text, "name" if kind == "whole_name" else kind, fld, digest, subject, mode)
-                    for text, mode in texts]
+            nkind = "name" if kind == "whole_name" else kind
+            out += [Needle(text, nkind, fld, digest, subject, mode) for text, mode in texts]
+            if wide and nkind in ("name", "id"):
+                out += [Needle(text, nkind, fld, digest, subject) for text in full_width_forms(key[0])]
     return out
+
+
+_EAST_ASIAN = re.compile("[\u3040-\u30ff\u3400-\u9fff\uac00-\ud7af\uff66-\uff9f]")
+
+
+def full_width_forms(form: str) -> set[bytes]:
+    """An ASCII form in full-width letters and digits (ＭＲＮ４７１１０００, ＹＡＭＡＤＡ, Ｙａｍａｄａ),
+    as Japanese, Chinese and Korean text writes them, in UTF-8; empty for other forms."""
+    if not form.isascii() or not any(c.isalnum() for c in form):
+        return set()
+    wide = {c: chr(ord(c) + 0xFEE0) for c in map(chr, range(0x21, 0x7F))}
+    return {"".join(wide.get(c, c) for c in v).encode("utf-8") for v in (form, form.upper(), form.lower(), form.title())}
 
 
 @lru_cache(maxsize=1 << 15)
@@ -964,6 +1104,28 @@ def matcher_for(entries: Iterable[tuple[str, str, str]], subject: str = "", salt
     return Matcher(needles_for(subject, entries, salt))
 
 
+_NAME_LIKE = re.compile(r"[^\W\d_]{2,}(?:[_.,' -]+[^\W\d_]{2,}){1,3}")
+
+
+def guess(value: str) -> list[tuple[str, str]]:
+    """``(kind, value)`` of a value whose kind is known only from its look (the inventory's patient
+    name, ID and birth date of a subject, or a non-DICOM subject's identity from its folder): a
+    date (8 digits), a person name (``^`` or letters only), else an ID.  Two to four words of
+    letters joined by ``_`` or ``.`` (a folder named ``Mueller_Hans``, ``OKAFOR.CHIDI``) are a
+    name too (``Mueller^Hans``) besides the ID as written."""
+    v = str(value).strip("\x00 ")
+    if not v:
+        return []
+    digits = v.replace("-", "")
+    if len(digits) == 8 and digits.isdigit():
+        return [("date", digits)]
+    if "^" not in v and re.search(r"[_.]", v) and _NAME_LIKE.fullmatch(v):
+        return [("name", "^".join(w for w in re.split(r"[_., -]+", v) if w)), ("id", v)]
+    if "^" in v or all(c.isalpha() or c in " .,'-" for c in v):
+        return [("name", v)]
+    return [("id", v)]
+
+
 class IdentifierModel:
     """One subject's identifying values as an engine meets them, and the matcher over them: the
     residual sweep that every scrubber applies to each value it keeps (DICOM, the other formats,
@@ -997,18 +1159,9 @@ class IdentifierModel:
                     self.add(kind, field, str(v))
 
     def add_guess(self, field: str, value: str) -> None:
-        """A value whose kind is known only from its look (the inventory's patient name, ID and
-        birth date of a subject): a date (8 digits), a person name (``^`` or letters only), else an ID."""
-        v = str(value).strip("\x00 ")
-        if not v:
-            return
-        digits = v.replace("-", "")
-        if len(digits) == 8 and digits.isdigit():
-            self.add("date", field, digits)
-        elif "^" in v or all(c.isalpha() or c in " .,'-" for c in v):
-            self.add("name", field, v)
-        else:
-            self.add("id", field, v)
+        """A value whose kind is known only from its look (see :func:`guess`)."""
+        for kind, v in guess(value):
+            self.add(kind, field, v)
 
     def add_keyword(self, keyword: str, value) -> None:
         """A value of the DICOM attribute ``keyword`` (a BIDS sidecar field of the same name)."""
