@@ -127,9 +127,10 @@ def test_matcher_whole_tokens_case_and_uids():
     for written in (b"scan 2021 Mar 15.", b"2021-MAR-15", b"2021Mar15", b"15-Mar-2021"):  # year first too
         assert len(m.find(written)) == 1, written
     assert not m.find(b"2021 Mar 150") and not m.find(b"2021 Mar 16")
-    for written in (b"DOB 15-MAR-21", b"dob: 15 Mar 21.", b"(15MAR21)"):  # two-digit year, month by name
+    for written in (b"DOB 15-MAR-21", b"dob: 15 Mar 21.", b"(15MAR21)", b"dob 3/15/21", b"15/3/21"):  # two-digit year
         assert len(m.find(written)) == 1, written
     assert not m.find(b"15-MAR-212") and not m.find(b"115-mar-21") and not m.find(b"16-MAR-21")
+    assert not m.find(b"tool 15.3.21") and not m.find(b"1.2.3.15/3/21")  # a version number; inside a UID
     assert not m.find(b"2.25.1202103154417")  # a date inside a longer number
     assert not m.find(b"1.2.840.99.1.23") and not m.find(b"9.1.2.840.99.1.2")
     assert m.find(b"ref 1.2.840.99.1.2.")

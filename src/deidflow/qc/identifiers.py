@@ -1082,11 +1082,14 @@ def _searched(kind: str, value: str) -> tuple[tuple[tuple[str, str], str | None,
 
 def _two_digit_year_forms(d: str) -> list[str]:
     """Written forms of YYYYMMDD ``d`` with a two-digit year, searched literally (the date reader
-    looks for dates only around four-digit years): 16.07.64, 07/16/64, 16/07/64, 16-07-64, and the
+    looks for dates only around four-digit years): 16.07.64, 07/16/64, 16/07/64, 16-07-64, unpadded
+    with slashes (7/3/58, 3/7/58), and the
     month by its English abbreviation as legacy systems print it, 16-jul-64, 16 jul 64, 16jul64
     (also with the day's leading zero dropped)."""
     y2, m, dd = d[2:4], d[4:6], d[6:]
     out = {f"{dd}.{m}.{y2}", f"{m}/{dd}/{y2}", f"{dd}/{m}/{y2}", f"{dd}-{m}-{y2}"}
+    mi, di = int(m), int(dd)
+    out |= {f"{mi}/{di}/{y2}", f"{di}/{mi}/{y2}"}  # unpadded 3/7/58 (not 7.3.58: version numbers)
     if 1 <= int(m) <= 12:
         mon = _MONTHS[int(m) - 1][:3].lower()
         for day in {dd, str(int(dd))}:
