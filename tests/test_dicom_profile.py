@@ -1272,3 +1272,19 @@ def test_clean_structured_content_sweeps_names_of_the_content_items(tmp_path, en
     out = roundtrip(tmp_path, ds, engine, options=("clean_structured_content",))
     assert "Adebayo" not in out.ds.ContentSequence[0].TextValue
     assert "Adebayo" not in str(out.ds.ContentSequence[1].PersonName)
+
+
+@pytest.mark.parametrize("name", ["MR_small.dcm", "MR_small_bigendian.dcm", "MR_small_implicit.dcm", "CT_small.dcm",
+                                  "JPEG2000.dcm", "SC_rgb_jpeg_dcmtk.dcm", "emri_small.dcm"])
+def test_streamed_pixel_format_is_the_written_files(tmp_path, name):
+    """The pixel module the stream engine reports (for the unused-bit and JPEG-segment passes,
+    which read it from the written file otherwise) is the written file's, in every encoding."""
+    from pydicom.data import get_testdata_file
+
+    from deidflow.dicomio import _read_pixel_format, deidentify_path
+    src = get_testdata_file(name)
+    if src is None:
+        pytest.skip(f"{name} is not bundled with this pydicom")
+    dst = tmp_path / "out.dcm"
+    result = deidentify_path(Path(src), dst, make_scrubber())
+    assert result.pixel_format is not None and result.pixel_format == _read_pixel_format(dst)

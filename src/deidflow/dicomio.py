@@ -62,6 +62,16 @@ class FileResult:
     # original values of the top-level elements asked for with ``capture`` (restricted: PHI), e.g.
     # what the pixel step selects on and the patient's identifiers; None when nothing was asked
     captured: Dataset | None = None
+    # the written file's transfer syntax and pixel module, read while streaming (None: not known)
+    pixel_format: PixelFormat | None = None
+
+
+class PixelFormat(NamedTuple):
+    """What :func:`clear_unused_pixel_bits` and :func:`strip_jpeg_metadata` need of a file."""
+
+    transfer_syntax: str
+    bits: tuple[int, int, int, int] | None  # BitsAllocated, BitsStored, HighBit, PixelRepresentation
+    frames: int
 
 
 class _Elem(NamedTuple):
@@ -387,7 +397,33 @@ def _stream(mm, size: int, body: int, meta: FileMetaDataset, ts: str, encoding: 
                 out.write(c)
     finally:
         view.release()
-    return FileResult(dict(scrubber.actions), sop_instance, pixel_bytes, captured)
+    return FileResult(dict(scrubber.actions), sop_instance, pixel_bytes, captured,
+                      _stream_pixel_format(mm, by_tag, ts, little))
+
+
+_BITS = (0x00280100, 0x00280101, 0x00280102, 0x00280103)
+_FRAMES = 0x00280008
+
+
+def _stream_pixel_format(mm, by_tag: dict[int, _Elem], ts: str, little: bool) -> PixelFormat | None:
+    """The :class:`PixelFormat` of a streamed file (its pixel module is copied as it is); None
+    when a value is not what the standard says (the file is then read with pydicom)."""
+    us = struct.Struct("<H" if little else ">H")
+    values = []
+    for tag in _BITS:
+        el = by_tag.get(tag)
+        if el is None:
+            values.append(None)
+        elif el.vend - el.vstart != 2:
+            return None
+        else:
+            values.append(us.unpack_from(mm, el.vstart)[0])
+    bits = None if None in values[:3] else (values[0], values[1], values[2], values[3] or 0)
+    try:
+        frames = int(_str_value(mm, by_tag[_FRAMES]).split("\\")[0] or 1) if _FRAMES in by_tag else 1
+    except ValueError:
+        return None
+    return PixelFormat(ts, bits, frames)
 
 
 _SIMPLE_TEXT_VRS = frozenset(("AE", "AS", "CS", "DA", "DS", "DT", "IS", "LO", "LT", "PN", "SH", "ST", "TM", "UC", "UT", "UI"))
@@ -637,7 +673,8 @@ def deidentify_path(src: Path, dst: Path, scrubber: Scrubber, capture: frozenset
     try:
         with open(tmp, "wb") as fh:
             result = deidentify_file(src, fh, scrubber, capture)
-        if clear_unused_pixel_bits(tmp) | strip_jpeg_metadata(tmp):
+        fmt = result.pixel_format
+        if clear_unused_pixel_bits(tmp, fmt) | strip_jpeg_metadata(tmp, fmt):
             result.actions["PixelData"] = "C"
         os.replace(tmp, dst)
     except BaseException:
@@ -652,7 +689,18 @@ def deidentify_path(src: Path, dst: Path, scrubber: Scrubber, capture: frozenset
 _BITS_TAGS = ("BitsAllocated", "BitsStored", "HighBit", "PixelRepresentation")
 
 
-def clear_unused_pixel_bits(path: Path) -> bool:
+def _read_pixel_format(path: Path) -> PixelFormat | None:
+    """The :class:`PixelFormat` of a written file, read with pydicom; None when it has none."""
+    try:
+        ds = pydicom.dcmread(path, stop_before_pixels=True, specific_tags=[*_BITS_TAGS, "NumberOfFrames"])
+        bits = tuple(int(ds[k].value) for k in _BITS_TAGS[:3]) + (int(ds.get("PixelRepresentation") or 0),) \
+            if all(k in ds for k in _BITS_TAGS[:3]) else None
+        return PixelFormat(str(ds.file_meta.TransferSyntaxUID), bits, int(ds.get("NumberOfFrames") or 1))
+    except Exception:  # no file meta, or values pydicom cannot read: nothing to clear or strip here
+        return None
+
+
+def clear_unused_pixel_bits(path: Path, fmt: PixelFormat | None = None) -> bool:
     """Clear the bits of native Pixel Data outside BitsStored (in place); True when any was set.
 
     Those bits are no part of any pixel value, but a retired embedded overlay (OverlayBitPosition
@@ -662,13 +710,11 @@ def clear_unused_pixel_bits(path: Path) -> bool:
     same.  Encapsulated (compressed) pixel data holds only the stored bits' codestream."""
     from pydicom.uid import UID
     from .qc.leakscan import pixel_region
-    try:
-        ds = pydicom.dcmread(path, stop_before_pixels=True, specific_tags=list(_BITS_TAGS))
-        ts = UID(ds.file_meta.TransferSyntaxUID)
-        alloc, stored, high = int(ds.BitsAllocated), int(ds.BitsStored), int(ds.HighBit)
-        signed = int(ds.get("PixelRepresentation") or 0) == 1
-    except Exception:  # no pixel module, or one pydicom cannot read: nothing to clear here
+    fmt = fmt or _read_pixel_format(path)
+    if fmt is None or fmt.bits is None:
         return False
+    ts = UID(fmt.transfer_syntax)
+    alloc, stored, high, signed = fmt.bits[0], fmt.bits[1], fmt.bits[2], fmt.bits[3] == 1
     if ts.is_compressed or alloc not in (8, 16, 32) or not 0 < stored <= high + 1 <= alloc:
         return False
     if stored == alloc:
@@ -784,7 +830,7 @@ def _j2k_frame_without_comments(frame: bytes) -> bytes:
     return b"".join(out) + frame[tiles:] if changed else frame
 
 
-def strip_jpeg_metadata(path: Path) -> bool:
+def strip_jpeg_metadata(path: Path, fmt: PixelFormat | None = None) -> bool:
     """Remove comment and application segments from every JPEG frame of encapsulated Pixel Data,
     and comment segments from JPEG 2000 frames (in place; the pixels decode the same); True when
     any was removed.  A file whose frames cannot be told apart, or with an Extended Offset Table,
@@ -792,11 +838,8 @@ def strip_jpeg_metadata(path: Path) -> bool:
     with them)."""
     from pydicom.encaps import encapsulate, generate_frames
     from .qc.leakscan import pixel_region
-    try:
-        ds = pydicom.dcmread(path, stop_before_pixels=True, specific_tags=["NumberOfFrames"])
-        ts = str(ds.file_meta.TransferSyntaxUID)
-    except Exception:
-        return False
+    fmt = fmt or _read_pixel_format(path)
+    ts = fmt.transfer_syntax if fmt else ""
     if ts not in JPEG_SYNTAXES and ts not in J2K_SYNTAXES:
         return False
     data = Path(path).read_bytes()
@@ -809,7 +852,7 @@ def strip_jpeg_metadata(path: Path) -> bool:
     if ts in J2K_SYNTAXES and b"\xff\x64" not in value and not any(b in value for b in _J2K_TEXT_BOXES):
         return False
     try:
-        frames = list(generate_frames(value, number_of_frames=int(ds.get("NumberOfFrames") or 1)))
+        frames = list(generate_frames(value, number_of_frames=fmt.frames))
     except Exception:
         raise DicomError("JPEG pixel data whose frames cannot be told apart holds comment or application "
                          "segments") from None
