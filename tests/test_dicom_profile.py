@@ -56,7 +56,7 @@ STUDY_UID = f"{ROOT}.2"
 SERIES_UID = f"{ROOT}.3"
 FOR_UID = f"{ROOT}.4"
 PATIENT_ID = "PID4711"  # no generic pattern matches it: only the identifier list removes it
-PIXELS = bytes(range(256)) * 2  # 16 x 16 pixels, 16 bit
+PIXELS = bytes((i * 7) % 16 for i in range(512))  # 16 x 16 pixels, 16 bit, values within BitsStored (12) in either byte order
 OVERLAY_BITS = b"\x0f\xf0" * 16  # 16 x 16 overlay, 1 bit per pixel
 MISSING = object()
 UID_RE = re.compile(r"^2\.25\.\d{1,39}$")
@@ -1288,3 +1288,28 @@ def test_streamed_pixel_format_is_the_written_files(tmp_path, name):
     dst = tmp_path / "out.dcm"
     result = deidentify_path(Path(src), dst, make_scrubber())
     assert result.pixel_format is not None and result.pixel_format == _read_pixel_format(dst)
+
+
+@pytest.mark.parametrize("ts", TRANSFER_SYNTAXES[:2], ids=TS_IDS[:2])  # pydicom swaps big-endian OW itself
+def test_stream_engine_clears_bits_outside_bits_stored(tmp_path, ts):
+    """Text in the bits above a 12-bit MR's stored values (a retired embedded overlay) is cleared
+    by the stream engine while it writes (no second pass over the file): stored values unchanged,
+    signed values keep their sign extension, the audit says the Pixel Data changed."""
+    import numpy as np
+    for signed in (0, 1):
+        ds = make_dataset()
+        ds.PixelRepresentation = signed
+        values = np.arange(256, dtype=np.uint16) & 0x0FFF
+        values[::5] |= 0x1000                      # an overlay bit at position 12
+        if signed:
+            values[values & 0x0800 > 0] |= 0xF000  # negative values, sign-extended
+            values[7] = 0x0801                     # negative without its extension: gains it
+        ds.PixelData = values.astype("<u2").tobytes()
+        out = deid(write_part10(tmp_path / f"in{signed}.dcm", ds, ts), "stream")
+        got = np.frombuffer(out.ds.PixelData, "<u2")
+        assert np.array_equal(got & 0x0FFF, values & 0x0FFF)
+        if signed:
+            assert np.array_equal(got >> 12, np.where(values & 0x0800, 0xF, 0))
+        else:
+            assert not (got & 0xF000).any()
+        assert out.result.actions.get("PixelData") == "C"

@@ -274,6 +274,7 @@ def _stream(mm, size: int, body: int, meta: FileMetaDataset, ts: str, encoding: 
         collect.file_meta(meta, ae_titles="retain_device_identity" not in scrubber.plan.options)
     sop_class = sop_instance = None
     pixel_bytes = 0
+    fmt = _stream_pixel_format(mm, by_tag, ts, little)
     for el in elems:
         tag = el.tag
         while markers and markers[0][0] < tag:
@@ -283,7 +284,13 @@ def _stream(mm, size: int, body: int, meta: FileMetaDataset, ts: str, encoding: 
             continue
         group, num = tag >> 16, tag & 0xFFFF
         if tag in PIXEL_TAGS:
-            chunks.append((el.start, el.end))
+            cleared = cleared_bits(mm[el.vstart:el.vend], fmt) if tag == _PIXEL_DATA and fmt and not el.undefined \
+                else None
+            if cleared is None:
+                chunks.append((el.start, el.end))
+            else:
+                chunks.append(mm[el.start:el.vstart] + cleared)
+                scrubber.record_change(tag, "C")
             pixel_bytes += el.vend - el.vstart
             continue
         if group == 0x0002 or num == 0 or group == 0xFFFE:
@@ -397,12 +404,11 @@ def _stream(mm, size: int, body: int, meta: FileMetaDataset, ts: str, encoding: 
                 out.write(c)
     finally:
         view.release()
-    return FileResult(dict(scrubber.actions), sop_instance, pixel_bytes, captured,
-                      _stream_pixel_format(mm, by_tag, ts, little))
+    return FileResult(dict(scrubber.actions), sop_instance, pixel_bytes, captured, fmt)
 
 
 _BITS = (0x00280100, 0x00280101, 0x00280102, 0x00280103)
-_FRAMES = 0x00280008
+_FRAMES, _PIXEL_DATA = 0x00280008, 0x7FE00010
 
 
 def _stream_pixel_format(mm, by_tag: dict[int, _Elem], ts: str, little: bool) -> PixelFormat | None:
@@ -673,8 +679,8 @@ def deidentify_path(src: Path, dst: Path, scrubber: Scrubber, capture: frozenset
     try:
         with open(tmp, "wb") as fh:
             result = deidentify_file(src, fh, scrubber, capture)
-        fmt = result.pixel_format
-        if clear_unused_pixel_bits(tmp, fmt) | strip_jpeg_metadata(tmp, fmt):
+        fmt = result.pixel_format  # known: the stream engine cleared the unused bits while writing
+        if (fmt is None and clear_unused_pixel_bits(tmp)) | strip_jpeg_metadata(tmp, fmt):
             result.actions["PixelData"] = "C"
         os.replace(tmp, dst)
     except BaseException:
@@ -701,7 +707,25 @@ def _read_pixel_format(path: Path) -> PixelFormat | None:
 
 
 def clear_unused_pixel_bits(path: Path, fmt: PixelFormat | None = None) -> bool:
-    """Clear the bits of native Pixel Data outside BitsStored (in place); True when any was set.
+    """Clear the bits of native Pixel Data outside BitsStored in the file ``path`` (in place);
+    True when any was set (see :func:`cleared_bits`; the stream engine does it while writing)."""
+    from .qc.leakscan import pixel_region
+    fmt = fmt or _read_pixel_format(path)
+    if fmt is None:
+        return False
+    with open(path, "r+b") as fh, mmap.mmap(fh.fileno(), 0) as mm:
+        region = pixel_region(mm)
+        new = None if region is None else cleared_bits(mm[region[0]:region[1]], fmt)
+        if new is None:
+            return False
+        mm[region[0]:region[0] + len(new)] = new
+        mm.flush()
+    return True
+
+
+def cleared_bits(value: bytes, fmt: PixelFormat) -> bytes | None:
+    """Native Pixel Data ``value`` with the bits outside BitsStored cleared, or None when none is
+    set (or the data are not native).
 
     Those bits are no part of any pixel value, but a retired embedded overlay (OverlayBitPosition
     12 of a 12-bit MR) or a vendor keeps text or graphics there, which survives the removal of
@@ -709,37 +733,26 @@ def clear_unused_pixel_bits(path: Path, fmt: PixelFormat | None = None) -> bool:
     sign extension), else zero; bits below the stored range zero.  Every stored value stays the
     same.  Encapsulated (compressed) pixel data holds only the stored bits' codestream."""
     from pydicom.uid import UID
-    from .qc.leakscan import pixel_region
-    fmt = fmt or _read_pixel_format(path)
-    if fmt is None or fmt.bits is None:
-        return False
+    if fmt.bits is None:
+        return None
     ts = UID(fmt.transfer_syntax)
     alloc, stored, high, signed = fmt.bits[0], fmt.bits[1], fmt.bits[2], fmt.bits[3] == 1
-    if ts.is_compressed or alloc not in (8, 16, 32) or not 0 < stored <= high + 1 <= alloc:
-        return False
-    if stored == alloc:
-        return False
-    with open(path, "r+b") as fh, mmap.mmap(fh.fileno(), 0) as mm:
-        region = pixel_region(mm)
-        if region is None or (region[1] - region[0]) < alloc // 8:
-            return False
-        dtype = np.dtype(f"{'<' if ts.is_little_endian else '>'}u{alloc // 8}")
-        n = (region[1] - region[0]) // dtype.itemsize
-        raw = np.frombuffer(mm, dtype, count=n, offset=region[0])
-        full = (1 << alloc) - 1
-        low = high + 1 - stored
-        value_bits = ((1 << stored) - 1) << low
-        new = raw & dtype.type(value_bits)
-        if signed:
-            above = full & ~((1 << (high + 1)) - 1)
-            new |= np.where(raw & dtype.type(1 << high), dtype.type(above), dtype.type(0)).astype(dtype)
-        if np.array_equal(new, raw):
-            del raw
-            return False
-        del raw
-        mm[region[0]:region[0] + n * dtype.itemsize] = new.tobytes()
-        mm.flush()
-    return True
+    if ts.is_compressed or alloc not in (8, 16, 32) or not 0 < stored <= high + 1 <= alloc or stored == alloc:
+        return None
+    dtype = np.dtype(f"{'<' if ts.is_little_endian else '>'}u{alloc // 8}")
+    n = len(value) // dtype.itemsize
+    if n == 0:
+        return None
+    raw = np.frombuffer(value, dtype, count=n)
+    full = (1 << alloc) - 1
+    low = high + 1 - stored
+    new = raw & dtype.type(((1 << stored) - 1) << low)
+    if signed:
+        above = full & ~((1 << (high + 1)) - 1)
+        new |= np.where(raw & dtype.type(1 << high), dtype.type(above), dtype.type(0)).astype(dtype)
+    if np.array_equal(new, raw):
+        return None
+    return new.tobytes() + bytes(value[n * dtype.itemsize:])
 
 
 # JPEG-family transfer syntaxes (JPEG baseline, extended, lossless, JPEG-LS): their frames are
