@@ -499,6 +499,12 @@ def _whole(family: str, given: str, middle: str = "") -> set[str]:
     return out | ({f"{given} {middle} {family}"} if middle else set())
 
 
+def plain_name(value: str) -> bool:
+    """Whether the forms of an ASCII name are only its words recombined (no accented, hyphen or
+    apostrophe spellings, no transliteration): their anchors (:func:`anchor`) are its longest words."""
+    return value.isascii() and not _ACCENT_DIGRAPH.search(value) and not _NAME_PUNCT.search(value)
+
+
 def whole_name_forms(value: str) -> set[str]:
     """The forms of a person name that write it whole (DOE^JOHN, John Doe, Doe, John …), not its
     parts or initials: what another subject's name is searched as (a family name alone, or an

@@ -726,12 +726,17 @@ class UnitMatcher(Matcher):
         self.waiting: dict[bytes, set[str]] = {}
         eager = []
         for s, name in self.names.items():
-            for text in idmod.needle_texts("whole_name", name):
-                found = idmod.anchor(text)
-                if found is None:  # no ASCII word (CJK): searched as a substring, made now
-                    eager.append(s)
-                else:
-                    self.waiting.setdefault(found[1], set()).add(s)
+            if idmod.plain_name(name):  # its forms' anchors are its longest words: no need to make them
+                words = idmod.words(name.lower().encode("ascii"))
+                longest = max(map(len, words), default=0)
+                anchors = {w for w in words if len(w) == longest}
+            else:
+                anchors = {found[1] if (found := idmod.anchor(text)) else None
+                           for text in idmod.needle_texts("whole_name", name)}
+            if None in anchors or not anchors:  # a form without an ASCII word (CJK): made now
+                eager.append(s)
+            for word in anchors - {None}:
+                self.waiting.setdefault(word, set()).add(s)
         self._make(eager)
 
     def _make(self, subjects: Iterable[str]) -> None:
