@@ -96,7 +96,8 @@ def test_unit_matcher_finds_what_one_matcher_of_every_name_finds():
     representations), and a text naming nobody makes none."""
     salt = b"0" * 16
     names = {"sub-b": "MÜLLER^JÜRGEN", "sub-c": "Erika Mustermann", "sub-d": "YAMADA^TAROU=山田^太郎=やまだ^たろう",
-             "sub-e": "STRAUß^ANNA", "sub-f": "O'Brien-Smith^Mary-Kate",
+             "sub-e": "STRAUß^ANNA", "sub-f": "O'Brien-Smith^Mary-Kate", "sub-g": "LIAM^NOAH^MAXIMILIAN",
+             "sub-h": "SMITHSONIAN^BOB=TOMAS^JAN", "sub-i": "Erik van der Berg",
              **{f"sub-x{i}": f"{_word(i, 'K')}^{_word(i, 'V')}" for i in range(300)}}
     own = leakscan.needles_for("sub-a", [("id", "PatientID", "P968287")], salt)
     lazy = leakscan.UnitMatcher(own, names, salt)
@@ -107,7 +108,8 @@ def test_unit_matcher_finds_what_one_matcher_of_every_name_finds():
              "Anna Strauss / strauß, anna".encode(), "山田 太郎 / 山田^太郎".encode(),
              f"{_word(7, 'v')} {_word(7, 'k')} and {_word(250, 'K')}^{_word(250, 'V')}".encode(),
              b"Mustermann, Erika", f"{_word(12, 'k')} alone, {_word(12, 'v')} alone".encode(),
-             b"MARY KATE OBRIEN SMITH", "Mary-Kate O\u2019Brien-Smith".encode(), "ＹＡＭＡＤＡ ＴＡＲＯＵ".encode()]
+             b"MARY KATE OBRIEN SMITH", "Mary-Kate O\u2019Brien-Smith".encode(), "ＹＡＭＡＤＡ ＴＡＲＯＵ".encode(),
+             b"Noah Liam; Noah Maximilian Liam", b"Jan Tomas", b"Berg, Erik van der"]
     for t in texts:
         assert sorted((s, e, n.owner, n.text) for s, e, n in lazy.spans(t)) == \
             sorted((s, e, n.owner, n.text) for s, e, n in whole.spans(t)), t

@@ -499,10 +499,29 @@ def _whole(family: str, given: str, middle: str = "") -> set[str]:
     return out | ({f"{given} {middle} {family}"} if middle else set())
 
 
-def plain_name(value: str) -> bool:
-    """Whether the forms of an ASCII name are only its words recombined (no accented, hyphen or
-    apostrophe spellings, no transliteration): their anchors (:func:`anchor`) are its longest words."""
-    return value.isascii() and not _ACCENT_DIGRAPH.search(value) and not _NAME_PUNCT.search(value)
+def whole_name_anchors(value: str) -> set[bytes] | None:
+    """The words the :func:`whole_name_forms` of an ASCII name are found by (:func:`anchor`: a
+    form's longest word), worked out without making the forms: each form recombines the words of
+    one representation's family and given name (one form adds the middle name), so its anchor is
+    one of their longest words.  None for a name with accented, hyphen or apostrophe spellings,
+    or not ASCII (make its forms)."""
+    if not value.isascii() or _ACCENT_DIGRAPH.search(value) or _NAME_PUNCT.search(value):
+        return None
+    out: set[bytes] = set()
+    for group in value.split("="):
+        comps = [c.strip() for c in group.split("^")]
+        family, given, middle = (comps + ["", "", ""])[:3]
+        if family and given:
+            texts = [f"{family} {given}"] + ([f"{family} {given} {middle}"] if middle else [])
+        elif "^" not in group and len(group.split()) >= 2:
+            texts = [group]
+        else:
+            continue
+        for text in texts:
+            ws = words(text.lower().encode("ascii"))
+            longest = max(map(len, ws), default=0)
+            out |= {w for w in ws if len(w) == longest}
+    return out
 
 
 def whole_name_forms(value: str) -> set[str]:

@@ -726,11 +726,8 @@ class UnitMatcher(Matcher):
         self.waiting: dict[bytes, set[str]] = {}
         eager = []
         for s, name in self.names.items():
-            if idmod.plain_name(name):  # its forms' anchors are its longest words: no need to make them
-                words = idmod.words(name.lower().encode("ascii"))
-                longest = max(map(len, words), default=0)
-                anchors = {w for w in words if len(w) == longest}
-            else:
+            anchors = idmod.whole_name_anchors(name)  # a plain ASCII name's, without making its forms
+            if anchors is None:
                 anchors = {found[1] if (found := idmod.anchor(text)) else None
                            for text in idmod.needle_texts("whole_name", name)}
             if None in anchors or not anchors:  # a form without an ASCII word (CJK): made now
