@@ -29,7 +29,7 @@ from pydicom.filebase import DicomBytesIO
 from pydicom.filereader import _read_file_meta_info, read_preamble
 from pydicom.filewriter import write_data_element, write_file_meta_info
 from pydicom.tag import BaseTag
-from pydicom.uid import (DeflatedExplicitVRLittleEndian, ExplicitVRBigEndian,
+from pydicom.uid import (UID, DeflatedExplicitVRLittleEndian, ExplicitVRBigEndian,
                          ExplicitVRLittleEndian, ImplicitVRLittleEndian)
 
 from . import __version__
@@ -692,15 +692,12 @@ def deidentify_path(src: Path, dst: Path, scrubber: Scrubber, capture: frozenset
     return result
 
 
-_BITS_TAGS = ("BitsAllocated", "BitsStored", "HighBit", "PixelRepresentation")
-
-
 def _read_pixel_format(path: Path) -> PixelFormat | None:
     """The :class:`PixelFormat` of a written file, read with pydicom; None when it has none."""
     try:
-        ds = pydicom.dcmread(path, stop_before_pixels=True, specific_tags=[*_BITS_TAGS, "NumberOfFrames"])
-        bits = tuple(int(ds[k].value) for k in _BITS_TAGS[:3]) + (int(ds.get("PixelRepresentation") or 0),) \
-            if all(k in ds for k in _BITS_TAGS[:3]) else None
+        ds = pydicom.dcmread(path, stop_before_pixels=True, specific_tags=[*_BITS, _FRAMES])
+        values = [int(ds[t].value) if t in ds else None for t in _BITS]
+        bits = None if None in values[:3] else (values[0], values[1], values[2], values[3] or 0)
         return PixelFormat(str(ds.file_meta.TransferSyntaxUID), bits, int(ds.get("NumberOfFrames") or 1))
     except Exception:  # no file meta, or values pydicom cannot read: nothing to clear or strip here
         return None
@@ -732,7 +729,6 @@ def cleared_bits(value: bytes, fmt: PixelFormat) -> bytes | None:
     the overlay group.  Bits above HighBit become the sign bit's copy for signed data (the usual
     sign extension), else zero; bits below the stored range zero.  Every stored value stays the
     same.  Encapsulated (compressed) pixel data holds only the stored bits' codestream."""
-    from pydicom.uid import UID
     if fmt.bits is None:
         return None
     ts = UID(fmt.transfer_syntax)
