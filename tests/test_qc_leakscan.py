@@ -85,6 +85,23 @@ def test_separated_ids_are_found_as_well_among_many_subjects():
         assert not many.find(text) and not few.find(text), text
 
 
+def test_other_units_values_of_a_cjk_subject_also_full_width(tmp_path):
+    """Another unit's subject with a CJK name: its IDs and Latin name are searched in full width
+    too (ＭＲＮ４７１１０００), as a subject's own are; its name's needles are made at once."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+    rows = {"subject": ["sub-a", "sub-b", "sub-c"], "patient_id": ["P111111", "MRN4711000", "P222222"],
+            "accession": ["", "", ""], "patient_name": ["DOE^JOHN", "YAMADA^TAROU=山田^太郎", "ROE^RICHARD"]}
+    pq.write_table(pa.table(rows), tmp_path / "inventory.parquet")
+    salt = b"0" * 16
+    needles, names = leakscan.other_units_values(tmp_path, {"subjects": [{"subject": "sub-a"}]}, salt)
+    assert set(names) == {"sub-c"}  # the CJK name is among the needles
+    m = leakscan.UnitMatcher(needles, names, salt)
+    for text in ("ＭＲＮ４７１１０００".encode(), "ＹＡＭＡＤＡ ＴＡＲＯＵ".encode(), "山田太郎".encode(), b"Richard Roe"):
+        assert m.find(text), text
+    assert not m.find(b"P111111 John Doe")  # the unit's own subject's values are its own scan's
+
+
 def _word(i: int, first: str) -> str:
     """A made-up name part of its own for each ``i`` (letters only)."""
     return first + "".join(chr(97 + (i // 26 ** k) % 26) for k in range(3)) + "ler"

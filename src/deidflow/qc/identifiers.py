@@ -499,6 +499,18 @@ def _whole(family: str, given: str, middle: str = "") -> set[str]:
     return out | ({f"{given} {middle} {family}"} if middle else set())
 
 
+def _representations(value: str) -> Iterator[tuple[str, str, str]]:
+    """(family, given, middle) of each representation of a person name (``=`` between them); a
+    plain name of two or more words has its last word as the family name."""
+    for group in value.split("="):
+        comps = [c.strip() for c in group.split("^")]
+        family, given, middle = (comps + ["", "", ""])[:3]
+        if family and given:
+            yield family, given, middle
+        elif "^" not in group and len(words := group.split()) >= 2:
+            yield words[-1], " ".join(words[:-1]), ""
+
+
 def whole_name_anchors(value: str) -> set[bytes] | None:
     """The words the :func:`whole_name_forms` of an ASCII name are found by (:func:`anchor`: a
     form's longest word), worked out without making the forms: each form recombines the words of
@@ -508,16 +520,8 @@ def whole_name_anchors(value: str) -> set[bytes] | None:
     if not value.isascii() or _ACCENT_DIGRAPH.search(value) or _NAME_PUNCT.search(value):
         return None
     out: set[bytes] = set()
-    for group in value.split("="):
-        comps = [c.strip() for c in group.split("^")]
-        family, given, middle = (comps + ["", "", ""])[:3]
-        if family and given:
-            texts = [f"{family} {given}"] + ([f"{family} {given} {middle}"] if middle else [])
-        elif "^" not in group and len(group.split()) >= 2:
-            texts = [group]
-        else:
-            continue
-        for text in texts:
+    for family, given, middle in _representations(value):
+        for text in (f"{family} {given}", *([f"{family} {given} {middle}"] if middle else [])):
             ws = words(text.lower().encode("ascii"))
             longest = max(map(len, ws), default=0)
             out |= {w for w in ws if len(w) == longest}
@@ -529,15 +533,9 @@ def whole_name_forms(value: str) -> set[str]:
     parts or initials: what another subject's name is searched as (a family name alone, or an
     initial, is shared by many of thousands of subjects).  A plain name of two or more words is
     also searched with its last word first."""
-    out = set()
-    for group in value.split("="):
-        comps = [c.strip() for c in group.split("^")]
-        family, given, middle = (comps + ["", "", ""])[:3]
-        if family and given:
-            out |= _whole(family, given, middle)
-        elif "^" not in group and len(words := group.split()) >= 2:
-            first, last = " ".join(words[:-1]), words[-1]
-            out |= {group.strip(), f"{last} {first}", f"{last}, {first}", f"{last},{first}"}
+    out = {g for g in value.split("=") if "^" not in g and len(g.split()) >= 2}  # a plain name as written
+    for family, given, middle in _representations(value):
+        out |= _whole(family, given, middle)
     out |= {v for o in list(out) for v in punctuation_spellings(o) if one_person(v)}
     return {o.strip() for o in out if o.strip()}
 
@@ -1039,7 +1037,7 @@ def needles_for(subject: str, entries: Iterable[tuple[str, str, str]], salt: byt
     forms are counted per rule in ``excluded``."""
     entries = list(entries)
     # a subject with a CJK name: its IDs and Latin names also as East Asian text writes them
-    wide = any(kind in ("name", "whole_name") and _EAST_ASIAN.search(value) for kind, _, value in entries)
+    wide = any(kind in ("name", "whole_name") and east_asian(value) for kind, _, value in entries)
     out: list[Needle] = []
     done: set[tuple[str, str]] = set()
     for kind, fld, value in entries:
@@ -1060,6 +1058,12 @@ def needles_for(subject: str, entries: Iterable[tuple[str, str, str]], salt: byt
 
 
 _EAST_ASIAN = re.compile("[\u3040-\u30ff\u3400-\u9fff\uac00-\ud7af\uff66-\uff9f]")
+
+
+def east_asian(value: str) -> bool:
+    """Whether a value holds Japanese, Chinese or Korean characters (its subject's IDs and Latin
+    names are then also searched in full width)."""
+    return bool(_EAST_ASIAN.search(value))
 
 
 def full_width_forms(form: str) -> set[bytes]:

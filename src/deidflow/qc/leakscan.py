@@ -706,7 +706,10 @@ def other_units_values(restricted: Path, manifest: Mapping, salt: bytes) -> tupl
                 if v and v not in mine:
                     ids.setdefault(s, set()).add(("id", fld, v))
             if name and name not in mine:
-                names[s] = name
+                if idmod.east_asian(name):  # with its IDs (also full width), made now: its CJK forms have no word
+                    ids.setdefault(s, set()).add(("whole_name", "PatientName", name))
+                else:
+                    names[s] = name
     return [n for s, e in sorted(ids.items()) for n in needles_for(s, sorted(e), salt)], names
 
 
