@@ -30,7 +30,7 @@ rule all:
 
 
 onstart:
-    mark_incomplete(OUT)  # RELEASE_INCOMPLETE from the first job until the run succeeds
+    mark_incomplete(OUT, RESTRICTED)  # RELEASE_INCOMPLETE from the first job until the run succeeds
 
 
 onsuccess:

@@ -292,6 +292,27 @@ def test_dataset_level_leak_keeps_dataset_files_staged(tmp_path, on_leak):
         assert c["withheld"] == 0 and (release / "participants.tsv").exists()
 
 
+def test_dataset_gate_writes_no_temporary_file_into_the_release(tmp_path, monkeypatch):
+    """The dataset-level files, the QC report and the RELEASE_INCOMPLETE marker are written
+    through a temporary file outside the release and one rename: a reader of the release (the
+    kill test's watcher, an rsync to the recipients) never sees a half-written ``.part`` file."""
+    import deidflow.fsutil as fsutil
+    from deidflow.publish import mark_incomplete, publish_dataset
+    staged, report_dir, release, restricted, verify = _dataset_gate_folders(tmp_path, [])
+    renames = []
+    real = os.replace
+    monkeypatch.setattr(fsutil.os, "replace", lambda a, b: (renames.append((Path(a), Path(b))), real(a, b))[1])
+    mark_incomplete(release, restricted)
+    publish_dataset(staged, release, restricted, restricted / "work" / "subjects.txt", restricted / "done.json",
+                    verify=verify, report_dir=report_dir)
+    into = [(a, b) for a, b in renames if release in b.parents]
+    assert {b.relative_to(release).as_posix() for _a, b in into} >= {MARKER, "participants.tsv",
+                                                                      "derivatives/deidflow/qc/report.html"}
+    assert not [a for a, _b in into if release in a.parents], "a temporary file was made inside the release"
+    assert sorted(p.relative_to(release).as_posix() for p in release.rglob("*") if p.is_file()) == sorted(
+        b.relative_to(release).as_posix() for _a, b in into)
+
+
 def test_withheld_dataset_files_take_the_published_ones_out(tmp_path):
     """Dataset-level files withheld by the gate leave no earlier copy behind: the previous run's
     participants.tsv still listed a subject withdrawn since (its folders leave in the same job).

@@ -36,12 +36,15 @@ def make_restricted_dir(path: Path) -> Path:
     return path
 
 
-def atomic_write_bytes(path: Path, data: bytes, mode: int | None = None) -> None:
-    """Write ``data`` to ``path`` through a temporary file in the same folder and a rename; the
-    file gets ``mode``, by default :data:`RELEASE_FILE_MODE` (restricted writes name theirs)."""
+def atomic_write_bytes(path: Path, data: bytes, mode: int | None = None, tmp_dir: Path | None = None) -> None:
+    """Write ``data`` to ``path`` through a temporary file and a rename; the file gets ``mode``, by
+    default :data:`RELEASE_FILE_MODE` (restricted writes name theirs).  The temporary file lies in
+    ``tmp_dir`` (a folder on the same file system) or else next to ``path``: a write into the
+    release names one outside it, so no half-written ``.part`` file is ever seen there."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".tmp-", suffix=".part")
+    where = path.parent if tmp_dir is None else make_restricted_dir(tmp_dir)
+    fd, tmp = tempfile.mkstemp(dir=where, prefix=".tmp-", suffix=".part")
     try:
         with os.fdopen(fd, "wb") as fh:
             fh.write(data)
@@ -52,9 +55,9 @@ def atomic_write_bytes(path: Path, data: bytes, mode: int | None = None) -> None
         raise
 
 
-def atomic_write_text(path: Path, text: str, mode: int | None = None) -> None:
+def atomic_write_text(path: Path, text: str, mode: int | None = None, tmp_dir: Path | None = None) -> None:
     """Text variant of :func:`atomic_write_bytes` (UTF-8)."""
-    atomic_write_bytes(path, text.encode("utf-8"), mode)
+    atomic_write_bytes(path, text.encode("utf-8"), mode, tmp_dir)
 
 
 def write_if_changed(path: Path, data: bytes, mode: int | None = None) -> bool:

@@ -71,12 +71,13 @@ def release_subjects(release: Path) -> set[str]:
             if c.name.startswith("sub-") and c.is_dir()}
 
 
-def mark_incomplete(release: Path) -> None:
+def mark_incomplete(release: Path, restricted: Path) -> None:
     """Put the RELEASE_INCOMPLETE marker at the release root (the start of a run)."""
-    release = Path(release)
+    release, restricted = Path(release), Path(restricted)
     release.mkdir(parents=True, exist_ok=True)
     if not (release / MARKER).exists():
-        atomic_write_text(release / MARKER, MARKER_TEXT, 0o644)
+        make_restricted_dir(restricted)
+        atomic_write_text(release / MARKER, MARKER_TEXT, 0o644, scratch_dir(release, restricted))
 
 
 # ------------------------------------------------------------------------------------------------
@@ -309,11 +310,11 @@ def publish_dataset(staged: Path, release: Path, restricted: Path, subjects_file
             withheld.append(rel)
             (release / rel).unlink(missing_ok=True)
         else:
-            atomic_write_bytes(release / rel, p.read_bytes(), 0o644)
+            atomic_write_bytes(release / rel, p.read_bytes(), 0o644, trash)
             moved.append(rel)
         os.chmod(p, RESTRICTED_FILE_MODE)  # the staged copies are restricted files now
     for p in report_files:
-        atomic_write_bytes(release / QC_SUBDIR / p.name, p.read_bytes(), 0o644)
+        atomic_write_bytes(release / QC_SUBDIR / p.name, p.read_bytes(), 0o644, trash)
     record = {"withdrawn": gone, "files": moved, "withheld": withheld, "report": [p.name for p in report_files],
               "foreign_set_aside": foreign, "seconds": round(time.perf_counter() - started, 4)}
     make_restricted_dir(Path(done).parent)
