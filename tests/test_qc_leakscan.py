@@ -596,6 +596,23 @@ def test_cjk_names_written_without_a_space_are_found_whole():
     assert m.redact_text("患者 홍길동") == "患者 *"
 
 
+def test_chinese_and_japanese_names_in_their_other_han_characters():
+    """pydicom's chrX2 stores Wang^XiaoDong=王^小东 (simplified, GB18030), chrX1 the same patient as
+    王^小東 (traditional): a Taiwanese or Hong Kong report writes 王小東, a mainland one 王小东, and a
+    Japanese record 渡邊 for the 渡辺 in the header.  Only the stored characters were searched, so the
+    other spelling was released with exit 0."""
+    m = _matcher(("name", "PatientName", "Wang^XiaoDong=王^小东"), ("name", "ReferringPhysicianName", "渡辺^健二"))
+    for text in ("王小東 head", "患者 王 小東", "小東", "王小东", "Dr 渡邊 健二", "渡边健二", "渡邊"):
+        assert m.find(text.encode("utf-8")), text
+        assert "東" not in m.redact_text(text) and "邊" not in m.redact_text(text)
+    assert not m.find("東京 小林".encode("utf-8")) and not m.find("辺縁".encode("utf-8"))
+    assert identifiers.han_variants("張偉") >= {"张伟", "張伟", "张偉"}
+    assert identifiers.han_variants("Smith") == set() and identifiers.han_variants("山田") == set()
+    many = "张伟强国华为边台" * 2  # past HAN_VARIANTS_MAX: each character's variants in place
+    out = identifiers.han_variants(many)
+    assert len(out) < 40 and "張" + many[1:] in out and many[:-1] + "臺" in out
+
+
 def test_names_beside_typographic_punctuation_are_found():
     """“Okafor” seen by Dr<NBSP>Adebayo’s team, Okafor’s scan: the curly quotes, apostrophe and
     no-break space are UTF-8 bytes >= 0x80 and counted as letters, so the patient's and the

@@ -600,7 +600,7 @@ def forms(kind: str, value: str) -> set[str]:
         out |= transliterations(o)
     if kind in ("name", "whole_name"):
         for o in list(out):
-            out |= accented_spellings(o) | kana_spellings(o)
+            out |= accented_spellings(o) | kana_spellings(o) | han_variants(o)
     return out
 
 
@@ -628,6 +628,41 @@ def kana_spellings(value: str) -> set[str]:
     half, marks = _kana_tables()
     narrow = "".join(half.get(c, marks.get(c, c)) for c in unicodedata.normalize("NFD", kata))
     return {v for v in (full, kata, hira, narrow) if v != value}
+
+
+@lru_cache(maxsize=1)
+def _han_classes() -> dict[str, str]:
+    """Each Han character that has variants → every character of its class (``data/han_variants.tsv``)."""
+    from importlib import resources
+    text = resources.files("deidflow").joinpath("data", "han_variants.tsv").read_text(encoding="utf-8")
+    return {c: line for line in text.splitlines() if line and not line.startswith("#") for c in line}
+
+
+HAN_VARIANTS_MAX = 256  # spellings of one form at most; past that each character's variants one at a time
+
+
+def han_variants(value: str) -> set[str]:
+    """A Chinese or Japanese name in its other Han characters: simplified 张伟 ↔ traditional 張偉,
+    Japanese 渡辺 ↔ 渡邊, mixed ones too (a record typed on another system).  Every combination up
+    to :data:`HAN_VARIANTS_MAX`; for a longer form (a name's whole value with all its
+    representations), each character's variants with the rest as written: its shorter forms hold
+    the combinations.  Empty without Han characters."""
+    if value.isascii():
+        return set()
+    table = _han_classes()
+    options = [table.get(c, c) for c in value]
+    if all(len(o) == 1 for o in options):
+        return set()
+    count = 1
+    for o in options:
+        count *= len(o)
+    if count <= HAN_VARIANTS_MAX:
+        from itertools import product
+        out = {"".join(p) for p in product(*options)}
+    else:
+        out = {value[:i] + v + value[i + 1:] for i, o in enumerate(options) for v in o}
+    out.discard(value)
+    return out
 
 
 _ACCENTS = (("ue", "ü"), ("oe", "ö"), ("ae", "ä"), ("aa", "å"), ("oe", "ø"), ("ss", "ß"))
