@@ -5,7 +5,7 @@ import json
 import os
 import sys
 
-from deidflow.fsutil import release_umask
+from deidflow.fsutil import QC_SUBDIR, release_umask
 from deidflow.pipeline import prepare, write_run_record
 from deidflow.publish import REPORT_FILES, REPORT_STAGING, finalize_run, mark_incomplete, on_leak_of, write_subjects
 from deidflow.settings import _check_semantics, profile_settings
@@ -110,7 +110,7 @@ EXTRA_TARGETS = []
 DATASET_STAGED = restricted("staging/dataset")
 DATASET_TARGETS = []  # done markers of the jobs that write into DATASET_STAGED
 # the QC report's public files: checked and staged by verify_dataset, copied in by publish_dataset
-QC_DIR = release("derivatives/deidflow/qc")
+QC_DIR = release(QC_SUBDIR)
 REPORT_STAGED = restricted(REPORT_STAGING)
 
 

@@ -195,6 +195,9 @@ def output_stream(path: Path, gz: bool):
             yield raw
 
 
+QC_SUBDIR = "derivatives/deidflow/qc"  # the QC folder of a release (and of a staged subject's tree)
+
+
 def layout_parents(root: Path) -> list[Path]:
     """The folders of the release layout that hold subject folders, sorted: ``root``,
     ``sourcedata/<fmt>``, ``derivatives/<name>`` and ``derivatives/<name>/<sub>`` (a subject's own

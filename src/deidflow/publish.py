@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import Any, Iterable, Mapping
 
 from .errors import EXIT_INCOMPLETE, EXIT_OK, PublicError, UsageError
-from .fsutil import (RESTRICTED_FILE_MODE, atomic_write_bytes, atomic_write_text, layout_parents, make_restricted_dir,
+from .fsutil import (QC_SUBDIR, RESTRICTED_FILE_MODE, atomic_write_bytes, atomic_write_text, layout_parents, make_restricted_dir,
                      publish_dir, remove_tree)
 
 MARKER = "RELEASE_INCOMPLETE"
@@ -34,7 +34,6 @@ WITHDRAWN = "withdrawn.tsv"         # restricted audit: subjects taken out of th
 SUBJECTS = "work/subjects.txt"      # restricted: the subjects of the current input, one a line
 REPORT_STAGING = "staging/qc"       # restricted: the QC report's public files, checked (verify_dataset)
 REPORT_FILES = ("report.html", "files_per_modality.svg", "actions_per_attribute.svg", "subjects.tsv")
-QC_SUBDIR = "derivatives/deidflow/qc"  # the QC report's folder in the release (qc/report.py)
 STAGING = "staging"
 DATASET_STAGING = "staging/dataset"
 ON_LEAK = ("withhold", "fail", "publish")

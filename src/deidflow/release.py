@@ -10,7 +10,7 @@ from typing import TYPE_CHECKING, Any, Mapping
 from .dicom import Scrubber, SubjectContext
 from .dicomio import DicomError, deidentify_path
 from .errors import OUTPUT_ERRNOS, PublicError
-from .fsutil import (RESTRICTED_FILE_MODE, atomic_write_text, csv_text, make_restricted_dir, publish_dir,
+from .fsutil import (QC_SUBDIR, RESTRICTED_FILE_MODE, atomic_write_text, csv_text, make_restricted_dir, publish_dir,
                      staging_dir_for)
 from .profile import build_plan
 from .pseudonym import Pseudonymizer, fingerprint, load_key, load_mapping
@@ -154,7 +154,7 @@ def _subject(subj: Mapping[str, Any], input_dir: Path, release_root: Path, restr
             work.discard()
         raise
     if pixels is not None:
-        pixels.qc.publish(release_root.parents[1] / "derivatives" / "deidflow" / "qc", restricted)
+        pixels.qc.publish(release_root.parents[1] / QC_SUBDIR, restricted)
     audit_lines = [json.dumps(e, sort_keys=True) for e in entries if not e.get("withheld")]
     audit = make_restricted_dir(restricted / "audit") / f"{subject}.jsonl"
     atomic_write_text(audit, "".join(line + "\n" for line in audit_lines), RESTRICTED_FILE_MODE)

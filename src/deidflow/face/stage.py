@@ -34,7 +34,7 @@ from typing import Any, Mapping
 import numpy as np
 
 from .. import __version__
-from ..fsutil import RESTRICTED_FILE_MODE, atomic_write_bytes, atomic_write_text, gzip_bytes, make_restricted_dir
+from ..fsutil import QC_SUBDIR, RESTRICTED_FILE_MODE, atomic_write_bytes, atomic_write_text, gzip_bytes, make_restricted_dir
 from . import render
 from ..errors import OUTPUT_ERRNOS, PublicError
 from .apply import GeometryMismatch, Nifti, derived_sidecar, mask_dicom, remap_file, uids_in
@@ -42,7 +42,6 @@ from .select import Decision, ImageFacts, decide, extent_mm, head_shape, kind_of
 from .volume import for_backend, reference_volume, removed_value
 
 log = logging.getLogger("deidflow")
-QC_DIR = "derivatives/deidflow/qc"
 UID_DOMAIN = "deidflow-face"
 RELEASE_FILE_MODE = 0o644
 
@@ -342,7 +341,7 @@ def face_unit(convert_done: Path | None, dicom_root: Path, release_root: Path, r
     for rel in keeper.restore_untouched():  # files of images no longer selected: undo earlier runs
         log.info("%s: restored (no longer selected)", rel)
     for subject, entries in sorted(qc.items()):
-        _write_qc_index(release_root / QC_DIR / subject / "face", [e for e in entries if not e.get("restricted")],
+        _write_qc_index(release_root / QC_SUBDIR / subject / "face", [e for e in entries if not e.get("restricted")],
                         RELEASE_FILE_MODE)
         _write_qc_index(restricted / "qc" / subject / "face", entries, RESTRICTED_FILE_MODE)
     from ..fsutil import csv_text
@@ -956,7 +955,7 @@ def _qc(rel: str, subject: str, vol, removed: np.ndarray, method: str, backend: 
     ]
     entries = []
     for name, kind, caption, img, private in shots:
-        folder = (restricted / "qc" if private else release_root / QC_DIR) / subject / "face"
+        folder = (restricted / "qc" if private else release_root / QC_SUBDIR) / subject / "face"
         if private:
             make_restricted_dir(folder)
         atomic_write_bytes(folder / name, render.png_bytes(img), RESTRICTED_FILE_MODE if private else RELEASE_FILE_MODE)

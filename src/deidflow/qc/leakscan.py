@@ -118,9 +118,10 @@ def dataset_files(release: Path) -> list[Path]:
     """Release files that belong to no subject (dataset description, participants table, …).  The
     report's own files (``derivatives/deidflow/qc/report.html`` …) are left out: the dataset gate
     checks them with the report's own words as exceptions; anything else in that folder is not."""
+    from ..fsutil import QC_SUBDIR
     from ..publish import REPORT_FILES
     out = []
-    own = Path(release) / "derivatives" / "deidflow" / "qc"
+    own = Path(release) / QC_SUBDIR
     for root, dirs, files in os.walk(release):
         dirs[:] = sorted(d for d in dirs if not _SUBJECT_DIR.match(d))
         mine = REPORT_FILES if Path(root) == own else ()
