@@ -94,7 +94,8 @@ def test_other_units_values_of_a_cjk_subject_also_full_width(tmp_path):
             "accession": ["", "", ""], "patient_name": ["DOE^JOHN", "YAMADA^TAROU=山田^太郎", "ROE^RICHARD"]}
     pq.write_table(pa.table(rows), tmp_path / "inventory.parquet")
     salt = b"0" * 16
-    needles, names = leakscan.other_units_values(tmp_path, {"subjects": [{"subject": "sub-a"}]}, salt)
+    needles, names, roster = leakscan.other_units_values(tmp_path, {"subjects": [{"subject": "sub-a"}]}, salt)
+    assert roster == ["sub-a", "sub-b", "sub-c"]
     assert set(names) == {"sub-c"}  # the CJK name is among the needles
     m = leakscan.UnitMatcher(needles, names, salt)
     for text in ("ＭＲＮ４７１１０００".encode(), "ＹＡＭＡＤＡ ＴＡＲＯＵ".encode(), "山田太郎".encode(), b"Richard Roe"):

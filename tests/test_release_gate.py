@@ -180,6 +180,67 @@ def test_other_units_patient_name_in_a_kept_description_withholds_the_subject(tm
     assert b"OKAFOR" not in b"".join(p.read_bytes() for p in out.rglob("*") if p.is_file())
 
 
+def _release_bytes(out: Path) -> dict[str, str]:
+    """The release's files and their hashes, less the QC report (it tells the run's history)."""
+    qc = out / "derivatives" / "deidflow" / "qc"
+    return {p.relative_to(out).as_posix(): hashlib.sha256(p.read_bytes()).hexdigest()
+            for p in out.rglob("*") if p.is_file() and qc not in p.parents}
+
+
+@pytest.mark.parametrize("on_leak", ["withhold", "publish"])
+def test_subject_published_earlier_is_withdrawn_when_a_later_delivery_adds_the_patient_it_names(tmp_path, on_leak):
+    """Mueller's series comment names OKAFOR, CHIDI, who is not in the first delivery: nobody's
+    value, Mueller is published (exit 0).  The second delivery adds Okafor.  Mueller's unit did
+    not run again, so its scan never searched Okafor's name and the note stayed released with
+    exit 0.  The dataset gate scans the subjects published earlier against the values of those
+    added since: Mueller is taken out (audit: withdrawn.tsv), the run exits 3, and the release
+    equals one made from both deliveries at once; the next run withholds Mueller from its unit."""
+    from pydicom.data import get_testdata_file
+    from pydicom.uid import generate_uid
+    inp = tmp_path / "input"
+    inp.mkdir()
+
+    def deliver(name: str, pid: str, comment: str) -> None:
+        ds = pydicom.dcmread(get_testdata_file("MR_small.dcm"))
+        ds.PatientName, ds.PatientID, ds.ImageComments = name, pid, comment
+        ds.StudyInstanceUID, ds.SeriesInstanceUID, ds.SOPInstanceUID = generate_uid(), generate_uid(), generate_uid()
+        ds.save_as(inp / f"{pid}.dcm")
+
+    args = (*NO_FACES, "--set", "jobs.files_per_job=0", "--set", "profile.options=[clean_descriptors]",
+            "--set", "outputs.bids=false", "--set", f"verify.on_leak={on_leak}")
+    deliver("Mueller^Hans", "MRN2222222", "compare prior of OKAFOR, CHIDI")
+    out, restricted = tmp_path / "rel", tmp_path / "rel_restricted"
+    r = run_cli("run", str(inp), str(out), *args)
+    assert r.returncode == 0, r.stderr[-3000:]
+    mueller = _subjects(restricted)["MRN2222222"]
+    assert (out / "sourcedata" / "dicom" / mueller).is_dir()
+    deliver("Okafor^Chidi", "MRN1111111", "follow-up")
+    r = run_cli("run", str(inp), str(out), *args)
+    assert r.returncode == 3, r.stdout + r.stderr[-3000:]
+    okafor = _subjects(restricted)["MRN1111111"]
+    assert (out / "sourcedata" / "dicom" / okafor).is_dir()
+    if on_leak == "publish":  # left in, and the run says so
+        assert (out / "sourcedata" / "dicom" / mueller).is_dir()
+        assert json.loads((restricted / "release-status.json").read_text())["published_with_leaks"] == [mueller]
+        return
+    assert not (out / "sourcedata" / "dicom" / mueller).exists(), "the earlier subject stayed released"
+    assert b"OKAFOR" not in b"".join(p.read_bytes() for p in out.rglob("*") if p.is_file())
+    assert f"{mueller} withheld" in r.stderr and "ImageComments" in r.stderr, r.stderr[-3000:]
+    assert mueller in (restricted / "withdrawn.tsv").read_text()
+    assert json.loads((restricted / "release-status.json").read_text())["withheld_subjects"] == [mueller]
+    page = (out / "derivatives" / "deidflow" / "qc" / "report.html").read_text()
+    released = re.search(r"<b[^>]*>(\d+)</b><span>files released</span>", page)
+    qc = out / "derivatives" / "deidflow" / "qc"
+    assert released and int(released.group(1)) == sum(1 for p in out.rglob("*") if p.is_file() and qc not in p.parents)
+    second = _release_bytes(out)
+    r = run_cli("run", str(inp), str(out), *args)  # the next run: Mueller's unit runs again and withholds him
+    assert r.returncode == 3 and f"{mueller} withheld" in r.stderr, r.stderr[-3000:]
+    assert _release_bytes(out) == second
+    once = tmp_path / "once"
+    r = run_cli("run", str(inp), str(once), *args)
+    assert r.returncode == 3 and _release_bytes(once) == second
+
+
 def test_planted_identifier_withholds_subject(demo_export, tmp_path):
     inp = tmp_path / "input"
     shutil.copytree(demo_export, inp)

@@ -154,19 +154,22 @@ def _verify_dataset(a: argparse.Namespace) -> None:
     files, then checks the QC report (rendered with the scan's result) before it is staged."""
     import time
     from .fsutil import RESTRICTED_FILE_MODE
-    from .publish import REPORT_FILES, write_withheld
+    from .publish import REPORT_FILES, late_leaks, write_withheld
     from .qc.leakscan import dataset_matcher, verify_dataset, write_dataset_record
     from .qc.report import write_report
     with job_logging(a.log, "verify_dataset job") as log:
-        write_withheld(a.restricted, _listed(a.units_list))  # the report's record of the release gate
         t = time.perf_counter()
         matcher = dataset_matcher(a.restricted)
         log.info("one matcher, %d forms of every subject's values, in %.2f s", len(matcher), time.perf_counter() - t)
+        units = [Path(p).stem for p in _listed(a.units_list)]
         result = verify_dataset(a.staged, a.restricted, strict=a.on_leak == "fail", pixel_data=a.pixel_data == "true",
-                                matcher=matcher)
+                                matcher=matcher, published=Path(a.release), units=units)
         for line in result["lines"]:
             log.warning(line)
-        log.info("%d dataset-level files: %d leak-scan hits", result["files"], len(result["lines"]))
+        log.info("%d dataset-level files: %d leak-scan hits; %d subject(s) published earlier hold the values of "
+                 "subjects added since", result["files"], len(result["lines"]), len(result["late"]))
+        # the report's record of the release gate
+        write_withheld(a.restricted, _listed(a.units_list), late_leaks(result, a.on_leak))
         t = time.perf_counter()
         page, modalities, actions, table = (Path(a.report_dir) / name for name in REPORT_FILES)
         write_report(a.release, a.restricted, page, f"{modalities},{actions}", table, a.full,

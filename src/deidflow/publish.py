@@ -280,7 +280,9 @@ def publish_dataset(staged: Path, release: Path, restricted: Path, subjects_file
     a file deleted from the release comes back on the next run (:func:`forget_lost`)."""
     started = time.perf_counter()
     staged, release, restricted = Path(staged), Path(release), Path(restricted)
-    leaky = dataset_files_withheld(json.loads(Path(verify).read_text()), on_leak)
+    verify_record = json.loads(Path(verify).read_text())
+    leaky = dataset_files_withheld(verify_record, on_leak)
+    late, late_kept = late_leaks(verify_record, on_leak)
     report_files = [Path(report_dir) / name for name in REPORT_FILES]  # these names only: nothing unchecked
     if not all(p.is_file() for p in report_files):
         raise PublicError("the QC report is not in the staging area: run again with --forcerun verify_dataset")
@@ -290,7 +292,7 @@ def publish_dataset(staged: Path, release: Path, restricted: Path, subjects_file
     release.mkdir(parents=True, exist_ok=True)
     trash = scratch_dir(release, restricted)
     audit = restricted / WITHDRAWN
-    for subject in gone:
+    for subject in gone + sorted(set(late) - set(gone)):  # withdrawn, or leaking a later subject's values
         folders = subject_folders(release, subject)
         line = f"{today}\t{subject}\t{' '.join(folders)}\n"
         if not audit.exists():
@@ -315,10 +317,11 @@ def publish_dataset(staged: Path, release: Path, restricted: Path, subjects_file
     for p in report_files:
         atomic_write_bytes(release / QC_SUBDIR / p.name, p.read_bytes(), 0o644, trash)
     record = {"withdrawn": gone, "files": moved, "withheld": withheld, "report": [p.name for p in report_files],
-              "foreign_set_aside": foreign, "seconds": round(time.perf_counter() - started, 4)}
+              "foreign_set_aside": foreign, "late_withheld": late, "late_published_with_leaks": late_kept,
+              "seconds": round(time.perf_counter() - started, 4)}
     make_restricted_dir(Path(done).parent)
     atomic_write_text(done, json.dumps(record, indent=1, sort_keys=True) + "\n", RESTRICTED_FILE_MODE)
-    return {"withdrawn": len(gone), "files": len(moved), "withheld": len(withheld)}
+    return {"withdrawn": len(gone), "files": len(moved), "withheld": len(withheld), "late": len(late)}
 
 
 def dataset_files_withheld(verify_record: Mapping[str, Any], on_leak: str) -> bool:
@@ -326,6 +329,14 @@ def dataset_files_withheld(verify_record: Mapping[str, Any], on_leak: str) -> bo
     takes an earlier run's copies out): their scan (the ``verify_dataset`` record) found an
     identifying value and ``on_leak`` is not ``publish``."""
     return bool(verify_record.get("hits")) and on_leak != "publish"
+
+
+def late_leaks(verify_record: Mapping[str, Any], on_leak: str) -> tuple[dict[str, list[dict]], dict[str, list[dict]]]:
+    """The subjects an earlier run published in whose files the ``verify_dataset`` job found a
+    later-added subject's ID or name (``late``, :func:`deidflow.qc.leakscan.late_subject_scan`),
+    as (taken out of the release, left in it under ``on_leak: publish``), each with its hit paths."""
+    late = {s: _hit_paths(h) for s, h in sorted((verify_record.get("late") or {}).items())}
+    return ({}, late) if on_leak == "publish" else (late, {})
 
 
 # What deidflow itself puts at the release root; anything else there is foreign (see set_aside_foreign).
@@ -427,15 +438,24 @@ def write_subjects(restricted: Path, subjects: Iterable[str]) -> None:
 # ------------------------------------------------------------------------------------------------
 # The release's state
 # ------------------------------------------------------------------------------------------------
-def write_withheld(restricted: Path, unit_records: Iterable[Path]) -> dict:
+def write_withheld(restricted: Path, unit_records: Iterable[Path],
+                   late: tuple[Mapping[str, list[dict]], Mapping[str, list[dict]]] | None = None) -> dict:
     """``withheld.json`` (restricted): the subjects the publish jobs withheld and those published
-    with leaks (``verify.on_leak: publish``), each with the area and attribute path of its hits."""
+    with leaks (``verify.on_leak: publish``), each with the area and attribute path of its hits;
+    with those the dataset gate found leaking a later-added subject's values (``late``, as
+    :func:`late_leaks` gives them; read from the ``publish_dataset`` record when not given)."""
     withheld: dict[str, list[dict]] = {}
     leaky: dict[str, list[dict]] = {}
     for p in unit_records:
         rec = json.loads(Path(p).read_text())
         withheld.update(rec["withheld"])
         leaky.update(rec["published_with_leaks"])
+    if late is None:
+        record = Path(restricted) / "done" / "publish_dataset.json"
+        rec = json.loads(record.read_text()) if record.is_file() else {}
+        late = (rec.get("late_withheld") or {}, rec.get("late_published_with_leaks") or {})
+    withheld.update(late[0])
+    leaky.update(late[1])
     doc = {"withheld": withheld, "published_with_leaks": leaky}
     atomic_write_text(Path(restricted) / WITHHELD, json.dumps(doc, indent=1, sort_keys=True) + "\n",
                       RESTRICTED_FILE_MODE)

@@ -684,25 +684,28 @@ def unit_needles(restricted: Path, manifest: Mapping, salt: bytes, excluded: Cou
     return needles
 
 
-def other_units_values(restricted: Path, manifest: Mapping, salt: bytes) -> tuple[list[Needle], dict[str, str]]:
+def other_units_values(restricted: Path, manifest: Mapping, salt: bytes, only: Iterable[str] | None = None
+                       ) -> tuple[list[Needle], dict[str, str], list[str]]:
     """The patient IDs and accession numbers (as needles) and the patient names of every subject
-    outside the job unit (from the inventory, read before any job ran): one patient's MRN or name
-    in another unit's file (a mis-filed comparison study, a note naming another patient) is found
-    by that unit's scan, before it is published (:class:`UnitMatcher`).  Values one of the unit's
-    own subjects also carries are its own, not another's."""
+    outside the job unit (from the inventory, read before any job ran), or of those in ``only``:
+    one patient's MRN or name in another unit's file (a mis-filed comparison study, a note naming
+    another patient) is found by that unit's scan, before it is published (:class:`UnitMatcher`).
+    Values one of the unit's own subjects also carries are its own, not another's.  Last, every
+    subject of the inventory: whose values the scan searched (:func:`late_subject_scan`)."""
     from .. import inventory
     own = {subj["subject"] for subj in manifest["subjects"]}
     columns = ["subject", "patient_id", "accession", "patient_name"]
     try:
         table = inventory.read(restricted, columns=columns)
     except FileNotFoundError:  # a library caller's hand-made restricted folder: its own values only
-        return [], {}  # (a damaged inventory fails the job: in a run every job reads it at start anyway)
+        return [], {}, sorted(own)  # (a damaged inventory fails the job: in a run every job reads it at start anyway)
     rows = list(zip(*(table[c].to_pylist() for c in columns)))
     mine = {v for s, *values in rows if s in own for v in values if v}
+    wanted = None if only is None else set(only)
     ids: dict[str, set[tuple[str, str, str]]] = {}
     names: dict[str, str] = {}
     for s, pid, acc, name in rows:
-        if s and s not in own:
+        if s and s not in own and (wanted is None or s in wanted):
             for fld, v in (("PatientID", pid), ("AccessionNumber", acc)):
                 if v and v not in mine:
                     ids.setdefault(s, set()).add(("id", fld, v))
@@ -711,7 +714,8 @@ def other_units_values(restricted: Path, manifest: Mapping, salt: bytes) -> tupl
                     ids.setdefault(s, set()).add(("whole_name", "PatientName", name))
                 else:
                     names[s] = name
-    return [n for s, e in sorted(ids.items()) for n in needles_for(s, sorted(e), salt)], names
+    roster = sorted({s for s, *_ in rows if s} | own)
+    return [n for s, e in sorted(ids.items()) for n in needles_for(s, sorted(e), salt)], names, roster
 
 
 class UnitMatcher(Matcher):
@@ -766,8 +770,9 @@ def scan_unit(release: Path, restricted: Path, manifest: Path, *, pixel_data: bo
     excluded: Counter = Counter()
     counts: dict = {}
     own = unit_needles(restricted, m, salt, excluded, counts)
+    roster = None
     if matcher is None:  # the unit's subjects' values and every other subject's IDs and names
-        others, names = other_units_values(restricted, m, salt)
+        others, names, roster = other_units_values(restricted, m, salt)
         matcher = UnitMatcher(own + others, names, salt)
         # the record counts the unit's own forms: the other subjects' IDs depend on which subjects
         # the run had, and a release made in two runs must equal one made at once
@@ -794,8 +799,45 @@ def scan_unit(release: Path, restricted: Path, manifest: Path, *, pixel_data: bo
         subjects[s] = {"files": len(files), "identifiers": counts[s], "bytes_scanned": scanned,
                        "bytes_not_scanned": skipped, "hits": sorted(hits, key=_hit_key), "notes": notes,
                        "pixel_frames_read": pixel_frames, "status": "leak" if hits else "clean"}
-    return {"unit": m["unit"], "searched_forms": forms, "excluded_forms": dict(sorted(excluded.items())),
-            "pixel_data_scanned": pixel_data, "subjects": subjects}
+    out = {"unit": m["unit"], "searched_forms": forms, "excluded_forms": dict(sorted(excluded.items())),
+           "pixel_data_scanned": pixel_data, "subjects": subjects}
+    if roster is not None:
+        out["searched_subjects"] = roster  # whose IDs and names this scan knew (late_subject_scan)
+    return out
+
+
+def late_subject_scan(release: Path, restricted: Path, units: Iterable[str], *, pixel_data: bool = False
+                      ) -> dict[str, list[dict]]:
+    """Subjects an earlier run published, scanned again for the IDs and names of the subjects that
+    run did not have: a unit's scan searches every other subject's values (:func:`scan_unit`), but
+    a unit published before a later delivery added a patient is not run again, and its note
+    naming the new patient stayed released.  ``units``: the job units of the run (their verify
+    records say whose values their scan searched).  Returns the hits of each subject with any;
+    nothing is read when no unit was scanned before the inventory grew."""
+    from .. import inventory
+    from ..publish import release_subjects
+    release, restricted = Path(release), Path(restricted)
+    now = set(inventory.read(restricted, columns=["subject"])["subject"].to_pylist())
+    published = release_subjects(release) if release.is_dir() else set()
+    salt = None
+    out: dict[str, list[dict]] = {}
+    for unit in units:
+        record = json.loads((restricted / "done" / "verify" / f"{unit}.json").read_text())
+        late = now - set(record.get("searched_subjects", ()))  # a record without the list: every subject
+        m = json.loads((restricted / "manifests" / f"{unit}.json").read_text())
+        mine = sorted(s for s in (subj["subject"] for subj in m["subjects"]) if s in published)
+        late -= {subj["subject"] for subj in m["subjects"]}
+        if not late or not mine:
+            continue
+        salt = load_salt(restricted) if salt is None else salt
+        needles, names, _ = other_units_values(restricted, m, salt, only=late)
+        matcher = UnitMatcher(needles, names, salt)
+        for s, files in subject_files(release, mine).items():
+            hits = [h.as_dict() for f in files
+                    for h in scan_file(f, f.relative_to(release).as_posix(), matcher, pixel_data=pixel_data).hits]
+            if hits:
+                out[s] = sorted(hits, key=_hit_key)
+    return out
 
 
 def _pixel_check(release: Path, restricted: Path, subject: str, matcher: Matcher) -> tuple[list[dict], int]:
@@ -914,17 +956,22 @@ def verify_unit(manifest: Path, release: Path, restricted: Path, done: Path, *, 
 
 
 def verify_dataset(release: Path, restricted: Path, *, strict: bool = False, pixel_data: bool = False,
-                   matcher: Matcher | None = None) -> dict:
+                   matcher: Matcher | None = None, published: Path | None = None, units: Iterable[str] = ()) -> dict:
     """The dataset-level scan of the ``verify_dataset`` job: the staged dataset-level files
-    against every subject's values; with ``strict`` a hit stops the job (nothing is published)."""
+    against every subject's values, and the subjects of ``published`` (the release) that an
+    earlier run published against the values of subjects added since (``late``,
+    :func:`late_subject_scan` of ``units``); with ``strict`` a hit stops the job (nothing more is
+    published)."""
     from ..errors import PublicError
     # every staged file, whatever its name: publish_dataset moves every one of them
     result = scan_dataset(release, restricted, pixel_data=pixel_data, matcher=matcher, files=_walk_files(Path(release)))
     lines = hit_lines({"dataset": result})
+    late = late_subject_scan(published, restricted, units, pixel_data=pixel_data) if published is not None else {}
+    lines += [_line(f"{s} (published earlier; a subject added since)", h) for s, hits in late.items() for h in hits]
     if lines and strict:
         raise PublicError(f"leak scan: {len(lines)} identifying value(s) found in dataset-level release "
-                          "files:\n" + "\n".join(lines[:20]))
-    return {**result, "lines": lines}
+                          "files or in subjects published earlier:\n" + "\n".join(lines[:20]))
+    return {**result, "late": late, "lines": lines}
 
 
 def write_dataset_record(output: Path, result: Mapping) -> None:

@@ -33,7 +33,7 @@ from typing import Iterable, Mapping
 from .. import inventory
 from ..errors import PublicError
 from ..fsutil import RESTRICTED_FILE_MODE, atomic_write_text, display_path, make_restricted_dir
-from ..publish import QC_SUBDIR, current_subjects, dataset_files_withheld
+from ..publish import QC_SUBDIR, current_subjects, dataset_files_withheld, late_leaks
 from . import attributes, audit, evidence, leakscan
 from .identifiers import Matcher
 
@@ -352,7 +352,9 @@ def build(release: Path, restricted: Path, staged: Path | None = None, dataset_v
     facts_audit = audit.scan(restricted, current)
     counts, audited = facts_audit.counts, facts_audit.files
     withhold_staged = dataset_files_withheld(dataset or {}, on_leak)
-    out_total, out_per = _release_formats(release, staged, current, restricted, withhold_staged)
+    late = late_leaks(dataset or {}, on_leak)[0]  # publish_dataset takes them out of the release
+    in_release = current - set(late) if current is not None else None
+    out_total, out_per = _release_formats(release, staged, in_release, restricted, withhold_staged)
     quarantine = _quarantine(restricted, rows)
     record = evidence.run_record(restricted, run)
     q_by_subject = Counter(q["subject"] for q in quarantine)
@@ -404,7 +406,7 @@ def build(release: Path, restricted: Path, staged: Path | None = None, dataset_v
         "pixels": _current(evidence.pixel_series(facts_audit.pixels, restricted), current),
         "pixel_mode": str(((run.get("settings") or {}).get("pixels") or {}).get("clean", "")),
         "gate": evidence.gate(release, restricted), "dciodvfy": evidence.dciodvfy(pairs),
-        "bids_validator": evidence.bids_validator(release, None if withhold_staged else staged, restricted, current,
+        "bids_validator": evidence.bids_validator(release, None if withhold_staged else staged, restricted, in_release,
                                                   withheld=staged if withhold_staged else None),
         "restricted_copy": False,
     }
