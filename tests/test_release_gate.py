@@ -232,6 +232,9 @@ def test_subject_published_earlier_is_withdrawn_when_a_later_delivery_adds_the_p
     released = re.search(r"<b[^>]*>(\d+)</b><span>files released</span>", page)
     qc = out / "derivatives" / "deidflow" / "qc"
     assert released and int(released.group(1)) == sum(1 for p in out.rglob("*") if p.is_file() and qc not in p.parents)
+    from deidflow.qc.report import build
+    per = build(out, restricted, on_leak=on_leak)["per"][mueller]["verify"]
+    assert per["status"] == "leak" and any("ImageComments" in h["location"] for h in per["hits"])
     second = _release_bytes(out)
     r = run_cli("run", str(inp), str(out), *args)  # the next run: Mueller's unit runs again and withholds him
     assert r.returncode == 3 and f"{mueller} withheld" in r.stderr, r.stderr[-3000:]

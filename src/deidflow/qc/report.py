@@ -376,7 +376,7 @@ def build(release: Path, restricted: Path, staged: Path | None = None, dataset_v
             "audited_files": audited.get(s, 0),
             "actions": counts.get(s, Counter()),
             "images": images[s],
-            "verify": verify["subjects"].get(s),
+            "verify": _with_late(verify["subjects"].get(s), ((dataset or {}).get("late") or {}).get(s)),
         }
     input_dir = Path(record["paths"]["input"]) if record["paths"].get("input") else None
     dicom_roots = [release / "sourcedata" / "dicom", restricted / "work" / "dicom"]
@@ -410,6 +410,15 @@ def build(release: Path, restricted: Path, staged: Path | None = None, dataset_v
                                                   withheld=staged if withhold_staged else None),
         "restricted_copy": False,
     }
+
+
+def _with_late(result: dict | None, late: list[dict] | None) -> dict | None:
+    """A subject's leak-scan result with the hits the dataset gate found in its published files
+    (the values of a subject added since its unit's scan): a leak, shown as its own scan's are."""
+    if not late or result is None:
+        return result
+    return {**result, "status": "leak", "hits": sorted([*result.get("hits", ()), *late],
+                                                       key=lambda h: (h["file"], h["location"]))}
 
 
 def _current(rows: list[dict] | None, current: set[str] | None) -> list[dict] | None:
