@@ -244,6 +244,40 @@ def test_subject_published_earlier_is_withdrawn_when_a_later_delivery_adds_the_p
     assert r.returncode == 3 and _release_bytes(once) == second
 
 
+def test_subject_published_earlier_is_scanned_once_for_each_added_subject(tmp_path, monkeypatch):
+    """A clean rescan is recorded: the next run that changes something does not read the earlier
+    subjects' files again for the same added subjects, only for those added since."""
+    from pydicom.data import get_testdata_file
+    from pydicom.uid import generate_uid
+    from deidflow.qc import leakscan
+    inp = tmp_path / "input"
+    inp.mkdir()
+    for name, pid in (("Mueller^Hans", "MRN2222222"), ("Okafor^Chidi", "MRN1111111"), ("Nowak^Ewa", "MRN3333333")):
+        ds = pydicom.dcmread(get_testdata_file("MR_small.dcm"))
+        ds.PatientName, ds.PatientID = name, pid
+        ds.StudyInstanceUID, ds.SeriesInstanceUID, ds.SOPInstanceUID = generate_uid(), generate_uid(), generate_uid()
+        ds.save_as(tmp_path / f"{pid}.dcm")
+    args = (*NO_FACES, "--set", "jobs.files_per_job=0", "--set", "outputs.bids=false")
+    out, restricted = tmp_path / "rel", tmp_path / "rel_restricted"
+    shutil.copy(tmp_path / "MRN2222222.dcm", inp)
+    assert run_cli("run", str(inp), str(out), *args).returncode == 0
+    shutil.copy(tmp_path / "MRN1111111.dcm", inp)
+    assert run_cli("run", str(inp), str(out), *args).returncode == 0
+    subjects = _subjects(restricted)
+    mueller, okafor = subjects["MRN2222222"], subjects["MRN1111111"]
+    later = restricted / "work" / mueller / leakscan.SEARCHED_LATER
+    assert later.read_text().split() == [okafor] and later.stat().st_mode & 0o777 == 0o600
+    scanned = []
+    real = leakscan.scan_file
+    monkeypatch.setattr(leakscan, "scan_file", lambda f, *a, **k: (scanned.append(f), real(f, *a, **k))[1])
+    assert leakscan.late_subject_scan(out, restricted, [mueller, okafor]) == {} and scanned == []
+    shutil.copy(tmp_path / "MRN3333333.dcm", inp)
+    assert run_cli("run", str(inp), str(out), *args).returncode == 0
+    nowak = _subjects(restricted)["MRN3333333"]
+    assert later.read_text().split() == sorted([okafor, nowak])
+    assert (restricted / "work" / okafor / leakscan.SEARCHED_LATER).read_text().split() == [nowak]
+
+
 def test_planted_identifier_withholds_subject(demo_export, tmp_path):
     inp = tmp_path / "input"
     shutil.copytree(demo_export, inp)

@@ -813,8 +813,11 @@ def late_subject_scan(release: Path, restricted: Path, units: Iterable[str], *, 
     a unit published before a later delivery added a patient is not run again, and its note
     naming the new patient stayed released.  ``units``: the job units of the run (their verify
     records say whose values their scan searched).  Returns the hits of each subject with any;
-    nothing is read when no unit was scanned before the inventory grew."""
+    nothing is read when no unit was scanned before the inventory grew.  A unit found clean
+    records the subjects it was scanned for (:data:`SEARCHED_LATER`), so a later run does not
+    read it again for them; its next verify job removes the record."""
     from .. import inventory
+    from ..fsutil import atomic_write_text
     from ..publish import release_subjects
     release, restricted = Path(release), Path(restricted)
     now = set(inventory.read(restricted, columns=["subject"])["subject"].to_pylist())
@@ -824,6 +827,9 @@ def late_subject_scan(release: Path, restricted: Path, units: Iterable[str], *, 
     for unit in units:
         record = json.loads((restricted / "done" / "verify" / f"{unit}.json").read_text())
         late = now - set(record.get("searched_subjects", ()))  # a record without the list: every subject
+        later = restricted / "work" / unit / SEARCHED_LATER
+        if late and later.is_file():
+            late -= set(later.read_text().split())
         m = json.loads((restricted / "manifests" / f"{unit}.json").read_text())
         mine = sorted(s for s in (subj["subject"] for subj in m["subjects"]) if s in published)
         late -= {subj["subject"] for subj in m["subjects"]}
@@ -832,12 +838,21 @@ def late_subject_scan(release: Path, restricted: Path, units: Iterable[str], *, 
         salt = load_salt(restricted) if salt is None else salt
         needles, names, _ = other_units_values(restricted, m, salt, only=late)
         matcher = UnitMatcher(needles, names, salt)
+        clean = True
         for s, files in subject_files(release, mine).items():
             hits = [h.as_dict() for f in files
                     for h in scan_file(f, f.relative_to(release).as_posix(), matcher, pixel_data=pixel_data).hits]
             if hits:
                 out[s] = sorted(hits, key=_hit_key)
+                clean = False
+        if clean:
+            done = set(later.read_text().split()) if later.is_file() else set()
+            make_restricted_dir(later.parent)
+            atomic_write_text(later, "".join(f"{s}\n" for s in sorted(done | late)), RESTRICTED_FILE_MODE)
     return out
+
+
+SEARCHED_LATER = "searched-later.txt"  # restricted/work/<unit>/: subjects a clean late_subject_scan covered
 
 
 def _pixel_check(release: Path, restricted: Path, subject: str, matcher: Matcher) -> tuple[list[dict], int]:
@@ -944,6 +959,7 @@ def verify_unit(manifest: Path, release: Path, restricted: Path, done: Path, *, 
     text = json.dumps(result, indent=1, sort_keys=True) + "\n"
     work = make_restricted_dir(Path(restricted) / "work" / result["unit"])
     atomic_write_text(work / "verify.json", text, RESTRICTED_FILE_MODE)
+    (work / SEARCHED_LATER).unlink(missing_ok=True)  # this scan searched every subject's values
     lines = hit_lines(result)
     leaky = sorted(s for s, r in result["subjects"].items() if r["hits"])
     if lines and strict:
