@@ -25,6 +25,7 @@ from pathlib import Path
 from typing import Iterable, Iterator, Mapping
 
 from ..fsutil import RESTRICTED_FILE_MODE, atomic_write_text, make_restricted_dir
+from .folding import fold_accents
 
 KINDS = ("name", "date", "datetime", "time", "uid", "id", "path")
 IDENTIFIERS_DIR = "identifiers"
@@ -389,14 +390,15 @@ def _years(y: bytes) -> list[str]:
 
 def dates_in(low: bytes) -> Iterator[tuple[int, int, set[str]]]:
     """(start, end, candidate YYYYMMDD dates) of every written date in lower-cased ``low``:
-    19610312, 1961-03-12, 12.03.1961, 03/12/61 (both day-month orders), 12 March 1961, 12. März
+    19610312, 12031961, 03121961, 1961-03-12, 12.03.1961, 03/12/61 (both day-month orders), 12 March 1961, 12. März
     1961, March 12, 1961, 12-MAR-1961, 12 de marzo de 1961, 1961 Mar 12, 1961Mar12 …"""
     for m in _DATE_TEXT.finditer(low):
         out: set[str] = set()
         g = m.groupdict()
         if g["c8"]:
             v = g["c8"].decode()
-            out.add(v)
+            out.add(v)  # 19610312, and day or month first as forms and file names write it: 12031961
+            out |= {x for x in (_ymd(v[4:], int(v[2:4]), int(v[:2])), _ymd(v[4:], int(v[:2]), int(v[2:4]))) if x}
         elif g["a"]:
             a, b, c = g["a"].decode(), int(g["b"]), g["c"]
             if g["s"] == b" " and len(a) + len(c) != 6:
@@ -436,7 +438,7 @@ def date_forms(yyyymmdd: str) -> set[str]:
             f"{di}/{mi}/{y}", f"{d} {short} {y}", f"{d}-{short}-{y}", f"{di} {short} {y}",
             f"{full} {di}, {y}", f"{short} {di}, {y}", f"{short} {d} {y}", f"{di} {full} {y}",
             f"{d}. {full} {y}", f"{di}. {full} {y}", f"{d}.{m}.{y[2:]}", f"{m}/{d}/{y[2:]}", f"{y} {short} {d}",
-            f"{d}-{short}-{y[2:]}"}
+            f"{d}-{short}-{y[2:]}", f"{d}{m}{y}", f"{m}{d}{y}"}
 
 
 def name_forms(value: str) -> set[str]:
@@ -458,6 +460,8 @@ def name_forms(value: str) -> set[str]:
         if family and given:
             g0 = given[0]
             out |= _whole(family, given, middle) | {f"{g0}. {family}", f"{family}, {g0}.", f"{family} {g0}."}
+            if family.isalpha() and family.isascii() and len(family) >= 5:
+                out |= {f"{family}{g0}", f"{g0}{family}"}  # ZebrowskiK, KZebrowski (labels, folder names)
             if middle:
                 out.add(f"{given} {middle[0]}. {family}")
         if "^" not in group and " " in group.strip():  # a plain "Given Family" name
@@ -496,7 +500,16 @@ def _whole(family: str, given: str, middle: str = "") -> set[str]:
            f"{family},{given}", f"{given}, {family}"}
     if not (family + given).isascii():
         out.add(f"{family}{given}")
-    return out | ({f"{given} {middle} {family}"} if middle else set())
+    return out | _run_together(family, given) | ({f"{given} {middle} {family}"} if middle else set())
+
+
+def _run_together(family: str, given: str) -> set[str]:
+    """An ASCII name written as one word, as folder names and labels do: AbernathyLucinda,
+    LUCINDAABERNATHY (eight letters or more: LeeAnn is a given name, not Lee^Ann)."""
+    fam, giv = (b"".join(_TOKEN.findall(p.lower().encode("ascii", "ignore"))).decode() for p in (family, given))
+    if not (family + given).isascii() or len(fam) < 3 or len(giv) < 3 or len(fam + giv) < 8:
+        return set()
+    return {fam + giv, giv + fam}
 
 
 def _representations(value: str) -> Iterator[tuple[str, str, str]]:
@@ -525,6 +538,7 @@ def whole_name_anchors(value: str) -> set[bytes] | None:
             ws = words(text.lower().encode("ascii"))
             longest = max(map(len, ws), default=0)
             out |= {w for w in ws if len(w) == longest}
+        out |= {w.encode() for w in _run_together(family, given)}
     return out
 
 
@@ -558,6 +572,9 @@ def time_forms(value: str) -> set[str]:
 
 
 _ID_SEPARATORS = re.compile(r"[\s()./_:+-]+")
+# An ID whose one run of digits (at least six) has a prefix or suffix (a site or system code): the
+# digits are written alone too.
+_ID_DIGITS = re.compile(r"\D*(\d{6,})\D*")
 
 
 def forms(kind: str, value: str) -> set[str]:
@@ -580,8 +597,12 @@ def forms(kind: str, value: str) -> set[str]:
         compact = _ID_SEPARATORS.sub("", value)
         if compact != value:
             out.add(compact)  # 123-45-6789 also as 123456789, P-968-287 as P968287
-        if compact.isdigit() and compact.startswith("0") and len(compact.lstrip("0")) >= 6:
-            out.add(compact.lstrip("0"))  # 0004711923 also as 4711923
+        core = _ID_DIGITS.fullmatch(compact)  # A44120987 also as 44120987, NHS 943 476 5919 as 9434765919
+        digits = core.group(1) if core else compact
+        if digits != compact:
+            out.add(digits)
+        if digits.isdigit() and digits.startswith("0") and len(digits.lstrip("0")) >= 6:
+            out.add(digits.lstrip("0"))  # 0004711923 also as 4711923
         for part in re.split(r"[\r\n,;^\\]+", value):  # address and institution lines one by one
             if part.strip() and part.strip() != value:
                 out.add(part.strip())
@@ -864,8 +885,9 @@ class Matcher:
         """What makes two needles one searched form (:func:`len` counts these)."""
         return (n.text, n.owner, n.digest, n.mode)
 
-    def spans(self, text: bytes) -> list[tuple[int, int, Needle]]:
-        """(start, end, needle) of every occurrence in ``text`` (any case)."""
+    def spans(self, text: bytes, folded: bool = False) -> list[tuple[int, int, Needle]]:
+        """(start, end, needle) of every occurrence in ``text`` (any case; Latin letters with
+        accents also as their base letters, see :func:`~deidflow.qc.folding.fold_accents`)."""
         if not self.count or not text:
             return []
         low = text.lower()
@@ -912,6 +934,8 @@ class Matcher:
             while i >= 0:
                 hits.append((i, i + len(needle.text), needle))
                 i = low.find(needle.text, i + 1)
+        if not folded:  # MULLER^JURGEN written Müller Jürgen
+            hits += fold_accents(low, self.spans)
         return hits
 
     def _anchored(self, low: bytes, i: int, tok: bytes, hits: list) -> None:

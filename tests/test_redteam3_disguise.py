@@ -1,0 +1,112 @@
+"""Red-team round 3: identifiers in disguise.  Each was planted in a real Siemens file (a kept,
+unlisted text attribute: WindowCenterWidthExplanation) and released with exit 0 under the default
+profile before the fix: an ID's digits without its letter prefix (A44120987 written 44120987,
+NHS 943 476 5919 written 9434765919), a birth date written day-month-year without separators
+(12081970), a name stored without accents written with them (MULLER^JURGEN as Müller Jürgen).
+The matcher tests pin the spelling, the workflow test the whole path (sweep, leak scan, exit)."""
+from __future__ import annotations
+
+import glob
+import os
+import subprocess
+import sys
+
+import pydicom
+import pytest
+from pydicom.uid import generate_uid
+
+from deidflow.qc import identifiers
+
+from .conftest import ROOT, TEST_KEY, require_shared
+
+ENTRIES = [("name", "PatientName", "MULLER^JURGEN"), ("id", "AccessionNumber", "A44120987"),
+           ("id", "OtherPatientIDs", "NHS 943 476 5919"), ("id", "PatientID", "MRN-0058213907"),
+           ("date", "PatientBirthDate", "19700812")]
+
+
+@pytest.mark.parametrize("text", [
+    "acc 44120987", "Acc#44120987", "44 120 987",  # accession without its letter prefix
+    "9434765919", "943-476-5919", "943 476 5919",  # NHS number without "NHS"
+    "id 58213907", "58-213-907",  # MRN without prefix and leading zeros
+])
+def test_id_digits_without_letter_prefix_found(text):
+    m = identifiers.matcher_for(ENTRIES)
+    assert m.find(text.encode()), text
+    assert b"4412" not in m.redact(text.encode()) and b"5919" not in m.redact(text.encode())
+
+
+@pytest.mark.parametrize("text", ["DOB 12081970", "born 08121970", "12081970_T1"])
+def test_compact_day_month_year_birth_date_found(text):
+    m = identifiers.matcher_for(ENTRIES)
+    assert m.find(text.encode()), text
+
+
+@pytest.mark.parametrize("text", ["Müller Jürgen", "Dr. MÜLLER", "jürgen müller", "Mũller"])
+def test_ascii_name_written_with_accents_found(text):
+    m = identifiers.matcher_for(ENTRIES)
+    latin1 = [text.encode("latin-1")] if all(ord(c) < 256 for c in text) else []
+    for data in [text.encode("utf-8")] + latin1:
+        assert m.spans(data), (text, data)
+    red = m.redact_text(text)
+    assert "ller" not in red.lower() and "rgen" not in red.lower(), red
+
+
+@pytest.mark.parametrize("text", ["Mullerova 12345", "MÜLLERS", "primary Jürgenson", "01021971",
+                                  "Series 44120988", "9434765918", "Mueller"])
+def test_disguise_forms_do_not_overmatch(text):
+    """Neighbouring words and numbers stay: a longer name, another number, another date."""
+    m = identifiers.matcher_for(ENTRIES)
+    assert not m.find(text.encode()), text
+
+
+def test_disguised_identifiers_in_real_siemens_file_withheld_or_cleaned(tmp_path):
+    """End to end on real decubitus files: every disguised form planted in a kept text attribute
+    leaves the release (cleaned by the sweep or withheld), exit 0 or 3 — never published."""
+    files = sorted(glob.glob(str(require_shared("dcm_qa_decubitus", "In", "HFS") / "*" / "*.dcm")))[:2]
+    cases = {
+        "p1": ("Zebrowski^Kasimir", "MRN-58213907", "19610423", "A44120987", "acc 44120987", "44120987"),
+        "p2": ("Quartermaine^Odile", "NHS 943 476 5919", "19580307", "X1", "ref 9434765919", "9434765919"),
+        "p3": ("Fenwickley^Bartholomew", "33019875", "19700812", "B7781234", "DOB 12081970", "12081970"),
+        "p4": ("MULLER^JURGEN", "66778899", "19551111", "F9998887", "Müller Jürgen", "Müller"),
+    }
+    inp = tmp_path / "in"
+    for d, (name, pid, dob, acc, text, _) in cases.items():
+        (inp / d).mkdir(parents=True)
+        for k, f in enumerate(files):
+            ds = pydicom.dcmread(f)
+            ds.SpecificCharacterSet = "ISO_IR 192"
+            ds.PatientName, ds.PatientID, ds.PatientBirthDate, ds.AccessionNumber = name, pid, dob, acc
+            ds.StudyInstanceUID = generate_uid(entropy_srcs=[pid, "study"])
+            ds.SeriesInstanceUID = generate_uid(entropy_srcs=[pid, "series"])
+            ds.SOPInstanceUID = generate_uid(entropy_srcs=[pid, str(k)])
+            ds.file_meta.MediaStorageSOPInstanceUID = ds.SOPInstanceUID
+            ds.WindowCenterWidthExplanation = text
+            ds.save_as(inp / d / f"{k}.dcm")
+    out = tmp_path / "out"
+    env = dict(os.environ, DEIDFLOW_KEY=TEST_KEY)
+    r = subprocess.run([sys.executable, "-m", "deidflow.cli", "run", str(inp), str(out), "--cores", "2",
+                        "--set", "face.method=none", "--set", "pixels.clean=off"], env=env, cwd=ROOT,
+                       capture_output=True, text=True, timeout=600)
+    assert r.returncode in (0, 3), r.stderr[-2000:]
+    released = [p for p in out.rglob("*") if p.is_file()]
+    assert any(p.suffix == ".dcm" for p in released)
+    for p in released:
+        blob = p.read_bytes()
+        for *_, planted in cases.values():
+            assert planted.encode() not in blob and planted.encode("latin-1") not in blob, (p, planted)
+
+
+@pytest.mark.parametrize("text", ["AbernathyLucinda", "T1_LUCINDAABERNATHY", "ZebrowskiK", "t1-KZebrowski"])
+def test_name_written_as_one_word_found(text):
+    """Folder names and labels write a name as one word (found in a kept explanation, exit 0)."""
+    m = identifiers.matcher_for([("name", "PatientName", "Abernathy^Lucinda"),
+                                 ("name", "PatientName", "Zebrowski^Kasimir")])
+    assert m.find(text.encode()), text
+    assert not m.find(b"LeeAnn Abernath Zebrowskis")
+
+
+def test_name_written_as_one_word_found_across_units():
+    """Another unit's subject: the one-word form is made when the text holds it (lazy names)."""
+    from deidflow.qc import leakscan
+    m = leakscan.UnitMatcher([], {"sub-x": "Abernathy^Lucinda"}, b"salt")
+    assert m.find(b"series AbernathyLucinda t1")
