@@ -7,6 +7,7 @@ The matcher tests pin the spelling, the workflow test the whole path (sweep, lea
 from __future__ import annotations
 
 import glob
+import gzip
 import os
 import subprocess
 import sys
@@ -110,3 +111,48 @@ def test_name_written_as_one_word_found_across_units():
     from deidflow.qc import leakscan
     m = leakscan.UnitMatcher([], {"sub-x": "Abernathy^Lucinda"}, b"salt")
     assert m.find(b"series AbernathyLucinda t1")
+
+
+@pytest.mark.parametrize("folder, name, number", [
+    ("ZEBROWSKI_KASIMIR_19610423", "ZEBROWSKI^KASIMIR", ("date", "19610423")),
+    ("Zebrowski Kasimir 1961-04-23", "Zebrowski^Kasimir", ("date", "19610423")),
+    ("Quartermaine_Odile_MRN71120466", "Quartermaine^Odile", ("id", "MRN71120466")),
+    ("DOE_JOHN_58-21-3907", "DOE^JOHN", ("id", "58-21-3907")),  # not a date: 5821-39-07
+])
+def test_folder_identity_name_with_birth_date_or_mrn(folder, name, number):
+    got = identifiers.guess(folder)
+    assert ("name", name) in got and number in got and ("id", folder) in got
+
+
+@pytest.mark.parametrize("folder", ["Head_Scan_003", "T1_MPRAGE_20190501", "sub-01", "Anat_T1_2019"])
+def test_folder_identity_without_a_person_stays_an_id(folder):
+    assert identifiers.guess(folder) == [("id", folder)]
+
+
+def test_nifti_subject_folder_named_for_patient_and_birth_date(tmp_path):
+    """A NIfTI export whose subject folder is NAME_DOB / Name_MRN: under the research preset the
+    NIfTI descrip and the sidecar's descriptions kept the family name (released, exit 0)."""
+    import json
+    import nibabel as nib
+    import numpy as np
+    img = nib.load(require_shared("nibabel", "anatomical.nii"))
+    inp = tmp_path / "in"
+    planted = {"ZEBROWSKI_KASIMIR_19610423": "T1 Zebrowski K", "Quartermaine_Odile_MRN71120466": "T1 Quartermaine"}
+    for folder, desc in planted.items():
+        (inp / folder).mkdir(parents=True)
+        hdr = img.header.copy()
+        hdr["descrip"] = desc.encode()
+        nib.save(nib.Nifti1Image(np.asanyarray(img.dataobj), img.affine, hdr), inp / folder / "T1w.nii.gz")
+        (inp / folder / "T1w.json").write_text(json.dumps({"SeriesDescription": desc, "RepetitionTime": 2.0}))
+    out = tmp_path / "out"
+    r = subprocess.run([sys.executable, "-m", "deidflow.cli", "run", str(inp), str(out), "--cores", "2",
+                        "--set", "face.method=none", "--set", "profile.preset=research"],
+                       env=dict(os.environ, DEIDFLOW_KEY=TEST_KEY), cwd=ROOT, capture_output=True, text=True,
+                       timeout=600)
+    assert r.returncode in (0, 3), r.stderr[-2000:]
+    released = [p for p in out.rglob("*") if p.is_file()]
+    assert any(p.name.endswith(".nii.gz") for p in released)
+    for p in released:
+        blob = gzip.decompress(p.read_bytes()) if p.name.endswith(".gz") else p.read_bytes()
+        for word in (b"zebrowski", b"quartermaine"):
+            assert word not in blob.lower(), (p, word)

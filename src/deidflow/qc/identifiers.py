@@ -1161,6 +1161,8 @@ def matcher_for(entries: Iterable[tuple[str, str, str]], subject: str = "", salt
 
 
 _NAME_LIKE = re.compile(r"[^\W\d_]{2,}(?:[_.,' -]+[^\W\d_]{2,}){1,3}")
+# A folder named for a person and a number of six digits or more (birth date, MRN) after it.
+_NAME_AND_NUMBER = re.compile(r"([^\W\d_]{2,}(?:[_.,' -]+[^\W\d_]{2,}){1,3})[_., -]+([A-Za-z]{0,4}\d[\d./-]{4,}\d)")
 
 
 def guess(value: str) -> list[tuple[str, str]]:
@@ -1168,15 +1170,21 @@ def guess(value: str) -> list[tuple[str, str]]:
     name, ID and birth date of a subject, or a non-DICOM subject's identity from its folder): a
     date (8 digits), a person name (``^`` or letters only), else an ID.  Two to four words of
     letters joined by ``_`` or ``.`` (a folder named ``Mueller_Hans``, ``OKAFOR.CHIDI``) are a
-    name too (``Mueller^Hans``) besides the ID as written."""
+    name too (``Mueller^Hans``) besides the ID as written, also when a birth date or an MRN
+    follows them (``ZEBROWSKI_KASIMIR_19610423``, ``Doe John MRN7110466``)."""
     v = str(value).strip("\x00 ")
     if not v:
         return []
     digits = v.replace("-", "")
-    if len(digits) == 8 and digits.isdigit():
-        return [("date", digits)]
+    if len(digits) == 8 and digits.isdigit() and _ymd(digits[:4], int(digits[4:6]), int(digits[6:])):
+        return [("date", digits)]  # not 58-21-3907 (an ID: as a date it would never be found)
     if "^" not in v and re.search(r"[_.]", v) and _NAME_LIKE.fullmatch(v):
         return [("name", "^".join(w for w in re.split(r"[_., -]+", v) if w)), ("id", v)]
+    named = _NAME_AND_NUMBER.fullmatch(v) if "^" not in v else None
+    if named and sum(c.isdigit() for c in named.group(2)) >= 6:  # ZEBROWSKI_KASIMIR_19610423
+        number = named.group(2)
+        return [("name", "^".join(w for w in re.split(r"[_., -]+", named.group(1)) if w)), ("id", v),
+                *guess(number)]
     if "^" in v or all(c.isalpha() or c in " .,'-" for c in v):
         return [("name", v)]
     return [("id", v)]
