@@ -8,10 +8,14 @@ from __future__ import annotations
 
 import glob
 import gzip
+import io
 import os
+import struct
 import subprocess
 import sys
+from pathlib import Path
 
+import numpy as np
 import pydicom
 import pytest
 from pydicom.uid import generate_uid
@@ -156,3 +160,50 @@ def test_nifti_subject_folder_named_for_patient_and_birth_date(tmp_path):
         blob = gzip.decompress(p.read_bytes()) if p.name.endswith(".gz") else p.read_bytes()
         for word in (b"zebrowski", b"quartermaine"):
             assert word not in blob.lower(), (p, word)
+
+
+# -- WSI: text inside the JPEG tiles of a kept page ----------------------------------------------
+def _svs_with_tile_comments(path: Path) -> Path:
+    """An Aperio-like slide whose every JPEG tile (and strip) carries a comment and an EXIF-like
+    APP1 segment naming the patient, as some converters write whole JFIF streams per tile."""
+    from . import tiff_samples as ts
+    plain = ts.jpeg_bytes
+
+    def with_segments(arr, comment=b""):
+        jpeg = plain(arr, comment=comment or b"Scanned for " + ts.PATIENT.encode())
+        app1 = b"Exif\x00\x00owner " + ts.PATIENT.encode()
+        return jpeg[:2] + b"\xff\xe1" + struct.pack(">H", len(app1) + 2) + app1 + jpeg[2:]
+    ts.jpeg_bytes = with_segments
+    try:
+        return ts.make_svs(path)
+    finally:
+        ts.jpeg_bytes = plain
+
+
+def test_svs_jpeg_tile_comments_removed_pixels_identical(tmp_path):
+    """Kept pages' tiles were copied byte for byte with their COM and APP1 segments: the patient's
+    ID was released inside the level-0 tiles with exit 0 (the leak scan skips tile bytes)."""
+    tifffile = pytest.importorskip("tifffile")
+    from PIL import Image
+    from deidflow import formats
+    from deidflow.formats.base import ScrubContext
+    from deidflow.pseudonym import Pseudonymizer
+    from . import tiff_samples as ts
+    src = _svs_with_tile_comments(tmp_path / "slide.svs")
+    assert src.read_bytes().count(ts.PATIENT.encode()) > 10
+    out = tmp_path / "out.svs"
+    c = ScrubContext(subject="sub-tstsubj1", pseudo=Pseudonymizer(b"k" * 24), date_offset=0,
+                     settings={"options": []}, known=[ts.PATIENT])
+    formats.get("tiff").scrub(src, out, c)
+    assert ts.PATIENT.encode().lower() not in out.read_bytes().lower()
+    with tifffile.TiffFile(src) as a, tifffile.TiffFile(out) as b:
+        assert len(a.series[0].levels) == len(b.series[0].levels)
+        for la, lb in zip(a.series[0].levels, b.series[0].levels):
+            for pa, pb in zip(la.pages, lb.pages):
+                for i in (0, len(pa.dataoffsets) - 1):
+                    with open(src, "rb") as fa, open(out, "rb") as fb:
+                        fa.seek(pa.dataoffsets[i])
+                        fb.seek(pb.dataoffsets[i])
+                        ta, tb = fa.read(pa.databytecounts[i]), fb.read(pb.databytecounts[i])
+                    assert tb.endswith(ta[ta.index(b"\xff\xda"):])  # the coded data unchanged
+                    assert np.array_equal(np.asarray(Image.open(io.BytesIO(ta))), np.asarray(Image.open(io.BytesIO(tb))))
