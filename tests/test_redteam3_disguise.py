@@ -207,3 +207,55 @@ def test_svs_jpeg_tile_comments_removed_pixels_identical(tmp_path):
                         ta, tb = fa.read(pa.databytecounts[i]), fb.read(pb.databytecounts[i])
                     assert tb.endswith(ta[ta.index(b"\xff\xda"):])  # the coded data unchanged
                     assert np.array_equal(np.asarray(Image.open(io.BytesIO(ta))), np.asarray(Image.open(io.BytesIO(tb))))
+
+
+# -- UIDs under retain_uids ----------------------------------------------------------------------
+def test_id_as_a_component_of_a_kept_uid_found():
+    """A RIS that builds the StudyInstanceUID from the accession number (root + digits), a modality
+    that puts the MRN into the SOP Instance UID: a kept UID (retain_uids) holds the ID as a whole
+    component, which the matcher did not find (a decimal point between digits ended no token)."""
+    m = identifiers.matcher_for([("id", "PatientID", "58213907"), ("id", "AccessionNumber", "A44120987"),
+                                 ("date", "StudyDate", "20190501")])
+    for uid in (b"1.2.826.0.1.3680043.2.1125.44120987", b"1.2.826.0.1.3680043.58213907.19610423.1"):
+        assert m.find(uid), uid
+    # a date inside a UID (Siemens: its time stamp) and a longer number are not an ID
+    assert not m.find(b"1.3.12.2.1107.5.2.43.67060.20190501151958629") and not m.find(b"1.2.3.582139071.4")
+    assert not m.find(b"1.2.3.20190501.4")
+    many = identifiers.matcher_for([("id", "PatientID", f"{5800000 + i}") for i in range(60)])
+    assert many.find(b"1.2.826.0.1.3680043.5800042.7") and not many.find(b"1.2.826.0.1.3680043.58000421.7")
+
+
+def _real_series(tmp_path, uids) -> Path:
+    inp = tmp_path / "in" / "p1"
+    inp.mkdir(parents=True)
+    for k, f in enumerate(sorted(glob.glob(str(require_shared("dcm_qa_decubitus", "In", "HFS") / "*" / "*.dcm")))[:2]):
+        ds = pydicom.dcmread(f)
+        ds.PatientName, ds.PatientID, ds.AccessionNumber = "Zebrowski^Kasimir", "58213907", "A44120987"
+        if uids:
+            ds.StudyInstanceUID = "1.2.826.0.1.3680043.2.1125.44120987"
+            ds.SeriesInstanceUID = "1.2.826.0.1.3680043.2.1125.44120987.3"
+            ds.SOPInstanceUID = ds.file_meta.MediaStorageSOPInstanceUID = f"1.2.826.0.1.3680043.58213907.{k + 1}"
+        ds.save_as(inp / f"{k}.dcm")
+    return inp.parent
+
+
+@pytest.mark.parametrize("embedded", [False, True])
+def test_retain_uids_releases_clean_uids_and_withholds_uids_holding_an_id(embedded, tmp_path):
+    """retain_uids withheld every subject (the rebuilt file meta's MediaStorageSOPInstanceUID was
+    searched for although the option keeps it), and a UID holding the accession number or MRN
+    would have been released had it not."""
+    import json
+    inp = _real_series(tmp_path, embedded)
+    out = tmp_path / "out"
+    r = subprocess.run([sys.executable, "-m", "deidflow.cli", "run", str(inp), str(out), "--cores", "2",
+                        "--set", "face.method=none", "--set", "pixels.clean=off", "--set", "profile.options=[retain_uids]"],
+                       env=dict(os.environ, DEIDFLOW_KEY=TEST_KEY), cwd=ROOT, capture_output=True, text=True,
+                       timeout=600)
+    released = [p.read_bytes() for p in out.rglob("*.dcm")]
+    withheld = json.loads((out.parent / "out_restricted" / "withheld.json").read_text())["withheld"]
+    if embedded:
+        assert r.returncode == 3 and withheld and not released
+    else:
+        assert r.returncode == 0, (r.stdout[-1500:], withheld)
+        assert released and not withheld
+    assert not any(b"44120987" in b or b"58213907" in b for b in released)

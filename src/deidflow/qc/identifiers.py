@@ -142,13 +142,14 @@ class IdentifierCollector:
                 except Exception:  # an undecodable value cannot be searched for either
                     continue
 
-    def file_meta(self, meta, ae_titles: bool = True) -> None:
+    def file_meta(self, meta, ae_titles: bool = True, uids: bool = True) -> None:
         """The AE titles and instance UIDs of a file meta group that is rebuilt; the AE titles only
         with ``ae_titles`` (they name the station: device identity, which
-        retain_device_identity keeps as StationName, often the same string)."""
+        retain_device_identity keeps as StationName, often the same string), the UIDs only with
+        ``uids`` (retain_uids keeps the SOP Instance UID they repeat)."""
         try:
             for elem in meta:
-                kind = {"AE": "id" if ae_titles else None, "UI": "uid"}.get(elem.VR)
+                kind = {"AE": "id" if ae_titles else None, "UI": "uid" if uids else None}.get(elem.VR)
                 if kind and (kind == "id" or elem.keyword == "MediaStorageSOPInstanceUID"):
                     for s in _strings(elem.value):
                         self.add(kind, elem.keyword, s)
@@ -792,6 +793,14 @@ def _bounded(hay: bytes, s: int, e: int) -> bool:
     return True
 
 
+def _uid_component(hay: bytes, s: int, e: int) -> bool:
+    """Whether digits ``hay[s:e]`` are one whole component of a UID (1.2.826.0.1.44120987.3)."""
+    left = hay[s - 1] if s > 0 else None
+    right = hay[e] if e < len(hay) else None
+    return (hay[s:e].isdigit() and (left == 46 or right == 46) and (left is None or left == 46 or not _is_digit(left))
+            and (right is None or right == 46 or not _is_digit(right)))
+
+
 _TOKEN = re.compile(rb"[a-z]+|[0-9]+")
 _UID_TOKEN = re.compile(rb"[0-9]+(?:\.[0-9]+)+")
 _SPLIT_WORDS = re.compile(r"[\s,;]+")
@@ -942,8 +951,11 @@ class Matcher:
         """The values anchored on ``tok`` that occur, whole, around its occurrence at ``i``."""
         for (off, n), forms in self.anchors[tok].items():
             s = i - off
-            if s >= 0 and (found := forms.get(low[s:s + n])) and _bounded(low, s, s + n):
-                hits.extend((s, s + n, needle) for needle in found)
+            if s >= 0 and (found := forms.get(low[s:s + n])):
+                if _bounded(low, s, s + n):
+                    hits.extend((s, s + n, needle) for needle in found)
+                elif _uid_component(low, s, s + n):  # root.<accession number>: an ID, not a date
+                    hits.extend((s, s + n, needle) for needle in found if needle.kind == "id")
 
     def _date_windows(self, low: bytes) -> list[tuple[int, int]]:
         """Stretches of ``low`` around each occurrence of a searched date's year (a written date
