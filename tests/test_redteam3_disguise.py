@@ -101,11 +101,14 @@ def test_disguised_identifiers_in_real_siemens_file_withheld_or_cleaned(tmp_path
             assert planted.encode() not in blob and planted.encode("latin-1") not in blob, (p, planted)
 
 
-@pytest.mark.parametrize("text", ["AbernathyLucinda", "T1_LUCINDAABERNATHY", "ZebrowskiK", "t1-KZebrowski"])
+@pytest.mark.parametrize("text", ["AbernathyLucinda", "T1_LUCINDAABERNATHY", "ZebrowskiK", "t1-KZebrowski",
+                                  "VANDERBERG", "Vanderberg J", "GarciaLopez"])
 def test_name_written_as_one_word_found(text):
     """Folder names and labels write a name as one word (found in a kept explanation, exit 0)."""
     m = identifiers.matcher_for([("name", "PatientName", "Abernathy^Lucinda"),
-                                 ("name", "PatientName", "Zebrowski^Kasimir")])
+                                 ("name", "PatientName", "Zebrowski^Kasimir"),
+                                 ("name", "PatientName", "VAN DER BERG^JAN"),
+                                 ("name", "PatientName", "GARCIA LOPEZ^MARIA")])
     assert m.find(text.encode()), text
     assert not m.find(b"LeeAnn Abernath Zebrowskis")
 

@@ -457,6 +457,8 @@ def name_forms(value: str) -> set[str]:
             if c:
                 out.add(c)
                 out.update(w.strip(".") for w in _SPLIT_WORDS.split(c) if w.strip("."))
+                if len(parts := [w for w in _SPLIT_WORDS.split(c) if w]) > 1:
+                    out.add("".join(parts))  # VANDERBERG, GarciaLopez: a part of several words as one
         family, given, middle = (comps + ["", "", ""])[:3]
         if family and given:
             g0 = given[0]
