@@ -262,3 +262,26 @@ def test_retain_uids_releases_clean_uids_and_withholds_uids_holding_an_id(embedd
         assert r.returncode == 0, (r.stdout[-1500:], withheld)
         assert released and not withheld
     assert not any(b"44120987" in b or b"58213907" in b for b in released)
+
+
+def test_real_vendor_trees_research_with_retain_uids_withhold_nothing(tmp_path):
+    """No false withholding on clean real data from the forms above: GE (DWI, multiband fMRI whose
+    phantom PatientID is 'fMRI'), the Siemens decubitus series and the GE head CT under the research
+    preset with retain_uids.  Before: every subject withheld under retain_uids (the file meta's
+    SOP Instance UID, a GE private copy of the StudyInstanceUID and CSA-embedded references were
+    searched for although the option releases them), and the fMRI subject under research (another
+    subject's PatientID 'fMRI' in its SeriesDescription)."""
+    import json
+    import shutil
+    inp = tmp_path / "in"
+    for name in ("dcm_qa_ge", "dcm_qa_decubitus", "dcm_qa_ct_ge"):
+        shutil.copytree(require_shared(name, "In"), inp / name)
+    out = tmp_path / "out"
+    r = subprocess.run([sys.executable, "-m", "deidflow.cli", "run", str(inp), str(out), "--cores", "2",
+                        "--set", "face.method=none", "--set", "pixels.clean=off", "--set", "profile.preset=research",
+                        "--set", "profile.options=[retain_uids]"],
+                       env=dict(os.environ, DEIDFLOW_KEY=TEST_KEY), cwd=ROOT, capture_output=True, text=True,
+                       timeout=900)
+    withheld = json.loads((tmp_path / "out_restricted" / "withheld.json").read_text())
+    assert r.returncode in (0, 3) and not withheld["withheld"], (r.stdout[-2000:], withheld)
+    assert not withheld["published_with_leaks"] and len(list(out.glob("sub-*"))) == 5  # 3 GE, 1 Siemens, 1 CT

@@ -130,6 +130,8 @@ class Scrubber:
         self._markers: Dataset | None = None
         self.actions: dict[str, str] = {}
         self.collect = ctx.identifiers  # deidflow.qc.identifiers.IdentifierCollector or None
+        if self.collect is not None and "retain_uids" in plan.options:
+            self.collect.uids = False  # the UIDs are released as they are: none is searched for
         self._blobs: dict[tuple, object] = {}  # clean_private's results for large values
 
     # -- public -------------------------------------------------------------------------------

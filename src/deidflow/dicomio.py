@@ -271,8 +271,7 @@ def _stream(mm, size: int, body: int, meta: FileMetaDataset, ts: str, encoding: 
     collect = scrubber.collect  # original identifying values for the leak scan, or None
     if collect is not None:
         # the meta group is rebuilt: its AE titles and UIDs go
-        collect.file_meta(meta, ae_titles="retain_device_identity" not in scrubber.plan.options,
-                          uids="retain_uids" not in scrubber.plan.options)
+        collect.file_meta(meta, ae_titles="retain_device_identity" not in scrubber.plan.options)
     sop_class = sop_instance = None
     pixel_bytes = 0
     fmt = _stream_pixel_format(mm, by_tag, ts, little)
@@ -621,8 +620,7 @@ def _deidentify_dataset(src: Path, out: BinaryIO, scrubber: Scrubber, capture: f
         raise DicomError("UN element in a big-endian data set without file meta (ambiguous encoding)")
     old_meta = getattr(ds, "file_meta", None) or FileMetaDataset()
     if scrubber.collect is not None:
-        scrubber.collect.file_meta(old_meta, ae_titles="retain_device_identity" not in scrubber.plan.options,
-                                   uids="retain_uids" not in scrubber.plan.options)
+        scrubber.collect.file_meta(old_meta, ae_titles="retain_device_identity" not in scrubber.plan.options)
     if str(old_meta.get("TransferSyntaxUID", "")) != DeflatedExplicitVRLittleEndian:
         _check_complete(src, implicit, little)
     ts = str(old_meta.get("TransferSyntaxUID", "")) or {

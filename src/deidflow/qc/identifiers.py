@@ -107,15 +107,18 @@ class IdentifierCollector:
     Cheap enough to run inside the streaming engine: raw values are decoded only the first time a
     (tag, bytes) pair is seen, and only for tags whose values can identify."""
 
-    __slots__ = ("values", "_seen")
+    __slots__ = ("values", "_seen", "uids")
 
     def __init__(self) -> None:
         self.values: dict[tuple[str, str], str] = {}  # (kind, value) -> field it was first seen in
         self._seen: set = set()
+        # False under retain_uids: the release keeps the UIDs (a private copy of one, the file meta's
+        # SOP Instance UID, an embedded reference are the same UIDs), so none is searched for
+        self.uids = True
 
     def add(self, kind: str, field: str, value: str) -> None:
         value = value.strip("\x00 \t\r\n")
-        if value and not (kind == "uid" and _registered(value)):
+        if value and not (kind == "uid" and (not self.uids or _registered(value))):
             self.values.setdefault((kind, value), field)
 
     def element(self, tag: int, vr: str | None, value) -> None:
@@ -142,14 +145,13 @@ class IdentifierCollector:
                 except Exception:  # an undecodable value cannot be searched for either
                     continue
 
-    def file_meta(self, meta, ae_titles: bool = True, uids: bool = True) -> None:
+    def file_meta(self, meta, ae_titles: bool = True) -> None:
         """The AE titles and instance UIDs of a file meta group that is rebuilt; the AE titles only
         with ``ae_titles`` (they name the station: device identity, which
-        retain_device_identity keeps as StationName, often the same string), the UIDs only with
-        ``uids`` (retain_uids keeps the SOP Instance UID they repeat)."""
+        retain_device_identity keeps as StationName, often the same string)."""
         try:
             for elem in meta:
-                kind = {"AE": "id" if ae_titles else None, "UI": "uid" if uids else None}.get(elem.VR)
+                kind = {"AE": "id" if ae_titles else None, "UI": "uid"}.get(elem.VR)
                 if kind and (kind == "id" or elem.keyword == "MediaStorageSOPInstanceUID"):
                     for s in _strings(elem.value):
                         self.add(kind, elem.keyword, s)
