@@ -285,3 +285,42 @@ def test_real_vendor_trees_research_with_retain_uids_withhold_nothing(tmp_path):
     withheld = json.loads((tmp_path / "out_restricted" / "withheld.json").read_text())
     assert r.returncode in (0, 3) and not withheld["withheld"], (r.stdout[-2000:], withheld)
     assert not withheld["published_with_leaks"] and len(list(out.glob("sub-*"))) == 5  # 3 GE, 1 Siemens, 1 CT
+
+
+# -- UTF-16 text in kept binary values -----------------------------------------------------------
+@pytest.mark.parametrize("enc", ["utf-16-le", "utf-16-be", "utf-16"])
+def test_utf16_text_found_and_swept(enc):
+    """Windows-based devices keep XML/state in UTF-16 inside OB values; a safe-listed one (SIEMENS
+    Ultrasound SC2000 Application State) was released under the research preset with the name and
+    MRN in it, exit 0: the matcher read UTF-8 and Latin-1 bytes only."""
+    m = identifiers.matcher_for([("name", "PatientName", "MULLER^JURGEN"), ("id", "PatientID", "58213907")])
+    for text in ("<Patient>Muller, Jurgen</Patient><MRN>58213907</MRN>", "pt Müller", "MRN 58-213-907"):
+        blob = b"\x01\x02\x00\x00" + text.encode(enc) + b"\x00\x00\x07"
+        assert m.spans(blob), (enc, text)
+        red = m.redact(blob)
+        assert len(red) == len(blob)
+        assert b"l\x00l\x00e\x00r" not in red and b"\x00l\x00l\x00e\x00r" not in red and b"8\x002\x001\x003" not in red
+    assert not m.spans("Mullerova 582139070".encode(enc))
+
+
+def test_utf16_name_in_safe_private_blob_not_released(tmp_path):
+    inp = tmp_path / "in" / "p1"
+    inp.mkdir(parents=True)
+    for k, f in enumerate(sorted(glob.glob(str(require_shared("dcm_qa_decubitus", "In", "HFS") / "*" / "*.dcm")))[:2]):
+        ds = pydicom.dcmread(f)
+        ds.PatientName, ds.PatientID, ds.PatientBirthDate = "Zebrowski^Kasimir", "58213907", "19610423"
+        blk = ds.private_block(0x0129, "SIEMENS Ultrasound SC2000", create=True)
+        blob = '<?xml version="1.0" encoding="utf-16"?><State><Patient>Zebrowski, Kasimir</Patient><MRN>58213907</MRN></State>'.encode("utf-16")
+        blk.add_new(0x10, "OB", blob)
+        ds.save_as(inp / f"{k}.dcm")
+    out = tmp_path / "out"
+    r = subprocess.run([sys.executable, "-m", "deidflow.cli", "run", str(inp.parent), str(out), "--cores", "2",
+                        "--set", "face.method=none", "--set", "pixels.clean=off", "--set", "profile.preset=research"],
+                       env=dict(os.environ, DEIDFLOW_KEY=TEST_KEY), cwd=ROOT, capture_output=True, text=True,
+                       timeout=600)
+    assert r.returncode in (0, 3), r.stdout[-2000:]
+    released = [p.read_bytes() for p in out.rglob("*.dcm")]
+    assert released
+    for b in released:
+        for v in ("Zebrowski", "ZEBROWSKI", "58213907", "Kasimir"):
+            assert v.encode("utf-16-le") not in b and v.encode("utf-16-be") not in b, v

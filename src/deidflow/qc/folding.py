@@ -1,9 +1,15 @@
-"""Accented Latin letters read as their base letters, for the one identifier matcher
-(:class:`deidflow.qc.identifiers.Matcher`): a name stored without accents (``MULLER^JURGEN``, as
-legacy systems and many DICOM exports write it) is found where a text writes it with them
-(``Müller Jürgen``), in UTF-8 and in Latin-1 bytes.  The other direction (``Müller`` stored,
-``Mueller`` or ``Muller`` written) is a matter of the name's forms
-(:func:`deidflow.qc.identifiers.accented_spellings`, transliterations)."""
+"""Other readings of a text's bytes for the one identifier matcher
+(:class:`deidflow.qc.identifiers.Matcher`), each searched with the same needles and its hits mapped
+back to the text's offsets:
+
+* accented Latin letters as their base letters: a name stored without accents
+  (``MULLER^JURGEN``, as legacy systems and many DICOM exports write it) is found where a text
+  writes it with them (``Müller Jürgen``), in UTF-8 and in Latin-1 bytes (the other direction,
+  ``Müller`` stored and ``Mueller`` written, is a matter of the name's forms:
+  :func:`deidflow.qc.identifiers.accented_spellings`, transliterations);
+* UTF-16 text (Latin-1 range, either byte order) inside binary values: Windows-based devices keep
+  XML and state in UTF-16 (``Z\0e\0b\0…``), which the byte forms of a value never match.
+"""
 from __future__ import annotations
 
 import bisect
@@ -122,3 +128,37 @@ def _unfold(f: int, marks, starts, end: bool) -> int:
     if fs <= (f - 1 if end else f) < fe:
         return oe if end else os_
     return oe + (f - fe)
+
+
+# UTF-16 text: Latin-1 characters each followed (LE) or preceded (BE) by a zero byte, found in the
+# text's byte classes (t: printable Latin-1, z: zero byte) with bytes.find like the accents above.
+_UTF16_CLASS = bytes(ord("z") if b == 0 else ord("t") if 0x20 <= b <= 0x7E or b >= 0xA0 else ord(".")
+                     for b in range(256))
+_UTF16_MIN = 4  # characters in a row: shorter runs are numbers in binary structures
+
+
+def utf16_views(low: bytes, spans: Spans) -> list[tuple[int, int, "Needle"]]:
+    """The occurrences ``spans`` finds in the UTF-16 stretches of ``low`` (Latin-1 characters,
+    little- or big-endian) read as Latin-1 text, at their offsets in ``low``."""
+    if b"\x00" not in low:
+        return []
+    classes = low.translate(_UTF16_CLASS)
+    out = []
+    for first in (0, 1):  # 0: little-endian (character, zero), 1: big-endian (zero, character)
+        unit = b"tz" if first == 0 else b"zt"
+        i = classes.find(unit * _UTF16_MIN)
+        while i >= 0:
+            j = i
+            while classes.startswith(unit, j):
+                j += 2
+            # the other byte order's text read one byte off: little-endian text read as big-endian
+            # loses its first character (a printable byte before, its last zero after), big-endian
+            # text read as little-endian its last one (a zero before, a printable byte after)
+            before = classes[i - 1:i] if i else b""
+            after = classes[j:j + 1]
+            if (before, after) != ((b"t", b"z") if first else (b"z", b"t")):
+                view = low[i + first:j:2]
+                hits = spans(view, folded=True) + fold_accents(view, spans)
+                out += [(i + 2 * s, i + 2 * e, n) for s, e, n in hits]
+            i = classes.find(unit * _UTF16_MIN, j)
+    return out

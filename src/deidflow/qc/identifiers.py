@@ -25,7 +25,7 @@ from pathlib import Path
 from typing import Iterable, Iterator, Mapping
 
 from ..fsutil import RESTRICTED_FILE_MODE, atomic_write_text, make_restricted_dir
-from .folding import fold_accents
+from .folding import fold_accents, utf16_views
 
 KINDS = ("name", "date", "datetime", "time", "uid", "id", "path")
 IDENTIFIERS_DIR = "identifiers"
@@ -900,7 +900,7 @@ class Matcher:
 
     def spans(self, text: bytes, folded: bool = False) -> list[tuple[int, int, Needle]]:
         """(start, end, needle) of every occurrence in ``text`` (any case; Latin letters with
-        accents also as their base letters, see :func:`~deidflow.qc.folding.fold_accents`)."""
+        accents also as their base letters, UTF-16 text as text: see :mod:`deidflow.qc.folding`)."""
         if not self.count or not text:
             return []
         low = text.lower()
@@ -947,8 +947,8 @@ class Matcher:
             while i >= 0:
                 hits.append((i, i + len(needle.text), needle))
                 i = low.find(needle.text, i + 1)
-        if not folded:  # MULLER^JURGEN written Müller Jürgen
-            hits += fold_accents(low, self.spans)
+        if not folded:  # MULLER^JURGEN written Müller Jürgen; UTF-16 text in binary values
+            hits += fold_accents(low, self.spans) + utf16_views(low, self.spans)
         return hits
 
     def _anchored(self, low: bytes, i: int, tok: bytes, hits: list) -> None:
