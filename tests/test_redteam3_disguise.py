@@ -324,3 +324,36 @@ def test_utf16_name_in_safe_private_blob_not_released(tmp_path):
     for b in released:
         for v in ("Zebrowski", "ZEBROWSKI", "58213907", "Kasimir"):
             assert v.encode("utf-16-le") not in b and v.encode("utf-16-be") not in b, v
+
+
+# -- faces: a head volume labelled like an fMRI / diffusion series -------------------------------
+@pytest.mark.parametrize("desc", ["T1_mprage_resting_study", "MPRAGE for task fMRI", "T1 3D pre-DTI", "t1_fmap_ref"])
+def test_single_head_volume_labelled_like_a_skipped_kind_is_not_skipped(desc):
+    """The research preset keeps descriptions: the XA30 T1 (face visible) described as
+    'T1_mprage_resting_study' was not defaced ('fMRI time series', face.select.skip) and released
+    with its face, exit 0 — even as BIDS T1w. A label is a kind only for a series of volumes; a
+    known BIDS suffix decides."""
+    from deidflow.face.select import kind_of
+    attrs = {"SeriesDescription": desc, "ProtocolName": desc, "ImageType": "ORIGINAL\\PRIMARY\\M\\NONE"}
+    assert kind_of("", "sourcedata/dicom/x", attrs, 1) == ("", "")
+    assert kind_of("T1w", "sub-1/anat/sub-1_T1w.nii.gz", attrs, 1) == ("", "")
+    assert kind_of("", "x", {**attrs, "SeriesDescription": "ep2d_bold_rest", "ProtocolName": ""}, 200)[0] == "bold"
+    assert kind_of("bold", "x", attrs, 1)[0] == "bold"
+    assert kind_of("", "x", {"ImageType": "ORIGINAL\\PRIMARY\\ADC"}, 1)[0] == "dwi"
+
+
+def test_real_t1_labelled_resting_is_defaced_under_research_preset(tmp_path):
+    import json
+    src = next(iter(sorted(require_shared("dcm_qa_xa30", "In", "5_anat-T1w_acq-tfl").glob("*.dcm"))))
+    ds = pydicom.dcmread(src)
+    ds.SeriesDescription = ds.ProtocolName = "T1_mprage_resting_study"
+    (tmp_path / "in" / "p1").mkdir(parents=True)
+    ds.save_as(tmp_path / "in" / "p1" / "t1.dcm")
+    out = tmp_path / "out"
+    r = subprocess.run([sys.executable, "-m", "deidflow.cli", "run", str(tmp_path / "in"), str(out), "--cores", "2",
+                        "--set", "profile.preset=research", "--set", "pixels.clean=off"],
+                       env=dict(os.environ, DEIDFLOW_KEY=TEST_KEY), cwd=ROOT, capture_output=True, text=True,
+                       timeout=900)
+    assert r.returncode in (0, 3), r.stdout[-2000:]
+    report = json.loads(next((tmp_path / "out_restricted" / "done" / "face").glob("*.json")).read_text())
+    assert report["images"] and all(im["method"] != "none" for im in report["images"]), report
