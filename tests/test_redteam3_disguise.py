@@ -357,3 +357,47 @@ def test_real_t1_labelled_resting_is_defaced_under_research_preset(tmp_path):
     assert r.returncode in (0, 3), r.stdout[-2000:]
     report = json.loads(next((tmp_path / "out_restricted" / "done" / "face").glob("*.json")).read_text())
     assert report["images"] and all(im["method"] != "none" for im in report["images"]), report
+
+
+# -- faces: volume renderings --------------------------------------------------------------------
+@pytest.mark.parametrize("attrs, withheld", [
+    ({"Modality": "CT", "ImageType": "DERIVED\\SECONDARY\\VRT", "BodyPartExamined": "HEAD"}, True),
+    ({"Modality": "CT", "ImageType": "DERIVED\\SECONDARY\\SSD", "BodyPartExamined": ""}, True),
+    ({"Modality": "OT", "ImageType": "DERIVED\\SECONDARY", "SeriesDescription": "3D VR skull"}, True),
+    ({"Modality": "MR", "ImageType": "DERIVED\\SECONDARY\\OTHER", "SeriesDescription": "Head volume rendering"}, True),
+    ({"Modality": "CT", "ImageType": "DERIVED\\SECONDARY\\VRT", "BodyPartExamined": "KNEE"}, False),
+    ({"Modality": "CT", "ImageType": "DERIVED\\SECONDARY\\MPR", "BodyPartExamined": "HEAD"}, False),
+    ({"Modality": "MR", "ImageType": "ORIGINAL\\PRIMARY\\M\\ND", "SeriesDescription": "t1_mprage_sag"}, False),
+])
+def test_volume_rendering_of_a_head_is_withheld(attrs, withheld):
+    from deidflow.face.select import rendering
+    assert bool(rendering(attrs)) == withheld, attrs
+
+
+def test_ct_volume_rendering_series_not_released(tmp_path):
+    """A 'VRT Head' series (DERIVED\\SECONDARY\\VRT: a depth-shaded view of the face, as CT
+    workstations export them) was released with exit 0: the face stage saw 2D frames ('no 3D
+    coverage') and the pixel stage looks for text only."""
+    import numpy as np
+    src = sorted(p for p in require_shared("dcm_qa_ct_ge", "In").rglob("*") if p.is_file())[0]
+    (tmp_path / "in" / "p1").mkdir(parents=True)
+    for k in range(2):
+        ds = pydicom.dcmread(src)
+        ds.ImageType = ["DERIVED", "SECONDARY", "VRT"]
+        ds.SeriesDescription, ds.SeriesNumber = "VRT Head", 900
+        ds.SeriesInstanceUID = generate_uid(entropy_srcs=["vrt"])
+        ds.SOPInstanceUID = ds.file_meta.MediaStorageSOPInstanceUID = generate_uid(entropy_srcs=["vrt", str(k)])
+        for kw in ("ImagePositionPatient", "ImageOrientationPatient", "SliceLocation"):
+            if kw in ds:
+                del ds[kw]
+        ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.PixelRepresentation = 16, 12, 11, 0
+        ds.PixelData = (np.arange(ds.Rows * ds.Columns, dtype=np.uint16) % 4096).tobytes()
+        ds.file_meta.TransferSyntaxUID = pydicom.uid.ExplicitVRLittleEndian
+        ds.save_as(tmp_path / "in" / "p1" / f"vrt{k}.dcm")
+    out = tmp_path / "out"
+    r = subprocess.run([sys.executable, "-m", "deidflow.cli", "run", str(tmp_path / "in"), str(out), "--cores", "2",
+                        "--set", "pixels.clean=off"], env=dict(os.environ, DEIDFLOW_KEY=TEST_KEY), cwd=ROOT,
+                       capture_output=True, text=True, timeout=900)
+    assert r.returncode == 3, r.stdout[-2000:]
+    assert not list(out.rglob("*.dcm")) and not list(out.rglob("*.nii.gz"))
+    assert "rendering" in (tmp_path / "out_restricted" / "quarantine.tsv").read_text()

@@ -114,6 +114,28 @@ def names_head(body_part: str, head_parts) -> bool:
     return bool(words & heads) or "".join(sorted(words)) in heads
 
 
+# ImageType values and descriptions of 3D renderings (volume, surface, cinematic rendering): a picture
+# of the head's surface, which the face stage cannot deface (2D frames, no volume)
+_RENDER_TYPES = frozenset(("VRT", "VR", "SSD", "VOLREN", "VOLUME_RENDER", "SURFACE_RENDER", "VOLUME RENDERING",
+                           "CINEMATIC", "CVRT", "3DVR"))
+_RENDER_TEXT = re.compile(r"\b(?:vrt|vr|ssd|3d[ _-]?vr|volume[ _-]?render\w*|surface[ _-]?render\w*|cinematic|cvrt)\b",
+                          re.IGNORECASE)
+
+
+def rendering(attrs: Mapping[str, Any], head_parts=("HEAD", "BRAIN", "SKULL", "FACE", "HEADNECK", "NEURO")) -> str | None:
+    """Why a DICOM series is a 3D rendering that may show the face (its ImageType or description
+    names a volume or surface rendering, and its body part is a head or not given), else None.
+    Such a series is withheld: it is a picture, not a volume the face stage could deface."""
+    types = {t.strip().upper() for t in str(attrs.get("ImageType") or "").split("\\")}
+    text = " ".join(str(attrs.get(k) or "") for k in ("SeriesDescription", "ProtocolName"))
+    if not (types & _RENDER_TYPES or _RENDER_TEXT.search(text)):
+        return None
+    body = str(attrs.get("BodyPartExamined") or "").strip()
+    if body and not names_head(body, head_parts):
+        return None
+    return "a 3D rendering of the head (volume or surface rendering) can show the face"
+
+
 def kind_of(suffix: str, path: str = "", attrs: Mapping[str, Any] | None = None, volumes: int = 1) -> tuple[str, str]:
     """(kind, evidence) of an image: bold / dwi / asl / fieldmap / phase, or ("", "") for an
     anatomical or unknown image. The BIDS suffix decides when it is known (an anatomical one too);
