@@ -401,3 +401,33 @@ def test_ct_volume_rendering_series_not_released(tmp_path):
     assert r.returncode == 3, r.stdout[-2000:]
     assert not list(out.rglob("*.dcm")) and not list(out.rglob("*.nii.gz"))
     assert "rendering" in (tmp_path / "out_restricted" / "quarantine.tsv").read_text()
+
+
+# -- ages over 89 ---------------------------------------------------------------------------------
+def test_patient_age_over_89_capped_in_released_dicom(tmp_path):
+    """The research preset (retain_patient_characteristics) is documented as 'age (capped at 90)':
+    participants.tsv said 90, but the released DICOM kept PatientAge 097Y (an identifier under HIPAA
+    Safe Harbor), exit 0.  Both engines: the stream engine (the run) and the data-set Scrubber."""
+    from deidflow.dicom import Scrubber, SubjectContext
+    from deidflow.profile import build_plan
+    from deidflow.pseudonym import Pseudonymizer
+    inp = tmp_path / "in" / "p1"
+    inp.mkdir(parents=True)
+    files = sorted(glob.glob(str(require_shared("dcm_qa_decubitus", "In", "HFS") / "*" / "*.dcm")))[:2]
+    for k, f in enumerate(files):
+        ds = pydicom.dcmread(f)
+        ds.PatientAge = "097Y" if k == 0 else "045Y"
+        ds.SOPInstanceUID = ds.file_meta.MediaStorageSOPInstanceUID = generate_uid(entropy_srcs=["age", str(k)])
+        ds.save_as(inp / f"{k}.dcm")
+    out = tmp_path / "out"
+    r = subprocess.run([sys.executable, "-m", "deidflow.cli", "run", str(inp.parent), str(out), "--cores", "2",
+                        "--set", "face.method=none", "--set", "pixels.clean=off", "--set", "profile.preset=research"],
+                       env=dict(os.environ, DEIDFLOW_KEY=TEST_KEY), cwd=ROOT, capture_output=True, text=True,
+                       timeout=600)
+    assert r.returncode in (0, 3), r.stdout[-2000:]
+    ages = sorted(str(pydicom.dcmread(p).PatientAge) for p in out.rglob("*.dcm"))
+    assert ages == ["045Y", "090Y"], ages
+    plan = build_plan(["retain_patient_characteristics"], "remove", [])
+    ds = pydicom.dcmread(inp / "0.dcm")
+    Scrubber(plan, SubjectContext(pseudo=Pseudonymizer(b"k" * 24), subject="sub-x", date_offset=0)).scrub(ds)
+    assert ds.PatientAge == "090Y"

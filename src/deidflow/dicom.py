@@ -23,6 +23,7 @@ from pydicom.uid import UID_dictionary
 
 from . import __version__, dates, textclean, vendorblobs
 from .profile import Plan, Rule, method_codes
+from .sidecar import AGE_CAP_YEARS
 from .pseudonym import Pseudonymizer
 
 if TYPE_CHECKING:
@@ -450,6 +451,13 @@ class Scrubber:
             return True
         if vr == "UI":
             return self._replace_uids(ds, tag)
+        if vr == "AS":  # an age over 89 years is an identifier (HIPAA Safe Harbor): 090Y
+            age = str(value or "").strip()
+            if len(age) == 4 and age[:3].isdigit() and age[3] in "DWMY" and \
+                    int(age[:3]) / {"D": 365.25, "W": 52.18, "M": 12, "Y": 1}[age[3]] >= AGE_CAP_YEARS:
+                elem.value = f"{AGE_CAP_YEARS:03d}Y"
+                return True
+            return False
         if vr in _TEXT_VRS:
             parts = [value] if isinstance(value, str) else list(value)
             cleaned = [textclean.clean_text(self.model.redact_text(str(p))) for p in parts]
