@@ -125,6 +125,7 @@ def test_name_written_as_one_word_found_across_units():
     ("Zebrowski Kasimir 1961-04-23", "Zebrowski^Kasimir", ("date", "19610423")),
     ("Quartermaine_Odile_MRN71120466", "Quartermaine^Odile", ("id", "MRN71120466")),
     ("DOE_JOHN_58-21-3907", "DOE^JOHN", ("id", "58-21-3907")),  # not a date: 5821-39-07
+    ("山田太郎_19610423", "山田太郎", ("date", "19610423")),
 ])
 def test_folder_identity_name_with_birth_date_or_mrn(folder, name, number):
     got = identifiers.guess(folder)

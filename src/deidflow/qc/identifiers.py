@@ -1178,7 +1178,8 @@ def matcher_for(entries: Iterable[tuple[str, str, str]], subject: str = "", salt
 
 _NAME_LIKE = re.compile(r"[^\W\d_]{2,}(?:[_.,' -]+[^\W\d_]{2,}){1,3}")
 # A folder named for a person and a number of six digits or more (birth date, MRN) after it.
-_NAME_AND_NUMBER = re.compile(r"([^\W\d_]{2,}(?:[_.,' -]+[^\W\d_]{2,}){1,3})[_., -]+([A-Za-z]{0,4}\d[\d./-]{4,}\d)")
+_NAME_AND_NUMBER = re.compile(r"([^\W\d_]{2,}(?:[_.,' -]+[^\W\d_]{2,}){1,3}|[\u3040-\u30ff\u3400-\u9fff\uac00-\ud7af]{2,8})"
+                              r"[_., -]+([A-Za-z]{0,4}\d[\d./-]{4,}\d)")  # 山田太郎_19610423 too
 
 
 def guess(value: str) -> list[tuple[str, str]]:
