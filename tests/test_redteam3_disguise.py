@@ -432,3 +432,28 @@ def test_patient_age_over_89_capped_in_released_dicom(tmp_path):
     ds = pydicom.dcmread(inp / "0.dcm")
     Scrubber(plan, SubjectContext(pseudo=Pseudonymizer(b"k" * 24), subject="sub-x", date_offset=0)).scrub(ds)
     assert ds.PatientAge == "090Y"
+
+
+def test_twix_patient_age_over_89_capped_under_research(tmp_path):
+    """twix flPatientAge kept by retain_patient_characteristics was released as 97.000000."""
+    import re
+    from deidflow import formats
+    from deidflow.formats.base import ScrubContext
+    from deidflow.pseudonym import Pseudonymizer
+    raw = require_shared("twix", "example_data", "gre.dat").read_bytes()
+    planted = re.sub(rb'(flPatientAge">\s*\{\s*<Precision> 6\s+)33\.000000', rb"\g<1>97.000000", raw)
+    planted = re.sub(rb"(flPatientAge\s*=\s*)33(?!\d)", rb"\g<1>97", planted)
+    assert planted.count(b"97.000000") >= 1
+    src = tmp_path / "gre.dat"
+    src.write_bytes(planted)
+    c = ScrubContext(subject="sub-tstsubj1", pseudo=Pseudonymizer(b"k" * 24), date_offset=0,
+                     settings={"options": ["retain_patient_characteristics"]}, known=[])
+    formats.get("twix").scrub(src, tmp_path / "out.dat", c)
+    out = (tmp_path / "out.dat").read_bytes()
+    assert len(out) == len(planted)
+    assert not re.search(rb'flPatientAge">\s*\{\s*<Precision> 6\s+97', out)
+    assert re.search(rb'flPatientAge">\s*\{\s*<Precision> 6\s+90\.000000', out)
+    young = planted.replace(b"97.000000", b"33.000000")
+    src.write_bytes(young)
+    formats.get("twix").scrub(src, tmp_path / "out2.dat", c)
+    assert re.search(rb'flPatientAge">\s*\{\s*<Precision> 6\s+33\.000000', (tmp_path / "out2.dat").read_bytes())
