@@ -457,3 +457,30 @@ def test_twix_patient_age_over_89_capped_under_research(tmp_path):
     src.write_bytes(young)
     formats.get("twix").scrub(src, tmp_path / "out2.dat", c)
     assert re.search(rb'flPatientAge">\s*\{\s*<Precision> 6\s+33\.000000', (tmp_path / "out2.dat").read_bytes())
+
+
+def test_clean_override_on_a_nested_institution_removes_its_own_value(tmp_path):
+    """Found by the fuzz suite: InstitutionName under a user 'clean' override, present only inside
+    a Referenced Image Sequence item, was kept by both engines (the sweep's model learnt only
+    top-level values)."""
+    from pydicom.dataset import Dataset
+    from pydicom.sequence import Sequence
+    from deidflow.dicom import Scrubber, SubjectContext
+    from deidflow.dicomio import _deidentify_dataset, deidentify_file
+    from deidflow.profile import build_plan
+    from deidflow.pseudonym import Pseudonymizer
+    src = sorted(glob.glob(str(require_shared("dcm_qa_decubitus", "In", "HFS") / "*" / "*.dcm")))[0]
+    ds = pydicom.dcmread(src)
+    if "InstitutionName" in ds:
+        del ds.InstitutionName
+    item = Dataset()
+    item.InstitutionName = "FUZZHOSPITALXYZ"
+    item.ReferencedSOPClassUID, item.ReferencedSOPInstanceUID = ds.SOPClassUID, generate_uid()
+    ds.ReferencedImageSequence = Sequence([item])
+    path = tmp_path / "in.dcm"
+    ds.save_as(path)
+    plan = build_plan([], None, [{"attribute": "InstitutionName", "action": "clean"}])
+    for engine in (deidentify_file, _deidentify_dataset):
+        out = io.BytesIO()
+        engine(path, out, Scrubber(plan, SubjectContext(Pseudonymizer(b"k" * 24), "sub-x", date_offset=-42)))
+        assert b"FUZZHOSPITALXYZ" not in out.getvalue(), engine.__name__

@@ -460,6 +460,7 @@ class Scrubber:
             return False
         if vr in _TEXT_VRS:
             parts = [value] if isinstance(value, str) else list(value)
+            self.model.add_element(tag, vr, value)  # an identifying attribute cleaned: its own value
             cleaned = [textclean.clean_text(self.model.redact_text(str(p))) for p in parts]
             if vr in ("SH", "CS", "AE"):
                 cleaned = [c[:16] for c in cleaned]
