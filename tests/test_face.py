@@ -81,9 +81,11 @@ def test_selector_skip_is_configurable_and_kinds_come_from_dicom():
     assert decide(facts(path="x_part-phase_T1w.nii.gz"), cfg).method == "none"
     assert kind_of("", attrs={"ImageType": "ORIGINAL\\PRIMARY\\P\\ND"})[0] == "phase"
     assert kind_of("", attrs={"ImageType": "ORIGINAL\\PRIMARY\\DIFFUSION\\NONE"})[0] == "dwi"
-    assert kind_of("", attrs={"SeriesDescription": "ep2d_pcasl"})[0] == "asl"
-    assert kind_of("", attrs={"SeriesDescription": "gre_field_mapping"})[0] == "fieldmap"
-    assert kind_of("", attrs={"ProtocolName": "rfMRI_REST_AP"})[0] == "bold"
+    assert kind_of("", attrs={"SeriesDescription": "ep2d_pcasl"}, volumes=60)[0] == "asl"
+    assert kind_of("", attrs={"SeriesDescription": "gre_field_mapping"}, volumes=2)[0] == "fieldmap"
+    assert kind_of("", attrs={"ProtocolName": "rfMRI_REST_AP"}, volumes=200)[0] == "bold"
+    # a label alone does not make one 3D volume faceless (red-team 3: a T1 'resting' kept its face)
+    assert kind_of("", attrs={"ProtocolName": "rfMRI_REST_AP"}, volumes=1)[0] == ""
     assert kind_of("", attrs={"ScanningSequence": "EP", "SeriesDescription": "x"}, volumes=200)[0] == "bold"
     assert kind_of("", attrs={"ScanningSequence": "EP"}, volumes=1)[0] == ""
     for anat in ("t1_mprage_sag", "T2 FLAIR", "MP2RAGE", "3D T1 TFE", "PD TSE"):

@@ -225,8 +225,10 @@ def test_selection_defaces_anatomy_and_leaves_fmri_dwi_asl_fieldmaps_and_phase(t
         "CT4-head": head_series(modality="CT", body_part="HEAD"),
         "MR5-bold": bold,
         "MR6-dwi": head_series(image_type=["ORIGINAL", "PRIMARY", "DIFFUSION", "NONE"]),
-        "MR7-asl": head_series(description="tgse_pcasl_3d"),
-        "MR8-fmap": head_series(description="gre_field_mapping"),
+        # a label names a kind only for a series of volumes (label/control pairs, two echoes): one
+        # 3D head volume is defaced whatever its description says (red-team 3)
+        "MR7-asl": head_series(description="tgse_pcasl_3d") + head_series(description="tgse_pcasl_3d"),
+        "MR8-fmap": head_series(description="gre_field_mapping") + head_series(description="gre_field_mapping"),
         "MR9-phase": head_series(image_type=["ORIGINAL", "PRIMARY", "P", "ND"]),
     }
     out, restricted = _unit(tmp_path, series)

@@ -23,6 +23,7 @@ from pydicom.uid import UID_dictionary
 
 from . import __version__, dates, textclean, vendorblobs
 from .profile import Plan, Rule, method_codes
+from .sidecar import AGE_CAP_YEARS
 from .pseudonym import Pseudonymizer
 
 if TYPE_CHECKING:
@@ -130,6 +131,8 @@ class Scrubber:
         self._markers: Dataset | None = None
         self.actions: dict[str, str] = {}
         self.collect = ctx.identifiers  # deidflow.qc.identifiers.IdentifierCollector or None
+        if self.collect is not None and "retain_uids" in plan.options:
+            self.collect.uids = False  # the UIDs are released as they are: none is searched for
         self._blobs: dict[tuple, object] = {}  # clean_private's results for large values
 
     # -- public -------------------------------------------------------------------------------
@@ -448,8 +451,16 @@ class Scrubber:
             return True
         if vr == "UI":
             return self._replace_uids(ds, tag)
+        if vr == "AS":  # an age over 89 years is an identifier (HIPAA Safe Harbor): 090Y
+            age = str(value or "").strip()
+            if len(age) == 4 and age[:3].isdigit() and age[3] in "DWMY" and \
+                    int(age[:3]) / {"D": 365.25, "W": 52.18, "M": 12, "Y": 1}[age[3]] >= AGE_CAP_YEARS:
+                elem.value = f"{AGE_CAP_YEARS:03d}Y"
+                return True
+            return False
         if vr in _TEXT_VRS:
             parts = [value] if isinstance(value, str) else list(value)
+            self.model.add_element(tag, vr, value)  # an identifying attribute cleaned: its own value
             cleaned = [textclean.clean_text(self.model.redact_text(str(p))) for p in parts]
             if vr in ("SH", "CS", "AE"):
                 cleaned = [c[:16] for c in cleaned]

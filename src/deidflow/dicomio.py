@@ -615,9 +615,13 @@ def _deidentify_dataset(src: Path, out: BinaryIO, scrubber: Scrubber, capture: f
         raise DicomError(f"not readable as DICOM: {type(exc).__name__}") from None
     if implicit is None:
         raise DicomError("no data elements (not a DICOM data set)")
-    if not little and any(getattr(ds.get_item(t), "VR", None) == "UN" for t in ds.keys()):
-        # pydicom would parse UN sequences of a big endian data set in the wrong byte order
-        raise DicomError("UN element in a big-endian data set without file meta (ambiguous encoding)")
+    if not little:
+        try:
+            un = any(getattr(ds.get_item(t), "VR", None) == "UN" for t in ds.keys())
+        except Exception:  # pydicom raises for a VR it does not know
+            raise DicomError("element with an unknown VR in a big-endian data set") from None
+        if un:  # pydicom would parse UN sequences of a big endian data set in the wrong byte order
+            raise DicomError("UN element in a big-endian data set without file meta (ambiguous encoding)")
     old_meta = getattr(ds, "file_meta", None) or FileMetaDataset()
     if scrubber.collect is not None:
         scrubber.collect.file_meta(old_meta, ae_titles="retain_device_identity" not in scrubber.plan.options)

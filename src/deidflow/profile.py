@@ -261,6 +261,8 @@ def build_plan(options: Iterable[str] = (), private: str | None = None,
             continue
         if row.keyword in pseudo_kw and code in ("Z", "D"):
             code = "P"
+        if code == "K" and row.keyword in cfg.get("clean_when_kept", ()):
+            code = "C"  # PatientAge: kept, an age over 89 capped (Scrubber._clean)
         rule = Rule(code, row.keyword or row.name)
         if row.tag.startswith("50xx"):
             curve = rule

@@ -14,7 +14,8 @@ released by the ``other`` stage. It is treated when, in this order:
    ``fieldmap``, ``phase``): fMRI time series, diffusion, perfusion, field maps and phase images
    are acquired at a resolution and contrast that do not render a recognisable face, and changing
    their voxels breaks their analysis (:func:`kind_of` tells the kind from the BIDS suffix, the
-   DICOM ``ImageType``, sequence and description, and EPI time series);
+   DICOM ``ImageType``, EPI time series, and the sequence and description of a series of two or
+   more volumes: one 3D volume is not skipped for its label);
 4. it can render a face: at least ``face.select.min_extent_mm`` along each of its three axes (a
    single slice or a thin slab cannot) and pixels no larger than ``face.select.max_in_plane_mm``;
 5. it shows a head: ``BodyPartExamined`` names a head (``face.select.body_parts``, in any of the
@@ -113,14 +114,40 @@ def names_head(body_part: str, head_parts) -> bool:
     return bool(words & heads) or "".join(sorted(words)) in heads
 
 
+# ImageType values and descriptions of 3D renderings (volume, surface, cinematic rendering): a picture
+# of the head's surface, which the face stage cannot deface (2D frames, no volume)
+_RENDER_TYPES = frozenset(("VRT", "VR", "SSD", "VOLREN", "VOLUME_RENDER", "SURFACE_RENDER", "VOLUME RENDERING",
+                           "CINEMATIC", "CVRT", "3DVR"))
+_RENDER_TEXT = re.compile(r"\b(?:vrt|vr|ssd|3d[ _-]?vr|volume[ _-]?render\w*|surface[ _-]?render\w*|cinematic|cvrt)\b",
+                          re.IGNORECASE)
+
+
+def rendering(attrs: Mapping[str, Any], head_parts=("HEAD", "BRAIN", "SKULL", "FACE", "HEADNECK", "NEURO")) -> str | None:
+    """Why a DICOM series is a 3D rendering that may show the face (its ImageType or description
+    names a volume or surface rendering, and its body part is a head or not given), else None.
+    Such a series is withheld: it is a picture, not a volume the face stage could deface."""
+    types = {t.strip().upper() for t in str(attrs.get("ImageType") or "").split("\\")}
+    text = " ".join(str(attrs.get(k) or "") for k in ("SeriesDescription", "ProtocolName"))
+    if not (types & _RENDER_TYPES or _RENDER_TEXT.search(text)):
+        return None
+    body = str(attrs.get("BodyPartExamined") or "").strip()
+    if body and not names_head(body, head_parts):
+        return None
+    return "a 3D rendering of the head (volume or surface rendering) can show the face"
+
+
 def kind_of(suffix: str, path: str = "", attrs: Mapping[str, Any] | None = None, volumes: int = 1) -> tuple[str, str]:
     """(kind, evidence) of an image: bold / dwi / asl / fieldmap / phase, or ("", "") for an
-    anatomical or unknown image. The BIDS suffix decides when it is known; else the DICOM
-    ``ImageType`` values, the description / protocol / sequence name, and an EPI time series."""
+    anatomical or unknown image. The BIDS suffix decides when it is known (an anatomical one too);
+    else the DICOM ``ImageType`` values, an EPI time series, and the description / protocol /
+    sequence name for a series of two or more volumes: a label alone does not make one 3D head
+    volume faceless (a T1 described as ``T1_mprage_resting_study`` was released with its face)."""
     if suffix in _SUFFIX_KIND:
         return _SUFFIX_KIND[suffix], f"BIDS suffix {suffix}"
     if "_part-phase" in path:
         return "phase", "BIDS entity part-phase"
+    if suffix:
+        return "", ""
     attrs = attrs or {}
     types = {t.strip().upper() for t in str(attrs.get("ImageType") or "").split("\\")}
     for t in sorted(types & _TYPE_KIND.keys()):
@@ -128,7 +155,7 @@ def kind_of(suffix: str, path: str = "", attrs: Mapping[str, Any] | None = None,
     text = " ".join(str(attrs.get(k) or "") for k in ("SeriesDescription", "ProtocolName", "SequenceName",
                                                       "PulseSequenceName")).lower()
     for kind, pattern in _DESC_KIND:
-        if pattern.search(text):
+        if pattern.search(text) and volumes >= 2:
             return kind, "series description / protocol / sequence name"
     epi = "EP" in str(attrs.get("ScanningSequence") or "").upper().split("\\") or \
         re.search(r"epi|ep2d|\bep_|epfid|epse", text) is not None

@@ -38,7 +38,7 @@ from ..fsutil import QC_SUBDIR, RESTRICTED_FILE_MODE, atomic_write_bytes, atomic
 from . import render
 from ..errors import OUTPUT_ERRNOS, PublicError
 from .apply import GeometryMismatch, Nifti, derived_sidecar, mask_dicom, remap_file, uids_in
-from .select import Decision, ImageFacts, decide, extent_mm, head_shape, kind_of
+from .select import Decision, ImageFacts, decide, extent_mm, head_shape, kind_of, rendering
 from .volume import for_backend, reference_volume, removed_value
 
 log = logging.getLogger("deidflow")
@@ -252,6 +252,11 @@ def face_unit(convert_done: Path | None, dicom_root: Path, release_root: Path, r
         method = ref.decision.method
         backend_name = face_cfg["deface_backend"] if method == "deface" else face_cfg["skullstrip_backend"]
         series_dir = ref.series_dir if dicom_in_release else None
+        if method == "withhold":   # a rendering of the head: a picture, nothing to deface
+            _withhold(group, ref.decision.reason, "", keeper, bad, counts)
+            if series_dir is not None:
+                _withdraw_all(keeper.dicom_files(series_dir), ref.decision.reason, keeper, bad)
+            continue
         if ref.fmt not in WRITABLE_FORMATS:   # selected, but its voxels cannot be rewritten: never release the face
             _withhold(group, f"{ref.fmt} volumes cannot be {method}d in place", backend_name, keeper, bad, counts)
             continue
@@ -299,6 +304,11 @@ def face_unit(convert_done: Path | None, dicom_root: Path, release_root: Path, r
         for rel in ser.unreadable:
             _withdraw_all([rel], "not readable as DICOM: cannot tell whether it shows a face", keeper, bad)
             counts["withheld"] += 1
+        if ser.decision.method == "withhold":   # a rendering of the head: a picture, nothing to deface
+            _withdraw_all(keeper.dicom_files(ser.folder), ser.decision.reason, keeper, bad)
+            ser.result = {"withheld": ser.decision.reason}
+            counts["withheld"] += 1
+            continue
         if ser.decision.method == "none":
             ser.files, ser.volume = {}, None
             continue
@@ -434,7 +444,8 @@ def _describe(entry, subject, keeper: Keeper, dicom_root: Path, series_cache, fa
         extent_mm=extent_mm(shape[:3], zooms), volumes=volumes, kind=kind,
         in_plane_mm=float(sorted(zooms)[1]) if len(zooms) >= 2 else 0.0)
     sidecar = next((f for f in entry.get("files", ()) if f.endswith(".json")), "")
-    im = _Image(entry, subject, rel, shape, affine, facts, decide(facts, face_cfg),
+    why = rendering(attrs, face_cfg["select"]["body_parts"])
+    im = _Image(entry, subject, rel, shape, affine, facts, Decision("withhold", why) if why else decide(facts, face_cfg),
                 series_dir if series_dir is not None and series_dir.is_dir() else None, sidecar_rel=sidecar)
     _shape_test(im, keeper, face_cfg)
     return im
@@ -738,6 +749,9 @@ def _describe_series(subject: str, folder: Path, keeper: Keeper, face_cfg) -> _S
     rels = keeper.dicom_files(folder)
     files = {r: keeper.pristine(r) for r in rels}
     sc = dicomvol.scan(files)
+    why = rendering(sc.attrs, face_cfg["select"]["body_parts"])
+    if why:
+        return _Series(subject, folder, rel, None, Decision("withhold", why), files, unreadable=sc.unreadable)
     stacks = sc.stacks()
     if not stacks:
         return _Series(subject, folder, rel, None, Decision("none", "no image frames with a position"), files,

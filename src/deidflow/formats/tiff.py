@@ -1,7 +1,9 @@
 """Whole-slide images in TIFF (Aperio SVS, generic pyramidal TIFF) and plain TIFF.
 
 The file is rewritten at byte level: every kept page's strip or tile bytes are copied unchanged
-(byte-identical, never decoded), and each kept page gets a new IFD holding only allow-listed tags.
+(byte-identical, never decoded) except the comment and application segments of JPEG streams and
+the comments of JPEG 2000 streams (the coded data stay as they are), and each kept page gets a new
+IFD holding only allow-listed tags.
 No TIFF library is needed at run time; the tests read the output back with ``tifffile`` (and
 ``openslide`` when installed).
 
@@ -584,11 +586,12 @@ def page_tags(page: Page, tf: TiffFile, ctx: ScrubContext, res: ScrubResult,
 class _Writer:
     """Sequential writer of the new file; IFD next-pointers are patched in place."""
 
-    def __init__(self, sink, src, tf: TiffFile):
+    def __init__(self, sink, src, tf: TiffFile, replaced: dict[tuple[int, int], bytes] | None = None):
         self.sink, self.src, self.tf = sink, src, tf
         self.bo, self.big = tf.byteorder, tf.big
         self.pos = 0
         self._ifd_sizes: dict[int, int] = {}
+        self.replaced = replaced or {}  # strips/tiles written with other bytes (see _clean_blocks)
 
     def write(self, data: bytes) -> int:
         at = self.pos
@@ -603,7 +606,7 @@ class _Writer:
     def copy_blocks(self, blocks: list[tuple[int, int]]) -> dict[tuple[int, int], int]:
         """Copy every (offset, count) byte range, contiguous ranges in one go; their new offsets."""
         where: dict[tuple[int, int], int] = {}
-        todo = sorted({b for b in blocks if b[1] > 0})
+        todo = sorted({b for b in blocks if b[1] > 0 and b not in self.replaced})
         i = 0
         while i < len(todo):
             start, end = todo[i][0], todo[i][0] + todo[i][1]
@@ -621,6 +624,9 @@ class _Writer:
             for b in todo[i:j]:
                 where[b] = base + b[0] - start
             i = j
+        for b in sorted(set(blocks) & self.replaced.keys()):
+            self.align()
+            where[b] = self.write(self.replaced[b])
         return where
 
     def page(self, page: Page, tags: dict[int, Entry], subpages: list[tuple[Page, dict[int, Entry]]],
@@ -631,7 +637,11 @@ class _Writer:
         otag, ctag = (TILE_OFFSETS, TILE_COUNTS) if page.tiled else (STRIP_OFFSETS, STRIP_COUNTS)
         offs = [where.get(b, 0) if b[1] > 0 else 0 for b in page.blocks]
         tags[otag] = self._offsets(otag, offs)
-        tags[ctag] = page.entries[ctag]
+        tags[ctag] = counts = page.entries[ctag]
+        if any(b in self.replaced for b in page.blocks):
+            tags[ctag] = Entry(ctag, counts.type, counts.count, struct.pack(
+                f"{self.bo}{counts.count}{_INT_CODES[counts.type]}",
+                *(len(self.replaced[b]) if b in self.replaced else b[1] for b in page.blocks)))
         for t in (STRIP_OFFSETS, STRIP_COUNTS, TILE_OFFSETS, TILE_COUNTS):
             if t not in (otag, ctag):
                 tags.pop(t, None)
@@ -691,6 +701,39 @@ class _Writer:
         self.sink.seek(ifd + size - w)
         self.sink.write(struct.pack(self.bo + ("Q" if self.big else "I"), nxt))
         self.sink.seek(self.pos)
+
+
+# Compressions whose strips and tiles are JPEG or JPEG 2000 streams (JPEG, lossy JPEG of DNG;
+# Aperio JPEG 2000 YCbCr/RGB, JPEG 2000)
+_JPEG_COMPRESSIONS = frozenset((7, 34892))
+_J2K_COMPRESSIONS = frozenset((33003, 33004, 33005, 34712))
+
+
+def _clean_blocks(src, pages: list[Page], res: ScrubResult) -> dict[tuple[int, int], bytes]:
+    """The strips and tiles of ``pages`` whose JPEG stream holds comment or application segments
+    (COM, EXIF/XMP APP1, IPTC: a converter's "scanned for <patient>"), or whose JPEG 2000 stream
+    holds comments, without them: (offset, count) -> new bytes.  The coded data stay byte for byte,
+    so the pixels decode the same; the DICOM engine's frame rules (one implementation)."""
+    from ..dicomio import DicomError, _j2k_frame_without_comments, _jpeg_frame_without_metadata
+    out: dict[tuple[int, int], bytes] = {}
+    for page in pages:
+        comp = page._first(259)
+        strip = (_jpeg_frame_without_metadata if comp in _JPEG_COMPRESSIONS
+                 else _j2k_frame_without_comments if comp in _J2K_COMPRESSIONS else None)
+        for off, n in page.blocks if strip else ():
+            if n <= 0 or (off, n) in out:
+                continue
+            src.seek(off)
+            data = src.read(n)
+            try:
+                new = strip(data)
+            except DicomError as exc:
+                raise FormatError(f"strip or tile: {exc}") from None
+            if new is not data:
+                out[(off, n)] = new
+    if out:
+        res.act("JPEG comment and application segments of strips and tiles", "removed")
+    return out
 
 
 def _own_values(tf: TiffFile, ctx: ScrubContext) -> tuple[str, ...]:
@@ -770,6 +813,7 @@ def scrub(src: Path, dst: Path, ctx: ScrubContext) -> ScrubResult:
                         else:
                             res.act(f"page {i} SubIFD {k} (associated image)", "removed")
                     kept.append((page, tags, subs))
+                w.replaced = _clean_blocks(fh, [q for p, _, subs in kept for q in (p, *(s for s, _ in subs))], res)
                 # all image data first, in their original order and contiguity (ImageJ stacks are
                 # read as one block), then the IFDs
                 where = w.copy_blocks([b for p, _, subs in kept for q in (p, *(s for s, _ in subs)) for b in q.blocks])

@@ -9,7 +9,8 @@ and only header bytes are rewritten.  Rules (by parameter name, in XProtocol ``<
 * patient name and ID → the subject pseudonym, cut or padded with ``X`` to the original length;
   the multi-raid header's per-measurement patient name → the pseudonym, NUL-padded;
 * birth date, referring/performing physicians, operators → ``x`` (Siemens' own masking);
-* sex, age, weight, height → ``x``/``0`` unless ``retain_patient_characteristics``;
+* sex, age, weight, height → ``x``/``0`` unless ``retain_patient_characteristics`` (which keeps an age
+  over 89 years as 90, same length);
 * institution name/address → ``x`` unless ``retain_institution_identity``; device serial
   number and station name → keyed digits / ``x`` unless ``retain_device_identity``;
 * LOIDs, UIDs (frame of reference, reference images, the DICOM UID root with the serial
@@ -66,6 +67,18 @@ for _n in ("tstudydescription", "studydescription", "studycomments", "admittingd
 for _n in ("tprotocolname", "protocolname", "tseriesdescription", "seriesdescription"):
     _RULES[_n] = "protocol"
 _RULES_RE_UID = re.compile(r"^t?referenceimage\d+$|loid|uid$")
+
+def _capped_age(number: str) -> str:
+    """An age in years over 89 as 90, at the same length (97.000000 -> 90.000000, 101 -> 090)."""
+    from ..sidecar import AGE_CAP_YEARS
+    try:
+        if float(number) < AGE_CAP_YEARS:
+            return number
+    except ValueError:
+        return number
+    decimals = len(number.split(".", 1)[1]) if "." in number else 0
+    return f"{AGE_CAP_YEARS:.{decimals}f}".rjust(len(number), "0")[-len(number):]
+
 
 _PARAM = re.compile(r'<Param\w*\."([^"]{1,128})">')
 _ASCCONV = re.compile(r"### ASCCONV BEGIN.*?### ASCCONV END ###", re.S)
@@ -280,7 +293,7 @@ class _Scrubber:
         if r is None and _RULES_RE_UID.search(key) and key != "measuid":
             r = "uid"
         if r == "characteristic" and self.ctx.option("retain_patient_characteristics"):
-            return None
+            return "age" if key.endswith("age") else None  # kept; an age over 89 capped
         if r == "institution" and self.ctx.option("retain_institution_identity"):
             return None
         if r == "device" and self.ctx.option("retain_device_identity"):
@@ -296,6 +309,8 @@ class _Scrubber:
         self.res.found(name, v)
         if len(v.strip()) >= 4:
             self.found.add(v.strip())
+        if rule == "age":
+            return _capped_age(v)
         if rule in ("name", "id"):
             self.res.act(name, "replaced")
             return self.ctx.pseudonym_of_length(len(v))
@@ -312,6 +327,14 @@ class _Scrubber:
         return "x" * len(v)
 
     def block(self, rule: str, name: str, body: str) -> str:
+        if rule == "age":  # the numbers after <Precision>: an age over 89 years becomes 90
+            kept = _PRECISION.sub(lambda m: "\0" * len(m.group()), body)
+            out = body
+            for m in _NUMBER.finditer(kept):
+                if "\0" not in m.group() and (new := _capped_age(m.group())) != m.group():
+                    self.res.act(name, "capped")
+                    out = out[:m.start()] + new + out[m.end():]
+            return out
         if rule == "characteristic":
             kept = _PRECISION.sub(lambda m: "\0" * len(m.group()), body)
             kept = _QUOTED.sub(lambda m: "\0" * len(m.group()), kept)
@@ -362,6 +385,8 @@ class _Scrubber:
             new = re.sub(r"\d", "0", val)
             if new != val:
                 self.res.act(key, "removed")
+        elif rule == "age":
+            new = _NUMBER.sub(lambda n: _capped_age(n.group()), val)
         else:
             new = self.value(rule, key, val)
         return line[:start] + new

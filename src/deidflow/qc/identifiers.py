@@ -25,6 +25,7 @@ from pathlib import Path
 from typing import Iterable, Iterator, Mapping
 
 from ..fsutil import RESTRICTED_FILE_MODE, atomic_write_text, make_restricted_dir
+from .folding import fold_accents, utf16_views
 
 KINDS = ("name", "date", "datetime", "time", "uid", "id", "path")
 IDENTIFIERS_DIR = "identifiers"
@@ -106,15 +107,18 @@ class IdentifierCollector:
     Cheap enough to run inside the streaming engine: raw values are decoded only the first time a
     (tag, bytes) pair is seen, and only for tags whose values can identify."""
 
-    __slots__ = ("values", "_seen")
+    __slots__ = ("values", "_seen", "uids")
 
     def __init__(self) -> None:
         self.values: dict[tuple[str, str], str] = {}  # (kind, value) -> field it was first seen in
         self._seen: set = set()
+        # False under retain_uids: the release keeps the UIDs (a private copy of one, the file meta's
+        # SOP Instance UID, an embedded reference are the same UIDs), so none is searched for
+        self.uids = True
 
     def add(self, kind: str, field: str, value: str) -> None:
         value = value.strip("\x00 \t\r\n")
-        if value and not (kind == "uid" and _registered(value)):
+        if value and not (kind == "uid" and (not self.uids or _registered(value))):
             self.values.setdefault((kind, value), field)
 
     def element(self, tag: int, vr: str | None, value) -> None:
@@ -389,14 +393,15 @@ def _years(y: bytes) -> list[str]:
 
 def dates_in(low: bytes) -> Iterator[tuple[int, int, set[str]]]:
     """(start, end, candidate YYYYMMDD dates) of every written date in lower-cased ``low``:
-    19610312, 1961-03-12, 12.03.1961, 03/12/61 (both day-month orders), 12 March 1961, 12. März
+    19610312, 12031961, 03121961, 1961-03-12, 12.03.1961, 03/12/61 (both day-month orders), 12 March 1961, 12. März
     1961, March 12, 1961, 12-MAR-1961, 12 de marzo de 1961, 1961 Mar 12, 1961Mar12 …"""
     for m in _DATE_TEXT.finditer(low):
         out: set[str] = set()
         g = m.groupdict()
         if g["c8"]:
             v = g["c8"].decode()
-            out.add(v)
+            out.add(v)  # 19610312, and day or month first as forms and file names write it: 12031961
+            out |= {x for x in (_ymd(v[4:], int(v[2:4]), int(v[:2])), _ymd(v[4:], int(v[:2]), int(v[2:4]))) if x}
         elif g["a"]:
             a, b, c = g["a"].decode(), int(g["b"]), g["c"]
             if g["s"] == b" " and len(a) + len(c) != 6:
@@ -436,7 +441,7 @@ def date_forms(yyyymmdd: str) -> set[str]:
             f"{di}/{mi}/{y}", f"{d} {short} {y}", f"{d}-{short}-{y}", f"{di} {short} {y}",
             f"{full} {di}, {y}", f"{short} {di}, {y}", f"{short} {d} {y}", f"{di} {full} {y}",
             f"{d}. {full} {y}", f"{di}. {full} {y}", f"{d}.{m}.{y[2:]}", f"{m}/{d}/{y[2:]}", f"{y} {short} {d}",
-            f"{d}-{short}-{y[2:]}"}
+            f"{d}-{short}-{y[2:]}", f"{d}{m}{y}", f"{m}{d}{y}"}
 
 
 def name_forms(value: str) -> set[str]:
@@ -454,10 +459,14 @@ def name_forms(value: str) -> set[str]:
             if c:
                 out.add(c)
                 out.update(w.strip(".") for w in _SPLIT_WORDS.split(c) if w.strip("."))
+                if len(parts := [w for w in _SPLIT_WORDS.split(c) if w]) > 1:
+                    out.add("".join(parts))  # VANDERBERG, GarciaLopez: a part of several words as one
         family, given, middle = (comps + ["", "", ""])[:3]
         if family and given:
             g0 = given[0]
             out |= _whole(family, given, middle) | {f"{g0}. {family}", f"{family}, {g0}.", f"{family} {g0}."}
+            if family.isalpha() and family.isascii() and len(family) >= 5:
+                out |= {f"{family}{g0}", f"{g0}{family}"}  # ZebrowskiK, KZebrowski (labels, folder names)
             if middle:
                 out.add(f"{given} {middle[0]}. {family}")
         if "^" not in group and " " in group.strip():  # a plain "Given Family" name
@@ -496,7 +505,16 @@ def _whole(family: str, given: str, middle: str = "") -> set[str]:
            f"{family},{given}", f"{given}, {family}"}
     if not (family + given).isascii():
         out.add(f"{family}{given}")
-    return out | ({f"{given} {middle} {family}"} if middle else set())
+    return out | _run_together(family, given) | ({f"{given} {middle} {family}"} if middle else set())
+
+
+def _run_together(family: str, given: str) -> set[str]:
+    """An ASCII name written as one word, as folder names and labels do: AbernathyLucinda,
+    LUCINDAABERNATHY (eight letters or more: LeeAnn is a given name, not Lee^Ann)."""
+    fam, giv = (b"".join(_TOKEN.findall(p.lower().encode("ascii", "ignore"))).decode() for p in (family, given))
+    if not (family + given).isascii() or len(fam) < 3 or len(giv) < 3 or len(fam + giv) < 8:
+        return set()
+    return {fam + giv, giv + fam}
 
 
 def _representations(value: str) -> Iterator[tuple[str, str, str]]:
@@ -525,6 +543,7 @@ def whole_name_anchors(value: str) -> set[bytes] | None:
             ws = words(text.lower().encode("ascii"))
             longest = max(map(len, ws), default=0)
             out |= {w for w in ws if len(w) == longest}
+        out |= {w.encode() for w in _run_together(family, given)}
     return out
 
 
@@ -558,6 +577,9 @@ def time_forms(value: str) -> set[str]:
 
 
 _ID_SEPARATORS = re.compile(r"[\s()./_:+-]+")
+# An ID whose one run of digits (at least six) has a prefix or suffix (a site or system code): the
+# digits are written alone too.
+_ID_DIGITS = re.compile(r"\D*(\d{6,})\D*")
 
 
 def forms(kind: str, value: str) -> set[str]:
@@ -580,8 +602,12 @@ def forms(kind: str, value: str) -> set[str]:
         compact = _ID_SEPARATORS.sub("", value)
         if compact != value:
             out.add(compact)  # 123-45-6789 also as 123456789, P-968-287 as P968287
-        if compact.isdigit() and compact.startswith("0") and len(compact.lstrip("0")) >= 6:
-            out.add(compact.lstrip("0"))  # 0004711923 also as 4711923
+        core = _ID_DIGITS.fullmatch(compact)  # A44120987 also as 44120987, NHS 943 476 5919 as 9434765919
+        digits = core.group(1) if core else compact
+        if digits != compact:
+            out.add(digits)
+        if digits.isdigit() and digits.startswith("0") and len(digits.lstrip("0")) >= 6:
+            out.add(digits.lstrip("0"))  # 0004711923 also as 4711923
         for part in re.split(r"[\r\n,;^\\]+", value):  # address and institution lines one by one
             if part.strip() and part.strip() != value:
                 out.add(part.strip())
@@ -806,6 +832,14 @@ def _bounded(hay: bytes, s: int, e: int) -> bool:
     return True
 
 
+def _uid_component(hay: bytes, s: int, e: int) -> bool:
+    """Whether digits ``hay[s:e]`` are one whole component of a UID (1.2.826.0.1.44120987.3)."""
+    left = hay[s - 1] if s > 0 else None
+    right = hay[e] if e < len(hay) else None
+    return (hay[s:e].isdigit() and (left == 46 or right == 46) and (left is None or left == 46 or not _is_digit(left))
+            and (right is None or right == 46 or not _is_digit(right)))
+
+
 _TOKEN = re.compile(rb"[a-z]+|[0-9]+")
 _UID_TOKEN = re.compile(rb"[0-9]+(?:\.[0-9]+)+")
 _SPLIT_WORDS = re.compile(r"[\s,;]+")
@@ -899,8 +933,9 @@ class Matcher:
         """What makes two needles one searched form (:func:`len` counts these)."""
         return (n.text, n.owner, n.digest, n.mode)
 
-    def spans(self, text: bytes) -> list[tuple[int, int, Needle]]:
-        """(start, end, needle) of every occurrence in ``text`` (any case)."""
+    def spans(self, text: bytes, folded: bool = False) -> list[tuple[int, int, Needle]]:
+        """(start, end, needle) of every occurrence in ``text`` (any case; Latin letters with
+        accents also as their base letters, UTF-16 text as text: see :mod:`deidflow.qc.folding`)."""
         if not self.count or not text:
             return []
         low = text.lower()
@@ -947,14 +982,19 @@ class Matcher:
             while i >= 0:
                 hits.append((i, i + len(needle.text), needle))
                 i = low.find(needle.text, i + 1)
+        if not folded:  # MULLER^JURGEN written Müller Jürgen; UTF-16 text in binary values
+            hits += fold_accents(low, self.spans) + utf16_views(low, self.spans)
         return hits
 
     def _anchored(self, low: bytes, i: int, tok: bytes, hits: list) -> None:
         """The values anchored on ``tok`` that occur, whole, around its occurrence at ``i``."""
         for (off, n), forms in self.anchors[tok].items():
             s = i - off
-            if s >= 0 and (found := forms.get(low[s:s + n])) and _bounded(low, s, s + n):
-                hits.extend((s, s + n, needle) for needle in found)
+            if s >= 0 and (found := forms.get(low[s:s + n])):
+                if _bounded(low, s, s + n):
+                    hits.extend((s, s + n, needle) for needle in found)
+                elif _uid_component(low, s, s + n):  # root.<accession number>: an ID, not a date
+                    hits.extend((s, s + n, needle) for needle in found if needle.kind == "id")
 
     def _date_windows(self, low: bytes) -> list[tuple[int, int]]:
         """Stretches of ``low`` around each occurrence of a searched date's year (a written date
@@ -1172,6 +1212,9 @@ def matcher_for(entries: Iterable[tuple[str, str, str]], subject: str = "", salt
 
 
 _NAME_LIKE = re.compile(r"[^\W\d_]{2,}(?:[_.,' -]+[^\W\d_]{2,}){1,3}")
+# A folder named for a person and a number of six digits or more (birth date, MRN) after it.
+_NAME_AND_NUMBER = re.compile(r"([^\W\d_]{2,}(?:[_.,' -]+[^\W\d_]{2,}){1,3}|[\u3040-\u30ff\u3400-\u9fff\uac00-\ud7af]{2,8})"
+                              r"[_., -]+([A-Za-z]{0,4}\d[\d./-]{4,}\d)")  # 山田太郎_19610423 too
 
 
 def guess(value: str) -> list[tuple[str, str]]:
@@ -1179,15 +1222,21 @@ def guess(value: str) -> list[tuple[str, str]]:
     name, ID and birth date of a subject, or a non-DICOM subject's identity from its folder): a
     date (8 digits), a person name (``^`` or letters only), else an ID.  Two to four words of
     letters joined by ``_`` or ``.`` (a folder named ``Mueller_Hans``, ``OKAFOR.CHIDI``) are a
-    name too (``Mueller^Hans``) besides the ID as written."""
+    name too (``Mueller^Hans``) besides the ID as written, also when a birth date or an MRN
+    follows them (``ZEBROWSKI_KASIMIR_19610423``, ``Doe John MRN7110466``)."""
     v = str(value).strip("\x00 ")
     if not v:
         return []
     digits = v.replace("-", "")
-    if len(digits) == 8 and digits.isdigit():
-        return [("date", digits)]
+    if len(digits) == 8 and digits.isdigit() and _ymd(digits[:4], int(digits[4:6]), int(digits[6:])):
+        return [("date", digits)]  # not 58-21-3907 (an ID: as a date it would never be found)
     if "^" not in v and re.search(r"[_.]", v) and _NAME_LIKE.fullmatch(v):
         return [("name", "^".join(w for w in re.split(r"[_., -]+", v) if w)), ("id", v)]
+    named = _NAME_AND_NUMBER.fullmatch(v) if "^" not in v else None
+    if named and sum(c.isdigit() for c in named.group(2)) >= 6:  # ZEBROWSKI_KASIMIR_19610423
+        number = named.group(2)
+        return [("name", "^".join(w for w in re.split(r"[_., -]+", named.group(1)) if w)), ("id", v),
+                *guess(number)]
     if "^" in v or all(c.isalpha() or c in " .,'-" for c in v):
         return [("name", v)]
     return [("id", v)]

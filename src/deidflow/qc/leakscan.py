@@ -751,12 +751,12 @@ class UnitMatcher(Matcher):
         if new:
             self.others = Matcher(self.made)
 
-    def spans(self, text: bytes) -> list[tuple[int, int, Needle]]:
+    def spans(self, text: bytes, folded: bool = False) -> list[tuple[int, int, Needle]]:
         if self.waiting and self.names:
             words = self.waiting.keys() & idmod.words(text.lower())
             self._make(s for w in sorted(words) for s in sorted(self.waiting.pop(w)))
-        hits = super().spans(text)
-        return hits + self.others.spans(text) if self.others is not None else hits
+        hits = super().spans(text, folded)  # its text with accents folded comes back here (folded=True)
+        return hits + self.others.spans(text, folded=True) if self.others is not None else hits
 
 
 def scan_unit(release: Path, restricted: Path, manifest: Path, *, pixel_data: bool = False,

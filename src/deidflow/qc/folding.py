@@ -1,0 +1,164 @@
+"""Other readings of a text's bytes for the one identifier matcher
+(:class:`deidflow.qc.identifiers.Matcher`), each searched with the same needles and its hits mapped
+back to the text's offsets:
+
+* accented Latin letters as their base letters: a name stored without accents
+  (``MULLER^JURGEN``, as legacy systems and many DICOM exports write it) is found where a text
+  writes it with them (``Müller Jürgen``), in UTF-8 and in Latin-1 bytes (the other direction,
+  ``Müller`` stored and ``Mueller`` written, is a matter of the name's forms:
+  :func:`deidflow.qc.identifiers.accented_spellings`, transliterations);
+* UTF-16 text (Latin-1 range, either byte order) inside binary values: Windows-based devices keep
+  XML and state in UTF-16 (``Z\0e\0b\0…``), which the byte forms of a value never match.
+"""
+from __future__ import annotations
+
+import bisect
+import re
+from functools import lru_cache
+from typing import TYPE_CHECKING, Callable
+
+if TYPE_CHECKING:
+    from .identifiers import Needle
+
+Spans = Callable[..., list]
+
+
+@lru_cache(maxsize=1)
+def _accent_table() -> dict[bytes, bytes]:
+    """Lower-cased base letters of the accented Latin letters U+00C0-U+017F, by their UTF-8 bytes
+    and (U+00C0-U+00FF) their Latin-1 byte: ü, Ü -> u; ß -> ss; ø, ł, đ -> o, l, d."""
+    import unicodedata
+    extra = {"ß": "ss", "ø": "o", "Ø": "o", "ł": "l", "Ł": "l", "đ": "d", "Đ": "d", "æ": "ae", "Æ": "ae",
+             "œ": "oe", "Œ": "oe", "ħ": "h", "Ħ": "h", "ı": "i", "þ": "th", "Þ": "th", "ð": "d", "Ð": "d"}
+    out = {}
+    for cp in range(0xC0, 0x180):
+        c = chr(cp)
+        base = extra.get(c) or unicodedata.normalize("NFKD", c)[:1].lower()
+        if base.isascii() and base.isalpha():
+            out[c.encode("utf-8")] = base.encode()
+            if cp <= 0xFF:
+                out[bytes([cp])] = base.encode()
+    return out
+
+
+# An accented letter: two UTF-8 bytes (U+00C0-U+017F), or one Latin-1 byte that starts no UTF-8 character.
+_ACCENT = rb"(?:[\xc3-\xc5][\x80-\xbf]|[\xc0-\xff](?![\x80-\xbf]))"
+_ACCENTED = re.compile(_ACCENT)
+# An accented letter inside a word of ASCII letters (Müller, Jürgen, Łódź; José at its end), found
+# in the text's byte classes (a: ASCII letter, H: byte >= 0xC0, c: UTF-8 continuation) with
+# bytes.find: a regex over a binary header cost more than the whole matcher.
+_BYTE_CLASS = bytes(ord("a") if 97 <= b <= 122 else ord("H") if b >= 0xC0 else ord("c") if b >= 0x80 else ord(".")
+                    for b in range(256))
+_ACCENT_IN_WORD = ((b"aH", ((-1, b"aaH"), (0, b"aHa"), (0, b"aHca"))), (b"Ha", ((0, b"Haa"),)),
+                   (b"Hca", ((0, b"Hcaa"),)))  # a pair found fast, then the shapes around it
+_WORD_END = re.compile(rb"[a-z0-9\x80-\xff]*")
+_WORD = re.compile(rb"[aHc]*")  # a word in the byte classes
+_FOLD_REACH = 96  # bytes searched on either side of an accented letter next to an ASCII one
+
+
+def fold_accents(low: bytes, spans: Spans) -> list[tuple[int, int, "Needle"]]:
+    """The occurrences ``spans`` finds in ``low`` with its accented Latin letters written as their
+    base letters (a name stored without accents, written with them), at their offsets in ``low``;
+    only those that cover a folded letter (the others ``spans`` found in ``low`` itself).  Only the
+    stretches around an accented letter next to ASCII letters are folded, and searched as one text
+    (binary values hold many bytes >= 0xC0: folding a whole header cost more than matching it)."""
+    classes = low.translate(_BYTE_CLASS)
+    found = []
+    for pair, shapes in _ACCENT_IN_WORD:
+        i = classes.find(pair)
+        while i >= 0:
+            if any(classes.startswith(shape, i + at) for at, shape in shapes):
+                found.append(i)
+            i = classes.find(pair, i + 1)
+    if not found:
+        return []
+    words: dict[int, int] = {}  # the words (letters, accented or not) holding them: start -> end
+    for i in found:
+        ws = i - len(_WORD.match(classes[max(0, i - 40):i][::-1]).group())
+        we = i + len(_WORD.match(classes, i, i + 40).group())
+        words[ws] = max(we, words.get(ws, we))
+    windows: list[list[int]] = []  # the stretches searched: each word with what a name form reaches
+    for ws in sorted(words):
+        s0, e0 = max(0, ws - _FOLD_REACH), min(len(low), words[ws] + _FOLD_REACH)
+        # start and end between words (a word cut in two would look bounded)
+        s0 -= len(_WORD_END.match(low[max(0, s0 - 32):s0][::-1]).group())
+        e0 += len(_WORD_END.match(low, e0, min(len(low), e0 + 32)).group())
+        if windows and s0 <= windows[-1][1]:
+            windows[-1][1] = max(e0, windows[-1][1])
+        else:
+            windows.append([s0, e0])
+    spans_of_words = sorted(words.items())
+    table = _accent_table()
+    # marks: (folded start, folded end, original start, original end) of each folded letter and of
+    # each NUL put between two windows (standing for the original bytes between them)
+    parts, marks, letters, size, prev = [], [], [], 0, 0
+    for ws, we in windows:
+        parts.append(b"\x00")
+        marks.append((size, size + 1, prev, ws))
+        size, pos = size + 1, ws
+        for m in (m for w0, w1 in spans_of_words if ws <= w0 < we for m in _ACCENTED.finditer(low, w0, w1)):
+            base = table.get(m.group())
+            if base is None or m.start() < pos:
+                continue
+            parts += [low[pos:m.start()], base]
+            size += m.start() - pos
+            marks.append((size, size + len(base), m.start(), m.end()))
+            letters.append((size, size + len(base)))
+            size, pos = size + len(base), m.end()
+        parts.append(low[pos:we])
+        size, prev = size + we - pos, we
+    if not letters:
+        return []
+    folded = b"".join(parts)
+    starts, letter_starts = [mk[0] for mk in marks], [lt[0] for lt in letters]
+    out = []
+    for s, e, n in spans(folded, folded=True):
+        i = bisect.bisect_right(letter_starts, e - 1) - 1  # the last folded letter starting before e
+        if i >= 0 and letters[i][1] > s:  # else found in the original text as it is
+            out.append((_unfold(s, marks, starts, False), _unfold(e, marks, starts, True), n))
+    return out
+
+
+def _unfold(f: int, marks, starts, end: bool) -> int:
+    """The offset in the original text of folded offset ``f`` (a start, or an ``end``)."""
+    i = bisect.bisect_right(starts, f - 1 if end else f) - 1
+    if i < 0:
+        return f
+    fs, fe, os_, oe = marks[i]
+    if fs <= (f - 1 if end else f) < fe:
+        return oe if end else os_
+    return oe + (f - fe)
+
+
+# UTF-16 text: Latin-1 characters each followed (LE) or preceded (BE) by a zero byte, found in the
+# text's byte classes (t: printable Latin-1, z: zero byte) with bytes.find like the accents above.
+_UTF16_CLASS = bytes(ord("z") if b == 0 else ord("t") if 0x20 <= b <= 0x7E or b >= 0xA0 else ord(".")
+                     for b in range(256))
+_UTF16_MIN = 4  # characters in a row: shorter runs are numbers in binary structures
+
+
+def utf16_views(low: bytes, spans: Spans) -> list[tuple[int, int, "Needle"]]:
+    """The occurrences ``spans`` finds in the UTF-16 stretches of ``low`` (Latin-1 characters,
+    little- or big-endian) read as Latin-1 text, at their offsets in ``low``."""
+    if b"\x00" not in low:
+        return []
+    classes = low.translate(_UTF16_CLASS)
+    out = []
+    for first in (0, 1):  # 0: little-endian (character, zero), 1: big-endian (zero, character)
+        unit = b"tz" if first == 0 else b"zt"
+        i = classes.find(unit * _UTF16_MIN)
+        while i >= 0:
+            j = i
+            while classes.startswith(unit, j):
+                j += 2
+            # the other byte order's text read one byte off: little-endian text read as big-endian
+            # loses its first character (a printable byte before, its last zero after), big-endian
+            # text read as little-endian its last one (a zero before, a printable byte after)
+            before = classes[i - 1:i] if i else b""
+            after = classes[j:j + 1]
+            if (before, after) != ((b"t", b"z") if first else (b"z", b"t")):
+                view = low[i + first:j:2]
+                hits = spans(view, folded=True) + fold_accents(view, spans)
+                out += [(i + 2 * s, i + 2 * e, n) for s, e, n in hits]
+            i = classes.find(unit * _UTF16_MIN, j)
+    return out
