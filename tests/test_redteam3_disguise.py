@@ -40,6 +40,15 @@ def test_id_digits_without_letter_prefix_found(text):
     assert b"4412" not in m.redact(text.encode()) and b"5919" not in m.redact(text.encode())
 
 
+def test_short_digit_run_of_a_lettered_id_is_found_only_as_written():
+    """TINY001234's digits are searched alone (001234), but not with separators between them: a
+    10,000-subject release withheld 59 clean subjects whose series folder MR001-234xyz held another
+    subject's 001234 across the hyphen."""
+    m = identifiers.matcher_for([("id", "PatientID", "TINY001234")])
+    assert m.find(b"id 001234") and m.find(b"TINY-001234")
+    assert not m.find(b"MR001-234ab4") and not m.find(b"0012 34")
+
+
 @pytest.mark.parametrize("text", ["DOB 12081970", "born 08121970", "12081970_T1"])
 def test_compact_day_month_year_birth_date_found(text):
     m = identifiers.matcher_for(ENTRIES)

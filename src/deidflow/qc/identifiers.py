@@ -1171,7 +1171,10 @@ def _searched(kind: str, value: str) -> tuple[tuple[tuple[str, str], str | None,
             texts.append((form.lower().encode("ascii"), "literal"))
             if kind == "id":
                 compact = re.sub(rb"[^a-z0-9]", b"", texts[0][0])
-                if len(compact) >= 6 and sum(c.isdigit() for c in form) >= 3:
+                # the digits of an ID with letters, on their own, with separators only when there
+                # are eight or more: TINY001234's 001234 was found in release names (MR001-234ab4)
+                short_run = form.isdigit() and len(form) < 8 and any(c.isalpha() for c in value)
+                if len(compact) >= 6 and sum(c.isdigit() for c in form) >= 3 and not short_run:
                     texts.append((compact, "compact"))
         elif not rule:
             for v in sorted({form, form.lower(), form.upper(), form.casefold()}):
