@@ -230,3 +230,23 @@ def test_text_in_one_unsampled_frame_is_found(tmp_path):
     clean, _ = run_series({"MR002-c": write_series(tmp_path / "c", anatomy(24, seed=5))}, tmp_path / "r2",
                           {"clean": "auto"})
     assert clean["series"][0]["text_found"] is False and clean["series"][0]["outlier_frames"] == 0
+
+
+@pytest.mark.parametrize("angle", [90, 270])
+def test_vertical_text_reading_either_way_is_found_and_cleaned(tmp_path, angle):
+    """A name and ID burned vertically along the frame's edge (side labels run bottom-up or
+    top-down) on every slice: the detector boxed it, but tall boxes were read only turned one way,
+    so bottom-up text read as '' and the series was released with exit 0 (red-team 3, on the real
+    decubitus T1).  Tall boxes are read turned both ways; the better reading counts."""
+    from PIL import Image, ImageDraw, ImageFont
+    label = Image.new("L", (120, 16), 0)
+    ImageDraw.Draw(label).text((0, 0), "ZOE ZACK 3312345", fill=255, font=ImageFont.load_default(size=11))
+    label = np.asarray(label.rotate(angle, expand=True)) > 127
+    frames = anatomy(24)
+    frames[:, 30:30 + label.shape[0], 174:174 + label.shape[1]][:, label] = int(frames.max())
+    files = write_series(tmp_path / "s", frames)
+    fact, _ = run_series({"MR001-v": files}, tmp_path / "r", {"clean": "auto"})
+    (s,) = fact["series"]
+    assert s["text_found"] is True and s["decision"] == "cleaned", s
+    cleaned = pydicom.dcmread(files[5][0]).pixel_array
+    assert not np.array_equal(cleaned[30:150, 174:190], frames[5][30:150, 174:190])
