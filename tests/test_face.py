@@ -61,8 +61,10 @@ def facts(**kw) -> ImageFacts:
     ({"suffix": "asl"}, "none"), ({"suffix": "phasediff"}, "none"), ({"suffix": "epi"}, "none"),
     ({"path": "sub-a/anat/sub-a_part-phase_T1w.nii.gz"}, "none"),     # phase image
     ({"kind": "bold", "body_part": "HEAD", "suffix": ""}, "none"),
-    ({"in_plane_mm": 3.0}, "none"),                                   # too coarse for a face
+    ({"in_plane_mm": 6.0}, "none"),                                   # too coarse for a face
     ({"in_plane_mm": 2.0}, "deface"),
+    ({"in_plane_mm": 2.2}, "deface"),                                 # 2.2-5 mm heads still show a face
+    ({"in_plane_mm": 5.0}, "deface"),
     ({"extent_mm": (256.0, 256.0, 5.0)}, "none"),                     # one slice: no 3D face
     ({"modality": "", "suffix": "T2w"}, "deface"),                    # no modality, head suffix
     ({"modality": "", "suffix": "foo"}, "none"),

@@ -45,7 +45,7 @@ from typing import Any, Mapping
 import numpy as np
 
 MAX_EXTENT_MM = 300.0  # default of face.select.max_extent_mm
-MAX_IN_PLANE_MM = 2.0  # default of face.select.max_in_plane_mm
+MAX_IN_PLANE_MM = 5.0  # default of face.select.max_in_plane_mm
 KINDS = ("bold", "dwi", "asl", "fieldmap", "phase")
 DEFAULT_SKIP = KINDS
 WHY_KIND = {
