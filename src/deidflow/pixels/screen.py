@@ -434,3 +434,22 @@ def screen(files: list[tuple[Path, object]], threads: int = 1) -> Result:
         return res
     finally:
         res.seconds = time.perf_counter() - t0
+
+
+# -- images outside DICOM ---------------------------------------------------------------------
+def page_with_text(pages: list, threads: int = 1) -> int | None:
+    """The first page (position in ``pages``) that shows text, looking at :func:`sample` of them:
+    the screen for images whose pixels deidflow releases as they are and cannot clean (plain TIFF
+    pages: scans, screenshots, photographs of forms).  ``pages`` holds callables giving each page
+    as an array (2-D, or rows × columns × samples)."""
+    for pos in sample(len(pages)):
+        arr = np.asarray(pages[pos]())
+        if arr.ndim == 3 and arr.shape[-1] not in (3, 4):  # samples first (planar) or a stack
+            arr = arr[0] if arr.shape[0] not in (3, 4) else np.moveaxis(arr, 0, -1)
+        if arr.ndim == 3:
+            arr = arr[..., :3]
+        if arr.ndim != 2 and arr.ndim != 3 or min(arr.shape[:2]) < 8:
+            continue
+        if text_in(arr, False, threads):
+            return pos
+    return None
