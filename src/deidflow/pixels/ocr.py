@@ -9,6 +9,7 @@ frames with 4-pixel text need it) and padded, not stretched, to a multiple of 32
 from __future__ import annotations
 
 import importlib.util
+import re
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -125,8 +126,8 @@ class OcrEngine:
                 owner += [i, i]
         res, _ = self.rec(crops)
         best: dict[int, tuple[str, float]] = {}
-        for i, (t, sc, *_) in zip(owner, res):
-            if i not in best or float(sc) > best[i][1]:
+        for i, (t, sc, *_) in zip(owner, res):  # the bottom-up reading counts when it reads as a word
+            if i not in best or (float(sc) > best[i][1] and len(re.findall(r"[0-9A-Za-z]", str(t))) >= 3):
                 best[i] = (str(t), float(sc))
         return [TextBox(b.x0, b.y0, b.x1, b.y1, b.score, *best[i], b.curve) for i, b in enumerate(boxes)]
 

@@ -131,7 +131,7 @@ class SubjectPixels:
                 continue
             if m in clean:
                 self._clean(m, fact)
-                if m in screenable and not m.entry.get("withheld"):
+                if m in screenable and not m.entry.get("withheld") and c.policy == "all_text":
                     self._removed_found(m, screenable.index(m), fact)
             elif m in screenable and fact["text_found"] is not None:
                 m.entry["pixels"] = {"action": "screened" if not fact["text_found"] else "kept",
@@ -193,8 +193,10 @@ class SubjectPixels:
             fact["thumbnails"].append({"after": f"{stem}_after.png", "before": f"{stem}_before.png"})
 
     def _removed_found(self, m: _Member, index: int, fact: dict) -> None:
-        """Fail closed: text the screen found in this file (``index`` among the screened files)
-        must lie in a box the cleaner filled, on the same frame; else the file is withheld."""
+        """Fail closed (policy ``all_text``, which blanks every text block): text the screen found
+        in this file (``index`` among the screened files) must lie in a box the cleaner filled, on
+        the same frame; else the file is withheld.  (``identifiers_only`` keeps text it judges
+        harmless; the pixel leak check reads what it keeps.)"""
         done = [r for r in (m.outcome.redactions if m.outcome else [])]
         for f in fact["found"]:
             if f["file"] != index:
