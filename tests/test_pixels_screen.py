@@ -307,3 +307,23 @@ def test_text_the_cleaner_misses_withholds_the_file(tmp_path, monkeypatch):
     bad = sp.finish(tmp_path / "r")
     assert len(bad) == 1 and "was not removed by the cleaner" in bad[0][1]
     assert not files[0][0].exists() and entry["withheld"]
+
+
+def test_text_on_a_run_of_unsampled_frames_is_found(tmp_path):
+    """A name burned into the background of four consecutive slices that are neither sampled nor
+    outliers by their statistics (a real decubitus T1, slices 19-22 of 35, at 80 % of the maximum;
+    red-team 3): each of them has a neighbour showing the same text, so no frame had edges where
+    every neighbour is flat, and the series was released with exit 0.  The run's first and last
+    frames have a word of glyph-sized objects where one neighbour is flat background."""
+    frames = anatomy(24)
+    run = range(13, 17)
+    assert not set(run) & set(screen.sample(24))
+    for k in run:
+        frames[k] = burn(frames[k], "RUN RUDI 9912345", xy=(6, 6), value=int(0.8 * frames.max()))
+    assert not set(run) & set(screen.outliers([screen.stats(f) for f in frames]))
+    fact, _ = run_series({"MR001-r": write_series(tmp_path / "s", frames)}, tmp_path / "r", {"clean": "auto"})
+    (s,) = fact["series"]
+    assert s["text_found"] is True and s["decision"] == "cleaned", s
+    clean, _ = run_series({"MR002-c": write_series(tmp_path / "c", anatomy(24, seed=5))}, tmp_path / "r2",
+                          {"clean": "auto"})
+    assert clean["series"][0]["text_found"] is False and clean["series"][0]["outlier_frames"] == 0
