@@ -591,6 +591,8 @@ def test_external_backend_runs_a_program_through_nipype(tmp_path, monkeypatch):
     ({"extent_mm": (400.0, 400.0, 600.0)}, "none"),                   # larger than a head
     ({"extent_mm": (40.0, 40.0, 40.0)}, "none"),                      # smaller than a head
     ({"volumes": 120}, "none"),                                       # a 4D series (fMRI, DWI)
+    ({"volumes": 7}, "none"),                                         # the smallest DWI: b0 + 6 directions
+    ({"volumes": 4}, "deface"),                                       # echoes of one head (multi-echo T1)
     ({"modality": "MR", "bare": False}, "none"),                      # a header that says MR, nothing more
     ({"suffix": "bold", "bare": False}, "none"),                      # a BIDS name that is no head suffix
     ({"suffix": "T1w", "bare": False}, "deface"),
