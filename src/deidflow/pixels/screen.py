@@ -256,20 +256,22 @@ def outliers(all_stats: list[tuple]) -> list[int]:
     return sorted(out)
 
 
-def edge_map(frame: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """(strong edges, flat background) of one frame on every other pixel of every other row: an
-    edge is a step of EDGE of the frame's range to the next pixel; background lies in the lowest
-    tenth of the range (air, the dark outside of the body)."""
+def edge_map(frame: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(strong edges, flat background, background GLYPH_MARGIN pixels in from its border) of one
+    frame on every other pixel of every other row: an edge is a step of EDGE of the frame's range
+    to the next pixel; background lies in the lowest tenth of the range (air, the dark outside of
+    the body)."""
     g = render.gray_of(frame)[::2, ::2].astype(np.int32)
     lo, hi = int(g.min()), int(g.max())
     step = max(1.0, EDGE * (hi - lo))
     edge = np.zeros(g.shape, bool)
     edge[:, 1:] |= np.abs(np.diff(g, axis=1)) >= step
     edge[1:, :] |= np.abs(np.diff(g, axis=0)) >= step
-    return edge, g <= lo + 0.1 * (hi - lo)
+    bg = g <= lo + 0.1 * (hi - lo)
+    return edge, bg, _eroded(bg, GLYPH_MARGIN)
 
 
-def isolated_edges(cur: tuple[np.ndarray, np.ndarray], *neighbours: tuple[np.ndarray, np.ndarray]) -> int:
+def isolated_edges(cur: tuple[np.ndarray, ...], *neighbours: tuple[np.ndarray, ...]) -> int:
     """Strong edges of a frame where every neighbouring frame is flat background (two pixels in
     from its border): text or graphics drawn onto one slice of a series, which no neighbour shows
     (anatomy continues from slice to slice; burned-in text on every frame is
@@ -278,29 +280,39 @@ def isolated_edges(cur: tuple[np.ndarray, np.ndarray], *neighbours: tuple[np.nda
     GLYPH_MARGIN pixels around: the first and last frame of a run of frames carrying text, whose
     inner frames' neighbours show the same text (a name on four unsampled slices of a real T1 was
     released; red-team 3).  Anatomy appearing from one slice to the next is one large object."""
-    from scipy import ndimage
-    edge, bg = cur
-    if any(e.shape != edge.shape for e, _ in neighbours):
+    edge, bg, _ = cur
+    if any(e.shape != edge.shape for e, _, _ in neighbours):
         return 0
     flat = np.ones(edge.shape, bool)
-    for _, nbg in neighbours:
+    for _, nbg, _ in neighbours:
         flat &= nbg
-    flat = ndimage.binary_erosion(flat, iterations=2, border_value=1)  # the body's border moves a little
-    count = int(np.count_nonzero(edge & flat))
-    if not edge.any():
+    count = int(np.count_nonzero(edge & _eroded(flat, 2)))  # the body's border moves a little
+    fars = [far for _, _, far in neighbours if np.count_nonzero(edge & far) >= MIN_CONSTANT_EDGES]
+    if not fars:  # (cheap: no strong edges far out in any neighbour's background)
         return count
+    from scipy import ndimage
     labels, n = ndimage.label(~bg)
-    if n:
-        sizes = np.bincount(labels.ravel())
-        sizes[0] = GLYPH_AREA + 1
-        small = (sizes <= GLYPH_AREA)[labels]
-        grown = ndimage.grey_dilation(np.where(small, labels, 0), size=3)  # edges lie on either side of a step
-        for _, nbg in neighbours:
-            far = ~ndimage.binary_dilation(~nbg, iterations=GLYPH_MARGIN)
-            hit = edge & far & (grown > 0)
-            if len(np.unique(grown[hit])) >= MIN_GLYPHS:  # a word, not one speck or one piece of anatomy
-                count = max(count, int(np.count_nonzero(hit)))
+    sizes = np.bincount(labels.ravel())
+    sizes[0] = GLYPH_AREA + 1
+    small = (sizes <= GLYPH_AREA)[labels]
+    grown = ndimage.grey_dilation(np.where(small, labels, 0), size=3)  # edges lie on either side of a step
+    for far in fars:
+        hit = edge & far & (grown > 0)
+        if len(np.unique(grown[hit])) >= MIN_GLYPHS:  # a word, not one speck or one piece of anatomy
+            count = max(count, int(np.count_nonzero(hit)))
     return count
+
+
+def _eroded(mask: np.ndarray, n: int) -> np.ndarray:
+    """``mask`` shrunk by ``n`` pixels (4-neighbourhood; outside the frame counts as inside)."""
+    for _ in range(n):
+        inner = mask.copy()
+        inner[1:, :] &= mask[:-1, :]
+        inner[:-1, :] &= mask[1:, :]
+        inner[:, 1:] &= mask[:, :-1]
+        inner[:, :-1] &= mask[:, 1:]
+        mask = inner
+    return mask
 
 
 def constant_edges(frames: list[np.ndarray]) -> np.ndarray | None:
