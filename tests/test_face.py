@@ -61,8 +61,10 @@ def facts(**kw) -> ImageFacts:
     ({"suffix": "asl"}, "none"), ({"suffix": "phasediff"}, "none"), ({"suffix": "epi"}, "none"),
     ({"path": "sub-a/anat/sub-a_part-phase_T1w.nii.gz"}, "none"),     # phase image
     ({"kind": "bold", "body_part": "HEAD", "suffix": ""}, "none"),
-    ({"in_plane_mm": 3.0}, "none"),                                   # too coarse for a face
+    ({"in_plane_mm": 6.0}, "none"),                                   # too coarse for a face
     ({"in_plane_mm": 2.0}, "deface"),
+    ({"in_plane_mm": 2.2}, "deface"),                                 # 2.2-5 mm heads still show a face
+    ({"in_plane_mm": 5.0}, "deface"),
     ({"extent_mm": (256.0, 256.0, 5.0)}, "none"),                     # one slice: no 3D face
     ({"modality": "", "suffix": "T2w"}, "deface"),                    # no modality, head suffix
     ({"modality": "", "suffix": "foo"}, "none"),
@@ -591,6 +593,8 @@ def test_external_backend_runs_a_program_through_nipype(tmp_path, monkeypatch):
     ({"extent_mm": (400.0, 400.0, 600.0)}, "none"),                   # larger than a head
     ({"extent_mm": (40.0, 40.0, 40.0)}, "none"),                      # smaller than a head
     ({"volumes": 120}, "none"),                                       # a 4D series (fMRI, DWI)
+    ({"volumes": 7}, "none"),                                         # the smallest DWI: b0 + 6 directions
+    ({"volumes": 4}, "deface"),                                       # echoes of one head (multi-echo T1)
     ({"modality": "MR", "bare": False}, "none"),                      # a header that says MR, nothing more
     ({"suffix": "bold", "bare": False}, "none"),                      # a BIDS name that is no head suffix
     ({"suffix": "T1w", "bare": False}, "deface"),

@@ -406,3 +406,21 @@ def test_whole_body_field_of_view_is_registered_on_its_head(monkeypatch):
     got = removed[:, :, trunk_slices:]
     tissue = head.data > render.skin_threshold(head.data)
     assert (got & ref & tissue).sum() / (ref & tissue).sum() > 0.9  # the head's face goes
+
+
+def test_head_with_pixels_over_2_mm_is_defaced(tmp_path, memo_ants):
+    """A head series with 2.4 mm pixels (a low-resolution T1, a resampled export): labelled HEAD,
+    it still shows brows, eyes, nose and profile, but face.select.max_in_plane_mm (2 mm then) called
+    it too coarse and it was released with its face and exit 0 (red-team 3; the real chris_t1 head
+    resampled to 2.2-5 mm is defaced by the ants backend too).  Pixels up to 5 mm are defaced now."""
+    series = {"MR1-coarse": head_series(body_part="HEAD", description="t1_se_tra_lowres",
+                                        extra={"PixelSpacing": [2.4, 2.4]})}
+    out, restricted = _unit(tmp_path, series)
+    before = read_volume(_released(out, "MR1-coarse"))
+    _run(out, restricted)
+    (entry,) = json.loads((restricted / "done.json").read_text())["images"]
+    assert entry["method"] == "deface", entry["reason"]
+    after = read_volume(_released(out, "MR1-coarse"))
+    face = before > render.skin_threshold(before.astype(np.float32))
+    removed = face & (after == 0)
+    assert removed.sum() > 0.05 * face.sum()      # the face went, not a few voxels

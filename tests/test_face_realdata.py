@@ -451,3 +451,29 @@ def test_eyes_and_brows_are_removed_and_the_brain_is_not(real_heads, brain_of, n
     assert region.sum() * np.prod(vol.zooms) > 5000            # a real region (> 5 cm3), not an empty test
     missed = region & ~removed
     assert not missed.any(), f"{name}: {int(missed.sum())} of {int(region.sum())} eye/brow voxels kept"
+
+
+
+def test_bare_multi_echo_head_nifti_is_defaced(tmp_path):
+    """A headerless 4D NIfTI of four echoes of one head (a multi-echo T1 saved as scan.nii.gz, no
+    sidecar; the real chris_t1 head at four echo intensities): 'not one head-sized 3D volume', it
+    was released with the face in every echo and exit 0 (red-team 3).  Up to six volumes are
+    echoes or inversions of one head: every echo loses its face."""
+    img = nib.load(require_shared("mricron", "chris_t1.nii.gz"))
+    data = np.asarray(img.dataobj)
+    echoes = np.stack([(data * f).astype(data.dtype) for f in (1.0, 0.8, 0.6, 0.45)], axis=-1)
+    inp = tmp_path / "in"
+    (inp / "site7").mkdir(parents=True)
+    nib.save(nib.Nifti1Image(echoes, img.affine, img.header), inp / "site7" / "scan.nii.gz")
+    out = tmp_path / "release"
+    env = dict(os.environ, DEIDFLOW_KEY=TEST_KEY)
+    r = subprocess.run([sys.executable, "-m", "deidflow.cli", "run", str(inp), str(out), "--cores", "1"],
+                       env=env, cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert_finished(r, out)
+    (rel,) = list(out.glob("sourcedata/nifti/sub-*/*.nii.gz"))
+    after = np.asarray(nib.load(rel).dataobj)
+    assert after.shape == echoes.shape
+    for k in range(4):
+        b = reference_volume(echoes[..., k].astype(np.float32), img.affine).data
+        a = reference_volume(after[..., k].astype(np.float32), img.affine).data
+        assert front_points_removed(b, a) == 1.0, k

@@ -240,3 +240,30 @@ def test_inventory_and_other_stage_release_the_slide(tmp_path, key_env):
     audit = [json.loads(line) for f in (restricted / "audit").glob("other-*.jsonl") for line in f.read_text().splitlines()]
     assert {a["format"] for a in audit} == {"tiff"}
     assert "PLANTPATIENT42" not in json.dumps(audit)
+
+
+@pytest.mark.parametrize("layout", ["gray", "rgb", "stack"])
+def test_plain_tiff_with_burned_in_text_is_withheld(tmp_path, layout):
+    """A plain TIFF whose pixels show a name, an MRN and a birth date (a scanned request form, a
+    screenshot, a photographed label; red-team 3): its tags were scrubbed and its pixels released
+    as they were, text and all.  Plain TIFF pages are screened for text (every page of a short
+    stack, a spread sample of a long one) and a page with text withholds the file with a reason;
+    the noise stack without text is still released (test above)."""
+    from PIL import Image, ImageDraw, ImageFont
+    img = Image.new("L", (400, 300), 20)
+    draw = ImageDraw.Draw(img)
+    draw.ellipse((100, 60, 300, 260), fill=120)
+    draw.text((10, 10), "DOE JANE MRN 5566778 01/02/1960", fill=255, font=ImageFont.load_default(size=14))
+    page = np.asarray(img)
+    src = tmp_path / "scan.tif"
+    if layout == "rgb":
+        tifffile.imwrite(src, np.repeat(page[:, :, None], 3, axis=2), photometric="rgb")
+    elif layout == "stack":   # text on one page of twelve
+        pages = np.stack([np.where(np.arange(400)[None, :] > -1, 20, 0).astype(np.uint8).repeat(300, 0)] * 12)
+        pages[11] = page
+        tifffile.imwrite(src, pages, photometric="minisblack")
+    else:
+        tifffile.imwrite(src, page, photometric="minisblack", compression="zlib")
+    with pytest.raises(FormatError, match="shows text"):
+        tiff.scrub(src, tmp_path / "out.tif", ctx())
+    assert not (tmp_path / "out.tif").exists()

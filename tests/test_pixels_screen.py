@@ -230,3 +230,100 @@ def test_text_in_one_unsampled_frame_is_found(tmp_path):
     clean, _ = run_series({"MR002-c": write_series(tmp_path / "c", anatomy(24, seed=5))}, tmp_path / "r2",
                           {"clean": "auto"})
     assert clean["series"][0]["text_found"] is False and clean["series"][0]["outlier_frames"] == 0
+
+
+@pytest.mark.parametrize("angle", [90, 270])
+def test_vertical_text_reading_either_way_is_found_and_cleaned(tmp_path, angle):
+    """A name and ID burned vertically along the frame's edge (side labels run bottom-up or
+    top-down) on every slice: the detector boxed it, but tall boxes were read only turned one way,
+    so bottom-up text read as '' and the series was released with exit 0 (red-team 3, on the real
+    decubitus T1).  Tall boxes are read turned both ways; the better reading counts."""
+    from PIL import Image, ImageDraw, ImageFont
+    label = Image.new("L", (120, 16), 0)
+    ImageDraw.Draw(label).text((0, 0), "ZOE ZACK 3312345", fill=255, font=ImageFont.load_default(size=11))
+    label = np.asarray(label.rotate(angle, expand=True)) > 127
+    frames = anatomy(24)
+    frames[:, 30:30 + label.shape[0], 174:174 + label.shape[1]][:, label] = int(frames.max())
+    files = write_series(tmp_path / "s", frames)
+    fact, _ = run_series({"MR001-v": files}, tmp_path / "r", {"clean": "auto"})
+    (s,) = fact["series"]
+    assert s["text_found"] is True and s["decision"] == "cleaned", s
+    cleaned = pydicom.dcmread(files[5][0]).pixel_array
+    assert not np.array_equal(cleaned[30:150, 174:190], frames[5][30:150, 174:190])
+
+
+def _multiframe(path: Path, frames: np.ndarray) -> list[tuple[Path, Dataset]]:
+    """One enhanced-MR-like file holding every frame (pixel module only, as the screen reads it)."""
+    from pydicom.uid import EnhancedMRImageStorage
+    path.parent.mkdir(parents=True, exist_ok=True)
+    ds = Dataset()
+    ds.file_meta = FileMetaDataset()
+    ds.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
+    ds.SOPClassUID = ds.file_meta.MediaStorageSOPClassUID = EnhancedMRImageStorage
+    ds.SOPInstanceUID = ds.file_meta.MediaStorageSOPInstanceUID = generate_uid()
+    ds.Modality, ds.SeriesInstanceUID, ds.InstanceNumber = "MR", generate_uid(), 1
+    ds.ImageType = ["ORIGINAL", "PRIMARY", "M", "NONE"]
+    ds.NumberOfFrames = len(frames)
+    ds.Rows, ds.Columns = frames.shape[1:]
+    ds.SamplesPerPixel, ds.PhotometricInterpretation = 1, "MONOCHROME2"
+    ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.PixelRepresentation = 16, 12, 11, 0
+    ds.PixelData = np.ascontiguousarray(frames, "<u2").tobytes()
+    ds.save_as(path, enforce_file_format=True)
+    return [(path, pydicom.dcmread(path, stop_before_pixels=True))]
+
+
+def test_text_on_some_frames_of_a_multiframe_stack_is_cleaned(tmp_path):
+    """An enhanced multi-frame MR stack with a name burned into frames 10-13 only (the real XA30
+    T1, 96 frames, text on 30-36; red-team 3): the screen found it, but the cleaner took the whole
+    noisy frame for a cine's moving area and reused frame 0's detection (no text) for every frame,
+    so the file was released with the text and exit 0.  A moving area covering the frame leaves no
+    fixed overlay area: each frame is looked at; and text the screen found that the cleaner did
+    not fill withholds the file."""
+    frames = anatomy(24)
+    for k in range(10, 14):
+        frames[k] = burn(frames[k], "KOE KARL 7712345", xy=(4, 4))
+    files = _multiframe(tmp_path / "s" / "0001.dcm", frames)
+    fact, entries = run_series({"MR001-mf": files}, tmp_path / "r", {"clean": "auto"})
+    (s,) = fact["series"]
+    assert s["text_found"] is True and s["decision"] == "cleaned" and s["withheld"] == 0, s
+    out = pydicom.dcmread(files[0][0]).pixel_array
+    for k in range(10, 14):
+        assert not np.array_equal(out[k][:20, :130], frames[k][:20, :130]), k     # the name is gone
+    assert s["check"] and set(range(10, 14)) <= set(s["check"][0]["frames"])
+
+
+def test_text_the_cleaner_misses_withholds_the_file(tmp_path, monkeypatch):
+    """Fail closed: when the screen found text and the cleaner filled no box over it (a detector
+    that disagrees at the cleaner's scale, a cache that reused another frame's boxes), the file is
+    withheld with a reason instead of released with the text."""
+    monkeypatch.setattr(PixelCleaner, "_boxes", lambda self, *a, **k: [])
+    frames = anatomy(24)
+    frames[12] = burn(frames[12], "KOE KARL 7712345", xy=(4, 4))
+    files = _multiframe(tmp_path / "s" / "0001.dcm", frames)
+    cleaner = PixelCleaner({"clean": "auto"}, thumbnails=False)
+    sp = SubjectPixels(cleaner, "sub-T", SubjectPixelsQC("sub-T"), prefix="sourcedata/dicom")
+    entry = {"file": "sub-T/ses-1/MR001-mf/0001.dcm"}
+    sp.add(str(files[0][0]), entry["file"], files[0][0], files[0][1], entry)
+    bad = sp.finish(tmp_path / "r")
+    assert len(bad) == 1 and "was not removed by the cleaner" in bad[0][1]
+    assert not files[0][0].exists() and entry["withheld"]
+
+
+def test_text_on_a_run_of_unsampled_frames_is_found(tmp_path):
+    """A name burned into the background of four consecutive slices that are neither sampled nor
+    outliers by their statistics (a real decubitus T1, slices 19-22 of 35, at 80 % of the maximum;
+    red-team 3): each of them has a neighbour showing the same text, so no frame had edges where
+    every neighbour is flat, and the series was released with exit 0.  The run's first and last
+    frames have a word of glyph-sized objects where one neighbour is flat background."""
+    frames = anatomy(24)
+    run = range(13, 17)
+    assert not set(run) & set(screen.sample(24))
+    for k in run:
+        frames[k] = burn(frames[k], "RUN RUDI 9912345", xy=(6, 6), value=int(0.8 * frames.max()))
+    assert not set(run) & set(screen.outliers([screen.stats(f) for f in frames]))
+    fact, _ = run_series({"MR001-r": write_series(tmp_path / "s", frames)}, tmp_path / "r", {"clean": "auto"})
+    (s,) = fact["series"]
+    assert s["text_found"] is True and s["decision"] == "cleaned", s
+    clean, _ = run_series({"MR002-c": write_series(tmp_path / "c", anatomy(24, seed=5))}, tmp_path / "r2",
+                          {"clean": "auto"})
+    assert clean["series"][0]["text_found"] is False and clean["series"][0]["outlier_frames"] == 0

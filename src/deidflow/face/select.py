@@ -27,8 +27,8 @@ released by the ``other`` stage. It is treated when, in this order:
 6. a volume about which nothing is known (``bare``: no modality — NIfTI, Analyze and MGH headers
    have no field for it —, no sidecar naming a body part, no BIDS suffix in its original file
    name) and whose original name does not match the description pattern is treated when it is
-   head-sized: one 3D volume spanning between ``face.select.min_extent_mm`` and
-   ``face.select.max_extent_mm`` along each axis. When it is not a head, the backend's mask fails
+   head-sized: one 3D volume (or up to MAX_BARE_VOLUMES of them: echoes, inversions) spanning
+   between ``face.select.min_extent_mm`` and ``face.select.max_extent_mm`` along each axis. When it is not a head, the backend's mask fails
    the plausibility check and the file is withheld (quarantined), never released with a face.
 
 Every volume of a selected image (echoes, 4D time points) gets the same mask, computed once per
@@ -46,7 +46,9 @@ from typing import Any, Mapping
 import numpy as np
 
 MAX_EXTENT_MM = 300.0  # default of face.select.max_extent_mm
-MAX_IN_PLANE_MM = 2.0  # default of face.select.max_in_plane_mm
+MAX_IN_PLANE_MM = 5.0  # default of face.select.max_in_plane_mm
+MAX_BARE_VOLUMES = 6  # a headerless 4D volume with at most this many volumes is echoes / inversions of
+# one head (multi-echo MPRAGE, MP2RAGE, dual-echo PD/T2); diffusion has 7 or more, fMRI many more
 KINDS = ("bold", "dwi", "asl", "fieldmap", "phase")
 DEFAULT_SKIP = KINDS
 WHY_KIND = {
@@ -199,8 +201,8 @@ def decide(facts: ImageFacts, face_cfg: Mapping[str, Any]) -> Decision:
         why = "series description (or original file name) names head anatomy"
     elif facts.bare:
         hi = sel.get("max_extent_mm", MAX_EXTENT_MM)   # the minimum extent was checked above
-        if facts.volumes != 1 or max(ext[:3]) > hi:
-            return Decision("none", f"no header says what this is, and it is not one head-sized 3D volume "
+        if facts.volumes > MAX_BARE_VOLUMES or max(ext[:3]) > hi:
+            return Decision("none", f"no header says what this is, and it is not one head-sized volume (or a few echoes of one) "
                                     f"(extent {_mm(ext)} mm, {facts.volumes} volume{'s' * (facts.volumes != 1)})")
         why = "no header says what this is; a head-sized 3D volume"
     elif facts.head_shape is None:

@@ -783,6 +783,22 @@ def extension(path: Path) -> str:
     return suffix if suffix in (".svs", ".tif", ".tiff") else ".tif"
 
 
+def _no_text(src: Path, keep: list[int]) -> None:
+    """A plain TIFF's pages are released with their pixels as they are (scans, screenshots, photos
+    of forms): one that shows text, or cannot be decoded to look, withholds the file."""
+    import tifffile
+
+    from ..pixels.screen import page_with_text
+    try:
+        with tifffile.TiffFile(src) as t:
+            found = page_with_text([t.pages[i].asarray for i in keep])
+    except Exception as exc:  # a codec tifffile lacks, damaged strips
+        raise FormatError(f"TIFF pixels cannot be decoded to screen them for burned-in text ({type(exc).__name__})") \
+            from None
+    if found is not None:
+        raise FormatError(f"page {keep[found]} shows text (burned-in text in TIFF pixels is not removed)")
+
+
 def scrub(src: Path, dst: Path, ctx: ScrubContext) -> ScrubResult:
     src, dst = Path(src), Path(dst)
     res = ScrubResult()
@@ -791,6 +807,8 @@ def scrub(src: Path, dst: Path, ctx: ScrubContext) -> ScrubResult:
         kinds = classify(tf)
         if all(kinds):
             raise FormatError("every page is a label, macro or associated image (nothing to release)")
+        if not tf.pages[0].tiled:
+            _no_text(src, [i for i, kind in enumerate(kinds) if not kind])
         own = _own_values(tf, ctx)
         with open(src, "rb") as fh, Outputs() as out:
             tmp = out.path(dst)

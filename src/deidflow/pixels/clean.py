@@ -41,6 +41,7 @@ READABLE = 0.75  # identifiers_only: text read with less confidence is redacted
 READ_CACHE_SIZE = 64
 _READ_CACHE: dict[bytes, tuple[list, bool]] = {}  # frame key -> (merged boxes, every box read)
 MOVING_SHARE = 0.2  # a multi-frame's moving area is the sector when it covers this share of the frame
+MOVING_MAX_SHARE = 0.9  # ... and less than this: a stack whose frames differ everywhere has no fixed overlay area
 
 
 class PixelError(ValueError):
@@ -359,7 +360,9 @@ def _overview_label(merged: list[tuple[Box, list[str], float]], shape: tuple[int
 
 def _signature_mask(frames: Frames) -> tuple[slice, slice] | None:
     """The moving image area of a multi-frame (bounding box of pixels that differ from frame 0),
-    when it is large enough to be the image rather than a changing overlay."""
+    when it is large enough to be the image rather than a changing overlay, and leaves a fixed
+    area for overlays: an enhanced MR or CT stack differs everywhere (noise), and text drawn on
+    some of its frames only was never looked at (frame 0's detection was reused for all)."""
     first = frames.frame(0)
     moving = np.zeros(first.shape[:2], bool)
     for i in range(1, frames.n):
@@ -369,7 +372,7 @@ def _signature_mask(frames: Frames) -> tuple[slice, slice] | None:
     if ys.size == 0:
         return None
     y0, y1, x0, x1 = ys.min(), ys.max() + 1, xs.min(), xs.max() + 1
-    if (y1 - y0) * (x1 - x0) < MOVING_SHARE * moving.size:
+    if not MOVING_SHARE * moving.size <= (y1 - y0) * (x1 - x0) < MOVING_MAX_SHARE * moving.size:
         return None
     return slice(y0, y1), slice(x0, x1)
 

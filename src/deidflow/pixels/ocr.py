@@ -9,6 +9,7 @@ frames with 4-pixel text need it) and padded, not stretched, to a multiple of 32
 from __future__ import annotations
 
 import importlib.util
+import re
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -111,19 +112,24 @@ class OcrEngine:
         """The boxes with the text read in them (crops from the scaled image)."""
         if not boxes:
             return []
-        crops = []
+        crops, owner = [], []
         H, W = scaled_rgb.shape[:2]
-        for b in boxes:
+        for i, b in enumerate(boxes):
             y0, y1 = max(0, int(b.y0 * scale)), min(H, int(np.ceil(b.y1 * scale)))
             x0, x1 = max(0, int(b.x0 * scale)), min(W, int(np.ceil(b.x1 * scale)))
             crop = scaled_rgb[y0:max(y1, y0 + 1), x0:max(x1, x0 + 1)]
             if crop.shape[0] * 1.5 <= crop.shape[1] or crop.shape[0] < 2:
                 crops.append(crop)
-            else:  # tall boxes: vertical text, read rotated as RapidOCR does
-                crops.append(np.ascontiguousarray(np.rot90(crop)))
+                owner.append(i)
+            else:  # tall boxes: vertical text, read top-down and bottom-up (labels run either way)
+                crops += [np.ascontiguousarray(np.rot90(crop)), np.ascontiguousarray(np.rot90(crop, -1))]
+                owner += [i, i]
         res, _ = self.rec(crops)
-        return [TextBox(b.x0, b.y0, b.x1, b.y1, b.score, str(t), float(sc), b.curve)
-                for b, (t, sc, *_) in zip(boxes, res)]
+        best: dict[int, tuple[str, float]] = {}
+        for i, (t, sc, *_) in zip(owner, res):  # the bottom-up reading counts when it reads as a word
+            if i not in best or (float(sc) > best[i][1] and len(re.findall(r"[0-9A-Za-z]", str(t))) >= 3):
+                best[i] = (str(t), float(sc))
+        return [TextBox(b.x0, b.y0, b.x1, b.y1, b.score, *best[i], b.curve) for i, b in enumerate(boxes)]
 
 
 _ENGINE: OcrEngine | None = None

@@ -49,6 +49,9 @@ READ_BATCH = 6
 MAX_UP = 4.0
 EDGE = 0.2  # an edge: a step of this share of the frame's range between neighbouring pixels
 MIN_CONSTANT_EDGES = 12  # constant edge pixels that make the detector look (a character has dozens)
+GLYPH_AREA = 150  # objects of at most this many pixels (half resolution) can be letters, not anatomy
+MIN_GLYPHS = 3  # ... and at least this many of them (a word)
+GLYPH_MARGIN = 6  # ... when a neighbouring frame is flat background this far (half-resolution pixels) around
 _FRAME_TAGS = tuple(tag_for_keyword(k) for k in ("Rows", "Columns", "SamplesPerPixel", "BitsAllocated", "BitsStored",
                                                   "PixelRepresentation", "NumberOfFrames", "PhotometricInterpretation",
                                                   "PlanarConfiguration"))
@@ -253,38 +256,63 @@ def outliers(all_stats: list[tuple]) -> list[int]:
     return sorted(out)
 
 
-def edge_map(frame: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """(strong edges, flat background) of one frame on every other pixel of every other row: an
-    edge is a step of EDGE of the frame's range to the next pixel; background lies in the lowest
-    tenth of the range (air, the dark outside of the body)."""
+def edge_map(frame: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(strong edges, flat background, background GLYPH_MARGIN pixels in from its border) of one
+    frame on every other pixel of every other row: an edge is a step of EDGE of the frame's range
+    to the next pixel; background lies in the lowest tenth of the range (air, the dark outside of
+    the body)."""
     g = render.gray_of(frame)[::2, ::2].astype(np.int32)
     lo, hi = int(g.min()), int(g.max())
     step = max(1.0, EDGE * (hi - lo))
     edge = np.zeros(g.shape, bool)
     edge[:, 1:] |= np.abs(np.diff(g, axis=1)) >= step
     edge[1:, :] |= np.abs(np.diff(g, axis=0)) >= step
-    return edge, g <= lo + 0.1 * (hi - lo)
+    bg = g <= lo + 0.1 * (hi - lo)
+    return edge, bg, _eroded(bg, GLYPH_MARGIN)
 
 
-def isolated_edges(cur: tuple[np.ndarray, np.ndarray], *neighbours: tuple[np.ndarray, np.ndarray]) -> int:
+def isolated_edges(cur: tuple[np.ndarray, ...], *neighbours: tuple[np.ndarray, ...]) -> int:
     """Strong edges of a frame where every neighbouring frame is flat background (two pixels in
     from its border): text or graphics drawn onto one slice of a series, which no neighbour shows
     (anatomy continues from slice to slice; burned-in text on every frame is
-    :func:`constant_edges`' to find)."""
-    edge, _ = cur
+    :func:`constant_edges`' to find).  Also the strong edges of glyph-sized objects (at most
+    GLYPH_AREA pixels of the half-resolution map) where one neighbour is flat background
+    GLYPH_MARGIN pixels around: the first and last frame of a run of frames carrying text, whose
+    inner frames' neighbours show the same text (a name on four unsampled slices of a real T1 was
+    released; red-team 3).  Anatomy appearing from one slice to the next is one large object."""
+    edge, bg, _ = cur
+    if any(e.shape != edge.shape for e, _, _ in neighbours):
+        return 0
     flat = np.ones(edge.shape, bool)
-    for e, bg in neighbours:
-        if e.shape != edge.shape:
-            return 0
-        flat &= bg
-    for _ in range(2):  # erode: the border of the body moves a little from slice to slice
-        inner = flat.copy()
-        inner[1:, :] &= flat[:-1, :]
-        inner[:-1, :] &= flat[1:, :]
-        inner[:, 1:] &= flat[:, :-1]
-        inner[:, :-1] &= flat[:, 1:]
-        flat = inner
-    return int(np.count_nonzero(edge & flat))
+    for _, nbg, _ in neighbours:
+        flat &= nbg
+    count = int(np.count_nonzero(edge & _eroded(flat, 2)))  # the body's border moves a little
+    fars = [far for _, _, far in neighbours if np.count_nonzero(edge & far) >= MIN_CONSTANT_EDGES]
+    if not fars:  # (cheap: no strong edges far out in any neighbour's background)
+        return count
+    from scipy import ndimage
+    labels, n = ndimage.label(~bg)
+    sizes = np.bincount(labels.ravel())
+    sizes[0] = GLYPH_AREA + 1
+    small = (sizes <= GLYPH_AREA)[labels]
+    grown = ndimage.grey_dilation(np.where(small, labels, 0), size=3)  # edges lie on either side of a step
+    for far in fars:
+        hit = edge & far & (grown > 0)
+        if len(np.unique(grown[hit])) >= MIN_GLYPHS:  # a word, not one speck or one piece of anatomy
+            count = max(count, int(np.count_nonzero(hit)))
+    return count
+
+
+def _eroded(mask: np.ndarray, n: int) -> np.ndarray:
+    """``mask`` shrunk by ``n`` pixels (4-neighbourhood; outside the frame counts as inside)."""
+    for _ in range(n):
+        inner = mask.copy()
+        inner[1:, :] &= mask[:-1, :]
+        inner[:-1, :] &= mask[1:, :]
+        inner[:, 1:] &= mask[:, :-1]
+        inner[:, :-1] &= mask[:, 1:]
+        mask = inner
+    return mask
 
 
 def constant_edges(frames: list[np.ndarray]) -> np.ndarray | None:
@@ -434,3 +462,22 @@ def screen(files: list[tuple[Path, object]], threads: int = 1) -> Result:
         return res
     finally:
         res.seconds = time.perf_counter() - t0
+
+
+# -- images outside DICOM ---------------------------------------------------------------------
+def page_with_text(pages: list, threads: int = 1) -> int | None:
+    """The first page (position in ``pages``) that shows text, looking at :func:`sample` of them:
+    the screen for images whose pixels deidflow releases as they are and cannot clean (plain TIFF
+    pages: scans, screenshots, photographs of forms).  ``pages`` holds callables giving each page
+    as an array (2-D, or rows × columns × samples)."""
+    for pos in sample(len(pages)):
+        arr = np.asarray(pages[pos]())
+        if arr.ndim == 3 and arr.shape[-1] not in (3, 4):  # samples first (planar) or a stack
+            arr = arr[0] if arr.shape[0] not in (3, 4) else np.moveaxis(arr, 0, -1)
+        if arr.ndim == 3:
+            arr = arr[..., :3]
+        if arr.ndim != 2 and arr.ndim != 3 or min(arr.shape[:2]) < 8:
+            continue
+        if text_in(arr, False, threads):
+            return pos
+    return None

@@ -131,6 +131,8 @@ class SubjectPixels:
                 continue
             if m in clean:
                 self._clean(m, fact)
+                if m in screenable and not m.entry.get("withheld") and c.policy == "all_text":
+                    self._removed_found(m, screenable.index(m), fact)
             elif m in screenable and fact["text_found"] is not None:
                 m.entry["pixels"] = {"action": "screened" if not fact["text_found"] else "kept",
                                      "why": fact["why"]}
@@ -189,6 +191,23 @@ class SubjectPixels:
         if out.after_png is not None:
             stem = _stem(m.file)
             fact["thumbnails"].append({"after": f"{stem}_after.png", "before": f"{stem}_before.png"})
+
+    def _removed_found(self, m: _Member, index: int, fact: dict) -> None:
+        """Fail closed (policy ``all_text``, which blanks every text block): text the screen found
+        in this file (``index`` among the screened files) must lie in a box the cleaner filled, on
+        the same frame; else the file is withheld.  (``identifiers_only`` keeps text it judges
+        harmless; the pixel leak check reads what it keeps.)"""
+        done = [r for r in (m.outcome.redactions if m.outcome else [])]
+        for f in fact["found"]:
+            if f["file"] != index:
+                continue
+            x0, y0, x1, y1 = f["box"]
+            if not any(r.frame == f["frame"] and r.box[0] < x1 and x0 < r.box[2] and r.box[1] < y1 and y0 < r.box[3]
+                       for r in done):
+                fact["check"] = [c for c in fact["check"] if c["file"] != m.name]
+                self._withhold(m, f"burned-in text the screen found on frame {f['frame']} was not removed by "
+                                  "the cleaner", fact)
+                return
 
     def _withhold(self, m: _Member, reason: str, fact: dict) -> None:
         m.staged.unlink(missing_ok=True)
