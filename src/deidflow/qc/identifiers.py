@@ -472,6 +472,7 @@ def name_forms(value: str) -> set[str]:
         if "^" not in group and " " in group.strip():  # a plain "Given Family" name
             out.update(w for w in group.split() if w)
     out |= {v for o in list(out) for v in punctuation_spellings(o)}
+    out |= {v for o in list(out) for v in gaelic_spellings(o)}
     # a long name part cut to a field's length (SH and many vendor fields hold 16 characters)
     out.update(w[:TRUNCATED_AT] for w in list(out) if " " not in w and "^" not in w and len(w) > TRUNCATED_AT)
     return {o.strip() for o in out if o.strip()}
@@ -495,6 +496,23 @@ def punctuation_spellings(name: str) -> set[str]:
             for text in (name, *words):
                 v = re.sub(f"[{_APOSTROPHES}]", apo, text).replace("-", hyphen)
                 out.add(" ".join(v.split()))
+    return out
+
+
+_GAELIC = re.compile(r"\b(ma?c)[ -]?([a-z]{3,})\b", re.IGNORECASE)
+
+
+def gaelic_spellings(name: str) -> set[str]:
+    """A Mc or Mac name as records write it apart or together, and with the other prefix:
+    MCDONALD → Mc Donald, Mc-Donald, MacDonald, Mac Donald (clerks mix them); Mac Gregor →
+    MacGregor, McGregor.  Empty for a name without one."""
+    if not _GAELIC.search(name):
+        return set()
+    out = set()
+    for prefix in ("Mc", "Mac"):
+        for sep in ("", " ", "-"):
+            out.add(_GAELIC.sub(lambda m: f"{prefix}{sep}{m.group(2)}", name))
+    out.discard(name)
     return out
 
 
