@@ -588,6 +588,22 @@ def test_mc_and_mac_names_written_apart_or_with_the_other_prefix():
     assert identifiers.gaelic_spellings("Macy") == set() and identifiers.gaelic_spellings("Smith") == set()
 
 
+def test_korean_name_stored_only_in_hangul_found_in_latin_letters():
+    """홍^길동 stored only in Hangul, written Hong Gildong, HONG GIL-DONG or Gil Dong Hong in a kept
+    comment, was released with exit 0 (red-team 3 left it open): the Revised Romanization, the
+    popular spelling (Kyung, Young, Soo) and the usual spellings of family names are searched; a
+    family name alone is not (Min, Song and Moon are words)."""
+    m = _matcher(("name", "PatientName", "홍^길동"), ("name", "ReferringPhysicianName", "김영수"),
+                 ("name", "OperatorsName", "민^지현"))
+    for text in (b"Hong Gildong", b"HONG GIL-DONG", b"Gil Dong Hong", b"Hong, Gildong", b"Dr Kim Youngsoo",
+                 b"GIM YEONG-SU", b"Kim Young Soo", b"by Min Jihyun", b"Jihyun Min"):
+        assert m.find(text), text
+    for text in (b"5 min perfusion", b"Kim", b"Hong Kong", b"dong"):
+        assert not m.find(text), text
+    assert identifiers.hangul_spellings("민") == set() and identifiers.hangul_spellings("Smith") == set()
+    assert {"Lee^Minho", "Yi^Min-ho", "Rhee^Min ho"} <= identifiers.hangul_spellings("이^민호")
+
+
 def test_japanese_phonetic_names_in_every_kana():
     """pydicom's chrH31 patient Yamada^Tarou=山田^太郎=やまだ^たろう written ヤマダ タロウ (katakana) in
     a kept description and ﾔﾏﾀﾞ ﾀﾛｳ (half-width, chrH32's spelling) in ImageComments was released

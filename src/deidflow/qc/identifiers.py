@@ -644,7 +644,7 @@ def forms(kind: str, value: str) -> set[str]:
         out |= transliterations(o)
     if kind in ("name", "whole_name"):
         for o in list(out):
-            out |= accented_spellings(o) | kana_spellings(o) | han_variants(o)
+            out |= accented_spellings(o) | kana_spellings(o) | han_variants(o) | hangul_spellings(o)
     return out
 
 
@@ -680,6 +680,75 @@ def _han_classes() -> dict[str, str]:
     from importlib import resources
     text = resources.files("deidflow").joinpath("data", "han_variants.tsv").read_text(encoding="utf-8")
     return {c: line for line in text.splitlines() if line and not line.startswith("#") for c in line}
+
+
+# Hangul in Latin letters: Revised Romanization of each syllable's initial, vowel and final consonant,
+# and the spelling older records and passports use (Kyung, Sung, Soo, Hyun, Young, Joon).
+_HANGUL_INITIAL = ("g", "kk", "n", "d", "tt", "r", "m", "b", "pp", "s", "ss", "", "j", "jj", "ch", "k", "t", "p", "h")
+_HANGUL_VOWEL = ("a", "ae", "ya", "yae", "eo", "e", "yeo", "ye", "o", "wa", "wae", "oe", "yo", "u", "wo", "we", "wi",
+                 "yu", "eu", "ui", "i")
+_HANGUL_FINAL = ("", "k", "k", "k", "n", "n", "n", "t", "l", "k", "m", "l", "l", "l", "p", "l", "m", "p", "p", "t",
+                 "t", "ng", "t", "t", "k", "t", "p", "t")
+_HANGUL_POPULAR_VOWEL = {"eo": "u", "yeo": "yu", "u": "oo", "ui": "ee"}
+HANGUL_SPELLINGS_MAX = 32  # Latin spellings of one form at most
+
+
+def _hangul_syllable(c: str, popular: bool) -> str:
+    i = ord(c) - 0xAC00
+    lead, vowel, tail = _HANGUL_INITIAL[i // 588], _HANGUL_VOWEL[i % 588 // 28], _HANGUL_FINAL[i % 28]
+    if popular:
+        if lead == "g":
+            lead = "k"
+        if vowel == "yeo" and tail == "ng":  # 영 Young; 경 Kyung, 병 Byung, 명 Myung
+            vowel = "you" if lead == "" else "yu"
+        vowel = _HANGUL_POPULAR_VOWEL.get(vowel, vowel) if not (lead == "" and vowel == "u") else "woo"
+    return lead + vowel + tail
+
+
+@lru_cache(maxsize=1)
+def _korean_surnames() -> dict[str, list[str]]:
+    """``data/korean_surnames.tsv``: a family name syllable → its usual Latin spellings."""
+    from importlib import resources
+    text = resources.files("deidflow").joinpath("data", "korean_surnames.tsv").read_text(encoding="utf-8")
+    return {k: v.split() for k, v in (line.split("\t") for line in text.splitlines() if line and not line.startswith("#"))}
+
+
+_HANGUL_RUN = re.compile("[\uac00-\ud7a3]+")
+
+
+def hangul_spellings(value: str) -> set[str]:
+    """A Korean name stored only in Hangul as Latin-script records write it: 홍^길동 as Hong^Gildong,
+    Hong Gil-dong, HONG GIL DONG; 김영수 as Kim Youngsoo, Gim Yeongsu.  A one-syllable word that is a
+    family name takes its usual spellings (``data/korean_surnames.tsv``: 이 Lee, Yi, Rhee), as does
+    the first syllable of a three-syllable word (a whole name written together); other words are
+    spelled in the Revised Romanization and the popular spelling, joined, hyphenated and spaced.
+    At most :data:`HANGUL_SPELLINGS_MAX`; empty without Hangul, and for one syllable alone: a family
+    name alone (Min, Song, Moon) is a common word in Latin letters, and in Hangul too short to search."""
+    runs = list(_HANGUL_RUN.finditer(value))
+    if sum(len(m.group()) for m in runs) < 2:
+        return set()
+    surnames = _korean_surnames()
+
+    def given(word: str) -> list[str]:
+        out = []
+        for popular in (False, True):
+            parts = [_hangul_syllable(c, popular) for c in word]
+            out += ["".join(parts)] + (["-".join(parts), " ".join(parts)] if len(parts) > 1 else [])
+        return list(dict.fromkeys(out))
+
+    def spell(word: str) -> list[str]:
+        if len(word) == 1 and word in surnames:
+            return surnames[word]
+        if len(word) == 3 and word[0] in surnames:  # 홍길동: family name and given name written together
+            return [f"{s} {g}" for s in surnames[word[0]][:2] for g in given(word[1:])]
+        return given(word)
+
+    out = [""]
+    pos = 0
+    for m in runs:
+        out = [o + value[pos:m.start()] + s.capitalize() for o in out for s in spell(m.group())][:HANGUL_SPELLINGS_MAX]
+        pos = m.end()
+    return {o + value[pos:] for o in out}
 
 
 HAN_VARIANTS_MAX = 256  # spellings of one form at most; past that each character's variants one at a time
