@@ -24,6 +24,14 @@ from deidflow.qc import identifiers
 
 from .conftest import ROOT, TEST_KEY, require_shared
 
+def _run(inp, out, *sets: str, timeout: int = 600) -> subprocess.CompletedProcess:
+    """``deidflow run INP OUT --cores 2`` with each of ``sets`` as a ``--set`` (the test key)."""
+    args = [a for s in sets for a in ("--set", s)]
+    return subprocess.run([sys.executable, "-m", "deidflow.cli", "run", str(inp), str(out), "--cores", "2", *args],
+                          env=dict(os.environ, DEIDFLOW_KEY=TEST_KEY), cwd=ROOT, capture_output=True, text=True,
+                          timeout=timeout)
+
+
 ENTRIES = [("name", "PatientName", "MULLER^JURGEN"), ("id", "AccessionNumber", "A44120987"),
            ("id", "OtherPatientIDs", "NHS 943 476 5919"), ("id", "PatientID", "MRN-0058213907"),
            ("date", "PatientBirthDate", "19700812")]
@@ -97,10 +105,7 @@ def test_disguised_identifiers_in_real_siemens_file_withheld_or_cleaned(tmp_path
             ds.WindowCenterWidthExplanation = text
             ds.save_as(inp / d / f"{k}.dcm")
     out = tmp_path / "out"
-    env = dict(os.environ, DEIDFLOW_KEY=TEST_KEY)
-    r = subprocess.run([sys.executable, "-m", "deidflow.cli", "run", str(inp), str(out), "--cores", "2",
-                        "--set", "face.method=none", "--set", "pixels.clean=off"], env=env, cwd=ROOT,
-                       capture_output=True, text=True, timeout=600)
+    r = _run(inp, out, "face.method=none", "pixels.clean=off")
     assert r.returncode in (0, 3), r.stderr[-2000:]
     released = [p for p in out.rglob("*") if p.is_file()]
     assert any(p.suffix == ".dcm" for p in released)
@@ -162,10 +167,7 @@ def test_nifti_subject_folder_named_for_patient_and_birth_date(tmp_path):
         nib.save(nib.Nifti1Image(np.asanyarray(img.dataobj), img.affine, hdr), inp / folder / "T1w.nii.gz")
         (inp / folder / "T1w.json").write_text(json.dumps({"SeriesDescription": desc, "RepetitionTime": 2.0}))
     out = tmp_path / "out"
-    r = subprocess.run([sys.executable, "-m", "deidflow.cli", "run", str(inp), str(out), "--cores", "2",
-                        "--set", "face.method=none", "--set", "profile.preset=research"],
-                       env=dict(os.environ, DEIDFLOW_KEY=TEST_KEY), cwd=ROOT, capture_output=True, text=True,
-                       timeout=600)
+    r = _run(inp, out, "face.method=none", "profile.preset=research")
     assert r.returncode in (0, 3), r.stderr[-2000:]
     released = [p for p in out.rglob("*") if p.is_file()]
     assert any(p.name.endswith(".nii.gz") for p in released)
@@ -260,10 +262,7 @@ def test_retain_uids_releases_clean_uids_and_withholds_uids_holding_an_id(embedd
     import json
     inp = _real_series(tmp_path, embedded)
     out = tmp_path / "out"
-    r = subprocess.run([sys.executable, "-m", "deidflow.cli", "run", str(inp), str(out), "--cores", "2",
-                        "--set", "face.method=none", "--set", "pixels.clean=off", "--set", "profile.options=[retain_uids]"],
-                       env=dict(os.environ, DEIDFLOW_KEY=TEST_KEY), cwd=ROOT, capture_output=True, text=True,
-                       timeout=600)
+    r = _run(inp, out, "face.method=none", "pixels.clean=off", "profile.options=[retain_uids]")
     released = [p.read_bytes() for p in out.rglob("*.dcm")]
     withheld = json.loads((out.parent / "out_restricted" / "withheld.json").read_text())["withheld"]
     if embedded:
@@ -287,11 +286,8 @@ def test_real_vendor_trees_research_with_retain_uids_withhold_nothing(tmp_path):
     for name in ("dcm_qa_ge", "dcm_qa_decubitus", "dcm_qa_ct_ge"):
         shutil.copytree(require_shared(name, "In"), inp / name)
     out = tmp_path / "out"
-    r = subprocess.run([sys.executable, "-m", "deidflow.cli", "run", str(inp), str(out), "--cores", "2",
-                        "--set", "face.method=none", "--set", "pixels.clean=off", "--set", "profile.preset=research",
-                        "--set", "profile.options=[retain_uids]"],
-                       env=dict(os.environ, DEIDFLOW_KEY=TEST_KEY), cwd=ROOT, capture_output=True, text=True,
-                       timeout=900)
+    r = _run(inp, out, "face.method=none", "pixels.clean=off", "profile.preset=research",
+             "profile.options=[retain_uids]", timeout=900)
     withheld = json.loads((tmp_path / "out_restricted" / "withheld.json").read_text())
     assert r.returncode in (0, 3) and not withheld["withheld"], (r.stdout[-2000:], withheld)
     assert not withheld["published_with_leaks"] and len(list(out.glob("sub-*"))) == 5  # 3 GE, 1 Siemens, 1 CT
@@ -324,10 +320,7 @@ def test_utf16_name_in_safe_private_blob_not_released(tmp_path):
         blk.add_new(0x10, "OB", blob)
         ds.save_as(inp / f"{k}.dcm")
     out = tmp_path / "out"
-    r = subprocess.run([sys.executable, "-m", "deidflow.cli", "run", str(inp.parent), str(out), "--cores", "2",
-                        "--set", "face.method=none", "--set", "pixels.clean=off", "--set", "profile.preset=research"],
-                       env=dict(os.environ, DEIDFLOW_KEY=TEST_KEY), cwd=ROOT, capture_output=True, text=True,
-                       timeout=600)
+    r = _run(inp.parent, out, "face.method=none", "pixels.clean=off", "profile.preset=research")
     assert r.returncode in (0, 3), r.stdout[-2000:]
     released = [p.read_bytes() for p in out.rglob("*.dcm")]
     assert released
@@ -360,10 +353,7 @@ def test_real_t1_labelled_resting_is_defaced_under_research_preset(tmp_path):
     (tmp_path / "in" / "p1").mkdir(parents=True)
     ds.save_as(tmp_path / "in" / "p1" / "t1.dcm")
     out = tmp_path / "out"
-    r = subprocess.run([sys.executable, "-m", "deidflow.cli", "run", str(tmp_path / "in"), str(out), "--cores", "2",
-                        "--set", "profile.preset=research", "--set", "pixels.clean=off"],
-                       env=dict(os.environ, DEIDFLOW_KEY=TEST_KEY), cwd=ROOT, capture_output=True, text=True,
-                       timeout=900)
+    r = _run(tmp_path / "in", out, "profile.preset=research", "pixels.clean=off", timeout=900)
     assert r.returncode in (0, 3), r.stdout[-2000:]
     report = json.loads(next((tmp_path / "out_restricted" / "done" / "face").glob("*.json")).read_text())
     assert report["images"] and all(im["method"] != "none" for im in report["images"]), report
@@ -405,9 +395,7 @@ def test_ct_volume_rendering_series_not_released(tmp_path):
         ds.file_meta.TransferSyntaxUID = pydicom.uid.ExplicitVRLittleEndian
         ds.save_as(tmp_path / "in" / "p1" / f"vrt{k}.dcm")
     out = tmp_path / "out"
-    r = subprocess.run([sys.executable, "-m", "deidflow.cli", "run", str(tmp_path / "in"), str(out), "--cores", "2",
-                        "--set", "pixels.clean=off"], env=dict(os.environ, DEIDFLOW_KEY=TEST_KEY), cwd=ROOT,
-                       capture_output=True, text=True, timeout=900)
+    r = _run(tmp_path / "in", out, "pixels.clean=off", timeout=900)
     assert r.returncode == 3, r.stdout[-2000:]
     assert not list(out.rglob("*.dcm")) and not list(out.rglob("*.nii.gz"))
     assert "rendering" in (tmp_path / "out_restricted" / "quarantine.tsv").read_text()
@@ -430,10 +418,7 @@ def test_patient_age_over_89_capped_in_released_dicom(tmp_path):
         ds.SOPInstanceUID = ds.file_meta.MediaStorageSOPInstanceUID = generate_uid(entropy_srcs=["age", str(k)])
         ds.save_as(inp / f"{k}.dcm")
     out = tmp_path / "out"
-    r = subprocess.run([sys.executable, "-m", "deidflow.cli", "run", str(inp.parent), str(out), "--cores", "2",
-                        "--set", "face.method=none", "--set", "pixels.clean=off", "--set", "profile.preset=research"],
-                       env=dict(os.environ, DEIDFLOW_KEY=TEST_KEY), cwd=ROOT, capture_output=True, text=True,
-                       timeout=600)
+    r = _run(inp.parent, out, "face.method=none", "pixels.clean=off", "profile.preset=research")
     assert r.returncode in (0, 3), r.stdout[-2000:]
     ages = sorted(str(pydicom.dcmread(p).PatientAge) for p in out.rglob("*.dcm"))
     assert ages == ["045Y", "090Y"], ages
