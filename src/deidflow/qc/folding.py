@@ -23,17 +23,21 @@ if TYPE_CHECKING:
 Spans = Callable[..., list]
 
 
+# Latin letters Unicode does not decompose into a base letter, in ASCII (the identifier forms'
+# transliterations use the same table: identifiers.transliterations)
+FOLD_EXTRA = {"ß": "ss", "ø": "o", "Ø": "O", "æ": "ae", "Æ": "AE", "đ": "d", "Đ": "D", "ł": "l", "Ł": "L",
+              "œ": "oe", "Œ": "OE", "þ": "th", "Þ": "TH", "ı": "i", "ħ": "h", "Ħ": "H", "ð": "d", "Ð": "D"}
+
+
 @lru_cache(maxsize=1)
 def _accent_table() -> dict[bytes, bytes]:
     """Lower-cased base letters of the accented Latin letters U+00C0-U+017F, by their UTF-8 bytes
     and (U+00C0-U+00FF) their Latin-1 byte: ü, Ü -> u; ß -> ss; ø, ł, đ -> o, l, d."""
     import unicodedata
-    extra = {"ß": "ss", "ø": "o", "Ø": "o", "ł": "l", "Ł": "l", "đ": "d", "Đ": "d", "æ": "ae", "Æ": "ae",
-             "œ": "oe", "Œ": "oe", "ħ": "h", "Ħ": "h", "ı": "i", "þ": "th", "Þ": "th", "ð": "d", "Ð": "d"}
     out = {}
     for cp in range(0xC0, 0x180):
         c = chr(cp)
-        base = extra.get(c) or unicodedata.normalize("NFKD", c)[:1].lower()
+        base = (FOLD_EXTRA.get(c) or unicodedata.normalize("NFKD", c)[:1]).lower()
         if base.isascii() and base.isalpha():
             out[c.encode("utf-8")] = base.encode()
             if cp <= 0xFF:

@@ -25,7 +25,7 @@ from pathlib import Path
 from typing import Iterable, Iterator, Mapping
 
 from ..fsutil import RESTRICTED_FILE_MODE, atomic_write_text, make_restricted_dir
-from .folding import fold_accents, utf16_views
+from .folding import FOLD_EXTRA, fold_accents, utf16_views
 
 KINDS = ("name", "date", "datetime", "time", "uid", "id", "path")
 IDENTIFIERS_DIR = "identifiers"
@@ -282,8 +282,6 @@ _MONTHS = tuple(_MONTH_NAMES["en"][0].split())
 # ASCII transliterations a person typing the value may have used (beyond dropping the accents).
 _TRANSLIT = {"ä": "ae", "ö": "oe", "ü": "ue", "ß": "ss", "ø": "oe", "æ": "ae", "å": "aa", "œ": "oe",
              "Ä": "Ae", "Ö": "Oe", "Ü": "Ue", "Ø": "Oe", "Æ": "Ae", "Å": "Aa", "Œ": "Oe", "ẞ": "SS"}
-_FOLD_EXTRA = {"ß": "ss", "ø": "o", "Ø": "O", "æ": "ae", "Æ": "AE", "đ": "d", "Đ": "D", "ł": "l", "Ł": "L",
-               "œ": "oe", "Œ": "OE", "þ": "th", "Þ": "TH", "ı": "i"}
 
 
 # Cyrillic in Latin letters, as names are written in Latin-script documents (BGN/PCGN-like; ё and
@@ -342,7 +340,7 @@ def transliterations(value: str) -> set[str]:
     import unicodedata
 
     def strip(s: str) -> str:
-        s = "".join(_FOLD_EXTRA.get(c, c) for c in s)
+        s = "".join(FOLD_EXTRA.get(c, c) for c in s)
         return "".join(c for c in unicodedata.normalize("NFKD", s) if not unicodedata.combining(c))
     out = {strip(value), strip("".join(_TRANSLIT.get(c, c) for c in value))}
     return {o for o in out if o.isascii() and o.strip()}
