@@ -23,7 +23,7 @@ from pydicom.uid import UID_dictionary
 
 from . import __version__, dates, textclean, vendorblobs
 from .profile import Plan, Rule, method_codes
-from .sidecar import AGE_CAP_YEARS
+from .sidecar import AGE_CAP_YEARS, age_years
 from .pseudonym import Pseudonymizer
 
 if TYPE_CHECKING:
@@ -452,9 +452,8 @@ class Scrubber:
         if vr == "UI":
             return self._replace_uids(ds, tag)
         if vr == "AS":  # an age over 89 years is an identifier (HIPAA Safe Harbor): 090Y
-            age = str(value or "").strip()
-            if len(age) == 4 and age[:3].isdigit() and age[3] in "DWMY" and \
-                    int(age[:3]) / {"D": 365.25, "W": 52.18, "M": 12, "Y": 1}[age[3]] >= AGE_CAP_YEARS:
+            years = age_years(value or "")
+            if years is not None and years >= AGE_CAP_YEARS:
                 elem.value = f"{AGE_CAP_YEARS:03d}Y"
                 return True
             return False
