@@ -25,6 +25,7 @@ from typing import Callable
 from ..fsutil import RESTRICTED_FILE_MODE, atomic_write_text, make_restricted_dir
 from .leakcheck import facts_path
 from .clean import Outcome, PixelCleaner, PixelError
+from .layout import intersection
 from .policy import Decision
 from .qc import SubjectPixelsQC, _stem
 from . import screen
@@ -197,13 +198,11 @@ class SubjectPixels:
         in this file (``index`` among the screened files) must lie in a box the cleaner filled, on
         the same frame; else the file is withheld.  (``identifiers_only`` keeps text it judges
         harmless; the pixel leak check reads what it keeps.)"""
-        done = [r for r in (m.outcome.redactions if m.outcome else [])]
+        done = m.outcome.redactions if m.outcome else []
         for f in fact["found"]:
             if f["file"] != index:
                 continue
-            x0, y0, x1, y1 = f["box"]
-            if not any(r.frame == f["frame"] and r.box[0] < x1 and x0 < r.box[2] and r.box[1] < y1 and y0 < r.box[3]
-                       for r in done):
+            if not any(r.frame == f["frame"] and intersection(r.box, tuple(f["box"])) > 0 for r in done):
                 fact["check"] = [c for c in fact["check"] if c["file"] != m.name]
                 self._withhold(m, f"burned-in text the screen found on frame {f['frame']} was not removed by "
                                   "the cleaner", fact)
