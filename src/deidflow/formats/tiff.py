@@ -831,10 +831,11 @@ def scrub(src: Path, dst: Path, ctx: ScrubContext) -> ScrubResult:
                         else:
                             res.act(f"page {i} SubIFD {k} (associated image)", "removed")
                     kept.append((page, tags, subs))
-                w.replaced = _clean_blocks(fh, [q for p, _, subs in kept for q in (p, *(s for s, _ in subs))], res)
+                pages = [q for p, _, subs in kept for q in (p, *(s for s, _ in subs))]
+                w.replaced = _clean_blocks(fh, pages, res)
                 # all image data first, in their original order and contiguity (ImageJ stacks are
                 # read as one block), then the IFDs
-                where = w.copy_blocks([b for p, _, subs in kept for q in (p, *(s for s, _ in subs)) for b in q.blocks])
+                where = w.copy_blocks([b for q in pages for b in q.blocks])
                 ifds = [w.page(p, tags, subs, where) for p, tags, subs in kept]
                 for a, b in zip(ifds, ifds[1:]):
                     w._patch_next(a, b)

@@ -826,13 +826,13 @@ def late_subject_scan(release: Path, restricted: Path, units: Iterable[str], *, 
     out: dict[str, list[dict]] = {}
     for unit in units:
         record = json.loads((restricted / "done" / "verify" / f"{unit}.json").read_text())
-        late = now - set(record.get("searched_subjects", ()))  # a record without the list: every subject
-        later = restricted / "work" / unit / SEARCHED_LATER
-        if late and later.is_file():
-            late -= set(later.read_text().split())
         m = json.loads((restricted / "manifests" / f"{unit}.json").read_text())
-        mine = sorted(s for s in (subj["subject"] for subj in m["subjects"]) if s in published)
-        late -= {subj["subject"] for subj in m["subjects"]}
+        own = {subj["subject"] for subj in m["subjects"]}
+        late = now - own - set(record.get("searched_subjects", ()))  # a record without the list: every subject
+        later = restricted / "work" / unit / SEARCHED_LATER
+        covered = set(later.read_text().split()) if late and later.is_file() else set()
+        late -= covered
+        mine = sorted(own & published)
         if not late or not mine:
             continue
         salt = load_salt(restricted) if salt is None else salt
@@ -846,9 +846,8 @@ def late_subject_scan(release: Path, restricted: Path, units: Iterable[str], *, 
                 out[s] = sorted(hits, key=_hit_key)
                 clean = False
         if clean:
-            done = set(later.read_text().split()) if later.is_file() else set()
             make_restricted_dir(later.parent)
-            atomic_write_text(later, "".join(f"{s}\n" for s in sorted(done | late)), RESTRICTED_FILE_MODE)
+            atomic_write_text(later, "".join(f"{s}\n" for s in sorted(covered | late)), RESTRICTED_FILE_MODE)
     return out
 
 

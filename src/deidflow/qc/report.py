@@ -352,6 +352,7 @@ def build(release: Path, restricted: Path, staged: Path | None = None, dataset_v
     facts_audit = audit.scan(restricted, current)
     counts, audited = facts_audit.counts, facts_audit.files
     withhold_staged = dataset_files_withheld(dataset or {}, on_leak)
+    late_hits = (dataset or {}).get("late") or {}  # published subjects holding a later subject's values
     late = late_leaks(dataset or {}, on_leak)[0]  # publish_dataset takes them out of the release
     in_release = current - set(late) if current is not None else None
     out_total, out_per = _release_formats(release, staged, in_release, restricted, withhold_staged)
@@ -376,7 +377,7 @@ def build(release: Path, restricted: Path, staged: Path | None = None, dataset_v
             "audited_files": audited.get(s, 0),
             "actions": counts.get(s, Counter()),
             "images": images[s],
-            "verify": _with_late(verify["subjects"].get(s), ((dataset or {}).get("late") or {}).get(s)),
+            "verify": _with_late(verify["subjects"].get(s), late_hits.get(s)),
         }
     input_dir = Path(record["paths"]["input"]) if record["paths"].get("input") else None
     dicom_roots = [release / "sourcedata" / "dicom", restricted / "work" / "dicom"]
