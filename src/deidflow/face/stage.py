@@ -37,6 +37,7 @@ from .. import __version__
 from ..fsutil import QC_SUBDIR, RESTRICTED_FILE_MODE, atomic_write_bytes, atomic_write_text, gzip_bytes, make_restricted_dir
 from . import render
 from ..errors import OUTPUT_ERRNOS, PublicError
+from ..formats import VOLUME_FORMATS
 from .apply import GeometryMismatch, Nifti, derived_sidecar, mask_dicom, remap_file, uids_in
 from .select import Decision, ImageFacts, decide, extent_mm, head_shape, kind_of, rendering
 from .volume import for_backend, reference_volume, removed_value
@@ -203,8 +204,7 @@ class _Image:
         return self.nifti
 
 
-# Formats of the other stage the face stage reads, and those whose voxels it can write back.
-VOLUME_FORMATS = ("nifti1", "nifti2", "analyze", "mgh", "minc1", "minc2", "parrec")
+# Formats of the other stage (VOLUME_FORMATS) whose voxels the face stage can write back.
 WRITABLE_FORMATS = ("nifti1", "nifti2", "analyze", "mgh")
 
 
@@ -513,8 +513,12 @@ def _other_images(manifest: Mapping[str, Any], keeper: Keeper, face_cfg) -> list
                     data_rel = base + g["out_relpath"]
             try:
                 images.append(_describe_other(f, subject, rel, data_rel, sidecar, keeper, face_cfg))
-            except Exception as exc:  # a volume nibabel cannot read is not known to be a head
-                log.warning("%s: not readable as a volume (%s); released as it is", rel, type(exc).__name__)
+            except Exception as exc:  # noqa: BLE001 - not known not to be a head: never released
+                # (the other stage withholds a volume it cannot read, so this is a second line)
+                why = f"not readable as a volume ({type(exc).__name__}), so not known to show no face"
+                images.append(_Image({"format": f["format"]}, subject, rel, (0, 0, 0), np.eye(4), ImageFacts(
+                    rel, "", "", "", "", ()), Decision("withhold", why), None, fmt=f["format"], data_rel=data_rel,
+                    sidecar_rel=sidecar))
     return images
 
 

@@ -43,6 +43,8 @@ _MODULES = {
 }
 # Formats that are only ever companions of another file (handled by its scrub).
 COMPANION_FORMATS = {"img", "rec"}
+# Formats holding image volumes nibabel reads (screened for burned-in text, defaced).
+VOLUME_FORMATS = ("nifti1", "nifti2", "analyze", "mgh", "minc1", "minc2", "parrec")
 
 
 def get(name: str) -> Format:
@@ -68,4 +70,5 @@ def supported(name: str) -> bool:
     return True
 
 
-__all__ = ["Format", "FormatError", "ScrubContext", "ScrubResult", "get", "supported", "COMPANION_FORMATS"]
+__all__ = ["Format", "FormatError", "ScrubContext", "ScrubResult", "get", "supported", "COMPANION_FORMATS",
+           "VOLUME_FORMATS"]

@@ -19,7 +19,7 @@ from typing import Any, Iterable, Mapping
 
 from ..errors import OUTPUT_ERRNOS, PublicError
 from ..fsutil import RESTRICTED_FILE_MODE, atomic_write_text, make_restricted_dir, publish_dir, staging_dir_for
-from . import COMPANION_FORMATS, FormatError, ScrubContext, get
+from . import COMPANION_FORMATS, VOLUME_FORMATS, FormatError, ScrubContext, get
 
 STAGE = "other"
 
@@ -130,12 +130,32 @@ def _one(f, input_dir: Path, stage: Path, ctx: ScrubContext, bad, audit, found, 
     except Exception as exc:  # a reader's unexpected error on hostile input: quarantine, never release
         bad.append((f["relpath"], f"{fmt}: unreadable ({type(exc).__name__})"))
         return False
+    why = _pixel_text(stage / f["out_relpath"]) if fmt in VOLUME_FORMATS else None
+    if why:
+        for p in res.outputs:
+            Path(p).unlink(missing_ok=True)
+        bad.append((f["relpath"], f"{fmt}: {why}"))
+        return False
     for k, v in res.identifiers.items():
         found[k if found.get(k, v) == v else f"{k} ({f['src_id']})"] = v
     audit.append(json.dumps({"file": f"{rdir}/{subject}/{f['out_relpath']}", "source": f["src_id"],
                              "format": fmt, "outputs": [p.name for p in res.outputs],
                              "actions": res.actions}, sort_keys=True))
     return True
+
+
+def _pixel_text(staged: Path) -> str | None:
+    """Why a staged volume cannot be released as it is: burned-in text in its voxels, or voxels
+    that cannot be read to look (:mod:`deidflow.pixels.volumes`); None when it is clean."""
+    from ..pixels.screen import ScreenError
+    from ..pixels.volumes import VolumeUnreadable, text_in_volume
+    try:
+        where = text_in_volume(staged)
+    except (VolumeUnreadable, ScreenError) as exc:
+        return f"{exc}: cannot be screened for burned-in text"
+    except MemoryError:
+        return "too large to screen for burned-in text (out of memory)"
+    return f"burned-in text in the image ({where}); text in these formats' voxels is not removed" if where else None
 
 
 def _write_identifiers(restricted: Path, unit: str, subject: str, found: Mapping[str, str],

@@ -108,8 +108,10 @@ class OcrEngine:
                 out.append(TextBox(x0, y0, x1, y1, 1.0, curve=curve))
         return out, rgb, s
 
-    def read(self, scaled_rgb: np.ndarray, scale: float, boxes: list[TextBox]) -> list[TextBox]:
-        """The boxes with the text read in them (crops from the scaled image)."""
+    def read(self, scaled_rgb: np.ndarray, scale: float, boxes: list[TextBox],
+             views: tuple[tuple[bool, bool], ...] = ((False, False),)) -> list[TextBox]:
+        """The boxes with the text read in them (crops from the scaled image), each crop read in
+        every one of ``views`` (upside down, mirrored): the best reading counts."""
         if not boxes:
             return []
         crops, owner = [], []
@@ -117,16 +119,18 @@ class OcrEngine:
         for i, b in enumerate(boxes):
             y0, y1 = max(0, int(b.y0 * scale)), min(H, int(np.ceil(b.y1 * scale)))
             x0, x1 = max(0, int(b.x0 * scale)), min(W, int(np.ceil(b.x1 * scale)))
-            crop = scaled_rgb[y0:max(y1, y0 + 1), x0:max(x1, x0 + 1)]
-            if crop.shape[0] * 1.5 <= crop.shape[1] or crop.shape[0] < 2:
-                crops.append(crop)
-                owner.append(i)
-            else:  # tall boxes: vertical text, read top-down and bottom-up (labels run either way)
-                crops += [np.ascontiguousarray(np.rot90(crop)), np.ascontiguousarray(np.rot90(crop, -1))]
-                owner += [i, i]
+            box = scaled_rgb[y0:max(y1, y0 + 1), x0:max(x1, x0 + 1)]
+            for fy, fx in views:
+                crop = box[::-1 if fy else 1, ::-1 if fx else 1]
+                if crop.shape[0] * 1.5 <= crop.shape[1] or crop.shape[0] < 2:
+                    crops.append(np.ascontiguousarray(crop))
+                    owner.append(i)
+                else:  # tall boxes: vertical text, read top-down and bottom-up (labels run either way)
+                    crops += [np.ascontiguousarray(np.rot90(crop)), np.ascontiguousarray(np.rot90(crop, -1))]
+                    owner += [i, i]
         res, _ = self.rec(crops)
         best: dict[int, tuple[str, float]] = {}
-        for i, (t, sc, *_) in zip(owner, res):  # the bottom-up reading counts when it reads as a word
+        for i, (t, sc, *_) in zip(owner, res):  # another reading counts when it reads as a word
             if i not in best or (float(sc) > best[i][1] and len(re.findall(r"[0-9A-Za-z]", str(t))) >= 3):
                 best[i] = (str(t), float(sc))
         return [TextBox(b.x0, b.y0, b.x1, b.y1, b.score, *best[i], b.curve) for i, b in enumerate(boxes)]

@@ -342,10 +342,11 @@ def scale_for(h: int, w: int) -> float:
 
 
 def text_in(frame: np.ndarray, invert: bool, threads: int = 1,
-            crop: tuple[int, int, int, int] | None = None) -> list[tuple[tuple[int, int, int, int], str, float]]:
+            crop: tuple[int, int, int, int] | None = None,
+            views: tuple[tuple[bool, bool], ...] = ((False, False),)) -> list[tuple[tuple[int, int, int, int], str, float]]:
     """Text the screen accepts in one frame (or the ``crop`` of it): boxes in frame pixels, the
     text read and its confidence, for boxes that read as at least MIN_CHARS letters or digits with
-    confidence MIN_SCORE."""
+    confidence MIN_SCORE; each box is read in each of ``views`` (:data:`VIEWS`)."""
     eng = ocr.engine(threads)
     x0, y0 = (crop[0], crop[1]) if crop else (0, 0)
     part = frame[crop[1]:crop[3], crop[0]:crop[2]] if crop else frame
@@ -356,7 +357,7 @@ def text_in(frame: np.ndarray, invert: bool, threads: int = 1,
         # widest boxes first (text lines are wide), a few at a time: one readable line decides
         found.sort(key=lambda b: -(b.x1 - b.x0))
         for i in range(0, len(found), READ_BATCH):
-            for tb in eng.read(rgb, s, found[i:i + READ_BATCH]):
+            for tb in eng.read(rgb, s, found[i:i + READ_BATCH], views):
                 if tb.text_score >= MIN_SCORE and len(_ALNUM.findall(tb.text)) >= MIN_CHARS:
                     out.append(((tb.x0 + x0, tb.y0 + y0, tb.x1 + x0, tb.y1 + y0), tb.text, tb.text_score))
             if out:
@@ -384,13 +385,30 @@ def _frames(index: int, path: Path, header):
 
 
 # -- a series ---------------------------------------------------------------------------------
+VIEWS = ((False, False), (True, True), (False, True), (True, False))
+"""(upside down, mirrored) ways of reading a text box whose display orientation is not known (a
+volume's slices): the recognizer reads only upright text (and tall boxes turned either way), so
+these four cover every rotation and mirror image of a line of text."""
+
+
 def screen(files: list[tuple[Path, object]], threads: int = 1) -> Result:
-    """Screen one series: ``files`` are its staged files in order with the original header values
-    the engine captured (pixel module).  Stops at the first text found.  Raises ScreenError
-    for a file whose pixels cannot be read."""
-    t0 = time.perf_counter()
+    """Screen one DICOM series: ``files`` are its staged files in order with the original header
+    values the engine captured (pixel module).  Stops at the first text found.  Raises
+    ScreenError for a file whose pixels cannot be read."""
     counts = [max(1, int((h.get("NumberOfFrames") if h is not None else 1) or 1)) for _, h in files]
-    n = sum(counts)
+    return screen_frames([(c, (lambda i=i, p=p, h=h: _frames(i, p, h))) for i, (c, (p, h)) in enumerate(zip(counts, files))],
+                         threads)
+
+
+def screen_frames(sources: list[tuple[int, "object"]], threads: int = 1,
+                  views: tuple[tuple[bool, bool], ...] = VIEWS[:1]) -> Result:
+    """Screen one series of frames: ``sources`` hold, per file (or volume) in order, its expected
+    number of frames and a callable opening it (an object with ``n``, ``frame(k)`` and
+    ``invert``); each box the detector finds is read in each of ``views`` (display
+    orientation known: only as it is).  Stops at the first text found.  Raises ScreenError for a
+    source whose pixels cannot be read."""
+    t0 = time.perf_counter()
+    n = sum(c for c, _ in sources)
     res = Result(frames=n)
     picks = set(sample(n))
     kept: dict[int, tuple[np.ndarray, bool]] = {}  # position -> (frame, invert)
@@ -398,8 +416,8 @@ def screen(files: list[tuple[Path, object]], threads: int = 1) -> Result:
     all_stats = []
     maps: list = []  # edge maps of the last three frames
     drawn: list[int] = []  # frames with text or graphics no neighbour shows
-    for fi, (path, header) in enumerate(files):
-        fr = _frames(fi, path, header)
+    for fi, (_, opener) in enumerate(sources):
+        fr = opener()
         for k in range(fr.n):
             pos = len(where)
             where.append((fi, k))
@@ -421,7 +439,7 @@ def screen(files: list[tuple[Path, object]], threads: int = 1) -> Result:
 
     def look(pos: int, frame: np.ndarray, invert: bool, crop=None) -> bool:
         res.detector_runs += 1
-        for box, _, score in text_in(frame, invert, threads, crop):
+        for box, _, score in text_in(frame, invert, threads, crop, views):
             res.found.append(Found(*where[pos], box, score))
         return res.text
 
@@ -454,7 +472,7 @@ def screen(files: list[tuple[Path, object]], threads: int = 1) -> Result:
             if pos in kept:
                 frame, invert = kept[pos]
             else:
-                fr = _frames(fi, *files[fi])
+                fr = sources[fi][1]()
                 frame, invert = fr.frame(k), fr.invert
             res.screened += 1
             if look(pos, frame, invert):
