@@ -206,6 +206,39 @@ def test_minc1_planted_attributes_in_place(tmp_path):
     assert b"20210314" in blob and b"2021-03-14" in blob and b"033Y" in blob  # -100 days
 
 
+@pytest.mark.parametrize("age, capped", [("092Y", b"090Y"), ("97", b"90\x00"), ("93 years", b"90\x00\x00"),
+                                         ("045Y", b"045Y")])
+def test_minc1_kept_age_over_89_is_capped(tmp_path, age, capped):
+    """A MINC patient:age of 92 was released as it was under retain_patient_characteristics
+    (red-team 3): DICOM's PatientAge, twix and the sidecars cap it at 90."""
+    from nibabel.externals import netcdf
+    src = _plant_minc1(tmp_path / "in.mnc")
+    f = netcdf.netcdf_file(str(src), "a")
+    f.variables["patient"].age = age
+    f.variables["patient"].weight = 97.0  # not an age: kept
+    f.close()
+    res = formats.get("minc1").scrub(src, tmp_path / "out.mnc", ctx(["retain_patient_characteristics"]))
+    blob = (tmp_path / "out.mnc").read_bytes()
+    assert capped in blob and (age == "045Y" or age.encode() not in blob)
+    assert (res.actions.get("patient:age") == "capped") == (age != "045Y")
+    weight = netcdf.netcdf_file(str(tmp_path / "out.mnc"), "r", mmap=False).variables["patient"].weight
+    assert float(np.asarray(weight).ravel()[0]) == 97.0
+
+
+def test_minc2_kept_numeric_and_text_ages_over_89_are_capped(tmp_path):
+    import h5py
+    for kind, value in (("text", np.bytes_("094Y")), ("number", np.float64(94.5))):
+        src = tmp_path / f"{kind}.mnc"
+        shutil.copy(require_shared("nibabel", "minc2_4d.mnc"), src)
+        with h5py.File(src, "r+") as f:
+            f["minc-2.0"].require_group("info").require_group("patient").attrs["age"] = value
+        out = tmp_path / f"{kind}-out.mnc"
+        formats.get("minc2").scrub(src, out, ctx(["retain_patient_characteristics"]))
+        with h5py.File(out, "r") as f:
+            got = f["minc-2.0/info/patient"].attrs["age"]
+        assert (got == b"090Y") if kind == "text" else float(got) == 90.0, got
+
+
 def test_minc2_planted_attributes(tmp_path):
     import h5py
     src = tmp_path / "in.mnc"

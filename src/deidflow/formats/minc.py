@@ -8,7 +8,8 @@ One rule table decides, per (variable or group, attribute), what happens; both f
   time) and anything else are emptied; ``minc_version`` and ``class`` are kept;
 * ``patient``: ``full_name`` and ``identification`` → the subject pseudonym (cut or padded with
   NUL bytes to the original length); ``sex``, ``age``, ``weight``, ``size`` kept with
-  ``retain_patient_characteristics``, else emptied; ``birthdate`` and every other attribute
+  ``retain_patient_characteristics``, else emptied (a kept age over 89 years becomes 90, as
+  ``090Y`` or ``90`` in the attribute's own form); ``birthdate`` and every other attribute
   emptied;
 * ``study``: ``modality``, ``manufacturer``, ``model``, ``field_value``, ``software_version``
   kept; ``institution`` kept with ``retain_institution_identity``; ``station_id`` and
@@ -41,6 +42,7 @@ import shutil
 import struct
 from pathlib import Path
 
+from ..sidecar import AGE_CAP_YEARS, age_years
 from .base import Format, FormatError, Outputs, ScrubContext, ScrubResult
 
 STRUCTURAL = {"varid", "vartype", "version", "parent", "children"}
@@ -65,7 +67,7 @@ def rule(var: str, attr: str, is_text: bool, ctx: ScrubContext) -> str:
         if a in ("full_name", "identification"):
             return "pseudonym"
         if a in ("sex", "age", "weight", "size") and ctx.option("retain_patient_characteristics"):
-            return "keep"
+            return "age" if a == "age" else "keep"
         return "empty"
     if v in ("study", "acquisition"):
         if "date" in a:
@@ -96,6 +98,15 @@ def new_text(action: str, value: bytes, ctx: ScrubContext, res: ScrubResult, lab
     text = value.split(b"\x00", 1)[0].decode("latin-1")
     if action == "keep" or not text.strip():
         return None
+    if action == "age":  # kept, but an age over 89 is an identifier (HIPAA Safe Harbor): 90
+        lead = re.match(r"\s*(\d+(?:\.\d*)?)", text)  # "92 years", "92y"
+        years = age_years(text.strip())
+        years = float(lead.group(1)) if years is None and lead else years
+        if years is None or years < AGE_CAP_YEARS:
+            return None
+        res.act(label, "capped")
+        dicom_form = re.fullmatch(r"\d{3}[DWMY]", text.strip().upper())
+        return _fit((f"{AGE_CAP_YEARS:03d}Y" if dicom_form else str(AGE_CAP_YEARS)).encode("ascii"), n)
     if action == "pseudonym":
         res.found(label, text)
         res.act(label, "replaced")
@@ -130,6 +141,21 @@ def new_text(action: str, value: bytes, ctx: ScrubContext, res: ScrubResult, lab
     res.found(label, text)
     res.act(label, "emptied")
     return bytes(n)
+
+
+_NC_NUMBERS = {3: ">i2", 4: ">i4", 5: ">f4", 6: ">f8"}  # NetCDF-3 short, int, float, double
+
+
+def _cap_numeric_age(header: bytearray, start: int, n: int, typ: int, res: ScrubResult, label: str) -> None:
+    """A numeric MINC1 age attribute over 89 years becomes 90, in place."""
+    import numpy as np
+    dt = _NC_NUMBERS.get(typ)
+    if dt is None or n % np.dtype(dt).itemsize:
+        return
+    val = np.frombuffer(bytes(header[start:start + n]), dt)
+    if (val >= AGE_CAP_YEARS).any():
+        header[start:start + n] = np.minimum(val, AGE_CAP_YEARS).astype(dt).tobytes()
+        res.act(label, "capped")
 
 
 def _fit(data: bytes, n: int) -> bytes:
@@ -269,6 +295,8 @@ def _minc1_scrub(src: Path, dst: Path, ctx: ScrubContext) -> ScrubResult:
             new = new_text(act, bytes(header[start:start + n]), ctx, res, label)
             if new is not None:
                 header[start:start + n] = new
+        elif act == "age":
+            _cap_numeric_age(header, start, n, typ, res, label)
         elif act in ("empty", "pseudonym", "descriptor", "date", "time") and any(header[start:start + n]):
             if act == "time" and ctx.date_policy != "remove":
                 continue
@@ -353,6 +381,11 @@ def _minc2_scrub(src: Path, dst: Path, ctx: ScrubContext) -> ScrubResult:
                                 obj.attrs.modify(name, np.array(new, dtype=dt))
                         elif act == "keep" or (act == "time" and ctx.date_policy != "remove"):
                             continue
+                        elif act == "age":
+                            val = np.asarray(obj.attrs[name])
+                            if val.dtype.kind in "iuf" and (val >= AGE_CAP_YEARS).any():
+                                obj.attrs.modify(name, np.minimum(val, AGE_CAP_YEARS).astype(dt))
+                                res.act(label, "capped")
                         else:
                             val = np.asarray(obj.attrs[name])
                             if val.dtype.kind in "OSUV":
