@@ -267,3 +267,27 @@ def test_plain_tiff_with_burned_in_text_is_withheld(tmp_path, layout):
     with pytest.raises(FormatError, match="shows text"):
         tiff.scrub(src, tmp_path / "out.tif", ctx())
     assert not (tmp_path / "out.tif").exists()
+
+
+def test_plain_tiff_stack_with_text_on_an_unsampled_page_is_withheld(tmp_path):
+    """A scanned form slipped into a long plain TIFF stack on a page the spread sample skips (page 7
+    of 20; red-team 3: released before).  The pages now go through the series screen: a page
+    whose statistics stand out is looked at too."""
+    from PIL import Image, ImageDraw, ImageFont
+    from deidflow.pixels.screen import sample
+    rng = np.random.default_rng(3)
+    yy, xx = np.mgrid[:300, :400]
+    pages = np.stack([np.clip(rng.normal(30, 8, (300, 400)) + 90 * (((yy - 150) / (80 + 3 * i)) ** 2
+                                                                     + ((xx - 200) / 120) ** 2 <= 1), 0, 255)
+                      for i in range(20)]).astype(np.uint8)
+    assert 7 not in sample(20)
+    form = Image.new("L", (400, 300), 235)
+    ImageDraw.Draw(form).text((10, 10), "DOE JANE MRN 5566778", fill=10, font=ImageFont.load_default(size=14))
+    clean = tmp_path / "clean.tif"
+    tifffile.imwrite(clean, pages, photometric="minisblack")
+    pages[7] = np.asarray(form)
+    src = tmp_path / "stack.tif"
+    tifffile.imwrite(src, pages, photometric="minisblack")
+    with pytest.raises(FormatError, match="page 7 shows text"):
+        tiff.scrub(src, tmp_path / "out.tif", ctx())
+    tiff.scrub(clean, tmp_path / "clean-out.tif", ctx())  # released

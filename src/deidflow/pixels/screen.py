@@ -483,19 +483,34 @@ def screen_frames(sources: list[tuple[int, "object"]], threads: int = 1,
 
 
 # -- images outside DICOM ---------------------------------------------------------------------
-def page_with_text(pages: list, threads: int = 1) -> int | None:
-    """The first page (position in ``pages``) that shows text, looking at :func:`sample` of them:
-    the screen for images whose pixels deidflow releases as they are and cannot clean (plain TIFF
-    pages: scans, screenshots, photographs of forms).  ``pages`` holds callables giving each page
-    as an array (2-D, or rows × columns × samples)."""
-    for pos in sample(len(pages)):
-        arr = np.asarray(pages[pos]())
+class _Page:
+    """One page of an image file as a one-frame source (a 2-D array, or rows × columns × samples)."""
+
+    invert = False
+    n = 1
+
+    def __init__(self, read):
+        self._read = read
+
+    def frame(self, k: int) -> np.ndarray:
+        arr = np.asarray(self._read())
         if arr.ndim == 3 and arr.shape[-1] not in (3, 4):  # samples first (planar) or a stack
             arr = arr[0] if arr.shape[0] not in (3, 4) else np.moveaxis(arr, 0, -1)
         if arr.ndim == 3:
             arr = arr[..., :3]
-        if arr.ndim != 2 and arr.ndim != 3 or min(arr.shape[:2]) < 8:
-            continue
-        if text_in(arr, False, threads):
-            return pos
-    return None
+        if arr.ndim not in (2, 3):
+            raise ValueError(f"a page of {arr.ndim} dimensions")
+        return arr
+
+
+def page_with_text(pages: list, threads: int = 1) -> int | None:
+    """The page (position in ``pages``) on which text was found, or None: the series screen
+    (:func:`screen_frames`: every page of a short stack; the sample, outlier pages and pages whose
+    edges no neighbour shows in a long one) for images whose pixels deidflow releases as they are
+    and cannot clean (plain TIFF pages: scans, screenshots, photographs of forms).  ``pages``
+    holds callables giving each page as an array.  Raises ScreenError for a page that cannot be
+    decoded."""
+    def opener(read):
+        return lambda: _Page(read)
+    res = screen_frames([(1, opener(read)) for read in pages], threads)
+    return res.found[0].file if res.text else None
