@@ -10,7 +10,9 @@ come from the facts files.  Speed:
 the cleaner (two renderings, detection + recognition, write-back) with one ONNX/OpenCV thread,
 against the baseline of the same files only decoded and written back by pydicom, and all_text
 with every detected box read by the recognizer (what it did before only the boxes whose reading
-decides something were read), both measured in the same run.  The machine is shared: repeat for stable numbers.
+decides something were read), both measured in the same run.  Real NIfTI / Analyze / MINC volumes:
+the ``other`` stage's burned-in text screen against reading their voxels with nibabel.  The machine
+is shared: repeat for stable numbers.
 """
 from __future__ import annotations
 
@@ -146,6 +148,39 @@ def bench_clean_series(scratch: Path) -> None:
         shutil.rmtree(work)
 
 
+REAL_VOLUMES = ("mricron/chris_t1.nii.gz", "dcm_qa_xa30/Ref/5_anat-T1w_acq-tfl.nii",
+                "dcm_qa_ge/Ref/Ax_fMRI_HB3_48sl_int_asc_14.nii", "dcm_qa_ge/Ref/Ax_DWI_TENSOR_R2_1.nii",
+                "analyze_spm99/canonical/single_subj_T1.hdr", "nibabel/minc2-4d-d.mnc")
+
+
+def bench_volumes() -> None:
+    """Real volumes the ``other`` stage releases, screened for burned-in text
+    (:func:`deidflow.pixels.volumes.text_in_volume`, one thread), against the baseline of
+    reading their voxels with nibabel; best of 3 each (the OCR models loaded before)."""
+    import nibabel as nib
+    import numpy as np
+    from deidflow.pixels import ocr
+    from deidflow.pixels.volumes import text_in_volume
+    ocr.engine(1)
+    print("\nBurned-in text screen of real NIfTI / Analyze / MINC volumes, one thread (best of 3)")
+    print(f"{'volume':46s} {'shape':>18s} {'read s':>7s} {'screen s':>9s} {'text':>5s}")
+    for rel in REAL_VOLUMES:
+        path = SHARED / rel
+        if not path.is_file():
+            continue
+        read, spent, where = [], [], None
+        for _ in range(3):
+            t = time.perf_counter()
+            img = nib.load(str(path))
+            np.asanyarray(img.dataobj)
+            read.append(time.perf_counter() - t)
+            t = time.perf_counter()
+            where = text_in_volume(path)
+            spent.append(time.perf_counter() - t)
+        shape = "x".join(str(d) for d in img.shape)
+        print(f"{rel[-46:]:46s} {shape:>18s} {min(read):>7.2f} {min(spent):>9.2f} {'yes' if where else 'no':>5s}")
+
+
 def baseline(files: list[Path], scratch: Path) -> float:
     """Seconds to decode every file's pixels and write the file back with pydicom."""
     t = time.perf_counter()
@@ -190,6 +225,7 @@ def main() -> int:
     with tempfile.TemporaryDirectory() as tmp:
         bench_screen(Path(tmp))
         bench_clean_series(Path(tmp))
+    bench_volumes()
     return 0
 
 
