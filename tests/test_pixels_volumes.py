@@ -268,3 +268,16 @@ def test_gzipped_4d_series_is_decompressed_once(tmp_path, monkeypatch):
     monkeypatch.setattr(openers.Opener, "__init__", counting)
     assert volumes.text_in_volume(path) is None
     assert len(opened) <= 3, len(opened)  # header, stream (30 before)
+
+
+def test_text_on_sagittal_planes_of_one_volume_of_a_long_fmri_found(tmp_path):
+    """A 4D series was cut across voxel axis 2 only: a label drawn on sagittal planes of one of
+    200 volumes (each axial slice crosses it as a line of dots) was released.  The volumes'
+    voxelwise maximum and minimum are now screened across the other two axes."""
+    rng = np.random.default_rng(1)
+    base = head(36, 64).astype(np.float32)
+    bold = np.clip(np.stack([base + rng.normal(0, 8, base.shape) for _ in range(200)], -1), 0, 4095).astype(np.int16)
+    vol = bold[..., 77]
+    bold[..., 77] = burned(vol, axis=0, slices=range(30, 33))
+    where = volumes.text_in_volume(save(bold, tmp_path / "bold.nii"))
+    assert where is not None and where.axis == 0 and where.over == "maximum", where

@@ -39,14 +39,16 @@ class VolumeUnreadable(ValueError):
 
 @dataclass(frozen=True)
 class Where:
-    """Where text was found: voxel axis the slices were cut across, slice, volume (4D)."""
+    """Where text was found: voxel axis the slices were cut across, slice, volume (4D), or
+    ``over`` the volumes' voxelwise maximum or minimum (4D, the other two axes)."""
 
     axis: int
     slice: int
     volume: int
+    over: str = ""
 
     def __str__(self) -> str:
-        vol = f" of volume {self.volume}" if self.volume else ""
+        vol = f" of the {self.over} over volumes" if self.over else f" of volume {self.volume}" if self.volume else ""
         return f"slice {self.slice} across voxel axis {self.axis}{vol}"
 
 
@@ -147,28 +149,44 @@ def text_in_volume(path: Path, threads: int = 1) -> Where | None:
     dims = [shape[i] for i in spatial] + [1] * (3 - len(spatial))
     volumes = int(np.prod([shape[i] for i in other])) if other else 1
     cache: dict[int, np.ndarray] = {}
+    envelope: list[np.ndarray] = []  # voxelwise maximum and minimum of the volumes read (4D)
 
     def opener(t: int):
         def open_() -> _Slices:
             if t not in cache:
                 cache.clear()  # one volume in memory at a time
                 try:
-                    cache[t] = _block(img, shape, spatial, other, t)
+                    cache[t] = b = _block(img, shape, spatial, other, t)
                 except (MemoryError, VolumeUnreadable):
                     raise
                 except Exception as exc:  # noqa: BLE001 - truncated data, a codec, …
                     raise VolumeUnreadable(f"voxels not readable ({type(exc).__name__})") from None
+                if volumes > 1 and envelope:
+                    np.maximum(envelope[0], b, out=envelope[0])
+                    np.minimum(envelope[1], b, out=envelope[1])
+                elif volumes > 1:
+                    envelope[:] = [b.copy(), b.copy()]
             return _Slices(cache[t], axis)
         return open_
 
-    axes = (2, 1, 0) if volumes == 1 else (2,)
-    for axis in axes:
-        side = [d for i, d in enumerate(dims) if i != axis]
-        if min(side) < MIN_SIDE:
-            continue
-        sources = [(dims[axis], opener(t)) for t in range(volumes)]
-        res = screen.screen_frames(sources, threads, views=screen.VIEWS)
-        if res.text:
-            f = res.found[0]
-            return Where(axis, f.frame, f.file)
+    def seen(axis: int) -> bool:
+        return min(d for i, d in enumerate(dims) if i != axis) >= MIN_SIDE
+
+    for axis in (2, 1, 0) if volumes == 1 else (2,):
+        if seen(axis):
+            res = screen.screen_frames([(dims[axis], opener(t)) for t in range(volumes)], threads, views=screen.VIEWS)
+            if res.text:
+                return Where(axis, res.found[0].frame, res.found[0].file)
+    # 4D: text across the other two axes of one volume (a sagittal reformat's label) shows in the
+    # voxelwise maximum (bright text) or minimum (dark text) of the volumes, read above
+    if volumes > 1 and not envelope:  # (a series too thin across axis 2 to have been read)
+        for t in range(volumes):
+            opener(t)()
+    for over, block in zip(("maximum", "minimum"), list(envelope)):
+        for axis in (1, 0):
+            if seen(axis):
+                res = screen.screen_frames([(dims[axis], lambda b=block, a=axis: _Slices(b, a))], threads,
+                                           views=screen.VIEWS)
+                if res.text:
+                    return Where(axis, res.found[0].frame, 0, over)
     return None
