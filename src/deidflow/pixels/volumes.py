@@ -6,18 +6,19 @@ releases voxels as they are.  The volume is screened like a DICOM series
 (:func:`.screen.screen_frames`: sampled slices, slices whose statistics stand out, edges that stay
 in place from slice to slice or appear on one slice only):
 
-* every slice of the slice axis (the third voxel axis, where converters put the acquired
-  frames), over every volume of a 4D image;
+* every slice of the slice axis (the third spatial axis, where converters put the acquired
+  frames), over every volume of a 4D image; MINC's spatial axes are its ``*space`` dimensions,
+  wherever the file puts time (:func:`_axes`);
 * for a single 3D volume, also the slices along the other two axes (a reformat or a label drawn
-  onto a sagittal view);
+  onto a sagittal view); for a 4D image, those of its volumes' voxelwise maximum and minimum;
 * each slice is read as stored and upside down, mirrored, and both (:data:`.screen.VIEWS`):
   the voxel order says nothing certain about which way up the text was drawn (dcm2niix stores
   rows bottom-up), and the recognizer reads only upright text.
 
-Values are stretched to 16 bits over each volume's finite range (float volumes, per-slice
-scaling) before the screen looks; nothing is written.  Text found, or a volume that cannot be
-read, withholds the file (:func:`text_in_volume`'s callers): deidflow does not rewrite voxels of
-these formats to blank text.
+Values are stretched to 16 bits over each volume's range, robust to a few extreme voxels
+(:func:`_stretched`) before the screen looks; nothing is written.  Text found, or a volume that
+cannot be read (or holds more than MAX_VOXELS), withholds the file (:func:`text_in_volume`'s
+callers): deidflow does not rewrite voxels of these formats to blank text.
 """
 from __future__ import annotations
 
