@@ -281,3 +281,18 @@ def test_text_on_sagittal_planes_of_one_volume_of_a_long_fmri_found(tmp_path):
     bold[..., 77] = burned(vol, axis=0, slices=range(30, 33))
     where = volumes.text_in_volume(save(bold, tmp_path / "bold.nii"))
     assert where is not None and where.axis == 0 and where.over == "maximum", where
+
+
+def test_minc_4d_head_with_time_first_is_not_released_with_its_face(tmp_path):
+    """The face stage measured a (t, z, y, x) MINC's extent on (t, z, y): two volumes of the real
+    chris_t1 head, time first, were 'not a head' (2 × 176 × 256 mm) and released with the face,
+    while the same head as a 3D MINC was withheld (MINC cannot be defaced in place).  The face
+    stage now takes the spatial dimensions by name (volumes.spatial_shape) like the text screen."""
+    zyx = np.ascontiguousarray(head(160, 200).transpose(2, 1, 0)[:, :, :160])  # z 160, y 200, x 200
+    inp = tmp_path / "in"
+    write_minc2(inp / "PATIENT_A" / "t1.mnc", np.stack([zyx, zyx]), ["time", "zspace", "yspace", "xspace"])
+    out = tmp_path / "out"
+    r = _run(inp, out)
+    assert r.returncode == 3, r.stderr[-2000:]
+    assert not list(out.rglob("*.mnc"))
+    assert any("face" in " ".join(q.values()) for q in _quarantined(out)), _quarantined(out)

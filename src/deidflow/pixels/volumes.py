@@ -115,6 +115,14 @@ def _axes(img, ndim: int) -> tuple[list[int], list[int]]:
     return list(range(min(3, ndim))), list(range(3, ndim))
 
 
+def spatial_shape(img) -> tuple[tuple[int, ...], int]:
+    """(the spatial dimensions in voxel-axis order, as the affine's columns; the number of
+    volumes) of a nibabel image: for a MINC with time first, ((z, y, x), t), not (t, z, y)."""
+    shape = tuple(int(d) for d in img.shape)
+    spatial, other = _axes(img, len(shape))
+    return tuple(shape[i] for i in sorted(spatial)), int(np.prod([shape[i] for i in other])) if other else 1
+
+
 def _block(img, shape: tuple[int, ...], spatial: list[int], other: list[int], t: int) -> np.ndarray:
     """Volume ``t`` of the image, its spatial axes in ``spatial`` order and padded to three (RGB
     as a last axis), stretched."""
