@@ -92,10 +92,9 @@ def _stretched(a: np.ndarray) -> np.ndarray:
         sample = a.ravel()[::max(1, a.size // 1_000_000)]
         q0, q1 = (float(x) for x in np.quantile(sample, (TAIL, 1 - TAIL)))
         if (q1 - q0) * SPREAD_LIMIT >= hi - lo or q1 <= q0:
-            xs, ys = [lo, hi], [0.0, 65535.0]
+            out[...] = (a - lo) * (65535.0 / (hi - lo))
         else:
-            xs, ys = [lo, q0, q1, hi], [0.0, 65535.0 * BULK[0], 65535.0 * BULK[1], 65535.0]
-        out[...] = np.interp(a, xs, ys)
+            out[...] = np.interp(a, [lo, q0, q1, hi], [0.0, 65535.0 * BULK[0], 65535.0 * BULK[1], 65535.0])
     if top is not None:
         out[top], out[bottom] = 65535, 0
     return out
