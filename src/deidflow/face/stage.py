@@ -526,6 +526,7 @@ def _describe_other(f: Mapping[str, Any], subject: str, rel: str, data_rel: str,
                     keeper: Keeper, face_cfg) -> _Image:
     import nibabel as nib
     from ..formats.base import stem_of
+    from ..pixels.volumes import spatial_shape
     where = keeper.root / rel if (keeper.root / rel).is_file() else keeper.orig / rel  # withheld earlier
     hdr_img = nib.load(where)
     shape, affine = tuple(hdr_img.shape), np.asarray(hdr_img.affine, float)
@@ -542,9 +543,10 @@ def _describe_other(f: Mapping[str, Any], subject: str, rel: str, data_rel: str,
     description = " ".join([*(str(side.get(k) or "") for k in ("SeriesDescription", "ProtocolName")),
                             stem_of(name)]).strip()
     zooms = np.sqrt((affine[:3, :3] ** 2).sum(axis=0))
+    spatial, volumes = spatial_shape(hdr_img)  # a MINC's time dimension may come first
     facts = ImageFacts(path=rel, suffix=suffix, modality=modality, body_part=body, description=description,
-                       extent_mm=extent_mm(shape[:3], zooms), bare=not (modality or body or suffix),
-                       volumes=int(np.prod(shape[3:])) if len(shape) > 3 else 1)
+                       extent_mm=extent_mm(spatial[:3], zooms), bare=not (modality or body or suffix),
+                       volumes=volumes)
     im = _Image({"format": f["format"]}, subject, rel, shape, affine, facts, decide(facts, face_cfg), None,
                 fmt=f["format"], data_rel=data_rel, sidecar_rel=sidecar_rel)
     _shape_test(im, keeper, face_cfg)

@@ -6,18 +6,19 @@ releases voxels as they are.  The volume is screened like a DICOM series
 (:func:`.screen.screen_frames`: sampled slices, slices whose statistics stand out, edges that stay
 in place from slice to slice or appear on one slice only):
 
-* every slice of the slice axis (the third voxel axis, where converters put the acquired
-  frames), over every volume of a 4D image;
+* every slice of the slice axis (the third spatial axis, where converters put the acquired
+  frames), over every volume of a 4D image; MINC's spatial axes are its ``*space`` dimensions,
+  wherever the file puts time (:func:`_axes`);
 * for a single 3D volume, also the slices along the other two axes (a reformat or a label drawn
-  onto a sagittal view);
+  onto a sagittal view); for a 4D image, those of its volumes' voxelwise maximum and minimum;
 * each slice is read as stored and upside down, mirrored, and both (:data:`.screen.VIEWS`):
   the voxel order says nothing certain about which way up the text was drawn (dcm2niix stores
   rows bottom-up), and the recognizer reads only upright text.
 
-Values are stretched to 16 bits over each volume's finite range (float volumes, per-slice
-scaling) before the screen looks; nothing is written.  Text found, or a volume that cannot be
-read, withholds the file (:func:`text_in_volume`'s callers): deidflow does not rewrite voxels of
-these formats to blank text.
+Values are stretched to 16 bits over each volume's range, robust to a few extreme voxels
+(:func:`_stretched`) before the screen looks; nothing is written.  Text found, or a volume that
+cannot be read (or holds more than MAX_VOXELS), withholds the file (:func:`text_in_volume`'s
+callers): deidflow does not rewrite voxels of these formats to blank text.
 """
 from __future__ import annotations
 
@@ -29,6 +30,8 @@ import numpy as np
 from . import screen
 
 MIN_SIDE = 8  # a slice narrower than this cannot show a line of text
+MAX_VOXELS = 1 << 27  # one 3D volume larger than this is not read to screen it (memory): withheld
+TAIL, SPREAD_LIMIT, BULK = 5e-4, 16.0, (0.1, 0.75)  # robust stretch (see _stretched)
 
 
 class VolumeUnreadable(ValueError):
@@ -37,14 +40,16 @@ class VolumeUnreadable(ValueError):
 
 @dataclass(frozen=True)
 class Where:
-    """Where text was found: voxel axis the slices were cut across, slice, volume (4D)."""
+    """Where text was found: voxel axis the slices were cut across, slice, volume (4D), or
+    ``over`` the volumes' voxelwise maximum or minimum (4D, the other two axes)."""
 
     axis: int
     slice: int
     volume: int
+    over: str = ""
 
     def __str__(self) -> str:
-        vol = f" of volume {self.volume}" if self.volume else ""
+        vol = f" of the {self.over} over volumes" if self.over else f" of volume {self.volume}" if self.volume else ""
         return f"slice {self.slice} across voxel axis {self.axis}{vol}"
 
 
@@ -61,67 +66,135 @@ class _Slices:
 
 
 def _stretched(a: np.ndarray) -> np.ndarray:
-    """A block of voxels (RGB as a last axis of 3) as uint16 over its own finite range."""
+    """A block of voxels (RGB as a last axis of 3) as uint16 over its own range.
+
+    Complex voxels count by magnitude.  Infinities stand above and below every finite value,
+    NaN counts as 0.  When a few voxels stretch the range so far that the bulk of the voxels
+    (between the TAIL and 1 - TAIL quantiles) would share less than 1/SPREAD_LIMIT of it (one
+    voxel at 3e38, text at -1e30 under a background of 0, a bright corner of 1e6), those
+    quantiles are mapped to BULK of the output range and the tails on either side to the rest,
+    so that no value the bulk of the volume holds merges with its neighbours."""
     if a.dtype.names:  # RGB/RGBA NIfTI: a structured dtype
         a = np.stack([a[name] for name in a.dtype.names[:3]], axis=-1)
-    a = np.asarray(a, np.float32)
+    if np.iscomplexobj(a):
+        a = np.abs(a)
+    a = np.asarray(a, np.float64)
     finite = np.isfinite(a)
     if not finite.all():
-        a = np.where(finite, a, 0.0).astype(np.float32)
-    lo, hi = (float(a.min()), float(a.max())) if a.size else (0.0, 0.0)
-    if hi <= lo:
-        return np.zeros(a.shape, np.uint16)
-    return ((a - lo) * np.float32(65535.0 / (hi - lo))).astype(np.uint16)
-
-
-def _block(img, shape: tuple[int, ...], t: int) -> np.ndarray:
-    """Volume ``t`` of the image (3D, RGB as a last axis), stretched."""
-    extra = shape[3:]
-    if not extra:
-        data = np.asanyarray(img.dataobj)
+        top = np.isposinf(a)
+        bottom = np.isneginf(a)
+        a = np.where(finite, a, 0.0)
     else:
-        data = np.asanyarray(img.dataobj[(slice(None),) * 3 + tuple(int(i) for i in np.unravel_index(t, extra))])
-    if data.ndim == 2:
-        data = data[..., None]
+        top = bottom = None
+    lo, hi = (float(a.min()), float(a.max())) if a.size else (0.0, 0.0)
+    out = np.zeros(a.shape, np.uint16)
+    if hi > lo:
+        sample = a.ravel()[::max(1, a.size // 1_000_000)]
+        q0, q1 = (float(x) for x in np.quantile(sample, (TAIL, 1 - TAIL)))
+        if (q1 - q0) * SPREAD_LIMIT >= hi - lo or q1 <= q0:
+            out[...] = (a - lo) * (65535.0 / (hi - lo))
+        else:
+            out[...] = np.interp(a, [lo, q0, q1, hi], [0.0, 65535.0 * BULK[0], 65535.0 * BULK[1], 65535.0])
+    if top is not None:
+        out[top], out[bottom] = 65535, 0
+    return out
+
+
+def _axes(img, ndim: int) -> tuple[list[int], list[int]]:
+    """(spatial, other) voxel axes: the spatial ones in NIfTI order (x, y, then the slice axis),
+    the others (time, echoes, …) after.  nibabel keeps MINC's file order, slowest first, with
+    the time dimension wherever the file puts it (``time,zspace,yspace,xspace`` after
+    mincconcat): MINC's spatial axes are the dimensions named ``*space``, reversed."""
+    names = getattr(getattr(getattr(img, "dataobj", None), "minc_file", None), "_dim_names", None)
+    if names is not None and len(names) == ndim:
+        names = [n.decode() if isinstance(n, bytes) else str(n) for n in names]
+        spatial = [i for i, n in enumerate(names) if n.endswith("space")][::-1]
+        if spatial:
+            return spatial, [i for i in range(ndim) if i not in spatial]
+    return list(range(min(3, ndim))), list(range(3, ndim))
+
+
+def spatial_shape(img) -> tuple[tuple[int, ...], int]:
+    """(the spatial dimensions in voxel-axis order, as the affine's columns; the number of
+    volumes) of a nibabel image: for a MINC with time first, ((z, y, x), t), not (t, z, y)."""
+    shape = tuple(int(d) for d in img.shape)
+    spatial, other = _axes(img, len(shape))
+    return tuple(shape[i] for i in sorted(spatial)), int(np.prod([shape[i] for i in other])) if other else 1
+
+
+def _block(img, shape: tuple[int, ...], spatial: list[int], other: list[int], t: int) -> np.ndarray:
+    """Volume ``t`` of the image, its spatial axes in ``spatial`` order and padded to three (RGB
+    as a last axis), stretched."""
+    if int(np.prod([shape[i] for i in spatial])) > MAX_VOXELS:
+        raise VolumeUnreadable(f"a volume of more than {MAX_VOXELS} voxels, too large to screen")
+    at = dict(zip(other, (int(i) for i in np.unravel_index(t, [shape[i] for i in other])))) if other else {}
+    data = np.asanyarray(img.dataobj[tuple(at.get(i, slice(None)) for i in range(len(shape)))])
+    data = np.moveaxis(data, [sorted(spatial).index(i) for i in spatial], list(range(len(spatial))))
+    for k in range(len(spatial), 3):
+        data = np.expand_dims(data, k)
     return _stretched(data)
+
+
+def _load(path: Path):
+    import nibabel as nib
+    try:  # gzip: one stream read forward, not decompressed again from its start for each volume
+        return nib.load(str(path), keep_file_open=True)
+    except TypeError:  # PAR/REC, MINC: no such option
+        return nib.load(str(path))
 
 
 def text_in_volume(path: Path, threads: int = 1) -> Where | None:
     """Where the first text found in the volume at ``path`` (nibabel reads its pair or its
     companions beside it) lies, or None.  Raises VolumeUnreadable."""
-    import nibabel as nib
     try:
-        img = nib.load(str(path))
+        img = _load(path)
         shape = tuple(int(d) for d in img.shape)
     except Exception as exc:  # noqa: BLE001 - hostile or damaged input: the caller withholds
         raise VolumeUnreadable(f"not readable as an image ({type(exc).__name__})") from None
     if len(shape) < 2 or 0 in shape:
         return None
-    shape = shape + (1,) * (3 - len(shape))
-    volumes = int(np.prod(shape[3:])) if len(shape) > 3 else 1
+    spatial, other = _axes(img, len(shape))
+    dims = [shape[i] for i in spatial] + [1] * (3 - len(spatial))
+    volumes = int(np.prod([shape[i] for i in other])) if other else 1
     cache: dict[int, np.ndarray] = {}
+    envelope: list[np.ndarray] = []  # voxelwise maximum and minimum of the volumes read (4D)
 
     def opener(t: int):
         def open_() -> _Slices:
             if t not in cache:
                 cache.clear()  # one volume in memory at a time
                 try:
-                    cache[t] = _block(img, shape, t)
-                except MemoryError:
+                    cache[t] = b = _block(img, shape, spatial, other, t)
+                except (MemoryError, VolumeUnreadable):
                     raise
                 except Exception as exc:  # noqa: BLE001 - truncated data, a codec, …
                     raise VolumeUnreadable(f"voxels not readable ({type(exc).__name__})") from None
+                if volumes > 1 and envelope:
+                    np.maximum(envelope[0], b, out=envelope[0])
+                    np.minimum(envelope[1], b, out=envelope[1])
+                elif volumes > 1:
+                    envelope[:] = [b.copy(), b.copy()]
             return _Slices(cache[t], axis)
         return open_
 
-    axes = (2, 1, 0) if volumes == 1 else (2,)
-    for axis in axes:
-        side = [d for i, d in enumerate(shape[:3]) if i != axis]
-        if min(side) < MIN_SIDE:
-            continue
-        sources = [(shape[axis], opener(t)) for t in range(volumes)]
-        res = screen.screen_frames(sources, threads, views=screen.VIEWS)
-        if res.text:
-            f = res.found[0]
-            return Where(axis, f.frame, f.file)
+    def seen(axis: int) -> bool:
+        return min(d for i, d in enumerate(dims) if i != axis) >= MIN_SIDE
+
+    for axis in (2, 1, 0) if volumes == 1 else (2,):
+        if seen(axis):
+            res = screen.screen_frames([(dims[axis], opener(t)) for t in range(volumes)], threads, views=screen.VIEWS)
+            if res.text:
+                return Where(axis, res.found[0].frame, res.found[0].file)
+    # 4D: text across the other two axes of one volume (a sagittal reformat's label) shows in the
+    # voxelwise maximum (bright text) or minimum (dark text) of the volumes, read above
+    if volumes > 1 and not envelope:  # (a series too thin across axis 2 to have been read)
+        for t in range(volumes):
+            opener(t)()
+    for over, block in zip(("maximum", "minimum"), list(envelope)):
+        for axis in (1, 0):
+            if seen(axis):
+                res = screen.screen_frames([(dims[axis], lambda b=block, a=axis: _Slices(b, a))], threads,
+                                           views=screen.VIEWS)
+                if res.text:
+                    return Where(axis, res.found[0].frame, 0, over)
     return None
