@@ -296,3 +296,18 @@ def test_minc_4d_head_with_time_first_is_not_released_with_its_face(tmp_path):
     assert r.returncode == 3, r.stderr[-2000:]
     assert not list(out.rglob("*.mnc"))
     assert any("face" in " ".join(q.values()) for q in _quarantined(out)), _quarantined(out)
+
+
+@pytest.mark.realdata
+@pytest.mark.slow
+def test_real_head_echoes_at_lower_brightness_show_no_text(tmp_path):
+    """Research utility: four echoes of the real chris_t1 head (full, 0.8, 0.6, 0.4 of its values)
+    are not taken for text. At 0.6 the vertebrae of axial slice 0 read as "188" (0.52), which
+    withheld the bare multi-echo head of tests/test_face_realdata.py; a volume's reading needs
+    volumes.MIN_CHARS letters or digits."""
+    src = nib.load(require_shared("mricron", "chris_t1.nii.gz"))
+    data = np.asanyarray(src.dataobj).astype(np.float32)
+    echoes = np.stack([(data * f).astype(np.uint8) for f in (1.0, 0.8, 0.6, 0.4)], axis=-1)
+    path = tmp_path / "echoes.nii.gz"
+    nib.save(nib.Nifti1Image(echoes, src.affine), path)
+    assert volumes.text_in_volume(path) is None

@@ -343,10 +343,11 @@ def scale_for(h: int, w: int) -> float:
 
 def text_in(frame: np.ndarray, invert: bool, threads: int = 1,
             crop: tuple[int, int, int, int] | None = None,
-            views: tuple[tuple[bool, bool], ...] = ((False, False),)) -> list[tuple[tuple[int, int, int, int], str, float]]:
+            views: tuple[tuple[bool, bool], ...] = ((False, False),),
+            min_chars: int = MIN_CHARS) -> list[tuple[tuple[int, int, int, int], str, float]]:
     """Text the screen accepts in one frame (or the ``crop`` of it): boxes in frame pixels, the
-    text read and its confidence, for boxes that read as at least MIN_CHARS letters or digits with
-    confidence MIN_SCORE; each box is read in each of ``views`` (:data:`VIEWS`)."""
+    text read and its confidence, for boxes that read as at least ``min_chars`` letters or digits
+    with confidence MIN_SCORE; each box is read in each of ``views`` (:data:`VIEWS`)."""
     eng = ocr.engine(threads)
     x0, y0 = (crop[0], crop[1]) if crop else (0, 0)
     part = frame[crop[1]:crop[3], crop[0]:crop[2]] if crop else frame
@@ -358,7 +359,7 @@ def text_in(frame: np.ndarray, invert: bool, threads: int = 1,
         found.sort(key=lambda b: -(b.x1 - b.x0))
         for i in range(0, len(found), READ_BATCH):
             for tb in eng.read(rgb, s, found[i:i + READ_BATCH], views):
-                if tb.text_score >= MIN_SCORE and len(_ALNUM.findall(tb.text)) >= MIN_CHARS:
+                if tb.text_score >= MIN_SCORE and len(_ALNUM.findall(tb.text)) >= min_chars:
                     out.append(((tb.x0 + x0, tb.y0 + y0, tb.x1 + x0, tb.y1 + y0), tb.text, tb.text_score))
             if out:
                 return out
@@ -401,11 +402,12 @@ def screen(files: list[tuple[Path, object]], threads: int = 1) -> Result:
 
 
 def screen_frames(sources: list[tuple[int, "object"]], threads: int = 1,
-                  views: tuple[tuple[bool, bool], ...] = VIEWS[:1]) -> Result:
+                  views: tuple[tuple[bool, bool], ...] = VIEWS[:1], min_chars: int = MIN_CHARS) -> Result:
     """Screen one series of frames: ``sources`` hold, per file (or volume) in order, its expected
     number of frames and a callable opening it (an object with ``n``, ``frame(k)`` and
     ``invert``); each box the detector finds is read in each of ``views`` (display
-    orientation known: only as it is).  Stops at the first text found.  Raises ScreenError for a
+    orientation known: only as it is); a reading counts with ``min_chars`` letters or digits.
+    Stops at the first text found.  Raises ScreenError for a
     source whose pixels cannot be read."""
     t0 = time.perf_counter()
     n = sum(c for c, _ in sources)
@@ -439,7 +441,7 @@ def screen_frames(sources: list[tuple[int, "object"]], threads: int = 1,
 
     def look(pos: int, frame: np.ndarray, invert: bool, crop=None) -> bool:
         res.detector_runs += 1
-        for box, _, score in text_in(frame, invert, threads, crop, views):
+        for box, _, score in text_in(frame, invert, threads, crop, views, min_chars):
             res.found.append(Found(*where[pos], box, score))
         return res.text
 

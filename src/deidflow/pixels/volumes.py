@@ -30,6 +30,10 @@ import numpy as np
 from . import screen
 
 MIN_SIDE = 8  # a slice narrower than this cannot show a line of text
+# A reading counts with at least this many letters or digits (DICOM: screen.MIN_CHARS, 3): text
+# found here withholds the file instead of blanking a box, and anatomy read four ways up gives the
+# recognizer more chances (the vertebrae of a real head at 0.6 of its brightness read as "188").
+MIN_CHARS = 4
 MAX_VOXELS = 1 << 27  # one 3D volume larger than this is not read to screen it (memory): withheld
 TAIL, SPREAD_LIMIT, BULK = 5e-4, 16.0, (0.1, 0.75)  # robust stretch (see _stretched)
 
@@ -182,7 +186,8 @@ def text_in_volume(path: Path, threads: int = 1) -> Where | None:
 
     for axis in (2, 1, 0) if volumes == 1 else (2,):
         if seen(axis):
-            res = screen.screen_frames([(dims[axis], opener(t)) for t in range(volumes)], threads, views=screen.VIEWS)
+            res = screen.screen_frames([(dims[axis], opener(t)) for t in range(volumes)], threads, views=screen.VIEWS,
+                                       min_chars=MIN_CHARS)
             if res.text:
                 return Where(axis, res.found[0].frame, res.found[0].file)
     # 4D: text across the other two axes of one volume (a sagittal reformat's label) shows in the
@@ -194,7 +199,7 @@ def text_in_volume(path: Path, threads: int = 1) -> Where | None:
         for axis in (1, 0):
             if seen(axis):
                 res = screen.screen_frames([(dims[axis], lambda b=block, a=axis: _Slices(b, a))], threads,
-                                           views=screen.VIEWS)
+                                           views=screen.VIEWS, min_chars=MIN_CHARS)
                 if res.text:
                     return Where(axis, res.found[0].frame, 0, over)
     return None
