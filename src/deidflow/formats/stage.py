@@ -155,6 +155,8 @@ def _pixel_text(staged: Path) -> str | None:
         return f"{exc}: cannot be screened for burned-in text"
     except MemoryError:
         return "too large to screen for burned-in text (out of memory)"
+    except Exception as exc:  # noqa: BLE001 - hostile input: withhold the file, never fail the unit
+        return f"cannot be screened for burned-in text ({type(exc).__name__})"
     return f"burned-in text in the image ({where}); text in these formats' voxels is not removed" if where else None
 
 
