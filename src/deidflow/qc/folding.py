@@ -32,9 +32,10 @@ FOLD_EXTRA = {"ß": "ss", "ø": "o", "Ø": "O", "æ": "ae", "Æ": "AE", "đ": "d
 @lru_cache(maxsize=1)
 def _accent_table() -> dict[bytes, bytes]:
     """Lower-cased base letters of the accented Latin letters U+00C0-U+017F, by their UTF-8 bytes
-    and (U+00C0-U+00FF) their Latin-1 byte: ü, Ü -> u; ß -> ss; ø, ł, đ -> o, l, d."""
+    and (U+00C0-U+00FF) their Latin-1 byte: ü, Ü -> u; ß -> ss; ø, ł, đ -> o, l, d; combining
+    accents (U+0300-U+036F) -> nothing."""
     import unicodedata
-    out = {}
+    out = {chr(cp).encode("utf-8"): b"" for cp in range(0x300, 0x370)}  # combining accents (NFD text): dropped
     for cp in range(0xC0, 0x180):
         c = chr(cp)
         base = (FOLD_EXTRA.get(c) or unicodedata.normalize("NFKD", c)[:1]).lower()
@@ -45,8 +46,10 @@ def _accent_table() -> dict[bytes, bytes]:
     return out
 
 
-# An accented letter: two UTF-8 bytes (U+00C0-U+017F), or one Latin-1 byte that starts no UTF-8 character.
-_ACCENT = rb"(?:[\xc3-\xc5][\x80-\xbf]|[\xc0-\xff](?![\x80-\xbf]))"
+# An accented letter: two UTF-8 bytes (U+00C0-U+017F), a combining accent (U+0300-U+036F: the
+# decomposed form, NFD, that macOS file names and some exports write), or one Latin-1 byte that
+# starts no UTF-8 character.
+_ACCENT = rb"(?:[\xc3-\xc5][\x80-\xbf]|\xcc[\x80-\xbf]|\xcd[\x80-\xaf]|[\xc0-\xff](?![\x80-\xbf]))"
 _ACCENTED = re.compile(_ACCENT)
 # An accented letter inside a word of ASCII letters (Müller, Jürgen, Łódź; José at its end), found
 # in the text's byte classes (a: ASCII letter, H: byte >= 0xC0, c: UTF-8 continuation) with

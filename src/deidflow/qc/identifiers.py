@@ -18,6 +18,7 @@ import hashlib
 import json
 import os
 import re
+import unicodedata
 from collections import Counter
 from dataclasses import dataclass
 from functools import lru_cache
@@ -303,7 +304,6 @@ _SCRIPTS = (("\u0400", "\u04ff", _CYRILLIC, _CYRILLIC_ALT), ("\u0370", "\u03ff",
 def _latin_of_script(value: str) -> set[str]:
     """A Cyrillic or Greek value in Latin letters (two common spellings; empty for other scripts),
     and a Greek one also without its accents (ΠΑΠΑΔΟΠΟΥΛΟΣ for Παπαδόπουλος)."""
-    import unicodedata
     low = value.lower()
     for first, last, main, alt in _SCRIPTS:
         if any(first <= c <= last for c in low):
@@ -337,7 +337,6 @@ def transliterations(value: str) -> set[str]:
     latin = _latin_of_script(value)
     if latin:
         return latin
-    import unicodedata
 
     def strip(s: str) -> str:
         s = "".join(FOLD_EXTRA.get(c, c) for c in s)
@@ -655,8 +654,8 @@ _ID_DIGITS = re.compile(r"\D*(\d{6,})\D*")
 def forms(kind: str, value: str) -> set[str]:
     """Every literal form of one original value that is searched for (dates are recognised in
     any written form by :func:`dates_in` instead, see :class:`Matcher`), with the ASCII spellings
-    of values with accented letters."""
-    value = value.strip()
+    of values with accented letters (a value stored decomposed, NFD, is composed first)."""
+    value = unicodedata.normalize("NFC", value.strip())
     if kind == "name":
         out = name_forms(value)
     elif kind == "whole_name":
@@ -703,7 +702,6 @@ def forms(kind: str, value: str) -> set[str]:
 @lru_cache(maxsize=1)
 def _kana_tables() -> tuple[dict[str, str], dict[str, str]]:
     """Full-width katakana → half-width, and the two voicing marks."""
-    import unicodedata
     half = {}
     for cp in range(0xFF66, 0xFF9E):
         full = unicodedata.normalize("NFKC", chr(cp))
@@ -717,7 +715,6 @@ def kana_spellings(value: str) -> set[str]:
     ↔ half-width katakana ﾔﾏﾀﾞ (what older systems print).  Empty for values without kana."""
     if not any("\u3041" <= c <= "\u30ff" or "\uff66" <= c <= "\uff9f" for c in value):
         return set()
-    import unicodedata
     full = unicodedata.normalize("NFKC", value)
     kata = "".join(chr(ord(c) + 0x60) if "\u3041" <= c <= "\u3096" else c for c in full)
     hira = "".join(chr(ord(c) - 0x60) if "\u30a1" <= c <= "\u30f6" else c for c in full)
@@ -942,7 +939,6 @@ def _latin_letter(c: str | None) -> bool:
     letters of other scripts (様, Cyrillic) end it."""
     if c is None:
         return False
-    import unicodedata
     cat = unicodedata.category(c)
     return cat.startswith("M") or (cat.startswith("L") and "LATIN" in unicodedata.name(c, ""))
 
@@ -1104,9 +1100,9 @@ class Matcher:
                         for n in self.dates.get(c.encode(), ()):
                             hits.append((ws + s, ws + e, n))
             born = [(s, e, n) for s, e, cands in birth_dates_in(low) for c in cands for n in self.dates.get(c.encode(), ())]
-            if born:  # (a date both readers recognise counts once)
-                seen = {(s, e, id(n)) for s, e, n in hits}
-                hits += [h for h in born if (h[0], h[1], id(h[2])) not in seen]
+            if born:  # (a date another reader or a literal form found counts once)
+                seen = {(s, e, n.digest) for s, e, n in hits}
+                hits += [h for h in born if (h[0], h[1], h[2].digest) not in seen]
         if self.short_dates:
             if len(self.short_dates) < 48:  # a few dates: direct search is faster than the pattern
                 for k in self.short_dates:
