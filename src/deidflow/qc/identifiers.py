@@ -659,6 +659,25 @@ def whole_name_anchors(value: str) -> set[bytes] | None:
     return out
 
 
+def cyrillic_name_anchors(value: str) -> set[bytes] | None:
+    """The words the Latin spellings of a Cyrillic name's :func:`whole_name_forms` can be found by
+    (a superset of their anchors, :func:`anchor`), worked out from its words' spellings without making
+    the forms: each word of such a spelling spells one Cyrillic word of a form (the forms written
+    together included, :func:`cyrillic_spellings`), perhaps with accents (:func:`accented_spellings`).
+    None for a name with letters of another script (its forms are made)."""
+    if value.isascii() or any(c.isalpha() and not "\u0400" <= c <= "\u04ff" for c in value):
+        return None
+    out: set[bytes] = set()
+    for form in whole_name_forms(value):
+        low = form.lower()
+        out |= words(low.encode("utf-8"))  # digits beside the Cyrillic words
+        for m in _CYRILLIC_RUN.finditer(low):
+            for spelled in _cyrillic_word(m.group())[1]:
+                for v in {spelled} | _accent_variants(spelled):
+                    out |= words(v.encode("utf-8"))
+    return out
+
+
 def whole_name_forms(value: str) -> set[str]:
     """The forms of a person name that write it whole (DOE^JOHN, John Doe, Doe, John …), not its
     parts or initials: what another subject's name is searched as (a family name alone, or an
@@ -701,8 +720,10 @@ def forms(kind: str, value: str) -> set[str]:
     value = value.strip()
     if kind == "name":
         out = name_forms(value)
-    elif kind == "whole_name":
+    elif kind in ("whole_name", "whole_name_script"):
         out = whole_name_forms(value)
+        if kind == "whole_name_script":  # as written only (see leakscan.UnitMatcher)
+            return out
     elif kind == "date":
         out = {value}
     elif kind == "datetime":
@@ -979,6 +1000,12 @@ def accented_spellings(value: str) -> set[str]:
     if not value.isascii() or not _ACCENT_DIGRAPH.search(value):
         return set()
     low = value.lower()
+    return {o for o in _accent_variants(low) if o != low and len(o) >= 3}
+
+
+def _accent_variants(low: str) -> set[str]:
+    """Lower-case ``low`` with each of its digraphs as its letter and as its first letter, and with
+    all of them as their letters (what :func:`accented_spellings` keeps of them)."""
     out = set()
     for digraph, letter in _ACCENTS:
         if digraph in low:
@@ -987,7 +1014,7 @@ def accented_spellings(value: str) -> set[str]:
     for digraph, letter in _ACCENTS[:4]:
         every = every.replace(digraph, letter)
     out.add(every)
-    return {o for o in out if o != low and len(o) >= 3}
+    return out
 
 
 _NUMERIC_FORM = re.compile(r"[\d\s()./:+-]+")
@@ -1404,7 +1431,7 @@ def needles_for(subject: str, entries: Iterable[tuple[str, str, str]], salt: byt
                 if excluded is not None:
                     excluded[rule] += 1
                 continue
-            nkind = "name" if kind == "whole_name" else kind
+            nkind = "name" if kind.startswith("whole_name") else kind
             out += [Needle(text, nkind, fld, digest, subject, mode) for text, mode in texts]
             # full width: an ID, and a name form of the name's own Latin words (YAMADA TAROU), not
             # the spellings made of its CJK characters (Wang Xiaoming in pinyin, Hong Gildong)

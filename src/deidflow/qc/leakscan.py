@@ -732,9 +732,11 @@ class UnitMatcher(Matcher):
         self.others: Matcher | None = None
         self.made: list[Needle] = []
         self.waiting: dict[bytes, set[str]] = {}
-        eager = []
+        eager, script = [], []
         for s, name in self.names.items():
             anchors = idmod.whole_name_anchors(name)  # a plain ASCII name's, without making its forms
+            if anchors is None and (anchors := idmod.cyrillic_name_anchors(name)) is not None:
+                script.append(s)  # its Cyrillic forms now (they have no ASCII word), its Latin spellings later
             if anchors is None:
                 anchors = {found[1] if (found := idmod.anchor(text)) else None
                            for text in idmod.needle_texts("whole_name", name)}
@@ -742,7 +744,11 @@ class UnitMatcher(Matcher):
                 eager.append(s)
             for word in anchors - {None}:
                 self.waiting.setdefault(word, set()).add(s)
+        self.made += [n for s in script for n in needles_for(s, [("whole_name_script", "PatientName", self.names[s])],
+                                                              self.salt)]
         self._make(eager)
+        if self.made and self.others is None:
+            self.others = Matcher(self.made)
 
     def _make(self, subjects: Iterable[str]) -> None:
         new = [s for s in dict.fromkeys(subjects) if s in self.names]
