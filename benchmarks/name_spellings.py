@@ -16,7 +16,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "src"))
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
-from deidflow.qc import identifiers  # noqa: E402
+from deidflow.qc import identifiers, leakscan  # noqa: E402
 from tables import table  # noqa: E402
 
 LATIN_FAMILY = ("Smith Johnson Williams Brown Jones Garcia Miller Davis Rodriguez Martinez Hernandez Lopez "
@@ -64,6 +64,17 @@ def measure(kind: str, n: int) -> dict:
     return {"kind": kind, "subjects": n, "needles": len(m), "forms_s": forms, "build_s": build}
 
 
+def unit_job(kind: str, n: int) -> dict:
+    identifiers._searched.cache_clear()
+    values = names(kind, n)
+    t = time.perf_counter()
+    m = leakscan.UnitMatcher([], {f"sub-{i}": v for i, v in enumerate(values)}, b"0" * 16)
+    build = time.perf_counter() - t
+    t = time.perf_counter()
+    m.find(b"<td>t1 mprage head</td> report text " * 200 + "Иванов Иван Петрович 王小明".encode())
+    return {"kind": kind, "subjects": n, "made": len(m.made), "build_s": build, "find_s": time.perf_counter() - t}
+
+
 def table_rows(results: list[dict]) -> list[tuple]:
     rows = [("names", "subjects", "searched forms", "forms s", "matcher build s", "per subject ms")]
     for r in results:
@@ -75,6 +86,10 @@ def table_rows(results: list[dict]) -> list[tuple]:
 def main(latin: int, other: int) -> None:
     results = [measure("latin", latin), measure("han", other), measure("cyrillic", other)]
     table("Name spellings: needles of N subjects' names and one Matcher of them", table_rows(results))
+    rows = [("other subjects' names", "subjects", "needles made at once", "unit matcher s", "text search s")]
+    for r in (unit_job(k, latin) for k in ("latin", "han", "cyrillic")):
+        rows.append((r["kind"], f"{r['subjects']:,}", f"{r['made']:,}", f"{r['build_s']:.2f}", f"{r['find_s']:.3f}"))
+    table("A unit job's matcher of the other subjects' whole names", rows)
 
 
 if __name__ == "__main__":

@@ -255,3 +255,30 @@ def test_unit_matcher_makes_cyrillic_spellings_lazily_and_finds_what_a_full_matc
         assert sorted((s, e, n.owner, n.text) for s, e, n in lazy.spans(t)) == \
             sorted((s, e, n.owner, n.text) for s, e, n in whole.spans(t)), t
     assert lazy.names  # some were never made in Latin letters
+
+
+def test_unit_matcher_makes_pinyin_lazily_and_finds_what_a_full_matcher_finds(tmp_path):
+    """Another subject's name only in Han characters: its forms as written with its IDs (also in
+    full width) at once, its pinyin only when a text holds a word one of its spellings is anchored
+    on; the hits are those of one Matcher of every name's forms."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+    names = {"sub-b": "王^小明", "sub-c": "欧阳^娜娜", "sub-d": "曾国藩", "sub-e": "吕^伟", "sub-f": "單^田芳",
+             "sub-g": "张 伟", "sub-h": "司马^光", "sub-i": "林^美玲"}
+    rows = {"subject": ["sub-a", *names], "patient_id": ["P111111", *[f"MRN47110{i}0" for i in range(len(names))]],
+            "accession": [""] * (len(names) + 1), "patient_name": ["DOE^JOHN", *names.values()]}
+    pq.write_table(pa.table(rows), tmp_path / "inventory.parquet")
+    needles, lazy_names, _ = leakscan.other_units_values(tmp_path, {"subjects": [{"subject": "sub-a"}]}, SALT)
+    assert lazy_names == names  # none made with its IDs: its pinyin waits
+    own = leakscan.needles_for("sub-a", [("id", "PatientID", "P111111")], SALT)
+    lazy = leakscan.UnitMatcher(own + needles, lazy_names, SALT)
+    whole = leakscan.Matcher(own + [n for s, v in names.items() for n in leakscan.needles_for(
+        s, [("whole_name", "PatientName", v), ("id", "PatientID", rows["patient_id"][1 + list(names).index(s)])], SALT)])
+    texts = [b"nothing here", "王小明 / 王 小明".encode(), b"WANG XIAO MING", b"Xiaoming Wang", "ＭＲＮ４７１１０００".encode(),
+             b"Ouyang Nana", b"Nana Ouyang", b"Zeng Guofan", b"Guofan Zeng", b"Lyu Wei, Lu Wei", "Lü Wei".encode(),
+             b"Shan Tianfang", b"Zhang Wei", b"Sima Guang", "歐陽娜娜".encode(), b"MRN471100"]
+    for t in texts:
+        assert sorted((s, e, n.owner, n.text) for s, e, n in lazy.spans(t)) == \
+            sorted((s, e, n.owner, n.text) for s, e, n in whole.spans(t)), t
+    assert set(lazy.names) == {"sub-i"}  # never spelled: no text holds a word of its pinyin
+    assert {n.owner for _, n in lazy.find("ＭＲＮ４７１１０００".encode())} == {"sub-b"}  # full-width IDs kept

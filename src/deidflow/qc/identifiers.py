@@ -659,23 +659,45 @@ def whole_name_anchors(value: str) -> set[bytes] | None:
     return out
 
 
-def cyrillic_name_anchors(value: str) -> set[bytes] | None:
-    """The words the Latin spellings of a Cyrillic name's :func:`whole_name_forms` can be found by
-    (a superset of their anchors, :func:`anchor`), worked out from its words' spellings without making
-    the forms: each word of such a spelling spells one Cyrillic word of a form (the forms written
-    together included, :func:`cyrillic_spellings`), perhaps with accents (:func:`accented_spellings`).
-    None for a name with letters of another script (its forms are made)."""
-    if value.isascii() or any(c.isalpha() and not "\u0400" <= c <= "\u04ff" for c in value):
+@lru_cache(maxsize=1 << 14)
+def script_name_anchors(value: str) -> frozenset[bytes] | None:
+    """The words the Latin spellings of a name written only in Cyrillic or only in Han characters
+    can be found by (a superset of the anchors, :func:`anchor`, of its :func:`whole_name_forms`'
+    spellings), worked out from the spellings of the forms' words without spelling the forms:
+    each word of a Cyrillic form's spelling spells one of its words (the forms written together
+    included, :func:`cyrillic_spellings`), perhaps with accents (:func:`accented_spellings`); each
+    word of a Han form's pinyin is a reading of one of its runs of characters, of its family name
+    or of its given name (:func:`pinyin_spellings`).  None for a name with letters of another
+    script or of two (its forms are made).  Each spelled word contributes its own anchor: a form's
+    longest (first) word is the longest (first) word of the spelled word it lies in."""
+    if value.isascii():
+        return None
+    letters = [c for c in value if c.isalpha()]
+    cyrillic = all("\u0400" <= c <= "\u04ff" for c in letters)
+    if not cyrillic and not all(_HAN_LETTER.fullmatch(c) for c in letters):
         return None
     out: set[bytes] = set()
+
+    def add(spellings) -> None:  # a form's anchor is the anchor of the spelling of one of its words
+        for v in spellings:
+            if found := anchor(v.lower().encode("utf-8")):
+                out.add(found[1])
+    surnames = _han_surnames()
     for form in whole_name_forms(value):
         low = form.lower()
-        out |= words(low.encode("utf-8"))  # digits beside the Cyrillic words
-        for m in _CYRILLIC_RUN.finditer(low):
-            for spelled in _cyrillic_word(m.group())[1]:
-                for v in {spelled} | _accent_variants(spelled):
-                    out |= words(v.encode("utf-8"))
-    return out
+        out |= words(low.encode("utf-8"))  # digits beside the words
+        if cyrillic:
+            for m in _CYRILLIC_RUN.finditer(low):
+                add(v for spelled in _cyrillic_word(m.group())[1] for v in {spelled} | _accent_variants(spelled))
+            continue
+        runs = [m.group() for m in _HAN_RUN.finditer(form)]
+        for run in runs:
+            add(_pinyin_given(run) + _pinyin_family(run[:1]) + _pinyin_given(run[1:]))
+            if len(run) >= 2 and run[:2] in surnames:
+                add(_pinyin_family(run[:2]) + _pinyin_given(run[2:]))
+            if len(run) == 1 or run in surnames:
+                add(_pinyin_family(run))
+    return frozenset(out)
 
 
 def whole_name_forms(value: str) -> set[str]:
@@ -869,7 +891,9 @@ def hangul_spellings(value: str) -> set[str]:
 
 
 PINYIN_SPELLINGS_MAX = 64  # Latin spellings of one form at most
-_HAN_RUN = re.compile("[\u3400-\u4dbf\u4e00-\u9fff\uf900-\ufaff\U00020000-\U0003134f]+")
+_HAN_RUN_CLASS = "[\u3400-\u4dbf\u4e00-\u9fff\uf900-\ufaff\U00020000-\U0003134f]"
+_HAN_RUN = re.compile(_HAN_RUN_CLASS + "+")
+_HAN_LETTER = re.compile(_HAN_RUN_CLASS)
 _KANA_OR_HANGUL = re.compile("[\u3040-\u30ff\uff66-\uff9f\uac00-\ud7a3]")
 
 
@@ -1412,12 +1436,14 @@ def _digest(salt: bytes, value: str) -> str:
 
 
 def needles_for(subject: str, entries: Iterable[tuple[str, str, str]], salt: bytes,
-                excluded: Counter | None = None) -> list[Needle]:
+                excluded: Counter | None = None, wide: bool | None = None) -> list[Needle]:
     """The searchable forms of a subject's identifier entries ``(kind, field, value)``; excluded
-    forms are counted per rule in ``excluded``."""
+    forms are counted per rule in ``excluded``.  ``wide``: whether its IDs and Latin names are also
+    searched in full width (None: when one of the entries is a CJK name)."""
     entries = list(entries)
     # a subject with a CJK name: its IDs and Latin names also as East Asian text writes them
-    wide = any(kind in ("name", "whole_name") and east_asian(value) for kind, _, value in entries)
+    if wide is None:
+        wide = any(kind.startswith(("name", "whole_name")) and east_asian(value) for kind, _, value in entries)
     out: list[Needle] = []
     done: set[tuple[str, str]] = set()
     for kind, fld, value in entries:

@@ -704,18 +704,24 @@ def other_units_values(restricted: Path, manifest: Mapping, salt: bytes, only: I
     wanted = None if only is None else set(only)
     ids: dict[str, set[tuple[str, str, str]]] = {}
     names: dict[str, str] = {}
+    wide: set[str] = set()  # subjects whose CJK name is in names: their IDs also in full width
     for s, pid, acc, name in rows:
         if s and s not in own and (wanted is None or s in wanted):
             for fld, v in (("PatientID", pid), ("AccessionNumber", acc)):
                 if v and v not in mine:
                     ids.setdefault(s, set()).add(("id", fld, v))
             if name and name not in mine:
-                if idmod.east_asian(name):  # with its IDs (also full width), made now: its CJK forms have no word
+                if idmod.east_asian(name) and idmod.script_name_anchors(name) is None:
+                    # with its IDs (also full width), made now: its CJK forms have no word (kana,
+                    # Hangul, a Latin representation beside them)
                     ids.setdefault(s, set()).add(("whole_name", "PatientName", name))
-                else:
+                else:  # a name only in Han characters: its forms as written made now, its pinyin later
                     names[s] = name
+                    if idmod.east_asian(name):
+                        wide.add(s)
     roster = sorted({s for s, *_ in rows if s} | own)
-    return [n for s, e in sorted(ids.items()) for n in needles_for(s, sorted(e), salt)], names, roster
+    return ([n for s, e in sorted(ids.items()) for n in needles_for(s, sorted(e), salt, wide=s in wide or None)],
+            names, roster)
 
 
 class UnitMatcher(Matcher):
@@ -735,8 +741,8 @@ class UnitMatcher(Matcher):
         eager, script = [], []
         for s, name in self.names.items():
             anchors = idmod.whole_name_anchors(name)  # a plain ASCII name's, without making its forms
-            if anchors is None and (anchors := idmod.cyrillic_name_anchors(name)) is not None:
-                script.append(s)  # its Cyrillic forms now (they have no ASCII word), its Latin spellings later
+            if anchors is None and (anchors := idmod.script_name_anchors(name)) is not None:
+                script.append(s)  # its forms as written now (no ASCII word), its Latin spellings later
             if anchors is None:
                 anchors = {found[1] if (found := idmod.anchor(text)) else None
                            for text in idmod.needle_texts("whole_name", name)}
