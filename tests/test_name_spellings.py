@@ -50,6 +50,9 @@ def test_han_name_written_in_pinyin_found(value, text):
     ("吕^伟", "Lyu Wei"), ("吕^伟", "Lu Wei"), ("吕^伟", "LV WEI"), ("吕^伟", "Lü Wei"),  # ü
     ("張^偉", "Zhang Wei"), ("张伟", "Wei Zhang"),  # traditional and simplified read alike
     ("Wang^XiaoDong=王^小东", "Xiao-Dong Wang"),
+    # Wade-Giles as Taiwanese passports and older records write it (no apostrophes, no umlauts)
+    ("張^志明", "Chang Chih-Ming"), ("張^志明", "CHANG CHIH MING"), ("謝^美玲", "Mei-Ling Hsieh"),
+    ("曾^國藩", "Tseng Kuo-Fan"), ("郭^台銘", "Kuo Tai-Ming"), ("蔡^英文", "Tsai Ying-Wen"),
 ])
 def test_han_name_heteronyms_compound_family_names_and_u_umlaut(value, text):
     m = _matcher(("name", "PatientName", value))

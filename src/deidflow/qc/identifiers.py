@@ -921,13 +921,25 @@ def _han_surnames() -> dict[str, tuple[str, ...]]:
                                                 if line and not line.startswith("#"))}
 
 
+@lru_cache(maxsize=1)
+def _wade_giles() -> dict[str, str]:
+    """``data/pinyin_wade_giles.tsv``: a pinyin syllable -> its Wade-Giles spelling (Taiwan)."""
+    from importlib import resources
+    text = resources.files("deidflow").joinpath("data", "pinyin_wade_giles.tsv").read_text(encoding="utf-8")
+    return dict(line.split("\t") for line in text.splitlines() if line and not line.startswith("#"))
+
+
 def _syllables(c: str) -> list[str]:
     """A Han character's readings as Latin-script names write them: ü as u, yu (passports: LYU),
-    v and ü (lü -> lu, lyu, lv, lü: the accent folding does not reach a word of two letters).
-    Empty for a character without a reading."""
+    v and ü (lü -> lu, lyu, lv, lü: the accent folding does not reach a word of two letters); then
+    in Wade-Giles as Taiwan writes them (张 Chang, 谢 Hsieh, 志 Chih).  Empty for a character
+    without a reading."""
     out = []
-    for r in _han_readings().get(c, ()):
+    readings = _han_readings().get(c, ())
+    for r in readings:
         out += [r.replace("ü", u) for u in ("u", "yu", "v", "ü")] if "ü" in r else [r]
+    wg = _wade_giles()
+    out += [wg[r] for r in readings if r in wg]
     return list(dict.fromkeys(out))
 
 
@@ -951,7 +963,8 @@ def _pinyin_given(run: str) -> list[str]:
 
 def pinyin_spellings(value: str) -> set[str]:
     """A Chinese name stored only in Han characters as Latin-script text writes it, in pinyin
-    without tones (``data/han_readings.tsv``): 王^小明 as Wang^Xiaoming, 小明 王 as Xiao-Ming Wang,
+    without tones (``data/han_readings.tsv``) and in Wade-Giles as Taiwan writes it
+    (``data/pinyin_wade_giles.tsv``: 张^志明 as Chang^Chih-Ming): 王^小明 as Wang^Xiaoming, 小明 王 as Xiao-Ming Wang,
     王 小明 as Wang Xiao Ming; a character with several readings in each (曾 Zeng, Ceng), a family
     name in its reading as one first (``data/han_surnames.tsv``: 单 Shan, 欧阳 Ouyang).  A form of
     one run of two to four characters (王小明, a whole name written together) is also spelled
