@@ -285,12 +285,6 @@ _TRANSLIT = {"ä": "ae", "ö": "oe", "ü": "ue", "ß": "ss", "ø": "oe", "æ": "
              "Ä": "Ae", "Ö": "Oe", "Ü": "Ue", "Ø": "Oe", "Æ": "Ae", "Å": "Aa", "Œ": "Oe", "ẞ": "SS"}
 
 
-# Cyrillic in Latin letters, as names are written in Latin-script documents (BGN/PCGN-like; ё and
-# the soft/hard signs also in their other common spellings): Сидоров → Sidorov, Пётр → Petr, Pyotr.
-_CYRILLIC = dict(zip("абвгдезийклмнопрстуфыэ", "abvgdeziyklmnoprstufye"))
-_CYRILLIC.update({"ж": "zh", "х": "kh", "ц": "ts", "ч": "ch", "ш": "sh", "щ": "shch", "ю": "yu", "я": "ya",
-                  "ь": "", "ъ": "", "ё": "e", "є": "ye", "і": "i", "ї": "yi", "ґ": "g"})
-_CYRILLIC_ALT = {"ё": "yo", "х": "h", "й": "i", "ю": "iu", "я": "ia"}
 # Greek in Latin letters (ELOT 743 / passport spelling; the classical spellings as the other one):
 # Διονύσιος → Dionysios, Dionisios; Παπαδόπουλος → Papadopoulos; Χρήστος → Christos, Hristos.
 _GREEK = dict(zip("αβγδεζηικλμνξοπρσςτυφω", "avgdeziiklmnxoprsstyfo"))
@@ -298,20 +292,21 @@ _GREEK.update({"θ": "th", "χ": "ch", "ψ": "ps", "ου": "ou", "αυ": "av", "
                "γκ": "gk", "γγ": "ng"})
 _GREEK_ALT = {"β": "b", "η": "e", "υ": "i", "χ": "h", "φ": "ph", "ξ": "ks", "ου": "u", "αυ": "af",
               "ευ": "ef", "μπ": "mp", "ντ": "nt", "γκ": "g", "γγ": "gg", "ω": "o"}
-_SCRIPTS = (("\u0400", "\u04ff", _CYRILLIC, _CYRILLIC_ALT), ("\u0370", "\u03ff", _GREEK, _GREEK_ALT))
+_CYRILLIC_LETTER = re.compile("[\u0400-\u04ff]")
 
 
 def _latin_of_script(value: str) -> set[str]:
-    """A Cyrillic or Greek value in Latin letters (two common spellings; empty for other scripts),
-    and a Greek one also without its accents (ΠΑΠΑΔΟΠΟΥΛΟΣ for Παπαδόπουλος)."""
+    """A Cyrillic value in Latin letters (:func:`cyrillic_spellings`), a Greek one in two common
+    spellings and without its accents (ΠΑΠΑΔΟΠΟΥΛΟΣ for Παπαδόπουλος); empty for other scripts."""
+    if _CYRILLIC_LETTER.search(value):
+        return cyrillic_spellings(value)
     low = value.lower()
-    for first, last, main, alt in _SCRIPTS:
+    for first, last, main, alt in (("\u0370", "\u03ff", _GREEK, _GREEK_ALT),):
         if any(first <= c <= last for c in low):
-            plain = set()
-            if main is _GREEK:  # accents (tonos, dialytika): not in Latin letters, nor in capitals
-                bare = "".join(c for c in unicodedata.normalize("NFD", value) if not unicodedata.combining(c))
-                plain = {bare} if bare != value else set()
-                low = bare.lower()
+            # accents (tonos, dialytika): not in Latin letters, nor in capitals
+            bare = "".join(c for c in unicodedata.normalize("NFD", value) if not unicodedata.combining(c))
+            plain = {bare} if bare != value else set()
+            low = bare.lower()
             out = set()
             for table in (main, {**main, **alt}):
                 text, i = [], 0
@@ -328,10 +323,111 @@ def _latin_of_script(value: str) -> set[str]:
     return set()
 
 
+def _combinations(options: list[list[str]], cap: int) -> list[tuple[str, ...]]:
+    """Ways of choosing one option per position, the usual ones (each position's first options)
+    first: in order of the sum of the chosen options' ranks, at most ``cap``."""
+    import heapq
+    if any(not o for o in options):
+        return []
+    start = (0,) * len(options)
+    heap, seen, out = [(0, start)], {start}, []
+    while heap and len(out) < cap:
+        rank, idx = heapq.heappop(heap)
+        out.append(tuple(o[i] for o, i in zip(options, idx)))
+        for k, o in enumerate(options):
+            if idx[k] + 1 < len(o):
+                nxt = idx[:k] + (idx[k] + 1,) + idx[k + 1:]
+                if nxt not in seen:
+                    seen.add(nxt)
+                    heapq.heappush(heap, (rank + 1, nxt))
+    return out
+
+
+CYRILLIC_SPELLINGS_MAX = 16  # Latin spellings of a value of several words at most
+CYRILLIC_WORD_MAX = 32  # of one word at most
+_CYRILLIC_SYSTEMS = 5  # BGN/PCGN, ICAO, scholarly, German, French: the table's columns before "other"
+_CYRILLIC_IOTATING = set("аеёиоуыэюяєіїьъ")  # е after these is written ye, je, ie
+_CYRILLIC_RUN = re.compile("[\u0400-\u04ff]+")
+
+
+@lru_cache(maxsize=1)
+def _cyrillic_table() -> dict[tuple[str, str], tuple[tuple[str, ...], tuple[str, ...]]]:
+    """``data/cyrillic_latin.tsv``: (sequence, where) -> (its spelling in each system, every spelling
+    of it, the systems' first)."""
+    from importlib import resources
+    text = resources.files("deidflow").joinpath("data", "cyrillic_latin.tsv").read_text(encoding="utf-8")
+    out = {}
+    for line in text.splitlines():
+        if line and not line.startswith("#"):
+            seq, where, *cols = line.split("\t")
+            systems = tuple("" if c == "-" else c for c in cols[:_CYRILLIC_SYSTEMS])
+            other = tuple(c for c in cols[_CYRILLIC_SYSTEMS].split() if c != "-")
+            out[(seq, where)] = (systems, tuple(dict.fromkeys(systems + other)))
+    return out
+
+
+@lru_cache(maxsize=4096)
+def _cyrillic_word(word: str) -> tuple[tuple[str, ...], tuple[str, ...]]:
+    """The Latin spellings of one lower-case Cyrillic word: in each system (one per system), and
+    every spelling, the systems' first, then mixes (the systems' spellings of each letter first),
+    at most :data:`CYRILLIC_WORD_MAX`."""
+    table = _cyrillic_table()
+    positions, i = [], 0
+    while i < len(word):
+        for size in (2, 1):
+            seq = word[i:i + size]
+            if len(seq) < size:
+                continue
+            wheres = (("$",) if i + size == len(word) else ()) + (
+                ("^",) if i == 0 or word[i - 1] in _CYRILLIC_IOTATING else ()) + ("*",)
+            entry = next((table[(seq, w)] for w in wheres if (seq, w) in table), None)
+            if entry:
+                break
+        else:
+            size, entry = 1, ((word[i],) * _CYRILLIC_SYSTEMS, (word[i],))  # a letter of no table: as written
+        positions.append(entry)
+        i += size
+    systems = tuple("".join(p[0][k] for p in positions) for k in range(_CYRILLIC_SYSTEMS))
+    mixed = ["".join(c) for c in _combinations([list(p[1]) for p in positions], CYRILLIC_WORD_MAX)]
+    return systems, tuple(dict.fromkeys(systems + tuple(mixed)))[:CYRILLIC_WORD_MAX]
+
+
+def cyrillic_spellings(value: str) -> set[str]:
+    """A value written in Cyrillic as Latin-script documents spell it (lower case): in BGN/PCGN,
+    ICAO passports, the scholarly system and ISO 9 (without diacritics), German and French, and
+    mixes of them (``data/cyrillic_latin.tsv``): Щербаков^Алексей → shcherbakov^aleksey,
+    shtcherbakov, scherbakov, scerbakov (Ščerbakov), schtscherbakow, chtcherbakov …, alexei,
+    alexey, aleksej …; -ий/-ый as -y, -i, -iy, -ij; final -в as -v, -w, -ff.  A word in at most
+    :data:`CYRILLIC_WORD_MAX` spellings; a value of several words in each system throughout and
+    the usual mixes, at most :data:`CYRILLIC_SPELLINGS_MAX` (a name's words are forms of their own,
+    each in all its spellings).  Empty without Cyrillic letters."""
+    low = value.lower()
+    texts, systems, every, pos = [], [], [], 0  # the text between words, each word's spellings
+    for m in _CYRILLIC_RUN.finditer(low):
+        texts.append(low[pos:m.start()])
+        spelled, all_of_it = _cyrillic_word(m.group())
+        systems.append(spelled)
+        every.append(list(all_of_it))
+        pos = m.end()
+    if not every:
+        return set()
+    texts.append(low[pos:])
+
+    def join(words) -> str:
+        return "".join(t + w for t, w in zip(texts, words)) + texts[-1]
+    # one word: all its spellings; several: each system throughout, then the usual mixes (each
+    # word is a form of its own with all its spellings)
+    cap = CYRILLIC_WORD_MAX if len(every) == 1 else CYRILLIC_SPELLINGS_MAX
+    out = [join(w[k] for w in systems) for k in range(_CYRILLIC_SYSTEMS)]
+    out += [join(c) for c in _combinations(every, cap)]
+    return {s for s in list(dict.fromkeys(out))[:cap] if s.isascii()}
+
+
 def transliterations(value: str) -> set[str]:
     """ASCII spellings of a value with accented letters: Müller → Muller, Mueller; Ødegård → Odegard,
-    Oedegaard; ß → ss; Cyrillic and Greek in Latin letters (Сидоров → Sidorov, Διονύσιος →
-    Dionysios; Greek also without its accents).  Empty for ASCII values."""
+    Oedegaard; ß → ss; Cyrillic and Greek in Latin letters (Щербаков → Shcherbakov, Shtcherbakov,
+    Schtscherbakow, Chtcherbakov, Scerbakov (Ščerbakov); Διονύσιος → Dionysios; Greek also without
+    its accents).  Empty for ASCII values."""
     if value.isascii():
         return set()
     latin = _latin_of_script(value)
@@ -616,6 +712,47 @@ def whole_name_anchors(value: str) -> set[bytes] | None:
     return out
 
 
+@lru_cache(maxsize=1 << 14)
+def script_name_anchors(value: str) -> frozenset[bytes] | None:
+    """The words the Latin spellings of a name written only in Cyrillic or only in Han characters
+    can be found by (a superset of the anchors, :func:`anchor`, of its :func:`whole_name_forms`'
+    spellings), worked out from the spellings of the forms' words without spelling the forms:
+    each word of a Cyrillic form's spelling spells one of its words (the forms written together
+    included, :func:`cyrillic_spellings`), perhaps with accents (:func:`accented_spellings`); each
+    word of a Han form's pinyin is a reading of one of its runs of characters, of its family name
+    or of its given name (:func:`pinyin_spellings`).  None for a name with letters of another
+    script or of two (its forms are made).  Each spelled word contributes its own anchor: a form's
+    longest (first) word is the longest (first) word of the spelled word it lies in."""
+    if value.isascii():
+        return None
+    letters = [c for c in value if c.isalpha()]
+    cyrillic = all("\u0400" <= c <= "\u04ff" for c in letters)
+    if not cyrillic and not all(_HAN_LETTER.fullmatch(c) for c in letters):
+        return None
+    out: set[bytes] = set()
+
+    def add(spellings) -> None:  # a form's anchor is the anchor of the spelling of one of its words
+        for v in spellings:
+            if found := anchor(v.lower().encode("utf-8")):
+                out.add(found[1])
+    surnames = _han_surnames()
+    for form in whole_name_forms(value):
+        low = form.lower()
+        out |= words(low.encode("utf-8"))  # digits beside the words
+        if cyrillic:
+            for m in _CYRILLIC_RUN.finditer(low):
+                add(v for spelled in _cyrillic_word(m.group())[1] for v in {spelled} | _accent_variants(spelled))
+            continue
+        runs = [m.group() for m in _HAN_RUN.finditer(form)]
+        for run in runs:
+            add(_pinyin_given(run) + _pinyin_family(run[:1]) + _pinyin_given(run[1:]))
+            if len(run) >= 2 and run[:2] in surnames:
+                add(_pinyin_family(run[:2]) + _pinyin_given(run[2:]))
+            if len(run) == 1 or run in surnames:
+                add(_pinyin_family(run))
+    return frozenset(out)
+
+
 def whole_name_forms(value: str) -> set[str]:
     """The forms of a person name that write it whole (DOE^JOHN, John Doe, Doe, John …), not its
     parts or initials: what another subject's name is searched as (a family name alone, or an
@@ -658,8 +795,10 @@ def forms(kind: str, value: str) -> set[str]:
     value = unicodedata.normalize("NFC", value.strip())
     if kind == "name":
         out = name_forms(value)
-    elif kind == "whole_name":
+    elif kind in ("whole_name", "whole_name_script"):
         out = whole_name_forms(value)
+        if kind == "whole_name_script":  # as written only (see leakscan.UnitMatcher)
+            return out
     elif kind == "date":
         out = {value}
     elif kind == "datetime":
@@ -694,8 +833,10 @@ def forms(kind: str, value: str) -> set[str]:
     for o in list(out):
         out |= transliterations(o)
     if kind in ("name", "whole_name"):
+        chinese = not _KANA_OR_HANGUL.search(value)  # a Japanese or Korean name's kanji are not read in pinyin
         for o in list(out):
-            out |= accented_spellings(o) | kana_spellings(o) | han_variants(o) | hangul_spellings(o)
+            out |= (accented_spellings(o) | kana_spellings(o) | han_variants(o) | hangul_spellings(o)
+                    | (pinyin_spellings(o) if chinese else set()))
     return out
 
 
@@ -800,6 +941,116 @@ def hangul_spellings(value: str) -> set[str]:
     return {o + value[pos:] for o in out}
 
 
+PINYIN_SPELLINGS_MAX = 64  # Latin spellings of one form at most
+_HAN_RUN_CLASS = "[\u3400-\u4dbf\u4e00-\u9fff\uf900-\ufaff\U00020000-\U0003134f]"
+_HAN_RUN = re.compile(_HAN_RUN_CLASS + "+")
+_HAN_LETTER = re.compile(_HAN_RUN_CLASS)
+_KANA_OR_HANGUL = re.compile("[\u3040-\u30ff\uff66-\uff9f\uac00-\ud7a3]")
+
+
+@lru_cache(maxsize=1)
+def _han_readings() -> dict[str, tuple[str, ...]]:
+    """``data/han_readings.tsv``: a Han character -> its Mandarin readings (pinyin without tones,
+    the usual one first)."""
+    from importlib import resources
+    text = resources.files("deidflow").joinpath("data", "han_readings.tsv").read_text(encoding="utf-8")
+    out = {}
+    for line in text.splitlines():
+        if line and not line.startswith("#"):
+            readings, chars = line.split("\t")
+            out.update(dict.fromkeys(chars, tuple(readings.split())))
+    return out
+
+
+@lru_cache(maxsize=1)
+def _han_surnames() -> dict[str, tuple[str, ...]]:
+    """``data/han_surnames.tsv``: a family name read otherwise than its characters usually are
+    (曾 Zeng, 单 Shan), or of two characters (欧阳 Ouyang) -> its readings."""
+    from importlib import resources
+    text = resources.files("deidflow").joinpath("data", "han_surnames.tsv").read_text(encoding="utf-8")
+    return {k: tuple(v.split()) for k, v in (line.split("\t") for line in text.splitlines()
+                                                if line and not line.startswith("#"))}
+
+
+@lru_cache(maxsize=1)
+def _wade_giles() -> dict[str, str]:
+    """``data/pinyin_wade_giles.tsv``: a pinyin syllable -> its Wade-Giles spelling (Taiwan)."""
+    from importlib import resources
+    text = resources.files("deidflow").joinpath("data", "pinyin_wade_giles.tsv").read_text(encoding="utf-8")
+    return dict(line.split("\t") for line in text.splitlines() if line and not line.startswith("#"))
+
+
+def _syllables(c: str) -> list[str]:
+    """A Han character's readings as Latin-script names write them: ü as u, yu (passports: LYU),
+    v and ü (lü -> lu, lyu, lv, lü: the accent folding does not reach a word of two letters); then
+    in Wade-Giles as Taiwan writes them (张 Chang, 谢 Hsieh, 志 Chih).  Empty for a character
+    without a reading."""
+    out = []
+    readings = _han_readings().get(c, ())
+    for r in readings:
+        out += [r.replace("ü", u) for u in ("u", "yu", "v", "ü")] if "ü" in r else [r]
+    wg = _wade_giles()
+    out += [wg[r] for r in readings if r in wg]
+    return list(dict.fromkeys(out))
+
+
+def _pinyin_family(run: str) -> list[str]:
+    """The readings of a family name of one or two characters, its reading as a family name first."""
+    table = _han_surnames()
+    first = [r.capitalize() for r in table.get(run, ())]
+    rest = ["".join(c).capitalize() for c in _combinations([_syllables(c) for c in run], PINYIN_SPELLINGS_MAX)]
+    return list(dict.fromkeys(first + rest))
+
+
+def _pinyin_given(run: str) -> list[str]:
+    """The readings of a given name (or any run of characters): its syllables joined, hyphenated
+    and spaced (Xiaoming, Xiao-Ming, Xiao Ming)."""
+    out = []
+    for c in _combinations([_syllables(c) for c in run], PINYIN_SPELLINGS_MAX // 3):
+        parts = [p.capitalize() for p in c]
+        out += ["".join(parts).capitalize(), "-".join(parts), " ".join(parts)]
+    return list(dict.fromkeys(out))
+
+
+def pinyin_spellings(value: str) -> set[str]:
+    """A Chinese name stored only in Han characters as Latin-script text writes it, in pinyin
+    without tones (``data/han_readings.tsv``) and in Wade-Giles as Taiwan writes it
+    (``data/pinyin_wade_giles.tsv``: 张^志明 as Chang^Chih-Ming): 王^小明 as Wang^Xiaoming, 小明 王 as Xiao-Ming Wang,
+    王 小明 as Wang Xiao Ming; a character with several readings in each (曾 Zeng, Ceng), a family
+    name in its reading as one first (``data/han_surnames.tsv``: 单 Shan, 欧阳 Ouyang).  A form of
+    one run of two to four characters (王小明, a whole name written together) is also spelled
+    split after its family name: Wang Xiaoming, Xiaoming Wang, Wang, Xiaoming.  At most
+    :data:`PINYIN_SPELLINGS_MAX`; empty without Han characters, with kana or Hangul (a Japanese or
+    Korean name), for one character alone and for a family name alone: Wang, Li, Zhang are words
+    and names everywhere, and in Han characters too short to search."""
+    if value.isascii() or _KANA_OR_HANGUL.search(value):
+        return set()
+    runs = list(_HAN_RUN.finditer(value))
+    if sum(len(m.group()) for m in runs) < 2:
+        return set()
+    surnames = _han_surnames()
+    if len(runs) == 1 and runs[0].group() == value.strip():  # one word: a given name, or a whole name
+        run = runs[0].group()
+        if run in surnames:
+            return set()  # a family name of two characters alone (Ouyang)
+        out = _pinyin_given(run)[:PINYIN_SPELLINGS_MAX // 2]
+        if len(run) <= 4:
+            k = 2 if len(run) >= 3 and run[:2] in surnames else 1
+            for f, g in _combinations([_pinyin_family(run[:k]), _pinyin_given(run[k:])], PINYIN_SPELLINGS_MAX // 8):
+                out += [f"{f} {g}", f"{g} {f}", f"{f}, {g}", f"{f}^{g}"]
+        # written together, four letters or fewer (Nana, Lina) are in binary values by chance (a
+        # palette's bytes read as Latin-1 and folded): only spaced (Na Na, Li Na) are searched
+        return {o for o in out if " " in o or "-" in o or len(o) >= 5}
+    options, pos = [], 0
+    for m in runs:
+        run = m.group()
+        options += [[value[pos:m.start()]], _pinyin_family(run) if len(run) == 1 or run in surnames
+                    else _pinyin_given(run)]
+        pos = m.end()
+    options.append([value[pos:]])
+    return {"".join(c) for c in _combinations(options, PINYIN_SPELLINGS_MAX)}
+
+
 HAN_VARIANTS_MAX = 256  # spellings of one form at most; past that each character's variants one at a time
 
 
@@ -837,6 +1088,12 @@ def accented_spellings(value: str) -> set[str]:
     if not value.isascii() or not _ACCENT_DIGRAPH.search(value):
         return set()
     low = value.lower()
+    return {o for o in _accent_variants(low) if o != low and len(o) >= 3}
+
+
+def _accent_variants(low: str) -> set[str]:
+    """Lower-case ``low`` with each of its digraphs as its letter and as its first letter, and with
+    all of them as their letters (what :func:`accented_spellings` keeps of them)."""
     out = set()
     for digraph, letter in _ACCENTS:
         if digraph in low:
@@ -845,7 +1102,7 @@ def accented_spellings(value: str) -> set[str]:
     for digraph, letter in _ACCENTS[:4]:
         every = every.replace(digraph, letter)
     out.add(every)
-    return {o for o in out if o != low and len(o) >= 3}
+    return out
 
 
 _NUMERIC_FORM = re.compile(r"[\d\s()./:+-]+")
@@ -1246,16 +1503,19 @@ def _digest(salt: bytes, value: str) -> str:
 
 
 def needles_for(subject: str, entries: Iterable[tuple[str, str, str]], salt: bytes,
-                excluded: Counter | None = None) -> list[Needle]:
+                excluded: Counter | None = None, wide: bool | None = None) -> list[Needle]:
     """The searchable forms of a subject's identifier entries ``(kind, field, value)``; excluded
-    forms are counted per rule in ``excluded``."""
+    forms are counted per rule in ``excluded``.  ``wide``: whether its IDs and Latin names are also
+    searched in full width (None: when one of the entries is a CJK name)."""
     entries = list(entries)
     # a subject with a CJK name: its IDs and Latin names also as East Asian text writes them
-    wide = any(kind in ("name", "whole_name") and east_asian(value) for kind, _, value in entries)
+    if wide is None:
+        wide = any(kind.startswith(("name", "whole_name")) and east_asian(value) for kind, _, value in entries)
     out: list[Needle] = []
     done: set[tuple[str, str]] = set()
     for kind, fld, value in entries:
         digest = _digest(salt, value)
+        own = words(value.lower().encode("ascii", "ignore"))  # a name's own Latin words (YAMADA)
         for key, rule, texts in _searched(kind, value):
             if key in done:
                 continue
@@ -1264,9 +1524,11 @@ def needles_for(subject: str, entries: Iterable[tuple[str, str, str]], salt: byt
                 if excluded is not None:
                     excluded[rule] += 1
                 continue
-            nkind = "name" if kind == "whole_name" else kind
+            nkind = "name" if kind.startswith("whole_name") else kind
             out += [Needle(text, nkind, fld, digest, subject, mode) for text, mode in texts]
-            if wide and nkind in ("name", "id"):
+            # full width: an ID, and a name form of the name's own Latin words (YAMADA TAROU), not
+            # the spellings made of its CJK characters (Wang Xiaoming in pinyin, Hong Gildong)
+            if wide and (nkind == "id" or (nkind == "name" and words(key[0].lower().encode("ascii", "ignore")) <= own)):
                 out += [Needle(text, nkind, fld, digest, subject) for text in full_width_forms(key[0])]
     return out
 

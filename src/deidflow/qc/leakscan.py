@@ -704,18 +704,24 @@ def other_units_values(restricted: Path, manifest: Mapping, salt: bytes, only: I
     wanted = None if only is None else set(only)
     ids: dict[str, set[tuple[str, str, str]]] = {}
     names: dict[str, str] = {}
+    wide: set[str] = set()  # subjects whose CJK name is in names: their IDs also in full width
     for s, pid, acc, name in rows:
         if s and s not in own and (wanted is None or s in wanted):
             for fld, v in (("PatientID", pid), ("AccessionNumber", acc)):
                 if v and v not in mine:
                     ids.setdefault(s, set()).add(("id", fld, v))
             if name and name not in mine:
-                if idmod.east_asian(name):  # with its IDs (also full width), made now: its CJK forms have no word
+                if idmod.east_asian(name) and idmod.script_name_anchors(name) is None:
+                    # with its IDs (also full width), made now: its CJK forms have no word (kana,
+                    # Hangul, a Latin representation beside them)
                     ids.setdefault(s, set()).add(("whole_name", "PatientName", name))
-                else:
+                else:  # a name only in Han characters: its forms as written made now, its pinyin later
                     names[s] = name
+                    if idmod.east_asian(name):
+                        wide.add(s)
     roster = sorted({s for s, *_ in rows if s} | own)
-    return [n for s, e in sorted(ids.items()) for n in needles_for(s, sorted(e), salt)], names, roster
+    return ([n for s, e in sorted(ids.items()) for n in needles_for(s, sorted(e), salt, wide=s in wide or None)],
+            names, roster)
 
 
 class UnitMatcher(Matcher):
@@ -732,9 +738,11 @@ class UnitMatcher(Matcher):
         self.others: Matcher | None = None
         self.made: list[Needle] = []
         self.waiting: dict[bytes, set[str]] = {}
-        eager = []
+        eager, script = [], []
         for s, name in self.names.items():
             anchors = idmod.whole_name_anchors(name)  # a plain ASCII name's, without making its forms
+            if anchors is None and (anchors := idmod.script_name_anchors(name)) is not None:
+                script.append(s)  # its forms as written now (no ASCII word), its Latin spellings later
             if anchors is None:
                 anchors = {found[1] if (found := idmod.anchor(text)) else None
                            for text in idmod.needle_texts("whole_name", name)}
@@ -742,7 +750,11 @@ class UnitMatcher(Matcher):
                 eager.append(s)
             for word in anchors - {None}:
                 self.waiting.setdefault(word, set()).add(s)
+        self.made += [n for s in script for n in needles_for(s, [("whole_name_script", "PatientName", self.names[s])],
+                                                              self.salt)]
         self._make(eager)
+        if self.made and self.others is None:
+            self.others = Matcher(self.made)
 
     def _make(self, subjects: Iterable[str]) -> None:
         new = [s for s in dict.fromkeys(subjects) if s in self.names]
