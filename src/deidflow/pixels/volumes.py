@@ -184,20 +184,19 @@ def text_in_volume(path: Path, threads: int = 1) -> Where | None:
     def seen(axis: int) -> bool:
         return min(d for i, d in enumerate(dims) if i != axis) >= MIN_SIDE
 
-    for axis in (2, 1, 0) if volumes == 1 else (2,):
-        if seen(axis):
-            res = screen.screen_frames([(dims[axis], opener(t)) for t in range(volumes)], threads, views=screen.VIEWS,
-                                       min_chars=MIN_CHARS)
-            if res.text:
-                return Where(axis, res.found[0].frame, res.found[0].file)
-    # 4D: text across the other two axes of one volume (a sagittal reformat's label) shows in the
-    # voxelwise maximum (bright text) or minimum (dark text) of the volumes, read above
-    if volumes > 1 and not envelope:  # (a series too thin across axis 2 to have been read)
-        for t in range(volumes):
-            opener(t)()
-    for over, block in zip(("maximum", "minimum"), list(envelope)):
-        for axis in (1, 0):
-            if seen(axis):
+    axes = [a for a in (2, 1, 0) if seen(a)]
+    # one volume: slices across every axis; 4D: every volume's slices across the first axis that
+    # shows frames (the slice axis; a 2D+time series stored (x, 1, y, t) has only axis 1)
+    for axis in axes if volumes == 1 else axes[:1]:
+        res = screen.screen_frames([(dims[axis], opener(t)) for t in range(volumes)], threads, views=screen.VIEWS,
+                                   min_chars=MIN_CHARS)
+        if res.text:
+            return Where(axis, res.found[0].frame, res.found[0].file)
+    # 4D: text across the other axes of one volume (a sagittal reformat's label) shows in the
+    # voxelwise maximum (bright text) or minimum (dark text) of the volumes read above
+    if volumes > 1 and len(axes) > 1:
+        for over, block in zip(("maximum", "minimum"), list(envelope)):
+            for axis in axes[1:]:
                 res = screen.screen_frames([(dims[axis], lambda b=block, a=axis: _Slices(b, a))], threads,
                                            views=screen.VIEWS, min_chars=MIN_CHARS)
                 if res.text:
