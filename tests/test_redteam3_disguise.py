@@ -76,10 +76,38 @@ def test_birth_date_in_loose_forms_after_a_birth_word_found(text):
 
 
 @pytest.mark.parametrize("text", ["seen 120870", "series 700812", "DOB 120871", "born 130870", "x120870 ms",
-                                  "TR 12-8-70", "v12.8.70", "12/VIII/1971"])
+                                  "TR 12-8-70", "v12.8.70", "12/VIII/1971", "Matrix 256*120870", "scan*120870"])
 def test_loose_birth_date_forms_need_the_birth_word_and_the_date(text):
     m = identifiers.matcher_for(ENTRIES)
     assert not m.find(text.encode()), text
+
+
+@pytest.mark.parametrize("text", ["Née: 12.8.70", "né le 12.8.70", "født 12.8.70", "född 700812", "geb. 70.08.12",
+                                  "DOB 70-08-12"])
+@pytest.mark.parametrize("encoding", ["utf-8", "latin-1", "utf-16-le"])
+def test_loose_birth_date_found_in_latin1_and_utf16_text_and_year_first(text, encoding):
+    """Birth words with accents were read in UTF-8 only (ISO_IR 100 text is Latin-1), and a
+    year-first date with a two-digit year after the word was not read (review of round 4)."""
+    m = identifiers.matcher_for(ENTRIES)
+    assert m.find(text.encode(encoding)), (text, encoding)
+
+
+def test_loose_forms_after_a_birth_word_are_read_for_birth_dates_only():
+    """'DOB 150321' is not another date of the subject (a study date): only a birth date's loose
+    forms are read after the word, once per occurrence."""
+    m = identifiers.matcher_for([("date", "StudyDate", "20210315"), ("date", "PatientBirthDate", "19700812")])
+    assert not m.find(b"DOB 150321") and not m.find(b"Protocol*15.3.21")
+    assert len(m.find(b"ur. 12.08.70")) == 1 and len(m.find(b"DOB 120870")) == 1
+
+
+@pytest.mark.parametrize("stored", ["NFC", "NFD"])
+@pytest.mark.parametrize("written", ["NFC", "NFD"])
+def test_hangul_name_found_composed_or_decomposed(stored, written):
+    """김민준 stored or written decomposed into jamo (macOS folder names): a value stored
+    decomposed lost its form as written when forms were made from the composed value only."""
+    import unicodedata
+    m = identifiers.matcher_for([("name", "PatientName", unicodedata.normalize(stored, "김^민준"))])
+    assert m.find(unicodedata.normalize(written, "환자 김민준 검사")), (stored, written)
 
 
 @pytest.mark.parametrize("stored", ["NFC", "NFD"])

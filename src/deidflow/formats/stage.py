@@ -130,14 +130,14 @@ def _one(f, input_dir: Path, stage: Path, ctx: ScrubContext, bad, audit, found, 
     except Exception as exc:  # a reader's unexpected error on hostile input: quarantine, never release
         bad.append((f["relpath"], f"{fmt}: unreadable ({type(exc).__name__})"))
         return False
+    for k, v in res.identifiers.items():  # (searched in the subject's other files even if this one is withheld)
+        found[k if found.get(k, v) == v else f"{k} ({f['src_id']})"] = v
     why = _pixel_text(stage / f["out_relpath"]) if fmt in VOLUME_FORMATS else None
     if why:
         for p in res.outputs:
             Path(p).unlink(missing_ok=True)
         bad.append((f["relpath"], f"{fmt}: {why}"))
         return False
-    for k, v in res.identifiers.items():
-        found[k if found.get(k, v) == v else f"{k} ({f['src_id']})"] = v
     audit.append(json.dumps({"file": f"{rdir}/{subject}/{f['out_relpath']}", "source": f["src_id"],
                              "format": fmt, "outputs": [p.name for p in res.outputs],
                              "actions": res.actions}, sort_keys=True))

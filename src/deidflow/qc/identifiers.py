@@ -523,30 +523,41 @@ def dates_in(low: bytes) -> Iterator[tuple[int, int, set[str]]]:
 # born 610423, d.o.b. 04/23/61, geb. 23-4-61, *23.4.61, né le 23 IV 61.
 _BIRTH_WORD = re.compile(
     rb"(?<![a-z])(?:d\.? ?o\.? ?b|dob|birth ?date|birthday|date of birth|born|geb(?:oren|urtsdatum|dat)?|"
-    rb"n\xc3\xa9e?(?: le)?|nee? le|nat[oa]|nacid[oa]|fecha de nacimiento|f\. ?nac|nascid[oa]|"
-    rb"data di nascita|date de naissance|f\xc3\xb8dt|f\xc3\xb6dd|ur\.|urodzon[ya])(?![a-z])"
-    rb"|\*(?= ?[0-9])")
+    rb"n(?:\xc3\xa9|\xe9)e?(?: le)?|nee? le|nat[oa]|nacid[oa]|fecha de nacimiento|f\. ?nac|nascid[oa]|"
+    rb"data di nascita|date de naissance|f(?:\xc3\xb8|\xf8)dt|f(?:\xc3\xb6|\xf6)dd|ur\.|urodzon[ya])(?![a-z])"
+    rb"|(?<![0-9a-z])\*(?= ?[0-9])")  # (accented words in UTF-8 and Latin-1; UTF-16 text is read as Latin-1)
 # where a birth word can start (found with bytes.find: one regex over megabytes of header bytes
 # costs as much as the rest of the search)
-_BIRTH_STARTS = (b"d.o", b"d. o", b"d o", b"dob", b"birth", b"date of", b"born", b"geb", b"n\xc3\xa9", b"nee le",
-                 b"ne le", b"nato", b"nata", b"nacid", b"fecha", b"f. nac", b"f.nac", b"nascid", b"data di",
-                 b"date de", b"f\xc3", b"ur.", b"urodz", b"*")
+_BIRTH_STARTS = (b"d.o", b"d. o", b"d o", b"dob", b"birth", b"date of", b"born", b"geb", b"n\xc3\xa9", b"n\xe9",
+                 b"nee le", b"ne le", b"nato", b"nata", b"nacid", b"fecha", b"f. nac", b"f.nac", b"nascid", b"data di",
+                 b"date de", b"f\xc3", b"f\xf8", b"f\xf6", b"ur.", b"urodz", b"*")
+_BIRTH_SHORT = 4096  # a text shorter than this is searched with the regex alone (a value the sweep cleans)
 _BIRTH_DATE = re.compile(
     rb"[\s:.=,)(-]{0,4}(?:(?P<c>[0-9]{6}|[0-9]{8})|(?P<a>[0-9]{1,4})(?P<s>[ ./-]) ?(?P<b>[0-9]{1,2}|[ivx]{1,4})"
     rb"\.?(?P=s) ?(?P<y>[0-9]{4}|[0-9]{2}))(?![0-9]|\.[0-9])")
 
 
+# the values whose loose forms birth_dates_in reads: birth dates (and a folder's date, which is one)
+_BIRTH_FIELD = re.compile(r"(?i)birth|identity")
+
+
 def birth_dates_in(low: bytes) -> Iterator[tuple[int, int, set[str]]]:
     """(start, end, candidate YYYYMMDD dates) of each date written right after a word announcing
-    a birth date in lower-cased ``low``, in any order of day, month and year (two-digit years in
-    both centuries, Roman months)."""
-    ends = set()
-    for key in _BIRTH_STARTS:
-        i = low.find(key)
-        while i >= 0:
-            if (w := _BIRTH_WORD.match(low, i)) is not None:
-                ends.add(w.end())
-            i = low.find(key, i + 1)
+    a birth date in lower-cased ``low``: six or eight digits as day-month-year, month-day-year or
+    year-month-day; separated numbers day or month first, or year first (four digits, or two
+    followed by two more); two-digit years in both centuries; Roman months."""
+    if len(low) < 7:
+        return
+    if len(low) < _BIRTH_SHORT:
+        ends = {w.end() for w in _BIRTH_WORD.finditer(low)}
+    else:
+        ends = set()
+        for key in _BIRTH_STARTS:
+            i = low.find(key)
+            while i >= 0:
+                if (w := _BIRTH_WORD.match(low, i)) is not None:
+                    ends.add(w.end())
+                i = low.find(key, i + 1)
     for end in sorted(ends):
         m = _BIRTH_DATE.match(low, end)
         if not m:
@@ -568,6 +579,8 @@ def birth_dates_in(low: bytes) -> Iterator[tuple[int, int, set[str]]]:
             elif len(a) <= 2:
                 for yy in _years(y):
                     out |= {x for x in (_ymd(yy, mo, int(a)), _ymd(yy, int(a), mo) if b.isdigit() else None) if x}
+                if len(a) == 2 and len(y) == 2:  # 61-04-23
+                    out |= {x for yy in _years(m["a"]) if (x := _ymd(yy, mo, int(y)))}
         if out:
             yield m.start("c") if m["c"] else m.start("a"), m.end(), out
 
@@ -791,8 +804,18 @@ _ID_DIGITS = re.compile(r"\D*(\d{6,})\D*")
 def forms(kind: str, value: str) -> set[str]:
     """Every literal form of one original value that is searched for (dates are recognised in
     any written form by :func:`dates_in` instead, see :class:`Matcher`), with the ASCII spellings
-    of values with accented letters (a value stored decomposed, NFD, is composed first)."""
-    value = unicodedata.normalize("NFC", value.strip())
+    of values with accented letters; a value stored decomposed (NFD: macOS folder names) also
+    composed, whose forms hold those spellings (Müller decomposed: Mueller), and Hangul and kana
+    forms also decomposed."""
+    value = value.strip()
+    composed = unicodedata.normalize("NFC", value)
+    out = _forms(kind, value) | (_forms(kind, composed) if composed != value else set())
+    if _KANA_OR_HANGUL.search(composed):  # Hangul and kana written decomposed (the accent folding is for Latin)
+        out |= {d for f in out if (d := unicodedata.normalize("NFD", f)) != f}
+    return out
+
+
+def _forms(kind: str, value: str) -> set[str]:
     if kind == "name":
         out = name_forms(value)
     elif kind in ("whole_name", "whole_name_script"):
@@ -1356,10 +1379,8 @@ class Matcher:
                     for c in cands:
                         for n in self.dates.get(c.encode(), ()):
                             hits.append((ws + s, ws + e, n))
-            born = [(s, e, n) for s, e, cands in birth_dates_in(low) for c in cands for n in self.dates.get(c.encode(), ())]
-            if born:  # (a date another reader or a literal form found counts once)
-                seen = {(s, e, n.digest) for s, e, n in hits}
-                hits += [h for h in born if (h[0], h[1], h[2].digest) not in seen]
+            born = [(s, e, n) for s, e, cands in birth_dates_in(low) for c in cands
+                    for n in self.dates.get(c.encode(), ()) if _BIRTH_FIELD.search(n.field)]
         if self.short_dates:
             if len(self.short_dates) < 48:  # a few dates: direct search is faster than the pattern
                 for k in self.short_dates:
@@ -1378,6 +1399,9 @@ class Matcher:
             while i >= 0:
                 hits.append((i, i + len(needle.text), needle))
                 i = low.find(needle.text, i + 1)
+        if self.dates and born:  # (a date another reader or a literal form found counts once)
+            seen = {(s, e, n.digest) for s, e, n in hits}
+            hits += [h for h in born if (h[0], h[1], h[2].digest) not in seen]
         if not folded:  # MULLER^JURGEN written Müller Jürgen; UTF-16 text in binary values
             hits += fold_accents(low, self.spans) + utf16_views(low, self.spans)
         return hits
