@@ -207,7 +207,7 @@ def test_minc1_planted_attributes_in_place(tmp_path):
 
 
 @pytest.mark.parametrize("age, capped", [("092Y", b"090Y"), ("97", b"90\x00"), ("93 years", b"90\x00\x00"),
-                                         ("045Y", b"045Y")])
+                                         ("Age: 92", b"90\x00\x00"), ("045Y", b"045Y")])
 def test_minc1_kept_age_over_89_is_capped(tmp_path, age, capped):
     """A MINC patient:age of 92 was released as it was under retain_patient_characteristics
     (red-team 3): DICOM's PatientAge, twix and the sidecars cap it at 90."""

@@ -23,7 +23,7 @@ from pydicom.uid import UID_dictionary
 
 from . import __version__, dates, textclean, vendorblobs
 from .profile import Plan, Rule, method_codes
-from .sidecar import AGE_CAP_YEARS, age_years
+from .sidecar import AGE_CAP_YEARS, over_age_cap
 from .pseudonym import Pseudonymizer
 
 if TYPE_CHECKING:
@@ -452,8 +452,7 @@ class Scrubber:
         if vr == "UI":
             return self._replace_uids(ds, tag)
         if vr == "AS":  # an age over 89 years is an identifier (HIPAA Safe Harbor): 090Y
-            years = age_years(value or "")
-            if years is not None and years >= AGE_CAP_YEARS:
+            if over_age_cap(value or ""):
                 elem.value = f"{AGE_CAP_YEARS:03d}Y"
                 return True
             return False

@@ -127,6 +127,17 @@ def age_years(value: Any) -> float | None:
     return {"Y": n, "M": n / 12, "W": n * 7 / 365.25, "D": n / 365.25}[unit]
 
 
+def over_age_cap(value: Any) -> bool:
+    """Whether an age (a number, a DICOM AS string, or text with the number first: ``92 years``,
+    ``Age: 92``) is 90 years or more, which HIPAA Safe Harbor counts as an identifier: every
+    format writes it as 90 in its own form."""
+    years = age_years(value)
+    if years is None and not isinstance(value, (int, float)):
+        lead = re.search(r"\d+(?:\.\d+)?", str(value))
+        years = float(lead.group()) if lead else None
+    return years is not None and years >= AGE_CAP_YEARS
+
+
 def capped_age(value: Any) -> int | float | None:
     """Age in years for release: whole years below 1 year kept to 2 decimals, 90 and over → 90."""
     years = age_years(value)

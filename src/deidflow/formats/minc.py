@@ -42,7 +42,7 @@ import shutil
 import struct
 from pathlib import Path
 
-from ..sidecar import AGE_CAP_YEARS, age_years
+from ..sidecar import AGE_CAP_YEARS, over_age_cap
 from .base import Format, FormatError, Outputs, ScrubContext, ScrubResult
 
 STRUCTURAL = {"varid", "vartype", "version", "parent", "children"}
@@ -99,10 +99,7 @@ def new_text(action: str, value: bytes, ctx: ScrubContext, res: ScrubResult, lab
     if action == "keep" or not text.strip():
         return None
     if action == "age":  # kept, but an age over 89 is an identifier (HIPAA Safe Harbor): 90
-        lead = re.match(r"\s*(\d+(?:\.\d*)?)", text)  # "92 years", "92y"
-        years = age_years(text.strip())
-        years = float(lead.group(1)) if years is None and lead else years
-        if years is None or years < AGE_CAP_YEARS:
+        if not over_age_cap(text.strip()):
             return None
         res.act(label, "capped")
         dicom_form = re.fullmatch(r"\d{3}[DWMY]", text.strip().upper())
@@ -143,7 +140,7 @@ def new_text(action: str, value: bytes, ctx: ScrubContext, res: ScrubResult, lab
     return bytes(n)
 
 
-_NC_NUMBERS = {3: ">i2", 4: ">i4", 5: ">f4", 6: ">f8"}  # NetCDF-3 short, int, float, double
+_NC_NUMBERS = {1: ">i1", 3: ">i2", 4: ">i4", 5: ">f4", 6: ">f8"}  # NetCDF-3 byte, short, int, float, double
 
 
 def _cap_numeric_age(header: bytearray, start: int, n: int, typ: int, res: ScrubResult, label: str) -> None:

@@ -70,11 +70,8 @@ _RULES_RE_UID = re.compile(r"^t?referenceimage\d+$|loid|uid$")
 
 def _capped_age(number: str) -> str:
     """An age in years over 89 as 90, at the same length (97.000000 -> 90.000000, 101 -> 090)."""
-    from ..sidecar import AGE_CAP_YEARS
-    try:
-        if float(number) < AGE_CAP_YEARS:
-            return number
-    except ValueError:
+    from ..sidecar import AGE_CAP_YEARS, over_age_cap
+    if not over_age_cap(number):
         return number
     decimals = len(number.split(".", 1)[1]) if "." in number else 0
     return f"{AGE_CAP_YEARS:.{decimals}f}".rjust(len(number), "0")[-len(number):]
