@@ -662,3 +662,24 @@ def test_full_width_ids_and_names_of_a_cjk_subject():
     assert m.redact_text(text) == "患者ＩＤ * * *"
     plain = _matcher(("name", "PatientName", "Smith^John"), ("id", "PatientID", "MRN4711000"))
     assert len(plain) == len(_matcher(("name", "PatientName", "Smith^John"))) + len(_matcher(("id", "PatientID", "MRN4711000")))
+
+
+def test_release_file_the_scan_cannot_read_is_a_hit_not_a_note(tmp_path):
+    """A release file whose content the leak scan could not read (a damaged gzip stream, an
+    unreadable file) was only noted, and its subject published unverified: it is now a hit of
+    kind ``unscanned``, which withholds the subject like a found value."""
+    import gzip
+    m = _matcher(("name", "PatientName", "MARY^SMITH"))
+    good = gzip.compress(b'{"note": "nothing here"}' * 50, mtime=0)
+    bad = tmp_path / "side.json.gz"
+    bad.write_bytes(good[:40] + bytes(len(good) - 40))  # the stream breaks after its first bytes
+    res = leakscan.scan_file(bad, "sub-a/side.json.gz", m)
+    assert [h.kind for h in res.hits] == ["unscanned"] and "gzip content unreadable" in res.hits[0].location
+    ok = tmp_path / "ok.json.gz"
+    ok.write_bytes(good)
+    assert leakscan.scan_file(ok, "sub-a/ok.json.gz", m).hits == []
+    gone = tmp_path / "locked.json"
+    gone.write_text("{}")
+    gone.chmod(0)
+    if not os.access(gone, os.R_OK):  # (root reads it anyway)
+        assert [h.kind for h in leakscan.scan_file(gone, "sub-a/locked.json", m).hits] == ["unscanned"]

@@ -193,8 +193,16 @@ def scan_file(path: Path, rel: str, matcher: Matcher, *, pixel_data: bool = Fals
                 _scan_stream(fh, rel, "", matcher, res, text=low.endswith((".tsv", ".csv", ".txt", ".html",
                                                                           ".md", ".bval", ".bvec")))
     except OSError as exc:
-        res.notes.append(f"{rel}: not readable ({exc.strerror})")
+        _unscanned(res, rel, f"not readable ({exc.strerror})")
     return res
+
+
+def _unscanned(res: FileScan, rel: str, why: str) -> None:
+    """A release file whose content could not be searched, whole or in part: a hit of kind
+    ``unscanned``, so the subject is withheld like one with a found value (fail closed: what was
+    not read was not verified), and a note."""
+    res.notes.append(f"{rel}: {why}")
+    res.hits.append(Hit(rel, f"not scanned: {why}", "unscanned", "content", "", ""))
 
 
 def _hit(rel: str, location: str, n: Needle) -> Hit:
@@ -359,7 +367,7 @@ def _scan_gzip(path: Path, rel: str, matcher: Matcher, res: FileScan, pixel_data
             else:
                 rest = io.BytesIO(gz.read(limit))
             if gz.read(1):
-                res.notes.append(f"{rel}: gunzipped content larger than {limit} bytes, scanned in part")
+                _unscanned(res, rel, f"gunzipped content larger than {limit} bytes, scanned in part")
         data = rest.getvalue()
         if rel.lower().endswith(".json.gz"):
             _scan_json(data, rel, prefix, matcher, res)
@@ -367,7 +375,7 @@ def _scan_gzip(path: Path, rel: str, matcher: Matcher, res: FileScan, pixel_data
             _scan_stream(io.BytesIO(data), rel, prefix, matcher, res,
                          text=rel.lower().endswith((".tsv.gz", ".txt.gz", ".csv.gz")))
     except (OSError, EOFError, zlib.error, struct.error) as exc:
-        res.notes.append(f"{rel}: gzip content unreadable ({type(exc).__name__}); raw bytes scanned")
+        _unscanned(res, rel, f"gzip content unreadable ({type(exc).__name__}); raw bytes scanned")
         with open(path, "rb") as fh:
             _scan_stream(fh, rel, "", matcher, res, text=False)
 
