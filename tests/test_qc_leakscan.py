@@ -683,3 +683,13 @@ def test_release_file_the_scan_cannot_read_is_a_hit_not_a_note(tmp_path):
     gone.chmod(0)
     if not os.access(gone, os.R_OK):  # (root reads it anyway)
         assert [h.kind for h in leakscan.scan_file(gone, "sub-a/locked.json", m).hits] == ["unscanned"]
+
+
+def test_unit_without_values_of_its_own_still_finds_another_subjects_accented_name():
+    """A unit whose subjects have no identifying values of their own (a folder named sub-01, no
+    header identity) skipped the accent folding of the other subjects' names: MULLER^JURGEN of
+    another unit written 'Jürgen Müller' in its files was not found."""
+    m = leakscan.UnitMatcher([], {"sub-a": "MULLER^JURGEN"}, b"salt")
+    assert not m.empty()
+    for text in ("seen with Jürgen Müller", "seen with Jurgen Muller"):
+        assert [n.owner for _, _, n in m.spans(text.encode())] == ["sub-a"], text

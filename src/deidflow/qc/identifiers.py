@@ -1343,6 +1343,10 @@ class Matcher:
     def __len__(self) -> int:
         return self.count
 
+    def empty(self) -> bool:
+        """Nothing to search for (a subclass may search more than its needles)."""
+        return not self.count
+
     @staticmethod
     def key(n: Needle) -> tuple:
         """What makes two needles one searched form (:func:`len` counts these)."""
@@ -1351,7 +1355,7 @@ class Matcher:
     def spans(self, text: bytes, folded: bool = False) -> list[tuple[int, int, Needle]]:
         """(start, end, needle) of every occurrence in ``text`` (any case; Latin letters with
         accents also as their base letters, UTF-16 text as text: see :mod:`deidflow.qc.folding`)."""
-        if not self.count or not text:
+        if self.empty() or not text:
             return []
         low = text.lower()
         hits: list[tuple[int, int, Needle]] = []

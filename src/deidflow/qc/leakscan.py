@@ -151,7 +151,7 @@ class FileScan:
 def scan_file(path: Path, rel: str, matcher: Matcher, *, pixel_data: bool = False) -> FileScan:
     """Search one release file (its path and its content) for the matcher's values."""
     res = FileScan()
-    if not len(matcher):
+    if matcher.empty():
         return res
     name_bytes = rel.encode("utf-8", "surrogateescape")
     name_hits = matcher.find(name_bytes)
@@ -770,6 +770,9 @@ class UnitMatcher(Matcher):
             self.made += needles_for(s, [("whole_name", "PatientName", self.names.pop(s))], self.salt)
         if new:
             self.others = Matcher(self.made)
+
+    def empty(self) -> bool:  # a unit without values of its own still searches the other subjects' names
+        return not self.count and not self.names and self.others is None
 
     def spans(self, text: bytes, folded: bool = False) -> list[tuple[int, int, Needle]]:
         if self.waiting and self.names:
