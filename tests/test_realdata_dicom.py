@@ -462,12 +462,12 @@ def _without_frame_comments(ds) -> list[bytes] | bytes:
     """The frames of compressed Pixel Data without their comment and application segments (what
     the dicom stage removes); the value itself for native pixel data."""
     from pydicom.encaps import generate_frames
-    from deidflow.dicomio import (J2K_SYNTAXES, JPEG_SYNTAXES, _j2k_frame_without_comments,
-                                  _jpeg_frame_without_metadata)
+    from deidflow.dicomio import (J2K_SYNTAXES, JPEG_SYNTAXES, j2k_frame_without_comments,
+                                  jpeg_frame_without_metadata)
     ts = str(ds.file_meta.TransferSyntaxUID)
     if ts not in JPEG_SYNTAXES | J2K_SYNTAXES:
         return ds.PixelData
-    strip = _jpeg_frame_without_metadata if ts in JPEG_SYNTAXES else _j2k_frame_without_comments
+    strip = jpeg_frame_without_metadata if ts in JPEG_SYNTAXES else j2k_frame_without_comments
     frames = generate_frames(ds.PixelData, number_of_frames=int(ds.get("NumberOfFrames") or 1))
     return [strip(f).rstrip(b"\x00") for f in frames]  # a frame of odd length is padded to even
 

@@ -765,7 +765,7 @@ JPEG_SYNTAXES = frozenset(("1.2.840.10008.1.2.4.50", "1.2.840.10008.1.2.4.51", "
 _TEXT_MARKERS = frozenset([0xFE] + [m for m in range(0xE0, 0xF0) if m not in (0xE2, 0xEE)])
 
 
-def _jpeg_frame_without_metadata(frame: bytes) -> bytes:
+def jpeg_frame_without_metadata(frame: bytes) -> bytes:
     """``frame`` without COM and application segments (JFIF kept when it has no thumbnail);
     ``frame`` itself when it has none.  Raises :class:`DicomError` when one sits between scans."""
     if frame[:2] != b"\xff\xd8":
@@ -800,7 +800,7 @@ J2K_SYNTAXES = frozenset(("1.2.840.10008.1.2.4.90", "1.2.840.10008.1.2.4.91", "1
 _J2K_TEXT_BOXES = (b"xml ", b"uuid", b"jp2i")
 
 
-def _j2k_frame_without_comments(frame: bytes) -> bytes:
+def j2k_frame_without_comments(frame: bytes) -> bytes:
     """A JPEG 2000 codestream without the comment (COM) segments of its main header; ``frame``
     itself when it has none.  Raises :class:`DicomError` for a comment in a tile-part header or
     text in a JP2 wrapper (which this does not rewrite)."""
@@ -810,7 +810,7 @@ def _j2k_frame_without_comments(frame: bytes) -> bytes:
             size, kind = struct.unpack(">I", frame[pos:pos + 4])[0], frame[pos + 4:pos + 8]
             if kind in _J2K_TEXT_BOXES:
                 raise DicomError("JPEG 2000 frame in a JP2 wrapper with a text box")
-            if kind == b"jp2c" and _j2k_frame_without_comments(frame[pos + 8:pos + size if size else None]) \
+            if kind == b"jp2c" and j2k_frame_without_comments(frame[pos + 8:pos + size if size else None]) \
                     is not frame[pos + 8:pos + size if size else None]:
                 raise DicomError("JPEG 2000 frame in a JP2 wrapper with a comment segment")
             if size < 8:
@@ -869,7 +869,7 @@ def strip_jpeg_metadata(path: Path, fmt: PixelFormat | None = None) -> bool:
     except Exception:
         raise DicomError("JPEG pixel data whose frames cannot be told apart holds comment or application "
                          "segments") from None
-    strip = _jpeg_frame_without_metadata if ts in JPEG_SYNTAXES else _j2k_frame_without_comments
+    strip = jpeg_frame_without_metadata if ts in JPEG_SYNTAXES else j2k_frame_without_comments
     new = [strip(f) for f in frames]
     if all(a is b for a, b in zip(new, frames)):
         return False

@@ -714,12 +714,12 @@ def _clean_blocks(src, pages: list[Page], res: ScrubResult) -> dict[tuple[int, i
     (COM, EXIF/XMP APP1, IPTC: a converter's "scanned for <patient>"), or whose JPEG 2000 stream
     holds comments, without them: (offset, count) -> new bytes.  The coded data stay byte for byte,
     so the pixels decode the same; the DICOM engine's frame rules (one implementation)."""
-    from ..dicomio import DicomError, _j2k_frame_without_comments, _jpeg_frame_without_metadata
+    from ..dicomio import DicomError, j2k_frame_without_comments, jpeg_frame_without_metadata
     out: dict[tuple[int, int], bytes] = {}
     for page in pages:
         comp = page._first(259)
-        strip = (_jpeg_frame_without_metadata if comp in _JPEG_COMPRESSIONS
-                 else _j2k_frame_without_comments if comp in _J2K_COMPRESSIONS else None)
+        strip = (jpeg_frame_without_metadata if comp in _JPEG_COMPRESSIONS
+                 else j2k_frame_without_comments if comp in _J2K_COMPRESSIONS else None)
         for off, n in page.blocks if strip else ():
             if n <= 0 or (off, n) in out:
                 continue
