@@ -163,7 +163,7 @@ def text_in_volume(path: Path, threads: int = 1) -> Where | None:
     cache: dict[int, np.ndarray] = {}
     envelope: list[np.ndarray] = []  # voxelwise maximum and minimum of the volumes read (4D)
 
-    def opener(t: int):
+    def opener(t: int, axis: int):
         def open_() -> _Slices:
             if t not in cache:
                 cache.clear()  # one volume in memory at a time
@@ -188,8 +188,8 @@ def text_in_volume(path: Path, threads: int = 1) -> Where | None:
     # one volume: slices across every axis; 4D: every volume's slices across the first axis that
     # shows frames (the slice axis; a 2D+time series stored (x, 1, y, t) has only axis 1)
     for axis in axes if volumes == 1 else axes[:1]:
-        res = screen.screen_frames([(dims[axis], opener(t)) for t in range(volumes)], threads, views=screen.VIEWS,
-                                   min_chars=MIN_CHARS)
+        res = screen.screen_frames([(dims[axis], opener(t, axis)) for t in range(volumes)], threads,
+                                   views=screen.VIEWS, min_chars=MIN_CHARS)
         if res.text:
             return Where(axis, res.found[0].frame, res.found[0].file)
     # 4D: text across the other axes of one volume (a sagittal reformat's label) shows in the
