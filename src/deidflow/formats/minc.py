@@ -149,10 +149,19 @@ def _cap_numeric_age(header: bytearray, start: int, n: int, typ: int, res: Scrub
     dt = _NC_NUMBERS.get(typ)
     if dt is None or n % np.dtype(dt).itemsize:
         return
-    val = np.frombuffer(bytes(header[start:start + n]), dt)
-    if (val >= AGE_CAP_YEARS).any():
-        header[start:start + n] = np.minimum(val, AGE_CAP_YEARS).astype(dt).tobytes()
+    capped = _capped_ages(np.frombuffer(bytes(header[start:start + n]), dt))
+    if capped is not None:
+        header[start:start + n] = capped.tobytes()
         res.act(label, "capped")
+
+
+def _capped_ages(val):
+    """Numeric ages (an array) with every one over 89 years as 90, in their dtype; None when
+    none is over 89 (MINC1 header bytes and MINC2 attributes alike)."""
+    import numpy as np
+    if val.dtype.kind not in "iuf" or not (val >= AGE_CAP_YEARS).any():
+        return None
+    return np.minimum(val, AGE_CAP_YEARS).astype(val.dtype)
 
 
 def _fit(data: bytes, n: int) -> bytes:
@@ -379,9 +388,8 @@ def _minc2_scrub(src: Path, dst: Path, ctx: ScrubContext) -> ScrubResult:
                         elif act == "keep" or (act == "time" and ctx.date_policy != "remove"):
                             continue
                         elif act == "age":
-                            val = np.asarray(obj.attrs[name])
-                            if val.dtype.kind in "iuf" and (val >= AGE_CAP_YEARS).any():
-                                obj.attrs.modify(name, np.minimum(val, AGE_CAP_YEARS).astype(dt))
+                            if (capped := _capped_ages(np.asarray(obj.attrs[name]))) is not None:
+                                obj.attrs.modify(name, capped.astype(dt))
                                 res.act(label, "capped")
                         else:
                             val = np.asarray(obj.attrs[name])
