@@ -484,6 +484,22 @@ def _years(y: bytes) -> list[str]:
     return [s] if len(s) == 4 else [f"19{s}", f"20{s}"]
 
 
+def _separated(a: str, month: int, c: bytes, swap: bool = True) -> set[str]:
+    """Candidate dates of numbers written ``a``, ``month``, ``c``: year first when ``a`` has four
+    digits, else day first, or month first (``swap``: ``month`` is a number that may be the day);
+    a two-digit year in both centuries."""
+    if len(a) == 4 and len(c) <= 2:
+        return {d} if (d := _ymd(a, month, int(c))) else set()
+    if len(a) <= 2:
+        return {x for y in _years(c) for x in (_ymd(y, month, int(a)), _ymd(y, int(a), month) if swap else None) if x}
+    return set()
+
+
+def _day_or_month_first(v: str) -> set[str]:
+    """Candidate dates of eight digits written DDMMYYYY or MMDDYYYY."""
+    return {x for x in (_ymd(v[4:], int(v[2:4]), int(v[:2])), _ymd(v[4:], int(v[:2]), int(v[2:4]))) if x}
+
+
 def dates_in(low: bytes) -> Iterator[tuple[int, int, set[str]]]:
     """(start, end, candidate YYYYMMDD dates) of every written date in lower-cased ``low``:
     19610312, 12031961, 03121961, 1961-03-12, 12.03.1961, 03/12/61 (both day-month orders), 12 March 1961, 12. März
@@ -494,17 +510,12 @@ def dates_in(low: bytes) -> Iterator[tuple[int, int, set[str]]]:
         if g["c8"]:
             v = g["c8"].decode()
             out.add(v)  # 19610312, and day or month first as forms and file names write it: 12031961
-            out |= {x for x in (_ymd(v[4:], int(v[2:4]), int(v[:2])), _ymd(v[4:], int(v[:2]), int(v[2:4]))) if x}
+            out |= _day_or_month_first(v)
         elif g["a"]:
             a, b, c = g["a"].decode(), int(g["b"]), g["c"]
             if g["s"] == b" " and len(a) + len(c) != 6:
                 continue  # space-separated numbers are a date only with a 4-digit year: 17 03 1958
-            if len(a) == 4 and len(c) <= 2:
-                d = _ymd(a, b, int(c))
-                out |= {d} if d else set()
-            elif len(a) <= 2:
-                for y in _years(c):
-                    out |= {x for x in (_ymd(y, b, int(a)), _ymd(y, int(a), b)) if x}
+            out |= _separated(a, b, c)
         else:
             day, mon, year = ((g["d1"], g["m1"], g["y1"]) if g["m1"] else (g["d2"], g["m2"], g["y2"]) if g["m2"]
                               else (g["d3"], g["m3"], g["y3"]))
@@ -566,21 +577,16 @@ def birth_dates_in(low: bytes) -> Iterator[tuple[int, int, set[str]]]:
         if m["c"]:
             v = m["c"].decode()
             if len(v) == 8:
-                parts = [(v[:4], v[4:6], v[6:]), (v[4:], v[2:4], v[:2]), (v[4:], v[:2], v[2:4])]
+                out |= {x for x in [_ymd(v[:4], int(v[4:6]), int(v[6:]))] if x} | _day_or_month_first(v)
             else:
-                parts = [(v[4:], v[2:4], v[:2]), (v[4:], v[:2], v[2:4]), (v[:2], v[2:4], v[4:])]
-            for y, mo, d in parts:
-                out |= {x for yy in _years(y.encode()) if (x := _ymd(yy, int(mo), int(d)))}
+                for y, mo, d in ((v[4:], v[2:4], v[:2]), (v[4:], v[:2], v[2:4]), (v[:2], v[2:4], v[4:])):
+                    out |= {x for yy in _years(y.encode()) if (x := _ymd(yy, int(mo), int(d)))}
         else:
             a, b, y = m["a"].decode(), m["b"].decode(), m["y"]
             mo = _ROMAN_MONTHS.index(b) + 1 if b.isalpha() and b in _ROMAN_MONTHS else int(b) if b.isdigit() else 0
-            if len(a) == 4 and len(y) <= 2:
-                out |= {x for x in [_ymd(a, mo, int(y))] if x}
-            elif len(a) <= 2:
-                for yy in _years(y):
-                    out |= {x for x in (_ymd(yy, mo, int(a)), _ymd(yy, int(a), mo) if b.isdigit() else None) if x}
-                if len(a) == 2 and len(y) == 2:  # 61-04-23
-                    out |= {x for yy in _years(m["a"]) if (x := _ymd(yy, mo, int(y)))}
+            out |= _separated(a, mo, y, swap=b.isdigit())
+            if len(a) == 2 and len(y) == 2:  # 61-04-23
+                out |= {x for yy in _years(m["a"]) if (x := _ymd(yy, mo, int(y)))}
         if out:
             yield m.start("c") if m["c"] else m.start("a"), m.end(), out
 
