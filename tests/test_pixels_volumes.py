@@ -325,3 +325,46 @@ def test_2d_time_series_with_mid_grey_text_on_one_frame_found_whichever_axis_is_
              "1,x,y,t": (None, slice(None), slice(None))}[layout]
     found = volumes.text_in_volume(save(np.ascontiguousarray(vol[where]), tmp_path / "cine.nii"))
     assert found is not None and found.volume == 7, found
+
+
+@pytest.mark.parametrize("kind", ["plain", "text at +inf", "one voxel at 3e38", "text at -1e30",
+                                  "text in the imaginary part"])
+def test_volume_read_in_chunks_is_stretched_as_a_whole(tmp_path, monkeypatch, kind):
+    """A volume larger than CHUNK_VOXELS is stretched a few slices at a time over the whole
+    volume's range: text whose contrast needs the whole range (or the robust quantiles of the
+    whole volume) is still found, and a volume without extremes stretches exactly as in one
+    piece."""
+    vol = burned(head()) if kind == "plain" else _float_with(kind)
+    path = save(vol, tmp_path / "v.nii.gz")
+    img = volumes._load(path)
+    whole = volumes._block(img, img.shape, [0, 1, 2], [], 0)
+    monkeypatch.setattr(volumes, "CHUNK_VOXELS", 128 * 128 * 3)  # 14 reads of 3 slices
+    chunked = volumes._block(img, img.shape, [0, 1, 2], [], 0)
+    if kind == "plain":
+        assert np.array_equal(chunked, whole)
+    where = volumes.text_in_volume(path)
+    assert where is not None and where.axis == 2
+
+
+def test_screening_a_large_volume_holds_little_more_than_its_16_bit_copy(tmp_path, monkeypatch):
+    """The stretch converted the whole volume to float64 with three more full-size temporaries:
+    a 512³ scaled int16 NIfTI peaked at 3.5 GB (the `other` job has 2,000 MB), now 0.8 GB.
+    Here an 8M-voxel volume read in 256k-voxel chunks: the peak is the uint16 result (2 bytes a
+    voxel), one chunk's float64 values and the 1,000,000-value sample of the robust stretch
+    (16 MB), under 6 bytes a voxel in all; before, about 26."""
+    import tracemalloc
+    vol = np.zeros((128, 128, 512), np.int16)
+    vol[32:96, 32:96] = np.random.default_rng(0).integers(200, 900, (64, 64, 512), dtype=np.int16)
+    img = nib.Nifti1Image(vol, np.eye(4))
+    img.header.set_slope_inter(0.5, 0)  # nibabel returns float64
+    nib.save(img, tmp_path / "big.nii")
+    monkeypatch.setattr(volumes, "CHUNK_VOXELS", 1 << 18)
+    img = volumes._load(tmp_path / "big.nii")
+    tracemalloc.start()
+    try:
+        block = volumes._block(img, img.shape, [0, 1, 2], [], 0)
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert block.dtype == np.uint16 and block.shape == vol.shape
+    assert peak < 6 * vol.size, peak / vol.size

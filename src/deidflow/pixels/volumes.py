@@ -34,7 +34,10 @@ MIN_SIDE = 8  # a slice narrower than this cannot show a line of text
 # found here withholds the file instead of blanking a box, and anatomy read four ways up gives the
 # recognizer more chances (the vertebrae of a real head at 0.6 of its brightness read as "188").
 MIN_CHARS = 4
-MAX_VOXELS = 1 << 27  # one 3D volume larger than this is not read to screen it (memory): withheld
+# A volume larger than this (4D: a third of it, with its voxelwise maximum and minimum) is not
+# screened but withheld: 2 bytes a voxel held while screening (512 MB here), plus one chunk.
+MAX_VOXELS = 1 << 28
+CHUNK_VOXELS = 1 << 24  # voxels read and stretched at a time (float64: 128 MB)
 TAIL, SPREAD_LIMIT, BULK = 5e-4, 16.0, (0.1, 0.75)  # robust stretch (see _stretched)
 
 
@@ -69,38 +72,73 @@ class _Slices:
         return self.block[(slice(None),) * self.axis + (k,)].swapaxes(0, 1)  # a view: (b, a[, channels])
 
 
-def _stretched(a: np.ndarray) -> np.ndarray:
-    """A block of voxels (RGB as a last axis of 3) as uint16 over its own range.
-
-    Complex voxels count by magnitude.  Infinities stand above and below every finite value,
-    NaN counts as 0.  When a few voxels stretch the range so far that the bulk of the voxels
-    (between the TAIL and 1 - TAIL quantiles) would share less than 1/SPREAD_LIMIT of it (one
-    voxel at 3e38, text at -1e30 under a background of 0, a bright corner of 1e6), those
-    quantiles are mapped to BULK of the output range and the tails on either side to the rest,
-    so that no value the bulk of the volume holds merges with its neighbours."""
+def _real(a: np.ndarray) -> tuple[np.ndarray, np.ndarray | None, np.ndarray | None]:
+    """A chunk of voxels as float64 (RGB as a last axis of 3, complex by magnitude, NaN as 0), with
+    the masks of its +inf and -inf voxels (None when every value is finite)."""
     if a.dtype.names:  # RGB/RGBA NIfTI: a structured dtype
         a = np.stack([a[name] for name in a.dtype.names[:3]], axis=-1)
     if np.iscomplexobj(a):
         a = np.abs(a)
     a = np.asarray(a, np.float64)
     finite = np.isfinite(a)
-    if not finite.all():
-        top = np.isposinf(a)
-        bottom = np.isneginf(a)
-        a = np.where(finite, a, 0.0)
-    else:
-        top = bottom = None
-    lo, hi = (float(a.min()), float(a.max())) if a.size else (0.0, 0.0)
-    out = np.zeros(a.shape, np.uint16)
+    if finite.all():
+        return a, None, None
+    return np.where(finite, a, 0.0), np.isposinf(a), np.isneginf(a)
+
+
+def _range(values: np.ndarray, size: int) -> tuple[float, float, np.ndarray]:
+    """(lowest, highest, a sample of about 1,000,000 per ``size`` voxels) of a chunk's values."""
+    if not values.size:
+        return np.inf, -np.inf, values.ravel()
+    # a copy: the strided view of a ravelled (Fortran-order: copied) chunk would keep all of it
+    return float(values.min()), float(values.max()), values.ravel()[::max(1, size // 1_000_000)].copy()
+
+
+def _stretch(values: np.ndarray, top, bottom, lo: float, hi: float, q: tuple[float, float]) -> np.ndarray:
+    """A chunk's values as uint16 over the volume's range (see _stretched)."""
+    out = np.zeros(values.shape, np.uint16)
     if hi > lo:
-        sample = a.ravel()[::max(1, a.size // 1_000_000)]
-        q0, q1 = (float(x) for x in np.quantile(sample, (TAIL, 1 - TAIL)))
+        q0, q1 = q
         if (q1 - q0) * SPREAD_LIMIT >= hi - lo or q1 <= q0:
-            out[...] = (a - lo) * (65535.0 / (hi - lo))
+            out[...] = (values - lo) * (65535.0 / (hi - lo))
         else:
-            out[...] = np.interp(a, [lo, q0, q1, hi], [0.0, 65535.0 * BULK[0], 65535.0 * BULK[1], 65535.0])
+            out[...] = np.interp(values, [lo, q0, q1, hi], [0.0, 65535.0 * BULK[0], 65535.0 * BULK[1], 65535.0])
     if top is not None:
         out[top], out[bottom] = 65535, 0
+    return out
+
+
+def _stretched(read, n: int, step: int, size: int) -> np.ndarray:
+    """A volume of voxels (RGB as a last axis of 3) as uint16 over its own range, ``read(k0, k1)``
+    giving its slices k0:k1 of the third axis, ``step`` slices at a time (a volume read in more
+    than one step is read twice: its range first, then its values), ``size`` voxels in all.
+
+    Complex voxels count by magnitude.  Infinities stand above and below every finite value,
+    NaN counts as 0.  When a few voxels stretch the range so far that the bulk of the voxels
+    (between the TAIL and 1 - TAIL quantiles) would share less than 1/SPREAD_LIMIT of it (one
+    voxel at 3e38, text at -1e30 under a background of 0, a bright corner of 1e6), those
+    quantiles are mapped to BULK of the output range and the tails on either side to the rest,
+    so that no value the bulk of the volume holds merges with its neighbours.  Memory: the
+    uint16 result and one step's float64 values."""
+    spans = [(k, min(n, k + step)) for k in range(0, n, step)] or [(0, 0)]
+    ranges, first = [], None
+    for k0, k1 in spans:
+        chunk = _real(read(k0, k1))
+        ranges.append(_range(chunk[0], size))
+        first = chunk if len(spans) == 1 else None
+    lo, hi = min(r[0] for r in ranges), max(r[1] for r in ranges)
+    lo, hi = (lo, hi) if hi >= lo else (0.0, 0.0)
+    sample = np.concatenate([r[2] for r in ranges])
+    q = tuple(float(x) for x in np.quantile(sample, (TAIL, 1 - TAIL))) if hi > lo else (0.0, 0.0)
+    del ranges, sample
+    if first is not None:
+        return _stretch(*first, lo, hi, q)
+    out = None
+    for k0, k1 in spans:
+        part = _stretch(*_real(read(k0, k1)), lo, hi, q)
+        if out is None:
+            out = np.empty(part.shape[:2] + (n,) + part.shape[3:], np.uint16)
+        out[:, :, k0:k1] = part
     return out
 
 
@@ -128,15 +166,27 @@ def spatial_shape(img) -> tuple[tuple[int, ...], int]:
 
 def _block(img, shape: tuple[int, ...], spatial: list[int], other: list[int], t: int) -> np.ndarray:
     """Volume ``t`` of the image, its spatial axes in ``spatial`` order and padded to three (RGB
-    as a last axis), stretched."""
-    if int(np.prod([shape[i] for i in spatial])) > MAX_VOXELS:
-        raise VolumeUnreadable(f"a volume of more than {MAX_VOXELS} voxels, too large to screen")
+    as a last axis), stretched; read CHUNK_VOXELS at a time across its third spatial axis (the
+    slowest on disk in NIfTI, Analyze, MGH and MINC order)."""
+    dims = [shape[i] for i in spatial] + [1] * (3 - len(spatial))
+    size = int(np.prod(dims))
+    limit = MAX_VOXELS // 3 if other else MAX_VOXELS  # 4D: also its maximum and minimum
+    if size > limit:
+        raise VolumeUnreadable(f"a volume of more than {limit} voxels, too large to screen")
     at = dict(zip(other, (int(i) for i in np.unravel_index(t, [shape[i] for i in other])))) if other else {}
-    data = np.asanyarray(img.dataobj[tuple(at.get(i, slice(None)) for i in range(len(shape)))])
-    data = np.moveaxis(data, [sorted(spatial).index(i) for i in spatial], list(range(len(spatial))))
-    for k in range(len(spatial), 3):
-        data = np.expand_dims(data, k)
-    return _stretched(data)
+
+    def read(k0: int, k1: int) -> np.ndarray:
+        index = [at.get(i, slice(None)) for i in range(len(shape))]
+        if len(spatial) == 3:
+            index[spatial[2]] = slice(k0, k1)
+        data = np.asanyarray(img.dataobj[tuple(index)])
+        data = np.moveaxis(data, [sorted(spatial).index(i) for i in spatial], list(range(len(spatial))))
+        for k in range(len(spatial), 3):
+            data = np.expand_dims(data, k)
+        return data
+
+    step = max(1, CHUNK_VOXELS // max(1, dims[0] * dims[1])) if len(spatial) == 3 else dims[2]
+    return _stretched(read, dims[2], step, size)
 
 
 def _load(path: Path):
