@@ -589,3 +589,17 @@ def test_release_modes_whatever_the_umask(demo_export, tmp_path, umask):
         assert {p.stat().st_mode & 0o777 for p in entries if p.is_dir()} == {0o700}
         assert {p.stat().st_mode & 0o777 for p in entries if p.is_file()} == {0o600}
     assert (restricted / "qc" / "report-full.html").stat().st_mode & 0o777 == 0o600
+
+
+def test_volume_screen_reasons_are_the_reports_own_words():
+    """The report's self-check ignores its own words (a patient called "Axis" is not leaked by a
+    heading).  The `other` stage's and the volume screen's reasons were not among them: a
+    quarantine reason such as "burned-in text in the image (slice 88 across voxel axis 2 of the
+    maximum over volumes)" was withheld from the report when a subject's name was one of its
+    words."""
+    from deidflow.pixels import volumes
+    reasons = [f"burned-in text in the image ({volumes.Where(2, 88, 0, 'maximum')}); text in these formats' "
+               "voxels is not removed", f"{volumes.Where(1, 3, 7)}", "voxels not readable: cannot be screened",
+               "too large to screen for burned-in text (out of memory)"]
+    words = {w for r in reasons for w in re.findall(r"[a-z]+", r.lower())}
+    assert words <= {w.decode() for w in report._own_words()}, words - {w.decode() for w in report._own_words()}
