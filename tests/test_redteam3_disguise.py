@@ -75,8 +75,19 @@ def test_birth_date_in_loose_forms_after_a_birth_word_found(text):
     assert "70" not in m.redact_text(text).replace("1970", "")
 
 
+@pytest.mark.parametrize("text", ["DOB Aug 12 70", "DOB AUG-12-70", "d.o.b.: August 12th, 70", "born Aug. 12 1970",
+                                  "DOB aug 12, 70"])
+def test_birth_date_with_the_month_name_first_and_a_two_digit_year_found(text):
+    """A month's name first with a two-digit year ('DOB Apr 23 61') was read nowhere: the
+    month-first form anywhere needs a four-digit year after a comma (stop 26's note)."""
+    m = identifiers.matcher_for(ENTRIES)
+    assert m.find(text.encode()), text
+    assert "70" not in m.redact_text(text).replace("1970", "")
+
+
 @pytest.mark.parametrize("text", ["seen 120870", "series 700812", "DOB 120871", "born 130870", "x120870 ms",
-                                  "TR 12-8-70", "v12.8.70", "12/VIII/1971", "Matrix 256*120870", "scan*120870"])
+                                  "TR 12-8-70", "v12.8.70", "12/VIII/1971", "Matrix 256*120870", "scan*120870",
+                                  "Aug 12 70", "DOB Aug 12 71", "DOB Aug 13 70"])
 def test_loose_birth_date_forms_need_the_birth_word_and_the_date(text):
     m = identifiers.matcher_for(ENTRIES)
     assert not m.find(text.encode()), text

@@ -545,7 +545,9 @@ _BIRTH_STARTS = (b"d.o", b"d. o", b"d o", b"dob", b"birth", b"date of", b"born",
 _BIRTH_SHORT = 4096  # a text shorter than this is searched with the regex alone (a value the sweep cleans)
 _BIRTH_DATE = re.compile(
     rb"[\s:.=,)(-]{0,4}(?:(?P<c>[0-9]{6}|[0-9]{8})|(?P<a>[0-9]{1,4})(?P<s>[ ./-]) ?(?P<b>[0-9]{1,2}|[ivx]{1,4})"
-    rb"\.?(?P=s) ?(?P<y>[0-9]{4}|[0-9]{2}))(?![0-9]|\.[0-9])")
+    rb"\.?(?P=s) ?(?P<y>[0-9]{4}|[0-9]{2})"
+    rb"|(?P<m>" + _MONTH_RE + rb")(?![a-z])\.?[ ./-]? ?(?P<md>[0-9]{1,2})(?:st|nd|rd|th)?,?[ ./-]? ?(?P<my>[0-9]{4}|[0-9]{2}))"
+    rb"(?![0-9]|\.[0-9])")
 
 
 # the values whose loose forms birth_dates_in reads: birth dates (and a folder's date, which is one)
@@ -556,7 +558,8 @@ def birth_dates_in(low: bytes) -> Iterator[tuple[int, int, set[str]]]:
     """(start, end, candidate YYYYMMDD dates) of each date written right after a word announcing
     a birth date in lower-cased ``low``: six or eight digits as day-month-year, month-day-year or
     year-month-day; separated numbers day or month first, or year first (four digits, or two
-    followed by two more); two-digit years in both centuries; Roman months."""
+    followed by two more); a month's name first (Apr 23 61); two-digit years in both centuries;
+    Roman months."""
     if len(low) < 7:
         return
     if len(low) < _BIRTH_SHORT:
@@ -581,6 +584,8 @@ def birth_dates_in(low: bytes) -> Iterator[tuple[int, int, set[str]]]:
             else:
                 for y, mo, d in ((v[4:], v[2:4], v[:2]), (v[4:], v[:2], v[2:4]), (v[:2], v[2:4], v[4:])):
                     out |= {x for yy in _years(y.encode()) if (x := _ymd(yy, int(mo), int(d)))}
+        elif m["m"]:  # month first: Apr 23 61, apr-23-1961
+            out |= {x for yy in _years(m["my"]) if (x := _ymd(yy, _MONTH_NO[m["m"]], int(m["md"])))}
         else:
             a, b, y = m["a"].decode(), m["b"].decode(), m["y"]
             mo = _ROMAN_MONTHS.index(b) + 1 if b.isalpha() and b in _ROMAN_MONTHS else int(b) if b.isdigit() else 0
@@ -588,7 +593,7 @@ def birth_dates_in(low: bytes) -> Iterator[tuple[int, int, set[str]]]:
             if len(a) == 2 and len(y) == 2:  # 61-04-23
                 out |= {x for yy in _years(m["a"]) if (x := _ymd(yy, mo, int(y)))}
         if out:
-            yield m.start("c") if m["c"] else m.start("a"), m.end(), out
+            yield m.start("c" if m["c"] else "m" if m["m"] else "a"), m.end(), out
 
 
 def date_forms(yyyymmdd: str) -> set[str]:
