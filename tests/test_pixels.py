@@ -28,6 +28,13 @@ def facts(**kw) -> policy.HeaderFacts:
     (facts(modality="SM", sop_class=policy.WSI_CLASS, image_type=("ORIGINAL", "PRIMARY", "LABEL")), "auto", "wsi_label"),
     (facts(modality="SM", sop_class=policy.WSI_CLASS, image_type=("ORIGINAL", "PRIMARY", "OVERVIEW")), "auto", "wsi_overview"),
     (facts(modality="SM", sop_class=policy.WSI_CLASS, image_type=("ORIGINAL", "PRIMARY", "VOLUME")), "always", "skip"),
+    # a whole-slide image that says its pixels show the label: one frame cleaned, tiles withheld
+    (facts(modality="SM", sop_class=policy.WSI_CLASS, image_type=("ORIGINAL", "PRIMARY", "VOLUME"), frames=64,
+           label_in_image="YES"), "auto", "withhold"),
+    (facts(modality="SM", sop_class=policy.WSI_CLASS, image_type=("ORIGINAL", "PRIMARY", "THUMBNAIL"),
+           burned_in="YES"), "auto", "clean"),
+    (facts(modality="SM", sop_class=policy.WSI_CLASS, image_type=("ORIGINAL", "PRIMARY", "VOLUME"), frames=64,
+           label_in_image="NO"), "auto", "skip"),
 ])
 def test_selection_policy(h, mode, action):
     assert policy.decide(h, mode, policy.load_policy()).action == action

@@ -21,8 +21,8 @@ from pydicom.dataset import Dataset
 from . import identify, ink, layout, ocr, render, thumbs
 from .layout import Box
 from .pixeldata import Frames, PixelDataError
-from .policy import (WSI_CLASS, Decision, HeaderFacts, decide, load_policy, load_regions, load_series_overrides,
-                     raw_key, regions_for)
+from .policy import (Decision, HeaderFacts, decide, load_policy, load_regions, load_series_overrides, raw_key,
+                     regions_for, wsi_level)
 
 SELECTION_KEYWORDS = ("Modality", "SOPClassUID", "ImageType", "BurnedInAnnotation", "Manufacturer",
                       "ManufacturerModelName", "Rows", "Columns", "SpecimenLabelInImage", "SpecificCharacterSet",
@@ -30,7 +30,7 @@ SELECTION_KEYWORDS = ("Modality", "SOPClassUID", "ImageType", "BurnedInAnnotatio
 # the pixel module, so the screen can view native pixel data without parsing the file again
 PIXEL_MODULE_KEYWORDS = ("SamplesPerPixel", "BitsAllocated", "BitsStored", "PixelRepresentation", "NumberOfFrames",
                          "PhotometricInterpretation", "PlanarConfiguration")
-_SELECTION_TAGS = tuple(tag_for_keyword(k) for k in SELECTION_KEYWORDS if k != "SeriesInstanceUID")
+_SELECTION_TAGS = tuple(tag_for_keyword(k) for k in (*SELECTION_KEYWORDS, "NumberOfFrames") if k != "SeriesInstanceUID")
 CAPTURE_TAGS = frozenset(tag_for_keyword(k) for k in (*SELECTION_KEYWORDS, *PIXEL_MODULE_KEYWORDS,
                                                        *identify.HEADER_KEYWORDS))
 CLEAN_PIXEL_CODE = ("113101", "Clean Pixel Data Option")
@@ -122,7 +122,7 @@ class PixelCleaner:
         return self.classify(header)[0]
 
     def classify(self, header: Dataset | None) -> tuple[Decision, bool, bool]:
-        """(the header rules' decision, is it an image, is it a whole-slide image), remembered per
+        """(the header rules' decision, is it an image, is it a whole-slide pyramid level), remembered per
         distinct set of the selection values (the files of a series repeat them; decoding them
         for every file costs as much as the screen)."""
         if header is None:
@@ -133,8 +133,7 @@ class PixelCleaner:
             if len(self._classes) > 1024:
                 self._classes.clear()
             h = HeaderFacts.from_dataset(header)
-            hit = self._classes[key] = (decide(h, self.mode, self.rules), h.rows > 0 and h.columns > 0,
-                                        h.sop_class == WSI_CLASS)
+            hit = self._classes[key] = (decide(h, self.mode, self.rules), h.rows > 0 and h.columns > 0, wsi_level(h))
         return hit
 
     # -- one file -----------------------------------------------------------------------------

@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Iterable, Mapping
 
 DATA = Path(__file__).resolve().parents[1] / "data"
-ACTIONS = ("clean", "skip", "wsi_label", "wsi_overview")
+ACTIONS = ("clean", "skip", "wsi_label", "wsi_overview")  # of the table; decide() may also say "withhold"
 
 
 class PolicyError(ValueError):
@@ -55,6 +55,8 @@ class HeaderFacts:
     model: str = ""
     rows: int = 0
     columns: int = 0
+    frames: int = 1
+    label_in_image: str = ""  # SpecimenLabelInImage (whole-slide images)
 
     @classmethod
     def from_dataset(cls, ds) -> "HeaderFacts":
@@ -77,7 +79,8 @@ class HeaderFacts:
             image_type = ()
         return cls(modality=text("Modality"), sop_class=text("SOPClassUID"), image_type=image_type,
                    burned_in=text("BurnedInAnnotation") or "ABSENT", manufacturer=text("Manufacturer"),
-                   model=text("ManufacturerModelName"), rows=number("Rows"), columns=number("Columns"))
+                   model=text("ManufacturerModelName"), rows=number("Rows"), columns=number("Columns"),
+                   frames=number("NumberOfFrames") or 1, label_in_image=text("SpecimenLabelInImage"))
 
 
 def raw_key(header, tags: tuple[int, ...]) -> tuple:
@@ -146,8 +149,28 @@ def decide(h: HeaderFacts, mode: str, rules: tuple[Rule, ...]) -> Decision:
         if rule.matches(h):
             if mode == "always" and rule.action == "skip" and h.sop_class != WSI_CLASS:
                 return Decision("clean", "pixels.clean is always")
+            if rule.action == "skip" and h.sop_class == WSI_CLASS and "YES" in (h.burned_in, h.label_in_image):
+                return _wsi_with_label(h)
             return Decision(rule.action, rule.why)
     return Decision("clean" if mode == "always" else "skip", "no rule matched")
+
+
+def _wsi_with_label(h: HeaderFacts) -> Decision:
+    """A whole-slide image that is neither LABEL nor OVERVIEW but says its pixels show the slide
+    label (SpecimenLabelInImage) or burned-in annotation: one frame is cleaned like any image
+    with text; a tiled pyramid level (text may cross its tiles, which are not cleaned) is
+    withheld."""
+    if h.frames > 1:
+        return Decision("withhold", "a whole-slide pyramid level that declares the slide label or burned-in "
+                                    "annotation in its pixels (its tiles are not cleaned)")
+    return Decision("clean", "a whole-slide image that declares the slide label or burned-in annotation in its pixels")
+
+
+def wsi_level(h: HeaderFacts) -> bool:
+    """A whole-slide pyramid level: tiles (more than one frame) that show tissue, never screened.
+    A single-frame whole-slide image (a thumbnail, or a label stored under another image type) is
+    screened like any image."""
+    return h.sop_class == WSI_CLASS and h.frames > 1
 
 
 WSI_CLASS = "1.2.840.10008.5.1.4.1.1.77.1.6"

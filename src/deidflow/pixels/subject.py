@@ -43,7 +43,7 @@ class _Member:
     entry: dict  # the file's audit record (gets "pixels")
     decision: Decision
     image: bool  # has rows and columns
-    wsi: bool  # a whole-slide image (its pyramid levels are never screened)
+    wsi: bool  # a whole-slide pyramid level (never screened: policy.wsi_level)
     outcome: Outcome | None = None
 
 
@@ -100,6 +100,10 @@ class SubjectPixels:
                 "sampled_frames": 0, "outlier_frames": 0, "detector_runs": 0, "screen_seconds": 0.0,
                 "text_found": None, "found": [], "files_cleaned": 0, "boxes": 0, "withheld": 0,
                 "thumbnails": [], "check": []}
+        for m in members:
+            if m.decision.action == "withhold":
+                self._withhold(m, m.decision.why, fact)
+        members = [m for m in members if not m.entry.get("withheld")]
         images = [m for m in members if m.image]
         forced = [m for m in members if m.decision.action != "skip"]
         screenable = [m for m in images if m.decision.action == "skip" and not m.wsi]
