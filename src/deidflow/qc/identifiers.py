@@ -278,6 +278,27 @@ _MONTH_NAMES = {
            "jan feb mrt apr mei jun jul aug sep okt nov dec"),
     "pt": ("janeiro fevereiro março abril maio junho julho agosto setembro outubro novembro dezembro",
            "jan fev mar abr mai jun jul ago set out nov dez"),
+    "sv": ("januari februari mars april maj juni juli augusti september oktober november december",
+           "jan feb mar apr maj jun jul aug sep okt nov dec"),
+    "da": ("januar februar marts april maj juni juli august september oktober november december",
+           "jan feb mar apr maj jun jul aug sep okt nov dec"),
+    "no": ("januar februar mars april mai juni juli august september oktober november desember",
+           "jan feb mar apr mai jun jul aug sep okt nov des"),
+    # Slavic and Greek dates name the month in the genitive ("23 апреля 1961"); the second list is
+    # the nominative (a form's heading) or the abbreviation
+    "ru": ("января февраля марта апреля мая июня июля августа сентября октября ноября декабря",
+           "январь февраль март апрель май июнь июль август сентябрь октябрь ноябрь декабрь"),
+    "ru.": ("янв фев мар апр мая июн июл авг сен окт ноя дек", "янв февр март апр май июнь июль авг сент окт нояб дек"),
+    "pl": ("stycznia lutego marca kwietnia maja czerwca lipca sierpnia września października listopada grudnia",
+           "styczeń luty marzec kwiecień maj czerwiec lipiec sierpień wrzesień październik listopad grudzień"),
+    "cs": ("ledna února března dubna května června července srpna září října listopadu prosince",
+           "leden únor březen duben květen červen červenec srpen září říjen listopad prosinec"),
+    "tr": ("ocak şubat mart nisan mayıs haziran temmuz ağustos eylül ekim kasım aralık",
+           "oca şub mar nis may haz tem ağu eyl eki kas ara"),
+    "el": ("ιανουαρίου φεβρουαρίου μαρτίου απριλίου μαΐου ιουνίου ιουλίου αυγούστου σεπτεμβρίου οκτωβρίου "
+           "νοεμβρίου δεκεμβρίου",
+           "ιανουάριος φεβρουάριος μάρτιος απρίλιος μάιος ιούνιος ιούλιος αύγουστος σεπτέμβριος οκτώβριος "
+           "νοέμβριος δεκέμβριος"),
 }
 _MONTHS = tuple(_MONTH_NAMES["en"][0].split())
 # ASCII transliterations a person typing the value may have used (beyond dropping the accents).
@@ -463,14 +484,23 @@ _MONTH_NO = {**_month_number_table(), **{r.encode(): i for i, r in enumerate(_RO
 _MONTH_RE = b"|".join(re.escape(m) for m in sorted(_MONTH_NO, key=len, reverse=True))
 _NB = rb"(?<![0-9])"
 _NA = rb"(?![0-9]|\.[0-9])"
+_CJK_YEAR, _CJK_MONTH = "(?:年|년)".encode(), "(?:月|월)".encode()  # 1961年4月23日, 1961년 4월 23일
 _DATE_TEXT = re.compile(
     rb"(?P<c8>" + _NB + rb"(?<!\.)\d{8}" + _NA + rb")"
     rb"|" + _NB + rb"(?<!\.)(?P<a>\d{1,4})(?P<s>[./ -]) ?(?P<b>\d{1,2})(?P=s) ?(?P<c>\d{4}|\d{2})" + _NA +
     rb"|" + _NB + rb"(?P<d1>\d{1,2})(?:\.|st|nd|rd|th)?[ /-]?(?:de |of )?(?<![a-z])(?P<m1>" + _MONTH_RE +
     rb")(?![a-z])\.?,?[ /-]?(?:de )?(?P<y1>\d{4}|\d{2})" + _NA +
     rb"|(?<![a-z])(?P<m2>" + _MONTH_RE + rb")(?![a-z])\.? ?(?P<d2>\d{1,2})(?:st|nd|rd|th)?,? (?P<y2>\d{4})" + _NA +
-    rb"|" + _NB + rb"(?P<y3>\d{4})[ /.-]?(?<![a-z])(?P<m3>" + _MONTH_RE + rb")(?![a-z])\.?[ /.-]?(?P<d3>\d{1,2})" + _NA,
+    rb"|" + _NB + rb"(?P<y3>\d{4})[ /.-]?(?<![a-z])(?P<m3>" + _MONTH_RE + rb")(?![a-z])\.?[ /.-]?(?P<d3>\d{1,2})" + _NA +
+    rb"|" + _NB + rb"(?P<y4>\d{4}) ?" + _CJK_YEAR + rb" ?(?P<m4>\d{1,2}) ?" + _CJK_MONTH + rb" ?(?P<d4>\d{1,2})(?![0-9])",
     re.IGNORECASE)
+# Japanese era dates (昭和36年4月23日 is 1961-04-23; 元年 is the first year): era → the year before its
+# first, in UTF-8 (other character sets are decoded to UTF-8 before the search)
+_ERAS = {"明治": 1867, "大正": 1911, "昭和": 1925, "平成": 1988, "令和": 2018}
+_ERA_DATE = re.compile(
+    rb"(?P<era>" + b"|".join(e.encode() for e in _ERAS) + rb") ?(?P<y>[0-9]{1,2}|\xe5\x85\x83) ?" + _CJK_YEAR +
+    rb" ?(?P<m>[0-9]{1,2}) ?" + _CJK_MONTH + rb" ?(?P<d>[0-9]{1,2})(?![0-9])")
+_ERA_KEYS = tuple(e.encode()[:3] for e in _ERAS)  # bytes.find before the pattern
 
 
 def _ymd(y: str, m: int, d: int) -> str | None:
@@ -500,10 +530,24 @@ def _day_or_month_first(v: str) -> set[str]:
     return {x for x in (_ymd(v[4:], int(v[2:4]), int(v[:2])), _ymd(v[4:], int(v[:2]), int(v[2:4]))) if x}
 
 
+def era_dates_in(low: bytes) -> Iterator[tuple[int, int, set[str]]]:
+    """(start, end, {YYYYMMDD}) of every Japanese era date in ``low`` (UTF-8): 昭和36年4月23日,
+    平成元年1月8日.  Its Gregorian year is not written, so it lies outside the year windows
+    :class:`Matcher` reads :func:`dates_in` in."""
+    if not any(k in low for k in _ERA_KEYS):
+        return
+    for m in _ERA_DATE.finditer(low):
+        y = 1 if m["y"] == "元".encode() else int(m["y"])
+        d = _ymd(str(_ERAS[m["era"].decode()] + y), int(m["m"]), int(m["d"]))
+        if d and y:
+            yield m.start(), m.end(), {d}
+
+
 def dates_in(low: bytes) -> Iterator[tuple[int, int, set[str]]]:
     """(start, end, candidate YYYYMMDD dates) of every written date in lower-cased ``low``:
     19610312, 12031961, 03121961, 1961-03-12, 12.03.1961, 03/12/61 (both day-month orders), 12 March 1961, 12. März
-    1961, March 12, 1961, 12-MAR-1961, 12 de marzo de 1961, 1961 Mar 12, 1961Mar12 …"""
+    1961, March 12, 1961, 12-MAR-1961, 12 de marzo de 1961, 1961 Mar 12, 1961Mar12, 23 апреля 1961, 1961年4月23日,
+    1961년 4월 23일 …"""
     for m in _DATE_TEXT.finditer(low):
         out: set[str] = set()
         g = m.groupdict()
@@ -516,6 +560,8 @@ def dates_in(low: bytes) -> Iterator[tuple[int, int, set[str]]]:
             if g["s"] == b" " and len(a) + len(c) != 6:
                 continue  # space-separated numbers are a date only with a 4-digit year: 17 03 1958
             out |= _separated(a, b, c)
+        elif g["y4"]:
+            out |= {x for x in [_ymd(g["y4"].decode(), int(g["m4"]), int(g["d4"]))] if x}
         else:
             day, mon, year = ((g["d1"], g["m1"], g["y1"]) if g["m1"] else (g["d2"], g["m2"], g["y2"]) if g["m2"]
                               else (g["d3"], g["m3"], g["y3"]))
@@ -1271,7 +1317,7 @@ _UID_TOKEN = re.compile(rb"[0-9]+(?:\.[0-9]+)+")
 _SPLIT_WORDS = re.compile(r"[\s,;]+")
 _ID_SEPARATOR_BYTES = b" \t\r\n()./_:+-"
 _YEAR = re.compile(rb"(?:1[89]|20)[0-9][0-9]")
-_DATE_BEFORE, _DATE_AFTER = 48, 12
+_DATE_BEFORE, _DATE_AFTER = 48, 20  # after the year: " 년 4 월 23 일" takes 19 bytes
 # A numeric date with a two-digit year (12.03.61): looked up whole, not by its two-digit tokens
 # (which occur everywhere in binary blobs).
 _SHORT_DATE = re.compile(rb"(?<![0-9.])[0-9]{2}[./-][0-9]{2}[./-][0-9]{2}(?![0-9]|\.[0-9])")
@@ -1396,6 +1442,7 @@ class Matcher:
                             hits.append((ws + s, ws + e, n))
             born = [(s, e, n) for s, e, cands in birth_dates_in(low) for c in cands
                     for n in self.dates.get(c.encode(), ()) if _BIRTH_FIELD.search(n.field)]
+            hits += [(s, e, n) for s, e, cands in era_dates_in(low) for c in cands for n in self.dates.get(c.encode(), ())]
         if self.short_dates:
             if len(self.short_dates) < 48:  # a few dates: direct search is faster than the pattern
                 for k in self.short_dates:
