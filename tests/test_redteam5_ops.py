@@ -69,3 +69,64 @@ def test_key_file_dev_zero_is_a_usage_error(tmp_path, demo_export):
     assert r.returncode == 2, (r.returncode, r.stderr[-1500:])
     assert r.stderr.startswith("deidflow: error: key file /dev/zero is not a regular file"), r.stderr[-800:]
     assert not (tmp_path / "rel").exists() and not (tmp_path / "rel_restricted").exists()
+
+
+# ------------------------------------------------------------------------------------------------
+# Small inputs
+# ------------------------------------------------------------------------------------------------
+def _dicom_patient(root: Path, folder: str, name: str, pid: str, birth: str, files: int = 1) -> list[Path]:
+    """One CT series of ``files`` slices (pydicom's CT_small) for one patient, with its own UIDs."""
+    import pydicom
+    from pydicom.data import get_testdata_file
+    from pydicom.uid import generate_uid
+    out = []
+    for i in range(files):
+        ds = pydicom.dcmread(get_testdata_file("CT_small.dcm"))
+        ds.SpecificCharacterSet = "ISO_IR 192"
+        ds.PatientName, ds.PatientID, ds.PatientBirthDate = name, pid, birth
+        ds.StudyInstanceUID = generate_uid(entropy_srcs=[pid, "study"])
+        ds.SeriesInstanceUID = generate_uid(entropy_srcs=[pid, "series"])
+        ds.SOPInstanceUID = generate_uid(entropy_srcs=[pid, "sop", str(i)])
+        ds.file_meta.MediaStorageSOPInstanceUID = ds.SOPInstanceUID
+        ds.InstanceNumber = i + 1
+        path = root / folder / f"IM_{i + 1:04d}.dcm"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        ds.save_as(path, enforce_file_format=True)
+        out.append(path)
+    return out
+
+
+def _run(inp: Path, out: Path, *extra: str, **env) -> subprocess.CompletedProcess:
+    return cli("run", str(inp), str(out), "--cores", "2", "--set", "face.method=none", *extra,
+               DEIDFLOW_KEY=KEY, **env)
+
+
+# ------------------------------------------------------------------------------------------------
+# One restricted folder, one release
+# ------------------------------------------------------------------------------------------------
+@pytest.mark.slow
+@pytest.mark.workflow
+def test_restricted_folder_of_another_release_is_refused(tmp_path):
+    """`--restricted` naming the restricted folder of another, existing release was accepted: the
+    run marked every subject of that release withdrawn in its patients.csv (they were still
+    published there) and dropped their date offsets from dates.csv."""
+    a_in, b_in = tmp_path / "in_a", tmp_path / "in_b"
+    _dicom_patient(a_in, "ZOLTANSKI_BARTHOLOMEW", "ZOLTANSKI^BARTHOLOMEW", "MRN884213", "19610423")
+    _dicom_patient(b_in, "KOWALCZYK_WLADYSLAWA", "KOWALCZYK^WLADYSLAWA", "MRN551207", "19491102")
+    a_out = tmp_path / "release_a"
+    r = _run(a_in, a_out)
+    assert r.returncode == 0, r.stderr[-2000:]
+    restricted = tmp_path / "release_a_restricted"
+    before = {p: (restricted / p).read_bytes() for p in ("mapping/patients.csv", "mapping/dates.csv")}
+    b_out = tmp_path / "release_b"
+    r = _run(b_in, b_out, "--restricted", str(restricted))
+    assert r.returncode == 2, r.stderr[-2000:]
+    assert r.stderr.startswith(f"deidflow: error: restricted folder {restricted} belongs to the release {a_out}")
+    assert not b_out.exists()
+    assert {p: (restricted / p).read_bytes() for p in before} == before
+    # a release moved together with its restricted folder still runs
+    moved = tmp_path / "moved"
+    a_out.rename(moved)
+    restricted.rename(tmp_path / "moved_restricted")
+    r = _run(a_in, moved)
+    assert r.returncode == 0, r.stderr[-2000:]

@@ -541,6 +541,7 @@ def check_folders(input_dir: Path, output: Path, restricted: Path, *, force: boo
             raise UsageError(f"{what} {a} is inside the input folder {b}; choose a folder outside it")
     if out.exists() and not out.is_dir():
         raise UsageError(f"output {out} is a file, not a folder")
+    _check_restricted_owner(out, restricted)
     if (out.is_dir() and any(out.iterdir()) and not (restricted / "run.json").exists() and not force):
         raise UsageError(f"output folder {out} is not empty and no deidflow run wrote it (no run record in "
                          f"{restricted}); choose an empty or new folder, or pass --force to use it anyway "
@@ -558,6 +559,27 @@ def check_folders(input_dir: Path, output: Path, restricted: Path, *, force: boo
     raise UsageError(f"input folder {inp} is empty" if not seen else
                      f"input folder {inp} holds no file deidflow recognises (DICOM, NIfTI, Analyze, MINC, "
                      "PAR/REC, MGH, twix, BIDS JSON)")
+
+
+def _check_restricted_owner(out: Path, restricted: Path) -> None:
+    """Refuse a restricted folder whose run record names another release that still exists: its
+    mappings, withdrawals and staging describe that release, and a run for ``out`` would mark every
+    subject of it withdrawn and drop their date offsets. A release moved together with its
+    restricted folder (the recorded one is gone) is accepted."""
+    try:
+        owner = json.loads((restricted / "run.json").read_text()).get("output")
+    except (OSError, ValueError, AttributeError):
+        return
+    if not owner or Path(owner) == out or not Path(owner).is_dir():
+        return
+    try:
+        if out.exists() and os.path.samefile(owner, out):
+            return
+    except OSError:
+        pass
+    raise UsageError(f"restricted folder {restricted} belongs to the release {owner}, not to {out}: every "
+                     "release needs its own restricted folder; pass that release as the output, or choose "
+                     "another restricted folder")
 
 
 def on_leak_of(config: Mapping[str, Any]) -> str:
