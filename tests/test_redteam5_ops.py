@@ -130,3 +130,77 @@ def test_restricted_folder_of_another_release_is_refused(tmp_path):
     restricted.rename(tmp_path / "moved_restricted")
     r = _run(a_in, moved)
     assert r.returncode == 0, r.stderr[-2000:]
+
+
+# ------------------------------------------------------------------------------------------------
+# Input files that change while the run works
+# ------------------------------------------------------------------------------------------------
+def _paused_run(inp: Path, out: Path, point: str, flags: Path, change) -> subprocess.CompletedProcess:
+    """Run until the first job of stage ``point`` starts, call ``change()``, let the run finish."""
+    import time
+    flags.mkdir()
+    env = _env(DEIDFLOW_KEY=KEY, DEIDFLOW_TEST_PAUSE_AT=f"{point}:{flags}")
+    args = [sys.executable, "-m", "deidflow.cli", "run", str(inp), str(out), "--cores", "2",
+            "--set", "face.method=none", "--set", "jobs.min_batches=1"]
+    with open(flags.parent / f"{point}.log", "w+") as log:
+        p = subprocess.Popen(args, env=env, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT)
+        try:
+            deadline = time.monotonic() + 300
+            while not (flags / point).exists() and p.poll() is None and time.monotonic() < deadline:
+                time.sleep(0.05)
+            assert (flags / point).exists(), f"the run never reached {point}"
+            change()
+            (flags / point).unlink()
+            p.wait(timeout=300)
+        finally:
+            if p.poll() is None:
+                p.kill()
+        log.seek(0)
+        return subprocess.CompletedProcess(args, p.returncode, log.read(), "")
+
+
+def _nifti(path: Path, fill: int) -> None:
+    import nibabel as nib
+    import numpy as np
+    path.parent.mkdir(parents=True, exist_ok=True)
+    nib.save(nib.Nifti1Image(np.full((6, 6, 6), fill, np.int16), np.eye(4)), path)
+
+
+@pytest.mark.slow
+@pytest.mark.workflow
+@pytest.mark.parametrize("stage,how", [("dicom", "symlink"), ("dicom", "replaced"), ("other", "symlink"),
+                                       ("other", "folder-symlink")])
+def test_input_file_swapped_after_the_inventory_is_quarantined(tmp_path, stage, how):
+    """The inventory refuses symbolic links and records each file's size and time, but the jobs
+    opened the manifest's path as it was when they ran: a file replaced after the inventory by a
+    link to another patient's file outside the input (or by another patient's file, or a folder of
+    its path by a link) was released under the first patient's pseudonym."""
+    inp, outside = tmp_path / "input", tmp_path / "outside"
+    dcm = _dicom_patient(inp, "ZOLTANSKI_BARTHOLOMEW", "ZOLTANSKI^BARTHOLOMEW", "MRN884213", "19610423", files=2)
+    other = _dicom_patient(outside, "KOWALCZYK", "KOWALCZYK^WLADYSLAWA", "MRN551207", "19491102")[0]
+    nii = inp / "ZOLTANSKI_BARTHOLOMEW" / "nifti" / "t1.nii"
+    _nifti(nii, 1)
+    _nifti(outside / "nifti" / "t1.nii", 7)
+
+    def change() -> None:
+        target = dcm[1] if stage == "dicom" else nii
+        if how == "folder-symlink":
+            target.parent.rename(tmp_path / "moved-away")
+            target.parent.symlink_to(outside / "nifti")
+        elif how == "symlink":
+            target.unlink()
+            target.symlink_to(other if stage == "dicom" else outside / "nifti" / "t1.nii")
+        else:
+            target.write_bytes(other.read_bytes())
+
+    out = tmp_path / "release"
+    r = _paused_run(inp, out, stage, tmp_path / "flags", change)
+    assert r.returncode == 3, r.stdout[-3000:]
+    quarantine = (tmp_path / "release_restricted" / "quarantine.tsv").read_text()
+    swapped = (dcm[1] if stage == "dicom" else nii).relative_to(inp).as_posix()
+    assert f"{swapped}\tchanged since the inventory" in quarantine, quarantine
+    released = sorted(p.relative_to(out).as_posix() for p in out.rglob("*") if p.is_file())
+    assert sum(p.endswith(".dcm") for p in released) == (1 if stage == "dicom" else 2), released
+    assert sum(p.endswith((".nii", ".nii.gz")) and p.startswith("sourcedata/nifti") for p in released) == \
+        (1 if stage == "dicom" else 0), released
+    assert not any(b"MRN551207" in p.read_bytes() for p in out.rglob("*") if p.is_file())

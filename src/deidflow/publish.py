@@ -39,17 +39,21 @@ DATASET_STAGING = "staging/dataset"
 ON_LEAK = ("withhold", "fail", "publish")
 # Test hook (tests/test_release_gate.py): DEIDFLOW_TEST_PAUSE_AT="<point>:<folder>" makes the jobs
 # that reach <point> (a stage's name, or "publish-mid" after a unit's first folder moved) create
-# <folder>/<point> and wait, so a test can kill the run at a known place. Unset in real runs.
+# <folder>/<point> and wait until a test deletes it (at most 10 minutes), so a test can kill the run
+# at a known place, or change something and let it go on. Unset in real runs.
 PAUSE_ENV = "DEIDFLOW_TEST_PAUSE_AT"
 
 
 def test_pause(point: str) -> None:
-    """Announce ``point`` and sleep when the test hook names it (see PAUSE_ENV)."""
+    """Announce ``point`` and wait when the test hook names it (see PAUSE_ENV)."""
     spec = os.environ.get(PAUSE_ENV, "")
     name, _, folder = spec.partition(":")
     if name == point and folder:
-        Path(folder, point).touch()
-        time.sleep(600)
+        flag = Path(folder, point)
+        flag.touch()
+        deadline = time.monotonic() + 600
+        while flag.exists() and time.monotonic() < deadline:
+            time.sleep(0.05)
 
 
 def staging_root(restricted: Path, unit: str) -> Path:
