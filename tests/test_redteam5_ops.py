@@ -204,3 +204,43 @@ def test_input_file_swapped_after_the_inventory_is_quarantined(tmp_path, stage, 
     assert sum(p.endswith((".nii", ".nii.gz")) and p.startswith("sourcedata/nifti") for p in released) == \
         (1 if stage == "dicom" else 0), released
     assert not any(b"MRN551207" in p.read_bytes() for p in out.rglob("*") if p.is_file())
+
+
+# ------------------------------------------------------------------------------------------------
+# Signals
+# ------------------------------------------------------------------------------------------------
+@pytest.mark.slow
+@pytest.mark.workflow
+def test_sigterm_is_an_interruption_not_a_bug(tmp_path):
+    """SIGTERM (kill, SLURM's time limit, systemd, docker stop): Snakemake's scheduler replaces
+    deidflow's handler with its own graceful stop, and the run exited with status 1 ("internal
+    error") after a summary claiming every subject withheld and faces "not treated: face.method
+    none". It is an interruption: status 130, the resume message, and the same command finishes."""
+    import signal
+    import time
+    inp = tmp_path / "input"
+    _dicom_patient(inp, "ZOLTANSKI_BARTHOLOMEW", "ZOLTANSKI^BARTHOLOMEW", "MRN884213", "19610423")
+    flags, out = tmp_path / "flags", tmp_path / "release"
+    flags.mkdir()
+    env = _env(DEIDFLOW_KEY=KEY, DEIDFLOW_TEST_PAUSE_AT=f"dicom:{flags}")
+    args = [sys.executable, "-m", "deidflow.cli", "run", str(inp), str(out), "--cores", "2",
+            "--set", "face.method=none"]
+    p = subprocess.Popen(args, env=env, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.monotonic() + 300
+        while not (flags / "dicom").exists() and p.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert (flags / "dicom").exists(), "the run never reached the dicom job"
+        p.send_signal(signal.SIGTERM)
+        time.sleep(1.0)
+        (flags / "dicom").unlink()  # the running job finishes (Snakemake's graceful stop)
+        stdout, stderr = p.communicate(timeout=300)
+    finally:
+        if p.poll() is None:
+            p.kill()
+    assert p.returncode == 130, (p.returncode, stdout[-1500:], stderr[-1500:])
+    assert "interrupted" in stderr and "withheld" not in stdout, (stdout[-1500:], stderr[-1500:])
+    assert (out / "RELEASE_INCOMPLETE").exists()
+    r = _run(inp, out)
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert not (out / "RELEASE_INCOMPLETE").exists()

@@ -262,7 +262,12 @@ def check_run(config: dict, argv: list[str] | None = None) -> tuple[Paths, bytes
 
 class _Interrupt:
     """Remembers a Ctrl-C or SIGTERM while Snakemake runs (Snakemake turns both into its own
-    shutdown and an exit status of 1)."""
+    shutdown and an exit status of 1).
+
+    Snakemake's scheduler installs its own SIGTERM handler when it starts (finish the running jobs,
+    then stop), replacing ours: its handler is wrapped to note the signal too. Without it, a run
+    stopped by ``kill``, SLURM or systemd exited with status 1 (a bug) and a summary claiming every
+    subject withheld."""
 
     def __init__(self):
         self.seen = False
@@ -272,9 +277,18 @@ class _Interrupt:
             self.seen = True
             signal.default_int_handler(signum, frame)
         self._old = {s: signal.signal(s, on_signal) for s in (signal.SIGINT, signal.SIGTERM)}
+        from snakemake.scheduling.job_scheduler import JobScheduler
+        self._graceful = graceful = JobScheduler.exit_gracefully
+
+        def exit_gracefully(scheduler, *args):
+            self.seen = True
+            return graceful(scheduler, *args)
+        JobScheduler.exit_gracefully = exit_gracefully
         return self
 
     def __exit__(self, *exc):
+        from snakemake.scheduling.job_scheduler import JobScheduler
+        JobScheduler.exit_gracefully = self._graceful
         for s, h in self._old.items():
             signal.signal(s, h)
         return False
