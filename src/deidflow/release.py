@@ -9,7 +9,7 @@ from typing import TYPE_CHECKING, Any, Mapping
 
 from .dicom import Scrubber, SubjectContext
 from .dicomio import DicomError, deidentify_path
-from .errors import OUTPUT_ERRNOS, PublicError
+from .errors import PublicError, output_error_of
 from .fsutil import (QC_SUBDIR, RESTRICTED_FILE_MODE, atomic_write_text, changed_input, csv_text, make_restricted_dir,
                      publish_dir, staging_dir_for)
 from .profile import build_plan
@@ -138,8 +138,8 @@ def _subject(subj: Mapping[str, Any], input_dir: Path, release_root: Path, restr
                     bad.append((f["relpath"], str(exc)))
                     continue
                 except OSError as exc:
-                    if exc.errno in OUTPUT_ERRNOS:  # the release cannot be written: fail the job
-                        raise OutputError(f"cannot write the release of {subject}: {exc.strerror}") from None
+                    if (full := output_error_of(exc)) is not None:  # the release cannot be written: fail the job
+                        raise OutputError(f"cannot write the release of {subject}: {full.strerror}") from None
                     bad.append((f["relpath"], f"file not readable: {exc.strerror or exc}"))
                     continue
                 entry = {"file": f"{subject}/{f['out_relpath']}", "source": f["src_id"], "actions": res.actions}

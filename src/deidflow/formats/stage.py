@@ -17,7 +17,7 @@ from collections import defaultdict
 from pathlib import Path
 from typing import Any, Iterable, Mapping
 
-from ..errors import OUTPUT_ERRNOS, PublicError
+from ..errors import PublicError, output_error_of
 from ..fsutil import (RESTRICTED_FILE_MODE, atomic_write_text, changed_input, make_restricted_dir, publish_dir,
                       staging_dir_for)
 from . import COMPANION_FORMATS, VOLUME_FORMATS, FormatError, ScrubContext, get
@@ -131,8 +131,8 @@ def _one(f, input_dir: Path, stage: Path, ctx: ScrubContext, bad, audit, found, 
         bad.append((f["relpath"], f"{fmt}: no de-identification module for this format"))
         return False
     except OSError as exc:
-        if exc.errno in OUTPUT_ERRNOS:
-            raise OutputError(f"cannot write the release of {subject}: {exc.strerror}") from None
+        if (full := output_error_of(exc)) is not None:
+            raise OutputError(f"cannot write the release of {subject}: {full.strerror}") from None
         bad.append((f["relpath"], f"file not readable: {exc.strerror}"))
         return False
     except Exception as exc:  # a reader's unexpected error on hostile input: quarantine, never release
