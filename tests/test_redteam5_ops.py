@@ -244,3 +244,84 @@ def test_sigterm_is_an_interruption_not_a_bug(tmp_path):
     r = _run(inp, out)
     assert r.returncode == 0, r.stderr[-2000:]
     assert not (out / "RELEASE_INCOMPLETE").exists()
+
+
+# ------------------------------------------------------------------------------------------------
+# A full disk is an output error wherever pydicom reports it
+# ------------------------------------------------------------------------------------------------
+def _pydicom_style_enospc() -> OSError:
+    """What pydicom raises when a write fails: a new OSError naming the tag, without errno, raised
+    from the system's error (pydicom.tag.tag_in_exception)."""
+    import errno
+    try:
+        try:
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        except OSError as exc:
+            raise OSError(f"With tag (7FE0,0010) got exception: {exc}") from exc
+    except OSError as wrapped:
+        return wrapped
+
+
+def test_output_error_of_sees_through_pydicom_rewrapping():
+    from deidflow.errors import output_error_of, public_reason
+    wrapped = _pydicom_style_enospc()
+    assert wrapped.errno is None and output_error_of(wrapped).strerror == "No space left on device"
+    assert public_reason(wrapped) == "cannot write output: No space left on device"
+    assert output_error_of(OSError(2, "No such file or directory")) is None
+
+
+def test_full_disk_while_cleaning_pixels_fails_the_job_not_the_file(tmp_path, demo_export, monkeypatch):
+    """The burned-in-text capture of the demo, cleaned on a full disk: pydicom's rewrapped ENOSPC
+    (errno None) was read as a property of the file, which was withheld for good ("pixel data could
+    not be cleaned: None") while its subject was published; the rerun after freeing space kept it
+    out. The job must fail instead, so that the rerun cleans and releases it."""
+    import pydicom
+    from deidflow.dicom import Scrubber, SubjectContext
+    from deidflow.profile import build_plan
+    from deidflow.pseudonym import Pseudonymizer
+    from deidflow.release import OutputError, _subject, pixel_cleaner
+    capture = next(demo_export.glob("DOE_*/*/*Report_capture/*.dcm"))
+    st = capture.stat()
+    entry = {"relpath": capture.relative_to(demo_export).as_posix(), "out_relpath": "ses-1/US2-x/0001.dcm",
+             "src_id": "s1", "format": "dicom", "size": st.st_size, "mtime_ns": st.st_mtime_ns}
+    save_as = pydicom.Dataset.save_as
+
+    def full_disk(self, filename, *args, **kwargs):
+        if ".tmp-pixels-" in str(filename):
+            raise _pydicom_style_enospc()
+        return save_as(self, filename, *args, **kwargs)
+    monkeypatch.setattr(pydicom.Dataset, "save_as", full_disk)
+    pseudo = Pseudonymizer(KEY.encode())
+    release, restricted = tmp_path / "release" / "sourcedata" / "dicom", tmp_path / "restricted"
+    scrubber = Scrubber(build_plan([], "remove", []), SubjectContext(pseudo, "sub-TEST", -10, {}))
+    with pytest.raises(OutputError, match="No space left on device"):
+        _subject({"subject": "sub-TEST", "files": [entry]}, demo_export, release, restricted, scrubber,
+                 pixel_cleaner({"pixels": {"clean": "auto", "policy": "all_text"}}, pseudo))
+    assert not (release / "sub-TEST").exists()
+
+
+# ------------------------------------------------------------------------------------------------
+# One hostile file must not fail its whole job unit
+# ------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("ts", ["1.2.840.113619.5.2",          # GE's private implicit big endian
+                                "1.2.840.10008.1.1",           # a SOP class, not a transfer syntax
+                                "1.2.840.10008.1.2.99"])       # unknown under the DICOM root
+def test_private_or_unknown_transfer_syntax_is_quarantined_not_a_job_crash(tmp_path, ts):
+    """A file whose file meta names a private or unknown transfer syntax passed the inventory, and
+    the dicom job died on it (pydicom's UID.is_compressed raises ValueError): every subject of
+    its job unit (up to a thousand files) stayed out of the release on every rerun."""
+    from deidflow import dicomio, inventory
+    from deidflow.dicom import Scrubber, SubjectContext
+    from deidflow.profile import build_plan
+    from deidflow.pseudonym import Pseudonymizer
+    path = _dicom_patient(tmp_path / "in", "P", "QUIMBY^PERCIVAL", "QMB77123", "19700101")[0]
+    explicit = b"1.2.840.10008.1.2.1\x00"  # pydicom refuses to write another: patch the bytes
+    data = path.read_bytes()
+    assert data.count(explicit) == 1
+    path.write_bytes(data.replace(explicit, ts.encode().ljust(len(explicit), b"\x00")))
+    with pytest.raises(dicomio.DicomError, match="transfer syntax"):
+        inventory.read_dicom_header(path)
+    scrubber = Scrubber(build_plan([], "remove", []), SubjectContext(Pseudonymizer(KEY.encode()), "sub-T", -10, {}))
+    with pytest.raises(dicomio.DicomError, match="transfer syntax"):
+        dicomio.deidentify_path(path, tmp_path / "out" / "0001.dcm", scrubber)
+    assert not (tmp_path / "out" / "0001.dcm").exists()
