@@ -325,3 +325,21 @@ def test_private_or_unknown_transfer_syntax_is_quarantined_not_a_job_crash(tmp_p
     with pytest.raises(dicomio.DicomError, match="transfer syntax"):
         dicomio.deidentify_path(path, tmp_path / "out" / "0001.dcm", scrubber)
     assert not (tmp_path / "out" / "0001.dcm").exists()
+
+
+# ------------------------------------------------------------------------------------------------
+# Snakemake options after -- that would undo what deidflow checked
+# ------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("extra", [["--directory", "{out}"], ["--config", "key=SECRET0123456789abcdef"],
+                                   ["--configfile", "{out}.yaml"], ["--snakefile", "Snakefile"]])
+def test_snakemake_options_deidflow_owns_are_refused_after_the_double_dash(tmp_path, extra):
+    """`deidflow run IN OUT -- --directory OUT` made Snakemake write .snakemake/ and its log into the
+    release folder, then stopped with status 1 ("internal error"); `-- --config key=…` bypassed the
+    schema check and wrote the value into Snakemake's log. Refused before anything is written."""
+    inp = tmp_path / "input"
+    _dicom_patient(inp, "P", "QUIMBY^PERCIVAL", "QMB77123", "19700101")
+    out = tmp_path / "release"
+    r = cli("run", str(inp), str(out), "--dry-run", "--", *(a.format(out=out) for a in extra), DEIDFLOW_KEY=KEY)
+    assert r.returncode == 2, (r.returncode, r.stdout[-800:], r.stderr[-800:])
+    assert r.stderr.startswith(f"deidflow: error: {extra[0]} after -- is not passed to Snakemake"), r.stderr
+    assert not out.exists() and not (tmp_path / "release_restricted").exists()

@@ -184,6 +184,12 @@ def _check_profile(profile: str | None) -> str | None:
                      "bundled: default, slurm)")
 
 
+SNAKEMAKE_OWNED = (("config", "--config", "use --set KEY=VALUE before --"),
+                   ("configfile", "--configfile", "use --config FILE before --"),
+                   ("directory", "--directory", "the restricted folder; choose it with --restricted"),
+                   ("snakefile", "--snakefile", "the packaged workflow"))
+
+
 def _check_snakemake_args(extra: list[str]) -> None:
     """Arguments after ``--`` must parse as Snakemake's (its parser's message, as one line)."""
     if not extra:
@@ -193,7 +199,8 @@ def _check_snakemake_args(extra: list[str]) -> None:
     err = io.StringIO()
     try:
         with contextlib.redirect_stderr(err), contextlib.redirect_stdout(io.StringIO()):
-            get_argument_parser().parse_args(extra)
+            parser = get_argument_parser()
+            given, default = parser.parse_args(extra), parser.parse_args([])
     except SystemExit as exc:
         if exc.code:
             last = (err.getvalue().strip().splitlines() or ["not valid"])[-1]
@@ -202,6 +209,12 @@ def _check_snakemake_args(extra: list[str]) -> None:
     except Exception as exc:  # Snakemake's own argument checks (CliException, ValueError)
         raise UsageError(f"arguments after -- are passed to Snakemake, which says: "
                          f"{' '.join(str(exc).split()) or type(exc).__name__}") from None
+    # Options that would replace what deidflow checked and set: the configuration (unchecked, a value
+    # in Snakemake's log), the working folder (.snakemake/ and logs written into the release) and
+    # the workflow itself.
+    for dest, option, instead in SNAKEMAKE_OWNED:
+        if getattr(given, dest, None) != getattr(default, dest, None):
+            raise UsageError(f"{option} after -- is not passed to Snakemake: deidflow sets it ({instead})")
 
 
 def _check_programs(config: dict) -> None:
