@@ -343,3 +343,31 @@ def test_snakemake_options_deidflow_owns_are_refused_after_the_double_dash(tmp_p
     assert r.returncode == 2, (r.returncode, r.stdout[-800:], r.stderr[-800:])
     assert r.stderr.startswith(f"deidflow: error: {extra[0]} after -- is not passed to Snakemake"), r.stderr
     assert not out.exists() and not (tmp_path / "release_restricted").exists()
+
+
+# ------------------------------------------------------------------------------------------------
+# Keys across runs
+# ------------------------------------------------------------------------------------------------
+@pytest.mark.slow
+@pytest.mark.workflow
+def test_other_key_is_refused_even_without_the_fingerprint_file(tmp_path):
+    """Only restricted/key_fingerprint was checked: with that one file gone (cleaned up, not copied
+    back) a run with another key re-pseudonymized the release under new labels and withdrew every
+    earlier subject, though run.json still named the first key's fingerprint."""
+    inp, out = tmp_path / "input", tmp_path / "release"
+    _dicom_patient(inp, "P", "QUIMBY^PERCIVAL", "QMB77123", "19700101")
+    r = _run(inp, out)
+    assert r.returncode == 0, r.stderr[-2000:]
+    restricted = tmp_path / "release_restricted"
+    (restricted / "key_fingerprint").unlink()
+    patients = (restricted / "mapping" / "patients.csv").read_bytes()
+    released = sorted(p.name for p in out.iterdir())
+    r = cli("run", str(inp), str(out), "--cores", "2", "--set", "face.method=none",
+            DEIDFLOW_KEY="another-key-0123456789abcdef0123456789")
+    assert r.returncode == 2, (r.returncode, r.stderr[-2000:])
+    assert "was made with the key whose fingerprint is" in r.stderr
+    assert (restricted / "mapping" / "patients.csv").read_bytes() == patients
+    assert sorted(p.name for p in out.iterdir()) == released
+    r = _run(inp, out)  # the original key still works, and the marker comes back
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert (restricted / "key_fingerprint").is_file()

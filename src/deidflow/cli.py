@@ -262,12 +262,11 @@ def check_run(config: dict, argv: list[str] | None = None) -> tuple[Paths, bytes
     _writable_parent(paths.output, "output")
     _writable_parent(paths.restricted, "restricted folder")
     key = _check_key(config, argv or [])
-    marker = paths.restricted / "key_fingerprint"
-    if marker.is_file():
-        old, new = marker.read_text().strip(), fingerprint(key)
-        if old != new:
-            raise UsageError(f"{paths.output} was made with the key whose fingerprint is {old}; the key given "
-                             f"has fingerprint {new}: use the original key, or release into a new output folder")
+    from .pipeline import recorded_fingerprint
+    old, new = recorded_fingerprint(paths.restricted), fingerprint(key)
+    if old is not None and old != new:
+        raise UsageError(f"{paths.output} was made with the key whose fingerprint is {old}; the key given "
+                         f"has fingerprint {new}: use the original key, or release into a new output folder")
     _check_programs(config)
     _restricted_lock_free(paths.restricted)
     return paths, key
