@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import os
 import resource
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -371,3 +372,34 @@ def test_other_key_is_refused_even_without_the_fingerprint_file(tmp_path):
     r = _run(inp, out)  # the original key still works, and the marker comes back
     assert r.returncode == 0, r.stderr[-2000:]
     assert (restricted / "key_fingerprint").is_file()
+
+
+# ------------------------------------------------------------------------------------------------
+# Subject folders no run wrote
+# ------------------------------------------------------------------------------------------------
+@pytest.mark.slow
+@pytest.mark.workflow
+def test_subject_folders_dropped_into_a_release_are_scanned_and_taken_out(tmp_path):
+    """`sub-X/` folders of no current subject (another release's subject, a withdrawn one restored
+    from a backup) were read by nobody: `deidflow verify` said "no identifying value found" (exit 0)
+    over a file named and filled with a patient's name, and the next run said "Nothing to be done"
+    and "release complete" with the folders still in the release."""
+    inp, out = tmp_path / "input", tmp_path / "release"
+    _dicom_patient(inp, "P", "QUIMBY^PERCIVAL", "QMB77123", "19700101")
+    r = _run(inp, out)
+    assert r.returncode == 0, r.stderr[-2000:]
+    planted = [out / "sub-zz" / "anat", out / "sourcedata" / "dicom" / "sub-zz",
+               out / "derivatives" / "deidflow" / "qc" / "sub-zz"]
+    for d in planted:  # one at a time: each is found
+        d.mkdir(parents=True)
+        (d / "QUIMBY_PERCIVAL.txt").write_text("Percival Quimby QMB77123\n")
+        v = cli("verify", str(out), DEIDFLOW_KEY=KEY)
+        assert v.returncode == 3 and "LEAK" in v.stdout + v.stderr, (d, v.returncode, v.stdout[-800:])
+        shutil.rmtree(d)
+    for d in planted:
+        d.mkdir(parents=True)
+        (d / "QUIMBY_PERCIVAL.txt").write_text("Percival Quimby QMB77123\n")
+    r = _run(inp, out)
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert not any(d.exists() for d in planted), [d for d in planted if d.exists()]
+    assert cli("verify", str(out), DEIDFLOW_KEY=KEY).returncode == 0

@@ -68,11 +68,14 @@ def prepare(config: Mapping[str, Any], *, main_process: bool = True) -> Prepared
                           unmapped=config["pseudonym"]["unmapped"],
                           subject_pattern=(config.get("formats") or {}).get("subject_pattern") or "")
     units = _units(inventory.files_per_subject(inv), config)
-    from .publish import forget_lost
+    from .publish import forget_foreign, forget_lost
     lost = forget_lost(paths.output, paths.restricted, units)
     if lost:
         print(f"deidflow: {len(lost)} published part(s) of the release are gone from {paths.output}: "
               "publishing them again", file=sys.stderr)
+    if forget_foreign(paths.output, paths.restricted, inv.subjects):
+        print(f"deidflow: {paths.output} holds files or subject folders no run of this input wrote: "
+              "taking them out of the release", file=sys.stderr)
     inventory.write(inv, paths.restricted, units)
     write_inventory_mappings(inv.rows, paths.restricted)
     formats = {s: {r["format"] for r in rows} for s, rows in inv.by_subject().items()}

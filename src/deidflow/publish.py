@@ -219,6 +219,20 @@ def forget_lost(release: Path, restricted: Path, units: Iterable[str]) -> list[s
     return lost
 
 
+def forget_foreign(release: Path, restricted: Path, subjects: Iterable[str]) -> bool:
+    """Remove the dataset publish marker when the release holds what no run of this input wrote
+    (:func:`foreign_entries`, or a ``sub-X`` folder of no current subject: another release's
+    subject, a withdrawn one copied back), so that :func:`publish_dataset` runs again and takes it
+    out; else a run said "Nothing to be done" and "release complete" over files no leak scan read."""
+    marker = Path(restricted) / "done" / "publish_dataset.json"
+    if not marker.is_file() or not Path(release).is_dir():
+        return False
+    if not foreign_entries(release, restricted) and not release_subjects(release) - set(subjects):
+        return False
+    marker.unlink()
+    return True
+
+
 def _copy_tree(src: Path, dst: Path) -> None:
     """Copy a folder (files and modes); the first error is raised as it is (a full disk reads
     ``No space left on device``)."""
