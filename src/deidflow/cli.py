@@ -184,6 +184,12 @@ def _check_profile(profile: str | None) -> str | None:
                      "bundled: default, slurm)")
 
 
+SNAKEMAKE_OWNED = (("config", "--config", "use --set KEY=VALUE before --"),
+                   ("configfile", "--configfile", "use --config FILE before --"),
+                   ("directory", "--directory", "the restricted folder; choose it with --restricted"),
+                   ("snakefile", "--snakefile", "the packaged workflow"))
+
+
 def _check_snakemake_args(extra: list[str]) -> None:
     """Arguments after ``--`` must parse as Snakemake's (its parser's message, as one line)."""
     if not extra:
@@ -193,7 +199,8 @@ def _check_snakemake_args(extra: list[str]) -> None:
     err = io.StringIO()
     try:
         with contextlib.redirect_stderr(err), contextlib.redirect_stdout(io.StringIO()):
-            get_argument_parser().parse_args(extra)
+            parser = get_argument_parser()
+            given, default = parser.parse_args(extra), parser.parse_args([])
     except SystemExit as exc:
         if exc.code:
             last = (err.getvalue().strip().splitlines() or ["not valid"])[-1]
@@ -202,6 +209,12 @@ def _check_snakemake_args(extra: list[str]) -> None:
     except Exception as exc:  # Snakemake's own argument checks (CliException, ValueError)
         raise UsageError(f"arguments after -- are passed to Snakemake, which says: "
                          f"{' '.join(str(exc).split()) or type(exc).__name__}") from None
+    # Options that would replace what deidflow checked and set: the configuration (unchecked, a value
+    # in Snakemake's log), the working folder (.snakemake/ and logs written into the release) and
+    # the workflow itself.
+    for dest, option, instead in SNAKEMAKE_OWNED:
+        if getattr(given, dest, None) != getattr(default, dest, None):
+            raise UsageError(f"{option} after -- is not passed to Snakemake: deidflow sets it ({instead})")
 
 
 def _check_programs(config: dict) -> None:
@@ -249,12 +262,11 @@ def check_run(config: dict, argv: list[str] | None = None) -> tuple[Paths, bytes
     _writable_parent(paths.output, "output")
     _writable_parent(paths.restricted, "restricted folder")
     key = _check_key(config, argv or [])
-    marker = paths.restricted / "key_fingerprint"
-    if marker.is_file():
-        old, new = marker.read_text().strip(), fingerprint(key)
-        if old != new:
-            raise UsageError(f"{paths.output} was made with the key whose fingerprint is {old}; the key given "
-                             f"has fingerprint {new}: use the original key, or release into a new output folder")
+    from .pipeline import recorded_fingerprint
+    old, new = recorded_fingerprint(paths.restricted), fingerprint(key)
+    if old is not None and old != new:
+        raise UsageError(f"{paths.output} was made with the key whose fingerprint is {old}; the key given "
+                         f"has fingerprint {new}: use the original key, or release into a new output folder")
     _check_programs(config)
     _restricted_lock_free(paths.restricted)
     return paths, key
@@ -262,7 +274,12 @@ def check_run(config: dict, argv: list[str] | None = None) -> tuple[Paths, bytes
 
 class _Interrupt:
     """Remembers a Ctrl-C or SIGTERM while Snakemake runs (Snakemake turns both into its own
-    shutdown and an exit status of 1)."""
+    shutdown and an exit status of 1).
+
+    Snakemake's scheduler installs its own SIGTERM handler when it starts (finish the running jobs,
+    then stop), replacing ours: its handler is wrapped to note the signal too. Without it, a run
+    stopped by ``kill``, SLURM or systemd exited with status 1 (a bug) and a summary claiming every
+    subject withheld."""
 
     def __init__(self):
         self.seen = False
@@ -272,9 +289,18 @@ class _Interrupt:
             self.seen = True
             signal.default_int_handler(signum, frame)
         self._old = {s: signal.signal(s, on_signal) for s in (signal.SIGINT, signal.SIGTERM)}
+        from snakemake.scheduling.job_scheduler import JobScheduler
+        self._graceful = graceful = JobScheduler.exit_gracefully
+
+        def exit_gracefully(scheduler, *args):
+            self.seen = True
+            return graceful(scheduler, *args)
+        JobScheduler.exit_gracefully = exit_gracefully
         return self
 
     def __exit__(self, *exc):
+        from snakemake.scheduling.job_scheduler import JobScheduler
+        JobScheduler.exit_gracefully = self._graceful
         for s, h in self._old.items():
             signal.signal(s, h)
         return False

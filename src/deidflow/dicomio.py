@@ -181,7 +181,15 @@ def _transfer_syntax(fp: BinaryIO) -> tuple[FileMetaDataset | None, str | None]:
         ts = meta.get("TransferSyntaxUID")
     except Exception as exc:  # a damaged meta element fails only when decoded
         raise DicomError(f"file meta information unreadable: {type(exc).__name__}") from None
+    if ts and not _is_transfer_syntax(str(ts)):  # pydicom cannot read it (and raised deep inside a job)
+        raise DicomError("the transfer syntax is private or not a DICOM transfer syntax: the data set cannot be read")
     return meta, (str(ts) if ts else None)
+
+
+def _is_transfer_syntax(ts: str) -> bool:
+    """Whether ``ts`` is a transfer syntax of the DICOM standard (pydicom's UID dictionary)."""
+    uid = UID(ts)
+    return not uid.is_private and uid.is_transfer_syntax
 
 
 def deidentify_file(src: Path, out: BinaryIO, scrubber: Scrubber, capture: frozenset[int] = frozenset()) -> FileResult:

@@ -5,6 +5,19 @@ import errno
 OUTPUT_ERRNOS = frozenset((errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EFBIG))
 
 
+def output_error_of(exc: BaseException) -> OSError | None:
+    """The OSError meaning "the output cannot be written" (OUTPUT_ERRNOS) that ``exc`` is or was
+    raised from, if any. pydicom re-raises a write error as a new OSError naming the tag, without
+    errno: read as an input problem, a full disk withheld the file for good."""
+    seen: set[int] = set()
+    while exc is not None and id(exc) not in seen:
+        seen.add(id(exc))
+        if isinstance(exc, OSError) and exc.errno in OUTPUT_ERRNOS:
+            return exc
+        exc = exc.__cause__ or exc.__context__
+    return None
+
+
 class PublicError(RuntimeError):
     """An error message built only from pseudonyms, counts and system error strings."""
 
@@ -13,8 +26,8 @@ def public_reason(exc: BaseException) -> str | None:
     """The part of ``exc`` that may be shown outside the restricted folder, if any."""
     if isinstance(exc, PublicError):
         return str(exc)
-    if isinstance(exc, OSError) and exc.errno in OUTPUT_ERRNOS:
-        return f"cannot write output: {exc.strerror}"
+    if (full := output_error_of(exc)) is not None:
+        return f"cannot write output: {full.strerror}"
     return None
 
 # Exit statuses of the ``deidflow`` command (documented in the README's Troubleshooting section).

@@ -11,6 +11,7 @@ import stat
 import tempfile
 from contextlib import contextmanager
 from pathlib import Path
+from typing import Any, Mapping
 
 RESTRICTED_DIR_MODE = 0o700
 RESTRICTED_FILE_MODE = 0o600
@@ -162,6 +163,29 @@ def csv_text(rows) -> str:
 def display_path(rel: str) -> str:
     """A file name as text: undecodable bytes become ``\\xNN`` escapes (names are bytes on POSIX)."""
     return os.fsencode(rel).decode("utf-8", "backslashreplace")
+
+
+def changed_input(input_dir: Path, entry: Mapping[str, Any]) -> str:
+    """Why the input file of a manifest ``entry`` is not the file the inventory examined, or "".
+
+    The inventory walks without following links and records each file's size and modification time;
+    a job opens the path later. A file rewritten since, replaced by a symbolic link (to another
+    patient's file, to /etc/passwd) or reached through a folder replaced by one must not be read
+    under the identity the inventory gave it: the job quarantines it with this reason, and the next
+    run takes a new inventory."""
+    path = os.path.join(input_dir, os.fsdecode(entry["relpath"]))
+    try:
+        st = os.lstat(path)
+    except OSError as exc:
+        return f"file not readable: {exc.strerror}"
+    if not stat.S_ISREG(st.st_mode):
+        return "changed since the inventory (no longer a regular file); run again"
+    if (st.st_size, st.st_mtime_ns) != (entry.get("size"), entry.get("mtime_ns")):
+        return "changed since the inventory (size or modification time); run again"
+    root = os.path.realpath(input_dir)
+    if os.path.commonpath([root, os.path.realpath(path)]) != root:
+        return "changed since the inventory (a folder of its path is now a symbolic link); run again"
+    return ""
 
 
 def _unlink_quietly(path: str | Path) -> None:

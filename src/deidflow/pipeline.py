@@ -8,6 +8,7 @@ from __future__ import annotations
 import json
 import sys
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, Mapping
 
 from . import inventory
@@ -67,11 +68,14 @@ def prepare(config: Mapping[str, Any], *, main_process: bool = True) -> Prepared
                           unmapped=config["pseudonym"]["unmapped"],
                           subject_pattern=(config.get("formats") or {}).get("subject_pattern") or "")
     units = _units(inventory.files_per_subject(inv), config)
-    from .publish import forget_lost
+    from .publish import forget_foreign, forget_lost
     lost = forget_lost(paths.output, paths.restricted, units)
     if lost:
         print(f"deidflow: {len(lost)} published part(s) of the release are gone from {paths.output}: "
               "publishing them again", file=sys.stderr)
+    if forget_foreign(paths.output, paths.restricted, inv.subjects):
+        print(f"deidflow: {paths.output} holds files or subject folders no run of this input wrote: "
+              "taking them out of the release", file=sys.stderr)
     inventory.write(inv, paths.restricted, units)
     write_inventory_mappings(inv.rows, paths.restricted)
     formats = {s: {r["format"] for r in rows} for s, rows in inv.by_subject().items()}
@@ -87,17 +91,26 @@ def _units(counts: Mapping[str, int], config: Mapping[str, Any]) -> dict[str, li
     return plan_units(counts, jobs["files_per_job"], jobs["min_batches"])
 
 
+def recorded_fingerprint(restricted: Path) -> str | None:
+    """The fingerprint of the key a release was made with: its ``key_fingerprint`` file, else the
+    run record's (a deleted marker file must not let another key in silently)."""
+    marker = Path(restricted) / FINGERPRINT_FILE
+    if marker.is_file():
+        return marker.read_text().strip()
+    try:
+        return json.loads((Path(restricted) / "run.json").read_text()).get("key_fingerprint") or None
+    except (OSError, ValueError, AttributeError):
+        return None
+
+
 def _check_fingerprint(paths: Paths, fp: str) -> None:
     """Refuse to add to a release made with another key (pseudonyms would not match)."""
-    marker = paths.restricted / FINGERPRINT_FILE
-    if marker.exists():
-        old = marker.read_text().strip()
-        if old != fp:
-            raise ReleaseKeyMismatch(
-                f"{paths.output} was made with the key whose fingerprint is {old}; the key given now "
-                f"has fingerprint {fp}. Use the original key, or release into a new output folder.")
-    else:
-        write_if_changed(marker, (fp + "\n").encode(), RESTRICTED_FILE_MODE)
+    old = recorded_fingerprint(paths.restricted)
+    if old is not None and old != fp:
+        raise ReleaseKeyMismatch(
+            f"{paths.output} was made with the key whose fingerprint is {old}; the key given now "
+            f"has fingerprint {fp}. Use the original key, or release into a new output folder.")
+    write_if_changed(paths.restricted / FINGERPRINT_FILE, (fp + "\n").encode(), RESTRICTED_FILE_MODE)
 
 
 def write_run_record(prepared: Prepared, settings: Mapping[str, Any]) -> None:

@@ -13,11 +13,13 @@ import hmac
 import os
 import re
 import secrets
+import stat
 from dataclasses import dataclass, field
 from pathlib import Path
 
 KEY_ENV = "DEIDFLOW_KEY"
 MIN_KEY_BYTES = 16
+MAX_KEY_FILE_BYTES = 64 * 1024  # a key file is small; more is a wrong file (or /dev/zero), not a key
 _LABEL_RE = re.compile(r"^[A-Za-z0-9]+$")
 
 
@@ -33,10 +35,7 @@ def load_key(key_file: str | os.PathLike | None = None, *, env: dict | None = No
     env = os.environ if env is None else env
     if key_file:
         path = Path(key_file)
-        try:
-            raw = path.read_bytes().strip()
-        except OSError as exc:
-            raise MissingKeyError(f"cannot read key file {path}: {exc.strerror}") from None
+        raw = _read_key_file(path)
         source = f"key file {path}"
     elif env.get(KEY_ENV):
         raw = env[KEY_ENV].strip().encode("utf-8")
@@ -49,6 +48,25 @@ def load_key(key_file: str | os.PathLike | None = None, *, env: dict | None = No
     if len(raw) < MIN_KEY_BYTES:
         raise MissingKeyError(f"the key from {source} is shorter than {MIN_KEY_BYTES} bytes")
     return raw
+
+
+def _read_key_file(path: Path) -> bytes:
+    """The stripped bytes of a key file: a regular file (every job reads it again, so a pipe or a
+    device cannot serve as one) of at most MAX_KEY_FILE_BYTES, read no further than that."""
+    try:
+        # O_NONBLOCK: opening a FIFO must not wait for a writer (no effect on a regular file)
+        with open(os.open(path, os.O_RDONLY | os.O_NONBLOCK), "rb") as fh:
+            if not stat.S_ISREG(os.fstat(fh.fileno()).st_mode):
+                raise MissingKeyError(f"key file {path} is not a regular file (a pipe or a device cannot "
+                                      "serve as one: every job reads the key file again); use a file made by "
+                                      "'deidflow keygen FILE'")
+            raw = fh.read(MAX_KEY_FILE_BYTES + 1)
+    except OSError as exc:
+        raise MissingKeyError(f"cannot read key file {path}: {exc.strerror}") from None
+    if len(raw) > MAX_KEY_FILE_BYTES:
+        raise MissingKeyError(f"key file {path} is larger than {MAX_KEY_FILE_BYTES // 1024} KiB: not a key "
+                              "file; use a file made by 'deidflow keygen FILE'")
+    return raw.strip()
 
 
 def ephemeral_key() -> bytes:

@@ -39,17 +39,21 @@ DATASET_STAGING = "staging/dataset"
 ON_LEAK = ("withhold", "fail", "publish")
 # Test hook (tests/test_release_gate.py): DEIDFLOW_TEST_PAUSE_AT="<point>:<folder>" makes the jobs
 # that reach <point> (a stage's name, or "publish-mid" after a unit's first folder moved) create
-# <folder>/<point> and wait, so a test can kill the run at a known place. Unset in real runs.
+# <folder>/<point> and wait until a test deletes it (at most 10 minutes), so a test can kill the run
+# at a known place, or change something and let it go on. Unset in real runs.
 PAUSE_ENV = "DEIDFLOW_TEST_PAUSE_AT"
 
 
 def test_pause(point: str) -> None:
-    """Announce ``point`` and sleep when the test hook names it (see PAUSE_ENV)."""
+    """Announce ``point`` and wait when the test hook names it (see PAUSE_ENV)."""
     spec = os.environ.get(PAUSE_ENV, "")
     name, _, folder = spec.partition(":")
     if name == point and folder:
-        Path(folder, point).touch()
-        time.sleep(600)
+        flag = Path(folder, point)
+        flag.touch()
+        deadline = time.monotonic() + 600
+        while flag.exists() and time.monotonic() < deadline:
+            time.sleep(0.05)
 
 
 def staging_root(restricted: Path, unit: str) -> Path:
@@ -213,6 +217,20 @@ def forget_lost(release: Path, restricted: Path, units: Iterable[str]) -> list[s
             marker.unlink()
             lost.append(marker.relative_to(restricted).as_posix())
     return lost
+
+
+def forget_foreign(release: Path, restricted: Path, subjects: Iterable[str]) -> bool:
+    """Remove the dataset publish marker when the release holds what no run of this input wrote
+    (:func:`foreign_entries`, or a ``sub-X`` folder of no current subject: another release's
+    subject, a withdrawn one copied back), so that :func:`publish_dataset` runs again and takes it
+    out; else a run said "Nothing to be done" and "release complete" over files no leak scan read."""
+    marker = Path(restricted) / "done" / "publish_dataset.json"
+    if not marker.is_file() or not Path(release).is_dir():
+        return False
+    if not foreign_entries(release, restricted) and not release_subjects(release) - set(subjects):
+        return False
+    marker.unlink()
+    return True
 
 
 def _copy_tree(src: Path, dst: Path) -> None:
@@ -541,6 +559,7 @@ def check_folders(input_dir: Path, output: Path, restricted: Path, *, force: boo
             raise UsageError(f"{what} {a} is inside the input folder {b}; choose a folder outside it")
     if out.exists() and not out.is_dir():
         raise UsageError(f"output {out} is a file, not a folder")
+    _check_restricted_owner(out, restricted)
     if (out.is_dir() and any(out.iterdir()) and not (restricted / "run.json").exists() and not force):
         raise UsageError(f"output folder {out} is not empty and no deidflow run wrote it (no run record in "
                          f"{restricted}); choose an empty or new folder, or pass --force to use it anyway "
@@ -558,6 +577,27 @@ def check_folders(input_dir: Path, output: Path, restricted: Path, *, force: boo
     raise UsageError(f"input folder {inp} is empty" if not seen else
                      f"input folder {inp} holds no file deidflow recognises (DICOM, NIfTI, Analyze, MINC, "
                      "PAR/REC, MGH, twix, BIDS JSON)")
+
+
+def _check_restricted_owner(out: Path, restricted: Path) -> None:
+    """Refuse a restricted folder whose run record names another release that still exists: its
+    mappings, withdrawals and staging describe that release, and a run for ``out`` would mark every
+    subject of it withdrawn and drop their date offsets. A release moved together with its
+    restricted folder (the recorded one is gone) is accepted."""
+    try:
+        owner = json.loads((restricted / "run.json").read_text()).get("output")
+    except (OSError, ValueError, AttributeError):
+        return
+    if not owner or Path(owner) == out or not Path(owner).is_dir():
+        return
+    try:
+        if out.exists() and os.path.samefile(owner, out):
+            return
+    except OSError:
+        pass
+    raise UsageError(f"restricted folder {restricted} belongs to the release {owner}, not to {out}: every "
+                     "release needs its own restricted folder; pass that release as the output, or choose "
+                     "another restricted folder")
 
 
 def on_leak_of(config: Mapping[str, Any]) -> str:

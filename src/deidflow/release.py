@@ -9,9 +9,9 @@ from typing import TYPE_CHECKING, Any, Mapping
 
 from .dicom import Scrubber, SubjectContext
 from .dicomio import DicomError, deidentify_path
-from .errors import OUTPUT_ERRNOS, PublicError
-from .fsutil import (QC_SUBDIR, RESTRICTED_FILE_MODE, atomic_write_text, csv_text, make_restricted_dir, publish_dir,
-                     staging_dir_for)
+from .errors import PublicError, output_error_of
+from .fsutil import (QC_SUBDIR, RESTRICTED_FILE_MODE, atomic_write_text, changed_input, csv_text, make_restricted_dir,
+                     publish_dir, staging_dir_for)
 from .profile import build_plan
 from .pseudonym import Pseudonymizer, fingerprint, load_key, load_mapping
 from .qc import identifiers
@@ -122,17 +122,24 @@ def _subject(subj: Mapping[str, Any], input_dir: Path, release_root: Path, restr
         # decompressed .dcm.gz inputs stay until the working copy is written
         with ExitStack() as opened:
             for f in files:
+                if why := changed_input(input_dir, f):
+                    bad.append((f["relpath"], why))
+                    continue
                 try:
                     src = input_dir / f["relpath"]
                     if f.get("compression"):  # .dcm.gz: read from a decompressed restricted copy
                         src = opened.enter_context(decompressed(src, make_restricted_dir(restricted / "tmp")))
                     res = deidentify_path(src, stage / f["out_relpath"], scrubber, capture)
+                    if why := changed_input(input_dir, f):  # rewritten while it was read
+                        (stage / f["out_relpath"]).unlink(missing_ok=True)
+                        bad.append((f["relpath"], why))
+                        continue
                 except DicomError as exc:
                     bad.append((f["relpath"], str(exc)))
                     continue
                 except OSError as exc:
-                    if exc.errno in OUTPUT_ERRNOS:  # the release cannot be written: fail the job
-                        raise OutputError(f"cannot write the release of {subject}: {exc.strerror}") from None
+                    if (full := output_error_of(exc)) is not None:  # the release cannot be written: fail the job
+                        raise OutputError(f"cannot write the release of {subject}: {full.strerror}") from None
                     bad.append((f["relpath"], f"file not readable: {exc.strerror or exc}"))
                     continue
                 entry = {"file": f"{subject}/{f['out_relpath']}", "source": f["src_id"], "actions": res.actions}

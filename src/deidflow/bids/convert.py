@@ -20,7 +20,7 @@ import shutil
 from pathlib import Path
 from typing import Any, Mapping
 
-from ..errors import OUTPUT_ERRNOS, PublicError
+from ..errors import PublicError, output_error_of
 from ..fsutil import RESTRICTED_FILE_MODE, atomic_write_text, make_restricted_dir, publish_dir, staging_dir_for
 from ..sidecar import capped_age, scrub_sidecar, sidecar_text
 from . import dcm2niix
@@ -134,8 +134,8 @@ def _subject(subj: Mapping[str, Any], dicom_root: Path, work_root: Path | None, 
     except OSError as exc:
         shutil.rmtree(bids_stage, ignore_errors=True)
         shutil.rmtree(unsorted_stage, ignore_errors=True)
-        if exc.errno in OUTPUT_ERRNOS:
-            raise ConvertOutputError(f"cannot write the BIDS release of {subject}: {exc.strerror}") from None
+        if (full := output_error_of(exc)) is not None:
+            raise ConvertOutputError(f"cannot write the BIDS release of {subject}: {full.strerror}") from None
         raise
     except BaseException:
         shutil.rmtree(bids_stage, ignore_errors=True)

@@ -36,7 +36,7 @@ import numpy as np
 from .. import __version__
 from ..fsutil import QC_SUBDIR, RESTRICTED_FILE_MODE, atomic_write_bytes, atomic_write_text, gzip_bytes, make_restricted_dir
 from . import render
-from ..errors import OUTPUT_ERRNOS, PublicError
+from ..errors import PublicError, output_error_of
 from ..formats import VOLUME_FORMATS
 from .apply import GeometryMismatch, Nifti, derived_sidecar, mask_dicom, remap_file, uids_in
 from .select import Decision, ImageFacts, decide, extent_mm, head_shape, kind_of, rendering
@@ -630,8 +630,10 @@ def _why(exc: BaseException) -> str:
     from .dicomvol import VolumeError
     if isinstance(exc, (_Implausible, VolumeError, GeometryMismatch, BackendUnavailable, PublicError)):
         return str(exc)
+    if (full := output_error_of(exc)) is not None:
+        return f"cannot write: {full.strerror}"
     if isinstance(exc, OSError) and exc.strerror:
-        return f"cannot write: {exc.strerror}" if exc.errno in OUTPUT_ERRNOS else f"I/O error: {exc.strerror}"
+        return f"I/O error: {exc.strerror}"
     if isinstance(exc, MemoryError):
         return "out of memory"
     return f"{type(exc).__name__} while processing (registration or write-back failed)"

@@ -17,8 +17,9 @@ from collections import defaultdict
 from pathlib import Path
 from typing import Any, Iterable, Mapping
 
-from ..errors import OUTPUT_ERRNOS, PublicError
-from ..fsutil import RESTRICTED_FILE_MODE, atomic_write_text, make_restricted_dir, publish_dir, staging_dir_for
+from ..errors import PublicError, output_error_of
+from ..fsutil import (RESTRICTED_FILE_MODE, atomic_write_text, changed_input, make_restricted_dir, publish_dir,
+                      staging_dir_for)
 from . import COMPANION_FORMATS, VOLUME_FORMATS, FormatError, ScrubContext, get
 
 STAGE = "other"
@@ -84,7 +85,11 @@ def _subject(subj, input_dir: Path, release: Path, restricted: Path, unit: str, 
         stage = staging_dir_for(final, restricted / "tmp" / f"{STAGE}-{rdir.replace('/', '-')}")
         try:
             for f in by_dir[rdir]:
-                ok = _one(f, input_dir, stage, ctx, bad, audit, found, rdir, subject)
+                companions = [g for g in followers.get(f["relpath"], []) if g["format"] in COMPANION_FORMATS]
+                why = next(filter(None, (changed_input(input_dir, g) for g in companions)), "")
+                if why:  # (the image itself is checked by _one)
+                    bad.append((f["relpath"], why))
+                ok = not why and _one(f, input_dir, stage, ctx, bad, audit, found, rdir, subject)
                 for g in followers.get(f["relpath"], []):
                     if g["format"] in COMPANION_FORMATS:
                         if ok:
@@ -114,6 +119,9 @@ def _subject(subj, input_dir: Path, release: Path, restricted: Path, unit: str, 
 def _one(f, input_dir: Path, stage: Path, ctx: ScrubContext, bad, audit, found, rdir: str, subject: str) -> bool:
     """Scrub one file (and its companions) into ``stage``; False when it was quarantined."""
     fmt = f["format"]
+    if why := changed_input(input_dir, f):
+        bad.append((f["relpath"], why))
+        return False
     try:
         res = get(fmt).scrub(input_dir / f["relpath"], stage / f["out_relpath"], ctx)
     except FormatError as exc:
@@ -123,8 +131,8 @@ def _one(f, input_dir: Path, stage: Path, ctx: ScrubContext, bad, audit, found, 
         bad.append((f["relpath"], f"{fmt}: no de-identification module for this format"))
         return False
     except OSError as exc:
-        if exc.errno in OUTPUT_ERRNOS:
-            raise OutputError(f"cannot write the release of {subject}: {exc.strerror}") from None
+        if (full := output_error_of(exc)) is not None:
+            raise OutputError(f"cannot write the release of {subject}: {full.strerror}") from None
         bad.append((f["relpath"], f"file not readable: {exc.strerror}"))
         return False
     except Exception as exc:  # a reader's unexpected error on hostile input: quarantine, never release

@@ -175,9 +175,9 @@ class SubjectPixels:
             self._withhold(m, str(exc), fact)
             return
         except OSError as exc:
-            from ..errors import OUTPUT_ERRNOS
-            if exc.errno in OUTPUT_ERRNOS and self.output_error is not None:
-                raise self.output_error(exc) from None
+            from ..errors import output_error_of
+            if (full := output_error_of(exc)) is not None and self.output_error is not None:
+                raise self.output_error(full) from None
             self._withhold(m, f"pixel data could not be cleaned: {exc.strerror}", fact)
             return
         m.outcome = out

@@ -945,7 +945,23 @@ def verify(release: Path, restricted: Path, *, pixel_data: bool = False) -> dict
     of a subject in another unit is found here)."""
     matcher = dataset_matcher(restricted)
     units = [scan_unit(release, restricted, mf, pixel_data=pixel_data, matcher=matcher) for mf in manifests(restricted)]
-    return {"units": units, "dataset": scan_dataset(release, restricted, pixel_data=pixel_data, matcher=matcher)}
+    known = [s["subject"] for mf in manifests(restricted) for s in json.loads(mf.read_text())["subjects"]]
+    files = dataset_files(release) + unowned_files(release, known)
+    return {"units": units, "dataset": scan_dataset(release, restricted, pixel_data=pixel_data, matcher=matcher,
+                                                    files=files)}
+
+
+def unowned_files(release: Path, subjects: Iterable[str]) -> list[Path]:
+    """Release files that neither a unit scan (the folders and files of ``subjects``) nor the
+    dataset scan (:func:`dataset_files`) reads: those in ``sub-X`` folders of no known subject
+    (another release's, a withdrawn one copied back). ``deidflow verify`` searches them too."""
+    from ..fsutil import QC_SUBDIR
+    from ..publish import REPORT_FILES
+    release = Path(release)
+    owned = {p for files in subject_files(release, subjects).values() for p in files}
+    owned.update(dataset_files(release))
+    owned.update(release / QC_SUBDIR / name for name in REPORT_FILES)
+    return [p for p in _walk_files(release) if p not in owned]
 
 
 def hit_lines(result: Mapping) -> list[str]:
