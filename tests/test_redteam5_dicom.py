@@ -221,3 +221,24 @@ def test_text_in_pixel_streams_never_reaches_the_release(tmp_path):
         for s in planted:
             assert s not in blob, (p, s)
 
+
+
+@pytest.mark.parametrize("options, expected", [
+    ((), ("", "", "19000101000000")),
+    (("retain_long_modified_dates",), ("20190422", "101010", "20191222101010")),
+    (("retain_long_full_dates",), ("20190502", "101010", "20200101101010")),
+])
+def test_dates_the_profile_does_not_list_follow_the_date_options(tmp_path, options, expected):
+    """SecondaryReviewDate/Time and ExpirationDateTime are in no row of PS3.15 Table E.1-1: they
+    were released with their original values under the Basic Profile.  They follow the
+    acquisition date's rule: removed (or a dummy), shifted, or kept under full dates."""
+    ds = pydicom.dcmread(get_testdata_file("CT_small.dcm"))
+    ds.SecondaryReviewDate, ds.SecondaryReviewTime, ds.ExpirationDateTime = "20190502", "101010", "20200101101010"
+    src = tmp_path / "in.dcm"
+    ds.save_as(src, enforce_file_format=True)
+    scrubber = Scrubber(build_plan(options=options, private=None, overrides=()),
+                        SubjectContext(Pseudonymizer(TEST_KEY.encode()), "sub-rt5", date_offset=-10))
+    deidentify_path(src, tmp_path / "out.dcm", scrubber)
+    out = pydicom.dcmread(tmp_path / "out.dcm")
+    got = tuple(str(out.get(k) or "") for k in ("SecondaryReviewDate", "SecondaryReviewTime", "ExpirationDateTime"))
+    assert got == expected
