@@ -242,3 +242,25 @@ def test_dates_the_profile_does_not_list_follow_the_date_options(tmp_path, optio
     out = pydicom.dcmread(tmp_path / "out.dcm")
     got = tuple(str(out.get(k) or "") for k in ("SecondaryReviewDate", "SecondaryReviewTime", "ExpirationDateTime"))
     assert got == expected
+
+
+@pytest.mark.parametrize("name, attack", [ATTACKS[0], ATTACKS[2], ATTACKS[6], ("MR_small.dcm", None)],
+                         ids=["jpeg-after-end", "offset-table", "rle-after-end", "native-tail"])
+def test_leak_scan_withholds_pixel_data_with_bytes_outside_the_image(tmp_path, name, attack):
+    """Defense in depth: a release file whose Pixel Data holds bytes no decoder reads (which the
+    engine removes, and which the leak scan does not search) is a hit of kind ``unscanned``; the
+    same file without them is clean."""
+    from deidflow.qc import identifiers, leakscan
+    matcher = identifiers.matcher_for([("name", "PatientName", "NIXON^NORA")])
+    clean = leakscan.scan_file(Path(get_testdata_file(name)), "clean.dcm", matcher)
+    assert not clean.hits
+    if attack is None:
+        ds = pydicom.dcmread(get_testdata_file(name))
+        ds.PixelData = ds.PixelData + _even(b"some text")
+        planted = tmp_path / "planted.dcm"
+        ds.save_as(planted, enforce_file_format=True)
+    else:
+        planted = _planted(tmp_path, name, lambda frames: attack(frames, b"some text"))
+    hits = leakscan.scan_file(planted, "planted.dcm", matcher).hits
+    assert [h.kind for h in hits] == ["unscanned"]
+

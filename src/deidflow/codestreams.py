@@ -30,7 +30,7 @@ J2K_FAMILY = frozenset(("1.2.840.10008.1.2.4.90", "1.2.840.10008.1.2.4.91", "1.2
                         "1.2.840.10008.1.2.4.93", "1.2.840.10008.1.2.4.201", "1.2.840.10008.1.2.4.202",
                         "1.2.840.10008.1.2.4.203"))
 RLE = "1.2.840.10008.1.2.5"
-_NATIVE = frozenset(("1.2.840.10008.1.2", "1.2.840.10008.1.2.1", "1.2.840.10008.1.2.2", "1.2.840.10008.1.2.1.99"))
+NATIVE = frozenset(("1.2.840.10008.1.2", "1.2.840.10008.1.2.1", "1.2.840.10008.1.2.2", "1.2.840.10008.1.2.1.99"))
 
 
 class Geometry(NamedTuple):
@@ -232,7 +232,7 @@ def encapsulated_image(value: bytes, ts: str, g: Geometry) -> bytes:
 
 def image_extent(value: bytes, ts: str, g: Geometry) -> bytes:
     """Pixel Data ``value`` without what no decoder reads (see the module docstring)."""
-    if ts in _NATIVE:
+    if ts in NATIVE:
         n = native_length(g)
         if len(value) <= n or _padding(value[n:]):
             return value
@@ -259,7 +259,7 @@ def trim_pixel_data(path: Path, ts: str, g: Geometry | None) -> bool:
         explicit = mm[start - 8:start - 6] in (b"OB", b"OW", b"UN")
         if mm[start - (12 if explicit else 8):start - (8 if explicit else 4)] != tag:
             return False  # float pixel data: not handled here
-        if ts in _NATIVE and end - start <= native_length(g) + 1:
+        if ts in NATIVE and end - start <= native_length(g) + 1:
             return False
         value = mm[start:end]
         new = image_extent(value, ts, g)

@@ -745,6 +745,30 @@ def deidentify_path(src: Path, dst: Path, scrubber: Scrubber, capture: frozenset
     return result
 
 
+def pixel_format(path: Path) -> PixelFormat | None:
+    """The :class:`PixelFormat` of a Part-10 file, read by walking its top-level elements up to
+    the pixel data (no value is decoded); None when the file cannot be walked so."""
+    try:
+        with open(path, "rb") as fp:
+            meta, ts = _transfer_syntax(fp)
+            encoding = stream_encoding(ts)
+            if encoding is None:
+                return None
+            pos, size = fp.tell(), os.fstat(fp.fileno()).st_size
+            with mmap.mmap(fp.fileno(), 0, access=mmap.ACCESS_READ) as mm:
+                walker, by_tag = _Walker(mm, size, *encoding), {}
+                while pos < size:
+                    el = walker.element(pos)
+                    if el.tag > 0x0028FFFF:
+                        break  # the pixel module is group 0028: the rest is not walked
+                    if el.tag >> 16 == 0x0028:
+                        by_tag[el.tag] = el
+                    pos = el.end
+                return _stream_pixel_format(mm, by_tag, ts, encoding[1])
+    except (DicomError, OSError, ValueError):
+        return None
+
+
 def _read_pixel_format(path: Path) -> PixelFormat | None:
     """The :class:`PixelFormat` of a written file, read with pydicom; None when it has none."""
     try:
