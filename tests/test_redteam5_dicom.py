@@ -264,3 +264,28 @@ def test_leak_scan_withholds_pixel_data_with_bytes_outside_the_image(tmp_path, n
     hits = leakscan.scan_file(planted, "planted.dcm", matcher).hits
     assert [h.kind for h in hits] == ["unscanned"]
 
+
+
+def test_safe_private_value_in_sr_content_is_cleaned_under_clean_structured_content(tmp_path):
+    """A safe-listed private element (Philips 2001,xx90) inside a content item of a real SR kept
+    the document's own SOP Instance UID and the patient's name under the research options: the
+    content's person names were collected by decoding every element of each item, which turned
+    the raw private value into a decoded one that the private-value cleaning skipped (found by
+    the fuzz suite in this round)."""
+    from pydicom.dataset import Dataset
+    ds = pydicom.dcmread(SHARED_DATA / "highdicom/data/test_files/sr_document.dcm") if (
+        SHARED_DATA / "highdicom/data/test_files/sr_document.dcm").exists() else pydicom.dcmread(
+        get_testdata_file("test-SR.dcm"))
+    ds.PatientName, ds.PatientID = "NIXON^NORA", "4455667"
+    uid = str(ds.SOPInstanceUID)
+    item = ds.ContentSequence[0]
+    item.add_new(0x20010010, "LO", "Philips Imaging DD 001")
+    item.add_new(0x20011090, "LO", f"ref {uid} NIXON")
+    src = tmp_path / "in.dcm"
+    ds.save_as(src, enforce_file_format=True)
+    scrubber = Scrubber(build_plan(options=("clean_structured_content",), private="safe", overrides=()),
+                        SubjectContext(Pseudonymizer(TEST_KEY.encode()), "sub-rt5", date_offset=-10))
+    deidentify_path(src, tmp_path / "out.dcm", scrubber)
+    blob = (tmp_path / "out.dcm").read_bytes()
+    assert uid.encode() not in blob and b"NIXON" not in blob
+    assert 0x20011090 in pydicom.dcmread(tmp_path / "out.dcm").ContentSequence[0]  # kept, cleaned

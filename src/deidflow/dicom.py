@@ -409,16 +409,24 @@ class Scrubber:
         return out
 
     def _names_to_model(self, items) -> None:
-        """The person names the profile does not keep, in ``items`` at any depth, into the sweep."""
+        """The person names the profile does not keep, in ``items`` at any depth, into the sweep.
+        Only PN and SQ elements are decoded: a private value still raw is cleaned as bytes later
+        (:meth:`_private`), which a decoded one would escape."""
         for item in items:
-            for elem in item:
+            for tag in list(item.keys()):
                 try:
+                    if tag.is_private:
+                        continue
+                    vr = getattr(item.get_item(tag), "VR", None) or (_dict_info(int(tag)) or ("",))[0]
+                    if vr not in ("SQ", "PN"):
+                        continue
+                    elem = item[tag]
                     if elem.VR == "SQ":
                         self._names_to_model(elem.value or ())
-                    elif elem.VR == "PN" and not elem.tag.is_private:
-                        rule = self.plan.rule_for(int(elem.tag))
+                    elif elem.VR == "PN":
+                        rule = self.plan.rule_for(int(tag))
                         if rule is None or rule.action != "K":
-                            self.model.add_element(int(elem.tag), "PN", elem.value)
+                            self.model.add_element(int(tag), "PN", elem.value)
                 except Exception:  # an undecodable value: removed by the profile, nothing to sweep for
                     continue
 
