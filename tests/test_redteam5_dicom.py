@@ -289,3 +289,19 @@ def test_safe_private_value_in_sr_content_is_cleaned_under_clean_structured_cont
     blob = (tmp_path / "out.dcm").read_bytes()
     assert uid.encode() not in blob and b"NIXON" not in blob
     assert 0x20011090 in pydicom.dcmread(tmp_path / "out.dcm").ContentSequence[0]  # kept, cleaned
+
+
+def test_extra_bytes_with_an_extended_offset_table_are_quarantined(tmp_path):
+    """With an Extended Offset Table the frames' offsets and lengths live outside Pixel Data:
+    removing bytes would leave them wrong, so the file is refused rather than rewritten."""
+    from pydicom.encaps import encapsulate_extended
+    ds = pydicom.dcmread(get_testdata_file("SC_rgb_jpeg_dcmtk.dcm"))
+    frame = next(generate_frames(ds.PixelData, number_of_frames=1))
+    frames = [frame, _even(frame + SECRET)]
+    ds.NumberOfFrames = 2
+    ds.PixelData, ds.ExtendedOffsetTable, ds.ExtendedOffsetTableLengths = encapsulate_extended(frames)
+    ds["PixelData"].VR = "OB"
+    src = tmp_path / "in.dcm"
+    ds.save_as(src, enforce_file_format=True)
+    with pytest.raises(DicomError, match="Extended Offset Table"):
+        deidentify_path(src, tmp_path / "out.dcm", _scrubber())

@@ -265,6 +265,8 @@ def trim_pixel_data(path: Path, ts: str, g: Geometry | None) -> bool:
         new = image_extent(value, ts, g)
         if new is value:
             return False
+        if mm.rfind(b"\xe0\x7f\x01\x00", 0, start) >= 0:  # (7FE0,0001) Extended Offset Table
+            raise CodestreamError("encapsulated pixel data with bytes outside its frames and an Extended Offset Table")
         undefined = mm[start - 4:start] == b"\xff\xff\xff\xff"
         length = b"\xff\xff\xff\xff" if undefined else struct.pack(order + "I", len(new))
         head, tail = mm[:start - 4], mm[end:]

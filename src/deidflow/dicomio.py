@@ -690,6 +690,8 @@ def _image_only(ds: Dataset, ts: str) -> bool:
         raise DicomError(str(exc)) from None
     if new is value:
         return False
+    if "ExtendedOffsetTable" in ds:
+        raise DicomError("encapsulated pixel data with bytes outside its frames and an Extended Offset Table")
     ds.PixelData = new
     return True
 
