@@ -118,6 +118,12 @@ def _tag_label(tag: int) -> str:
     return f"({tag >> 16:04X},{tag & 0xFFFF:04X})"
 
 
+# Dates and times PS3.15 does not list (ExpiryDate, SecondaryReviewDate, StudyUpdateDateTime…) are
+# handled like the acquisition's: removed, shifted under retain_long_modified_dates, kept under
+# retain_long_full_dates.
+_DATE_PROXIES = {"DA": 0x00080022, "DT": 0x0008002A, "TM": 0x00080032}
+
+
 class Scrubber:
     """Apply a :class:`Plan` to datasets of one subject (reusable across that subject's files)."""
 
@@ -207,7 +213,7 @@ class Scrubber:
                 self._record(prefix, _tag_label(tag), "C")
 
     def _unlisted(self, ds: Dataset, tag: int, prefix: str) -> None:
-        """Attributes the profile does not list: kept, with three conservative exceptions."""
+        """Attributes the profile does not list: kept, with four conservative exceptions."""
         info = _dict_info(tag)
         if info is None:
             del ds[tag]  # unknown public attribute: its meaning (and content) cannot be judged
@@ -221,6 +227,8 @@ class Scrubber:
             self._apply(ds, tag, Rule("Z", keyword), prefix)
         elif raw_vr == "UI" and not keyword.endswith(("ClassUID", "SyntaxUID")):
             self._apply(ds, tag, Rule("U", keyword), prefix)
+        elif raw_vr in _DATE_PROXIES:  # a date or time: as the acquisition's (options included)
+            self._apply(ds, tag, Rule(self.plan.rule_for(_DATE_PROXIES[raw_vr]).action, keyword), prefix)
 
     def _apply(self, ds: Dataset, tag: int, rule: Rule, prefix: str) -> None:
         code = rule.action
@@ -401,16 +409,24 @@ class Scrubber:
         return out
 
     def _names_to_model(self, items) -> None:
-        """The person names the profile does not keep, in ``items`` at any depth, into the sweep."""
+        """The person names the profile does not keep, in ``items`` at any depth, into the sweep.
+        Only PN and SQ elements are decoded: a private value still raw is cleaned as bytes later
+        (:meth:`_private`), which a decoded one would escape."""
         for item in items:
-            for elem in item:
+            for tag in list(item.keys()):
                 try:
+                    if tag.is_private:
+                        continue
+                    vr = getattr(item.get_item(tag), "VR", None) or (_dict_info(int(tag)) or ("",))[0]
+                    if vr not in ("SQ", "PN"):
+                        continue
+                    elem = item[tag]
                     if elem.VR == "SQ":
                         self._names_to_model(elem.value or ())
-                    elif elem.VR == "PN" and not elem.tag.is_private:
-                        rule = self.plan.rule_for(int(elem.tag))
+                    elif elem.VR == "PN":
+                        rule = self.plan.rule_for(int(tag))
                         if rule is None or rule.action != "K":
-                            self.model.add_element(int(elem.tag), "PN", elem.value)
+                            self.model.add_element(int(tag), "PN", elem.value)
                 except Exception:  # an undecodable value: removed by the profile, nothing to sweep for
                     continue
 
@@ -520,7 +536,8 @@ class Scrubber:
             if info is None:
                 return "X"
             vr = vr or info[0]
-            if vr in ("SQ", "PN", "UN") or (vr == "UI" and not info[1].endswith(("ClassUID", "SyntaxUID"))):
+            if vr in ("SQ", "PN", "UN") or vr in _DATE_PROXIES or (
+                    vr == "UI" and not info[1].endswith(("ClassUID", "SyntaxUID"))):
                 return None
             return "K"
         if rule.action == "X":

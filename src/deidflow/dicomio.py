@@ -6,7 +6,9 @@ changes, and sequences, are decoded with pydicom and re-encoded.  Files the fast
 stream (no preamble or file meta, deflated transfer syntax) go through pydicom as a whole.
 Native pixel data keep every stored pixel value; bits outside BitsStored, where a retired embedded
 overlay can hold text, are cleared (:func:`clear_unused_pixel_bits`); comment and application
-segments of JPEG frames (a converter's note, EXIF) are removed (:func:`strip_jpeg_metadata`).
+segments of JPEG frames (a converter's note, EXIF) are removed (:func:`strip_jpeg_metadata`), and
+so are bytes no decoder reads (after a frame's codestream, after the last native frame:
+:mod:`deidflow.codestreams`).
 Any problem raises :class:`DicomError` with a one-line reason for the quarantine list.
 """
 from __future__ import annotations
@@ -33,6 +35,7 @@ from pydicom.uid import (UID, DeflatedExplicitVRLittleEndian, ExplicitVRBigEndia
                          ExplicitVRLittleEndian, ImplicitVRLittleEndian)
 
 from . import __version__
+from .codestreams import CodestreamError, Geometry, image_extent, trim_pixel_data
 from .dicom import BLOB_CACHE_MIN, SWEEP_VRS, Scrubber, _dict_info, looks_like_items
 
 IMPLEMENTATION_CLASS_UID = "2.25.173526497432135315340637374432658215186"  # fixed, deidflow's own
@@ -72,6 +75,7 @@ class PixelFormat(NamedTuple):
     transfer_syntax: str
     bits: tuple[int, int, int, int] | None  # BitsAllocated, BitsStored, HighBit, PixelRepresentation
     frames: int
+    geometry: Geometry | None = None  # what the length of the frames depends on (None: not known)
 
 
 class _Elem(NamedTuple):
@@ -416,6 +420,8 @@ def _stream(mm, size: int, body: int, meta: FileMetaDataset, ts: str, encoding: 
 
 
 _BITS = (0x00280100, 0x00280101, 0x00280102, 0x00280103)
+_SHAPE = (0x00280010, 0x00280011, 0x00280002)  # Rows, Columns, SamplesPerPixel
+_PHOTOMETRIC = 0x00280004
 _FRAMES, _PIXEL_DATA = 0x00280008, 0x7FE00010
 
 
@@ -437,7 +443,19 @@ def _stream_pixel_format(mm, by_tag: dict[int, _Elem], ts: str, little: bool) ->
         frames = int(_str_value(mm, by_tag[_FRAMES]).split("\\")[0] or 1) if _FRAMES in by_tag else 1
     except ValueError:
         return None
-    return PixelFormat(ts, bits, frames)
+    shape = []
+    for tag in _SHAPE:
+        el = by_tag.get(tag)
+        shape.append(us.unpack_from(mm, el.vstart)[0] if el is not None and el.vend - el.vstart == 2 else None)
+    photometric = _str_value(mm, by_tag[_PHOTOMETRIC]) if _PHOTOMETRIC in by_tag else ""
+    return PixelFormat(ts, bits, frames, _geometry(shape, bits, frames, photometric))
+
+
+def _geometry(shape: list, bits, frames: int, photometric: str) -> Geometry | None:
+    """The frames' :class:`Geometry` from Rows, Columns, SamplesPerPixel; None when one is missing."""
+    if None in shape or bits is None or min(shape) < 1 or frames < 1:
+        return None
+    return Geometry(shape[0], shape[1], shape[2], bits[0], frames, photometric.strip().endswith("_422"))
 
 
 _SIMPLE_TEXT_VRS = frozenset(("AE", "AS", "CS", "DA", "DS", "DT", "IS", "LO", "LT", "PN", "SH", "ST", "TM", "UC", "UT", "UI"))
@@ -649,6 +667,8 @@ def _deidentify_dataset(src: Path, out: BinaryIO, scrubber: Scrubber, capture: f
         raise DicomError("no SOPInstanceUID in the data set")
     if not sop_class:
         raise DicomError("no SOPClassUID in the data set or file meta")
+    if _image_only(ds, ts):  # a deflated file is not rewritten after writing (see deidentify_path)
+        actions["PixelData"] = "C"
     ds.file_meta = _new_meta(str(sop_class), str(ds.SOPInstanceUID), ts)
     ds.preamble = b"\x00" * 128
     try:
@@ -657,6 +677,31 @@ def _deidentify_dataset(src: Path, out: BinaryIO, scrubber: Scrubber, capture: f
         raise DicomError(f"cannot write de-identified file: {type(exc).__name__}") from None
     pix = ds.get("PixelData")
     return FileResult(actions, str(ds.SOPInstanceUID), len(pix) if pix else 0, captured)
+
+
+def _image_only(ds: Dataset, ts: str) -> bool:
+    """Reduce the Pixel Data of ``ds`` to its image (:func:`codestreams.image_extent`); True when
+    anything was removed."""
+    if "PixelData" not in ds:
+        return False
+    try:
+        bits = (int(ds.BitsAllocated), 0, 0, 0)
+        frames = int(ds.get("NumberOfFrames") or 1)
+        shape = [int(ds[t].value) if t in ds and ds[t].value is not None else None for t in _SHAPE]
+        value = ds.PixelData
+    except Exception:  # an incomplete pixel module: nothing to measure the frames by
+        return False
+    g = _geometry(shape, bits, frames, str(ds.get("PhotometricInterpretation") or ""))
+    try:
+        new = value if g is None or not isinstance(value, bytes) else image_extent(value, ts, g)
+    except CodestreamError as exc:
+        raise DicomError(str(exc)) from None
+    if new is value:
+        return False
+    if "ExtendedOffsetTable" in ds:
+        raise DicomError("encapsulated pixel data with bytes outside its frames and an Extended Offset Table")
+    ds.PixelData = new
+    return True
 
 
 def _copy_tags(ds: Dataset, tags: frozenset[int]) -> Dataset:
@@ -692,7 +737,13 @@ def deidentify_path(src: Path, dst: Path, scrubber: Scrubber, capture: frozenset
         with open(tmp, "wb") as fh:
             result = deidentify_file(src, fh, scrubber, capture)
         fmt = result.pixel_format  # known: the stream engine cleared the unused bits while writing
-        if (fmt is None and clear_unused_pixel_bits(tmp)) | strip_jpeg_metadata(tmp, fmt):
+        changed = fmt is None and clear_unused_pixel_bits(tmp)
+        fmt = fmt or _read_pixel_format(tmp)
+        try:  # bytes no decoder reads first: the frames are then told apart by their codestreams
+            changed |= fmt is not None and trim_pixel_data(tmp, fmt.transfer_syntax, fmt.geometry)
+        except CodestreamError as exc:
+            raise DicomError(str(exc)) from None
+        if changed | strip_jpeg_metadata(tmp, fmt):
             result.actions["PixelData"] = "C"
         os.replace(tmp, dst)
     except BaseException:
@@ -704,13 +755,40 @@ def deidentify_path(src: Path, dst: Path, scrubber: Scrubber, capture: frozenset
     return result
 
 
+def pixel_format(path: Path) -> PixelFormat | None:
+    """The :class:`PixelFormat` of a Part-10 file, read by walking its top-level elements up to
+    the pixel data (no value is decoded); None when the file cannot be walked so."""
+    try:
+        with open(path, "rb") as fp:
+            meta, ts = _transfer_syntax(fp)
+            encoding = stream_encoding(ts)
+            if encoding is None:
+                return None
+            pos, size = fp.tell(), os.fstat(fp.fileno()).st_size
+            with mmap.mmap(fp.fileno(), 0, access=mmap.ACCESS_READ) as mm:
+                walker, by_tag = _Walker(mm, size, *encoding), {}
+                while pos < size:
+                    el = walker.element(pos)
+                    if el.tag > 0x0028FFFF:
+                        break  # the pixel module is group 0028: the rest is not walked
+                    if el.tag >> 16 == 0x0028:
+                        by_tag[el.tag] = el
+                    pos = el.end
+                return _stream_pixel_format(mm, by_tag, ts, encoding[1])
+    except (DicomError, OSError, ValueError):
+        return None
+
+
 def _read_pixel_format(path: Path) -> PixelFormat | None:
     """The :class:`PixelFormat` of a written file, read with pydicom; None when it has none."""
     try:
-        ds = pydicom.dcmread(path, stop_before_pixels=True, specific_tags=[*_BITS, _FRAMES])
+        ds = pydicom.dcmread(path, stop_before_pixels=True, specific_tags=[*_BITS, _FRAMES, *_SHAPE, _PHOTOMETRIC])
         values = [int(ds[t].value) if t in ds else None for t in _BITS]
         bits = None if None in values[:3] else (values[0], values[1], values[2], values[3] or 0)
-        return PixelFormat(str(ds.file_meta.TransferSyntaxUID), bits, int(ds.get("NumberOfFrames") or 1))
+        frames = int(ds.get("NumberOfFrames") or 1)
+        shape = [int(ds[t].value) if t in ds and ds[t].value is not None else None for t in _SHAPE]
+        return PixelFormat(str(ds.file_meta.TransferSyntaxUID), bits, frames,
+                           _geometry(shape, bits, frames, str(ds.get("PhotometricInterpretation") or "")))
     except Exception:  # no file meta, or values pydicom cannot read: nothing to clear or strip here
         return None
 
@@ -767,10 +845,18 @@ def cleared_bits(value: bytes, fmt: PixelFormat) -> bytes | None:
 # marker segments up to the first scan.
 JPEG_SYNTAXES = frozenset(("1.2.840.10008.1.2.4.50", "1.2.840.10008.1.2.4.51", "1.2.840.10008.1.2.4.57",
                            "1.2.840.10008.1.2.4.70", "1.2.840.10008.1.2.4.80", "1.2.840.10008.1.2.4.81"))
-# Segments a decoder needs besides the tables: APP0 JFIF (without a thumbnail), APP2 ICC profile,
-# APP14 Adobe (colour transform).  COM, APP1 (EXIF, XMP: camera owner, dates, GPS), APP13 (IPTC)
-# and every other application segment are text or pictures no decoder needs.
-_TEXT_MARKERS = frozenset([0xFE] + [m for m in range(0xE0, 0xF0) if m not in (0xE2, 0xEE)])
+# Segments a decoder reads: frame headers (SOFn), tables (DHT, DAC, DQT), DNL, DRI, DHP, EXP, the
+# JPEG-LS frame header and parameters (SOF55, LSE), APP0 JFIF (without a thumbnail), APP2 ICC
+# profile, APP14 Adobe (colour transform).  Every other segment before a scan goes: COM, APP1
+# (EXIF, XMP: camera owner, dates, GPS), APP13 (IPTC), the other application segments, and the
+# reserved markers (JPG, JPGn, RES), which no decoder reads and which can carry any bytes.
+_DECODER_MARKERS = frozenset([m for m in range(0xC0, 0xD0) if m != 0xC8] + [0xDB, 0xDC, 0xDD, 0xDE, 0xDF, 0xF7, 0xF8,
+                                                                           0xE0, 0xE2, 0xEE])
+# a marker of a segment to remove, found anywhere in a frame (coded data never hold one: 0xFF is
+# followed by 0x00 or a restart marker, in JPEG-LS by a byte below 0x80)
+_REMOVABLE = re.compile(rb"\xff[\xc8\xe0-\xf6\xf9-\xfe]")
+_RESERVED = re.compile(rb"\xff[\x02-\xbf]")  # RES markers: in JPEG-LS coded data too
+JPEG_LS_SYNTAXES = frozenset(("1.2.840.10008.1.2.4.80", "1.2.840.10008.1.2.4.81"))
 
 
 def jpeg_frame_without_metadata(frame: bytes) -> bytes:
@@ -790,12 +876,12 @@ def jpeg_frame_without_metadata(frame: bytes) -> bytes:
         segment = frame[pos:pos + 2 + n]
         if marker == 0xDA:  # start of scan: the rest is coded data (and any further scans)
             rest = frame[pos:]
-            if re.search(rb"\xff[\xe0-\xef\xfe]", rest):  # never in coded data: a segment between scans
+            if _REMOVABLE.search(rest):  # never in coded data: a segment between scans
                 raise DicomError("JPEG frame holds a comment or application segment between its scans")
             out.append(rest)
             break
         jfif_plain = marker == 0xE0 and segment[4:9] == b"JFIF\x00" and n == 16
-        if marker in _TEXT_MARKERS and not jfif_plain:
+        if marker not in _DECODER_MARKERS or (marker == 0xE0 and not jfif_plain):
             changed = True
         else:
             out.append(segment)
@@ -868,8 +954,9 @@ def strip_jpeg_metadata(path: Path, fmt: PixelFormat | None = None) -> bool:
     if region is None:
         return False
     value = data[region[0]:region[1]]
-    if ts in JPEG_SYNTAXES and not re.search(rb"\xff[\xe0-\xef\xfe]", value):
-        return False  # no such marker anywhere: nothing to remove (the usual case)
+    if ts in JPEG_SYNTAXES and ts not in JPEG_LS_SYNTAXES and not _REMOVABLE.search(value) \
+            and not _RESERVED.search(value):
+        return False  # no such marker anywhere: nothing to remove (the usual case; JPEG-LS is parsed)
     if ts in J2K_SYNTAXES and b"\xff\x64" not in value and not any(b in value for b in _J2K_TEXT_BOXES):
         return False
     try:

@@ -554,6 +554,8 @@ def _scan_dicom(path: Path, rel: str, head: bytes, size: int, matcher: Matcher, 
     segments = [(0, data)] if region is None else [(0, data[:region[0]]), (region[1], data[region[1]:])]
     if region is not None:
         res.skipped += region[1] - region[0]
+        if not _image_only(path, data, region):
+            _unscanned(res, rel, "Pixel Data holds bytes outside its frames' codestreams")
     header = segments[0][1]
     found: list[tuple[int, Needle]] = []
     for base, seg in segments:
@@ -571,6 +573,26 @@ def _scan_dicom(path: Path, rel: str, head: bytes, size: int, matcher: Matcher, 
                 if not _label_in_defined_term(n, f"DICOM {where}"):
                     res.hits.append(_hit(rel, f"DICOM {where}", n))
     _dedupe(res)
+
+
+def _image_only(path: Path, data: bytes, region: tuple[int, int]) -> bool:
+    """Whether the Pixel Data at ``region`` of ``data`` holds only what a decoder reads (the DICOM engine removes
+    the rest, :mod:`deidflow.codestreams`): bytes after a frame, in the offset table or after the
+    last native frame are not image, and the pixel data are not searched.  True when the pixel
+    module cannot be read (nothing to measure by) or the codestream is not one that is parsed."""
+    from ..codestreams import NATIVE, CodestreamError, image_extent, native_length
+    from ..dicomio import pixel_format
+    fmt = pixel_format(path)
+    if fmt is None or fmt.geometry is None:
+        return True
+    start, end = region
+    if fmt.transfer_syntax in NATIVE and end - start <= native_length(fmt.geometry) + 1:
+        return True  # the usual case, judged by the length alone
+    value = data[start:end]
+    try:
+        return image_extent(value, fmt.transfer_syntax, fmt.geometry) is value
+    except CodestreamError:
+        return False
 
 
 def _label_in_defined_term(n: Needle, location: str) -> bool:
