@@ -99,7 +99,19 @@ def test_birth_date_written_in_cjk_slavic_greek_and_nordic_forms_found(text):
     assert "12" not in m.redact_text(text), m.redact_text(text)
 
 
-@pytest.mark.parametrize("text", ["1970年8月13日", "昭和46年8月12日", "平成45年8月12日", "12 августа 1971", "1970年"])
+@pytest.mark.parametrize("text", ["生年月日：S45.8.12", "生年月日 S45/08/12", "DOB S45.8.12",
+                                  "Дата рождения: 12.08.70", "д.р. 12.8.70", "родился 12-8-70",
+                                  "ημερομηνία γέννησης 12/8/70", "생년월일 700812", "出生日期 12.8.70"])
+def test_loose_birth_date_after_a_birth_word_in_other_scripts_found(text):
+    """Birth words in Japanese, Chinese, Korean, Russian and Greek (UTF-8), and the Japanese era
+    abbreviation S45.8.12 (Showa 45 = 1970) after one: the loose forms were read after Latin-script
+    words only (red-team 5)."""
+    m = identifiers.matcher_for(ENTRIES)
+    assert m.find(text.encode()), text
+
+
+@pytest.mark.parametrize("text", ["1970年8月13日", "昭和46年8月12日", "平成45年8月12日", "12 августа 1971", "1970年",
+                                  "S45.8.12", "род 12.8.70", "код 12.8.70", "DOB H45.8.12"])
 def test_cjk_and_era_dates_are_read_exactly(text):
     m = identifiers.matcher_for(ENTRIES)
     assert not m.find(text.encode()), text

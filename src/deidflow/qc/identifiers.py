@@ -500,7 +500,7 @@ _ERAS = {"明治": 1867, "大正": 1911, "昭和": 1925, "平成": 1988, "令和
 _ERA_DATE = re.compile(
     rb"(?P<era>" + b"|".join(e.encode() for e in _ERAS) + rb") ?(?P<y>[0-9]{1,2}|\xe5\x85\x83) ?" + _CJK_YEAR +
     rb" ?(?P<m>[0-9]{1,2}) ?" + _CJK_MONTH + rb" ?(?P<d>[0-9]{1,2})(?![0-9])")
-_ERA_KEYS = tuple(e.encode()[:3] for e in _ERAS)  # bytes.find before the pattern
+_CJK_YEAR_UTF8 = "年".encode()
 
 
 def _ymd(y: str, m: int, d: int) -> str | None:
@@ -534,7 +534,7 @@ def era_dates_in(low: bytes) -> Iterator[tuple[int, int, set[str]]]:
     """(start, end, {YYYYMMDD}) of every Japanese era date in ``low`` (UTF-8): 昭和36年4月23日,
     平成元年1月8日.  Its Gregorian year is not written, so it lies outside the year windows
     :class:`Matcher` reads :func:`dates_in` in."""
-    if not any(k in low for k in _ERA_KEYS):
+    if _CJK_YEAR_UTF8 not in low:  # every era date holds 年 (one search: this runs on every text)
         return
     for m in _ERA_DATE.finditer(low):
         y = 1 if m["y"] == "元".encode() else int(m["y"])
@@ -578,11 +578,20 @@ def dates_in(low: bytes) -> Iterator[tuple[int, int, set[str]]]:
 # A birth date right after a word that announces one is recognised in looser forms than anywhere
 # else (where six digits or a two-digit year are too common to take for a date): DOB 230461,
 # born 610423, d.o.b. 04/23/61, geb. 23-4-61, *23.4.61, né le 23 IV 61.
+# in other scripts (UTF-8; other character sets are decoded to UTF-8 before the search): Japanese,
+# Chinese, Korean, Russian (д.р.: дата рождения), Greek
+_BIRTH_WORDS_UTF8 = ("生年月日", "出生年月日", "出生日期", "誕生日", "생년월일", "(?:д|Д)ата рождения", "ДАТА РОЖДЕНИЯ",
+                     "(?:д|Д)\\.? ?р\\.", "(?:р|Р)од(?:\\.|ил(?:ся|ась))", "(?:η|Η)μερομηνία γέννησης",
+                     "ΗΜΕΡΟΜΗΝΙΑ ΓΕΝΝΗΣΗΣ")  # (alternatives, not classes: a class of bytes is not of characters)
 _BIRTH_WORD = re.compile(
     rb"(?<![a-z])(?:d\.? ?o\.? ?b|dob|birth ?date|birthday|date of birth|born|geb(?:oren|urtsdatum|dat)?|"
     rb"n(?:\xc3\xa9|\xe9)e?(?: le)?|nee? le|nat[oa]|nacid[oa]|fecha de nacimiento|f\. ?nac|nascid[oa]|"
     rb"data di nascita|date de naissance|f(?:\xc3\xb8|\xf8)dt|f(?:\xc3\xb6|\xf6)dd|ur\.|urodzon[ya])(?![a-z])"
     rb"|(?<![0-9a-z])\*(?= ?[0-9])")  # (accented words in UTF-8 and Latin-1; UTF-16 text is read as Latin-1)
+# read in values that are not ASCII: the engines' sweep reads every text value on its own (and the leak
+# scan every value of a file in another character set); finding them in megabytes of header bytes too
+# cost about 7 ms a megabyte
+_BIRTH_WORD_UTF8 = re.compile("|".join(_BIRTH_WORDS_UTF8).encode())
 # where a birth word can start (found with bytes.find: one regex over megabytes of header bytes
 # costs as much as the rest of the search)
 _BIRTH_STARTS = (b"d.o", b"d. o", b"d o", b"dob", b"birth", b"date of", b"born", b"geb", b"n\xc3\xa9", b"n\xe9",
@@ -590,10 +599,12 @@ _BIRTH_STARTS = (b"d.o", b"d. o", b"d o", b"dob", b"birth", b"date of", b"born",
                  b"date de", b"f\xc3", b"f\xf8", b"f\xf6", b"ur.", b"urodz", b"*")
 _BIRTH_SHORT = 4096  # a text shorter than this is searched with the regex alone (a value the sweep cleans)
 _BIRTH_DATE = re.compile(
-    rb"[\s:.=,)(-]{0,4}(?:(?P<c>[0-9]{6}|[0-9]{8})|(?P<a>[0-9]{1,4})(?P<s>[ ./-]) ?(?P<b>[0-9]{1,2}|[ivx]{1,4})"
+    rb"(?:[\s:.=,)(-]|\xef\xbc\x9a){0,4}(?:(?P<c>[0-9]{6}|[0-9]{8})|(?P<a>[0-9]{1,4})(?P<s>[ ./-]) ?(?P<b>[0-9]{1,2}|[ivx]{1,4})"
     rb"\.?(?P=s) ?(?P<y>[0-9]{4}|[0-9]{2})"
-    rb"|(?P<m>" + _MONTH_RE + rb")(?![a-z])\.?[ ./-]? ?(?P<md>[0-9]{1,2})(?:st|nd|rd|th)?,?[ ./-]? ?(?P<my>[0-9]{4}|[0-9]{2}))"
+    rb"|(?P<m>" + _MONTH_RE + rb")(?![a-z])\.?[ ./-]? ?(?P<md>[0-9]{1,2})(?:st|nd|rd|th)?,?[ ./-]? ?(?P<my>[0-9]{4}|[0-9]{2})"
+    rb"|(?P<era>[mtshr])(?P<ey>[0-9]{1,2})[./-](?P<em>[0-9]{1,2})[./-](?P<ed>[0-9]{1,2}))"  # Japanese era: S36.4.23
     rb"(?![0-9]|\.[0-9])")
+_ERA_LETTERS = {b"m": "明治", b"t": "大正", b"s": "昭和", b"h": "平成", b"r": "令和"}
 
 
 # the values whose loose forms birth_dates_in reads: birth dates (and a folder's date, which is one)
@@ -608,9 +619,11 @@ def birth_dates_in(low: bytes) -> Iterator[tuple[int, int, set[str]]]:
     Roman months."""
     if len(low) < 7:
         return
-    if len(low) < _BIRTH_SHORT:
+    if len(low) < _BIRTH_SHORT:  # a value: words in any script
         ends = {w.end() for w in _BIRTH_WORD.finditer(low)}
-    else:
+        if not low.isascii():
+            ends |= {w.end() for w in _BIRTH_WORD_UTF8.finditer(low)}
+    else:  # a file's header bytes (the leak scan): Latin-script words; the sweep read each value
         ends = set()
         for key in _BIRTH_STARTS:
             i = low.find(key)
@@ -630,6 +643,9 @@ def birth_dates_in(low: bytes) -> Iterator[tuple[int, int, set[str]]]:
             else:
                 for y, mo, d in ((v[4:], v[2:4], v[:2]), (v[4:], v[:2], v[2:4]), (v[:2], v[2:4], v[4:])):
                     out |= {x for yy in _years(y.encode()) if (x := _ymd(yy, int(mo), int(d)))}
+        elif m["era"]:
+            y = _ERAS[_ERA_LETTERS[m["era"]]] + int(m["ey"])
+            out |= {x for x in [_ymd(str(y), int(m["em"]), int(m["ed"]))] if x and int(m["ey"])}
         elif m["m"]:  # month first: Apr 23 61, apr-23-1961
             out |= {x for yy in _years(m["my"]) if (x := _ymd(yy, _MONTH_NO[m["m"]], int(m["md"])))}
         else:
@@ -639,7 +655,7 @@ def birth_dates_in(low: bytes) -> Iterator[tuple[int, int, set[str]]]:
             if len(a) == 2 and len(y) == 2:  # 61-04-23
                 out |= {x for yy in _years(m["a"]) if (x := _ymd(yy, mo, int(y)))}
         if out:
-            yield m.start("c" if m["c"] else "m" if m["m"] else "a"), m.end(), out
+            yield m.start("c" if m["c"] else "m" if m["m"] else "era" if m["era"] else "a"), m.end(), out
 
 
 def date_forms(yyyymmdd: str) -> set[str]:
@@ -1442,7 +1458,9 @@ class Matcher:
                             hits.append((ws + s, ws + e, n))
             born = [(s, e, n) for s, e, cands in birth_dates_in(low) for c in cands
                     for n in self.dates.get(c.encode(), ()) if _BIRTH_FIELD.search(n.field)]
-            hits += [(s, e, n) for s, e, cands in era_dates_in(low) for c in cands for n in self.dates.get(c.encode(), ())]
+            if not folded:  # (UTF-16 and accent-folded views hold no era date the text did not)
+                hits += [(s, e, n) for s, e, cands in era_dates_in(low) for c in cands
+                         for n in self.dates.get(c.encode(), ())]
         if self.short_dates:
             if len(self.short_dates) < 48:  # a few dates: direct search is faster than the pattern
                 for k in self.short_dates:
