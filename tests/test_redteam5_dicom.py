@@ -305,3 +305,20 @@ def test_extra_bytes_with_an_extended_offset_table_are_quarantined(tmp_path):
     ds.save_as(src, enforce_file_format=True)
     with pytest.raises(DicomError, match="Extended Offset Table"):
         deidentify_path(src, tmp_path / "out.dcm", _scrubber())
+
+
+@pytest.mark.parametrize("box_size", ["sized", "to-end"])
+def test_text_after_the_codestream_box_of_a_jp2_wrapped_frame_is_cut(box_size):
+    """A JPEG 2000 frame wrapped as a JP2 file (not what DICOM asks for, but decoders read it)
+    ends with its codestream box; bytes after it are no part of the image."""
+    frame = next(generate_frames(pydicom.dcmread(get_testdata_file("MR_small_jp2klossless.dcm")).PixelData,
+                                 number_of_frames=1))
+
+    def box(kind: bytes, payload: bytes, size: int | None = None) -> bytes:
+        return struct.pack(">I", 8 + len(payload) if size is None else size) + kind + payload
+    jp2 = box(b"jP  ", b"\r\n\x87\n") + box(b"ftyp", b"jp2 \x00\x00\x00\x00jp2 ") + box(
+        b"jp2c", frame, None if box_size == "sized" else 0)
+    assert codestreams.j2k_end(jp2 + SECRET) == len(jp2)
+    value = encapsulate([_even(jp2 + SECRET)], has_bot=False)
+    out = codestreams.image_extent(value, "1.2.840.10008.1.2.4.90", codestreams.Geometry(64, 64, 1, 16, 1))
+    assert SECRET not in out and jp2 in out
