@@ -322,3 +322,21 @@ def test_text_after_the_codestream_box_of_a_jp2_wrapped_frame_is_cut(box_size):
     value = encapsulate([_even(jp2 + SECRET)], has_bot=False)
     out = codestreams.image_extent(value, "1.2.840.10008.1.2.4.90", codestreams.Geometry(64, 64, 1, 16, 1))
     assert SECRET not in out and jp2 in out
+
+
+def test_text_after_float_pixel_data_is_removed(tmp_path):
+    """Float Pixel Data (a parametric map) is native data too: bytes after its frames go."""
+    ds = pydicom.dcmread(get_testdata_file("CT_small.dcm"))
+    del ds.PixelData
+    del ds.PixelRepresentation
+    ds.BitsAllocated, ds.SamplesPerPixel, ds.PhotometricInterpretation = 32, 1, "MONOCHROME2"
+    del ds.BitsStored, ds.HighBit
+    ds.SOPClassUID = ds.file_meta.MediaStorageSOPClassUID = "1.2.840.10008.5.1.4.1.1.30"
+    values = np.linspace(0, 1, int(ds.Rows) * int(ds.Columns), dtype="<f4")
+    ds.FloatPixelData = values.tobytes() + _even(SECRET)
+    src = tmp_path / "in.dcm"
+    ds.save_as(src, enforce_file_format=True)
+    deidentify_path(src, tmp_path / "out.dcm", _scrubber())
+    out = pydicom.dcmread(tmp_path / "out.dcm")
+    assert SECRET[:4] not in (tmp_path / "out.dcm").read_bytes()
+    assert out.FloatPixelData == values.tobytes()

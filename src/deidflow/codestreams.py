@@ -273,10 +273,12 @@ def trim_pixel_data(path: Path, ts: str, g: Geometry | None) -> bool:
             return False
         start, end = region
         order = ">" if ts == "1.2.840.10008.1.2.2" else "<"
-        tag = b"\x7f\xe0\x00\x10" if order == ">" else b"\xe0\x7f\x10\x00"
-        explicit = mm[start - 8:start - 6] in (b"OB", b"OW", b"UN")
-        if mm[start - (12 if explicit else 8):start - (8 if explicit else 4)] != tag:
-            return False  # float pixel data: not handled here
+        explicit = mm[start - 8:start - 6] in (b"OB", b"OW", b"OF", b"OD", b"UN")
+        (group, element) = struct.unpack(order + "HH", mm[start - (12 if explicit else 8):start - (8 if explicit else 4)])
+        if group != 0x7FE0 or element not in (0x0008, 0x0009, 0x0010):
+            return False
+        if element != 0x0010 and ts not in NATIVE:
+            return False
         if ts in NATIVE and end - start <= native_length(g) + 1:
             return False
         value = mm[start:end]
