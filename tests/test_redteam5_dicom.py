@@ -340,3 +340,16 @@ def test_text_after_float_pixel_data_is_removed(tmp_path):
     out = pydicom.dcmread(tmp_path / "out.dcm")
     assert SECRET[:4] not in (tmp_path / "out.dcm").read_bytes()
     assert out.FloatPixelData == values.tobytes()
+
+
+def test_encapsulated_document_is_refused_by_the_pixel_step_with_its_own_reason():
+    """An encapsulated PDF or CDA (the name in its text) is withheld by the pixel step; the
+    quarantine list said "image pixel module incomplete: AttributeError"."""
+    from pydicom.dataset import Dataset
+
+    from deidflow.pixels.pixeldata import Frames, PixelDataError
+    ds = Dataset()
+    ds.MIMETypeOfEncapsulatedDocument = "application/pdf"
+    ds.EncapsulatedDocument = b"%PDF-1.4 NIXON NORA"
+    with pytest.raises(PixelDataError, match="encapsulated document"):
+        Frames(ds)
