@@ -78,8 +78,26 @@ def jpeg_end(frame: bytes) -> int | None:
 
 
 def j2k_end(frame: bytes) -> int | None:
-    """End of a JPEG 2000 codestream (after its EOC), walking the tile-parts by their lengths;
-    None for a JP2 wrapper or a codestream without EOC."""
+    """End of a JPEG 2000 codestream (after its EOC), walking the tile-parts by their lengths; in
+    a JP2 wrapper, the end of its codestream box (boxes after it are no part of the image; text
+    boxes before it quarantine the file, see ``dicomio.j2k_frame_without_comments``).  None for a
+    codestream without EOC."""
+    if frame[4:8] == b"jP  ":
+        pos = 0
+        while pos + 8 <= len(frame):
+            size, kind = struct.unpack(">I", frame[pos:pos + 4])[0], frame[pos + 4:pos + 8]
+            head = 8
+            if size == 1 and pos + 16 <= len(frame):  # XLBox: a 64-bit length follows
+                size, head = struct.unpack(">Q", frame[pos + 8:pos + 16])[0], 16
+            if kind == b"jp2c":
+                if size:
+                    return pos + size
+                end = j2k_end(frame[pos + head:])  # the last box runs to the frame's end
+                return None if end is None else pos + head + end
+            if size < head:
+                return None
+            pos += size
+        return None
     if frame[:2] != b"\xff\x4f":
         return None
     pos = 2
@@ -255,10 +273,12 @@ def trim_pixel_data(path: Path, ts: str, g: Geometry | None) -> bool:
             return False
         start, end = region
         order = ">" if ts == "1.2.840.10008.1.2.2" else "<"
-        tag = b"\x7f\xe0\x00\x10" if order == ">" else b"\xe0\x7f\x10\x00"
-        explicit = mm[start - 8:start - 6] in (b"OB", b"OW", b"UN")
-        if mm[start - (12 if explicit else 8):start - (8 if explicit else 4)] != tag:
-            return False  # float pixel data: not handled here
+        explicit = mm[start - 8:start - 6] in (b"OB", b"OW", b"OF", b"OD", b"UN")
+        (group, element) = struct.unpack(order + "HH", mm[start - (12 if explicit else 8):start - (8 if explicit else 4)])
+        if group != 0x7FE0 or element not in (0x0008, 0x0009, 0x0010):
+            return False
+        if element != 0x0010 and ts not in NATIVE:
+            return False
         if ts in NATIVE and end - start <= native_length(g) + 1:
             return False
         value = mm[start:end]

@@ -448,14 +448,15 @@ def _stream_pixel_format(mm, by_tag: dict[int, _Elem], ts: str, little: bool) ->
         el = by_tag.get(tag)
         shape.append(us.unpack_from(mm, el.vstart)[0] if el is not None and el.vend - el.vstart == 2 else None)
     photometric = _str_value(mm, by_tag[_PHOTOMETRIC]) if _PHOTOMETRIC in by_tag else ""
-    return PixelFormat(ts, bits, frames, _geometry(shape, bits, frames, photometric))
+    return PixelFormat(ts, bits, frames, _geometry(shape, values[0], frames, photometric))
 
 
-def _geometry(shape: list, bits, frames: int, photometric: str) -> Geometry | None:
-    """The frames' :class:`Geometry` from Rows, Columns, SamplesPerPixel; None when one is missing."""
-    if None in shape or bits is None or min(shape) < 1 or frames < 1:
+def _geometry(shape: list, bits_allocated: int | None, frames: int, photometric: str) -> Geometry | None:
+    """The frames' :class:`Geometry` from Rows, Columns, SamplesPerPixel and BitsAllocated; None
+    when one is missing."""
+    if None in shape or not bits_allocated or min(shape) < 1 or frames < 1:
         return None
-    return Geometry(shape[0], shape[1], shape[2], bits[0], frames, photometric.strip().endswith("_422"))
+    return Geometry(shape[0], shape[1], shape[2], bits_allocated, frames, photometric.strip().endswith("_422"))
 
 
 _SIMPLE_TEXT_VRS = frozenset(("AE", "AS", "CS", "DA", "DS", "DT", "IS", "LO", "LT", "PN", "SH", "ST", "TM", "UC", "UT", "UI"))
@@ -685,13 +686,13 @@ def _image_only(ds: Dataset, ts: str) -> bool:
     if "PixelData" not in ds:
         return False
     try:
-        bits = (int(ds.BitsAllocated), 0, 0, 0)
+        alloc = int(ds.BitsAllocated)
         frames = int(ds.get("NumberOfFrames") or 1)
         shape = [int(ds[t].value) if t in ds and ds[t].value is not None else None for t in _SHAPE]
         value = ds.PixelData
     except Exception:  # an incomplete pixel module: nothing to measure the frames by
         return False
-    g = _geometry(shape, bits, frames, str(ds.get("PhotometricInterpretation") or ""))
+    g = _geometry(shape, alloc, frames, str(ds.get("PhotometricInterpretation") or ""))
     try:
         new = value if g is None or not isinstance(value, bytes) else image_extent(value, ts, g)
     except CodestreamError as exc:
@@ -788,7 +789,7 @@ def _read_pixel_format(path: Path) -> PixelFormat | None:
         frames = int(ds.get("NumberOfFrames") or 1)
         shape = [int(ds[t].value) if t in ds and ds[t].value is not None else None for t in _SHAPE]
         return PixelFormat(str(ds.file_meta.TransferSyntaxUID), bits, frames,
-                           _geometry(shape, bits, frames, str(ds.get("PhotometricInterpretation") or "")))
+                           _geometry(shape, values[0], frames, str(ds.get("PhotometricInterpretation") or "")))
     except Exception:  # no file meta, or values pydicom cannot read: nothing to clear or strip here
         return None
 

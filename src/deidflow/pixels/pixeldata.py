@@ -35,6 +35,8 @@ class Frames:
 
     def __init__(self, ds: Dataset):
         self.ds = ds
+        if "EncapsulatedDocument" in ds and "PixelData" not in ds:
+            raise PixelDataError("an encapsulated document (PDF, CDA), not an image: its text cannot be checked")
         try:
             self.rows, self.cols = int(ds.Rows), int(ds.Columns)
             self.spp = int(ds.get("SamplesPerPixel") or 1)
