@@ -433,3 +433,17 @@ def test_an_earlier_demo_is_recognised(tmp_path):
     (tmp_path / "release_restricted" / "run.json").unlink()
     (tmp_path / DEMO_MARK).write_text("")
     assert _made_by_demo(tmp_path)
+
+
+def test_restricted_folder_that_is_someone_elses_is_refused(tmp_path):
+    """`--restricted /work` (a shared, non-empty folder) was accepted: the run would force it to
+    mode 0700, locking its other users out, and write its mappings and logs among their files."""
+    inp = tmp_path / "input"
+    _dicom_patient(inp, "P", "QUIMBY^PERCIVAL", "QMB77123", "19700101")
+    shared = tmp_path / "shared"
+    (shared / "project").mkdir(parents=True)
+    os.chmod(shared, 0o755)
+    r = cli("run", str(inp), str(tmp_path / "release"), "--restricted", str(shared), "--dry-run", DEIDFLOW_KEY=KEY)
+    assert r.returncode == 2, (r.returncode, r.stdout[-800:], r.stderr[-800:])
+    assert r.stderr.startswith(f"deidflow: error: restricted folder {shared} is not empty and no deidflow run wrote it")
+    assert shared.stat().st_mode & 0o777 == 0o755 and [p.name for p in shared.iterdir()] == ["project"]
