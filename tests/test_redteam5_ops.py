@@ -403,3 +403,47 @@ def test_subject_folders_dropped_into_a_release_are_scanned_and_taken_out(tmp_pa
     assert r.returncode == 0, r.stderr[-2000:]
     assert not any(d.exists() for d in planted), [d for d in planted if d.exists()]
     assert cli("verify", str(out), DEIDFLOW_KEY=KEY).returncode == 0
+
+
+# ------------------------------------------------------------------------------------------------
+# The demo deletes only what a demo made
+# ------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("what", ["input", "release", "release_restricted"])
+def test_demo_never_deletes_folders_it_did_not_make(tmp_path, what):
+    """`deidflow demo --dest DIR` removed DIR/input, DIR/release and DIR/release_restricted
+    whatever they were: `--dest /data` deleted a real export, a release and its mappings."""
+    real = tmp_path / what / "MUELLER_HANS" / "scan.dcm"
+    real.parent.mkdir(parents=True)
+    real.write_bytes(b"a real export")
+    r = cli("demo", "--dest", str(tmp_path), "--set", "face.method=none", timeout=600)
+    assert r.returncode == 2, (r.returncode, r.stdout[-800:], r.stderr[-800:])
+    assert r.stderr.startswith(f"deidflow: error: demo: {tmp_path / what} exists and no earlier demo made it")
+    assert real.read_bytes() == b"a real export"
+    assert sorted(p.name for p in tmp_path.iterdir()) == [what]
+
+
+def test_an_earlier_demo_is_recognised(tmp_path):
+    from deidflow.cli import DEMO_MARK, _made_by_demo
+    assert not _made_by_demo(tmp_path)
+    (tmp_path / "release_restricted").mkdir()
+    (tmp_path / "release_restricted" / "run.json").write_text('{"command": ["deidflow", "run", "a", "b"]}')
+    assert not _made_by_demo(tmp_path)
+    (tmp_path / "release_restricted" / "run.json").write_text('{"command": ["deidflow", "demo", "--dest", "x"]}')
+    assert _made_by_demo(tmp_path)  # a demo made before the mark existed
+    (tmp_path / "release_restricted" / "run.json").unlink()
+    (tmp_path / DEMO_MARK).write_text("")
+    assert _made_by_demo(tmp_path)
+
+
+def test_restricted_folder_that_is_someone_elses_is_refused(tmp_path):
+    """`--restricted /work` (a shared, non-empty folder) was accepted: the run would force it to
+    mode 0700, locking its other users out, and write its mappings and logs among their files."""
+    inp = tmp_path / "input"
+    _dicom_patient(inp, "P", "QUIMBY^PERCIVAL", "QMB77123", "19700101")
+    shared = tmp_path / "shared"
+    (shared / "project").mkdir(parents=True)
+    os.chmod(shared, 0o755)
+    r = cli("run", str(inp), str(tmp_path / "release"), "--restricted", str(shared), "--dry-run", DEIDFLOW_KEY=KEY)
+    assert r.returncode == 2, (r.returncode, r.stdout[-800:], r.stderr[-800:])
+    assert r.stderr.startswith(f"deidflow: error: restricted folder {shared} is not empty and no deidflow run wrote it")
+    assert shared.stat().st_mode & 0o777 == 0o755 and [p.name for p in shared.iterdir()] == ["project"]

@@ -15,6 +15,7 @@ import argparse
 import errno
 import fcntl
 import io
+import json
 import os
 import secrets
 import shutil
@@ -467,6 +468,22 @@ def _cmd_inventory(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+DEMO_MARK = ".deidflow-demo"  # in a demo's --dest: its input, release and restricted folder are the demo's
+
+
+def _made_by_demo(base: Path) -> bool:
+    """Whether ``base`` holds an earlier demo (its mark, or a restricted run record of ``deidflow
+    demo``): only then may the demo delete what is there. `deidflow demo --dest /data` deleted a
+    real export in /data/input and a real release with its mappings."""
+    if (base / DEMO_MARK).is_file():
+        return True
+    try:
+        command = json.loads((base / "release_restricted" / "run.json").read_text()).get("command") or []
+    except (OSError, ValueError, AttributeError):
+        return False
+    return command[1:2] == ["demo"]
+
+
 def _cmd_demo(args: argparse.Namespace) -> int:
     from .demo import make_demo_input
     cores = _check_cores(args.cores)
@@ -477,9 +494,15 @@ def _cmd_demo(args: argparse.Namespace) -> int:
     args.input, args.output = str(inp), str(out)
     args.restricted = args.key_file = None
     config = _effective_config(args)  # a bad --set fails before anything is generated
-    for p in (inp, out, out.with_name(out.name + "_restricted")):
-        if p.exists():
-            shutil.rmtree(p)
+    folders = (inp, out, out.with_name(out.name + "_restricted"))
+    existing = [p for p in folders if os.path.lexists(p)]
+    if existing and not _made_by_demo(base):
+        raise UsageError(f"demo: {existing[0]} exists and no earlier demo made it (the demo replaces "
+                         f"{base}/input, release and release_restricted); choose a new or empty --dest")
+    base.mkdir(parents=True, exist_ok=True)
+    (base / DEMO_MARK).write_text("made by deidflow demo: it may replace input/, release/, release_restricted/\n")
+    for p in existing:
+        shutil.rmtree(p)
     patients = make_demo_input(inp)
     print(f"deidflow demo: generated {len(patients)} fake patients under {inp}")
     print("deidflow demo: using an EPHEMERAL random key (demo only): pseudonyms change on every run; "

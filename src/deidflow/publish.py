@@ -560,6 +560,7 @@ def check_folders(input_dir: Path, output: Path, restricted: Path, *, force: boo
     if out.exists() and not out.is_dir():
         raise UsageError(f"output {out} is a file, not a folder")
     _check_restricted_owner(out, restricted)
+    _check_restricted_foreign(restricted)
     if (out.is_dir() and any(out.iterdir()) and not (restricted / "run.json").exists() and not force):
         raise UsageError(f"output folder {out} is not empty and no deidflow run wrote it (no run record in "
                          f"{restricted}); choose an empty or new folder, or pass --force to use it anyway "
@@ -577,6 +578,24 @@ def check_folders(input_dir: Path, output: Path, restricted: Path, *, force: boo
     raise UsageError(f"input folder {inp} is empty" if not seen else
                      f"input folder {inp} holds no file deidflow recognises (DICOM, NIfTI, Analyze, MINC, "
                      "PAR/REC, MGH, twix, BIDS JSON)")
+
+
+# Files in a restricted folder that only deidflow writes (the command line writes the last two
+# before Snakemake starts); a non-empty folder with none of them is someone else's.
+RESTRICTED_MARKS = ("run.json", "key_fingerprint", "run-config.yaml", ".deidflow.lock")
+
+
+def _check_restricted_foreign(restricted: Path) -> None:
+    """Refuse a restricted folder that exists, holds something and was never deidflow's (`--restricted
+    /work`, a home folder): a run forces it to mode 0700, locking its owners' other users out, and
+    writes its files among theirs."""
+    try:
+        entries = {e.name for e in os.scandir(restricted)}
+    except (FileNotFoundError, NotADirectoryError):
+        return
+    if entries and not entries.intersection(RESTRICTED_MARKS):
+        raise UsageError(f"restricted folder {restricted} is not empty and no deidflow run wrote it; choose a "
+                         "new or empty folder (deidflow makes it mode 0700 and keeps the mappings there)")
 
 
 def _check_restricted_owner(out: Path, restricted: Path) -> None:

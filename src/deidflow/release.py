@@ -117,7 +117,7 @@ def _subject(subj: Mapping[str, Any], input_dir: Path, release_root: Path, restr
         pixels = SubjectPixels(cleaner, subject, SubjectPixelsQC(subject),
                                prefix=release_root.relative_to(release_root.parents[1]).as_posix(),
                                output_error=lambda e: OutputError(f"cannot write the release: {e.strerror}"))
-    sources: list[tuple[Path, str, dict]] = []  # (what was read, staged path, audit entry)
+    sources: list[tuple[Path, Mapping[str, Any], dict]] = []  # (what was read, manifest entry, audit entry)
     try:
         # decompressed .dcm.gz inputs stay until the working copy is written
         with ExitStack() as opened:
@@ -144,15 +144,22 @@ def _subject(subj: Mapping[str, Any], input_dir: Path, release_root: Path, restr
                     continue
                 entry = {"file": f"{subject}/{f['out_relpath']}", "source": f["src_id"], "actions": res.actions}
                 entries.append(entry)
-                sources.append((src, f["out_relpath"], entry))
+                sources.append((src, f, entry))
                 if pixels is not None:
                     pixels.add(f["relpath"], entry["file"], stage / f["out_relpath"], res.captured, entry)
             if pixels is not None:
                 bad += pixels.finish(restricted)
             if work is not None:  # the converter's working copy, after the pixel step decided each file
-                for src, out_relpath, entry in sources:
-                    if not entry.get("withheld") and (stage / out_relpath).is_file():
-                        work.add(src, out_relpath, stage / out_relpath, _pixels_changed(entry))
+                for src, f, entry in sources:
+                    staged = stage / f["out_relpath"]
+                    if entry.get("withheld") or not staged.is_file():
+                        continue
+                    if why := changed_input(input_dir, f):  # read once more, for the converter
+                        staged.unlink()
+                        entry["withheld"] = True
+                        bad.append((f["relpath"], why))
+                        continue
+                    work.add(src, f["out_relpath"], staged, _pixels_changed(entry))
                 work.publish()
         publish_dir(stage, final)
     except BaseException:
