@@ -142,6 +142,11 @@ def _subject(subj: Mapping[str, Any], input_dir: Path, release_root: Path, restr
                         raise OutputError(f"cannot write the release of {subject}: {full.strerror}") from None
                     bad.append((f["relpath"], f"file not readable: {exc.strerror or exc}"))
                     continue
+                except Exception as exc:  # noqa: BLE001 - a defect on one hostile file: withhold it, not its batch
+                    (stage / f["out_relpath"]).unlink(missing_ok=True)
+                    bad.append((f["relpath"], f"dicom: could not be de-identified ({type(exc).__name__}; "
+                                              "an internal error on this file: please report it)"))
+                    continue
                 entry = {"file": f"{subject}/{f['out_relpath']}", "source": f["src_id"], "actions": res.actions}
                 entries.append(entry)
                 sources.append((src, f, entry))
