@@ -37,6 +37,37 @@ def demo_export(tmp_path_factory) -> Path:
     return inp
 
 
+@pytest.fixture(scope="session")
+def demo_command(tmp_path_factory) -> dict:
+    """``deidflow demo --dest <tmp>/d --cores 2`` run once per session on a pseudo-terminal, as a
+    user types it (ephemeral key, no $DEIDFLOW_KEY): its exit status, everything it printed and
+    its folders. Shared by the tests that only look at that run (its terminal output, its release
+    through the BIDS validator)."""
+    import pty
+    import sys
+    base = tmp_path_factory.mktemp("demo-command")
+    env = {k: v for k, v in os.environ.items() if k != "DEIDFLOW_KEY"}
+    env["PYTHONPATH"] = str(ROOT / "src")
+    env["COLUMNS"] = "120"
+    argv = [sys.executable, "-m", "deidflow.cli", "demo", "--dest", str(base / "d"), "--cores", "2"]
+    chunks = []
+    pid, fd = pty.fork()
+    if pid == 0:
+        os.chdir(base)
+        os.execve(sys.executable, argv, env)
+    while True:
+        try:
+            data = os.read(fd, 65536)
+        except OSError:
+            break
+        if not data:
+            break
+        chunks.append(data)
+    _, status = os.waitpid(pid, 0)
+    return {"base": base, "dest": base / "d", "env": env, "exit": os.waitstatus_to_exitcode(status),
+            "text": b"".join(chunks).decode("utf-8", "replace")}
+
+
 @pytest.fixture
 def key_env(monkeypatch):
     """A fixed secret key in $DEIDFLOW_KEY."""
