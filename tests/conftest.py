@@ -28,13 +28,35 @@ def shared_data():
 
 
 @pytest.fixture(scope="session")
-def demo_export(tmp_path_factory) -> Path:
-    """The demo's raw export (``make_demo_input``), made once per test session and shared by the
-    test modules that only read it: a test that adds or changes files makes its own."""
+def demo_patients(tmp_path_factory) -> tuple[Path, list]:
+    """The demo's raw export (``make_demo_input``) and its patients (``DemoPatient``), made once
+    per test session."""
     from deidflow.demo import make_demo_input
     inp = tmp_path_factory.mktemp("demo-export") / "input"
-    make_demo_input(inp)
-    return inp
+    return inp, make_demo_input(inp)
+
+
+@pytest.fixture(scope="session")
+def demo_export(demo_patients) -> Path:
+    """The demo's raw export, shared by the test modules that only read it: a test that adds or
+    changes files makes its own."""
+    return demo_patients[0]
+
+
+@pytest.fixture(scope="session")
+def demo_release(demo_export, tmp_path_factory) -> dict:
+    """``deidflow run`` of ``demo_export`` with the default configuration, TEST_KEY and 2 cores
+    (every stage, the head MRI defaced), run once per session for the test modules that only read
+    its release and restricted folder (test_bids_workflow, test_qc_leakscan): a test that changes
+    them works on a copy."""
+    import subprocess
+    import sys
+    out = tmp_path_factory.mktemp("demo-release") / "release"
+    r = subprocess.run([sys.executable, "-m", "deidflow.cli", "run", str(demo_export), str(out), "--cores", "2"],
+                       env=dict(os.environ, DEIDFLOW_KEY=TEST_KEY), cwd=ROOT, capture_output=True, text=True,
+                       timeout=900)
+    assert r.returncode == 0, r.stderr[-3000:]
+    return {"out": out, "restricted": out.with_name("release_restricted"), "stdout": r.stdout}
 
 
 @pytest.fixture(scope="session")

@@ -58,11 +58,9 @@ def markers(restricted: Path) -> list[dict]:
 
 
 @pytest.fixture(scope="module")
-def default(demo_export, tmp_path_factory):
-    out = tmp_path_factory.mktemp("bids-demo") / "release"
-    r = run_cli("run", str(demo_export), str(out), "--cores", "2")
-    assert r.returncode == 0, r.stderr[-3000:]
-    return {"out": out, "restricted": out.with_name("release_restricted")}
+def default(demo_release):
+    """The demo export released with the default configuration (conftest's session run)."""
+    return demo_release
 
 
 def test_demo_command_release_passes_bids_validator(demo_command):

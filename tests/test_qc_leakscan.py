@@ -271,17 +271,16 @@ def test_collector_decodes_iso_2022_values(key_env, tmp_path):
 
 # -- the demo release -------------------------------------------------------------------------------
 @pytest.fixture(scope="module")
-def demo(tmp_path_factory):
-    base = tmp_path_factory.mktemp("qcscan")
-    patients = make_demo_input(base / "input")
-    r = cli("run", str(base / "input"), str(base / "release"), "--cores", "2")
-    assert r.returncode == 0, r.stderr[-3000:]
-    restricted = base / "release_restricted"
+def demo(demo_patients, demo_release):
+    """The demo export released with the default configuration (conftest's session run, which
+    test_bids_workflow shares): the tests copy the release before planting anything."""
+    _inp, patients = demo_patients
+    restricted = demo_release["restricted"]
     with open(restricted / "mapping" / "patients.csv") as fh:
         subject_of = {row["id_old"]: row["id_new"] for row in csv.DictReader(fh)}
     p = next(p for p in patients if p.name.startswith("MUSTERMANN"))
-    return {"base": base, "release": base / "release", "restricted": restricted, "patient": p,
-            "subject": subject_of[p.patient_id], "stdout": r.stdout}
+    return {"release": demo_release["out"], "restricted": restricted, "patient": p,
+            "subject": subject_of[p.patient_id], "stdout": demo_release["stdout"]}
 
 
 def test_identifiers_cover_the_demo_patients(demo):
