@@ -28,13 +28,66 @@ def shared_data():
 
 
 @pytest.fixture(scope="session")
-def demo_export(tmp_path_factory) -> Path:
-    """The demo's raw export (``make_demo_input``), made once per test session and shared by the
-    test modules that only read it: a test that adds or changes files makes its own."""
+def demo_patients(tmp_path_factory) -> tuple[Path, list]:
+    """The demo's raw export (``make_demo_input``) and its patients (``DemoPatient``), made once
+    per test session."""
     from deidflow.demo import make_demo_input
     inp = tmp_path_factory.mktemp("demo-export") / "input"
-    make_demo_input(inp)
-    return inp
+    return inp, make_demo_input(inp)
+
+
+@pytest.fixture(scope="session")
+def demo_export(demo_patients) -> Path:
+    """The demo's raw export, shared by the test modules that only read it: a test that adds or
+    changes files makes its own."""
+    return demo_patients[0]
+
+
+@pytest.fixture(scope="session")
+def demo_release(demo_export, tmp_path_factory) -> dict:
+    """``deidflow run`` of ``demo_export`` with the default configuration, TEST_KEY and 2 cores
+    (every stage, the head MRI defaced), run once per session for the test modules that only read
+    its release and restricted folder (test_bids_workflow, test_qc_leakscan): a test that changes
+    them works on a copy."""
+    import subprocess
+    import sys
+    out = tmp_path_factory.mktemp("demo-release") / "release"
+    r = subprocess.run([sys.executable, "-m", "deidflow.cli", "run", str(demo_export), str(out), "--cores", "2"],
+                       env=dict(os.environ, DEIDFLOW_KEY=TEST_KEY), cwd=ROOT, capture_output=True, text=True,
+                       timeout=900)
+    assert r.returncode == 0, r.stderr[-3000:]
+    return {"out": out, "restricted": out.with_name("release_restricted"), "stdout": r.stdout}
+
+
+@pytest.fixture(scope="session")
+def demo_command(tmp_path_factory) -> dict:
+    """``deidflow demo --dest <tmp>/d --cores 2`` run once per session on a pseudo-terminal, as a
+    user types it (ephemeral key, no $DEIDFLOW_KEY): its exit status, everything it printed and
+    its folders. Shared by the tests that only look at that run (its terminal output, its release
+    through the BIDS validator)."""
+    import pty
+    import sys
+    base = tmp_path_factory.mktemp("demo-command")
+    env = {k: v for k, v in os.environ.items() if k != "DEIDFLOW_KEY"}
+    env["PYTHONPATH"] = str(ROOT / "src")
+    env["COLUMNS"] = "120"
+    argv = [sys.executable, "-m", "deidflow.cli", "demo", "--dest", str(base / "d"), "--cores", "2"]
+    chunks = []
+    pid, fd = pty.fork()
+    if pid == 0:
+        os.chdir(base)
+        os.execve(sys.executable, argv, env)
+    while True:
+        try:
+            data = os.read(fd, 65536)
+        except OSError:
+            break
+        if not data:
+            break
+        chunks.append(data)
+    _, status = os.waitpid(pid, 0)
+    return {"base": base, "dest": base / "d", "env": env, "exit": os.waitstatus_to_exitcode(status),
+            "text": b"".join(chunks).decode("utf-8", "replace")}
 
 
 @pytest.fixture

@@ -171,30 +171,12 @@ def test_keygen_mode_and_warnings(export, tmp_path):
 
 @pytest.mark.slow
 @pytest.mark.workflow
-def test_demo_through_a_pty_shows_progress_and_a_true_summary(tmp_path):
+def test_demo_through_a_pty_shows_progress_and_a_true_summary(demo_command):
     """The demo on a pseudo-terminal: progress lines redrawn in place, a summary whose counts
-    equal the QC report's table; piped, the run prints at most 40 lines."""
-    import pty
-    env = {k: v for k, v in os.environ.items() if k != "DEIDFLOW_KEY"}
-    env["PYTHONPATH"] = str(SRC)
-    env["COLUMNS"] = "120"
-    argv = [sys.executable, "-m", "deidflow.cli", "demo", "--dest", str(tmp_path / "d"), "--cores", "2"]
-    chunks = []
-    pid, fd = pty.fork()
-    if pid == 0:
-        os.chdir(tmp_path)
-        os.execve(sys.executable, argv, env)
-    while True:
-        try:
-            data = os.read(fd, 65536)
-        except OSError:
-            break
-        if not data:
-            break
-        chunks.append(data)
-    _, status = os.waitpid(pid, 0)
-    text = b"".join(chunks).decode("utf-8", "replace")
-    assert os.waitstatus_to_exitcode(status) == 0, text[-3000:]
+    equal the QC report's table; piped, the run prints at most 40 lines.  (The demo's run is
+    conftest's ``demo_command``, which test_bids_workflow also validates.)"""
+    text, env, tmp_path = demo_command["text"], demo_command["env"], demo_command["base"]
+    assert demo_command["exit"] == 0, text[-3000:]
     assert "\r\x1b[K" in text and " … " in text  # redrawn in place on a terminal
     assert "Snakemake" not in text.split("Snakemake's log:")[0]  # Snakemake's own log stays in the file
     rel = tmp_path / "d" / "release"
