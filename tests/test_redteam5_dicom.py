@@ -272,7 +272,6 @@ def test_safe_private_value_in_sr_content_is_cleaned_under_clean_structured_cont
     content's person names were collected by decoding every element of each item, which turned
     the raw private value into a decoded one that the private-value cleaning skipped (found by
     the fuzz suite in this round)."""
-    from pydicom.dataset import Dataset
     ds = pydicom.dcmread(SHARED_DATA / "highdicom/data/test_files/sr_document.dcm") if (
         SHARED_DATA / "highdicom/data/test_files/sr_document.dcm").exists() else pydicom.dcmread(
         get_testdata_file("test-SR.dcm"))
