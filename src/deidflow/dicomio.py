@@ -756,27 +756,33 @@ def deidentify_path(src: Path, dst: Path, scrubber: Scrubber, capture: frozenset
     return result
 
 
-def pixel_format(path: Path) -> PixelFormat | None:
-    """The :class:`PixelFormat` of a Part-10 file, read by walking its top-level elements up to
-    the pixel data (no value is decoded); None when the file cannot be walked so."""
+def pixel_format(buf) -> PixelFormat | None:
+    """The :class:`PixelFormat` of a Part-10 file's bytes ``buf`` (the leak scan holds them
+    already), read by walking the file meta and the top-level elements up to the pixel data (no
+    value is decoded, no file opened again); None when the file cannot be walked so."""
+    size = len(buf)
+    if size < 132 or buf[128:132] != b"DICM":
+        return None
     try:
-        with open(path, "rb") as fp:
-            meta, ts = _transfer_syntax(fp)
-            encoding = stream_encoding(ts)
-            if encoding is None:
-                return None
-            pos, size = fp.tell(), os.fstat(fp.fileno()).st_size
-            with mmap.mmap(fp.fileno(), 0, access=mmap.ACCESS_READ) as mm:
-                walker, by_tag = _Walker(mm, size, *encoding), {}
-                while pos < size:
-                    el = walker.element(pos)
-                    if el.tag > 0x0028FFFF:
-                        break  # the pixel module is group 0028: the rest is not walked
-                    if el.tag >> 16 == 0x0028:
-                        by_tag[el.tag] = el
-                    pos = el.end
-                return _stream_pixel_format(mm, by_tag, ts, encoding[1])
-    except (DicomError, OSError, ValueError):
+        walker, pos, ts = _Walker(buf, size, False, True), 132, None  # file meta: explicit VR little endian
+        while pos + 2 <= size and buf[pos:pos + 2] == b"\x02\x00":  # group 0002, little endian
+            el = walker.element(pos)
+            if el.tag == 0x00020010:
+                ts = bytes(buf[el.vstart:el.vend]).rstrip(b"\0 ").decode("ascii")
+            pos = el.end
+        encoding = stream_encoding(ts)
+        if encoding is None:
+            return None
+        walker, by_tag = _Walker(buf, size, *encoding), {}
+        while pos < size:
+            el = walker.element(pos)
+            if el.tag > 0x0028FFFF:
+                break  # the pixel module is group 0028: the rest is not walked
+            if el.tag >> 16 == 0x0028:
+                by_tag[el.tag] = el
+            pos = el.end
+        return _stream_pixel_format(buf, by_tag, ts, encoding[1])
+    except (DicomError, ValueError, struct.error):
         return None
 
 

@@ -554,7 +554,7 @@ def _scan_dicom(path: Path, rel: str, head: bytes, size: int, matcher: Matcher, 
     segments = [(0, data)] if region is None else [(0, data[:region[0]]), (region[1], data[region[1]:])]
     if region is not None:
         res.skipped += region[1] - region[0]
-        if not _image_only(path, data, region):
+        if not _image_only(data, region):
             _unscanned(res, rel, "Pixel Data holds bytes outside its frames' codestreams")
     header = segments[0][1]
     found: list[tuple[int, Needle]] = []
@@ -575,14 +575,14 @@ def _scan_dicom(path: Path, rel: str, head: bytes, size: int, matcher: Matcher, 
     _dedupe(res)
 
 
-def _image_only(path: Path, data: bytes, region: tuple[int, int]) -> bool:
+def _image_only(data: bytes, region: tuple[int, int]) -> bool:
     """Whether the Pixel Data at ``region`` of ``data`` holds only what a decoder reads (the DICOM engine removes
     the rest, :mod:`deidflow.codestreams`): bytes after a frame, in the offset table or after the
     last native frame are not image, and the pixel data are not searched.  True when the pixel
     module cannot be read (nothing to measure by) or the codestream is not one that is parsed."""
     from ..codestreams import NATIVE, CodestreamError, image_extent, native_length
     from ..dicomio import pixel_format
-    fmt = pixel_format(path)
+    fmt = pixel_format(data)
     if fmt is None or fmt.geometry is None:
         return True
     start, end = region
