@@ -207,6 +207,33 @@ def test_input_file_swapped_after_the_inventory_is_quarantined(tmp_path, stage, 
     assert not any(b"MRN551207" in p.read_bytes() for p in out.rglob("*") if p.is_file())
 
 
+def test_other_format_file_rewritten_while_it_is_read_is_quarantined(tmp_path, monkeypatch):
+    """The other-formats job checked a file against its inventory row before reading it, not after
+    (the dicom job checks both): a NIfTI rewritten during its scrub was staged for release."""
+    from deidflow.formats import ScrubContext, get, stage
+    from deidflow.pseudonym import Pseudonymizer
+    inp, staged = tmp_path / "input", tmp_path / "stage"
+    nii = inp / "P" / "t1.nii"
+    _nifti(nii, 1)
+    st = nii.stat()
+    entry = {"relpath": "P/t1.nii", "format": "nifti1", "out_relpath": "anat/t1.nii", "src_id": "s1",
+             "size": st.st_size, "mtime_ns": st.st_mtime_ns}
+    real = get("nifti1")
+
+    class Rewriting:
+        def scrub(self, src, dst, ctx):
+            res = real.scrub(src, dst, ctx)
+            _nifti(nii, 7)  # another image at the same path, written while the job read it
+            return res
+
+    monkeypatch.setattr(stage, "get", lambda fmt: Rewriting())
+    bad, audit = [], []
+    ctx = ScrubContext(subject="sub-x", pseudo=Pseudonymizer(KEY.encode()), date_offset=0)
+    ok = stage._one(entry, inp, staged, ctx, bad, audit, {}, "sourcedata/nifti", "sub-x")
+    assert not ok and bad and "changed since the inventory" in bad[0][1], bad
+    assert not [p for p in staged.rglob("*") if p.is_file()] and audit == []
+
+
 # ------------------------------------------------------------------------------------------------
 # Signals
 # ------------------------------------------------------------------------------------------------

@@ -140,11 +140,13 @@ def _one(f, input_dir: Path, stage: Path, ctx: ScrubContext, bad, audit, found, 
         return False
     for k, v in res.identifiers.items():  # (searched in the subject's other files even if this one is withheld)
         found[k if found.get(k, v) == v else f"{k} ({f['src_id']})"] = v
-    why = _pixel_text(stage / f["out_relpath"]) if fmt in VOLUME_FORMATS else None
+    why = changed_input(input_dir, f)  # rewritten while it was read (as the dicom job checks)
+    if not why and fmt in VOLUME_FORMATS and (text := _pixel_text(stage / f["out_relpath"])):
+        why = f"{fmt}: {text}"
     if why:
         for p in res.outputs:
             Path(p).unlink(missing_ok=True)
-        bad.append((f["relpath"], f"{fmt}: {why}"))
+        bad.append((f["relpath"], why))
         return False
     audit.append(json.dumps({"file": f"{rdir}/{subject}/{f['out_relpath']}", "source": f["src_id"],
                              "format": fmt, "outputs": [p.name for p in res.outputs],
