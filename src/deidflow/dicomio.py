@@ -668,7 +668,7 @@ def _deidentify_dataset(src: Path, out: BinaryIO, scrubber: Scrubber, capture: f
         raise DicomError("no SOPInstanceUID in the data set")
     if not sop_class:
         raise DicomError("no SOPClassUID in the data set or file meta")
-    if _image_only(ds, ts):  # a deflated file is not rewritten after writing (see deidentify_path)
+    if _trim_to_image(ds, ts):  # a deflated file is not rewritten after writing (see deidentify_path)
         actions["PixelData"] = "C"
     ds.file_meta = _new_meta(str(sop_class), str(ds.SOPInstanceUID), ts)
     ds.preamble = b"\x00" * 128
@@ -680,19 +680,16 @@ def _deidentify_dataset(src: Path, out: BinaryIO, scrubber: Scrubber, capture: f
     return FileResult(actions, str(ds.SOPInstanceUID), len(pix) if pix else 0, captured)
 
 
-def _image_only(ds: Dataset, ts: str) -> bool:
+def _trim_to_image(ds: Dataset, ts: str) -> bool:
     """Reduce the Pixel Data of ``ds`` to its image (:func:`codestreams.image_extent`); True when
     anything was removed."""
     if "PixelData" not in ds:
         return False
     try:
-        alloc = int(ds.BitsAllocated)
-        frames = int(ds.get("NumberOfFrames") or 1)
-        shape = [int(ds[t].value) if t in ds and ds[t].value is not None else None for t in _SHAPE]
+        g = _dataset_pixel_format(ds, ts).geometry
         value = ds.PixelData
     except Exception:  # an incomplete pixel module: nothing to measure the frames by
         return False
-    g = _geometry(shape, alloc, frames, str(ds.get("PhotometricInterpretation") or ""))
     try:
         new = value if g is None or not isinstance(value, bytes) else image_extent(value, ts, g)
     except CodestreamError as exc:
@@ -790,14 +787,19 @@ def _read_pixel_format(path: Path) -> PixelFormat | None:
     """The :class:`PixelFormat` of a written file, read with pydicom; None when it has none."""
     try:
         ds = pydicom.dcmread(path, stop_before_pixels=True, specific_tags=[*_BITS, _FRAMES, *_SHAPE, _PHOTOMETRIC])
-        values = [int(ds[t].value) if t in ds else None for t in _BITS]
-        bits = None if None in values[:3] else (values[0], values[1], values[2], values[3] or 0)
-        frames = int(ds.get("NumberOfFrames") or 1)
-        shape = [int(ds[t].value) if t in ds and ds[t].value is not None else None for t in _SHAPE]
-        return PixelFormat(str(ds.file_meta.TransferSyntaxUID), bits, frames,
-                           _geometry(shape, values[0], frames, str(ds.get("PhotometricInterpretation") or "")))
+        return _dataset_pixel_format(ds, str(ds.file_meta.TransferSyntaxUID))
     except Exception:  # no file meta, or values pydicom cannot read: nothing to clear or strip here
         return None
+
+
+def _dataset_pixel_format(ds: Dataset, ts: str) -> PixelFormat:
+    """The :class:`PixelFormat` of a data set pydicom read (an empty value counts as absent, as
+    in :func:`_stream_pixel_format`); raises on values it cannot read."""
+    values = [int(ds[t].value) if t in ds and ds[t].value is not None else None for t in _BITS]
+    bits = None if None in values[:3] else (values[0], values[1], values[2], values[3] or 0)
+    frames = int(ds.get("NumberOfFrames") or 1)
+    shape = [int(ds[t].value) if t in ds and ds[t].value is not None else None for t in _SHAPE]
+    return PixelFormat(ts, bits, frames, _geometry(shape, values[0], frames, str(ds.get("PhotometricInterpretation") or "")))
 
 
 def clear_unused_pixel_bits(path: Path, fmt: PixelFormat | None = None) -> bool:
