@@ -41,6 +41,9 @@ from .dicom import BLOB_CACHE_MIN, SWEEP_VRS, Scrubber, _dict_info, looks_like_i
 IMPLEMENTATION_CLASS_UID = "2.25.173526497432135315340637374432658215186"  # fixed, deidflow's own
 IMPLEMENTATION_VERSION = ("DEIDFLOW_" + __version__.split("+")[0].replace(".", ""))[:16]
 PIXEL_TAGS = frozenset((0x7FE00008, 0x7FE00009, 0x7FE00010))
+# pixel data whose frames cannot be measured: no decoder, screen or trim can tell image from other bytes
+INCOMPLETE_PIXEL_MODULE = ("pixel data without a complete image pixel module (Rows, Columns, Bits Allocated): "
+                           "it cannot be screened or checked for hidden bytes")
 UNDEFINED = 0xFFFFFFFF
 _SHORT_VRS = frozenset((b"AE", b"AS", b"AT", b"CS", b"DA", b"DS", b"DT", b"FL", b"FD", b"IS", b"LO", b"LT",
                         b"PN", b"SH", b"SL", b"SS", b"ST", b"TM", b"UI", b"UL", b"US"))
@@ -676,8 +679,8 @@ def _deidentify_dataset(src: Path, out: BinaryIO, scrubber: Scrubber, capture: f
         pydicom.dcmwrite(out, ds, enforce_file_format=True)
     except Exception as exc:
         raise DicomError(f"cannot write de-identified file: {type(exc).__name__}") from None
-    pix = ds.get("PixelData")
-    return FileResult(actions, str(ds.SOPInstanceUID), len(pix) if pix else 0, captured)
+    pixel_bytes = sum(len(ds[t].value or b"") for t in PIXEL_TAGS if t in ds)
+    return FileResult(actions, str(ds.SOPInstanceUID), pixel_bytes, captured)
 
 
 def _trim_to_image(ds: Dataset, ts: str) -> bool:
@@ -737,6 +740,8 @@ def deidentify_path(src: Path, dst: Path, scrubber: Scrubber, capture: frozenset
         fmt = result.pixel_format  # known: the stream engine cleared the unused bits while writing
         changed = fmt is None and clear_unused_pixel_bits(tmp)
         fmt = fmt or _read_pixel_format(tmp)
+        if result.pixel_bytes and (fmt is None or fmt.geometry is None):
+            raise DicomError(INCOMPLETE_PIXEL_MODULE)
         try:  # bytes no decoder reads first: the frames are then told apart by their codestreams
             changed |= fmt is not None and trim_pixel_data(tmp, fmt.transfer_syntax, fmt.geometry)
         except CodestreamError as exc:

@@ -550,49 +550,54 @@ def _scan_dicom(path: Path, rel: str, head: bytes, size: int, matcher: Matcher, 
                 pixel_data: bool) -> None:
     with open(path, "rb") as fh:
         data = fh.read()
-    region = None if pixel_data else pixel_region(data)
+    deflated = _DEFLATED in data[:4096]
+    region = None if pixel_data or deflated else pixel_region(data)  # deflated: no element is found in the bytes
     segments = [(0, data)] if region is None else [(0, data[:region[0]]), (region[1], data[region[1]:])]
     if region is not None:
         res.skipped += region[1] - region[0]
-        if not _image_only(data, region):
-            _unscanned(res, rel, "Pixel Data holds bytes outside its frames' codestreams")
+        if why := _not_image(data, region):
+            _unscanned(res, rel, why)
     header = segments[0][1]
     found: list[tuple[int, Needle]] = []
     for base, seg in segments:
         res.scanned += len(seg)
         found += [(base + off, n) for off, n in matcher.find(seg)]
-    parse = _DEFLATED in header[:4096] or any(t not in _SAFE_CHARSETS for t in _CHARSET_TERMS.findall(header))
+    parse = deflated or any(t not in _SAFE_CHARSETS for t in _CHARSET_TERMS.findall(header))
     if found:
         for off, n in found:
             where = _dicom_location(path, n, off)
             if not _label_in_defined_term(n, where):
                 res.hits.append(_hit(rel, where, n))
     if parse:
-        for where, text in _dicom_strings(path, deflated=_DEFLATED in header[:4096]):
+        for where, text in _dicom_strings(path, deflated=deflated):
             for _, n in matcher.find(text.encode("utf-8")):
                 if not _label_in_defined_term(n, f"DICOM {where}"):
                     res.hits.append(_hit(rel, f"DICOM {where}", n))
     _dedupe(res)
 
 
-def _image_only(data: bytes, region: tuple[int, int]) -> bool:
-    """Whether the Pixel Data at ``region`` of ``data`` holds only what a decoder reads (the DICOM engine removes
-    the rest, :mod:`deidflow.codestreams`): bytes after a frame, in the offset table or after the
-    last native frame are not image, and the pixel data are not searched.  True when the pixel
-    module cannot be read (nothing to measure by) or the codestream is not one that is parsed."""
+def _not_image(data: bytes, region: tuple[int, int]) -> str | None:
+    """Why the Pixel Data at ``region`` of ``data`` may hold more than what a decoder reads (the
+    DICOM engine removes the rest, :mod:`deidflow.codestreams`): bytes after a frame, in the offset
+    table or after the last native frame are not image, and the pixel data are not searched; None
+    when it holds only its frames, or when the codestream is not one that is parsed (video).  A
+    pixel module that cannot be read leaves nothing to measure the frames by (the engine withholds
+    such files): not image either."""
     from ..codestreams import NATIVE, CodestreamError, image_extent, native_length
     from ..dicomio import pixel_format
     fmt = pixel_format(data)
     if fmt is None or fmt.geometry is None:
-        return True
+        return "Pixel Data without a readable image pixel module (its frames cannot be measured)"
     start, end = region
     if fmt.transfer_syntax in NATIVE and end - start <= native_length(fmt.geometry) + 1:
-        return True  # the usual case, judged by the length alone
+        return None  # the usual case, judged by the length alone
     value = data[start:end]
     try:
-        return image_extent(value, fmt.transfer_syntax, fmt.geometry) is value
+        if image_extent(value, fmt.transfer_syntax, fmt.geometry) is value:
+            return None
     except CodestreamError:
-        return False
+        pass
+    return "Pixel Data holds bytes outside its frames' codestreams"
 
 
 def _label_in_defined_term(n: Needle, location: str) -> bool:
