@@ -8,7 +8,8 @@ back to the text's offsets:
   ``Müller`` stored and ``Mueller`` written, is a matter of the name's forms:
   :func:`deidflow.qc.identifiers.accented_spellings`, transliterations);
 * UTF-16 text (Latin-1 range, either byte order) inside binary values: Windows-based devices keep
-  XML and state in UTF-16 (``Z\0e\0b\0…``), which the byte forms of a value never match.
+  XML and state in UTF-16 (``Z\0e\0b\0…``), which the byte forms of a value never match;
+* UTF-16 text of the other scripts the searched values are written in (``script_views``).
 """
 from __future__ import annotations
 
@@ -168,4 +169,85 @@ def utf16_views(low: bytes, spans: Spans) -> list[tuple[int, int, "Needle"]]:
                 hits = spans(view, folded=True) + fold_accents(view, spans)
                 out += [(i + 2 * s, i + 2 * e, n) for s, e, n in hits]
             i = classes.find(unit * _UTF16_MIN, j)
+    return out
+
+
+# UTF-16 text of other scripts (Cyrillic, Greek, CJK, Hangul, Latin Extended …): found around a
+# code unit of a character the searched values hold above Latin-1 next to another letter, then read
+# with the Latin-1 characters between its words, decoded and searched as UTF-8.  Only the searched
+# values' characters start a read, so binary data rarely does.
+_SCRIPT_MIN = 3  # code units in a row
+_SCRIPT_REACH = 512  # bytes read on either side of the character found
+
+
+@lru_cache(maxsize=64)
+def _script_runs(chars: frozenset[str]) -> tuple[bytes, frozenset[bytes], frozenset[bytes], re.Pattern, re.Pattern]:
+    """For ``chars``: a translation table marking the high bytes of their code units ``b``, their
+    UTF-16LE and UTF-16BE code units, and the patterns of UTF-16LE and UTF-16BE runs of code units
+    of their blocks and printable Latin-1 characters."""
+    blocks = {ord(c) >> 8 for c in chars}
+    table = bytes(ord("b") if c in blocks else ord(".") for c in range(256))
+    hi = b"".join(re.escape(bytes([b])) for b in sorted(blocks))
+    lat = rb"\x20-\x7e\xa0-\xff"
+    le = rb"(?:[" + lat + rb"]\x00|[\x00-\xff][" + hi + rb"])"
+    be = rb"(?:\x00[" + lat + rb"]|[" + hi + rb"][\x00-\xff])"
+    return (table, frozenset(c.encode("utf-16-le") for c in chars), frozenset(c.encode("utf-16-be") for c in chars),
+            re.compile(le + rb"{%d,}" % _SCRIPT_MIN, re.S), re.compile(be + rb"{%d,}" % _SCRIPT_MIN, re.S))
+
+
+def _letter_unit(u: bytes, units: frozenset[bytes], little: bool) -> bool:
+    """Whether the code unit ``u`` is one of ``units`` or a Latin-1 letter."""
+    if u in units:
+        return True
+    lo, hi = (u[0], u[1]) if little and len(u) == 2 else (u[1], u[0]) if len(u) == 2 else (0, 1)
+    return hi == 0 and (65 <= lo <= 90 or 97 <= lo <= 122 or lo >= 0xC0)
+
+
+def script_views(text: bytes, spans: Spans, chars: frozenset[str]) -> list[tuple[int, int, "Needle"]]:
+    """The occurrences ``spans`` finds in the UTF-16 stretches of ``text`` (as read, not
+    lower-cased: the high byte of a code unit may be an ASCII letter) that hold ``chars`` (the
+    searched values' characters above Latin-1), decoded and read as UTF-8, at their offsets in
+    ``text``.  A stretch is read around a code unit of ``chars`` next to another letter; it is
+    also read one byte on, in case its match began one byte early."""
+    if not chars:
+        return []
+    table, le_units, be_units, le_run, be_run = _script_runs(chars)
+    classes = text.translate(table)
+    out: list = []
+    done = 0  # the text up to here has been read
+    k = classes.find(b"b")
+    while k >= 0:
+        if not ((k and text[k - 1:k + 1] in le_units and (_letter_unit(text[k - 3:k - 1], le_units, True)
+                                                           or _letter_unit(text[k + 1:k + 3], le_units, True)))
+                or (text[k:k + 2] in be_units and (_letter_unit(text[k - 2:k], be_units, False)
+                                                   or _letter_unit(text[k + 2:k + 4], be_units, False)))):
+            k = classes.find(b"b", k + 1)
+            continue
+        ws, we = max(done, k - _SCRIPT_REACH), k + _SCRIPT_REACH
+        done = min(we, len(text))
+        for pattern, codec in ((le_run, "utf-16-le"), (be_run, "utf-16-be")):  # a byte order may look like the other
+            for m in pattern.finditer(text, ws):
+                if m.start() >= we:
+                    break
+                out += _script_view(text, m.start(), m.end(), codec, spans)
+                done = max(done, m.end())
+        k = classes.find(b"b", done)
+    return out
+
+
+def _script_view(text: bytes, s0: int, e0: int, codec: str, spans: Spans) -> list:
+    """The hits of ``spans`` in ``text[s0:e0]`` decoded as ``codec`` (also from one byte on)."""
+    out = []
+    for start in (s0, s0 + 1):
+        chars = text[start:start + (e0 - start) // 2 * 2].decode(codec, "replace")
+        if max(chars, default="\0") <= "\xff":
+            continue  # Latin-1 only: utf16_views reads it
+        view = chars.encode("utf-8")
+        hits = spans(view, folded=True) + fold_accents(view, spans)
+        if hits:
+            ends = [0]  # UTF-8 offset of each character (every code unit here is one character)
+            for c in chars:
+                ends.append(ends[-1] + len(c.encode("utf-8")))
+            at = {o: k for k, o in enumerate(ends)}
+            out += [(start + 2 * at[s], start + 2 * at[e], n) for s, e, n in hits if s in at and e in at]
     return out

@@ -26,7 +26,7 @@ from pathlib import Path
 from typing import Iterable, Iterator, Mapping
 
 from ..fsutil import RESTRICTED_FILE_MODE, atomic_write_text, make_restricted_dir
-from .folding import FOLD_EXTRA, fold_accents, utf16_views
+from .folding import FOLD_EXTRA, fold_accents, script_views, utf16_views
 
 KINDS = ("name", "date", "datetime", "time", "uid", "id", "path")
 IDENTIFIERS_DIR = "identifiers"
@@ -1389,12 +1389,13 @@ class Matcher:
         self.short_dates: dict[bytes, list[Needle]] = {}
         self.substrings: list[Needle] = []
         self.count = 0
-        seen = set()
+        seen, seen_texts = set(), set()
         for n in needles:
             key = self.key(n)
             if key in seen:
                 continue
             seen.add(key)
+            seen_texts.add(n.text)
             self.count += 1
             if n.mode == "date":
                 self.dates.setdefault(n.text, []).append(n)
@@ -1412,9 +1413,16 @@ class Matcher:
         self.uid_keys = frozenset(self.uids)
         self.date_years = frozenset(k[:4] for k in self.dates)
         self.digit_anchor_lengths = sorted({len(t) for t in self.compact_anchors if t.isdigit()})
+        # the values' characters above Latin-1 (UTF-16 text is read around them: folding.script_views)
+        self.script_chars = frozenset(c for text in seen_texts if max(text, default=0) >= 0xC4
+                                      for c in text.decode("utf-8", "ignore") if "\u00ff" < c < "\ud800")
 
     def __len__(self) -> int:
         return self.count
+
+    def script_chars_all(self) -> frozenset[str]:
+        """The searched values' characters above Latin-1 (UTF-16 text is read around them)."""
+        return self.script_chars
 
     def empty(self) -> bool:
         """Nothing to search for (a subclass may search more than its needles)."""
@@ -1483,7 +1491,8 @@ class Matcher:
             seen = {(s, e, n.digest) for s, e, n in hits}
             hits += [h for h in born if (h[0], h[1], h[2].digest) not in seen]
         if not folded:  # MULLER^JURGEN written Müller Jürgen; UTF-16 text in binary values
-            hits += fold_accents(low, self.spans) + utf16_views(low, self.spans)
+            hits += fold_accents(low, self.spans) + utf16_views(low, self.spans) + \
+                script_views(text, self.spans, self.script_chars_all())
         return hits
 
     def _anchored(self, low: bytes, i: int, tok: bytes, hits: list) -> None:

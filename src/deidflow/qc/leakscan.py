@@ -798,6 +798,9 @@ class UnitMatcher(Matcher):
         if new:
             self.others = Matcher(self.made)
 
+    def script_chars_all(self) -> frozenset[str]:
+        return self.script_chars | self.others.script_chars if self.others is not None else self.script_chars
+
     def empty(self) -> bool:  # a unit without values of its own still searches the other subjects' names
         return not self.count and not self.names and self.others is None
 
