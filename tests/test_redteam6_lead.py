@@ -150,3 +150,61 @@ def test_utf16_other_script_name_in_safe_private_blob_not_released(tmp_path):
     for v in ("Иванова", "ИВАНОВА", "Мария"):
         assert v.encode("utf-16-le") not in released[0] and v.encode("utf-16-be") not in released[0], v
     assert "4V1c".encode("utf-16-le") in released[0]  # the rest of the kept value stays
+
+
+# -- a slide label stored as a few tiles that does not say what it is -------------------------------
+def _tiled(src: Path, img, tiles: tuple[int, int], path: Path, image_type: str = "VOLUME") -> Path:
+    """A whole-slide image of ``img`` cut into ``tiles`` (rows, columns) of equal size, TILED_FULL,
+    native RGB, with highdicom's ``src`` as the template; it does not declare a label."""
+    import numpy as np
+    from pydicom.uid import ExplicitVRLittleEndian
+    arr = np.asarray(img.convert("RGB"))
+    th, tw = arr.shape[0] // tiles[0], arr.shape[1] // tiles[1]
+    frames = [arr[r * th:(r + 1) * th, c * tw:(c + 1) * tw] for r in range(tiles[0]) for c in range(tiles[1])]
+    ds = pydicom.dcmread(src)
+    ds.ImageType = ["ORIGINAL", "PRIMARY", image_type, "NONE"]
+    ds.SOPInstanceUID = ds.file_meta.MediaStorageSOPInstanceUID = generate_uid()
+    ds.Rows, ds.Columns = th, tw
+    ds.TotalPixelMatrixRows, ds.TotalPixelMatrixColumns = th * tiles[0], tw * tiles[1]
+    ds.NumberOfFrames = len(frames)
+    ds.DimensionOrganizationType = "TILED_FULL"
+    if "PerFrameFunctionalGroupsSequence" in ds:
+        del ds.PerFrameFunctionalGroupsSequence
+    ds.SpecimenLabelInImage = "NO"  # what a careless export says
+    ds.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
+    ds.PixelData = np.stack(frames).tobytes()
+    ds.save_as(path, enforce_file_format=True)
+    return path
+
+
+def test_slide_label_stored_as_a_few_tiles_is_withheld(tmp_path):
+    """A slide label ("DOE, JANE", a specimen number) stored as a 2 x 2 tiled VOLUME image that
+    says SpecimenLabelInImage NO was released unscreened, pixels unchanged: every tiled
+    whole-slide image counted as a pyramid level of tissue.  An image of a few tiles is now
+    screened tile by tile, and withheld when text is found (tiles are not cleaned, and the text
+    crosses them); a tiled image of a few tiles without text keeps its pixels bit for bit, and
+    real pyramid levels (25 tiles) are still not screened."""
+    from PIL import Image, ImageDraw, ImageFont
+
+    from .test_pixels_realdata import WSI, pixel_hash, run_subject
+    from .conftest import require_shared
+    src = require_shared(*WSI.parts) / "sm_image.dcm"
+    font = ImageFont.load_default(size=30)
+    label = Image.new("RGB", (480, 200), "white")
+    d = ImageDraw.Draw(label)
+    d.text((20, 30), "S19-4711 A1", fill="black", font=font)
+    d.text((20, 110), "DOE, JANE", fill="black", font=font)
+    tissue = Image.new("RGB", (480, 200), (236, 236, 240))
+    td = ImageDraw.Draw(tissue)
+    for k in range(30):  # pink blobs
+        x, y = 10 + (k * 37) % 420, 10 + (k * 53) % 160
+        td.ellipse([x, y, x + 40, y + 30], fill=(200, 120 + k % 40, 170))
+    made = tmp_path / "made"
+    made.mkdir()
+    files = {"label.dcm": _tiled(src, label, (2, 2), made / "label.dcm"),
+             "tissue.dcm": _tiled(src, tissue, (2, 2), made / "tissue.dcm"), "level.dcm": src}
+    out_dir, _, bad, audit = run_subject(files, tmp_path / "run", {"clean": "auto"})
+    assert not (out_dir / "label.dcm").exists()
+    assert len(bad) == 1 and "stored as tiles shows text" in bad[0][1], bad
+    for name in ("tissue.dcm", "level.dcm"):
+        assert pixel_hash(out_dir / name) == pixel_hash(files[name])

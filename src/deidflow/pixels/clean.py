@@ -22,7 +22,7 @@ from . import identify, ink, layout, ocr, render, thumbs
 from .layout import Box
 from .pixeldata import Frames, PixelDataError
 from .policy import (Decision, HeaderFacts, decide, load_policy, load_regions, load_series_overrides, raw_key,
-                     regions_for, wsi_level)
+                     regions_for, tiled_wsi, wsi_level)
 
 SELECTION_KEYWORDS = ("Modality", "SOPClassUID", "ImageType", "BurnedInAnnotation", "Manufacturer",
                       "ManufacturerModelName", "Rows", "Columns", "SpecimenLabelInImage", "SpecificCharacterSet",
@@ -121,19 +121,21 @@ class PixelCleaner:
     def decide(self, header: Dataset | None) -> Decision:
         return self.classify(header)[0]
 
-    def classify(self, header: Dataset | None) -> tuple[Decision, bool, bool]:
-        """(the header rules' decision, is it an image, is it a whole-slide pyramid level), remembered per
+    def classify(self, header: Dataset | None) -> tuple[Decision, bool, bool, bool]:
+        """(the header rules' decision, is it an image, is it a whole-slide pyramid level, is it a
+        whole-slide image stored as tiles), remembered per
         distinct set of the selection values (the files of a series repeat them; decoding them
         for every file costs as much as the screen)."""
         if header is None:
-            return decide(HeaderFacts(), self.mode, self.rules), False, False
+            return decide(HeaderFacts(), self.mode, self.rules), False, False, False
         key = raw_key(header, _SELECTION_TAGS)
         hit = self._classes.get(key)
         if hit is None:
             if len(self._classes) > 1024:
                 self._classes.clear()
             h = HeaderFacts.from_dataset(header)
-            hit = self._classes[key] = (decide(h, self.mode, self.rules), h.rows > 0 and h.columns > 0, wsi_level(h))
+            hit = self._classes[key] = (decide(h, self.mode, self.rules), h.rows > 0 and h.columns > 0, wsi_level(h),
+                                        tiled_wsi(h))
         return hit
 
     # -- one file -----------------------------------------------------------------------------

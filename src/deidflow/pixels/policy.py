@@ -167,13 +167,20 @@ def _wsi_with_label(h: HeaderFacts) -> Decision:
 
 
 def wsi_level(h: HeaderFacts) -> bool:
-    """A whole-slide pyramid level: tiles (more than one frame) that show tissue, never screened.
-    A single-frame whole-slide image (a thumbnail, or a label stored under another image type) is
+    """A whole-slide pyramid level: more tiles than :data:`WSI_SCREENED_TILES`, which show tissue,
+    never screened.  A whole-slide image of one frame (a thumbnail, or a label stored under another
+    image type) or of a few tiles (a label or overview stored as tiles that does not say so) is
     screened like any image."""
+    return h.sop_class == WSI_CLASS and h.frames > WSI_SCREENED_TILES
+
+
+def tiled_wsi(h: HeaderFacts) -> bool:
+    """A whole-slide image stored as tiles (text may cross them, and tiles are not cleaned)."""
     return h.sop_class == WSI_CLASS and h.frames > 1
 
 
 WSI_CLASS = "1.2.840.10008.5.1.4.1.1.77.1.6"
+WSI_SCREENED_TILES = 8  # every tile of such an image is screened (screen.SMALL_SERIES)
 
 
 @dataclass(frozen=True)

@@ -44,6 +44,7 @@ class _Member:
     decision: Decision
     image: bool  # has rows and columns
     wsi: bool  # a whole-slide pyramid level (never screened: policy.wsi_level)
+    tiled: bool  # a whole-slide image stored as tiles (policy.tiled_wsi: not cleaned)
     outcome: Outcome | None = None
 
 
@@ -111,7 +112,7 @@ class SubjectPixels:
         if mode == "off":
             fact["decision"], fact["why"] = "kept", "pixels.series_file: off"
         elif mode == "always":
-            clean = [m for m in members if m.decision.action != "skip" or m in screenable]
+            clean = [m for m in members if m.decision.action != "skip" or (m in screenable and not m.tiled)]
             fact["decision"], fact["why"] = "cleaned", ("pixels.series_file: always" if override
                                                        else "pixels.clean is always")
         else:
@@ -123,14 +124,15 @@ class SubjectPixels:
         if screenable and (mode == "off" or (mode == "auto" and not forced)):
             res = self._screen(screenable, fact)
             if res is not None and res.text and mode == "auto":
-                clean = list(screenable)
+                self._withhold_tiled(screenable, fact)
+                clean = [m for m in screenable if not m.entry.get("withheld") and not m.tiled]
                 fact["decision"], fact["why"] = "cleaned", "text found by the screen"
             elif res is not None and mode == "auto":
                 fact["why"] = "no text found by the screen"
             elif res is not None and res.text:
                 fact["why"] += "; text found, left for the pixel leak check"
         elif screenable and mode == "auto" and forced:
-            clean += [m for m in screenable if m not in clean]  # a selected file cleans its series
+            clean += [m for m in screenable if m not in clean and not m.tiled]  # a selected file cleans its series
         for m in members:
             if m.entry.get("withheld"):
                 continue
@@ -165,6 +167,14 @@ class SubjectPixels:
             # found[].file indexes ``members`` (the screened files of the series)
             return res
         return None
+
+    def _withhold_tiled(self, screened: list[_Member], fact: dict) -> None:
+        """A whole-slide image of a few tiles in which the screen found text is withheld: its tiles
+        are not cleaned, and text may cross them (a label stored as tiles)."""
+        for i in sorted({f["file"] for f in fact["found"]}):
+            if screened[i].tiled and not screened[i].entry.get("withheld"):
+                self._withhold(screened[i], "a whole-slide image stored as tiles shows text (a slide label or "
+                                            "annotation; its tiles are not cleaned)", fact)
 
     def _clean(self, m: _Member, fact: dict) -> None:
         c = self.cleaner
