@@ -217,7 +217,7 @@ def test_other_format_file_rewritten_while_it_is_read_is_quarantined(tmp_path, m
     _nifti(nii, 1)
     st = nii.stat()
     entry = {"relpath": "P/t1.nii", "format": "nifti1", "out_relpath": "anat/t1.nii", "src_id": "s1",
-             "size": st.st_size, "mtime_ns": st.st_mtime_ns}
+             "size": st.st_size, "mtime_ns": st.st_mtime_ns, "ctime_ns": st.st_ctime_ns}
     real = get("nifti1")
 
     class Rewriting:
@@ -311,7 +311,7 @@ def test_full_disk_while_cleaning_pixels_fails_the_job_not_the_file(tmp_path, de
     capture = next(demo_export.glob("DOE_*/*/*Report_capture/*.dcm"))
     st = capture.stat()
     entry = {"relpath": capture.relative_to(demo_export).as_posix(), "out_relpath": "ses-1/US2-x/0001.dcm",
-             "src_id": "s1", "format": "dicom", "size": st.st_size, "mtime_ns": st.st_mtime_ns}
+             "src_id": "s1", "format": "dicom", "size": st.st_size, "mtime_ns": st.st_mtime_ns, "ctime_ns": st.st_ctime_ns}
     save_as = pydicom.Dataset.save_as
 
     def full_disk(self, filename, *args, **kwargs):

@@ -8,6 +8,7 @@ not scanned."""
 from __future__ import annotations
 
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -208,3 +209,42 @@ def test_slide_label_stored_as_a_few_tiles_is_withheld(tmp_path):
     assert len(bad) == 1 and "stored as tiles shows text" in bad[0][1], bad
     for name in ("tissue.dcm", "level.dcm"):
         assert pixel_hash(out_dir / name) == pixel_hash(files[name])
+
+
+# -- a file copied over another with its times kept (cp -p) -----------------------------------------
+def _patient(path: Path, name: str, mrn: str) -> None:
+    ds = pydicom.dcmread(get_testdata_file("MR_small.dcm"))
+    ds.PatientName, ds.PatientID = name, mrn
+    ds.StudyInstanceUID, ds.SeriesInstanceUID, ds.SOPInstanceUID = generate_uid(), generate_uid(), generate_uid()
+    ds.save_as(path, enforce_file_format=True)
+
+
+def test_file_copied_over_with_its_times_kept_is_examined_again(tmp_path):
+    """The inventory reused its cached row (the patient, the subject) for a file of the same size
+    and modification time, so another patient's file copied over it with ``cp -p`` (same
+    protocol, same size; times kept) was released under the first patient's pseudonym, swept with
+    the first patient's identifiers.  The status-change time (ctime) is now part of what makes a
+    file the one examined: the inventory reads it again, and a job that meets it after the
+    inventory quarantines it."""
+    from deidflow import inventory
+    from deidflow.fsutil import changed_input
+    inp = tmp_path / "in"
+    inp.mkdir()
+    _patient(inp / "a.dcm", "NIXON^NORA", "7733100")
+    _patient(tmp_path / "other.dcm", "MASON^MARA", "7733999")
+    assert (inp / "a.dcm").stat().st_size == (tmp_path / "other.dcm").stat().st_size
+    pseudo = Pseudonymizer(TEST_KEY.encode())
+    first = inventory.build(inp, pseudo)
+    restricted = tmp_path / "restricted"
+    restricted.mkdir()
+    inventory.write(first, restricted)
+    (row,) = first.rows
+    old = (inp / "a.dcm").stat()
+    os.utime(tmp_path / "other.dcm", ns=(old.st_atime_ns, old.st_mtime_ns))
+    shutil.copy2(tmp_path / "other.dcm", inp / "a.dcm")  # what cp -p does: content and times
+    now = (inp / "a.dcm").stat()
+    assert (now.st_size, now.st_mtime_ns) == (old.st_size, old.st_mtime_ns)
+    assert "changed since the inventory" in changed_input(inp, row)
+    again = inventory.build(inp, pseudo, previous=restricted / "inventory.parquet")
+    (row2,) = again.rows
+    assert row2["subject"] != row["subject"] and row2["patient_id"] == "7733999"

@@ -168,7 +168,8 @@ def display_path(rel: str) -> str:
 def changed_input(input_dir: Path, entry: Mapping[str, Any]) -> str:
     """Why the input file of a manifest ``entry`` is not the file the inventory examined, or "".
 
-    The inventory walks without following links and records each file's size and modification time;
+    The inventory walks without following links and records each file's size, modification and
+    status-change times (a file copied over another with its times kept, ``cp -p``, has a new ctime);
     a job opens the path later. A file rewritten since, replaced by a symbolic link (to another
     patient's file, to /etc/passwd) or reached through a folder replaced by one must not be read
     under the identity the inventory gave it: the job quarantines it with this reason, and the next
@@ -180,8 +181,8 @@ def changed_input(input_dir: Path, entry: Mapping[str, Any]) -> str:
         return f"file not readable: {exc.strerror}"
     if not stat.S_ISREG(st.st_mode):
         return "changed since the inventory (no longer a regular file); run again"
-    if (st.st_size, st.st_mtime_ns) != (entry.get("size"), entry.get("mtime_ns")):
-        return "changed since the inventory (size or modification time); run again"
+    if (st.st_size, st.st_mtime_ns, st.st_ctime_ns) != (entry.get("size"), entry.get("mtime_ns"), entry.get("ctime_ns")):
+        return "changed since the inventory (size, modification or status-change time); run again"
     root = os.path.realpath(input_dir)
     if os.path.commonpath([root, os.path.realpath(path)]) != root:
         return "changed since the inventory (a folder of its path is now a symbolic link); run again"

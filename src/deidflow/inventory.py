@@ -41,8 +41,8 @@ HEADER_TAGS = {
 STR_COLUMNS = ("relpath", "format", "status", "reason", "transfer_syntax", *[
     c for c in HEADER_TAGS.values() if c not in ("series_number", "instance_number")],
     "subject", "session", "series_label", "out_relpath", "src_id", "release_dir", "primary", "compression")
-INT_COLUMNS = ("size", "mtime_ns", "series_number", "instance_number", "date_offset")
-CACHED = ("relpath", "size", "mtime_ns", "format", "reason", "transfer_syntax", "compression",
+INT_COLUMNS = ("size", "mtime_ns", "ctime_ns", "series_number", "instance_number", "date_offset")
+CACHED = ("relpath", "size", "mtime_ns", "ctime_ns", "format", "reason", "transfer_syntax", "compression",
           *HEADER_TAGS.values())
 
 
@@ -197,8 +197,13 @@ def _walk(input_dir: Path):
                 yield rel, st, None
 
 
+def _stamp(st: os.stat_result) -> tuple[int, int, int]:
+    """What says a file is the one examined before: size, modification and status-change times."""
+    return st.st_size, st.st_mtime_ns, st.st_ctime_ns
+
+
 def _examine(full: Path, rel: str, st: os.stat_result) -> dict:
-    row = {"relpath": rel, "size": st.st_size, "mtime_ns": st.st_mtime_ns, "reason": ""}
+    row = {"relpath": rel, "size": st.st_size, "mtime_ns": st.st_mtime_ns, "ctime_ns": st.st_ctime_ns, "reason": ""}
     if st.st_size == 0:
         row.update(format="empty", reason="zero-byte file")
         return row
@@ -421,7 +426,8 @@ def _quarantine(row: dict, reason: str) -> None:
 def build(input_dir: Path, pseudo: Pseudonymizer, *, previous: Path | None = None,
           unmapped: str = "quarantine", subject_pattern: str = "") -> Inventory:
     """Inventory ``input_dir``; rows of ``previous`` (an inventory.parquet) are reused for files
-    whose size and mtime are unchanged, so re-runs only read new or changed headers."""
+    whose size, modification and status-change times are unchanged, so re-runs only read new or
+    changed headers (a file copied over another with its times kept, ``cp -p``, has a new ctime)."""
     input_dir = Path(input_dir).resolve()
     if not input_dir.is_dir():
         raise InventoryError(f"input folder {input_dir} does not exist or is not a folder")
@@ -430,10 +436,10 @@ def build(input_dir: Path, pseudo: Pseudonymizer, *, previous: Path | None = Non
     for rel, st, problem in _walk(input_dir):
         if problem:
             rows.append({"relpath": rel, "format": "unreadable" if st is None else "other", "reason": problem,
-                         "size": None, "mtime_ns": None})
+                         "size": None, "mtime_ns": None, "ctime_ns": None})
             continue
         hit = cache.get(display_path(rel))
-        if hit and hit["format"] == "dicom" and hit["size"] == st.st_size and hit["mtime_ns"] == st.st_mtime_ns:
+        if hit and hit["format"] == "dicom" and (hit["size"], hit["mtime_ns"], hit["ctime_ns"]) == _stamp(st):
             rows.append({**hit, "relpath": rel})
         else:
             rows.append(_examine(input_dir / rel, rel, st))
@@ -505,7 +511,7 @@ def _subject_manifest(subject: str, rows: list[dict]) -> dict:
 
 
 def _file_manifest(r: dict) -> dict:
-    out = {k: r.get(k) for k in ("relpath", "size", "mtime_ns", "src_id", "out_relpath", "format")}
+    out = {k: r.get(k) for k in ("relpath", "size", "mtime_ns", "ctime_ns", "src_id", "out_relpath", "format")}
     if r.get("compression"):
         out["compression"] = r["compression"]  # the dicom job reads a decompressed copy (restricted)
     if r["format"] != "dicom":  # where it goes, what it follows, and the identity to clean text of
