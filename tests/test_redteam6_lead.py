@@ -248,3 +248,56 @@ def test_file_copied_over_with_its_times_kept_is_examined_again(tmp_path):
     again = inventory.build(inp, pseudo, previous=restricted / "inventory.parquet")
     (row2,) = again.rows
     assert row2["subject"] != row["subject"] and row2["patient_id"] == "7733999"
+
+
+# -- barcodes and QR codes next to burned-in text --------------------------------------------------
+def _ean13(digits12: str) -> str:
+    """The module pattern (1 = bar) of the EAN-13 code of ``digits12`` plus its check digit."""
+    L = ["0001101", "0011001", "0010011", "0111101", "0100011", "0110001", "0101111", "0111011", "0110111", "0001011"]
+    G = ["0100111", "0110011", "0011011", "0100001", "0011101", "0111001", "0000101", "0010001", "0001001", "0010111"]
+    R = ["1110010", "1100110", "1101100", "1000010", "1011100", "1001110", "1010000", "1000100", "1001000", "1110100"]
+    P = ["LLLLLL", "LLGLGG", "LLGGLG", "LLGGGL", "LGLLGG", "LGGLLG", "LGGGLL", "LGLGLG", "LGLGGL", "LGGLGL"]
+    s = sum(int(c) * (3 if i % 2 else 1) for i, c in enumerate(digits12))
+    d = [int(c) for c in digits12 + str((10 - s % 10) % 10)]
+    return ("101" + "".join((L if p == "L" else G)[x] for p, x in zip(P[d[0]], d[1:7])) + "01010"
+            + "".join(R[x] for x in d[7:]) + "101")
+
+
+def test_barcode_and_qr_code_on_a_screened_label_are_blanked_with_its_text(tmp_path):
+    """A slide label stored as a one-frame whole-slide image was screened and its text blanked, but
+    its barcode and QR code (the specimen number and the patient, machine-readable) were released
+    as they were: the text reader does not read them.  A frame with text now has its codes
+    blanked too; afterwards neither is found."""
+    import cv2
+    import numpy as np
+    from PIL import Image, ImageDraw, ImageFont
+
+    from .test_pixels_realdata import WSI, run_subject
+    from .conftest import require_shared
+    src = require_shared(*WSI.parts) / "sm_image.dcm"
+    label = Image.new("RGB", (720, 300), "white")
+    d = ImageDraw.Draw(label)
+    font = ImageFont.load_default(size=30)
+    d.text((20, 20), "S19-4711 A1", fill="black", font=font)
+    d.text((20, 70), "DOE, JANE", fill="black", font=font)
+    for k, bit in enumerate(_ean13("400638133393")):  # EAN-13, 3 px a module, quiet zones around
+        if bit == "1":
+            d.rectangle([40 + 3 * k, 140, 42 + 3 * k, 270], fill="black")
+    qr = cv2.QRCodeEncoder.create().encode("S19-4711 DOE JANE 7733100")
+    qr = cv2.resize(qr, None, fx=5, fy=5, interpolation=cv2.INTER_NEAREST)
+    label.paste(Image.fromarray(qr).convert("RGB"), (520, 40))
+    made = tmp_path / "made"
+    made.mkdir()
+    path = _tiled(src, label, (1, 1), made / "label.dcm")
+    before = pydicom.dcmread(path).pixel_array.max(axis=-1)
+    assert cv2.barcode.BarcodeDetector().detect(cv2.GaussianBlur(before, (3, 3), 0))[0]
+    assert cv2.QRCodeDetector().detectAndDecode(before)[0] == "S19-4711 DOE JANE 7733100"
+    out_dir, _, bad, audit = run_subject({"label.dcm": path}, tmp_path / "run", {"clean": "auto"})
+    assert bad == []
+    (record,) = [a["pixels"] for a in audit]
+    assert record["action"] == "redacted", record
+    after = pydicom.dcmread(out_dir / "label.dcm").pixel_array.max(axis=-1)
+    assert not cv2.barcode.BarcodeDetector().detect(cv2.GaussianBlur(after, (3, 3), 0))[0]
+    assert not cv2.QRCodeDetector().detectAndDecode(after)[0]
+    for rows, cols in ((slice(140, 271), slice(40, 325)), (slice(45, 160), slice(525, 640))):  # bars, QR modules
+        assert np.ptp(after[rows, cols]) == 0 and np.ptp(before[rows, cols]) > 0  # filled: one value

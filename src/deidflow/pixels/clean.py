@@ -214,8 +214,12 @@ class PixelCleaner:
         merged = self._read(frame, invert, shape, text=self.policy == "identifiers_only" and d.action != "wsi_overview")
         if d.action == "wsi_overview":
             return _overview_label(merged, shape)
+        codes = []
+        if merged:  # a frame with text: its barcodes and QR codes go with it (they cannot be read as harmless)
+            from .codes import code_boxes
+            codes = [(box, why, "") for box, why in code_boxes(render.normalized(render.gray_of(frame), invert))]
         if self.policy == "identifiers_only":
-            out = []
+            out = list(codes)
             gray = None
             for tb, texts, conf in merged:
                 rule = next((r for r in (identify.match(t, ids) for t in texts) if r), None)
@@ -236,7 +240,7 @@ class PixelCleaner:
                 if not any(layout.intersection(box, b) == layout.area(box) for b in boxes):
                     boxes.append(box)
                     texts.setdefault(box, "")
-        out = []
+        out = list(codes)
         for block in layout.blocks(boxes):
             inside = " ".join(texts[b] for b in boxes if layout.intersection(b, block) == layout.area(b))
             out.append((block, "ocr:all_text", inside))
