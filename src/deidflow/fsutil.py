@@ -10,6 +10,7 @@ import shutil
 import stat
 import tempfile
 from contextlib import contextmanager
+from functools import lru_cache
 from pathlib import Path
 from typing import Any, Mapping
 
@@ -183,10 +184,17 @@ def changed_input(input_dir: Path, entry: Mapping[str, Any]) -> str:
         return "changed since the inventory (no longer a regular file); run again"
     if (st.st_size, st.st_mtime_ns, st.st_ctime_ns) != (entry.get("size"), entry.get("mtime_ns"), entry.get("ctime_ns")):
         return "changed since the inventory (size, modification or status-change time); run again"
-    root = os.path.realpath(input_dir)
+    root = _real_root(os.fspath(input_dir))
     if os.path.commonpath([root, os.path.realpath(path)]) != root:
         return "changed since the inventory (a folder of its path is now a symbolic link); run again"
     return ""
+
+
+@lru_cache(maxsize=8)
+def _real_root(input_dir: str) -> str:
+    """The input folder's real path, resolved once per process (a job checks every file of its
+    unit against it; a root swapped for a link later leaves the files outside it)."""
+    return os.path.realpath(input_dir)
 
 
 def _unlink_quietly(path: str | Path) -> None:
