@@ -326,9 +326,39 @@ def _h5_items(f):
     root = f.get("minc-2.0")
     if not isinstance(root, h5py.Group):
         raise FormatError("HDF5 file without a /minc-2.0 group (not MINC2)")
-    items = [("minc-2.0", root)]
+    items = [("", f), ("minc-2.0", root)]  # the file's root attributes follow the global rule too
     root.visititems(lambda name, obj: items.append((name.rsplit("/", 1)[-1], obj)))
     return items
+
+
+def _check_objects(f) -> None:
+    """Refuse what the attribute rules cannot clean: HDF5 objects outside ``/minc-2.0`` and
+    datasets holding data other than the image (``image/<n>/image``, ``image-min``,
+    ``image-max``), numeric dimension variables and the scalar holders of ``info`` attributes.
+    Their bytes are copied as they are, compressed ones are unreadable to the leak scan, so a
+    text dataset (an export's notes) would be released unseen.  The reason names no object."""
+    import h5py
+    if any(name != "minc-2.0" for name in f):
+        raise FormatError("MINC2: HDF5 objects outside /minc-2.0 (not read, not released)")
+    bad: list[str] = []
+
+    def visit(name: str, obj) -> None:
+        if not isinstance(obj, h5py.Dataset):
+            return
+        parts = name.split("/")
+        size = obj.size if obj.shape is not None else 0
+        numeric = obj.dtype.kind in "fiub"
+        if len(parts) == 3 and parts[0] == "image" and parts[2] in ("image", "image-min", "image-max"):
+            return
+        if len(parts) == 2 and parts[0] == "dimensions" and (obj.dtype.kind == "f" or size <= 1):
+            return
+        if parts[0] == "info" and size <= 1 and numeric:
+            return
+        bad.append(name)
+    f["minc-2.0"].visititems(visit)
+    if bad:
+        raise FormatError(f"MINC2: {len(bad)} dataset(s) other than the image, dimensions and attribute "
+                          "holders (not read, not released)")
 
 
 def _open_h5(path: Path, mode: str = "r"):
@@ -366,6 +396,7 @@ def _minc2_scrub(src: Path, dst: Path, ctx: ScrubContext) -> ScrubResult:
     res = ScrubResult()
     with _open_h5(src) as f:  # validate before copying
         _h5_items(f)
+        _check_objects(f)
     with Outputs() as out:
         tmp = out.path(dst)
         shutil.copyfile(src, tmp)
@@ -377,7 +408,7 @@ def _minc2_scrub(src: Path, dst: Path, ctx: ScrubContext) -> ScrubResult:
                         dt = aid.dtype
                         is_text = dt.kind == "S"
                         act = rule(group, name, is_text, ctx)
-                        label = f"{group}:{name}" if group != "minc-2.0" else name
+                        label = f"{group}:{name}" if group not in ("", "minc-2.0") else name
                         if is_text and dt.itemsize and aid.shape == ():
                             val = obj.attrs[name]
                             raw = bytes(val) if isinstance(val, (bytes, np.bytes_)) else bytes(np.asarray(val).tobytes())
