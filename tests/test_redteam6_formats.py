@@ -1,0 +1,173 @@
+"""Red-team round 6: non-DICOM formats and BIDS outputs.  Each test plants identifiers where a
+hostile export can carry them and which were released with exit 0 before the fix (see
+docs/design-notes.md, "Red-team round 6: non-DICOM formats and BIDS outputs")."""
+from __future__ import annotations
+
+import io
+import json
+import shutil
+import struct
+
+import numpy as np
+import pytest
+
+from deidflow import formats
+from deidflow.formats import tiff
+from deidflow.formats.base import FormatError, ScrubContext
+from deidflow.pseudonym import Pseudonymizer
+from deidflow.qc import leakscan
+
+from .conftest import require_shared
+
+tifffile = pytest.importorskip("tifffile")
+
+KEY = b"redteam6-test-key-0123456789"
+NAME, MRN, BIRTH, ACC = "NIXON^NORA", "4455667", "19610423", "ACC9087123"
+PLANTED = [NAME, "NIXON", MRN, BIRTH, ACC]
+TEXT = f"{NAME} MRN {MRN} DOB {BIRTH} {ACC}".encode()
+
+
+def ctx(options=()):
+    return ScrubContext(subject="sub-tstsubj1", pseudo=Pseudonymizer(KEY), date_offset=-100,
+                        settings={"options": list(options)}, known=[NAME, MRN])
+
+
+def assert_clean(blob: bytes) -> None:
+    left = [v for v in PLANTED if v.encode().lower() in blob.lower()]
+    assert not left, f"planted values survived: {left}"
+
+
+# ------------------------------------------------------------------------------------------------
+# TIFF: bytes inside a strip's or tile's byte count after its coded image
+# ------------------------------------------------------------------------------------------------
+def _smooth(h: int = 256, w: int = 256) -> np.ndarray:
+    y, x = np.mgrid[0:h, 0:w]
+    return ((x * 3 + y * 2) % 200 + 20).astype(np.uint8)
+
+
+def _with_tail(path, text: bytes, *, compression=None, tile=None, set_compression=None) -> np.ndarray:
+    """A TIFF whose last strip or tile is moved to the file's end with ``text`` after it, inside
+    its byte count (what a decoder never reads); optionally its Compression tag rewritten."""
+    arr = _smooth()
+    buf = io.BytesIO()
+    tifffile.imwrite(buf, arr, photometric="minisblack", compression=compression, tile=tile)
+    data = bytearray(buf.getvalue())
+    with tifffile.TiffFile(io.BytesIO(bytes(data))) as t:
+        p = t.pages[0]
+        offs, cnts = list(p.dataoffsets), list(p.databytecounts)
+        otag = p.tags["TileOffsets" if tile else "StripOffsets"]
+        ctag = p.tags["TileByteCounts" if tile else "StripByteCounts"]
+        comp = p.tags["Compression"]
+    last = len(offs) - 1
+    block = bytes(data[offs[last]:offs[last] + cnts[last]])
+    new_off = len(data)
+    data += block + text
+
+    def patch(tag, i, value):
+        size, fmt = {3: (2, "<H"), 4: (4, "<I"), 16: (8, "<Q")}[int(tag.dtype)]
+        data[tag.valueoffset + i * size:tag.valueoffset + (i + 1) * size] = struct.pack(fmt, value)
+    patch(otag, last, new_off)
+    patch(ctag, last, len(block) + len(text))
+    if set_compression is not None:
+        patch(comp, 0, set_compression)
+    path.write_bytes(bytes(data))
+    return arr
+
+
+@pytest.mark.parametrize("compression, tile", [(None, None), (None, (64, 64)), ("zlib", None), ("zlib", (64, 64))],
+                         ids=["raw-strip", "raw-tile", "deflate-strip", "deflate-tile"])
+def test_tiff_text_inside_a_blocks_byte_count_after_its_image_is_dropped(tmp_path, compression, tile):
+    """A plain TIFF (a scanned form) or a one-level tiled slide whose last strip/tile byte count
+    runs on past the image into the name, MRN, birth date and accession number: the strips were
+    copied as they were and the leak scan does not read strip bytes (released, exit 0)."""
+    src = tmp_path / "in.tif"
+    arr = _with_tail(src, TEXT, compression=compression, tile=tile)
+    assert TEXT in src.read_bytes() and np.array_equal(tifffile.imread(src), arr)
+    res = tiff.scrub(src, tmp_path / "out.tif", ctx())
+    out = res.outputs[0].read_bytes()
+    assert_clean(out)
+    assert np.array_equal(tifffile.imread(res.outputs[0]), arr)
+    # a file without such bytes keeps every strip/tile byte for byte
+    clean = tmp_path / "clean.tif"
+    tifffile.imwrite(clean, arr, photometric="minisblack", compression=compression, tile=tile)
+    res2 = tiff.scrub(clean, tmp_path / "clean_out.tif", ctx())
+    with tifffile.TiffFile(clean) as a, tifffile.TiffFile(res2.outputs[0]) as b:
+        assert list(a.pages[0].databytecounts) == list(b.pages[0].databytecounts)
+
+
+def test_tiff_block_whose_image_end_cannot_be_found_is_withheld(tmp_path):
+    """A tiled slide whose tiles are in a coding deidflow does not read (LZW here, the tiles' bytes
+    garbage): where its image ends cannot be checked, so the file is withheld, not copied."""
+    src = tmp_path / "in.tif"
+    _with_tail(src, TEXT, tile=(64, 64), set_compression=5)
+    with pytest.raises(FormatError, match="compression 5"):
+        tiff.scrub(src, tmp_path / "out.tif", ctx())
+    assert not (tmp_path / "out.tif").exists()
+
+
+# ------------------------------------------------------------------------------------------------
+# MINC2: HDF5 objects the attribute rules never visit
+# ------------------------------------------------------------------------------------------------
+def _minc2(tmp_path, plant) -> tuple:
+    h5py = pytest.importorskip("h5py")
+    src = tmp_path / "in.mnc"
+    shutil.copy(require_shared("nibabel", "minc2_1_scale.mnc"), src)
+    with h5py.File(src, "r+") as f:
+        plant(f)
+    return src, tmp_path / "out.mnc"
+
+
+@pytest.mark.realdata
+@pytest.mark.parametrize("where", ["info", "outside"])
+def test_minc2_compressed_text_dataset_is_withheld(tmp_path, where):
+    """A gzip-compressed dataset of text bytes (under /minc-2.0/info, or in a group of its own
+    outside /minc-2.0): copied as it was, and the leak scan cannot read compressed HDF5 chunks."""
+    def plant(f):
+        group = f["minc-2.0/info"] if where == "info" else f.create_group("pacs")
+        group.create_dataset("notes", data=np.frombuffer(TEXT * 4, np.uint8), compression="gzip", chunks=True)
+    src, dst = _minc2(tmp_path, plant)
+    with pytest.raises(FormatError, match="MINC2"):
+        formats.get("minc2").scrub(src, dst, ctx())
+    assert not dst.exists()
+
+
+@pytest.mark.realdata
+def test_minc2_root_attribute_is_emptied(tmp_path):
+    """An attribute of the HDF5 root group ``/`` (outside /minc-2.0, whose attributes are the
+    global ones): copied as it was."""
+    def plant(f):
+        f.attrs["export_note"] = np.bytes_(TEXT)
+    src, dst = _minc2(tmp_path, plant)
+    res = formats.get("minc2").scrub(src, dst, ctx())
+    assert_clean(res.outputs[0].read_bytes())
+    import nibabel as nib
+    assert np.array_equal(np.asanyarray(nib.load(str(src)).dataobj), np.asanyarray(nib.load(str(dst)).dataobj))
+
+
+# ------------------------------------------------------------------------------------------------
+# JSON: identifiers as keys of objects inside kept fields
+# ------------------------------------------------------------------------------------------------
+def test_sidecar_keys_inside_a_kept_field_are_cleaned(tmp_path):
+    """A sidecar whose kept field holds an object keyed by the name and MRN: keys were neither
+    cleaned nor searched by the leak scan (which read JSON values only)."""
+    src = tmp_path / "x.json"
+    src.write_text(json.dumps({"EchoTime": 0.03, "DeepLearningDetails": {f"{NAME} {MRN}": "reviewed"},
+                               "BodyPartDetails": {f"DOB {BIRTH}": {ACC: 1}}}))
+    res = formats.get("json").scrub(src, tmp_path / "out.json", ctx())
+    out = json.loads(res.outputs[0].read_text())
+    assert out["EchoTime"] == 0.03
+    assert "NIXON" not in json.dumps(out) and MRN not in json.dumps(out)
+
+
+def test_leak_scan_searches_json_keys(tmp_path):
+    """The leak scan's JSON walk finds a value written as an object key at any depth."""
+    salt = b"s" * 16
+    m = leakscan.Matcher(leakscan.needles_for("sub-a", [("whole_name", "PatientName", NAME),
+                                                        ("id", "PatientID", MRN)], salt))
+    p = tmp_path / "sub-a_T1w.json"
+    p.write_text(json.dumps({"EchoTime": 0.03, "DeepLearningDetails": {f"Nixon, Nora {MRN}": "x"}}))
+    p.write_text(json.dumps({"EchoTime": 0.03, "DeepLearningDetails": {f"Nixon, Nora {MRN}": {"by": NAME}}}))
+    hits = leakscan.scan_file(p, p.name, m).hits
+    assert hits and all("DeepLearningDetails" in h.location for h in hits)
+    # the locations (printed, listed in the restricted folder) do not show the key holding them
+    assert not [h.location for h in hits if "nixon" in h.location.lower() or MRN in h.location]
