@@ -171,3 +171,49 @@ def test_leak_scan_searches_json_keys(tmp_path):
     assert hits and all("DeepLearningDetails" in h.location for h in hits)
     # the locations (printed, listed in the restricted folder) do not show the key holding them
     assert not [h.location for h in hits if "nixon" in h.location.lower() or MRN in h.location]
+
+
+# ------------------------------------------------------------------------------------------------
+# MINC: text attributes of acquisition and of variables the rules do not name
+# ------------------------------------------------------------------------------------------------
+@pytest.mark.realdata
+def test_minc1_text_attributes_of_other_variables_are_swept(tmp_path):
+    """A MINC1 export with the birth date in an ``acquisition`` note and the MRN and accession
+    number in a variable of its own (``pacs:note``): both were kept as "technical text", and the
+    leak scan knows neither (released, exit 0 end to end)."""
+    netcdf = pytest.importorskip("scipy.io").netcdf_file
+    src_nc = netcdf(str(require_shared("nibabel", "minc1_1_scale.mnc")), "r", mmap=False)
+    src = tmp_path / "in.mnc"
+    dst = netcdf(str(src), "w", version=src_nc.version_byte)
+    for k, v in src_nc._attributes.items():
+        setattr(dst, k, v)
+    for name, n in src_nc.dimensions.items():
+        dst.createDimension(name, n)
+    for name, var in src_nc.variables.items():
+        nv = dst.createVariable(name, var.typecode(), var.dimensions)
+        for k, v in var._attributes.items():
+            setattr(nv, k, v)
+        if var.shape:
+            nv[...] = var.data
+    acq = dst.variables.get("acquisition") or dst.createVariable("acquisition", "i", ())
+    acq.operator_note = f"DOB {BIRTH}".encode()
+    dst.createVariable("pacs", "i", ()).note = f"MRN {MRN} acc {ACC[3:]}".encode()
+    dst.close()
+    src_nc.close()
+    res = formats.get("minc1").scrub(src, tmp_path / "out.mnc", ctx())
+    out = res.outputs[0].read_bytes()
+    assert_clean(out)
+    assert ACC[3:].encode() not in out
+    import nibabel as nib
+    assert np.array_equal(np.asanyarray(nib.load(str(src)).dataobj), np.asanyarray(nib.load(str(res.outputs[0])).dataobj))
+
+
+@pytest.mark.realdata
+def test_minc2_variable_length_text_of_other_groups_is_emptied(tmp_path):
+    """A MINC2 attribute written as a variable-length string (h5py's default for ``str``) in a
+    group of its own under ``info``: not "text" to the rules, so kept."""
+    def plant(f):
+        f["minc-2.0/info"].create_group("pacs").attrs["note"] = f"MRN {MRN} DOB {BIRTH}"
+    src, dst = _minc2(tmp_path, plant)
+    res = formats.get("minc2").scrub(src, dst, ctx())
+    assert_clean(res.outputs[0].read_bytes())

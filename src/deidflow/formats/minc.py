@@ -16,13 +16,16 @@ One rule table decides, per (variable or group, attribute), what happens; both f
   ``serial_no`` kept with ``retain_device_identity``; date attributes by the date policy
   (removed; shifted with ``retain_long_modified_dates``; kept with ``retain_long_full_dates``),
   times of day kept only when dates are kept or shifted; every other attribute emptied;
-* ``acquisition``: numeric attributes (repetition time, flip angle, …) and technical text kept;
+* ``acquisition``: numeric attributes (repetition time, flip angle, …) kept, other text swept
+  (kept when it holds none of the subject's identifiers and no generic identifier pattern: dates,
+  digit runs, e-mail addresses; else cleaned character for character);
   dates and times as in ``study``; ``acquisition_id`` emptied; ``series_description`` and
   ``comments`` emptied (cleaned with ``clean_descriptors``); ``protocol`` cleaned;
 * every attribute of the ``dicom_0x…`` variables/groups (DICOM elements copied by dcm2mnc) is
   emptied;
-* structural attributes (``varid``, ``vartype``, ``version``, ``parent``, ``children``,
-  dimension and image attributes) are kept.
+* structural attributes (``varid``, ``vartype``, ``version``, ``parent``, ``children``) are
+  kept; every other attribute (dimension and image attributes, variables of other names) is kept
+  when numeric and swept as in ``acquisition`` when text.
 
 "Emptied" means NUL bytes for text and zero for numbers, at the original size.
 
@@ -54,7 +57,8 @@ _MAX_MINC1_HEADER = 64 << 20
 # Rules
 # ------------------------------------------------------------------------------------------------
 def rule(var: str, attr: str, is_text: bool, ctx: ScrubContext) -> str:
-    """``keep``, ``empty``, ``pseudonym``, ``date``, ``time``, ``clean`` or ``descriptor``."""
+    """``keep``, ``empty``, ``pseudonym``, ``date``, ``time``, ``clean``, ``descriptor`` or
+    ``sweep`` (text kept only when it holds no identifier: of the subject, or a generic pattern)."""
     a = attr.lower()
     v = var.lower()
     if v in ("", "minc-2.0"):
@@ -88,8 +92,8 @@ def rule(var: str, attr: str, is_text: bool, ctx: ScrubContext) -> str:
             return "descriptor"
         if a == "protocol":
             return "clean"
-        return "keep"
-    return "keep"
+        return "sweep" if is_text else "keep"
+    return "sweep" if is_text else "keep"
 
 
 def new_text(action: str, value: bytes, ctx: ScrubContext, res: ScrubResult, label: str) -> bytes | None:
@@ -129,6 +133,13 @@ def new_text(action: str, value: bytes, ctx: ScrubContext, res: ScrubResult, lab
         res.found(label, text)
         res.act(label, "emptied")
         return bytes(n)
+    if action == "sweep":  # technical text (units, dimorder, an acquisition's settings) stays as it is
+        cleaned = ctx.clean_fixed(text)
+        if cleaned == text:
+            return None
+        res.found(label, text)
+        res.act(label, "cleaned")
+        return _fit(cleaned.encode("latin-1"), n)
     if action == "clean" or (action == "descriptor" and ctx.option("clean_descriptors")):
         cleaned = ctx.clean_fixed(text)
         if cleaned != text:
@@ -407,7 +418,7 @@ def _minc2_scrub(src: Path, dst: Path, ctx: ScrubContext) -> ScrubResult:
                         aid = obj.attrs.get_id(name)
                         dt = aid.dtype
                         is_text = dt.kind == "S"
-                        act = rule(group, name, is_text, ctx)
+                        act = rule(group, name, dt.kind in "SOU", ctx)  # (variable-length text is text too)
                         label = f"{group}:{name}" if group not in ("", "minc-2.0") else name
                         if is_text and dt.itemsize and aid.shape == ():
                             val = obj.attrs[name]
