@@ -217,3 +217,31 @@ def test_minc2_variable_length_text_of_other_groups_is_emptied(tmp_path):
     src, dst = _minc2(tmp_path, plant)
     res = formats.get("minc2").scrub(src, dst, ctx())
     assert_clean(res.outputs[0].read_bytes())
+
+
+# ------------------------------------------------------------------------------------------------
+# NIfTI-1: the Analyze fields it keeps as unused room
+# ------------------------------------------------------------------------------------------------
+@pytest.mark.realdata
+def test_nifti1_unused_analyze_fields_are_emptied(tmp_path):
+    """An MRN in ``extents``/``session_error``/``regular`` (7 bytes) and a name in ``glmax``/``glmin``
+    (8 bytes) of a NIfTI-1: no rule looked at them (released, exit 0, when the values are not the
+    folder's)."""
+    import gzip
+    raw = bytearray(gzip.decompress(require_shared("nibabel", "example4d.nii.gz").read_bytes()))
+    raw[32:39], raw[140:148] = MRN.encode(), b"NIXONNOR"
+    src = tmp_path / "in.nii"
+    src.write_bytes(bytes(raw))
+    res = formats.get("nifti1").scrub(src, tmp_path / "out.nii", ctx())
+    out = res.outputs[0].read_bytes()
+    assert MRN.encode() not in out and b"NIXONNOR" not in out
+    vox = int(struct.unpack("<f", bytes(raw[108:112]))[0])
+    assert out[vox:] == bytes(raw[vox:len(out)])  # the image bytes unchanged
+    assert res.identifiers["extents"] == MRN and res.identifiers["glmax"] == "NIXONNOR"
+    # a NIfTI-1 with nothing there, or only the conventional regular = "r", keeps its bytes
+    import nibabel as nib
+    clean = tmp_path / "clean.nii"
+    nib.save(nib.Nifti1Image(np.zeros((4, 4, 4), np.int16), np.eye(4)), str(clean))
+    assert "extents" not in formats.get("nifti1").scrub(clean, tmp_path / "c0.nii", ctx()).actions
+    clean.write_bytes(clean.read_bytes()[:38] + b"r" + clean.read_bytes()[39:])
+    assert "extents" not in formats.get("nifti1").scrub(clean, tmp_path / "c.nii", ctx()).actions
