@@ -245,3 +245,28 @@ def test_nifti1_unused_analyze_fields_are_emptied(tmp_path):
     assert "extents" not in formats.get("nifti1").scrub(clean, tmp_path / "c0.nii", ctx()).actions
     clean.write_bytes(clean.read_bytes()[:38] + b"r" + clean.read_bytes()[39:])
     assert "extents" not in formats.get("nifti1").scrub(clean, tmp_path / "c.nii", ctx()).actions
+
+
+# ------------------------------------------------------------------------------------------------
+# PAR/REC: an export's note among the comment lines
+# ------------------------------------------------------------------------------------------------
+@pytest.mark.realdata
+def test_parrec_comment_line_with_mrn_birth_date_and_accession_is_cleaned(tmp_path):
+    """A comment line an export tool added (``# Exported for ZAPATA ELSA MRN 5455565 born
+    23.04.1961 ACC9087123``): only the PAR's own patient name was removed from it; MRN, birth date
+    and accession number (in no header field, so unknown to the leak scan) were released, exit 0."""
+    src_par = require_shared("nibabel", "phantom_EPI_asc_CLEAR_2_1.PAR")
+    lines = [".    Patient name                       :   ZAPATA ELSA\n" if ln.startswith(".    Patient name") else ln
+             for ln in src_par.read_text(encoding="latin-1").splitlines(True)]
+    at = next(i for i, ln in enumerate(lines) if ln.startswith("# CLINICAL TRYOUT"))
+    note = "# Exported for ZAPATA ELSA MRN 5455565 born 23.04.1961 ACC9087123\n"
+    src = tmp_path / "in.PAR"
+    src.write_text("".join(lines[:at + 1] + [note] + lines[at + 1:]), encoding="latin-1")
+    shutil.copy(src_par.with_suffix(".REC"), tmp_path / "in.REC")
+    res = formats.get("parrec").scrub(src, tmp_path / "out.par", ctx())
+    out = res.outputs[0].read_text(encoding="latin-1")
+    assert not [v for v in ("ZAPATA", "5455565", "23.04.1961", "1961") if v in out]
+    # Philips' own comment lines are unchanged
+    original = [ln for ln in src_par.read_text(encoding="latin-1").splitlines() if ln.startswith("#")
+                and "dataset name" not in ln.lower()]
+    assert [ln for ln in out.splitlines() if ln.startswith("#") and ln in original] == original
