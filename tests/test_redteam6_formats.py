@@ -270,3 +270,36 @@ def test_parrec_comment_line_with_mrn_birth_date_and_accession_is_cleaned(tmp_pa
     original = [ln for ln in src_par.read_text(encoding="latin-1").splitlines() if ln.startswith("#")
                 and "dataset name" not in ln.lower()]
     assert [ln for ln in out.splitlines() if ln.startswith("#") and ln in original] == original
+
+
+# ------------------------------------------------------------------------------------------------
+# Siemens twix: bytes no reader reads
+# ------------------------------------------------------------------------------------------------
+@pytest.mark.realdata
+def test_twix_bytes_outside_the_measurements_are_zeroed(tmp_path):
+    """Text in the raid directory's unused room, after the last measurement and after the raid
+    entry's (masked) patient name inside its 64-byte field: the file was copied as it was and only
+    header buffers were rewritten (the leak scan reads these bytes, but knows only the header's
+    values: an accession number or birth date found nowhere else was released, exit 0)."""
+    from deidflow.formats import twix
+    raw = bytearray(require_shared("twix", "example_data", "gre.dat").read_bytes())
+    note = b"ACC7766554 DOB 19520101 NIXON^NORA"
+    _, meas, size = twix._read_layout(require_shared("twix", "example_data", "gre.dat"))
+    gap = 8 + len(meas) * twix.RAID_ENTRY + 100
+    raw[gap:gap + len(note)] = note
+    raw[size - 100:size - 100 + len(note)] = note
+    name_field = meas[0].entry_offset + 24
+    masked = bytes(raw[name_field:name_field + 64]).split(b"\x00", 1)[0]
+    raw[name_field + len(masked) + 1:name_field + len(masked) + 1 + 20] = b"6655443 QUIST^BERTA "
+    src = tmp_path / "meas.dat"
+    src.write_bytes(bytes(raw))
+    res = twix.scrub(src, tmp_path / "out.dat", ctx())
+    out = res.outputs[0].read_bytes()
+    assert not [v for v in (b"ACC7766554", b"19520101", b"NIXON", b"6655443", b"QUIST") if v in out]
+    assert len(out) == len(raw)
+    for m in meas:  # the raw data stream byte for byte
+        a = m.offset + m.hdr_len
+        assert out[a:m.data_end] == bytes(raw[a:m.data_end])
+    # the real file has nothing there: its bytes outside the headers are unchanged
+    real = require_shared("twix", "example_data", "gre.dat")
+    assert "bytes outside the measurements" not in twix.scrub(real, tmp_path / "real.dat", ctx()).actions
