@@ -157,6 +157,9 @@ def test_sidecar_keys_inside_a_kept_field_are_cleaned(tmp_path):
     out = json.loads(res.outputs[0].read_text())
     assert out["EchoTime"] == 0.03
     assert "NIXON" not in json.dumps(out) and MRN not in json.dumps(out)
+    # a key is a label: a birth date in one goes whoever's it is (a date the subject's identity
+    # does not know); an accession number with its prefix is no generic pattern and stays
+    assert BIRTH not in json.dumps(out)
 
 
 def test_leak_scan_searches_json_keys(tmp_path):
