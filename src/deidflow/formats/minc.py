@@ -137,7 +137,8 @@ def new_text(action: str, value: bytes, ctx: ScrubContext, res: ScrubResult, lab
         cleaned = ctx.clean_fixed(text)
         if cleaned == text:
             return None
-        res.found(label, text)
+        # (not recorded as found: what it removes is the subject's known values or generic patterns,
+        # and the whole text is no identifier; its words as a "name" would withhold clean files)
         res.act(label, "cleaned")
         return _fit(cleaned.encode("latin-1"), n)
     if action == "clean" or (action == "descriptor" and ctx.option("clean_descriptors")):

@@ -143,7 +143,6 @@ def _line(body: str, ctx: ScrubContext, res: ScrubResult, own: list[str]) -> str
     if body.startswith("#"):  # Philips' comments are its own template: other text in them is an export's
         cleaned = ctx.clean(body, own)
         if cleaned != body:
-            res.found("comment", body[1:].strip())
             res.act("comments", "cleaned")
         return cleaned
     m = _LINE.match(body)
