@@ -306,3 +306,29 @@ def test_twix_bytes_outside_the_measurements_are_zeroed(tmp_path):
     # the real file has nothing there: its bytes outside the headers are unchanged
     real = require_shared("twix", "example_data", "gre.dat")
     assert "bytes outside the measurements" not in twix.scrub(real, tmp_path / "real.dat", ctx()).actions
+
+
+@pytest.mark.realdata
+def test_minc1_text_variable_is_withheld(tmp_path):
+    """A MINC1 char variable of its own holding an export's note: its data were copied as they were
+    (the attribute rules read the header only; the leak scan knows only the header's values)."""
+    netcdf = pytest.importorskip("scipy.io").netcdf_file
+    src_nc = netcdf(str(require_shared("nibabel", "minc1_1_scale.mnc")), "r", mmap=False)
+    src = tmp_path / "in.mnc"
+    dst = netcdf(str(src), "w", version=src_nc.version_byte)
+    for name, n in src_nc.dimensions.items():
+        dst.createDimension(name, n)
+    for name, var in src_nc.variables.items():
+        nv = dst.createVariable(name, var.typecode(), var.dimensions)
+        for k, v in var._attributes.items():
+            setattr(nv, k, v)
+        if var.shape:
+            nv[...] = var.data
+    dst.createDimension("note_len", len(TEXT))
+    dst.createVariable("notes", "c", ("note_len",))[:] = np.frombuffer(TEXT, "S1")
+    dst.close()
+    src_nc.close()
+    assert TEXT in src.read_bytes()
+    with pytest.raises(FormatError, match="MINC1"):
+        formats.get("minc1").scrub(src, tmp_path / "out.mnc", ctx())
+    assert not (tmp_path / "out.mnc").exists()

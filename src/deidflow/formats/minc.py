@@ -202,6 +202,7 @@ class _NC:
         self.pos = 8  # magic + numrecs
         self.attrs: list[tuple[str, str, int, int, int]] = []  # (var, name, type, value start, nbytes)
         self.var_extents: list[tuple[int, int]] = []
+        self.var_types: list[tuple[str, int, int]] = []  # (name, nc_type, vsize)
         ndims = self._list(0x0A)
         for _ in range(ndims):
             self._name()
@@ -215,8 +216,9 @@ class _NC:
                 raise FormatError("MINC1 header: implausible variable rank")
             self.pos += 4 * nd
             self._attrs(name)
-            self._int()  # nc_type
+            nc_type = self._int()
             vsize = self._uint()
+            self.var_types.append((name, nc_type, vsize))
             begin = self._offset()
             if begin > file_size:
                 raise FormatError("truncated MINC1 file: a variable starts past the end of the file")
@@ -284,6 +286,12 @@ def _read_minc1_header(path: Path) -> tuple[bytes, _NC]:
     for begin, vsize in nc.var_extents:
         if begin + vsize > size and vsize != 0xFFFFFFFF:
             raise FormatError("truncated MINC1 file: a variable ends past the end of the file")
+    # Variable data is copied as it is: besides the image only floating-point values (image-min/max,
+    # dimension positions) and the one-number holders of attributes (patient, study…) are expected.
+    # Text or integer arrays elsewhere (an export's notes in a char variable) are not read.
+    if any(name != "image" and typ in (1, 2, 3, 4) and vsize > 4 for name, typ, vsize in nc.var_types):
+        raise FormatError("MINC1: a variable other than the image holds text or integer data (not read, "
+                          "not released)")
     return data, nc
 
 
