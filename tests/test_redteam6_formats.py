@@ -332,3 +332,31 @@ def test_minc1_text_variable_is_withheld(tmp_path):
     with pytest.raises(FormatError, match="MINC1"):
         formats.get("minc1").scrub(src, tmp_path / "out.mnc", ctx())
     assert not (tmp_path / "out.mnc").exists()
+
+
+# ------------------------------------------------------------------------------------------------
+# Names in other encodings in cleaned fixed-size fields (a false withholding before)
+# ------------------------------------------------------------------------------------------------
+@pytest.mark.realdata
+@pytest.mark.parametrize("encoding", ["utf-16-le", "nfd", "utf-8", "latin-1"])
+def test_nifti_descrip_name_in_another_encoding_is_cleaned(tmp_path, encoding):
+    """With ``clean_descriptors`` (research preset) a NIfTI ``descrip`` holding the subject's name
+    in UTF-16 or decomposed UTF-8 was cleaned as Latin-1 text, so the name stayed; the leak scan
+    found it and withheld the subject. The field's bytes are now cleaned as the leak scan reads
+    them."""
+    import gzip
+    import unicodedata
+    text = "Jörg Müller"
+    value = (unicodedata.normalize("NFD", text).encode() if encoding == "nfd" else text.encode(encoding))
+    raw = bytearray(gzip.decompress(require_shared("nibabel", "example4d.nii.gz").read_bytes()))
+    raw[148:228] = (value + bytes(80))[:80]
+    src = tmp_path / "in.nii"
+    src.write_bytes(bytes(raw))
+    c = ScrubContext(subject="sub-tstsubj1", pseudo=Pseudonymizer(KEY), settings={"options": ["clean_descriptors"]},
+                     known=["MÜLLER^JÖRG"])
+    res = formats.get("nifti1").scrub(src, tmp_path / "out.nii", c)
+    out = res.outputs[0].read_bytes()
+    salt = b"s" * 16
+    m = leakscan.Matcher(leakscan.needles_for("sub-tstsubj1", [("whole_name", "PatientName", "MÜLLER^JÖRG")], salt))
+    assert not leakscan.scan_file(res.outputs[0], "x.nii", m).hits
+    assert out[148:228].count(b"*") >= 6  # cleaned in place, not emptied

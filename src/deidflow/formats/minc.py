@@ -134,19 +134,19 @@ def new_text(action: str, value: bytes, ctx: ScrubContext, res: ScrubResult, lab
         res.act(label, "emptied")
         return bytes(n)
     if action == "sweep":  # technical text (units, dimorder, an acquisition's settings) stays as it is
-        cleaned = ctx.clean_fixed(text)
-        if cleaned == text:
+        cleaned = ctx.clean_fixed_bytes(value)
+        if cleaned == value:
             return None
         # (not recorded as found: what it removes is the subject's known values or generic patterns,
         # and the whole text is no identifier; its words as a "name" would withhold clean files)
         res.act(label, "cleaned")
-        return _fit(cleaned.encode("latin-1"), n)
+        return cleaned
     if action == "clean" or (action == "descriptor" and ctx.option("clean_descriptors")):
-        cleaned = ctx.clean_fixed(text)
-        if cleaned != text:
+        cleaned = ctx.clean_fixed_bytes(value)
+        if cleaned != value:
             res.found(label, text)
         res.act(label, "cleaned")
-        return _fit(cleaned.encode("latin-1"), n)
+        return cleaned
     res.found(label, text)
     res.act(label, "emptied")
     return bytes(n)

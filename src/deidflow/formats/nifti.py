@@ -208,9 +208,7 @@ def _scrub_fields(head: bytearray, layout: _Layout, ctx: ScrubContext, res: Scru
             continue
         res.found(name, raw.split(b"\x00", 1)[0])
         if clean and name in DESCRIPTORS:
-            text = raw.decode("latin-1")
-            cleaned = ctx.clean_fixed(text).encode("latin-1")
-            head[off:off + n] = cleaned
+            head[off:off + n] = ctx.clean_fixed_bytes(raw)
             res.act(name, "cleaned")
         else:
             head[off:off + n] = bytes(n)
@@ -256,10 +254,8 @@ def _parse_extensions(blob: bytes, endian: str) -> list[tuple[int, bytes]] | Non
 
 
 def _scrub_extension(ecode: int, ext: bytes, ctx: ScrubContext, res: ScrubResult, i: int) -> bytes:
-    body = ext[8:].decode("latin-1")
-    res.found(f"extension[{i}]:ecode{ecode}", body[:200])
-    cleaned = ctx.clean_fixed(body).encode("latin-1")
-    return ext[:8] + cleaned
+    res.found(f"extension[{i}]:ecode{ecode}", ext[8:208])
+    return ext[:8] + ctx.clean_fixed_bytes(ext[8:])
 
 
 def _extensions(blob: bytes, layout: _Layout, ctx: ScrubContext, res: ScrubResult, *, fill: bool) -> bytes:
