@@ -360,3 +360,18 @@ def test_nifti_descrip_name_in_another_encoding_is_cleaned(tmp_path, encoding):
     m = leakscan.Matcher(leakscan.needles_for("sub-tstsubj1", [("whole_name", "PatientName", "MÜLLER^JÖRG")], salt))
     assert not leakscan.scan_file(res.outputs[0], "x.nii", m).hits
     assert out[148:228].count(b"*") >= 6  # cleaned in place, not emptied
+
+
+def test_minc_sweep_keeps_an_embedded_transform_s_numbers():
+    """The sweep of technical MINC text keeps decimal numbers (nibabel's real MINC2 carries an MNI
+    transform file in ``processing:transformation0-filedata``; the generic digit patterns turned
+    its matrix into asterisks) and still removes dates and IDs around them."""
+    from deidflow.formats.minc import new_text
+    from deidflow.formats.base import ScrubResult
+    text = (b"MNI Transform File\n% from NIXON^NORA 19610423\nLinear_Transform =\n"
+            b" 0.889465691006146 0.453212845901488 0.0587273431446749 -7.16717377411551\n"
+            b" -0.211846073332241 0.522763394845027 -8.25735838040117e-01 18.5100653515013;\n")
+    new = new_text("sweep", text, ctx(), ScrubResult(), "processing:transformation0-filedata")
+    assert new is not None and len(new) == len(text)
+    assert b"NIXON" not in new and BIRTH.encode() not in new
+    assert new.split(b"=\n", 1)[1] == text.split(b"=\n", 1)[1]  # the matrix byte for byte

@@ -134,7 +134,9 @@ def new_text(action: str, value: bytes, ctx: ScrubContext, res: ScrubResult, lab
         res.act(label, "emptied")
         return bytes(n)
     if action == "sweep":  # technical text (units, dimorder, an acquisition's settings) stays as it is
-        cleaned = ctx.clean_fixed_bytes(value)
+        from ..textclean import restore_decimals  # (its numbers too: an embedded transform's matrix)
+        cleaned = restore_decimals(value.decode("latin-1"),
+                                   ctx.clean_fixed_bytes(value).decode("latin-1")).encode("latin-1")
         if cleaned == value:
             return None
         # (not recorded as found: what it removes is the subject's known values or generic patterns,
