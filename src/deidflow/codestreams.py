@@ -51,7 +51,7 @@ def native_length(g: Geometry) -> int:
     return (bits + 7) // 8
 
 
-def _padding(b: bytes) -> bool:
+def padding(b: bytes) -> bool:
     """Whether ``b`` is padding: zeros, or the one byte that makes a value even (any value)."""
     return len(b) <= 1 or not b.strip(b"\x00")
 
@@ -115,7 +115,7 @@ def j2k_end(frame: bytes) -> int | None:
     return pos + 2 if frame[pos:pos + 2] == b"\xff\xd9" else None
 
 
-def _packbits_length(data: bytes, start: int, end: int, want: int) -> int | None:
+def packbits_length(data: bytes, start: int, end: int, want: int) -> int | None:
     """Bytes of one RLE segment (PackBits) from ``start`` that decode to ``want`` bytes."""
     pos, got = start, 0
     while got < want:
@@ -144,11 +144,11 @@ def rle_frame(frame: bytes, g: Geometry) -> bytes:
     ends = offsets[1:n] + [len(frame)]
     segments, changed = [], any(offsets[n:])
     for a, b in zip(offsets[:n], ends):
-        used = _packbits_length(frame, a, b, g.rows * g.columns)
+        used = packbits_length(frame, a, b, g.rows * g.columns)
         if used is None:
             raise CodestreamError("RLE segment shorter than its frame")
         seg = frame[a:a + used]
-        if not _padding(frame[a + used:b]):
+        if not padding(frame[a + used:b]):
             changed = True
         segments.append(seg + b"\x00" * (len(seg) % 2))
     if not changed:
@@ -166,7 +166,7 @@ def _frame_image(frame: bytes, ts: str, g: Geometry) -> bytes:
     if ts == RLE:
         return rle_frame(frame, g)
     end = jpeg_end(frame) if ts in JPEG_FAMILY else j2k_end(frame) if ts in J2K_FAMILY else None
-    if end is None or _padding(frame[end:]):
+    if end is None or padding(frame[end:]):
         return frame
     return frame[:end]
 
@@ -178,14 +178,14 @@ def _items(value: bytes) -> list[bytes]:
     while pos + 8 <= len(value):
         tag, n = value[pos:pos + 4], struct.unpack("<I", value[pos + 4:pos + 8])[0]
         if tag == _SEQ_END:
-            if n or not _padding(value[pos + 8:]):
+            if n or not padding(value[pos + 8:]):
                 raise CodestreamError("encapsulated pixel data with bytes after its sequence delimiter")
             return out
         if tag != _ITEM or pos + 8 + n > len(value):
             raise CodestreamError("encapsulated pixel data with a damaged item")
         out.append(value[pos + 8:pos + 8 + n])
         pos += 8 + n
-    if not _padding(value[pos:]):
+    if not padding(value[pos:]):
         raise CodestreamError("encapsulated pixel data with bytes after its items")
     return out
 
@@ -252,7 +252,7 @@ def image_extent(value: bytes, ts: str, g: Geometry) -> bytes:
     """Pixel Data ``value`` without what no decoder reads (see the module docstring)."""
     if ts in NATIVE:
         n = native_length(g)
-        if len(value) <= n or _padding(value[n:]):
+        if len(value) <= n or padding(value[n:]):
             return value
         return value[:n] + b"\x00" * (n % 2)
     if ts in JPEG_FAMILY or ts in J2K_FAMILY or ts == RLE:

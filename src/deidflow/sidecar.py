@@ -212,14 +212,16 @@ def _apply(cls: str, value: Any, opts: frozenset[str], offset: int | None,
 
 def _clean_values(value: Any, model: IdentifierModel, *, generic: bool) -> Any:
     """``value`` with the subject's identifiers replaced in every string it holds (lists and
-    objects followed); with ``generic`` also generic identifier patterns (dates, long numbers)."""
+    objects followed); with ``generic`` also generic identifier patterns (dates, long numbers).
+    An object's keys are labels, never acquisition values: they are always cleaned of both."""
     if isinstance(value, str):
         value = model.redact_text(value)
         return textclean.clean_text(value) if generic else value
     if isinstance(value, list):
         return [_clean_values(v, model, generic=generic) for v in value]
     if isinstance(value, dict):
-        return {k: _clean_values(v, model, generic=generic) for k, v in value.items()}
+        return {_clean_values(str(k), model, generic=True): _clean_values(v, model, generic=generic)
+                for k, v in value.items()}
     return value
 
 

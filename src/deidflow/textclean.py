@@ -20,6 +20,28 @@ _GENERIC = re.compile(
     """,
     re.VERBOSE,
 )
+# A decimal number standing alone (a matrix entry, a step, an origin: "-7.16717377411551"); a
+# date's dots ("23.04.1961") and a version's ("1.2.3") make no such number.
+_DECIMAL = re.compile(r"(?<![\w.])[-+]?\d+\.\d+(?:[eE][-+]?\d+)?(?![\w.])")
+
+
+def restore_decimals(original: str, cleaned: str) -> str:
+    """``cleaned`` (a same-length cleaning of ``original``) with the decimal numbers of
+    ``original`` and the white space between them put back: the generic digit patterns take a
+    fraction's long digit runs, and a row of numbers, for IDs and phone numbers, which in technical
+    text (an embedded transform's matrix) destroys the values.  The matcher never finds an
+    identifier inside a decimal number, so nothing it removed comes back."""
+    if len(original) != len(cleaned) or original == cleaned:
+        return cleaned
+    out = list(cleaned)
+    for m in _DECIMAL.finditer(original):
+        out[m.start():m.end()] = original[m.start():m.end()]
+    for i, c in enumerate(original):
+        if c.isspace():
+            out[i] = c
+    return "".join(out)
+
+
 def clean_text(text: str) -> str:
     """Replace generic identifier patterns in ``text`` by ``*`` (the patient's own identifiers are
     removed first by the subject's identifier model, :class:`deidflow.qc.identifiers.IdentifierModel`)."""

@@ -93,6 +93,14 @@ class ScrubContext:
         text = self.identifier_model(extra).redact_text(text, same_length=True)
         return textclean._GENERIC.sub(lambda m: "*" * len(m.group()), text)
 
+    def clean_fixed_bytes(self, raw: bytes, extra: Iterable[str] = ()) -> bytes:
+        """:meth:`clean_fixed` for the bytes of a field that declares no encoding: the subject's
+        identifiers are found in them as the leak scan finds them (UTF-8, Latin-1, UTF-16,
+        decomposed accents), then generic patterns; every removed byte becomes ``*``."""
+        raw = self.identifier_model(extra).redact(raw)
+        text = textclean._GENERIC.sub(lambda m: "*" * len(m.group()), raw.decode("latin-1"))
+        return text.encode("latin-1")
+
     def pseudonym_of_length(self, n: int, domain: str = "") -> str:
         """The subject pseudonym padded with ``X`` or cut to exactly ``n`` characters (for
         equal-length in-place replacements); keyed, so it is the same for every file."""

@@ -16,13 +16,16 @@ One rule table decides, per (variable or group, attribute), what happens; both f
   ``serial_no`` kept with ``retain_device_identity``; date attributes by the date policy
   (removed; shifted with ``retain_long_modified_dates``; kept with ``retain_long_full_dates``),
   times of day kept only when dates are kept or shifted; every other attribute emptied;
-* ``acquisition``: numeric attributes (repetition time, flip angle, …) and technical text kept;
+* ``acquisition``: numeric attributes (repetition time, flip angle, …) kept, other text swept
+  (kept when it holds none of the subject's identifiers and no generic identifier pattern: dates,
+  digit runs, e-mail addresses; else cleaned character for character);
   dates and times as in ``study``; ``acquisition_id`` emptied; ``series_description`` and
   ``comments`` emptied (cleaned with ``clean_descriptors``); ``protocol`` cleaned;
 * every attribute of the ``dicom_0x…`` variables/groups (DICOM elements copied by dcm2mnc) is
   emptied;
-* structural attributes (``varid``, ``vartype``, ``version``, ``parent``, ``children``,
-  dimension and image attributes) are kept.
+* structural attributes (``varid``, ``vartype``, ``version``, ``parent``, ``children``) are
+  kept; every other attribute (dimension and image attributes, variables of other names) is kept
+  when numeric and swept as in ``acquisition`` when text.
 
 "Emptied" means NUL bytes for text and zero for numbers, at the original size.
 
@@ -54,7 +57,8 @@ _MAX_MINC1_HEADER = 64 << 20
 # Rules
 # ------------------------------------------------------------------------------------------------
 def rule(var: str, attr: str, is_text: bool, ctx: ScrubContext) -> str:
-    """``keep``, ``empty``, ``pseudonym``, ``date``, ``time``, ``clean`` or ``descriptor``."""
+    """``keep``, ``empty``, ``pseudonym``, ``date``, ``time``, ``clean``, ``descriptor`` or
+    ``sweep`` (text kept only when it holds no identifier: of the subject, or a generic pattern)."""
     a = attr.lower()
     v = var.lower()
     if v in ("", "minc-2.0"):
@@ -88,8 +92,8 @@ def rule(var: str, attr: str, is_text: bool, ctx: ScrubContext) -> str:
             return "descriptor"
         if a == "protocol":
             return "clean"
-        return "keep"
-    return "keep"
+        return "sweep" if is_text else "keep"
+    return "sweep" if is_text else "keep"
 
 
 def new_text(action: str, value: bytes, ctx: ScrubContext, res: ScrubResult, label: str) -> bytes | None:
@@ -129,12 +133,22 @@ def new_text(action: str, value: bytes, ctx: ScrubContext, res: ScrubResult, lab
         res.found(label, text)
         res.act(label, "emptied")
         return bytes(n)
+    if action == "sweep":  # technical text (units, dimorder, an acquisition's settings) stays as it is
+        from ..textclean import restore_decimals  # (its numbers too: an embedded transform's matrix)
+        cleaned = restore_decimals(value.decode("latin-1"),
+                                   ctx.clean_fixed_bytes(value).decode("latin-1")).encode("latin-1")
+        if cleaned == value:
+            return None
+        # (not recorded as found: what it removes is the subject's known values or generic patterns,
+        # and the whole text is no identifier; its words as a "name" would withhold clean files)
+        res.act(label, "cleaned")
+        return cleaned
     if action == "clean" or (action == "descriptor" and ctx.option("clean_descriptors")):
-        cleaned = ctx.clean_fixed(text)
-        if cleaned != text:
+        cleaned = ctx.clean_fixed_bytes(value)
+        if cleaned != value:
             res.found(label, text)
         res.act(label, "cleaned")
-        return _fit(cleaned.encode("latin-1"), n)
+        return cleaned
     res.found(label, text)
     res.act(label, "emptied")
     return bytes(n)
@@ -190,6 +204,7 @@ class _NC:
         self.pos = 8  # magic + numrecs
         self.attrs: list[tuple[str, str, int, int, int]] = []  # (var, name, type, value start, nbytes)
         self.var_extents: list[tuple[int, int]] = []
+        self.var_types: list[tuple[str, int, int]] = []  # (name, nc_type, vsize)
         ndims = self._list(0x0A)
         for _ in range(ndims):
             self._name()
@@ -203,8 +218,9 @@ class _NC:
                 raise FormatError("MINC1 header: implausible variable rank")
             self.pos += 4 * nd
             self._attrs(name)
-            self._int()  # nc_type
+            nc_type = self._int()
             vsize = self._uint()
+            self.var_types.append((name, nc_type, vsize))
             begin = self._offset()
             if begin > file_size:
                 raise FormatError("truncated MINC1 file: a variable starts past the end of the file")
@@ -272,6 +288,12 @@ def _read_minc1_header(path: Path) -> tuple[bytes, _NC]:
     for begin, vsize in nc.var_extents:
         if begin + vsize > size and vsize != 0xFFFFFFFF:
             raise FormatError("truncated MINC1 file: a variable ends past the end of the file")
+    # Variable data is copied as it is: besides the image only floating-point values (image-min/max,
+    # dimension positions) and the one-number holders of attributes (patient, study…) are expected.
+    # Text or integer arrays elsewhere (an export's notes in a char variable) are not read.
+    if any(name != "image" and typ in (1, 2, 3, 4) and vsize > 4 for name, typ, vsize in nc.var_types):
+        raise FormatError("MINC1: a variable other than the image holds text or integer data (not read, "
+                          "not released)")
     return data, nc
 
 
@@ -326,9 +348,39 @@ def _h5_items(f):
     root = f.get("minc-2.0")
     if not isinstance(root, h5py.Group):
         raise FormatError("HDF5 file without a /minc-2.0 group (not MINC2)")
-    items = [("minc-2.0", root)]
+    items = [("", f), ("minc-2.0", root)]  # the file's root attributes follow the global rule too
     root.visititems(lambda name, obj: items.append((name.rsplit("/", 1)[-1], obj)))
     return items
+
+
+def _check_objects(f) -> None:
+    """Refuse what the attribute rules cannot clean: HDF5 objects outside ``/minc-2.0`` and
+    datasets holding data other than the image (``image/<n>/image``, ``image-min``,
+    ``image-max``), numeric dimension variables and the scalar holders of ``info`` attributes.
+    Their bytes are copied as they are, compressed ones are unreadable to the leak scan, so a
+    text dataset (an export's notes) would be released unseen.  The reason names no object."""
+    import h5py
+    if any(name != "minc-2.0" for name in f):
+        raise FormatError("MINC2: HDF5 objects outside /minc-2.0 (not read, not released)")
+    bad: list[str] = []
+
+    def visit(name: str, obj) -> None:
+        if not isinstance(obj, h5py.Dataset):
+            return
+        parts = name.split("/")
+        size = obj.size if obj.shape is not None else 0
+        numeric = obj.dtype.kind in "fiub"
+        if len(parts) == 3 and parts[0] == "image" and parts[2] in ("image", "image-min", "image-max"):
+            return
+        if len(parts) == 2 and parts[0] == "dimensions" and (obj.dtype.kind == "f" or size <= 1):
+            return
+        if parts[0] == "info" and size <= 1 and numeric:
+            return
+        bad.append(name)
+    f["minc-2.0"].visititems(visit)
+    if bad:
+        raise FormatError(f"MINC2: {len(bad)} dataset(s) other than the image, dimensions and attribute "
+                          "holders (not read, not released)")
 
 
 def _open_h5(path: Path, mode: str = "r"):
@@ -366,6 +418,7 @@ def _minc2_scrub(src: Path, dst: Path, ctx: ScrubContext) -> ScrubResult:
     res = ScrubResult()
     with _open_h5(src) as f:  # validate before copying
         _h5_items(f)
+        _check_objects(f)
     with Outputs() as out:
         tmp = out.path(dst)
         shutil.copyfile(src, tmp)
@@ -376,8 +429,8 @@ def _minc2_scrub(src: Path, dst: Path, ctx: ScrubContext) -> ScrubResult:
                         aid = obj.attrs.get_id(name)
                         dt = aid.dtype
                         is_text = dt.kind == "S"
-                        act = rule(group, name, is_text, ctx)
-                        label = f"{group}:{name}" if group != "minc-2.0" else name
+                        act = rule(group, name, dt.kind in "SOU", ctx)  # (variable-length text is text too)
+                        label = f"{group}:{name}" if group not in ("", "minc-2.0") else name
                         if is_text and dt.itemsize and aid.shape == ():
                             val = obj.attrs[name]
                             raw = bytes(val) if isinstance(val, (bytes, np.bytes_)) else bytes(np.asarray(val).tobytes())

@@ -10,6 +10,9 @@ cleaned of identifiers at their original size.  In a single ``.nii`` the extensi
 (or, with nothing kept, the extension flag is cleared and the area zeroed), so the image data do
 not move.  Bytes after the image data (not part of any image) are dropped.
 
+NIfTI-1's unused Analyze fields ``extents``, ``session_error``, ``regular`` (unless they hold
+only the conventional ``r``), ``glmax`` and ``glmin`` are emptied too.
+
 Analyze 7.5 ``data_history``: ``descrip``, ``aux_file``, ``generated``, ``scannum``,
 ``patient_id``, ``exp_date``, ``exp_time``, ``hist_un0``, and the ``data_type``/``db_name``
 fields of ``header_key`` (``db_name`` usually holds the original file name) are emptied.
@@ -39,6 +42,10 @@ ANALYZE_TEXT = {"data_type": (4, 10), "db_name": (14, 18), "descrip": (148, 80),
                 "generated": (263, 10), "scannum": (273, 10), "patient_id": (283, 10), "exp_date": (293, 10),
                 "exp_time": (303, 10), "hist_un0": (313, 3)}
 ANALYZE_UNITS = {"vox_units": (56, 4), "cal_units": (60, 8)}
+# Analyze fields NIfTI-1 keeps only as unused room: any bytes in them are emptied (``regular`` may
+# keep the conventional ``r``), so text there travels nowhere.
+NIFTI1_UNUSED = {"extents": (32, 7), "glmax": (140, 8)}  # extents+session_error+regular; glmax+glmin
+_PRINTABLE = re.compile(rb"^[\x20-\x7e]{4,}$")
 ORIGINATOR = (253, 10)
 # Fields cleaned instead of emptied with clean_descriptors.
 DESCRIPTORS = {"descrip", "aux_file", "intent_name"}
@@ -201,13 +208,20 @@ def _scrub_fields(head: bytearray, layout: _Layout, ctx: ScrubContext, res: Scru
             continue
         res.found(name, raw.split(b"\x00", 1)[0])
         if clean and name in DESCRIPTORS:
-            text = raw.decode("latin-1")
-            cleaned = ctx.clean_fixed(text).encode("latin-1")
-            head[off:off + n] = cleaned
+            head[off:off + n] = ctx.clean_fixed_bytes(raw)
             res.act(name, "cleaned")
         else:
             head[off:off + n] = bytes(n)
             res.act(name, "emptied")
+    if layout.flavour == "nifti1":
+        for name, (off, n) in NIFTI1_UNUSED.items():
+            raw = bytes(head[off:off + n])
+            conventional = bytes(n - 1) + b"r" if name == "extents" else bytes(n)
+            if raw.strip(b"\x00") and raw != conventional:
+                if _PRINTABLE.match(raw.strip(b"\x00 ")):
+                    res.found(name, raw)
+                head[off:off + n] = bytes(n)
+                res.act(name, "emptied")
     if layout.flavour == "analyze":
         for name, (off, n) in ANALYZE_UNITS.items():
             raw = bytes(head[off:off + n]).split(b"\x00", 1)[0]
@@ -240,10 +254,8 @@ def _parse_extensions(blob: bytes, endian: str) -> list[tuple[int, bytes]] | Non
 
 
 def _scrub_extension(ecode: int, ext: bytes, ctx: ScrubContext, res: ScrubResult, i: int) -> bytes:
-    body = ext[8:].decode("latin-1")
-    res.found(f"extension[{i}]:ecode{ecode}", body[:200])
-    cleaned = ctx.clean_fixed(body).encode("latin-1")
-    return ext[:8] + cleaned
+    res.found(f"extension[{i}]:ecode{ecode}", ext[8:208])
+    return ext[:8] + ctx.clean_fixed_bytes(ext[8:])
 
 
 def _extensions(blob: bytes, layout: _Layout, ctx: ScrubContext, res: ScrubResult, *, fill: bool) -> bytes:

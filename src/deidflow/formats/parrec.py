@@ -11,8 +11,10 @@ Rules for the PAR lines (``.    Name   :   value`` in the general-information bl
   subject's offset; ``retain_long_full_dates``: kept); the time of day is kept;
 * ``# Dataset name:`` (the export path, which usually holds the patient's name) → the subject
   pseudonym;
-* every other line (acquisition parameters, the image table, comments) is kept, with the
-  patient's own identifiers (name and its parts) removed wherever they still occur.
+* comment lines are cleaned of the patient's identifiers and generic identifier patterns (dates,
+  digit runs: an export's note "MRN 5455565 born 23.04.1961"; Philips' own comment lines hold none);
+* every other line (acquisition parameters, the image table) is kept, with the patient's own
+  identifiers (name and its parts) removed wherever they still occur.
 
 nibabel parses the header (``PARRECHeader``, not permitting truncated acquisitions) and the
 REC must hold exactly the bytes the PAR describes; anything else is a quarantine reason.
@@ -138,6 +140,11 @@ def _line(body: str, ctx: ScrubContext, res: ScrubResult, own: list[str]) -> str
             res.act("Dataset name", "replaced")
             return body[:j + 1] + " " + ctx.subject
         return body
+    if body.startswith("#"):  # Philips' comments are its own template: other text in them is an export's
+        cleaned = ctx.clean(body, own)
+        if cleaned != body:
+            res.act("comments", "cleaned")
+        return cleaned
     m = _LINE.match(body)
     if not m:
         return _without_own(body, ctx, own)

@@ -709,29 +709,95 @@ _JPEG_COMPRESSIONS = frozenset((7, 34892))
 _J2K_COMPRESSIONS = frozenset((33003, 33004, 33005, 34712))
 
 
+_DEFLATE_COMPRESSIONS = frozenset((8, 32946))
+_LZMA_COMPRESSION = 34925
+_PACKBITS_COMPRESSION = 32773
+
+
+def _block_sizes(page: Page) -> list[int]:
+    """Bytes of each uncompressed strip or tile of ``page`` (rows × row bytes; the last strip of a
+    plane holds only the rows left)."""
+    bps = page._ints(page.entries[258]) if 258 in page.entries else [1]
+    spp = page._first(277, 1) or 1
+    planar = page._first(284, 1) == 2
+    bits = (bps[0] if planar else sum(bps) if len(bps) == spp else bps[0] * spp)
+    if page.tiled:
+        tw, th = page._first(322), page._first(323)
+        one = math.ceil(tw * bits / 8) * th * (page._first(32998, 1) or 1)
+        return [one] * len(page.blocks)
+    w, h = page.width, page.height
+    rps = min(page._first(278, h) or h, h)
+    per_plane = math.ceil(h / rps)
+    row = math.ceil(w * bits / 8)
+    return [row * min(rps, h - (k % per_plane) * rps) for k in range(len(page.blocks))]
+
+
+def _image_end(data: bytes, comp: int, size: int) -> int | None:
+    """Where the coded image of one strip or tile ends (a decoder reads nothing after it), from its
+    coding: ``size`` bytes when uncompressed, the end of the deflate / LZMA stream, of the PackBits
+    runs that give ``size`` bytes, the JPEG end-of-image, the JPEG 2000 end-of-codestream (the DICOM
+    engine's readers, :mod:`deidflow.codestreams`).  None when it cannot be told."""
+    from ..codestreams import j2k_end, jpeg_end, packbits_length
+    if comp == 1:
+        return size if len(data) >= size else len(data)
+    if comp in _DEFLATE_COMPRESSIONS or comp == _LZMA_COMPRESSION:
+        import lzma
+        import zlib
+        d = zlib.decompressobj() if comp != _LZMA_COMPRESSION else lzma.LZMADecompressor()
+        try:
+            d.decompress(data)
+        except (zlib.error, lzma.LZMAError):
+            return None
+        return len(data) - len(d.unused_data) if d.eof else None
+    if comp == _PACKBITS_COMPRESSION:
+        return packbits_length(data, 0, len(data), size)
+    if comp in _JPEG_COMPRESSIONS:
+        return jpeg_end(data)
+    if comp in _J2K_COMPRESSIONS:
+        return j2k_end(data)
+    return None
+
+
 def _clean_blocks(src, pages: list[Page], res: ScrubResult) -> dict[tuple[int, int], bytes]:
-    """The strips and tiles of ``pages`` whose JPEG stream holds comment or application segments
-    (COM, EXIF/XMP APP1, IPTC: a converter's "scanned for <patient>"), or whose JPEG 2000 stream
-    holds comments, without them: (offset, count) -> new bytes.  The coded data stay byte for byte,
-    so the pixels decode the same; the DICOM engine's frame rules (one implementation)."""
+    """The strips and tiles of ``pages`` that hold more than their coded image, without the rest:
+    (offset, count) -> new bytes.  Bytes after the image inside a block's byte count (text a
+    converter appended, a description's bytes the count was stretched over) are dropped (zero
+    padding is left); a JPEG stream's comment and application segments (COM, EXIF/XMP APP1, IPTC:
+    a converter's "scanned for <patient>") and a JPEG 2000 stream's comments go too (the DICOM
+    engine's frame rules, one implementation).  The coded data stay byte for byte, so the pixels
+    decode the same.  A coding whose end cannot be found (LZW, CCITT, WebP, …) or a damaged
+    stream raises FormatError: what is not read is not released (the leak scan skips these
+    bytes)."""
+    from ..codestreams import padding
     from ..dicomio import DicomError, j2k_frame_without_comments, jpeg_frame_without_metadata
     out: dict[tuple[int, int], bytes] = {}
+    trimmed = stripped = False
     for page in pages:
-        comp = page._first(259)
+        comp = page._first(259, 1) or 1
         strip = (jpeg_frame_without_metadata if comp in _JPEG_COMPRESSIONS
                  else j2k_frame_without_comments if comp in _J2K_COMPRESSIONS else None)
-        for off, n in page.blocks if strip else ():
+        for (off, n), size in zip(page.blocks, _block_sizes(page)):
             if n <= 0 or (off, n) in out:
                 continue
             src.seek(off)
             data = src.read(n)
-            try:
-                new = strip(data)
-            except DicomError as exc:
-                raise FormatError(f"strip or tile: {exc}") from None
+            end = _image_end(data, comp, size)
+            if end is None:
+                raise FormatError(f"strip or tile of compression {comp}: where its image ends cannot be checked")
+            new = data
+            if not padding(data[end:]):
+                new, trimmed = data[:end], True
+            if strip is not None:
+                try:
+                    cleaned = strip(new)
+                except DicomError as exc:
+                    raise FormatError(f"strip or tile: {exc}") from None
+                stripped, new = stripped or cleaned is not new, cleaned
             if new is not data:
                 out[(off, n)] = new
-    if out:
+    if trimmed:
+        res.act("bytes after the image in strips and tiles", "removed")
+    if stripped:
         res.act("JPEG comment and application segments of strips and tiles", "removed")
     return out
 

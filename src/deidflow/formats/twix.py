@@ -21,7 +21,9 @@ and only header bytes are rewritten.  Rules (by parameter name, in XProtocol ``<
   patterns, character for character.
 
 Finally every original value found above (≥ 4 characters) is searched for in all header bytes
-and overwritten wherever it still occurs.  The file is checked first: the raid directory must
+and overwritten wherever it still occurs.  Bytes no reader reads (after the raid directory's
+entries, after a measurement's ACQEND scan, after the last measurement; a raid entry's patient
+name field after its end) are zeroed: scanner files hold zeros there.  The file is checked first: the raid directory must
 lie inside the file and every measurement's MDH stream must reach its ACQEND scan, so a file
 cut in the middle is quarantined.
 """
@@ -97,6 +99,7 @@ class _Meas:
         self.index, self.offset, self.length, self.entry_offset = index, offset, length, entry_offset
         self.hdr_len = 0
         self.buffers: list[tuple[str, int, int]] = []  # (name, content start, content length), absolute
+        self.data_end = offset  # where its ACQEND scan ends
 
 
 def _layout(fh, size: int) -> tuple[str, list[_Meas]]:
@@ -151,8 +154,9 @@ def _layout(fh, size: int) -> tuple[str, list[_Meas]]:
     return version, meas
 
 
-def _check_mdh(fh, version: str, m: _Meas, size: int) -> None:
-    """Walk the measurement's scans to its ACQEND; FormatError when the stream is cut."""
+def _check_mdh(fh, version: str, m: _Meas, size: int) -> int:
+    """Walk the measurement's scans to its ACQEND; FormatError when the stream is cut.  Returns
+    where the ACQEND scan ends (what follows up to the measurement's end no reader reads)."""
     pos = m.offset + m.hdr_len
     end = size if m.length is None else m.offset + m.length
     hsize = 128 if version == "VB" else 192
@@ -167,7 +171,7 @@ def _check_mdh(fh, version: str, m: _Meas, size: int) -> None:
         dma = struct.unpack("<I", h[:4])[0] & 0x1FFFFFF
         mask = struct.unpack("<I", h[eval_at:eval_at + 4])[0]
         if mask & 1:  # ACQEND
-            return
+            return min(end, pos + max(hsize, dma))
         if dma < hsize:
             if version == "VD" and dma == 0:  # some VD scans carry no DMA length: channel headers follow
                 raise FormatError(f"twix measurement {m.index + 1}: scan without a length before ACQEND")
@@ -181,8 +185,24 @@ def _read_layout(path: Path) -> tuple[str, list[_Meas], int]:
     with open(path, "rb") as fh:
         version, meas = _layout(fh, size)
         for m in meas:
-            _check_mdh(fh, version, m, size)
+            m.data_end = _check_mdh(fh, version, m, size)
     return version, meas, size
+
+
+def _unread(meas: list[_Meas], size: int) -> list[tuple[int, int]]:
+    """Byte ranges no twix reader reads: after the raid directory's entries up to the first
+    measurement, after each measurement's ACQEND scan up to the next measurement, after the last
+    one (zero in scanner files; an export could put anything there)."""
+    out, pos = [], 0
+    if meas and meas[0].entry_offset is not None:  # VD/VE: the raid directory's used entries
+        pos = 8 + len(meas) * RAID_ENTRY
+    for m in sorted(meas, key=lambda m: m.offset):
+        if m.offset > pos:
+            out.append((pos, m.offset))
+        pos = max(pos, m.data_end)
+    if size > pos:
+        out.append((pos, size))
+    return out
 
 
 # ------------------------------------------------------------------------------------------------
@@ -430,6 +450,9 @@ def scrub(src: Path, dst: Path, ctx: ScrubContext) -> ScrubResult:
                     fi.seek(m.entry_offset + 24)
                     pat, prot = fi.read(64), fi.read(64)
                     pname = pat.split(b"\x00", 1)[0].decode("latin-1")
+                    if pat[len(pname) + 1:].strip(b"\x00"):  # bytes after the name's end: nobody's field
+                        edits.append((m.entry_offset + 24 + len(pname), bytes(64 - len(pname))))
+                        res.act("raid:patient_name", "cleared after its end")
                     if pname.strip() and not _MASKED.match(pname):
                         res.found("raid:patient_name", pname)
                         if len(pname.strip()) >= 4:
@@ -446,6 +469,12 @@ def scrub(src: Path, dst: Path, ctx: ScrubContext) -> ScrubResult:
             for start, data in edits:
                 fo.seek(start)
                 fo.write(s.sweep(data.decode("latin-1")).encode("latin-1"))
+            for a, b in _unread(meas, size):
+                fi.seek(a)
+                if fi.read(b - a).strip(b"\x00"):
+                    fo.seek(a)
+                    fo.write(bytes(b - a))
+                    res.act("bytes outside the measurements", "zeroed")
         if tmp.stat().st_size != size:
             raise FormatError("internal error: twix size changed")  # never: every edit keeps its length
         res.outputs = out.finals

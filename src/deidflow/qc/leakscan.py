@@ -252,20 +252,29 @@ def _scan_json(data: bytes, rel: str, prefix: str, matcher: Matcher, res: FileSc
         for off, n in matcher.find(data):
             res.hits.append(_hit(rel, prefix + f"byte offset {off}", n))
         return
-    for where, text in _json_strings(doc, ""):  # values only: keys are the format's own words
+    # values, and keys below the top level (top-level keys are the format's own words: a released
+    # sidecar's are allow-listed; an object inside a field may be keyed by anything); a key holding
+    # a value is named by its position in the locations, which the terminal and restricted lists show
+    shown = lambda k: not matcher.find(k.encode("utf-8"))  # noqa: E731
+    for where, text in _json_strings(doc, "", shown):
         for _, n in matcher.find(text.encode("utf-8")):
             res.hits.append(_hit(rel, prefix + f"JSON {where or '(top level)'}", n))
     _dedupe(res)
 
 
-def _json_strings(doc, path: str) -> Iterator[tuple[str, str]]:
+def _json_strings(doc, path: str, shown=lambda k: True) -> Iterator[tuple[str, str]]:
+    """(where, text) of every value and of every object key below the top level of a JSON
+    document; a location names a key only when ``shown(key)``, else by its position (``key 2``)."""
     if isinstance(doc, dict):
-        for k, v in doc.items():
-            sub = f"{path}.{k}" if path else str(k)
-            yield from _json_strings(v, sub)
+        for i, (k, v) in enumerate(doc.items()):
+            k = str(k)
+            if path:
+                yield f"{path} key {i}", k
+            name = k if shown(k) else f"key {i}"
+            yield from _json_strings(v, f"{path}.{name}" if path else name, shown)
     elif isinstance(doc, list):
         for i, v in enumerate(doc):
-            yield from _json_strings(v, f"{path}[{i}]")
+            yield from _json_strings(v, f"{path}[{i}]", shown)
     elif doc is not None:
         yield path, str(doc)
 
