@@ -37,7 +37,7 @@ demo: install  ## generate the demo patients and de-identify them (ephemeral key
 	$(BIN)/deidflow demo --cores $(CORES)
 
 test: install-all  ## the whole suite, real-data and slow tests included (what CI runs)
-	$(BIN)/python -m pytest -q
+	$(BIN)/python -m pytest -q --durations=25
 
 test-fast: install-all  ## skip the slow and real-data tests
 	$(BIN)/python -m pytest -q -m "not slow and not realdata"
