@@ -8,6 +8,7 @@ not scanned."""
 from __future__ import annotations
 
 import os
+import struct
 import shutil
 import subprocess
 import sys
@@ -301,3 +302,55 @@ def test_barcode_and_qr_code_on_a_screened_label_are_blanked_with_its_text(tmp_p
     assert not cv2.QRCodeDetector().detectAndDecode(after)[0]
     for rows, cols in ((slice(140, 271), slice(40, 325)), (slice(45, 160), slice(525, 640))):  # bars, QR modules
         assert np.ptp(after[rows, cols]) == 0 and np.ptp(before[rows, cols]) > 0  # filled: one value
+
+
+# -- zlib and gzip streams in kept binary values ---------------------------------------------------
+@pytest.mark.parametrize("pack", ["zlib", "zlib-1", "zlib-9", "gzip-ge"])
+def test_identifiers_in_compressed_streams_are_found_and_swept(pack):
+    """A kept binary value holding a compressed stream (GE's Protocol Data Block is gzip behind a
+    4-byte length; devices keep zlib-compressed XML state): the patient's name and MRN in it were
+    neither swept nor seen by the leak scan.  The stream is inflated and searched; a hit covers the
+    whole stream, which the sweep fills."""
+    import gzip
+    import zlib
+
+    from deidflow.qc import identifiers
+    m = identifiers.matcher_for([("name", "PatientName", "ZLIBSON^NORA"), ("id", "PatientID", "55443321")])
+    xml = b'SEDESC "T1 for Nora Zlibson"\nNOTE "MRN 55443321"\n' * 4
+    packed = {"zlib": zlib.compress(xml), "zlib-1": zlib.compress(xml, 1), "zlib-9": zlib.compress(xml, 9),
+              "gzip-ge": struct.pack("<I", len(xml)) + gzip.compress(xml)}[pack]
+    blob = b"\x00\x01head" + packed + b"tail\x00"
+    hits = m.spans(blob)
+    assert {n.kind for _, _, n in hits} == {"name", "id"}
+    red = m.redact(blob)
+    assert red.startswith(b"\x00\x01head") and red.endswith(b"tail\x00") and len(red) == len(blob)
+    start = 6 + (4 if pack == "gzip-ge" else 0)
+    with pytest.raises(zlib.error):
+        zlib.decompressobj(47).decompress(red[start:])
+    clean = b"\x00" + zlib.compress(b'SEDESC "T1 MPRAGE"\n' * 4) + b"\x00"
+    assert not m.spans(clean) and m.redact(clean) is clean  # a stream without identifiers is kept as it is
+
+
+@pytest.mark.slow
+def test_compressed_name_in_safe_private_blob_not_released(tmp_path):
+    """End to end (research preset keeps the safe-listed SIEMENS Ultrasound SC2000 blob): a
+    zlib-compressed XML state naming the patient was released with exit 0."""
+    import zlib
+    inp = tmp_path / "in" / "p1"
+    inp.mkdir(parents=True)
+    ds = pydicom.dcmread(get_testdata_file("MR_small.dcm"))
+    ds.PatientName, ds.PatientID, ds.PatientBirthDate = "ZLIBSON^NORA", "55443321", "19610423"
+    blk = ds.private_block(0x0129, "SIEMENS Ultrasound SC2000", create=True)
+    blk.add_new(0x10, "OB", zlib.compress(b"<State><Patient>ZLIBSON, NORA</Patient><MRN>55443321</MRN></State>"))
+    ds.save_as(inp / "1.dcm", enforce_file_format=True)
+    out = tmp_path / "out"
+    r = subprocess.run([sys.executable, "-m", "deidflow.cli", "run", str(inp.parent), str(out), "--cores", "2",
+                        "--set", "face.method=none", "--set", "pixels.clean=off", "--set", "profile.preset=research",
+                        "--set", "outputs.bids=false"],
+                       env=dict(os.environ, DEIDFLOW_KEY=TEST_KEY), cwd=ROOT, capture_output=True, text=True,
+                       timeout=600)
+    assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-2000:]
+    (released,) = [pydicom.dcmread(p) for p in out.rglob("*.dcm")]
+    value = released[0x0129, 0x1010].value
+    for probe in (value, zlib.decompressobj().decompress(value) if value[:1] == b"x" else b""):
+        assert b"ZLIBSON" not in probe and b"55443321" not in probe

@@ -9,7 +9,8 @@ back to the text's offsets:
   :func:`deidflow.qc.identifiers.accented_spellings`, transliterations);
 * UTF-16 text (Latin-1 range, either byte order) inside binary values: Windows-based devices keep
   XML and state in UTF-16 (``Z\0e\0b\0…``), which the byte forms of a value never match;
-* UTF-16 text of the other scripts the searched values are written in (``script_views``).
+* UTF-16 text of the other scripts the searched values are written in (``script_views``);
+* zlib and gzip streams inside binary values (``compressed_views``).
 """
 from __future__ import annotations
 
@@ -250,4 +251,33 @@ def _script_view(text: bytes, s0: int, e0: int, codec: str, spans: Spans) -> lis
                 ends.append(ends[-1] + len(c.encode("utf-8")))
             at = {o: k for k, o in enumerate(ends)}
             out += [(start + 2 * at[s], start + 2 * at[e], n) for s, e, n in hits if s in at and e in at]
+    return out
+
+
+# zlib and gzip streams inside binary values (GE's Protocol Data Block, a device's compressed XML
+# state): inflated (at most MAX_INFLATED bytes) and searched; a hit covers the whole compressed
+# stream, so the sweep's fill breaks it and the leak scan reports where it starts.
+_STREAM_STARTS = (b"x\x9c", b"x\x01", b"x\xda", b"x^", b"\x1f\x8b\x08")  # zlib levels 6, 1, 9, 2-5; gzip
+MAX_INFLATED = 1 << 24
+
+
+def compressed_views(text: bytes, spans: Spans) -> list[tuple[int, int, "Needle"]]:
+    """The values ``spans`` finds in the zlib and gzip streams of ``text`` (as read, not
+    lower-cased), each at the span of its whole stream."""
+    import zlib
+    out = []
+    view = memoryview(text)
+    for start in _STREAM_STARTS:
+        i = text.find(start)
+        while i >= 0:
+            d = zlib.decompressobj(31 if start[0] == 0x1F else 15)
+            try:
+                raw = d.decompress(view[i:], MAX_INFLATED)
+            except zlib.error:
+                raw = b""
+            if raw:
+                hits = spans(raw, folded=True) + fold_accents(raw, spans) + utf16_views(raw.lower(), spans)
+                end = len(text) - len(d.unused_data) if d.eof else len(text)
+                out += [(i, end, n) for n in {id(n): n for _, _, n in hits}.values()]
+            i = text.find(start, i + 1)
     return out

@@ -26,7 +26,7 @@ from pathlib import Path
 from typing import Iterable, Iterator, Mapping
 
 from ..fsutil import RESTRICTED_FILE_MODE, atomic_write_text, make_restricted_dir
-from .folding import FOLD_EXTRA, fold_accents, script_views, utf16_views
+from .folding import FOLD_EXTRA, compressed_views, fold_accents, script_views, utf16_views
 
 KINDS = ("name", "date", "datetime", "time", "uid", "id", "path")
 IDENTIFIERS_DIR = "identifiers"
@@ -1492,7 +1492,7 @@ class Matcher:
             hits += [h for h in born if (h[0], h[1], h[2].digest) not in seen]
         if not folded:  # MULLER^JURGEN written Müller Jürgen; UTF-16 text in binary values
             hits += fold_accents(low, self.spans) + utf16_views(low, self.spans) + \
-                script_views(text, self.spans, self.script_chars_all())
+                script_views(text, self.spans, self.script_chars_all()) + compressed_views(text, self.spans)
         return hits
 
     def _anchored(self, low: bytes, i: int, tok: bytes, hits: list) -> None:
