@@ -354,3 +354,29 @@ def test_compressed_name_in_safe_private_blob_not_released(tmp_path):
     value = released[0x0129, 0x1010].value
     for probe in (value, zlib.decompressobj().decompress(value) if value[:1] == b"x" else b""):
         assert b"ZLIBSON" not in probe and b"55443321" not in probe
+
+
+def test_uids_inside_ge_protocol_data_block_are_keyed():
+    """GE's Protocol Data Block (gzip, safe-listed for dcm2niix) repeats the paradigm UID of
+    (0043,1072), which the profile keys: the block kept the original, which the leak scan now
+    reads inside compressed streams (it withheld every GE fMRI subject under dicom.private safe).
+    The block's text is cleaned with its embedded UIDs keyed, the rest of it kept."""
+    import glob
+    import gzip
+    import zlib
+
+    from .conftest import require_shared
+    folder = require_shared("dcm_qa_ge", "In", "SliceTiming", "14_Ax_fMRI_HB3_48sl_int_asc")
+    ds = pydicom.dcmread(sorted(glob.glob(str(folder / "*.dcm")))[0], stop_before_pixels=True)
+    original_uid = str(ds[0x0043, 0x1072].value)
+    block = ds[0x0025, 0x101B].value
+    before = gzip.decompress(block[4:])
+    assert original_uid.encode() in before
+    new = _scrubber().clean_private("GEMS_SERS_01", 0x0025101B, block)
+    after = zlib.decompressobj(31).decompress(new[4:])
+    assert original_uid.encode() not in after
+    uid_line = [ln for ln in after.splitlines() if ln.startswith(b"PDGMUID ")]
+    assert len(uid_line) == 1 and len(uid_line[0]) == len(b'PDGMUID ""') + len(original_uid)  # keyed, same length
+    for key in (b"SLICEORDER", b"TR", b"FLIPANG", b"NUMSHOTS"):  # what dcm2niix reads stays
+        assert [ln for ln in before.splitlines() if ln.startswith(key + b" ")] == \
+            [ln for ln in after.splitlines() if ln.startswith(key + b" ")]

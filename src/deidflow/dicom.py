@@ -343,7 +343,8 @@ class Scrubber:
         new = self.scrub_blob(value)
         key = (creator.strip(), tag >> 16, tag & 0xFF)
         if key == vendorblobs.GE_PDB or key == vendorblobs.GE_USER_DATA or key in vendorblobs.SIEMENS_CSA:
-            new = vendorblobs.clean(key, bytes(new), self.model.redact,
+            # a compressed block (GE's) is cleaned inside: its embedded UIDs keyed too
+            new = vendorblobs.clean(key, bytes(new), lambda text: self.model.redact(self.scrub_blob(text)),
                                     keep_characteristics="retain_patient_characteristics" in self.plan.options)
         if swept:
             new = self.sweep_blob(new)
