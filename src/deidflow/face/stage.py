@@ -39,7 +39,8 @@ from . import render
 from ..errors import PublicError, output_error_of
 from ..formats import VOLUME_FORMATS
 from .apply import GeometryMismatch, Nifti, derived_sidecar, mask_dicom, remap_file, uids_in
-from .select import Decision, ImageFacts, decide, extent_mm, head_shape, kind_of, rendering
+from .select import (MR_SUFFIXES, Decision, ImageFacts, decide, extent_mm, head_picture, head_shape, kind_of,
+                     modality_of, names_head, rendering)
 from .volume import for_backend, reference_volume, removed_value
 
 log = logging.getLogger("deidflow")
@@ -240,6 +241,7 @@ def face_unit(convert_done: Path | None, dicom_root: Path, release_root: Path, r
     if other is not None:
         images += _other_images(unit_manifest, keeper, face_cfg)
     series = _dicom_only_series(convert, unit_manifest, keeper, dicom_root, dicom_in_release, face_cfg)
+    _split_heads(series, face_cfg)
     bad: list[tuple[str, str]] = []  # (release path, reason); listed by input path (quarantine.tsv's form)
     uid_map: dict[str, str] = {}
     qc: dict[str, list[dict]] = {}
@@ -438,11 +440,12 @@ def _describe(entry, subject, keeper: Keeper, dicom_root: Path, series_cache, fa
     kind, _ = kind_of(suffix, rel, attrs, volumes)
     facts = ImageFacts(
         path=rel, suffix=suffix,
-        modality=str(attrs.get("Modality") or entry.get("modality") or ""),
+        modality=modality_of(attrs) or modality_of({"Modality": entry.get("modality") or ""}),
         body_part=str(attrs.get("BodyPartExamined") or ""),
         description=" ".join(str(attrs.get(k) or "") for k in ("SeriesDescription", "ProtocolName")).strip(),
         extent_mm=extent_mm(shape[:3], zooms), volumes=volumes, kind=kind,
-        in_plane_mm=float(sorted(zooms)[1]) if len(zooms) >= 2 else 0.0)
+        in_plane_mm=float(sorted(zooms)[1]) if len(zooms) >= 2 else 0.0,
+        picture=head_picture(attrs, face_cfg["select"]["body_parts"]) if attrs else "")
     sidecar = next((f for f in entry.get("files", ()) if f.endswith(".json")), "")
     why = rendering(attrs, face_cfg["select"]["body_parts"])
     im = _Image(entry, subject, rel, shape, affine, facts, Decision("withhold", why) if why else decide(facts, face_cfg),
@@ -538,7 +541,7 @@ def _describe_other(f: Mapping[str, Any], subject: str, rel: str, data_rel: str,
             side = {}
     name = f["relpath"].rsplit("/", 1)[-1]
     suffix = bids_suffix(name)
-    modality = str(side.get("Modality") or ("MR" if f["format"] == "parrec" else ""))
+    modality = modality_of(side) or ("MR" if f["format"] == "parrec" or suffix in MR_SUFFIXES else "")
     body = str(side.get("BodyPartExamined") or "")
     description = " ".join([*(str(side.get(k) or "") for k in ("SeriesDescription", "ProtocolName")),
                             stem_of(name)]).strip()
@@ -626,9 +629,11 @@ class _GridMismatch(Exception):
 def _why(exc: BaseException) -> str:
     """A one-line reason without values from the data: the exception type, a system error string,
     or our own messages (which are built from counts and types only)."""
+    from .ants_deface import OrientationMismatch
     from .backends import BackendUnavailable
     from .dicomvol import VolumeError
-    if isinstance(exc, (_Implausible, VolumeError, GeometryMismatch, BackendUnavailable, PublicError)):
+    if isinstance(exc, (_Implausible, VolumeError, GeometryMismatch, BackendUnavailable, PublicError,
+                        OrientationMismatch)):
         return str(exc)
     if (full := output_error_of(exc)) is not None:
         return f"cannot write: {full.strerror}"
@@ -761,19 +766,28 @@ def _describe_series(subject: str, folder: Path, keeper: Keeper, face_cfg) -> _S
     if why:
         return _Series(subject, folder, rel, None, Decision("withhold", why), files, unreadable=sc.unreadable)
     stacks = sc.stacks()
+    attrs = sc.attrs
+    picture = head_picture(attrs, face_cfg["select"]["body_parts"])
     if not stacks:
+        body = str(attrs.get("BodyPartExamined") or "").strip()
+        if sc.no_geometry and (picture or (modality_of(attrs) in ("MR", "CT", "") and
+                                           (not body or names_head(body, face_cfg["select"]["body_parts"])))):
+            # frames of a head without position or orientation (a CT exported as screen saves): a
+            # stack anyone can view, with no geometry to find its face in (red-team 6)
+            why = (f"{picture or 'image frames of a head'} without position or orientation "
+                   f"({sc.no_geometry} frames) can show the face and cannot be defaced")
+            return _Series(subject, folder, rel, None, Decision("withhold", why), files, unreadable=sc.unreadable)
         return _Series(subject, folder, rel, None, Decision("none", "no image frames with a position"), files,
                        unreadable=sc.unreadable)
     stack = stacks[0]
     _, at = dicomvol.positions(stack)
     volumes = min(len(a) for a in at)
-    attrs = sc.attrs
     kind, evidence = kind_of("", rel, attrs, volumes)
-    facts = ImageFacts(path=rel, suffix="", modality=str(attrs.get("Modality") or ""),
+    facts = ImageFacts(path=rel, suffix="", modality=modality_of(attrs),
                        body_part=str(attrs.get("BodyPartExamined") or ""),
                        description=" ".join(str(attrs.get(k) or "") for k in ("SeriesDescription", "ProtocolName")).strip(),
                        extent_mm=dicomvol.extent(stack), volumes=volumes, kind=kind,
-                       in_plane_mm=float(max(stack[0].spacing)))
+                       in_plane_mm=float(max(stack[0].spacing)), picture=picture)
     ser = _Series(subject, folder, rel, facts, decide(facts, face_cfg), files, stack, sc.unreadable)
     if kind and ser.decision.method == "none" and "face.select.skip" in ser.decision.reason:
         ser.decision = Decision("none", f"{ser.decision.reason} ({evidence})")
@@ -788,6 +802,37 @@ def _describe_series(subject: str, folder: Path, keeper: Keeper, face_cfg) -> _S
         d = decide(replace(facts, head_shape=ok), face_cfg)
         ser.decision = Decision(d.method, f"{d.reason} ({why})")
     return ser
+
+
+def _split_heads(series: list[_Series], face_cfg) -> None:
+    """One head split over thin series (a slice per series): each alone has no 3D coverage, together
+    they are the head (red-team 6: 96 one-slice series of a head were released untouched). Thin MR,
+    CT or unlabelled series of a subject with the same orientation, matrix and pixel spacing, body
+    part a head or none, whose frames together cover a face (face.select.min_extent_mm on each
+    axis) are withheld: a slice alone gives the face stage no head to register."""
+    from . import dicomvol
+    from .select import _mm
+    sel = face_cfg["select"]
+    groups: dict[tuple, list[_Series]] = {}
+    for ser in series:
+        if ser.facts is None or ser.decision.method != "none" or not ser.decision.reason.startswith("no 3D coverage"):
+            continue
+        body = ser.facts.body_part.strip()
+        if ser.facts.modality not in ("MR", "CT", "") or (body and not names_head(body, sel["body_parts"])):
+            continue
+        f = ser.stack[0]
+        groups.setdefault((ser.subject, tuple(np.round(f.iop, 3)), f.rows, f.cols, tuple(np.round(f.spacing, 3))),
+                          []).append(ser)
+    for members in groups.values():
+        if len(members) < 2:
+            continue
+        ext = dicomvol.extent([fr for ser in members for fr in ser.stack])
+        if min(ext) < sel["min_extent_mm"]:
+            continue
+        why = (f"one of {len(members)} thin series of a head that together cover a face (extent {_mm(ext)} mm) and "
+               "cannot be defaced one by one")
+        for ser in members:
+            ser.decision = Decision("withhold", why)
 
 
 def _series_volume(ser: _Series):
