@@ -6,6 +6,7 @@ faces"). Each test is named for the attack; each released a recognisable face wi
 * 2D pictures derived from a head: a MIP, a rendered skin surface as an RGB secondary capture, an
   external-camera photograph;
 * a head split into one-slice series;
+* a series whose second volume is the head turned (the first volume's mask missed its face);
 * a 3D T1 given as a NIfTI named ``*_bold.nii.gz``;
 * a header whose orientation lies (a flipped or swapped axis): the template was registered to a
   wrong local optimum and the back or top of the head was "defaced".
@@ -23,6 +24,7 @@ import pydicom
 import pytest
 from pydicom.uid import MRImageStorage, SecondaryCaptureImageStorage, generate_uid
 
+from deidflow import demo_head
 from deidflow.face import render
 from deidflow.face.select import ImageFacts, decide
 from deidflow.settings import load_defaults
@@ -216,6 +218,45 @@ def test_head_split_into_one_slice_series_is_withheld(tmp_path):
             assert "thin series of a head that together cover a face" in report[label]["reason"]
             assert _released(out, label) == []
     assert _quarantined(restricted) == {label for label in series if "localizer" not in label}
+
+
+@pytest.mark.usefixtures("memo_ants")
+def test_series_whose_second_volume_is_a_turned_head_is_withheld(tmp_path):
+    """A two-volume series (frames repeated at each position) whose first volume is the demo head
+    and whose second is the same head flipped along its rows: every volume got the first volume's
+    mask, so the second kept its face (released, exit 0). Two echoes of one head (the second at 0.6
+    of the intensity) are still defaced, both of them."""
+    t1 = demo_head.head_t1()
+    turned = t1[:, ::-1, :].copy()                  # rows reversed: the face on the other side
+    series = {
+        "MR1-decoy": _relabelled(head_series() + head_series(pixels=turned)),
+        "MR2-echoes": _relabelled(head_series() + head_series(pixels=(t1 * 0.6).astype(t1.dtype))),
+    }
+    out, restricted = _unit(tmp_path, series)
+    _run(out, restricted)
+    report = _report(restricted)
+    assert report["MR1-decoy"]["withheld"].startswith("volume 2 does not show the head where volume 1 does")
+    assert _released(out, "MR1-decoy") == []
+    assert report["MR2-echoes"]["method"] == "deface" and "withheld" not in report["MR2-echoes"]
+    ref_mask, _ = _reference_mask()
+    face = ref_mask & (t1 > render.skin_threshold(t1.astype(np.float32)))
+    blobs = _released(out, "MR2-echoes")
+    stored = np.stack([pydicom.dcmread(io.BytesIO(b)).pixel_array for b in blobs])   # 2 x 96 files, file order
+    assert not stored[:96][face].any() and not stored[96:][face].any()
+
+
+@pytest.mark.realdata
+def test_moved_or_turned_later_volume_of_a_real_head_is_caught():
+    """The measure behind the check, on the real chris_t1: echoes and an inversion-like contrast of
+    the head pass; the head moved 10 mm or turned front to back does not."""
+    from deidflow.face.stage import moved_volume
+    from deidflow.face.volume import reference_volume
+    data, affine, _ = _chris()
+    x = reference_volume(data.astype(np.float32), affine)
+    ok = [x.data * 0.6, np.abs(x.data - np.percentile(x.data[x.data > 0], 70))]
+    assert moved_volume((x.data, ok), x.affine) is None
+    for bad in (np.roll(x.data, -10, axis=1), x.data[:, ::-1, :].copy()):
+        assert "volume 2 does not show the head" in moved_volume((x.data, [bad]), x.affine)
 
 
 # ------------------------------------------------------------------------------------------ names

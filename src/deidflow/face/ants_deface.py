@@ -271,7 +271,7 @@ def _tissue_points(data: np.ndarray, affine: np.ndarray, threshold: float) -> np
     return ijk @ affine[:3, :3].T + affine[:3, 3]
 
 
-def _nmi(a: np.ndarray, b: np.ndarray, bins: int = 24) -> float:
+def nmi(a: np.ndarray, b: np.ndarray, bins: int = 24) -> float:
     """Normalised mutual information (H(a) + H(b)) / H(a, b) of two samples."""
     h, _, _ = np.histogram2d(a, b, bins=bins)
     p = h / max(h.sum(), 1.0)
@@ -321,7 +321,7 @@ def orientation_problem(data: np.ndarray, affine: np.ndarray) -> str | None:
         to_subject[:3, 3] = rot.T @ (anchor - t_anchor / scale)
         m = np.linalg.inv(saff) @ to_subject @ taff
         warped = ndimage.affine_transform(small, m[:3, :3], offset=m[:3, 3], output_shape=tdata.shape, order=1)
-        scores.append(_nmi(warped[inside], tdata[inside]))
+        scores.append(nmi(warped[inside], tdata[inside]))
     best_other = int(np.argmax(scores[1:])) + 1
     if scores[0] >= scores[best_other] + SCREEN_MARGIN:
         return None
@@ -335,7 +335,7 @@ def orientation_problem(data: np.ndarray, affine: np.ndarray) -> str | None:
                                    shrink="1", smoothing="0vox")
         m = np.linalg.inv(turned) @ np.linalg.inv(to_t) @ caff
         warped = ndimage.affine_transform(fixed, m[:3, :3], offset=m[:3, 3], output_shape=cdata.shape, order=1)
-        return _nmi(warped[cin], cdata[cin])
+        return nmi(warped[cin], cdata[cin])
     order = [k for k in np.argsort(scores)[::-1] if k != 0][:CONFIRM_CANDIDATES]
     own = confirm(rots[0])
     others = [confirm(rots[k]) for k in order]
