@@ -260,19 +260,41 @@ def test_moved_or_turned_later_volume_of_a_real_head_is_caught():
 
 
 # ------------------------------------------------------------------------------------------ names
-def test_3d_head_named_as_a_time_series_is_not_skipped():
-    """A NIfTI input named ``sub-01_task-rest_bold.nii.gz`` holding one 3D T1 head: the BIDS suffix
-    made it 'no modality and not a head MRI suffix' and it was released with its face. BIDS bold,
-    dwi and asl images are 4D: a 3D one is not skipped for its name (the volume decides); a real
-    4D series still is."""
-    base = dict(path="sourcedata/nifti/sub-a/k.nii.gz", modality="MR", body_part="", description="sub-01_task-rest_bold",
-                extent_mm=(176.0, 256.0, 176.0))
-    for suffix in ("bold", "dwi", "asl"):
-        d = decide(ImageFacts(suffix=suffix, **base), FACE)
-        assert d.pending, (suffix, d.reason)
-        assert decide(ImageFacts(suffix=suffix, head_shape=True, **base), FACE).method == "deface"
-        assert decide(ImageFacts(suffix=suffix, volumes=120, **base), FACE).method == "none"
-    assert decide(ImageFacts(suffix="sbref", **base), FACE).method == "none"    # a real 3D single-band reference
+@pytest.mark.usefixtures("memo_ants")
+def test_3d_head_named_as_a_time_series_is_not_skipped(tmp_path):
+    """A NIfTI input named ``sub-01_task-rest_bold.nii.gz`` holding one 3D head (the demo T1): the
+    name's BIDS suffix made it 'no modality and not a head MRI suffix' and it was released with its
+    face. BIDS bold, dwi and asl images are 4D: the name of a 3D file so named is no evidence, the
+    suffix makes it MR, and the head-shape test decides (defaced). The same head as an 8-volume
+    ``_bold`` series is still an fMRI run and keeps every voxel."""
+    import nibabel as nib
+
+    from deidflow.face.stage import face_unit
+    from deidflow.settings import profile_settings
+
+    from .test_face_dicom import _volume
+    vol = _volume(head_series())
+    out, restricted = tmp_path / "release", tmp_path / "restricted"
+    (out / "sourcedata/nifti/sub-a").mkdir(parents=True)
+    restricted.mkdir()
+    files = []
+    for key, data in (("k1", vol.data), ("k2", np.repeat(vol.data[..., None], 8, axis=-1))):
+        (out / f"sourcedata/nifti/sub-a/{key}.nii").write_bytes(nib.Nifti1Image(data.astype(np.int16), vol.affine).to_bytes())
+        files.append({"relpath": f"site/{key}/sub-01_task-rest_bold.nii", "format": "nifti1",
+                      "release_dir": "sourcedata/nifti", "out_relpath": f"{key}.nii", "primary": ""})
+    before = {k: (out / f"sourcedata/nifti/sub-a/{k}.nii").read_bytes() for k in ("k1", "k2")}
+    (restricted / "manifest.json").write_text(json.dumps({"unit": "sub-a", "subjects": [{"subject": "sub-a", "files": files}]}))
+    (restricted / "other.json").write_text(json.dumps({"unit": "sub-a", "subjects": [{"subject": "sub-a", "files": 2}]}))
+    face_unit(None, out / "sourcedata/dicom", out, restricted, restricted / "done.json", restricted / "q.jsonl",
+              profile_settings(load_defaults()), FACE, other_done=restricted / "other.json",
+              manifest=restricted / "manifest.json")
+    report = {im["nifti"].split("/")[-1]: im for im in json.loads((restricted / "done.json").read_text())["images"]}
+    assert report["k1.nii"]["method"] == "deface" and "head-shaped" in report["k1.nii"]["reason"], report["k1.nii"]
+    after = np.asarray(nib.load(out / "sourcedata/nifti/sub-a/k1.nii").dataobj)
+    ras_before = np.asarray(nib.Nifti1Image.from_bytes(before["k1"]).dataobj)
+    assert (after != ras_before).sum() > 10000                     # the face region is gone
+    assert report["k2.nii"]["method"] == "none" and "fMRI" in report["k2.nii"]["reason"]
+    assert (out / "sourcedata/nifti/sub-a/k2.nii").read_bytes() == before["k2"]
 
 
 # ------------------------------------------------------------------------------------------ orientation
@@ -301,6 +323,26 @@ def test_orientation_header_that_lies_is_caught(lie):
     assert orientation_problem(true.data, true.affine) is None
     lying = reference_volume(data.astype(np.float32), _LIES[lie] @ affine)
     assert "orientation in the header does not match" in (orientation_problem(lying.data, lying.affine) or "")
+
+
+@pytest.mark.realdata
+@pytest.mark.parametrize("axis, degrees", [("x", 30), ("y", 20), ("z", 20)])
+def test_orientation_check_passes_a_head_tilted_in_the_scanner(axis, degrees):
+    """Research utility: chris_t1 turned 30 degrees chin to chest, or 20 degrees about either other
+    axis (a head tilted in the coil, header right) is not taken for a lying header."""
+    from deidflow.face.ants_deface import orientation_problem
+    from deidflow.face.volume import reference_volume
+    data, affine, _ = _chris()
+    t = np.radians(degrees)
+    c, s = np.cos(t), np.sin(t)
+    rot = {"x": [[1, 0, 0], [0, c, -s], [0, s, c]], "y": [[c, 0, s], [0, 1, 0], [-s, 0, c]],
+           "z": [[c, -s, 0], [s, c, 0], [0, 0, 1]]}[axis]
+    centre = affine[:3, :3] @ ((np.array(data.shape) - 1) / 2) + affine[:3, 3]
+    turn = np.eye(4)
+    turn[:3, :3] = rot
+    turn[:3, 3] = centre - turn[:3, :3] @ centre
+    vol = reference_volume(data.astype(np.float32), turn @ affine)
+    assert orientation_problem(vol.data, vol.affine) is None
 
 
 @pytest.mark.realdata

@@ -232,7 +232,7 @@ SCREEN_MM = 6.0               # voxel size of the screen (subject and template)
 SCREEN_MARGIN = 0.01          # the header's orientation must win the screen by this much ...
 CONFIRM_MM = 8.0              # ... else the best candidates are registered (quickly) and compared
 CONFIRM_CANDIDATES = 3
-CONFIRM_CONVERGENCE = "[10,1e-4,5]"
+CONFIRM_CONVERGENCE = "[40,1e-5,5]"
 CONFIRM_MARGIN = 0.005
 
 
@@ -298,7 +298,7 @@ def orientation_problem(data: np.ndarray, affine: np.ndarray) -> str | None:
     is placed on the head's tissue by its bounding box (left-right and front-back extents, the
     vertex; no registration) and the fit scored by normalised mutual information at 6 mm. When the
     header's orientation does not win by SCREEN_MARGIN, it and the best three others are registered
-    (8 mm, 10 iterations) and compared again: another orientation fitting as well withholds."""
+    (8 mm, up to 40 iterations) and compared again: another orientation fitting as well withholds."""
     from scipy import ndimage
 
     from . import render

@@ -68,7 +68,7 @@ _SUFFIX_KIND = {
     "TB1EPI": "fieldmap", "TB1DAM": "fieldmap", "TB1SRGE": "fieldmap", "RB1COR": "fieldmap",
     "phase": "phase",
 }
-_SERIES_SUFFIXES = frozenset(("bold", "dwi", "asl", "cbv"))   # BIDS: always 4D
+SERIES_SUFFIXES = frozenset(("bold", "dwi", "asl", "cbv"))   # BIDS: always 4D
 MR_SUFFIXES = frozenset(_SUFFIX_KIND) - {"physio", "aslcontext"}  # BIDS suffixes of MR images
 _DESC_KIND = (  # checked in this order on SeriesDescription, ProtocolName and SequenceName (lower case)
     ("dwi", re.compile(r"dwi|dti|diff|tensor|\badc\b|trace|ep_b\d|\*ep_b|hardi|noddi")),
@@ -202,11 +202,8 @@ def kind_of(suffix: str, path: str = "", attrs: Mapping[str, Any] | None = None,
     anatomical or unknown image. The BIDS suffix decides when it is known (an anatomical one too);
     else the DICOM ``ImageType`` values, an EPI time series, and the description / protocol /
     sequence name for a series of two or more volumes: a label alone does not make one 3D head
-    volume faceless (a T1 described as ``T1_mprage_resting_study`` was released with its face; a
-    3D T1 given as ``*_bold.nii.gz`` too)."""
+    volume faceless (a T1 described as ``T1_mprage_resting_study`` was released with its face)."""
     if suffix in _SUFFIX_KIND:
-        if suffix in _SERIES_SUFFIXES and volumes < 2:   # BIDS bold / dwi / asl are 4D: a 3D one is no such
-            return "", ""                                # series, its name does not make a head faceless
         return _SUFFIX_KIND[suffix], f"BIDS suffix {suffix}"
     if "_part-phase" in path:
         return "phase", "BIDS entity part-phase"
@@ -249,7 +246,7 @@ def decide(facts: ImageFacts, face_cfg: Mapping[str, Any]) -> Decision:
         return Decision("none", "no modality and not a head MRI suffix")
     kind = facts.kind
     if not kind:
-        kind, _ = kind_of(facts.suffix, facts.path, volumes=facts.volumes)
+        kind, _ = kind_of(facts.suffix, facts.path)
     if kind and kind in sel.get("skip", DEFAULT_SKIP):
         return Decision("none", f"{WHY_KIND.get(kind, kind)}: not defaced (face.select.skip)")
     if flat:

@@ -39,7 +39,7 @@ from . import render
 from ..errors import PublicError, output_error_of
 from ..formats import VOLUME_FORMATS
 from .apply import GeometryMismatch, Nifti, derived_sidecar, mask_dicom, remap_file, uids_in
-from .select import (MR_SUFFIXES, Decision, ImageFacts, decide, extent_mm, head_picture, head_shape, kind_of,
+from .select import (MR_SUFFIXES, SERIES_SUFFIXES, Decision, ImageFacts, decide, extent_mm, head_picture, head_shape, kind_of,
                      modality_of, names_head, rendering)
 from .volume import for_backend, reference_volume, removed_value
 
@@ -549,12 +549,14 @@ def _describe_other(f: Mapping[str, Any], subject: str, rel: str, data_rel: str,
             side = {}
     name = f["relpath"].rsplit("/", 1)[-1]
     suffix = bids_suffix(name)
+    zooms = np.sqrt((affine[:3, :3] ** 2).sum(axis=0))
+    spatial, volumes = spatial_shape(hdr_img)  # a MINC's time dimension may come first
     modality = modality_of(side) or ("MR" if f["format"] == "parrec" or suffix in MR_SUFFIXES else "")
+    if suffix in SERIES_SUFFIXES and volumes < 2:
+        suffix = ""     # BIDS bold / dwi / asl are 4D: a 3D file so named is no such series (red-team 6)
     body = str(side.get("BodyPartExamined") or "")
     description = " ".join([*(str(side.get(k) or "") for k in ("SeriesDescription", "ProtocolName")),
                             stem_of(name)]).strip()
-    zooms = np.sqrt((affine[:3, :3] ** 2).sum(axis=0))
-    spatial, volumes = spatial_shape(hdr_img)  # a MINC's time dimension may come first
     facts = ImageFacts(path=rel, suffix=suffix, modality=modality, body_part=body, description=description,
                        extent_mm=extent_mm(spatial[:3], zooms), bare=not (modality or body or suffix),
                        volumes=volumes)
