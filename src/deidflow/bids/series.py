@@ -22,6 +22,7 @@ ATTRIBUTES = {
     "EffectiveEchoTime": float, "RepetitionTime": float, "InversionTime": float, "FlipAngle": float,
     "Manufacturer": str, "BodyPartExamined": str, "NumberOfFrames": int, "NumberOfTemporalPositions": int,
     "PatientSex": str, "PatientAge": str, "ContrastBolusAgent": str,
+    "SOPClassUID": str, "PhotometricInterpretation": str,   # face selection (deidflow.face.select)
     # for sessions.tsv / scans.tsv (the working copy's shifted dates; never released as such)
     "AcquisitionDate": str, "SeriesDate": str, "StudyDate": str, "AcquisitionDateTime": str,
     "AcquisitionTime": str, "SeriesTime": str,

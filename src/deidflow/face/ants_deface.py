@@ -173,6 +173,7 @@ class HeadRegistration:
         for ``modality="CT"``). The same head stored in another voxel order gives the same result."""
         tpl = template()
         ras = reference_volume(_preprocess(data, modality), np.asarray(affine, float))  # any storage order: one result
+        check_orientation(ras.data, ras.affine)
         small = downsample(ras.data, ras.affine)
         to_template = affine_registration(small, (tpl.image.astype(np.float32), tpl.image_affine),
                                           sampling=SAMPLING, convergence=CONVERGENCE, shrink="2x1",
@@ -218,3 +219,135 @@ class AntsDeface:
     def registration(self, data: np.ndarray, affine: np.ndarray, modality: str = "MR") -> HeadRegistration:
         """The reusable registration of one head (see :class:`HeadRegistration`)."""
         return HeadRegistration.fit(data, affine, modality)
+
+
+# ---------------------------------------------------------------------------------------------- orientation check
+# The header's orientation decides where the face is looked for: a head whose affine lies (a voxel
+# axis flipped or two axes swapped in a NIfTI, Analyze or DICOM header) was registered to a wrong
+# local optimum, "defaced" at the back or top of the head (13-25 % of the voxels removed, so the
+# plausibility check passed) and released with its face (red-team 6). The head is therefore also
+# matched to the template turned in each of the 23 other axis-aligned orientations; when one of them
+# fits as well as or better than the header's, the header is not believed.
+SCREEN_MM = 6.0               # voxel size of the screen (subject and template)
+SCREEN_MARGIN = 0.01          # the header's orientation must win the screen by this much ...
+CONFIRM_MM = 8.0              # ... else the best candidates are registered (quickly) and compared
+CONFIRM_CANDIDATES = 3
+CONFIRM_CONVERGENCE = "[40,1e-5,5]"
+CONFIRM_MARGIN = 0.005
+
+
+class OrientationMismatch(RuntimeError):
+    """The header's orientation does not match the head (one-line reason, no values)."""
+
+
+def _rotations() -> list[np.ndarray]:
+    """The 24 proper axis-aligned rotations, the identity first (a head is left-right symmetric, so
+    the 24 mirrored ones look the same)."""
+    import itertools
+    out = []
+    for perm in itertools.permutations(range(3)):
+        for signs in itertools.product((1, -1), repeat=3):
+            m = np.zeros((3, 3))
+            m[range(3), perm] = signs
+            if np.linalg.det(m) > 0:
+                out.append(m)
+    return sorted(out, key=lambda m: not np.allclose(m, np.eye(3)))
+
+
+@lru_cache(maxsize=4)
+def _screen_template(mm: float):
+    from scipy import ndimage
+
+    from . import render
+    tpl = template()
+    data, aff = downsample(tpl.image.astype(np.float32), tpl.image_affine, mm)
+    inside = ndimage.binary_dilation(data > np.percentile(data, 40), iterations=1)
+    pts = _tissue_points(data, aff, render.skin_threshold(data))
+    return data, aff, inside, pts.min(axis=0), pts.max(axis=0)
+
+
+def _tissue_points(data: np.ndarray, affine: np.ndarray, threshold: float) -> np.ndarray:
+    ijk = np.argwhere(data > threshold)
+    return ijk @ affine[:3, :3].T + affine[:3, 3]
+
+
+def nmi(a: np.ndarray, b: np.ndarray, bins: int = 24) -> float:
+    """Normalised mutual information (H(a) + H(b)) / H(a, b) of two samples."""
+    h, _, _ = np.histogram2d(a, b, bins=bins)
+    p = h / max(h.sum(), 1.0)
+
+    def ent(q):
+        q = q[q > 0]
+        return float(-(q * np.log(q)).sum())
+    joint = ent(p)
+    return (ent(p.sum(axis=1)) + ent(p.sum(axis=0))) / joint if joint > 0 else 0.0
+
+
+def _turned(affine: np.ndarray, shape, rot: np.ndarray) -> np.ndarray:
+    """``affine`` turned by ``rot`` about the centre of the grid (the head as if stored that way)."""
+    c = affine[:3, :3] @ ((np.asarray(shape[:3], float) - 1) / 2) + affine[:3, 3]
+    out = np.eye(4)
+    out[:3, :3] = rot @ affine[:3, :3]
+    out[:3, 3] = rot @ (affine[:3, 3] - c) + c
+    return out
+
+
+def orientation_problem(data: np.ndarray, affine: np.ndarray) -> str | None:
+    """Why the head in ``data`` (RAS-ordered, T1-like contrast as the backends see it) does not lie
+    as ``affine`` says, or None. Screen: for each of the 24 axis-aligned orientations, the template
+    is placed on the head's tissue by its bounding box (left-right and front-back extents, the
+    vertex; no registration) and the fit scored by normalised mutual information at 6 mm. When the
+    header's orientation does not win by SCREEN_MARGIN, it and the best three others are registered
+    (8 mm, up to 40 iterations) and compared again: another orientation fitting as well withholds."""
+    from scipy import ndimage
+
+    from . import render
+    tdata, taff, inside, tlo, thi = _screen_template(SCREEN_MM)
+    small, saff = downsample(np.asarray(data, np.float32), np.asarray(affine, float), SCREEN_MM)
+    pts = _tissue_points(small, saff, render.skin_threshold(small))
+    if len(pts) < 100:
+        return None          # no head to orient (the plausibility check withholds an empty image)
+    t_anchor = np.array([(tlo[0] + thi[0]) / 2, (tlo[1] + thi[1]) / 2, thi[2]])
+    rots = _rotations()
+    scores = []
+    for rot in rots:
+        p = pts @ rot.T
+        lo, hi = p.min(axis=0), p.max(axis=0)
+        scale = (thi - tlo) / np.maximum(hi - lo, 1.0)
+        scale[2] = np.sqrt(scale[0] * scale[1])       # the scan may stop anywhere below: match the vertex
+        anchor = np.array([(lo[0] + hi[0]) / 2, (lo[1] + hi[1]) / 2, hi[2]])
+        to_subject = np.eye(4)                          # template mm -> subject mm
+        to_subject[:3, :3] = rot.T @ np.diag(1 / scale)
+        to_subject[:3, 3] = rot.T @ (anchor - t_anchor / scale)
+        m = np.linalg.inv(saff) @ to_subject @ taff
+        warped = ndimage.affine_transform(small, m[:3, :3], offset=m[:3, 3], output_shape=tdata.shape, order=1)
+        scores.append(nmi(warped[inside], tdata[inside]))
+    best_other = int(np.argmax(scores[1:])) + 1
+    if scores[0] >= scores[best_other] + SCREEN_MARGIN:
+        return None
+    cdata, caff = downsample(tdata, taff, CONFIRM_MM) if CONFIRM_MM > SCREEN_MM else (tdata, taff)
+    cin = ndimage.binary_dilation(cdata > np.percentile(cdata, 40), iterations=1)
+    fixed, faff = downsample(np.asarray(data, np.float32), np.asarray(affine, float), CONFIRM_MM)
+
+    def confirm(rot):
+        turned = _turned(faff, fixed.shape, rot)
+        to_t = affine_registration((fixed, turned), (cdata, caff), sampling=0.5, convergence=CONFIRM_CONVERGENCE,
+                                   shrink="1", smoothing="0vox")
+        m = np.linalg.inv(turned) @ np.linalg.inv(to_t) @ caff
+        warped = ndimage.affine_transform(fixed, m[:3, :3], offset=m[:3, 3], output_shape=cdata.shape, order=1)
+        return nmi(warped[cin], cdata[cin])
+    order = [k for k in np.argsort(scores)[::-1] if k != 0][:CONFIRM_CANDIDATES]
+    own = confirm(rots[0])
+    others = [confirm(rots[k]) for k in order]
+    if own >= max(others) + CONFIRM_MARGIN:
+        return None
+    return ("the orientation in the header does not match the head (it fits the template better turned "
+            "by a multiple of 90 degrees): the face would be looked for in the wrong place")
+
+
+def check_orientation(data: np.ndarray, affine: np.ndarray) -> None:
+    """Raise :class:`OrientationMismatch` when :func:`orientation_problem` finds one: every deface
+    backend that trusts the header (``ants``, ``quickshear``, ``external`` mri_deface) calls it."""
+    problem = orientation_problem(data, affine)
+    if problem:
+        raise OrientationMismatch(problem)

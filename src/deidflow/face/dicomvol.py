@@ -207,14 +207,16 @@ def decode(data: bytes) -> tuple[object, np.ndarray]:
     return ds, arr.reshape(n, int(ds.Rows), int(ds.Columns))
 
 
-def reconstruct(files: dict[str, bytes], stack: list[FrameRef], max_step_mm: float = 2.0) -> SeriesVolume:
-    """The real-valued volume of one stack (its first volume when positions repeat)."""
+def reconstruct(files: dict[str, bytes], stack: list[FrameRef], max_step_mm: float = 2.0,
+                volume: int = 0) -> SeriesVolume:
+    """The real-valued volume of one stack (its first volume when positions repeat; ``volume``:
+    the frames that come that many places later in file order at each position)."""
     ts, at = positions(stack)
     if len(ts) < 2:
         raise VolumeError("a single slice position: not a volume")
     counts = {len(a) for a in at}
     volumes = min(counts)
-    first = [a[0] for a in at]               # the first frame (file order) at each position
+    first = [a[volume] for a in at]          # the first frame (file order) at each position
     need = {f.rel for f in first}
     slices: dict[tuple[str, int], np.ndarray] = {}
     for rel in sorted(need):

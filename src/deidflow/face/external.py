@@ -76,6 +76,9 @@ class External:
         reason = missing_reason(self.program)
         if reason:
             raise ProgramMissing(reason)
+        if self.program == "mri_deface":   # registers its templates from the header's orientation
+            from .ants_deface import check_orientation
+            check_orientation(vol.data, vol.affine)
         with tempfile.TemporaryDirectory(prefix="deidflow-face-") as tmp:
             work = Path(tmp)
             src, out = work / "in.nii.gz", work / "out.nii.gz"

@@ -64,5 +64,7 @@ class Quickshear:
     methods = ("deface",)
 
     def removal_mask(self, vol: Volume) -> np.ndarray:
+        from .ants_deface import check_orientation
         from .deepbet_strip import brain_mask
+        check_orientation(vol.data, vol.affine)   # the plane is cut on the side the header calls the front
         return shear_mask(brain_mask(vol), vol.zooms)

@@ -68,6 +68,8 @@ _SUFFIX_KIND = {
     "TB1EPI": "fieldmap", "TB1DAM": "fieldmap", "TB1SRGE": "fieldmap", "RB1COR": "fieldmap",
     "phase": "phase",
 }
+SERIES_SUFFIXES = frozenset(("bold", "dwi", "asl", "cbv"))   # BIDS: always 4D
+MR_SUFFIXES = frozenset(_SUFFIX_KIND) - {"physio", "aslcontext"}  # BIDS suffixes of MR images
 _DESC_KIND = (  # checked in this order on SeriesDescription, ProtocolName and SequenceName (lower case)
     ("dwi", re.compile(r"dwi|dti|diff|tensor|\badc\b|trace|ep_b\d|\*ep_b|hardi|noddi")),
     ("asl", re.compile(r"asl|perfusion|\bm0\b|_m0|m0_")),
@@ -94,6 +96,7 @@ class ImageFacts:
     kind: str = ""                # bold | dwi | asl | fieldmap | phase, "" = anatomical or unknown
     in_plane_mm: float = 0.0      # largest pixel size in mm (0: not known)
     head_shape: bool | None = None  # the volume's shape test (None: not run yet)
+    picture: str = ""             # head_picture(): a 2D picture derived from a head, or ""
 
 
 @dataclass(frozen=True)
@@ -138,6 +141,62 @@ def rendering(attrs: Mapping[str, Any], head_parts=("HEAD", "BRAIN", "SKULL", "F
     return "a 3D rendering of the head (volume or surface rendering) can show the face"
 
 
+# SOP classes of MR and CT images: an MR or CT head stored under another Modality value (PT, OT, …) is
+# still one (red-team 6: an MR head labelled OT was released with its face)
+_SOP_MODALITY = {"1.2.840.10008.5.1.4.1.1.4": "MR", "1.2.840.10008.5.1.4.1.1.4.1": "MR", "1.2.840.10008.5.1.4.1.1.4.3": "MR",
+                 "1.2.840.10008.5.1.4.1.1.4.4": "MR", "1.2.840.10008.5.1.4.1.1.2": "CT",
+                 "1.2.840.10008.5.1.4.1.1.2.1": "CT", "1.2.840.10008.5.1.4.1.1.2.2": "CT"}
+SC_SOP_PREFIX = "1.2.840.10008.5.1.4.1.1.7"   # Secondary Capture and its multi-frame classes (PS3.4 B.5)
+GENERIC_MODALITIES = frozenset(("", "OT", "SC"))   # say nothing about what the pixels show
+
+
+def modality_of(attrs: Mapping[str, Any]) -> str:
+    """The modality the face stage works with: MR / CT from the SOP class when it is an MR or CT
+    image class (whatever ``Modality`` says), else ``Modality``: MR / CT, "" (not known: the volume
+    decides, as for an empty body part) for a generic label (OT, SC, none), any other modality (PT,
+    US, XA, …; a secondary capture of an ultrasound screen is US) as it is."""
+    sop = str(attrs.get("SOPClassUID") or "").strip()
+    if sop in _SOP_MODALITY:
+        return _SOP_MODALITY[sop]
+    modality = str(attrs.get("Modality") or "").strip().upper()
+    if modality in ("MR", "CT"):
+        return modality
+    return "" if modality in GENERIC_MODALITIES else modality
+
+
+# A 2D picture derived from a head (not a volume the face stage can deface): ImageType value 2
+# SECONDARY, or a derived image whose values name a projection, reformat, rendering or screen save
+# (PS3.3 C.7.6.1.1.2: value 1 DERIVED, value 3 implementation-defined: GE/Siemens/Philips exports
+# write MIP, MINIP, MPR, 3D, REFORMATTED, SCREEN SAVE, PROJECTION IMAGE), a Secondary Capture, a
+# colour picture, or an external-camera photograph (XC)
+_PICTURE_TYPES = frozenset(("SECONDARY", "MIP", "MINIP", "MIN_IP", "MAX_IP", "MPR", "CURVED_MPR", "CPR", "3D",
+                            "REFORMATTED", "SCREEN SAVE", "SCREEN_SAVE", "PROJECTION IMAGE", "PROJECTION_IMAGE",
+                            "PROJECTION", "MAXIMUM", "MINIMUM", "MEAN"))
+_COLOUR = ("RGB", "YBR", "PALETTE")
+
+
+def head_picture(attrs: Mapping[str, Any], head_parts) -> str:
+    """What 2D picture derived from a head a DICOM series is — a MIP, reformat, screen save,
+    secondary capture, colour picture or external-camera photograph of MR, CT or unknown modality,
+    with a body part that names a head or none (fail closed) — or "" when it is none of these.
+    :func:`decide` withholds such a series when it is no volume the face stage could deface: it can
+    show the face. Original single slices (localisers) are not pictures."""
+    modality = modality_of(attrs)
+    if modality not in ("MR", "CT", "", "XC"):
+        return ""
+    types = [t.strip().upper() for t in str(attrs.get("ImageType") or "").split("\\")]
+    sop = str(attrs.get("SOPClassUID") or "").strip()
+    colour = str(attrs.get("PhotometricInterpretation") or "").strip().upper().startswith(_COLOUR)
+    derived = types[:1] == ["DERIVED"] and bool(set(types[1:]) & _PICTURE_TYPES)
+    what = ("secondary capture" if sop.startswith(SC_SOP_PREFIX) else "photograph" if modality == "XC" else
+            "derived picture (projection, reformat or screen save)" if derived or types[1:2] == ["SECONDARY"] else
+            "colour picture" if colour else "")
+    body = str(attrs.get("BodyPartExamined") or "").strip()
+    if not what or (body and not names_head(body, head_parts)):
+        return ""
+    return f"a 2D {what} of a head"
+
+
 def kind_of(suffix: str, path: str = "", attrs: Mapping[str, Any] | None = None, volumes: int = 1) -> tuple[str, str]:
     """(kind, evidence) of an image: bold / dwi / asl / fieldmap / phase, or ("", "") for an
     anatomical or unknown image. The BIDS suffix decides when it is known (an anatomical one too);
@@ -176,17 +235,21 @@ def decide(facts: ImageFacts, face_cfg: Mapping[str, Any]) -> Decision:
         return Decision(method, "included by face.select.include")
     suffixes = set(sel["suffixes"])
     modality = facts.modality.upper().strip()
+    ext = facts.extent_mm
+    flat = len(ext) < 3 or min(ext[:3]) < sel["min_extent_mm"]
+    if facts.picture and flat:   # no volume to deface, and a picture can show the face (red-team 6)
+        return Decision("withhold", f"{facts.picture} (no 3D coverage: extent {_mm(ext)} mm) can show the face "
+                                    "and cannot be defaced")
     if modality and modality not in ("MR", "CT"):
         return Decision("none", f"modality {modality}, neither MR nor CT")
-    if not modality and facts.suffix not in suffixes and not facts.bare:
+    if not modality and facts.suffix and facts.suffix not in suffixes:
         return Decision("none", "no modality and not a head MRI suffix")
     kind = facts.kind
     if not kind:
         kind, _ = kind_of(facts.suffix, facts.path)
     if kind and kind in sel.get("skip", DEFAULT_SKIP):
         return Decision("none", f"{WHY_KIND.get(kind, kind)}: not defaced (face.select.skip)")
-    ext = facts.extent_mm
-    if len(ext) < 3 or min(ext[:3]) < sel["min_extent_mm"]:
+    if flat:
         return Decision("none", f"no 3D coverage of a face (extent {_mm(ext)} mm)")
     max_px = float(sel.get("max_in_plane_mm", MAX_IN_PLANE_MM))
     if facts.in_plane_mm and facts.in_plane_mm > max_px + 1e-3:

@@ -39,7 +39,8 @@ from . import render
 from ..errors import PublicError, output_error_of
 from ..formats import VOLUME_FORMATS
 from .apply import GeometryMismatch, Nifti, derived_sidecar, mask_dicom, remap_file, uids_in
-from .select import Decision, ImageFacts, decide, extent_mm, head_shape, kind_of, rendering
+from .select import (MR_SUFFIXES, SERIES_SUFFIXES, Decision, ImageFacts, decide, extent_mm, head_picture, head_shape, kind_of,
+                     modality_of, names_head, rendering)
 from .volume import for_backend, reference_volume, removed_value
 
 log = logging.getLogger("deidflow")
@@ -240,6 +241,7 @@ def face_unit(convert_done: Path | None, dicom_root: Path, release_root: Path, r
     if other is not None:
         images += _other_images(unit_manifest, keeper, face_cfg)
     series = _dicom_only_series(convert, unit_manifest, keeper, dicom_root, dicom_in_release, face_cfg)
+    _split_heads(series, face_cfg)
     bad: list[tuple[str, str]] = []  # (release path, reason); listed by input path (quarantine.tsv's form)
     uid_map: dict[str, str] = {}
     qc: dict[str, list[dict]] = {}
@@ -276,6 +278,14 @@ def face_unit(convert_done: Path | None, dicom_root: Path, release_root: Path, r
             if problem:  # never release a face the backend missed: withhold the group's files
                 raise _Implausible(problem)
             fill = removed_value(ref.facts.modality)
+            for im in group:
+                real = im.load(keeper).real() if len(im.shape) > 3 and int(np.prod(im.shape[3:])) > 1 else None
+                if real is not None:   # a 4D image: every volume gets this mask, so each must show the head here
+                    flat = real.reshape(real.shape[:3] + (-1,))
+                    moved = moved_volume((flat[..., 0], (flat[..., k] for k in range(1, flat.shape[-1]))), im.affine)
+                    del real, flat
+                    if moved:
+                        raise _Implausible(moved)
             for im in group:
                 keeper.publish(im.data_rel, im.load(keeper).masked(native, fill))
                 _mark_sidecar(im, keeper)
@@ -438,11 +448,12 @@ def _describe(entry, subject, keeper: Keeper, dicom_root: Path, series_cache, fa
     kind, _ = kind_of(suffix, rel, attrs, volumes)
     facts = ImageFacts(
         path=rel, suffix=suffix,
-        modality=str(attrs.get("Modality") or entry.get("modality") or ""),
+        modality=modality_of(attrs) or modality_of({"Modality": entry.get("modality") or ""}),
         body_part=str(attrs.get("BodyPartExamined") or ""),
         description=" ".join(str(attrs.get(k) or "") for k in ("SeriesDescription", "ProtocolName")).strip(),
         extent_mm=extent_mm(shape[:3], zooms), volumes=volumes, kind=kind,
-        in_plane_mm=float(sorted(zooms)[1]) if len(zooms) >= 2 else 0.0)
+        in_plane_mm=float(sorted(zooms)[1]) if len(zooms) >= 2 else 0.0,
+        picture=head_picture(attrs, face_cfg["select"]["body_parts"]) if attrs else "")
     sidecar = next((f for f in entry.get("files", ()) if f.endswith(".json")), "")
     why = rendering(attrs, face_cfg["select"]["body_parts"])
     im = _Image(entry, subject, rel, shape, affine, facts, Decision("withhold", why) if why else decide(facts, face_cfg),
@@ -538,12 +549,14 @@ def _describe_other(f: Mapping[str, Any], subject: str, rel: str, data_rel: str,
             side = {}
     name = f["relpath"].rsplit("/", 1)[-1]
     suffix = bids_suffix(name)
-    modality = str(side.get("Modality") or ("MR" if f["format"] == "parrec" else ""))
+    zooms = np.sqrt((affine[:3, :3] ** 2).sum(axis=0))
+    spatial, volumes = spatial_shape(hdr_img)  # a MINC's time dimension may come first
+    modality = modality_of(side) or ("MR" if f["format"] == "parrec" or suffix in MR_SUFFIXES else "")
+    if suffix in SERIES_SUFFIXES and volumes < 2:
+        suffix = ""     # BIDS bold / dwi / asl are 4D: a 3D file so named is no such series (red-team 6)
     body = str(side.get("BodyPartExamined") or "")
     description = " ".join([*(str(side.get(k) or "") for k in ("SeriesDescription", "ProtocolName")),
                             stem_of(name)]).strip()
-    zooms = np.sqrt((affine[:3, :3] ** 2).sum(axis=0))
-    spatial, volumes = spatial_shape(hdr_img)  # a MINC's time dimension may come first
     facts = ImageFacts(path=rel, suffix=suffix, modality=modality, body_part=body, description=description,
                        extent_mm=extent_mm(spatial[:3], zooms), bare=not (modality or body or suffix),
                        volumes=volumes)
@@ -584,6 +597,27 @@ def _frame_of_reference(im: _Image) -> tuple[str, str] | None:
 
 
 MIN_FACE_TISSUE = 0.005
+SAME_HEAD_NMI = 1.1   # normalised mutual information of a later volume with the first, at 6 mm
+
+
+def moved_volume(volumes, affine: np.ndarray) -> str | None:
+    """Why a later volume of an image cannot get the first volume's mask, or None. Every volume of
+    a selected image (echoes, inversions, time points) is masked with the first one's region: a
+    later volume whose head lies elsewhere (moved, turned: a 4D file or series whose first volume is
+    a decoy) kept its face (red-team 6). ``volumes``: the first volume, then an iterable of the
+    others (arrays on the same grid). On the real chris_t1 the first volume against echoes at 0.45-1
+    of its intensity gives 1.80-2.00, against a non-monotone contrast (an inversion) 1.48, against
+    itself moved 10 mm 1.06 or turned 1.03."""
+    from . import ants_deface as ad
+    first, others = volumes
+    small0, _ = ad.downsample(np.asarray(first, np.float32), affine, 6.0)
+    for k, data in enumerate(others, start=2):
+        small, _ = ad.downsample(np.asarray(data, np.float32), affine, 6.0)
+        both = (small0 > render.skin_threshold(small0)) | (small > render.skin_threshold(small))
+        if both.any() and ad.nmi(small0[both], small[both]) < SAME_HEAD_NMI:
+            return (f"volume {k} does not show the head where volume 1 does (moved or turned): the first "
+                    "volume's mask would miss its face")
+    return None
 
 
 def implausible(vol, removed: np.ndarray, method: str, threshold: float | None = None) -> str | None:
@@ -626,9 +660,11 @@ class _GridMismatch(Exception):
 def _why(exc: BaseException) -> str:
     """A one-line reason without values from the data: the exception type, a system error string,
     or our own messages (which are built from counts and types only)."""
+    from .ants_deface import OrientationMismatch
     from .backends import BackendUnavailable
     from .dicomvol import VolumeError
-    if isinstance(exc, (_Implausible, VolumeError, GeometryMismatch, BackendUnavailable, PublicError)):
+    if isinstance(exc, (_Implausible, VolumeError, GeometryMismatch, BackendUnavailable, PublicError,
+                        OrientationMismatch)):
         return str(exc)
     if (full := output_error_of(exc)) is not None:
         return f"cannot write: {full.strerror}"
@@ -761,19 +797,28 @@ def _describe_series(subject: str, folder: Path, keeper: Keeper, face_cfg) -> _S
     if why:
         return _Series(subject, folder, rel, None, Decision("withhold", why), files, unreadable=sc.unreadable)
     stacks = sc.stacks()
+    attrs = sc.attrs
+    picture = head_picture(attrs, face_cfg["select"]["body_parts"])
     if not stacks:
+        body = str(attrs.get("BodyPartExamined") or "").strip()
+        if sc.no_geometry and (picture or (modality_of(attrs) in ("MR", "CT", "") and
+                                           (not body or names_head(body, face_cfg["select"]["body_parts"])))):
+            # frames of a head without position or orientation (a CT exported as screen saves): a
+            # stack anyone can view, with no geometry to find its face in (red-team 6)
+            why = (f"{picture or 'image frames of a head'} without position or orientation "
+                   f"({sc.no_geometry} frames) can show the face and cannot be defaced")
+            return _Series(subject, folder, rel, None, Decision("withhold", why), files, unreadable=sc.unreadable)
         return _Series(subject, folder, rel, None, Decision("none", "no image frames with a position"), files,
                        unreadable=sc.unreadable)
     stack = stacks[0]
     _, at = dicomvol.positions(stack)
     volumes = min(len(a) for a in at)
-    attrs = sc.attrs
     kind, evidence = kind_of("", rel, attrs, volumes)
-    facts = ImageFacts(path=rel, suffix="", modality=str(attrs.get("Modality") or ""),
+    facts = ImageFacts(path=rel, suffix="", modality=modality_of(attrs),
                        body_part=str(attrs.get("BodyPartExamined") or ""),
                        description=" ".join(str(attrs.get(k) or "") for k in ("SeriesDescription", "ProtocolName")).strip(),
                        extent_mm=dicomvol.extent(stack), volumes=volumes, kind=kind,
-                       in_plane_mm=float(max(stack[0].spacing)))
+                       in_plane_mm=float(max(stack[0].spacing)), picture=picture)
     ser = _Series(subject, folder, rel, facts, decide(facts, face_cfg), files, stack, sc.unreadable)
     if kind and ser.decision.method == "none" and "face.select.skip" in ser.decision.reason:
         ser.decision = Decision("none", f"{ser.decision.reason} ({evidence})")
@@ -788,6 +833,37 @@ def _describe_series(subject: str, folder: Path, keeper: Keeper, face_cfg) -> _S
         d = decide(replace(facts, head_shape=ok), face_cfg)
         ser.decision = Decision(d.method, f"{d.reason} ({why})")
     return ser
+
+
+def _split_heads(series: list[_Series], face_cfg) -> None:
+    """One head split over thin series (a slice per series): each alone has no 3D coverage, together
+    they are the head (red-team 6: 96 one-slice series of a head were released untouched). Thin MR,
+    CT or unlabelled series of a subject with the same orientation, matrix and pixel spacing, body
+    part a head or none, whose frames together cover a face (face.select.min_extent_mm on each
+    axis) are withheld: a slice alone gives the face stage no head to register."""
+    from . import dicomvol
+    from .select import _mm
+    sel = face_cfg["select"]
+    groups: dict[tuple, list[_Series]] = {}
+    for ser in series:
+        if ser.facts is None or ser.decision.method != "none" or not ser.decision.reason.startswith("no 3D coverage"):
+            continue
+        body = ser.facts.body_part.strip()
+        if ser.facts.modality not in ("MR", "CT", "") or (body and not names_head(body, sel["body_parts"])):
+            continue
+        f = ser.stack[0]
+        groups.setdefault((ser.subject, tuple(np.round(f.iop, 3)), f.rows, f.cols, tuple(np.round(f.spacing, 3))),
+                          []).append(ser)
+    for members in groups.values():
+        if len(members) < 2:
+            continue
+        ext = dicomvol.extent([fr for ser in members for fr in ser.stack])
+        if min(ext) < sel["min_extent_mm"]:
+            continue
+        why = (f"one of {len(members)} thin series of a head that together cover a face (extent {_mm(ext)} mm) and "
+               "cannot be defaced one by one")
+        for ser in members:
+            ser.decision = Decision("withhold", why)
 
 
 def _series_volume(ser: _Series):
@@ -812,6 +888,10 @@ def _series_job(ser: _Series, method: str, keeper: Keeper, work: Path, release_r
         thr = render.skin_threshold(bvol.data)   # once per image: registration crop, plausibility, QC
         removed = _removal_mask(bvol, method, backend_name, face_cfg, threshold=thr)
         problem = implausible(bvol, removed, method, thr)
+        if not problem and ser.volume.volumes > 1:   # frames at one position: later volumes get this mask
+            from . import dicomvol
+            later = (dicomvol.reconstruct(ser.files, ser.stack, volume=k).data for k in range(1, ser.volume.volumes))
+            problem = moved_volume((ser.volume.data, later), ser.volume.affine)
         if problem:
             raise _Implausible(problem)
         native = bvol.to_native(removed)
