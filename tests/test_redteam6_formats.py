@@ -7,6 +7,7 @@ import io
 import json
 import shutil
 import struct
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -180,16 +181,15 @@ def test_leak_scan_searches_json_keys(tmp_path):
 # MINC: text attributes of acquisition and of variables the rules do not name
 # ------------------------------------------------------------------------------------------------
 @pytest.mark.realdata
-def test_minc1_text_attributes_of_other_variables_are_swept(tmp_path):
-    """A MINC1 export with the birth date in an ``acquisition`` note and the MRN and accession
-    number in a variable of its own (``pacs:note``): both were kept as "technical text", and the
-    leak scan knows neither (released, exit 0 end to end)."""
+def _minc1_copy(path: Path, global_attributes: bool):
+    """nibabel's minc1_1_scale.mnc opened, and a copy of it being written at ``path`` (dimensions,
+    variables with their attributes and data; the global attributes when asked): (source, copy)."""
     netcdf = pytest.importorskip("scipy.io").netcdf_file
     src_nc = netcdf(str(require_shared("nibabel", "minc1_1_scale.mnc")), "r", mmap=False)
-    src = tmp_path / "in.mnc"
-    dst = netcdf(str(src), "w", version=src_nc.version_byte)
-    for k, v in src_nc._attributes.items():
-        setattr(dst, k, v)
+    dst = netcdf(str(path), "w", version=src_nc.version_byte)
+    if global_attributes:
+        for k, v in src_nc._attributes.items():
+            setattr(dst, k, v)
     for name, n in src_nc.dimensions.items():
         dst.createDimension(name, n)
     for name, var in src_nc.variables.items():
@@ -198,6 +198,15 @@ def test_minc1_text_attributes_of_other_variables_are_swept(tmp_path):
             setattr(nv, k, v)
         if var.shape:
             nv[...] = var.data
+    return src_nc, dst
+
+
+def test_minc1_text_attributes_of_other_variables_are_swept(tmp_path):
+    """A MINC1 export with the birth date in an ``acquisition`` note and the MRN and accession
+    number in a variable of its own (``pacs:note``): both were kept as "technical text", and the
+    leak scan knows neither (released, exit 0 end to end)."""
+    src = tmp_path / "in.mnc"
+    src_nc, dst = _minc1_copy(src, global_attributes=True)
     acq = dst.variables.get("acquisition") or dst.createVariable("acquisition", "i", ())
     acq.operator_note = f"DOB {BIRTH}".encode()
     dst.createVariable("pacs", "i", ()).note = f"MRN {MRN} acc {ACC[3:]}".encode()
@@ -312,18 +321,8 @@ def test_twix_bytes_outside_the_measurements_are_zeroed(tmp_path):
 def test_minc1_text_variable_is_withheld(tmp_path):
     """A MINC1 char variable of its own holding an export's note: its data were copied as they were
     (the attribute rules read the header only; the leak scan knows only the header's values)."""
-    netcdf = pytest.importorskip("scipy.io").netcdf_file
-    src_nc = netcdf(str(require_shared("nibabel", "minc1_1_scale.mnc")), "r", mmap=False)
     src = tmp_path / "in.mnc"
-    dst = netcdf(str(src), "w", version=src_nc.version_byte)
-    for name, n in src_nc.dimensions.items():
-        dst.createDimension(name, n)
-    for name, var in src_nc.variables.items():
-        nv = dst.createVariable(name, var.typecode(), var.dimensions)
-        for k, v in var._attributes.items():
-            setattr(nv, k, v)
-        if var.shape:
-            nv[...] = var.data
+    src_nc, dst = _minc1_copy(src, global_attributes=False)
     dst.createDimension("note_len", len(TEXT))
     dst.createVariable("notes", "c", ("note_len",))[:] = np.frombuffer(TEXT, "S1")
     dst.close()

@@ -29,6 +29,17 @@ from .conftest import ROOT, TEST_KEY
 SECRET = b"NIXONIA 7733100"
 
 
+RESEARCH_HEADERS = ("face.method=none", "pixels.clean=off", "profile.preset=research", "outputs.bids=false")
+
+
+def _run(inp: Path, out: Path, *sets: str) -> subprocess.CompletedProcess:
+    """``deidflow run`` of ``inp`` into ``out`` with ``--set`` values ``sets``."""
+    return subprocess.run([sys.executable, "-m", "deidflow.cli", "run", str(inp), str(out), "--cores", "2",
+                           *[a for v in sets for a in ("--set", v)]],
+                          env=dict(os.environ, DEIDFLOW_KEY=TEST_KEY), cwd=ROOT, capture_output=True, text=True,
+                          timeout=600)
+
+
 def _scrubber() -> Scrubber:
     return Scrubber(build_plan(options=(), private=None, overrides=()),
                     SubjectContext(Pseudonymizer(TEST_KEY.encode()), "sub-rt6", date_offset=-10))
@@ -91,10 +102,7 @@ def test_text_in_unmeasurable_pixel_data_never_reaches_the_release(tmp_path):
         (inp / f"p{k}").mkdir(parents=True)
         ds.save_as(inp / f"p{k}" / "1.dcm", enforce_file_format=True)
     out = tmp_path / "out"
-    r = subprocess.run([sys.executable, "-m", "deidflow.cli", "run", str(inp), str(out), "--cores", "2",
-                        "--set", "face.method=none", "--set", "outputs.bids=false"],
-                       env=dict(os.environ, DEIDFLOW_KEY=TEST_KEY), cwd=ROOT, capture_output=True, text=True,
-                       timeout=600)
+    r = _run(inp, out, "face.method=none", "outputs.bids=false")
     assert r.returncode == 3, r.stdout[-2000:] + r.stderr[-2000:]
     quarantine = (tmp_path / "out_restricted" / "quarantine.tsv").read_text()
     assert quarantine.count(INCOMPLETE_PIXEL_MODULE) == 2
@@ -141,11 +149,7 @@ def test_utf16_other_script_name_in_safe_private_blob_not_released(tmp_path):
     blk.add_new(0x10, "OB", blob)
     ds.save_as(inp / "1.dcm", enforce_file_format=True)
     out = tmp_path / "out"
-    r = subprocess.run([sys.executable, "-m", "deidflow.cli", "run", str(inp.parent), str(out), "--cores", "2",
-                        "--set", "face.method=none", "--set", "pixels.clean=off", "--set", "profile.preset=research",
-                        "--set", "outputs.bids=false"],
-                       env=dict(os.environ, DEIDFLOW_KEY=TEST_KEY), cwd=ROOT, capture_output=True, text=True,
-                       timeout=600)
+    r = _run(inp.parent, out, *RESEARCH_HEADERS)
     assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-2000:]
     released = [p.read_bytes() for p in out.rglob("*.dcm")]
     assert len(released) == 1
@@ -344,11 +348,7 @@ def test_compressed_name_in_safe_private_blob_not_released(tmp_path):
     blk.add_new(0x10, "OB", zlib.compress(b"<State><Patient>ZLIBSON, NORA</Patient><MRN>55443321</MRN></State>"))
     ds.save_as(inp / "1.dcm", enforce_file_format=True)
     out = tmp_path / "out"
-    r = subprocess.run([sys.executable, "-m", "deidflow.cli", "run", str(inp.parent), str(out), "--cores", "2",
-                        "--set", "face.method=none", "--set", "pixels.clean=off", "--set", "profile.preset=research",
-                        "--set", "outputs.bids=false"],
-                       env=dict(os.environ, DEIDFLOW_KEY=TEST_KEY), cwd=ROOT, capture_output=True, text=True,
-                       timeout=600)
+    r = _run(inp.parent, out, *RESEARCH_HEADERS)
     assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-2000:]
     (released,) = [pydicom.dcmread(p) for p in out.rglob("*.dcm")]
     value = released[0x0129, 0x1010].value
