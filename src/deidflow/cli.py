@@ -189,6 +189,19 @@ SNAKEMAKE_OWNED = (("config", "--config", "use --set KEY=VALUE before --"),
                    ("configfile", "--configfile", "use --config FILE before --"),
                    ("directory", "--directory", "the restricted folder; choose it with --restricted"),
                    ("snakefile", "--snakefile", "the packaged workflow"))
+# Options that make Snakemake skip jobs the configuration or the input asks for, or take outputs
+# for current without making them: with them a changed policy left the release as the last run
+# made it, and the run still said "release complete" (exit 0).
+_SKIPS = "a release must be remade whole whenever its configuration or input changes"
+SNAKEMAKE_SKIPPING = (("touch", "--touch", _SKIPS), ("rerun_triggers", "--rerun-triggers", _SKIPS),
+                      ("consider_ancient", "--consider-ancient", _SKIPS),
+                      ("drop_metadata", "--drop-metadata", _SKIPS), ("notemp", "--notemp", _SKIPS),
+                      ("ignore_incomplete", "--ignore-incomplete", _SKIPS),
+                      ("allowed_rules", "--allowed-rules", _SKIPS), ("omit_from", "--omit-from", _SKIPS),
+                      ("until", "--until", _SKIPS), ("batch", "--batch", _SKIPS),
+                      ("targets", "a target", "deidflow runs the whole workflow"),
+                      ("target_jobs", "--target-jobs", "deidflow runs the whole workflow"),
+                      ("dryrun", "--dry-run", "use deidflow's own --dry-run before --"))
 
 
 def _check_snakemake_args(extra: list[str]) -> None:
@@ -216,6 +229,10 @@ def _check_snakemake_args(extra: list[str]) -> None:
     for dest, option, instead in SNAKEMAKE_OWNED:
         if getattr(given, dest, None) != getattr(default, dest, None):
             raise UsageError(f"{option} after -- is not passed to Snakemake: deidflow sets it ({instead})")
+    for dest, option, why in SNAKEMAKE_SKIPPING:
+        if getattr(given, dest, None) != getattr(default, dest, None):
+            raise UsageError(f"{option} after -- is not passed to Snakemake: it skips jobs or takes outputs "
+                             f"for current ({why})")
 
 
 def _check_programs(config: dict) -> None:
@@ -225,6 +242,27 @@ def _check_programs(config: dict) -> None:
             executable()
         except Exception as exc:  # ConversionError: the message names the install command
             raise UsageError(f"outputs.bids needs dcm2niix: {exc}") from None
+
+
+def _lock_release(output: Path, *, create: bool) -> int | None:
+    """A kernel lock on the release folder itself (its open descriptor; held until the process and
+    the job processes it forked end), so that two runs with different restricted folders cannot
+    publish into one release at once; None when the folder does not exist and ``create`` is False.
+    The restricted folder's lock did not cover that: a second run on the same release with another
+    ``--restricted`` (at the start, while the release was still empty, or with ``--force``) ran to
+    "release complete" beside the first."""
+    if not output.is_dir():
+        if not create:
+            return None
+        output.mkdir(parents=True, exist_ok=True)
+        os.chmod(output, 0o755)  # a release folder, whatever the umask (as the workflow makes it)
+    fd = os.open(output, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        os.close(fd)
+        raise UsageError(f"another deidflow run is using {output}; wait for it to finish") from None
+    return fd
 
 
 def _restricted_lock_free(restricted: Path) -> None:
@@ -270,6 +308,9 @@ def check_run(config: dict, argv: list[str] | None = None) -> tuple[Paths, bytes
                          f"has fingerprint {new}: use the original key, or release into a new output folder")
     _check_programs(config)
     _restricted_lock_free(paths.restricted)
+    fd = _lock_release(paths.output, create=False)
+    if fd is not None:
+        os.close(fd)
     return paths, key
 
 
@@ -310,7 +351,6 @@ class _Interrupt:
 def run_workflow(config: dict, *, cores: int | str = "all", profile: str | None = None,
                  env: dict | None = None, extra: list[str] | None = None, verbose: bool = False) -> int:
     """Run the Snakemake workflow for ``config`` (checked by :func:`check_run`); return the exit status."""
-    from . import progress, summary
     global _restricted_log_dir
     paths = resolve_paths(config)
     make_restricted_dir(paths.restricted)
@@ -322,6 +362,17 @@ def run_workflow(config: dict, *, cores: int | str = "all", profile: str | None 
         fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except BlockingIOError:
         raise UsageError(f"another deidflow run is using {paths.restricted}; wait for it to finish") from None
+    release_fd = _lock_release(paths.output, create=True)
+    try:
+        return _run_locked(config, paths, cores=cores, profile=profile, env=env, extra=extra, verbose=verbose)
+    finally:
+        os.close(release_fd)
+
+
+def _run_locked(config: dict, paths: Paths, *, cores: int | str, profile: str | None, env: dict | None,
+                extra: list[str] | None, verbose: bool) -> int:
+    """:func:`run_workflow` once both locks are held."""
+    from . import progress, summary
     cfg_file = paths.restricted / "run-config.yaml"
     atomic_write_text(cfg_file, yaml.safe_dump(config, sort_keys=True), RESTRICTED_FILE_MODE)
     if env is not None:
@@ -419,6 +470,12 @@ def _cmd_verify(args: argparse.Namespace) -> int:
           f" ({skipped:,} bytes of image samples not searched{'' if skipped == 0 else '; --pixel-data searches them'});"
           f" forms excluded by rule: {', '.join(f'{k} {n}' for k, n in sorted(excluded.items())) or 'none'}")
     leaky = sorted({s for s, r in subs.items() if r["hits"]} | ({"dataset"} if result["dataset"]["hits"] else set()))
+    for rel in result["not_files"]:
+        print(f"deidflow verify: NOT A FILE: {rel} is a symbolic link or special file, which no run writes "
+              "and no scan reads through (a copy that follows links ships its target); remove it")
+    if result["not_files"] and not lines:
+        print(f"deidflow verify: {len(result['not_files'])} entries that are not files; the next run takes them out")
+        return EXIT_INCOMPLETE
     if lines:
         print(f"deidflow verify: LEAK: {len(lines)} hit(s) in {', '.join(leaky)}")
         return EXIT_INCOMPLETE
