@@ -71,7 +71,7 @@ def subject_folders(root: Path, subject: str) -> list[str]:
 def release_subjects(release: Path) -> set[str]:
     """Every subject that has a folder in the release."""
     return {c.name for p in layout_parents(release) for c in os.scandir(p)
-            if c.name.startswith("sub-") and c.is_dir()}
+            if c.name.startswith("sub-") and c.is_dir(follow_symlinks=False)}
 
 
 def mark_incomplete(release: Path, restricted: Path) -> None:
@@ -163,6 +163,9 @@ def publish_unit(manifest: Path, verify_done: Path, staging: Path, release: Path
         for rel in subject_folders(staging, subject):
             remove_tree(staging / rel, restricted / "tmp" / "publish")  # a later run stages it afresh
     _prune_empty(staging)
+    listing = {rel: folder_listing(release / rel) for folders in plan["publish"].values() for rel in folders}
+    atomic_write_text(plan_file.with_suffix(".files"), json.dumps(listing, sort_keys=True) + "\n",
+                      RESTRICTED_FILE_MODE)
     # quarantine.tsv lists input files: every input file of a withheld subject, with the subject's
     # keyed ID and the attribute/field paths of its hits (never a value)
     files_of = {subj["subject"]: [f["relpath"] for f in subj["files"]] for subj in m["subjects"]}
@@ -203,7 +206,8 @@ def forget_lost(release: Path, restricted: Path, units: Iterable[str]) -> list[s
             folders = [rel for f in json.loads(plan_file.read_text())["publish"].values() for rel in f]
         except (OSError, ValueError, KeyError, AttributeError):
             folders = None                      # no readable plan: publish again rather than trust it
-        if folders is None or not all((release / rel).is_dir() for rel in folders):
+        if folders is None or not all((release / rel).is_dir() and not (release / rel).is_symlink()
+                                      for rel in folders) or not _as_published(release, restricted, plan_file):
             marker.unlink()
             lost.append(marker.relative_to(restricted).as_posix())
     marker = done / "publish_dataset.json"
@@ -217,6 +221,52 @@ def forget_lost(release: Path, restricted: Path, units: Iterable[str]) -> list[s
             marker.unlink()
             lost.append(marker.relative_to(restricted).as_posix())
     return lost
+
+
+def folder_listing(folder: Path) -> dict[str, list]:
+    """Every entry under ``folder`` (links not followed) -> ``[kind, size, mtime_ns, ctime_ns]``
+    (kind ``f`` file, ``d`` folder, ``l`` link, ``o`` anything else; sizes and times of files only):
+    what :func:`publish_unit` published, to tell later whether the folder is still that."""
+    out: dict[str, list] = {}
+    todo = [(os.fspath(folder), "")]
+    while todo:
+        path, prefix = todo.pop()
+        with os.scandir(path) as it:
+            for e in it:
+                rel = prefix + e.name
+                if e.is_symlink():
+                    out[rel] = ["l"]
+                elif e.is_dir(follow_symlinks=False):
+                    out[rel] = ["d"]
+                    todo.append((e.path, rel + "/"))
+                elif e.is_file(follow_symlinks=False):
+                    st = e.stat(follow_symlinks=False)
+                    out[rel] = ["f", st.st_size, st.st_mtime_ns, st.st_ctime_ns]
+                else:
+                    out[rel] = ["o"]
+    return out
+
+
+def _as_published(release: Path, restricted: Path, plan_file: Path) -> bool:
+    """Whether a unit's published folders hold exactly what its publish job left there (its
+    ``.files`` record).  Entries added since (a file or a link dropped into a subject's folder) are
+    moved into ``<restricted>/foreign/`` first, as :func:`set_aside_foreign` does at the top of the
+    layout; a file changed, replaced or removed, or no record at all, means False: the unit is
+    published again.  Before, a file added inside a published subject folder was found by
+    ``deidflow verify``, but a rerun said "Nothing to be done" and "release complete"."""
+    try:
+        record = json.loads(plan_file.with_suffix(".files").read_text())
+    except (OSError, ValueError):
+        return False
+    same = True
+    for rel, published in sorted(record.items()):
+        now = folder_listing(release / rel)
+        extra = sorted(set(now) - set(published))
+        for name in extra:
+            if not any(name.startswith(e + "/") for e in extra):  # a folder's contents go with it
+                _set_aside(release, restricted, f"{rel}/{name}")
+        same = same and all(now.get(name) == entry for name, entry in published.items())
+    return same
 
 
 def forget_foreign(release: Path, restricted: Path, subjects: Iterable[str]) -> bool:
@@ -383,32 +433,39 @@ def foreign_entries(release: Path, restricted: Path | None = None) -> list[Path]
     """The entries of the release that no deidflow stage wrote: at the root anything but
     :func:`own_root_entries` and ``sub-X/``; in ``derivatives/`` anything but ``deidflow/``, there
     anything but ``qc/``, there anything but the report's files and ``sub-X/``; in each
-    ``sourcedata/<area>/`` anything but ``sub-X/``."""
+    ``sourcedata/<area>/`` anything but ``sub-X/``.  A symbolic link is always foreign (no stage
+    writes one; a copy that follows links would take what it points to)."""
     release = Path(release)
     found: list[Path] = []
     if not release.is_dir():
         return found
     own_root = own_root_entries(restricted)
     for entry in release.iterdir():
-        if not (entry.name in own_root or (entry.name.startswith("sub-") and entry.is_dir())):
+        if entry.is_symlink() or not (entry.name in own_root or (entry.name.startswith("sub-") and _real_dir(entry))):
             found.append(entry)
     derivatives = release / "derivatives"
-    if derivatives.is_dir():
-        found += [e for e in derivatives.iterdir() if e.name != "deidflow" or not e.is_dir()]
+    if _real_dir(derivatives):
+        found += [e for e in derivatives.iterdir() if e.name != "deidflow" or not _real_dir(e)]
     own = derivatives / "deidflow"
-    if own.is_dir():  # deidflow writes its QC folder there: the report's files and sub-X/ folders
-        found += [e for e in own.iterdir() if e.name != "qc" or not e.is_dir()]
+    if _real_dir(own):  # deidflow writes its QC folder there: the report's files and sub-X/ folders
+        found += [e for e in own.iterdir() if e.name != "qc" or not _real_dir(e)]
     qc = own / "qc"
-    if qc.is_dir():
-        found += [e for e in qc.iterdir() if not (e.name in REPORT_FILES or (e.name.startswith("sub-") and e.is_dir()))]
+    if _real_dir(qc):
+        found += [e for e in qc.iterdir() if e.is_symlink() or not (
+            e.name in REPORT_FILES or (e.name.startswith("sub-") and _real_dir(e)))]
     sourcedata = release / "sourcedata"
-    if sourcedata.is_dir():
+    if _real_dir(sourcedata):
         for area in sourcedata.iterdir():
-            if not area.is_dir():
+            if not _real_dir(area):
                 found.append(area)
                 continue
-            found += [e for e in area.iterdir() if not (e.name.startswith("sub-") and e.is_dir())]
+            found += [e for e in area.iterdir() if not (e.name.startswith("sub-") and _real_dir(e))]
     return found
+
+
+def _real_dir(p: Path) -> bool:
+    """A folder, not a link to one."""
+    return p.is_dir() and not p.is_symlink()
 
 
 def set_aside_foreign(release: Path, restricted: Path) -> list[str]:
@@ -421,21 +478,26 @@ def set_aside_foreign(release: Path, restricted: Path) -> list[str]:
     found = foreign_entries(release, restricted)
     if not found:
         return []
-    dest = make_restricted_dir(restricted / FOREIGN)
     moved = []
     for entry in sorted(found):
         rel = entry.relative_to(release).as_posix()
-        target = dest / rel
-        target.parent.mkdir(parents=True, exist_ok=True)
-        if target.exists():
-            target = target.with_name(f"{target.name}.{int(time.time())}")
-        shutil.move(str(entry), str(target))
+        _set_aside(release, restricted, rel)
         moved.append(rel)
-    with open(dest / "moved.tsv", "a") as fh:   # append-only, restricted
-        for rel in moved:
-            fh.write(f"{_dt.datetime.now().isoformat(timespec='seconds')}\t{rel}\n")
-    os.chmod(dest / "moved.tsv", RESTRICTED_FILE_MODE)
     return moved
+
+
+def _set_aside(release: Path, restricted: Path, rel: str) -> None:
+    """Move the release entry ``rel`` (a link as the link) into ``<restricted>/foreign/rel`` and
+    record it in ``foreign/moved.tsv`` (append-only, restricted)."""
+    dest = make_restricted_dir(Path(restricted) / FOREIGN)
+    target = dest / rel
+    target.parent.mkdir(parents=True, exist_ok=True)
+    if os.path.lexists(target):
+        target = target.with_name(f"{target.name}.{int(time.time())}")
+    shutil.move(str(Path(release) / rel), str(target))
+    fd = os.open(dest / "moved.tsv", os.O_WRONLY | os.O_APPEND | os.O_CREAT, RESTRICTED_FILE_MODE)
+    with os.fdopen(fd, "a") as fh:
+        fh.write(f"{_dt.datetime.now().isoformat(timespec='seconds')}\t{rel}\n")
 
 
 def current_subjects(restricted: Path) -> set[str] | None:

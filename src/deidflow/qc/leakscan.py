@@ -28,6 +28,7 @@ import json
 import os
 import re
 import secrets
+import stat
 import struct
 import zlib
 from collections import Counter
@@ -970,7 +971,22 @@ def verify(release: Path, restricted: Path, *, pixel_data: bool = False) -> dict
     known = [s["subject"] for mf in manifests(restricted) for s in json.loads(mf.read_text())["subjects"]]
     files = dataset_files(release) + unowned_files(release, known)
     return {"units": units, "dataset": scan_dataset(release, restricted, pixel_data=pixel_data, matcher=matcher,
-                                                    files=files)}
+                                                    files=files), "not_files": not_plain_entries(release)}
+
+
+def not_plain_entries(release: Path) -> list[str]:
+    """The release's entries that are neither plain files nor folders (symbolic links, FIFOs,
+    sockets, devices), relative paths.  No stage writes one, no scan reads through one, and a copy
+    or archive that follows links (``zip -r``, ``cp -L``, ``rsync -L``, a web server) would ship
+    what a link points to: a link to the restricted mappings passed ``deidflow verify`` (exit 0)."""
+    out = []
+    for root, dirs, files in os.walk(release):
+        for name in (*dirs, *files):
+            path = os.path.join(root, name)
+            mode = os.lstat(path).st_mode
+            if not (stat.S_ISREG(mode) or stat.S_ISDIR(mode)):
+                out.append(os.path.relpath(path, release))
+    return sorted(out)
 
 
 def unowned_files(release: Path, subjects: Iterable[str]) -> list[Path]:
