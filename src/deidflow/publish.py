@@ -494,10 +494,15 @@ def _set_aside(release: Path, restricted: Path, rel: str) -> None:
     target.parent.mkdir(parents=True, exist_ok=True)
     if os.path.lexists(target):
         target = target.with_name(f"{target.name}.{int(time.time())}")
-    shutil.move(str(Path(release) / rel), str(target))
+    note = ""
+    try:
+        shutil.move(str(Path(release) / rel), str(target))
+    except shutil.SpecialFileError:  # a FIFO or socket that a rename could not take across file systems
+        os.unlink(Path(release) / rel)
+        note = "\t(special file, removed)"
     fd = os.open(dest / "moved.tsv", os.O_WRONLY | os.O_APPEND | os.O_CREAT, RESTRICTED_FILE_MODE)
     with os.fdopen(fd, "a") as fh:
-        fh.write(f"{_dt.datetime.now().isoformat(timespec='seconds')}\t{rel}\n")
+        fh.write(f"{_dt.datetime.now().isoformat(timespec='seconds')}\t{rel}{note}\n")
 
 
 def current_subjects(restricted: Path) -> set[str] | None:

@@ -106,9 +106,9 @@ def subject_files(release: Path, subjects: Iterable[str]) -> dict[str, list[Path
         except FileNotFoundError:
             continue
         for e in entries:
-            if e.name in wanted and e.is_dir():
+            if e.name in wanted and e.is_dir(follow_symlinks=False):
                 out[e.name] += _walk_files(Path(e.path))
-            elif e.is_file():
+            elif e.is_file(follow_symlinks=False):
                 for i in (i for i, c in enumerate(e.name) if c == "_"):
                     if e.name[:i] in wanted:
                         out[e.name[:i]].append(Path(e.path))
@@ -126,16 +126,26 @@ def dataset_files(release: Path) -> list[Path]:
     for root, dirs, files in os.walk(release):
         dirs[:] = sorted(d for d in dirs if not _SUBJECT_DIR.match(d))
         mine = REPORT_FILES if Path(root) == own else ()
-        out += [Path(root) / f for f in sorted(files) if not _SUBJECT_FILE.match(f) and f not in mine]
+        out += [Path(root) / f for f in sorted(files)
+                if not _SUBJECT_FILE.match(f) and f not in mine and _plain_file(Path(root) / f)]
     return out
 
 
 def _walk_files(d: Path) -> list[Path]:
+    """The plain files under ``d``: a link or a FIFO is not read (a FIFO blocked ``deidflow verify``
+    for ever, a link to ``/dev/zero`` would never end); :func:`not_plain_entries` reports them."""
     out = []
     for root, dirs, files in os.walk(d):
         dirs.sort()
-        out += [Path(root) / f for f in sorted(files)]
+        out += [Path(root) / f for f in sorted(files) if _plain_file(Path(root) / f)]
     return out
+
+
+def _plain_file(path: Path) -> bool:
+    try:
+        return stat.S_ISREG(os.lstat(path).st_mode)
+    except OSError:
+        return False
 
 
 # ------------------------------------------------------------------------------------------------
