@@ -31,7 +31,7 @@ import yaml
 from . import __version__
 from .errors import EXIT_BUG, EXIT_INCOMPLETE, EXIT_INTERRUPTED, EXIT_OK, EXIT_USAGE, PublicError, UsageError
 from .fsutil import RESTRICTED_FILE_MODE, atomic_write_text, make_restricted_dir
-from .publish import check_folders, current_subjects, release_status
+from .publish import check_folders, check_restricted_owner, current_subjects, release_status, release_subjects
 from .pseudonym import KEY_ENV, MIN_KEY_BYTES, MissingKeyError, ephemeral_key, fingerprint, load_key
 from ._snakemake import run_snakemake
 from .settings import (SNAKEFILE, WORKFLOW_DIR, ConfigError, Paths, deep_update, load_defaults, parse_set,
@@ -451,6 +451,7 @@ def _cmd_verify(args: argparse.Namespace) -> int:
     restricted = Path(args.restricted).resolve() if args.restricted else out.with_name(out.name + "_restricted")
     if not out.is_dir() or not (restricted / "manifests").is_dir():
         raise UsageError(f"verify: {out} is not a release or {restricted} is not its restricted folder")
+    check_restricted_owner(out, restricted)  # another release's values are not this one's
     status = release_status(out, restricted)
     result = leakscan.verify(out, restricted, pixel_data=args.pixel_data)
     lines = leakscan.hit_lines(result)
@@ -470,11 +471,17 @@ def _cmd_verify(args: argparse.Namespace) -> int:
           f" ({skipped:,} bytes of image samples not searched{'' if skipped == 0 else '; --pixel-data searches them'});"
           f" forms excluded by rule: {', '.join(f'{k} {n}' for k, n in sorted(excluded.items())) or 'none'}")
     leaky = sorted({s for s, r in subs.items() if r["hits"]} | ({"dataset"} if result["dataset"]["hits"] else set()))
+    known = {s for u in result["units"] for s in u["subjects"]}
+    unknown = sorted(release_subjects(out) - known)
+    for s in unknown:
+        print(f"deidflow verify: UNKNOWN SUBJECT: {s} is no subject of {restricted}: its files were searched for "
+              "the values of that folder's subjects only; the next run takes it out")
     for rel in result["not_files"]:
         print(f"deidflow verify: NOT A FILE: {rel} is a symbolic link or special file, which no run writes "
               "and no scan reads through (a copy that follows links ships its target); remove it")
-    if result["not_files"] and not lines:
-        print(f"deidflow verify: {len(result['not_files'])} entries that are not files; the next run takes them out")
+    if (result["not_files"] or unknown) and not lines:
+        print(f"deidflow verify: {len(result['not_files'])} entries that are not files, {len(unknown)} unknown "
+              "subject folders; the release is not as a run leaves it")
         return EXIT_INCOMPLETE
     if lines:
         print(f"deidflow verify: LEAK: {len(lines)} hit(s) in {', '.join(leaky)}")

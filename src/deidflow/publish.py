@@ -626,7 +626,7 @@ def check_folders(input_dir: Path, output: Path, restricted: Path, *, force: boo
             raise UsageError(f"{what} {a} is inside the input folder {b}; choose a folder outside it")
     if out.exists() and not out.is_dir():
         raise UsageError(f"output {out} is a file, not a folder")
-    _check_restricted_owner(out, restricted)
+    check_restricted_owner(out, restricted)
     _check_restricted_foreign(restricted)
     if (out.is_dir() and any(out.iterdir()) and not (restricted / "run.json").exists() and not force):
         raise UsageError(f"output folder {out} is not empty and no deidflow run wrote it (no run record in "
@@ -665,7 +665,7 @@ def _check_restricted_foreign(restricted: Path) -> None:
                          "new or empty folder (deidflow makes it mode 0700 and keeps the mappings there)")
 
 
-def _check_restricted_owner(out: Path, restricted: Path) -> None:
+def check_restricted_owner(out: Path, restricted: Path) -> None:
     """Refuse a restricted folder whose run record names another release that still exists: its
     mappings, withdrawals and staging describe that release, and a run for ``out`` would mark every
     subject of it withdrawn and drop their date offsets. A release moved together with its
