@@ -191,7 +191,7 @@ def test_files_and_links_put_into_published_subject_folders_are_taken_out(tmp_pa
     rerun said "Nothing to be done", "release complete"; a symbolic link there to the restricted
     mappings was read by neither (`verify`: "no identifying value found", exit 0), and `zip -r` or
     `cp -rL` of the release ships the mapping table. A published file edited with its time kept
-    (`touch -r`) stayed too."""
+    (`touch -r`) stayed too, and so did an edited participants.tsv or README."""
     inp, out = tmp_path / "input", tmp_path / "release"
     _dicom_patient(inp, "P", NAME, PID, BIRTH, files=2)
     assert _run(inp, out).returncode == 0
@@ -214,6 +214,11 @@ def test_files_and_links_put_into_published_subject_folders_are_taken_out(tmp_pa
     st = sidecar.stat()
     sidecar.write_bytes(sidecar.read_bytes().replace(b"{", b'{"Note": "seen 19610423",', 1))
     os.utime(sidecar, ns=(st.st_atime_ns, st.st_mtime_ns))
+    # dataset-level files edited in place stayed as well
+    with open(out / "participants.tsv", "a") as fh:
+        fh.write("sub-x\tZOLTANSKI\n")
+    with open(out / "README", "a") as fh:
+        fh.write("Contact: Bartholomew Zoltanski\n")
     r = _run(inp, out)
     assert r.returncode == 0, (r.stdout[-1500:], r.stderr[-1500:])
     assert "Nothing to be done" not in r.stdout

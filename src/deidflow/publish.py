@@ -214,10 +214,14 @@ def forget_lost(release: Path, restricted: Path, units: Iterable[str]) -> list[s
     if marker.is_file():
         try:
             record = json.loads(marker.read_text())
-            files = [*record["files"], *(f"{QC_SUBDIR}/{name}" for name in record.get("report", REPORT_FILES))]
+            files = {**{rel: restricted / DATASET_STAGING / rel for rel in record["files"]},
+                     **{f"{QC_SUBDIR}/{name}": restricted / REPORT_STAGING / name
+                        for name in record.get("report", REPORT_FILES)}}
         except (OSError, ValueError, KeyError, TypeError):
             files = None
-        if files is None or not all((release / rel).is_file() for rel in files):
+        # each must still be the staged copy it was published from: an edited participants.tsv or
+        # README stayed in the release ("Nothing to be done") though verify found the name added
+        if files is None or not all(_same_file(release / rel, staged) for rel, staged in files.items()):
             marker.unlink()
             lost.append(marker.relative_to(restricted).as_posix())
     return lost
@@ -267,6 +271,16 @@ def _as_published(release: Path, restricted: Path, plan_file: Path) -> bool:
                 _set_aside(release, restricted, f"{rel}/{name}")
         same = same and all(now.get(name) == entry for name, entry in published.items())
     return same
+
+
+def _same_file(path: Path, copy: Path) -> bool:
+    """Whether ``path`` is a plain file with the bytes of ``copy``."""
+    try:
+        if not path.is_file() or path.is_symlink() or path.stat().st_size != copy.stat().st_size:
+            return False
+        return path.read_bytes() == copy.read_bytes()
+    except OSError:
+        return False
 
 
 def forget_foreign(release: Path, restricted: Path, subjects: Iterable[str]) -> bool:
