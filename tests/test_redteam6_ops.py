@@ -310,3 +310,24 @@ def test_verify_with_another_releases_restricted_folder_is_not_a_clean_bill(tmp_
     b.rename(tmp_path / "b_moved")  # the owner is gone: no owner to check, the subjects are unknown
     v = cli("verify", str(a), "--restricted", str(tmp_path / "b_restricted"))
     assert v.returncode == 3 and f"UNKNOWN SUBJECT: {sub.name}" in v.stdout, (v.returncode, v.stdout[-1500:])
+
+
+def test_release_lock_falls_back_to_a_lock_file_where_flock_needs_write_access(tmp_path, monkeypatch):
+    """On NFS, flock() is emulated with POSIX locks, which refuse a descriptor opened read-only
+    (EBADF): the release lock then takes a hidden lock file beside the release."""
+    import errno
+    from deidflow import cli as cli_mod
+
+    def nfs_flock(fd, op):
+        raise OSError(errno.EBADF, "Bad file descriptor")
+    monkeypatch.setattr(cli_mod.fcntl, "flock", nfs_flock)
+    release = tmp_path / "release"
+    fd = cli_mod._lock_release(release, create=True)
+    try:
+        lock = tmp_path / ".release.deidflow-lock"
+        assert fd is not None and lock.is_file() and release.is_dir()
+        code = ("import fcntl, os, sys\nfd = os.open(sys.argv[1], os.O_RDWR)\n"
+                "try:\n    fcntl.lockf(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)\nexcept OSError:\n    sys.exit(7)\n")
+        assert subprocess.run([sys.executable, "-c", code, str(lock)]).returncode == 7
+    finally:
+        os.close(fd)

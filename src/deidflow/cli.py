@@ -262,6 +262,19 @@ def _lock_release(output: Path, *, create: bool) -> int | None:
     except BlockingIOError:
         os.close(fd)
         raise UsageError(f"another deidflow run is using {output}; wait for it to finish") from None
+    except OSError:
+        # NFS emulates flock with POSIX locks, which need a descriptor open for writing: lock a
+        # hidden file beside the release instead (where a publish by copy keeps its scratch too)
+        os.close(fd)
+        try:
+            fd = os.open(output.parent / f".{output.name}.deidflow-lock", os.O_RDWR | os.O_CREAT, RESTRICTED_FILE_MODE)
+        except OSError:
+            return None  # no place for a lock: the restricted folder's lock still holds
+        try:
+            fcntl.lockf(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            os.close(fd)
+            raise UsageError(f"another deidflow run is using {output}; wait for it to finish") from None
     return fd
 
 
@@ -366,7 +379,8 @@ def run_workflow(config: dict, *, cores: int | str = "all", profile: str | None 
     try:
         return _run_locked(config, paths, cores=cores, profile=profile, env=env, extra=extra, verbose=verbose)
     finally:
-        os.close(release_fd)
+        if release_fd is not None:
+            os.close(release_fd)
 
 
 def _run_locked(config: dict, paths: Paths, *, cores: int | str, profile: str | None, env: dict | None,
