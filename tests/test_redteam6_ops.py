@@ -331,3 +331,18 @@ def test_release_lock_falls_back_to_a_lock_file_where_flock_needs_write_access(t
         assert subprocess.run([sys.executable, "-c", code, str(lock)]).returncode == 7
     finally:
         os.close(fd)
+
+
+def test_profile_with_a_broken_config_is_a_usage_error(tmp_path):
+    """`--profile DIR` whose config.yaml is not YAML reached Snakemake, and the run ended with exit
+    status 1 ("the workflow stopped before its jobs ran": a bug, by the README's table)."""
+    from deidflow.cli import _check_profile
+    from deidflow.errors import UsageError
+    (tmp_path / "config.yaml").write_text("cores: [\n")
+    with pytest.raises(UsageError, match="config.yaml is not valid YAML at line 2"):
+        _check_profile(str(tmp_path))
+    (tmp_path / "config.yaml").write_text("- cores\n")
+    with pytest.raises(UsageError, match="must be a mapping"):
+        _check_profile(str(tmp_path))
+    (tmp_path / "config.yaml").write_text("cores: 2\n")
+    assert _check_profile(str(tmp_path)) == str(tmp_path.resolve())

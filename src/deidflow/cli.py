@@ -180,6 +180,14 @@ def _check_profile(profile: str | None) -> str | None:
         return None
     for candidate in (Path(profile), WORKFLOW_DIR / "profiles" / profile, WORKFLOW_DIR / profile):
         if (candidate / "config.yaml").is_file():
+            try:
+                settings = yaml.safe_load((candidate / "config.yaml").read_text(encoding="utf-8"))
+            except (OSError, UnicodeDecodeError, yaml.YAMLError) as exc:
+                mark = getattr(exc, "problem_mark", None)
+                where = f" at line {mark.line + 1}" if mark else ""
+                raise UsageError(f"--profile {profile}: its config.yaml is not valid YAML{where}") from None
+            if settings is not None and not isinstance(settings, dict):
+                raise UsageError(f"--profile {profile}: its config.yaml must be a mapping of Snakemake options")
             return str(candidate.resolve())
     raise UsageError(f"--profile {profile}: no such Snakemake profile (a folder with config.yaml; "
                      "bundled: default, slurm)")
