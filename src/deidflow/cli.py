@@ -210,6 +210,14 @@ SNAKEMAKE_SKIPPING = (("touch", "--touch", _SKIPS), ("rerun_triggers", "--rerun-
                       ("targets", "a target", "deidflow runs the whole workflow"),
                       ("target_jobs", "--target-jobs", "deidflow runs the whole workflow"),
                       ("dryrun", "--dry-run", "use deidflow's own --dry-run before --"))
+# Options that make Snakemake do something else than run the workflow: deidflow then reported the
+# last run's state as this run's ("release complete", exit 0); --delete-all-output deleted the QC
+# report from the release and mapping/uids.csv from the restricted folder on the way.
+SNAKEMAKE_MODES = ("summary", "detailed_summary", "list_rules", "list_target_rules", "lint", "dag", "rulegraph",
+                   "filegraph", "d3dag", "debug_dag", "list_changes", "list_input_changes", "list_params_changes",
+                   "list_untracked", "list_conda_envs", "delete_all_output", "delete_temp_output",
+                   "cleanup_metadata", "cleanup_shadow", "unlock", "report", "archive", "containerize",
+                   "export_cwl", "generate_unit_tests", "print_compilation")
 
 
 def _check_snakemake_args(extra: list[str]) -> None:
@@ -237,6 +245,10 @@ def _check_snakemake_args(extra: list[str]) -> None:
     for dest, option, instead in SNAKEMAKE_OWNED:
         if getattr(given, dest, None) != getattr(default, dest, None):
             raise UsageError(f"{option} after -- is not passed to Snakemake: deidflow sets it ({instead})")
+    for dest in SNAKEMAKE_MODES:
+        if getattr(given, dest, None) != getattr(default, dest, None):
+            raise UsageError(f"--{dest.replace('_', '-')} after -- is not passed to Snakemake: deidflow run runs "
+                             "the workflow, nothing else")
     for dest, option, why in SNAKEMAKE_SKIPPING:
         if getattr(given, dest, None) != getattr(default, dest, None):
             raise UsageError(f"{option} after -- is not passed to Snakemake: it skips jobs or takes outputs "
