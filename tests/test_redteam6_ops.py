@@ -350,3 +350,22 @@ def test_profile_with_a_broken_config_is_a_usage_error(tmp_path):
         _check_profile(str(tmp_path))
     (tmp_path / "config.yaml").write_text("cores: 2\n")
     assert _check_profile(str(tmp_path)) == str(tmp_path.resolve())
+
+
+def test_append_only_records_survive_a_line_cut_short(tmp_path):
+    """withdrawn.tsv, foreign/moved.tsv and the copy-publish progress were appended with a plain
+    write: after a crash that cut a line short (a full disk), the next line ran on from it,
+    corrupting both records. A new file is made restricted whatever the umask."""
+    from deidflow.fsutil import append_line
+    record = tmp_path / "withdrawn.tsv"
+    old = os.umask(0)
+    try:
+        append_line(record, "date\tsubject\tfolders_removed")
+    finally:
+        os.umask(old)
+    assert record.stat().st_mode & 0o777 == 0o600
+    with open(record, "a") as fh:
+        fh.write("2026-12-07\tsub-a\tsub-")  # the crash
+    append_line(record, "2026-12-07\tsub-a\tsub-a sourcedata/dicom/sub-a")
+    assert record.read_text().splitlines() == ["date\tsubject\tfolders_removed", "2026-12-07\tsub-a\tsub-",
+                                               "2026-12-07\tsub-a\tsub-a sourcedata/dicom/sub-a"]

@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import Any, Iterable, Mapping
 
 from .errors import EXIT_INCOMPLETE, EXIT_OK, PublicError, UsageError
-from .fsutil import (QC_SUBDIR, RESTRICTED_FILE_MODE, atomic_write_bytes, atomic_write_text, layout_parents, make_restricted_dir,
+from .fsutil import (QC_SUBDIR, RESTRICTED_FILE_MODE, append_line, atomic_write_bytes, atomic_write_text, layout_parents, make_restricted_dir,
                      publish_dir, remove_tree)
 
 MARKER = "RELEASE_INCOMPLETE"
@@ -143,8 +143,7 @@ def publish_unit(manifest: Path, verify_done: Path, staging: Path, release: Path
                     try:
                         _copy_tree(src, incoming)
                         publish_dir(incoming, dst)
-                        with open(progress, "a") as fh:
-                            fh.write(rel + "\n")
+                        append_line(progress, rel)
                     finally:
                         shutil.rmtree(incoming.parent, ignore_errors=True)
                     shutil.rmtree(src)
@@ -380,8 +379,7 @@ def publish_dataset(staged: Path, release: Path, restricted: Path, subjects_file
         if not audit.exists():
             atomic_write_text(audit, "date\tsubject\tfolders_removed\n", RESTRICTED_FILE_MODE)
         if line not in audit.read_text():   # recorded before the folders go (a killed job repeats it)
-            with open(audit, "a") as fh:    # append-only
-                fh.write(line)
+            append_line(audit, line)
         for rel in folders:
             remove_tree(release / rel, trash)
     foreign = set_aside_foreign(release, restricted)
@@ -514,9 +512,7 @@ def _set_aside(release: Path, restricted: Path, rel: str) -> None:
     except shutil.SpecialFileError:  # a FIFO or socket that a rename could not take across file systems
         os.unlink(Path(release) / rel)
         note = "\t(special file, removed)"
-    fd = os.open(dest / "moved.tsv", os.O_WRONLY | os.O_APPEND | os.O_CREAT, RESTRICTED_FILE_MODE)
-    with os.fdopen(fd, "a") as fh:
-        fh.write(f"{_dt.datetime.now().isoformat(timespec='seconds')}\t{rel}{note}\n")
+    append_line(dest / "moved.tsv", f"{_dt.datetime.now().isoformat(timespec='seconds')}\t{rel}{note}")
 
 
 def current_subjects(restricted: Path) -> set[str] | None:
