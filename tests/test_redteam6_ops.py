@@ -369,3 +369,14 @@ def test_append_only_records_survive_a_line_cut_short(tmp_path):
     append_line(record, "2026-12-07\tsub-a\tsub-a sourcedata/dicom/sub-a")
     assert record.read_text().splitlines() == ["date\tsubject\tfolders_removed", "2026-12-07\tsub-a\tsub-",
                                                "2026-12-07\tsub-a\tsub-a sourcedata/dicom/sub-a"]
+
+
+def test_face_selection_that_can_select_nothing_is_refused():
+    """`face.select.min_extent_mm: 600` (a typo for 60) was accepted: no volume can be at least 600 mm
+    along every axis and at most `max_extent_mm` (300), so every head was released with its face
+    ("no 3D coverage of a face")."""
+    from deidflow.settings import ConfigError, deep_update, load_defaults, parse_set, validate
+    cfg = deep_update(load_defaults(), parse_set(["face.select.min_extent_mm=600"]))
+    with pytest.raises(ConfigError, match="min_extent_mm: 600 is not below face.select.max_extent_mm"):
+        validate(cfg)
+    validate(deep_update(load_defaults(), parse_set(["face.select.min_extent_mm=80"])))
