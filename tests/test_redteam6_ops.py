@@ -54,7 +54,8 @@ def test_keep_override_of_the_patients_name_does_not_keep_the_name(tmp_path, eng
     ds.save_as(src, enforce_file_format=True)
     overrides = [{"attribute": "PatientName", "action": "keep"}, {"attribute": "(0010,0020)", "action": "keep"},
                  {"attribute": "PatientBirthDate", "action": "keep"},
-                 {"attribute": "StudyDescription", "action": "keep"}]
+                 {"attribute": "StudyDescription", "action": "keep"},
+                 {"attribute": "StudyInstanceUID", "action": "keep"}]
     plan = build_plan([], "remove", overrides)
     collector = IdentifierCollector()
     scrubber = Scrubber(plan, SubjectContext(Pseudonymizer(KEY.encode()), "sub-T", -10, identifiers=collector))
@@ -63,9 +64,9 @@ def test_keep_override_of_the_patients_name_does_not_keep_the_name(tmp_path, eng
     out = pydicom.dcmread(io.BytesIO(buf.getvalue()))
     assert b"ZOLTANSKI" not in buf.getvalue() and b"MRN884213" not in buf.getvalue()
     assert "ZOLTANSKI" not in str(out.PatientName) and out.StudyDescription.startswith("CT head")
-    # the birth date (a DA value, which the sweep does not rewrite) is searched by the leak scan
+    # the birth date and the study UID (values the sweep does not rewrite) are searched by the leak scan
     values = {(kind, value) for kind, _field, value in collector.entries()}
-    assert {("name", NAME), ("id", PID), ("date", BIRTH)} <= values, values
+    assert {("name", NAME), ("id", PID), ("date", BIRTH), ("uid", ds.StudyInstanceUID)} <= values, values
 
 
 @pytest.mark.slow

@@ -65,6 +65,11 @@ def source_tags(plan: Plan) -> frozenset[int]:
             rule = plan.rule_for(tag)
             if (rule is None and vr == "PN") or (rule is not None and rule.action != "K") or tag in plan.user_kept:
                 out.add(tag)
+        from .qc.identifiers import element_kind
+        for tag in plan.user_kept:  # a kept UID too: not swept, but searched by the leak scan
+            info = _dict_info(tag)
+            if info is not None and info[0] != "SQ" and element_kind(tag, info[0])[0] is not None:
+                out.add(tag)
         cached = plan.__dict__["_source_tags"] = frozenset(out)
     return cached
 
