@@ -381,3 +381,18 @@ def test_face_selection_that_can_select_nothing_is_refused():
     with pytest.raises(ConfigError, match="min_extent_mm: 600 is not below face.select.max_extent_mm"):
         validate(cfg)
     validate(deep_update(load_defaults(), parse_set(["face.select.min_extent_mm=80"])))
+
+
+def test_key_file_inside_the_release_is_refused(tmp_path):
+    """`--key-file release/project.key` (kept "with the data") was accepted: the shared folder held
+    the key until the run's dataset step moved it into `<restricted>/foreign/`, and the next run
+    then said "no such file"."""
+    inp, out = tmp_path / "input", tmp_path / "release"
+    _dicom_patient(inp, "P", NAME, PID, BIRTH)
+    out.mkdir()
+    key = out / "project.key"
+    key.write_text(KEY + "\n")
+    key.chmod(0o600)
+    r = cli("run", str(inp), str(out), "--key-file", str(key), "--force", "--dry-run")
+    assert r.returncode == 2, (r.returncode, r.stdout[-800:], r.stderr[-800:])
+    assert r.stderr.startswith(f"deidflow: error: key file {key} is inside the release {out}"), r.stderr

@@ -333,6 +333,11 @@ def check_run(config: dict, argv: list[str] | None = None) -> tuple[Paths, bytes
     check_folders(paths.input, paths.output, paths.restricted, force=bool(config.get("force")))
     _writable_parent(paths.output, "output")
     _writable_parent(paths.restricted, "restricted folder")
+    key_file = Path(config.get("key_file") or "/").resolve()
+    if paths.output in key_file.parents:
+        # the release is what is shared; a run would also move the file into <restricted>/foreign
+        raise UsageError(f"key file {key_file} is inside the release {paths.output}, which is shared: keep the key "
+                         "apart from the release (with the restricted folder) and pass that path")
     key = _check_key(config, argv or [])
     from .pipeline import recorded_fingerprint
     old, new = recorded_fingerprint(paths.restricted), fingerprint(key)
