@@ -434,12 +434,13 @@ def test_file_dropped_into_the_qc_folder_is_scanned(demo, tmp_path):
 
 
 def test_strict_run_fails_on_a_leak_and_report_shows_it(tmp_path):
-    """Keeping PatientID by override leaves it in the release: the private copy of it and the
-    original folder names give it away.  Without --strict the report says LEAK; with it the run fails.
-    (The head MRI is not defaced: the leak is in headers and names, and faces take 8 s a run.)"""
+    """Keeping PatientBirthDate by override leaves it in the release (a date value the residual
+    sweep does not rewrite; a kept PatientID is swept since red-team round 6).  Without --strict
+    the report says LEAK; with it the run fails.  (The head MRI is not defaced: the leak is in
+    headers, and faces take 8 s a run.)"""
     inp = tmp_path / "input"
     make_demo_input(inp)
-    keep = "dicom.overrides=[{attribute: PatientID, action: keep}]"
+    keep = "dicom.overrides=[{attribute: PatientBirthDate, action: keep}]"
     r = cli("run", str(inp), str(tmp_path / "rel"), "--cores", "2", "--set", keep, "--set", "face.method=none")
     assert r.returncode == 3, r.stderr[-2000:]  # the release gate withholds the leaking subjects
     assert "LEAK in" in r.stdout

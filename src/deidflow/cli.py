@@ -31,7 +31,7 @@ import yaml
 from . import __version__
 from .errors import EXIT_BUG, EXIT_INCOMPLETE, EXIT_INTERRUPTED, EXIT_OK, EXIT_USAGE, PublicError, UsageError
 from .fsutil import RESTRICTED_FILE_MODE, atomic_write_text, make_restricted_dir
-from .publish import check_folders, current_subjects, release_status
+from .publish import check_folders, current_subjects, release_status, release_subjects
 from .pseudonym import KEY_ENV, MIN_KEY_BYTES, MissingKeyError, ephemeral_key, fingerprint, load_key
 from ._snakemake import run_snakemake
 from .settings import (SNAKEFILE, WORKFLOW_DIR, ConfigError, Paths, deep_update, load_defaults, parse_set,
@@ -180,6 +180,14 @@ def _check_profile(profile: str | None) -> str | None:
         return None
     for candidate in (Path(profile), WORKFLOW_DIR / "profiles" / profile, WORKFLOW_DIR / profile):
         if (candidate / "config.yaml").is_file():
+            try:
+                settings = yaml.safe_load((candidate / "config.yaml").read_text(encoding="utf-8"))
+            except (OSError, UnicodeDecodeError, yaml.YAMLError) as exc:
+                mark = getattr(exc, "problem_mark", None)
+                where = f" at line {mark.line + 1}" if mark else ""
+                raise UsageError(f"--profile {profile}: its config.yaml is not valid YAML{where}") from None
+            if settings is not None and not isinstance(settings, dict):
+                raise UsageError(f"--profile {profile}: its config.yaml must be a mapping of Snakemake options")
             return str(candidate.resolve())
     raise UsageError(f"--profile {profile}: no such Snakemake profile (a folder with config.yaml; "
                      "bundled: default, slurm)")
@@ -189,6 +197,27 @@ SNAKEMAKE_OWNED = (("config", "--config", "use --set KEY=VALUE before --"),
                    ("configfile", "--configfile", "use --config FILE before --"),
                    ("directory", "--directory", "the restricted folder; choose it with --restricted"),
                    ("snakefile", "--snakefile", "the packaged workflow"))
+# Options that make Snakemake skip jobs the configuration or the input asks for, or take outputs
+# for current without making them: with them a changed policy left the release as the last run
+# made it, and the run still said "release complete" (exit 0).
+_SKIPS = "a release must be remade whole whenever its configuration or input changes"
+SNAKEMAKE_SKIPPING = (("touch", "--touch", _SKIPS), ("rerun_triggers", "--rerun-triggers", _SKIPS),
+                      ("consider_ancient", "--consider-ancient", _SKIPS),
+                      ("drop_metadata", "--drop-metadata", _SKIPS), ("notemp", "--notemp", _SKIPS),
+                      ("ignore_incomplete", "--ignore-incomplete", _SKIPS),
+                      ("allowed_rules", "--allowed-rules", _SKIPS), ("omit_from", "--omit-from", _SKIPS),
+                      ("until", "--until", _SKIPS), ("batch", "--batch", _SKIPS),
+                      ("targets", "a target", "deidflow runs the whole workflow"),
+                      ("target_jobs", "--target-jobs", "deidflow runs the whole workflow"),
+                      ("dryrun", "--dry-run", "use deidflow's own --dry-run before --"))
+# Options that make Snakemake do something else than run the workflow: deidflow then reported the
+# last run's state as this run's ("release complete", exit 0); --delete-all-output deleted the QC
+# report from the release and mapping/uids.csv from the restricted folder on the way.
+SNAKEMAKE_MODES = ("summary", "detailed_summary", "list_rules", "list_target_rules", "lint", "dag", "rulegraph",
+                   "filegraph", "d3dag", "debug_dag", "list_changes", "list_input_changes", "list_params_changes",
+                   "list_untracked", "list_conda_envs", "delete_all_output", "delete_temp_output",
+                   "cleanup_metadata", "cleanup_shadow", "unlock", "report", "archive", "containerize",
+                   "export_cwl", "generate_unit_tests", "print_compilation")
 
 
 def _check_snakemake_args(extra: list[str]) -> None:
@@ -216,6 +245,14 @@ def _check_snakemake_args(extra: list[str]) -> None:
     for dest, option, instead in SNAKEMAKE_OWNED:
         if getattr(given, dest, None) != getattr(default, dest, None):
             raise UsageError(f"{option} after -- is not passed to Snakemake: deidflow sets it ({instead})")
+    for dest in SNAKEMAKE_MODES:
+        if getattr(given, dest, None) != getattr(default, dest, None):
+            raise UsageError(f"--{dest.replace('_', '-')} after -- is not passed to Snakemake: deidflow run runs "
+                             "the workflow, nothing else")
+    for dest, option, why in SNAKEMAKE_SKIPPING:
+        if getattr(given, dest, None) != getattr(default, dest, None):
+            raise UsageError(f"{option} after -- is not passed to Snakemake: it skips jobs or takes outputs "
+                             f"for current ({why})")
 
 
 def _check_programs(config: dict) -> None:
@@ -225,6 +262,40 @@ def _check_programs(config: dict) -> None:
             executable()
         except Exception as exc:  # ConversionError: the message names the install command
             raise UsageError(f"outputs.bids needs dcm2niix: {exc}") from None
+
+
+def _lock_release(output: Path, *, create: bool) -> int | None:
+    """A kernel lock on the release folder itself (its open descriptor; held until the process and
+    the job processes it forked end), so that two runs with different restricted folders cannot
+    publish into one release at once; None when the folder does not exist and ``create`` is False.
+    The restricted folder's lock did not cover that: a second run on the same release with another
+    ``--restricted`` (at the start, while the release was still empty, or with ``--force``) ran to
+    "release complete" beside the first."""
+    if not output.is_dir():
+        if not create:
+            return None
+        output.mkdir(parents=True, exist_ok=True)
+        os.chmod(output, 0o755)  # a release folder, whatever the umask (as the workflow makes it)
+    fd = os.open(output, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        os.close(fd)
+        raise UsageError(f"another deidflow run is using {output}; wait for it to finish") from None
+    except OSError:
+        # NFS emulates flock with POSIX locks, which need a descriptor open for writing: lock a
+        # hidden file beside the release instead (where a publish by copy keeps its scratch too)
+        os.close(fd)
+        try:
+            fd = os.open(output.parent / f".{output.name}.deidflow-lock", os.O_RDWR | os.O_CREAT, RESTRICTED_FILE_MODE)
+        except OSError:
+            return None  # no place for a lock: the restricted folder's lock still holds
+        try:
+            fcntl.lockf(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            os.close(fd)
+            raise UsageError(f"another deidflow run is using {output}; wait for it to finish") from None
+    return fd
 
 
 def _restricted_lock_free(restricted: Path) -> None:
@@ -262,6 +333,11 @@ def check_run(config: dict, argv: list[str] | None = None) -> tuple[Paths, bytes
     check_folders(paths.input, paths.output, paths.restricted, force=bool(config.get("force")))
     _writable_parent(paths.output, "output")
     _writable_parent(paths.restricted, "restricted folder")
+    key_file = Path(config.get("key_file") or "/").resolve()
+    if paths.output in key_file.parents:
+        # the release is what is shared; a run would also move the file into <restricted>/foreign
+        raise UsageError(f"key file {key_file} is inside the release {paths.output}, which is shared: keep the key "
+                         "apart from the release (with the restricted folder) and pass that path")
     key = _check_key(config, argv or [])
     from .pipeline import recorded_fingerprint
     old, new = recorded_fingerprint(paths.restricted), fingerprint(key)
@@ -270,6 +346,9 @@ def check_run(config: dict, argv: list[str] | None = None) -> tuple[Paths, bytes
                          f"has fingerprint {new}: use the original key, or release into a new output folder")
     _check_programs(config)
     _restricted_lock_free(paths.restricted)
+    fd = _lock_release(paths.output, create=False)
+    if fd is not None:
+        os.close(fd)
     return paths, key
 
 
@@ -310,7 +389,6 @@ class _Interrupt:
 def run_workflow(config: dict, *, cores: int | str = "all", profile: str | None = None,
                  env: dict | None = None, extra: list[str] | None = None, verbose: bool = False) -> int:
     """Run the Snakemake workflow for ``config`` (checked by :func:`check_run`); return the exit status."""
-    from . import progress, summary
     global _restricted_log_dir
     paths = resolve_paths(config)
     make_restricted_dir(paths.restricted)
@@ -322,6 +400,18 @@ def run_workflow(config: dict, *, cores: int | str = "all", profile: str | None 
         fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except BlockingIOError:
         raise UsageError(f"another deidflow run is using {paths.restricted}; wait for it to finish") from None
+    release_fd = _lock_release(paths.output, create=True)
+    try:
+        return _run_locked(config, paths, cores=cores, profile=profile, env=env, extra=extra, verbose=verbose)
+    finally:
+        if release_fd is not None:
+            os.close(release_fd)
+
+
+def _run_locked(config: dict, paths: Paths, *, cores: int | str, profile: str | None, env: dict | None,
+                extra: list[str] | None, verbose: bool) -> int:
+    """:func:`run_workflow` once both locks are held."""
+    from . import progress, summary
     cfg_file = paths.restricted / "run-config.yaml"
     atomic_write_text(cfg_file, yaml.safe_dump(config, sort_keys=True), RESTRICTED_FILE_MODE)
     if env is not None:
@@ -419,6 +509,18 @@ def _cmd_verify(args: argparse.Namespace) -> int:
           f" ({skipped:,} bytes of image samples not searched{'' if skipped == 0 else '; --pixel-data searches them'});"
           f" forms excluded by rule: {', '.join(f'{k} {n}' for k, n in sorted(excluded.items())) or 'none'}")
     leaky = sorted({s for s, r in subs.items() if r["hits"]} | ({"dataset"} if result["dataset"]["hits"] else set()))
+    known = {s for u in result["units"] for s in u["subjects"]}
+    unknown = sorted(release_subjects(out) - known)
+    for s in unknown:
+        print(f"deidflow verify: UNKNOWN SUBJECT: {s} is no subject of {restricted}: its files were searched for "
+              "the values of that folder's subjects only; the next run takes it out")
+    for rel in result["not_files"]:
+        print(f"deidflow verify: NOT A FILE: {rel} is a symbolic link or special file, which no run writes "
+              "and no scan reads through (a copy that follows links ships its target); remove it")
+    if (result["not_files"] or unknown) and not lines:
+        print(f"deidflow verify: {len(result['not_files'])} entries that are not files, {len(unknown)} unknown "
+              "subject folders; the release is not as a run leaves it")
+        return EXIT_INCOMPLETE
     if lines:
         print(f"deidflow verify: LEAK: {len(lines)} hit(s) in {', '.join(leaky)}")
         return EXIT_INCOMPLETE

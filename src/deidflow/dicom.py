@@ -53,14 +53,22 @@ def _identifying_tags() -> tuple[tuple[int, str], ...]:
 
 def source_tags(plan: Plan) -> frozenset[int]:
     """The top-level attributes whose original values feed a subject's identifier model: those
-    that identify a person, study, institution or device (and dates) and that ``plan`` does not
-    keep (a value the profile keeps is not an identifier to be swept).  Cached on the plan."""
+    that identify a person, study, institution or device (and dates) and that the profile with
+    its options does not keep (a value the profile keeps is not an identifier to be swept).  A
+    user's ``keep`` override does not take a value out of the model (``plan.user_kept``): a kept
+    PatientName is swept like any other kept value holding the name, a kept birth date is found by
+    the leak scan.  Cached on the plan."""
     cached = plan.__dict__.get("_source_tags")
     if cached is None:
         out = set()
         for tag, vr in _identifying_tags():
             rule = plan.rule_for(tag)
-            if (rule is None and vr == "PN") or (rule is not None and rule.action != "K"):
+            if (rule is None and vr == "PN") or (rule is not None and rule.action != "K") or tag in plan.user_kept:
+                out.add(tag)
+        from .qc.identifiers import element_kind
+        for tag in plan.user_kept:  # a kept UID too: not swept, but searched by the leak scan
+            info = _dict_info(tag)
+            if info is not None and info[0] != "SQ" and element_kind(tag, info[0])[0] is not None:
                 out.add(tag)
         cached = plan.__dict__["_source_tags"] = frozenset(out)
     return cached
@@ -523,6 +531,8 @@ class Scrubber:
             try:
                 elem = identifier_source[tag]
                 self.model.add_element(tag, elem.VR, elem.value)
+                if self.collect is not None and tag in self.plan.user_kept:
+                    self.collect.element(tag, elem.VR, elem.value)  # searched for by the leak scan too
             except Exception:  # an undecodable value: removed by the profile, nothing to sweep for
                 continue
 

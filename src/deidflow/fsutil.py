@@ -62,6 +62,19 @@ def atomic_write_text(path: Path, text: str, mode: int | None = None, tmp_dir: P
     atomic_write_bytes(path, text.encode("utf-8"), mode, tmp_dir)
 
 
+def append_line(path: Path, line: str, mode: int = RESTRICTED_FILE_MODE) -> None:
+    """Append ``line`` (a newline added) to an append-only record in one ``write``, the file made
+    with ``mode``.  A line cut short by an earlier crash (a full disk) is ended first, so the new
+    line never runs on from it."""
+    fd = os.open(path, os.O_RDWR | os.O_APPEND | os.O_CREAT, mode)
+    try:
+        size = os.fstat(fd).st_size
+        cut = size > 0 and os.pread(fd, 1, size - 1) != b"\n"
+        os.write(fd, (("\n" if cut else "") + line.rstrip("\n") + "\n").encode("utf-8"))
+    finally:
+        os.close(fd)
+
+
 def write_if_changed(path: Path, data: bytes, mode: int | None = None) -> bool:
     """Atomically write ``data`` unless ``path`` already holds exactly it (keeps mtimes stable).
 

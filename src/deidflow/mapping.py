@@ -37,6 +37,7 @@ def write_inventory_mappings(rows: Iterable[Mapping], restricted: Path) -> dict:
     rows_out = _with_withdrawn(restricted / PATIENTS, pat)
     write_if_changed(restricted / PATIENTS, csv_text([("id_old", "id_new", "withdrawn"), *rows_out]).encode(),
                      RESTRICTED_FILE_MODE)
+    offsets = _with_earlier(restricted / DATES, offsets)  # a withdrawn subject's offset stays
     write_if_changed(restricted / DATES, csv_text([("subject", "offset_days"), *offsets]).encode(),
                      RESTRICTED_FILE_MODE)
     write_if_changed(restricted / INVENTORY_QUARANTINE,
@@ -60,6 +61,26 @@ def _with_withdrawn(path: Path, current: list[tuple[str, str]]) -> list[tuple[st
     return sorted([(a, b, "") for a, b in current] + gone)
 
 
+def _with_earlier(path: Path, current: Iterable[tuple]) -> list[tuple]:
+    """Append-only two-column mapping (``dates.csv``, ``uids.csv``): the current rows, and every
+    row of the file as it is whose first column no current row has (a subject withdrawn from the
+    input, the UIDs of its files). Before, a withdrawal dropped them: the day offset and the UID
+    map of data already shared were gone from the restricted folder."""
+    current = list(current)
+    keys = {row[0] for row in current}
+    try:
+        with open(path, newline="") as fh:
+            reader = csv.reader(fh)
+            next(reader, None)
+            earlier = [tuple(row) for row in reader if len(row) == 2 and row[0] not in keys]
+    except FileNotFoundError:
+        earlier = []
+    width = {type(v) for row in current for v in row[1:]}
+    if int in width:  # offsets are numbers: keep their type for sorting and writing
+        earlier = [(a, int(b)) for a, b in earlier]
+    return sorted(current + earlier)
+
+
 def merge_job_outputs(uid_files: Iterable[Path], quarantine_files: Iterable[Path], uids: Path,
                       quarantine: Path) -> dict:
     """The mapping job: merge the jobs' UID maps into ``mapping/uids.csv`` and their quarantine
@@ -68,7 +89,9 @@ def merge_job_outputs(uid_files: Iterable[Path], quarantine_files: Iterable[Path
 
     A later stage that replaces a released UID again (the face stage's defaced images) lists
     ``released,new``: such rows are chained (:func:`chain_uids`), so every original UID maps to
-    the UID that is in the release and no intermediate UID is listed."""
+    the UID that is in the release and no intermediate UID is listed.  Rows of originals no
+    longer in the input (a withdrawn subject's) stay (append-only; kept in ``uids.history.csv``
+    beside it, since Snakemake deletes a job's output before the job runs)."""
     uid_rows: set[tuple[str, str]] = set()
     for f in uid_files:
         with open(f, newline="") as fh:
@@ -85,7 +108,11 @@ def merge_job_outputs(uid_files: Iterable[Path], quarantine_files: Iterable[Path
     bad.sort()
     for p in (uids, quarantine):
         make_restricted_dir(Path(p).parent)
-    atomic_write_text(uids, csv_text([("id_old", "id_new"), *sorted(uid_rows)]), RESTRICTED_FILE_MODE)
+    # Snakemake deletes uids.csv before this job runs: the earlier rows come from a copy of it
+    history = Path(uids).with_suffix(".history.csv")
+    text = csv_text([("id_old", "id_new"), *_with_earlier(history, uid_rows)])
+    atomic_write_text(history, text, RESTRICTED_FILE_MODE)
+    atomic_write_text(uids, text, RESTRICTED_FILE_MODE)
     atomic_write_text(quarantine, QUARANTINE_HEADER + "".join(f"{tsv_field(a)}\t{tsv_field(b)}\n" for a, b in bad),
                       RESTRICTED_FILE_MODE)
     return {"uids": len(uid_rows), "quarantined": len(bad)}

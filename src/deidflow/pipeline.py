@@ -71,8 +71,8 @@ def prepare(config: Mapping[str, Any], *, main_process: bool = True) -> Prepared
     from .publish import forget_foreign, forget_lost
     lost = forget_lost(paths.output, paths.restricted, units)
     if lost:
-        print(f"deidflow: {len(lost)} published part(s) of the release are gone from {paths.output}: "
-              "publishing them again", file=sys.stderr)
+        print(f"deidflow: {len(lost)} published part(s) of the release are gone from {paths.output} or were "
+              "changed there: publishing them again", file=sys.stderr)
     if forget_foreign(paths.output, paths.restricted, inv.subjects):
         print(f"deidflow: {paths.output} holds files or subject folders no run of this input wrote: "
               "taking them out of the release", file=sys.stderr)

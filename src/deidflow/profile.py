@@ -78,6 +78,9 @@ class Plan:
     overlay_group: Rule  # what happens to the overlay group as a whole (X removes it)
     safe_private: Mapping[tuple[str, int, int], str] = field(default_factory=dict)  # -> VR
     dummy: Mapping[str, str] = field(default_factory=dict)
+    # Tags a user ``keep`` override keeps although the profile with its options removes or
+    # replaces them: their values still feed the identifier model (deidflow.dicom.source_tags).
+    user_kept: frozenset[int] = frozenset()
 
     @property
     def cleans(self) -> bool:
@@ -273,6 +276,7 @@ def build_plan(options: Iterable[str] = (), private: str | None = None,
     # When overlay bitmaps are removed the rest of the overlay module goes too (it would dangle).
     overlay_data = overlay.get(0x3000)
     overlay_group = Rule("X" if overlay_data is None or overlay_data.action == "X" else "K", "Overlay")
+    user_kept = set()
     for ov in overrides:
         tag = parse_attribute(ov["attribute"])
         action = OVERRIDE_ACTIONS.get(ov["action"])
@@ -280,9 +284,15 @@ def build_plan(options: Iterable[str] = (), private: str | None = None,
             raise ValueError(f"override action must be one of {sorted(OVERRIDE_ACTIONS)}, not {ov['action']!r}")
         if action == "R" and ov.get("value") is None:
             raise ValueError(f"override of {ov['attribute']} with action replace needs a value")
+        before = by_tag.get(tag)
+        if action == "K" and (before is None or before.action != "K"):
+            user_kept.add(tag)
+        else:
+            user_kept.discard(tag)
         by_tag[tag] = Rule(action, keyword_for_tag(tag) or f"{tag:08X}", ov.get("value"))
     safe = safe_private_table() if private == "safe" else {}
-    return Plan(frozenset(opts), private, by_tag, curve, overlay, overlay_group, safe, cfg["dummy"])
+    return Plan(frozenset(opts), private, by_tag, curve, overlay, overlay_group, safe, cfg["dummy"],
+                frozenset(user_kept))
 
 
 def method_codes(plan: Plan) -> list[tuple[str, str]]:

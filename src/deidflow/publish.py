@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import Any, Iterable, Mapping
 
 from .errors import EXIT_INCOMPLETE, EXIT_OK, PublicError, UsageError
-from .fsutil import (QC_SUBDIR, RESTRICTED_FILE_MODE, atomic_write_bytes, atomic_write_text, layout_parents, make_restricted_dir,
+from .fsutil import (QC_SUBDIR, RESTRICTED_FILE_MODE, append_line, atomic_write_bytes, atomic_write_text, layout_parents, make_restricted_dir,
                      publish_dir, remove_tree)
 
 MARKER = "RELEASE_INCOMPLETE"
@@ -71,7 +71,7 @@ def subject_folders(root: Path, subject: str) -> list[str]:
 def release_subjects(release: Path) -> set[str]:
     """Every subject that has a folder in the release."""
     return {c.name for p in layout_parents(release) for c in os.scandir(p)
-            if c.name.startswith("sub-") and c.is_dir()}
+            if c.name.startswith("sub-") and c.is_dir(follow_symlinks=False)}
 
 
 def mark_incomplete(release: Path, restricted: Path) -> None:
@@ -143,8 +143,7 @@ def publish_unit(manifest: Path, verify_done: Path, staging: Path, release: Path
                     try:
                         _copy_tree(src, incoming)
                         publish_dir(incoming, dst)
-                        with open(progress, "a") as fh:
-                            fh.write(rel + "\n")
+                        append_line(progress, rel)
                     finally:
                         shutil.rmtree(incoming.parent, ignore_errors=True)
                     shutil.rmtree(src)
@@ -163,6 +162,9 @@ def publish_unit(manifest: Path, verify_done: Path, staging: Path, release: Path
         for rel in subject_folders(staging, subject):
             remove_tree(staging / rel, restricted / "tmp" / "publish")  # a later run stages it afresh
     _prune_empty(staging)
+    listing = {rel: folder_listing(release / rel) for folders in plan["publish"].values() for rel in folders}
+    atomic_write_text(plan_file.with_suffix(".files"), json.dumps(listing, sort_keys=True) + "\n",
+                      RESTRICTED_FILE_MODE)
     # quarantine.tsv lists input files: every input file of a withheld subject, with the subject's
     # keyed ID and the attribute/field paths of its hits (never a value)
     files_of = {subj["subject"]: [f["relpath"] for f in subj["files"]] for subj in m["subjects"]}
@@ -203,20 +205,81 @@ def forget_lost(release: Path, restricted: Path, units: Iterable[str]) -> list[s
             folders = [rel for f in json.loads(plan_file.read_text())["publish"].values() for rel in f]
         except (OSError, ValueError, KeyError, AttributeError):
             folders = None                      # no readable plan: publish again rather than trust it
-        if folders is None or not all((release / rel).is_dir() for rel in folders):
+        if folders is None or not all((release / rel).is_dir() and not (release / rel).is_symlink()
+                                      for rel in folders) or not _as_published(release, restricted, plan_file):
             marker.unlink()
             lost.append(marker.relative_to(restricted).as_posix())
     marker = done / "publish_dataset.json"
     if marker.is_file():
         try:
             record = json.loads(marker.read_text())
-            files = [*record["files"], *(f"{QC_SUBDIR}/{name}" for name in record.get("report", REPORT_FILES))]
+            files = {**{rel: restricted / DATASET_STAGING / rel for rel in record["files"]},
+                     **{f"{QC_SUBDIR}/{name}": restricted / REPORT_STAGING / name
+                        for name in record.get("report", REPORT_FILES)}}
         except (OSError, ValueError, KeyError, TypeError):
             files = None
-        if files is None or not all((release / rel).is_file() for rel in files):
+        # each must still be the staged copy it was published from: an edited participants.tsv or
+        # README stayed in the release ("Nothing to be done") though verify found the name added
+        if files is None or not all(_same_file(release / rel, staged) for rel, staged in files.items()):
             marker.unlink()
             lost.append(marker.relative_to(restricted).as_posix())
     return lost
+
+
+def folder_listing(folder: Path) -> dict[str, list]:
+    """Every entry under ``folder`` (links not followed) -> ``[kind, size, mtime_ns, ctime_ns]``
+    (kind ``f`` file, ``d`` folder, ``l`` link, ``o`` anything else; sizes and times of files only):
+    what :func:`publish_unit` published, to tell later whether the folder is still that."""
+    out: dict[str, list] = {}
+    todo = [(os.fspath(folder), "")]
+    while todo:
+        path, prefix = todo.pop()
+        with os.scandir(path) as it:
+            for e in it:
+                rel = prefix + e.name
+                if e.is_symlink():
+                    out[rel] = ["l"]
+                elif e.is_dir(follow_symlinks=False):
+                    out[rel] = ["d"]
+                    todo.append((e.path, rel + "/"))
+                elif e.is_file(follow_symlinks=False):
+                    st = e.stat(follow_symlinks=False)
+                    out[rel] = ["f", st.st_size, st.st_mtime_ns, st.st_ctime_ns]
+                else:
+                    out[rel] = ["o"]
+    return out
+
+
+def _as_published(release: Path, restricted: Path, plan_file: Path) -> bool:
+    """Whether a unit's published folders hold exactly what its publish job left there (its
+    ``.files`` record).  Entries added since (a file or a link dropped into a subject's folder) are
+    moved into ``<restricted>/foreign/`` first, as :func:`set_aside_foreign` does at the top of the
+    layout; a file changed, replaced or removed, or no record at all, means False: the unit is
+    published again.  Before, a file added inside a published subject folder was found by
+    ``deidflow verify``, but a rerun said "Nothing to be done" and "release complete"."""
+    try:
+        record = json.loads(plan_file.with_suffix(".files").read_text())
+    except (OSError, ValueError):
+        return False
+    same = True
+    for rel, published in sorted(record.items()):
+        now = folder_listing(release / rel)
+        extra = sorted(set(now) - set(published))
+        for name in extra:
+            if not any(name.startswith(e + "/") for e in extra):  # a folder's contents go with it
+                _set_aside(release, restricted, f"{rel}/{name}")
+        same = same and all(now.get(name) == entry for name, entry in published.items())
+    return same
+
+
+def _same_file(path: Path, copy: Path) -> bool:
+    """Whether ``path`` is a plain file with the bytes of ``copy``."""
+    try:
+        if not path.is_file() or path.is_symlink() or path.stat().st_size != copy.stat().st_size:
+            return False
+        return path.read_bytes() == copy.read_bytes()
+    except OSError:
+        return False
 
 
 def forget_foreign(release: Path, restricted: Path, subjects: Iterable[str]) -> bool:
@@ -316,8 +379,7 @@ def publish_dataset(staged: Path, release: Path, restricted: Path, subjects_file
         if not audit.exists():
             atomic_write_text(audit, "date\tsubject\tfolders_removed\n", RESTRICTED_FILE_MODE)
         if line not in audit.read_text():   # recorded before the folders go (a killed job repeats it)
-            with open(audit, "a") as fh:    # append-only
-                fh.write(line)
+            append_line(audit, line)
         for rel in folders:
             remove_tree(release / rel, trash)
     foreign = set_aside_foreign(release, restricted)
@@ -383,32 +445,39 @@ def foreign_entries(release: Path, restricted: Path | None = None) -> list[Path]
     """The entries of the release that no deidflow stage wrote: at the root anything but
     :func:`own_root_entries` and ``sub-X/``; in ``derivatives/`` anything but ``deidflow/``, there
     anything but ``qc/``, there anything but the report's files and ``sub-X/``; in each
-    ``sourcedata/<area>/`` anything but ``sub-X/``."""
+    ``sourcedata/<area>/`` anything but ``sub-X/``.  A symbolic link is always foreign (no stage
+    writes one; a copy that follows links would take what it points to)."""
     release = Path(release)
     found: list[Path] = []
     if not release.is_dir():
         return found
     own_root = own_root_entries(restricted)
     for entry in release.iterdir():
-        if not (entry.name in own_root or (entry.name.startswith("sub-") and entry.is_dir())):
+        if entry.is_symlink() or not (entry.name in own_root or (entry.name.startswith("sub-") and _real_dir(entry))):
             found.append(entry)
     derivatives = release / "derivatives"
-    if derivatives.is_dir():
-        found += [e for e in derivatives.iterdir() if e.name != "deidflow" or not e.is_dir()]
+    if _real_dir(derivatives):
+        found += [e for e in derivatives.iterdir() if e.name != "deidflow" or not _real_dir(e)]
     own = derivatives / "deidflow"
-    if own.is_dir():  # deidflow writes its QC folder there: the report's files and sub-X/ folders
-        found += [e for e in own.iterdir() if e.name != "qc" or not e.is_dir()]
+    if _real_dir(own):  # deidflow writes its QC folder there: the report's files and sub-X/ folders
+        found += [e for e in own.iterdir() if e.name != "qc" or not _real_dir(e)]
     qc = own / "qc"
-    if qc.is_dir():
-        found += [e for e in qc.iterdir() if not (e.name in REPORT_FILES or (e.name.startswith("sub-") and e.is_dir()))]
+    if _real_dir(qc):
+        found += [e for e in qc.iterdir() if e.is_symlink() or not (
+            e.name in REPORT_FILES or (e.name.startswith("sub-") and _real_dir(e)))]
     sourcedata = release / "sourcedata"
-    if sourcedata.is_dir():
+    if _real_dir(sourcedata):
         for area in sourcedata.iterdir():
-            if not area.is_dir():
+            if not _real_dir(area):
                 found.append(area)
                 continue
-            found += [e for e in area.iterdir() if not (e.name.startswith("sub-") and e.is_dir())]
+            found += [e for e in area.iterdir() if not (e.name.startswith("sub-") and _real_dir(e))]
     return found
+
+
+def _real_dir(p: Path) -> bool:
+    """A folder, not a link to one."""
+    return p.is_dir() and not p.is_symlink()
 
 
 def set_aside_foreign(release: Path, restricted: Path) -> list[str]:
@@ -421,21 +490,29 @@ def set_aside_foreign(release: Path, restricted: Path) -> list[str]:
     found = foreign_entries(release, restricted)
     if not found:
         return []
-    dest = make_restricted_dir(restricted / FOREIGN)
     moved = []
     for entry in sorted(found):
         rel = entry.relative_to(release).as_posix()
-        target = dest / rel
-        target.parent.mkdir(parents=True, exist_ok=True)
-        if target.exists():
-            target = target.with_name(f"{target.name}.{int(time.time())}")
-        shutil.move(str(entry), str(target))
+        _set_aside(release, restricted, rel)
         moved.append(rel)
-    with open(dest / "moved.tsv", "a") as fh:   # append-only, restricted
-        for rel in moved:
-            fh.write(f"{_dt.datetime.now().isoformat(timespec='seconds')}\t{rel}\n")
-    os.chmod(dest / "moved.tsv", RESTRICTED_FILE_MODE)
     return moved
+
+
+def _set_aside(release: Path, restricted: Path, rel: str) -> None:
+    """Move the release entry ``rel`` (a link as the link) into ``<restricted>/foreign/rel`` and
+    record it in ``foreign/moved.tsv`` (append-only, restricted)."""
+    dest = make_restricted_dir(Path(restricted) / FOREIGN)
+    target = dest / rel
+    target.parent.mkdir(parents=True, exist_ok=True)
+    if os.path.lexists(target):
+        target = target.with_name(f"{target.name}.{int(time.time())}")
+    note = ""
+    try:
+        shutil.move(str(Path(release) / rel), str(target))
+    except shutil.SpecialFileError:  # a FIFO or socket that a rename could not take across file systems
+        os.unlink(Path(release) / rel)
+        note = "\t(special file, removed)"
+    append_line(dest / "moved.tsv", f"{_dt.datetime.now().isoformat(timespec='seconds')}\t{rel}{note}")
 
 
 def current_subjects(restricted: Path) -> set[str] | None:
@@ -559,7 +636,7 @@ def check_folders(input_dir: Path, output: Path, restricted: Path, *, force: boo
             raise UsageError(f"{what} {a} is inside the input folder {b}; choose a folder outside it")
     if out.exists() and not out.is_dir():
         raise UsageError(f"output {out} is a file, not a folder")
-    _check_restricted_owner(out, restricted)
+    check_restricted_owner(out, restricted)
     _check_restricted_foreign(restricted)
     if (out.is_dir() and any(out.iterdir()) and not (restricted / "run.json").exists() and not force):
         raise UsageError(f"output folder {out} is not empty and no deidflow run wrote it (no run record in "
@@ -598,7 +675,7 @@ def _check_restricted_foreign(restricted: Path) -> None:
                          "new or empty folder (deidflow makes it mode 0700 and keeps the mappings there)")
 
 
-def _check_restricted_owner(out: Path, restricted: Path) -> None:
+def check_restricted_owner(out: Path, restricted: Path) -> None:
     """Refuse a restricted folder whose run record names another release that still exists: its
     mappings, withdrawals and staging describe that release, and a run for ``out`` would mark every
     subject of it withdrawn and drop their date offsets. A release moved together with its

@@ -92,6 +92,11 @@ def check_config(face_cfg) -> None:
         re.compile(face_cfg["select"]["description_pattern"])
     except re.error as exc:
         raise ValueError(f"face.select.description_pattern: not a regular expression ({exc})") from None
+    sel = face_cfg["select"]
+    if sel.get("min_extent_mm", 0) >= sel.get("max_extent_mm", float("inf")):
+        # no volume could be a head: every face would be released as it is (a typo: 600 for 60)
+        raise ValueError(f"face.select.min_extent_mm: {sel['min_extent_mm']} is not below face.select.max_extent_mm "
+                         f"({sel['max_extent_mm']}): no volume could be selected for the face step")
     used = {face_cfg["method"], *face_cfg.get("by_suffix", {}).values()} - {"none"}
     for method in sorted(used):
         key = f"face.{method}_backend"

@@ -28,6 +28,7 @@ import json
 import os
 import re
 import secrets
+import stat
 import struct
 import zlib
 from collections import Counter
@@ -105,9 +106,9 @@ def subject_files(release: Path, subjects: Iterable[str]) -> dict[str, list[Path
         except FileNotFoundError:
             continue
         for e in entries:
-            if e.name in wanted and e.is_dir():
+            if e.name in wanted and e.is_dir(follow_symlinks=False):
                 out[e.name] += _walk_files(Path(e.path))
-            elif e.is_file():
+            elif e.is_file(follow_symlinks=False):
                 for i in (i for i, c in enumerate(e.name) if c == "_"):
                     if e.name[:i] in wanted:
                         out[e.name[:i]].append(Path(e.path))
@@ -125,16 +126,26 @@ def dataset_files(release: Path) -> list[Path]:
     for root, dirs, files in os.walk(release):
         dirs[:] = sorted(d for d in dirs if not _SUBJECT_DIR.match(d))
         mine = REPORT_FILES if Path(root) == own else ()
-        out += [Path(root) / f for f in sorted(files) if not _SUBJECT_FILE.match(f) and f not in mine]
+        out += [Path(root) / f for f in sorted(files)
+                if not _SUBJECT_FILE.match(f) and f not in mine and _plain_file(Path(root) / f)]
     return out
 
 
 def _walk_files(d: Path) -> list[Path]:
+    """The plain files under ``d``: a link or a FIFO is not read (a FIFO blocked ``deidflow verify``
+    for ever, a link to ``/dev/zero`` would never end); :func:`not_plain_entries` reports them."""
     out = []
     for root, dirs, files in os.walk(d):
         dirs.sort()
-        out += [Path(root) / f for f in sorted(files)]
+        out += [Path(root) / f for f in sorted(files) if _plain_file(Path(root) / f)]
     return out
+
+
+def _plain_file(path: Path) -> bool:
+    try:
+        return stat.S_ISREG(os.lstat(path).st_mode)
+    except OSError:
+        return False
 
 
 # ------------------------------------------------------------------------------------------------
@@ -987,7 +998,22 @@ def verify(release: Path, restricted: Path, *, pixel_data: bool = False) -> dict
     known = [s["subject"] for mf in manifests(restricted) for s in json.loads(mf.read_text())["subjects"]]
     files = dataset_files(release) + unowned_files(release, known)
     return {"units": units, "dataset": scan_dataset(release, restricted, pixel_data=pixel_data, matcher=matcher,
-                                                    files=files)}
+                                                    files=files), "not_files": not_plain_entries(release)}
+
+
+def not_plain_entries(release: Path) -> list[str]:
+    """The release's entries that are neither plain files nor folders (symbolic links, FIFOs,
+    sockets, devices), relative paths.  No stage writes one, no scan reads through one, and a copy
+    or archive that follows links (``zip -r``, ``cp -L``, ``rsync -L``, a web server) would ship
+    what a link points to: a link to the restricted mappings passed ``deidflow verify`` (exit 0)."""
+    out = []
+    for root, dirs, files in os.walk(release):
+        for name in (*dirs, *files):
+            path = os.path.join(root, name)
+            mode = os.lstat(path).st_mode
+            if not (stat.S_ISREG(mode) or stat.S_ISDIR(mode)):
+                out.append(os.path.relpath(path, release))
+    return sorted(out)
 
 
 def unowned_files(release: Path, subjects: Iterable[str]) -> list[Path]:
