@@ -136,20 +136,30 @@ def test_restricted_folder_of_another_release_is_refused(tmp_path):
 # ------------------------------------------------------------------------------------------------
 # Input files that change while the run works
 # ------------------------------------------------------------------------------------------------
+def start_paused(inp: Path, out: Path, point: str, flags: Path, *extra: str, cores: str = "2",
+                 **popen) -> subprocess.Popen:
+    """Start ``deidflow run`` paused at the first job of stage ``point`` and return once it got
+    there (the flag file ``flags/point`` exists; unlinking it lets the job go on)."""
+    import time
+    env = _env(DEIDFLOW_KEY=KEY, DEIDFLOW_TEST_PAUSE_AT=f"{point}:{flags}")
+    args = [sys.executable, "-m", "deidflow.cli", "run", str(inp), str(out), "--cores", cores,
+            "--set", "face.method=none", *extra]
+    p = subprocess.Popen(args, env=env, cwd=ROOT, **popen)
+    deadline = time.monotonic() + 300
+    while not (flags / point).exists() and p.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.05)
+    if not (flags / point).exists():
+        p.kill()
+        raise AssertionError(f"the run never reached {point}")
+    return p
+
+
 def _paused_run(inp: Path, out: Path, point: str, flags: Path, change) -> subprocess.CompletedProcess:
     """Run until the first job of stage ``point`` starts, call ``change()``, let the run finish."""
-    import time
     flags.mkdir()
-    env = _env(DEIDFLOW_KEY=KEY, DEIDFLOW_TEST_PAUSE_AT=f"{point}:{flags}")
-    args = [sys.executable, "-m", "deidflow.cli", "run", str(inp), str(out), "--cores", "2",
-            "--set", "face.method=none", "--set", "jobs.min_batches=1"]
     with open(flags.parent / f"{point}.log", "w+") as log:
-        p = subprocess.Popen(args, env=env, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT)
+        p = start_paused(inp, out, point, flags, "--set", "jobs.min_batches=1", stdout=log, stderr=subprocess.STDOUT)
         try:
-            deadline = time.monotonic() + 300
-            while not (flags / point).exists() and p.poll() is None and time.monotonic() < deadline:
-                time.sleep(0.05)
-            assert (flags / point).exists(), f"the run never reached {point}"
             change()
             (flags / point).unlink()
             p.wait(timeout=300)
@@ -157,7 +167,7 @@ def _paused_run(inp: Path, out: Path, point: str, flags: Path, change) -> subpro
             if p.poll() is None:
                 p.kill()
         log.seek(0)
-        return subprocess.CompletedProcess(args, p.returncode, log.read(), "")
+        return subprocess.CompletedProcess(p.args, p.returncode, log.read(), "")
 
 
 def _nifti(path: Path, fill: int) -> None:
@@ -250,15 +260,8 @@ def test_sigterm_is_an_interruption_not_a_bug(tmp_path):
     _dicom_patient(inp, "ZOLTANSKI_BARTHOLOMEW", "ZOLTANSKI^BARTHOLOMEW", "MRN884213", "19610423")
     flags, out = tmp_path / "flags", tmp_path / "release"
     flags.mkdir()
-    env = _env(DEIDFLOW_KEY=KEY, DEIDFLOW_TEST_PAUSE_AT=f"dicom:{flags}")
-    args = [sys.executable, "-m", "deidflow.cli", "run", str(inp), str(out), "--cores", "2",
-            "--set", "face.method=none"]
-    p = subprocess.Popen(args, env=env, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    p = start_paused(inp, out, "dicom", flags, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
-        deadline = time.monotonic() + 300
-        while not (flags / "dicom").exists() and p.poll() is None and time.monotonic() < deadline:
-            time.sleep(0.05)
-        assert (flags / "dicom").exists(), "the run never reached the dicom job"
         p.send_signal(signal.SIGTERM)
         time.sleep(1.0)
         (flags / "dicom").unlink()  # the running job finishes (Snakemake's graceful stop)

@@ -8,22 +8,22 @@ import json
 import os
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pydicom
 import pytest
 
-from .conftest import ROOT
-from .test_redteam5_ops import _dicom_patient, _env, cli
+from .test_redteam5_ops import _dicom_patient, cli, start_paused
 
 KEY = "rt6-key-0123456789abcdef0123456789abcdef"
-NAME, PID, BIRTH = "ZOLTANSKI^BARTHOLOMEW", "MRN884213", "19610423"
 
 
 def _run(inp: Path, out: Path, *extra: str, **env) -> subprocess.CompletedProcess:
     return cli("run", str(inp), str(out), "--cores", "2", "--set", "face.method=none", *extra,
                DEIDFLOW_KEY=KEY, **env)
+
+
+NAME, PID, BIRTH = "ZOLTANSKI^BARTHOLOMEW", "MRN884213", "19610423"
 
 
 def _files(root: Path) -> dict[str, bytes]:
@@ -160,15 +160,8 @@ def test_second_run_on_a_release_in_use_is_refused_whatever_its_restricted_folde
     inp, out, flags = tmp_path / "input", tmp_path / "release", tmp_path / "flags"
     _dicom_patient(inp, "P", NAME, PID, BIRTH)
     flags.mkdir()
-    env = _env(DEIDFLOW_KEY=KEY, DEIDFLOW_TEST_PAUSE_AT=f"publish:{flags}")
-    args = [sys.executable, "-m", "deidflow.cli", "run", str(inp), str(out), "--cores", "1",
-            "--set", "face.method=none"]
-    p = subprocess.Popen(args, env=env, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    p = start_paused(inp, out, "publish", flags, cores="1", stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
-        deadline = time.monotonic() + 300
-        while not (flags / "publish").exists() and p.poll() is None and time.monotonic() < deadline:
-            time.sleep(0.05)
-        assert (flags / "publish").exists(), "the first run never reached its publish job"
         other = tmp_path / "other_restricted"
         for extra in (["--force"], ["--force", "--dry-run"]):
             r = cli("run", str(inp), str(out), "--cores", "1", "--set", "face.method=none",
