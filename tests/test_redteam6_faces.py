@@ -387,3 +387,14 @@ def test_real_heads_keep_their_orientation_and_face_decision(tmp_path):
         img = nib.load(path)
         vol = reference_volume(img.get_fdata(dtype=np.float32), img.affine)
         assert orientation_problem(vol.data, vol.affine) is None, path.name
+
+
+def test_an_icon_sized_picture_is_not_a_head_picture():
+    """A 16 x 16 secondary capture with no body part (the hostile-input suite's small valid files)
+    was withheld as "a 2D secondary capture of a head": nothing that small shows a recognisable
+    face. From MIN_PICTURE_PIXELS on a side it is a picture again."""
+    from deidflow.face.select import MIN_PICTURE_PIXELS, head_picture
+    attrs = {"Modality": "OT", "SOPClassUID": "1.2.840.10008.5.1.4.1.1.7"}
+    assert head_picture(attrs, ("HEAD",), (16, 16)) == ""
+    assert head_picture(attrs, ("HEAD",), (MIN_PICTURE_PIXELS, 512)) == "a 2D secondary capture of a head"
+    assert head_picture(attrs, ("HEAD",)) == "a 2D secondary capture of a head"  # size unknown: fail closed

@@ -54,6 +54,7 @@ class SeriesScan:
     attrs: dict = field(default_factory=dict)
     unreadable: list[str] = field(default_factory=list)   # files pydicom could not parse
     no_geometry: int = 0                                   # frames without position/orientation
+    matrix: tuple[int, int] = (0, 0)                       # the largest rows and columns of its images
 
     def stacks(self) -> list[list[FrameRef]]:
         """Frames grouped by orientation and matrix, largest group first."""
@@ -127,6 +128,7 @@ def scan(files: dict[str, bytes]) -> SeriesScan:
             rows, cols = int(ds.Rows), int(ds.Columns)
         except (AttributeError, TypeError, ValueError):
             continue                    # no image (SR, presentation state, …)
+        out.matrix = (max(out.matrix[0], rows), max(out.matrix[1], cols))
         for f in range(int(ds.get("NumberOfFrames") or 1)):
             geo = frame_geometry(ds, f)
             if geo is None:

@@ -175,14 +175,20 @@ _PICTURE_TYPES = frozenset(("SECONDARY", "MIP", "MINIP", "MIN_IP", "MAX_IP", "MP
 _COLOUR = ("RGB", "YBR", "PALETTE")
 
 
-def head_picture(attrs: Mapping[str, Any], head_parts) -> str:
+MIN_PICTURE_PIXELS = 32  # an image smaller than this on a side cannot show a recognisable face (an icon)
+
+
+def head_picture(attrs: Mapping[str, Any], head_parts, matrix: tuple[int, ...] | None = None) -> str:
     """What 2D picture derived from a head a DICOM series is — a MIP, reformat, screen save,
     secondary capture, colour picture or external-camera photograph of MR, CT or unknown modality,
     with a body part that names a head or none (fail closed) — or "" when it is none of these.
     :func:`decide` withholds such a series when it is no volume the face stage could deface: it can
-    show the face. Original single slices (localisers) are not pictures."""
+    show the face. Original single slices (localisers) are not pictures, nor are images of fewer
+    than :data:`MIN_PICTURE_PIXELS` pixels on a side (``matrix``: rows and columns, when known)."""
     modality = modality_of(attrs)
     if modality not in ("MR", "CT", "", "XC"):
+        return ""
+    if matrix and min(matrix[:2]) < MIN_PICTURE_PIXELS:
         return ""
     types = [t.strip().upper() for t in str(attrs.get("ImageType") or "").split("\\")]
     sop = str(attrs.get("SOPClassUID") or "").strip()

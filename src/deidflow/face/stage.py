@@ -39,7 +39,7 @@ from . import render
 from ..errors import PublicError, output_error_of
 from ..formats import VOLUME_FORMATS
 from .apply import GeometryMismatch, Nifti, derived_sidecar, mask_dicom, remap_file, uids_in
-from .select import (MR_SUFFIXES, SERIES_SUFFIXES, Decision, ImageFacts, decide, extent_mm, head_picture, head_shape, kind_of,
+from .select import (MIN_PICTURE_PIXELS, MR_SUFFIXES, SERIES_SUFFIXES, Decision, ImageFacts, decide, extent_mm, head_picture, head_shape, kind_of,
                      modality_of, names_head, rendering)
 from .volume import for_backend, reference_volume, removed_value
 
@@ -453,7 +453,7 @@ def _describe(entry, subject, keeper: Keeper, dicom_root: Path, series_cache, fa
         description=" ".join(str(attrs.get(k) or "") for k in ("SeriesDescription", "ProtocolName")).strip(),
         extent_mm=extent_mm(shape[:3], zooms), volumes=volumes, kind=kind,
         in_plane_mm=float(sorted(zooms)[1]) if len(zooms) >= 2 else 0.0,
-        picture=head_picture(attrs, face_cfg["select"]["body_parts"]) if attrs else "")
+        picture=head_picture(attrs, face_cfg["select"]["body_parts"], tuple(shape[:2])) if attrs else "")
     sidecar = next((f for f in entry.get("files", ()) if f.endswith(".json")), "")
     why = rendering(attrs, face_cfg["select"]["body_parts"])
     im = _Image(entry, subject, rel, shape, affine, facts, Decision("withhold", why) if why else decide(facts, face_cfg),
@@ -798,11 +798,12 @@ def _describe_series(subject: str, folder: Path, keeper: Keeper, face_cfg) -> _S
         return _Series(subject, folder, rel, None, Decision("withhold", why), files, unreadable=sc.unreadable)
     stacks = sc.stacks()
     attrs = sc.attrs
-    picture = head_picture(attrs, face_cfg["select"]["body_parts"])
+    picture = head_picture(attrs, face_cfg["select"]["body_parts"], sc.matrix if any(sc.matrix) else None)
     if not stacks:
         body = str(attrs.get("BodyPartExamined") or "").strip()
-        if sc.no_geometry and (picture or (modality_of(attrs) in ("MR", "CT", "") and
-                                           (not body or names_head(body, face_cfg["select"]["body_parts"])))):
+        head = picture or (modality_of(attrs) in ("MR", "CT", "") and
+                           (not body or names_head(body, face_cfg["select"]["body_parts"])))
+        if sc.no_geometry and min(sc.matrix) >= MIN_PICTURE_PIXELS and head:
             # frames of a head without position or orientation (a CT exported as screen saves): a
             # stack anyone can view, with no geometry to find its face in (red-team 6)
             why = (f"{picture or 'image frames of a head'} without position or orientation "
