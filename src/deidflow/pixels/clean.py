@@ -214,33 +214,27 @@ class PixelCleaner:
         merged = self._read(frame, invert, shape, text=self.policy == "identifiers_only" and d.action != "wsi_overview")
         if d.action == "wsi_overview":
             return _overview_label(merged, shape)
-        codes = []
-        if merged:  # a frame with text: its barcodes and QR codes go with it (they cannot be read as harmless)
-            from .codes import code_boxes
-            codes = [(box, why, "") for box, why in code_boxes(render.normalized(render.gray_of(frame), invert))]
+        if not merged:
+            return []
+        gray = render.normalized(render.gray_of(frame), invert)
+        from .codes import code_boxes  # a frame with text: its barcodes and QR codes go with it (never harmless)
+        out = [(box, why, "") for box, why in code_boxes(gray)]
         if self.policy == "identifiers_only":
-            out = list(codes)
-            gray = None
             for tb, texts, conf in merged:
                 rule = next((r for r in (identify.match(t, ids) for t in texts) if r), None)
                 if rule is None and conf < READABLE:
                     rule = "unreadable"  # text that cannot be read cannot be shown to be harmless
                 if rule:
-                    if gray is None:
-                        gray = render.normalized(render.gray_of(frame), invert)
                     # only the rows the letters occupy (the rest of the image is meant to stay)
                     for box in ink.text_rows(gray, layout.pad(tb, shape, layout.PAD_LINE)):
                         out.append((box, f"ocr:{rule}", texts[0]))
             return out
         boxes = [layout.pad(tb, shape) for tb, _, _ in merged]
         texts = {layout.pad(tb, shape): t[0] for tb, t, _ in merged}
-        if merged and d.action != "wsi_overview":  # letters next to the text the detector missed
-            gray = render.normalized(render.gray_of(frame), invert)
-            for box in ink.stray_glyphs(gray, [tb for tb, _, _ in merged]):
-                if not any(layout.intersection(box, b) == layout.area(box) for b in boxes):
-                    boxes.append(box)
-                    texts.setdefault(box, "")
-        out = list(codes)
+        for box in ink.stray_glyphs(gray, [tb for tb, _, _ in merged]):  # letters the detector missed
+            if not any(layout.intersection(box, b) == layout.area(box) for b in boxes):
+                boxes.append(box)
+                texts.setdefault(box, "")
         for block in layout.blocks(boxes):
             inside = " ".join(texts[b] for b in boxes if layout.intersection(b, block) == layout.area(b))
             out.append((block, "ocr:all_text", inside))

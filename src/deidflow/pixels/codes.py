@@ -56,8 +56,8 @@ def _along_bars(img: np.ndarray, box: Box) -> Box:
     often finds only part of a code (the rest would still carry digits)."""
     x0, y0, x1, y1 = box
     part = img[y0:y1, x0:x1].astype(np.float32)
-    across = np.abs(np.diff(part.mean(axis=0))).mean() >= np.abs(np.diff(part.mean(axis=1))).mean()
-    if not across:  # bars lie along the rows: work on the transposed image
+    along_rows = np.abs(np.diff(part.mean(axis=1))).mean() > np.abs(np.diff(part.mean(axis=0))).mean()
+    if along_rows:  # (a box one pixel wide or high compares NaN: taken as bars across, no recursion)  # bars lie along the rows: work on the transposed image
         x0, y0, x1, y1 = _along_bars(img.T, (y0, x0, y1, x1))
         return y0, x0, y1, x1
     band = img[y0:y1]

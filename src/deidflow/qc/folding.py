@@ -139,6 +139,12 @@ def _unfold(f: int, marks, starts, end: bool) -> int:
     return oe + (f - fe)
 
 
+def _view_hits(view: bytes, spans: Spans) -> list:
+    """What ``spans`` finds in another reading of a text: as it is and with accents folded (the
+    reading's own views are not taken again)."""
+    return spans(view, folded=True) + fold_accents(view, spans)
+
+
 # UTF-16 text: Latin-1 characters each followed (LE) or preceded (BE) by a zero byte, found in the
 # text's byte classes (t: printable Latin-1, z: zero byte) with bytes.find like the accents above.
 _UTF16_CLASS = bytes(ord("z") if b == 0 else ord("t") if 0x20 <= b <= 0x7E or b >= 0xA0 else ord(".")
@@ -167,7 +173,7 @@ def utf16_views(low: bytes, spans: Spans) -> list[tuple[int, int, "Needle"]]:
             after = classes[j:j + 1]
             if (before, after) != ((b"t", b"z") if first else (b"z", b"t")):
                 view = low[i + first:j:2]
-                hits = spans(view, folded=True) + fold_accents(view, spans)
+                hits = _view_hits(view, spans)
                 out += [(i + 2 * s, i + 2 * e, n) for s, e, n in hits]
             i = classes.find(unit * _UTF16_MIN, j)
     return out
@@ -244,7 +250,7 @@ def _script_view(text: bytes, s0: int, e0: int, codec: str, spans: Spans) -> lis
         if max(chars, default="\0") <= "\xff":
             continue  # Latin-1 only: utf16_views reads it
         view = chars.encode("utf-8")
-        hits = spans(view, folded=True) + fold_accents(view, spans)
+        hits = _view_hits(view, spans)
         if hits:
             ends = [0]  # UTF-8 offset of each character (every code unit here is one character)
             for c in chars:
@@ -276,7 +282,7 @@ def compressed_views(text: bytes, spans: Spans) -> list[tuple[int, int, "Needle"
             except zlib.error:
                 raw = b""
             if raw:
-                hits = spans(raw, folded=True) + fold_accents(raw, spans) + utf16_views(raw.lower(), spans)
+                hits = _view_hits(raw, spans) + utf16_views(raw.lower(), spans)
                 end = len(text) - len(d.unused_data) if d.eof else len(text)
                 out += [(i, end, n) for n in {id(n): n for _, _, n in hits}.values()]
             i = text.find(start, i + 1)
