@@ -218,9 +218,11 @@ def test_slide_label_stored_as_a_few_tiles_is_withheld(tmp_path):
 
 # -- a file copied over another with its times kept (cp -p) -----------------------------------------
 def _patient(path: Path, name: str, mrn: str) -> None:
+    """A file of ``name``; every such file has the same size (UIDs of one length: generate_uid's vary)."""
     ds = pydicom.dcmread(get_testdata_file("MR_small.dcm"))
     ds.PatientName, ds.PatientID = name, mrn
-    ds.StudyInstanceUID, ds.SeriesInstanceUID, ds.SOPInstanceUID = generate_uid(), generate_uid(), generate_uid()
+    base = 10 ** 37 + int(mrn) * 10
+    ds.StudyInstanceUID, ds.SeriesInstanceUID, ds.SOPInstanceUID = (f"2.25.{base + k}" for k in range(3))
     ds.save_as(path, enforce_file_format=True)
 
 
@@ -380,3 +382,13 @@ def test_uids_inside_ge_protocol_data_block_are_keyed():
     for key in (b"SLICEORDER", b"TR", b"FLIPANG", b"NUMSHOTS"):  # what dcm2niix reads stays
         assert [ln for ln in before.splitlines() if ln.startswith(key + b" ")] == \
             [ln for ln in after.splitlines() if ln.startswith(key + b" ")]
+
+
+def test_a_one_pixel_code_box_is_grown_without_endless_recursion():
+    """A degenerate detection (all four corners on one pixel) gave a 1 x 1 box whose bar profiles
+    compare NaN; the box is kept as it is instead of transposing for ever."""
+    import numpy as np
+
+    from deidflow.pixels.codes import _along_bars
+    img = np.full((40, 40), 255, np.uint8)
+    assert _along_bars(img, (5, 5, 6, 6)) == (5, 5, 6, 6)
