@@ -36,11 +36,15 @@ install-all: $(ALL_STAMP)  ## install, plus the test extra, deepbet/torch (CPU) 
 demo: install  ## generate the demo patients and de-identify them (ephemeral key)
 	$(BIN)/deidflow demo --cores $(CORES)
 
+# The suite runs in $(CORES) pytest-xdist workers, one test file per worker at a time (module fixtures
+# such as test_slurm's one-node SLURM start once); `make test CORES=1` runs it in one process.
+XDIST = $(if $(filter 1,$(CORES)),,-n $(CORES) --dist loadfile)
+
 test: install-all  ## the whole suite, real-data and slow tests included (what CI runs)
-	$(BIN)/python -m pytest -q --durations=25
+	$(BIN)/python -m pytest -q $(XDIST) --durations=25
 
 test-fast: install-all  ## skip the slow and real-data tests
-	$(BIN)/python -m pytest -q -m "not slow and not realdata"
+	$(BIN)/python -m pytest -q $(XDIST) -m "not slow and not realdata"
 
 fuzz: install-all  ## long fuzz run of the DICOM de-identification (20000 random examples per strategy)
 	DEIDFLOW_FUZZ_EXAMPLES=20000 $(BIN)/python -m pytest -q tests/test_fuzz_dicom.py tests/test_fuzz_formats.py -p no:cacheprovider

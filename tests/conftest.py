@@ -135,12 +135,16 @@ def assert_finished(r, out) -> None:
         assert quarantined, "exit 3 with nothing quarantined or withheld"
 
 
-def debian_program(program: str, package: str, what: str) -> str:
-    """``program`` on PATH, installed from Debian's ``package`` with apt-get when missing (root on
-    a Debian machine); ``what`` names the test in the message when it cannot be had: a failure
-    in CI, a skip elsewhere."""
+def debian_program(program: str, package: str, what: str, *also: str) -> str:
+    """``program`` on PATH, installed from Debian's ``package`` (and the packages ``also``) with
+    apt-get when missing (root on a Debian machine); ``what`` names the test in the message when it
+    cannot be had: a failure in CI, a skip elsewhere. The suite runs in several pytest-xdist
+    workers, so the installs take turns under one lock (apt-get and dpkg refuse a second
+    process)."""
+    import fcntl
     import shutil
     import subprocess
+    import tempfile
 
     def unavailable(reason: str):
         if os.environ.get("CI", "").lower() in ("1", "true", "yes"):
@@ -153,8 +157,11 @@ def debian_program(program: str, package: str, what: str) -> str:
     if os.geteuid() != 0 or not shutil.which("apt-get"):
         unavailable(f"Debian's {package} is not installed and this is not a root Debian machine")
     env = dict(os.environ, DEBIAN_FRONTEND="noninteractive")
-    for cmd in (["apt-get", "update", "-qq"], ["apt-get", "install", "-y", "-qq", package]):
-        r = subprocess.run(cmd, capture_output=True, text=True, env=env)
-        if r.returncode:
-            unavailable(f"{' '.join(cmd)} failed: {(r.stderr or r.stdout).strip()[-400:]}")
+    with open(os.path.join(tempfile.gettempdir(), "deidflow-tests-apt.lock"), "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if not shutil.which(program):  # another worker may have installed it meanwhile
+            for cmd in (["apt-get", "update", "-qq"], ["apt-get", "install", "-y", "-qq", package, *also]):
+                r = subprocess.run(cmd, capture_output=True, text=True, env=env)
+                if r.returncode:
+                    unavailable(f"{' '.join(cmd)} failed: {(r.stderr or r.stdout).strip()[-400:]}")
     return shutil.which(program) or unavailable(f"{program} not on PATH after installing {package}")

@@ -6,7 +6,6 @@ from __future__ import annotations
 import hashlib
 import importlib.util
 import os
-import shutil
 import socket
 import subprocess
 import sys
@@ -17,7 +16,7 @@ import pytest
 import yaml
 
 
-from .conftest import ROOT, TEST_KEY
+from .conftest import ROOT, TEST_KEY, debian_program
 
 pytestmark = [pytest.mark.workflow, pytest.mark.slow, pytest.mark.slurm]
 IN_CI = os.environ.get("CI", "").lower() in ("1", "true", "yes")
@@ -38,13 +37,9 @@ def _sh(*cmd: str, check: bool = True, **kw) -> subprocess.CompletedProcess:
 
 
 def _install() -> None:
-    if all(shutil.which(t) for t in ("slurmctld", "slurmd", "sbatch", "munged")):
-        return
-    if os.geteuid() != 0 or not shutil.which("apt-get"):
-        _unavailable("slurm-wlm/munge are not installed and this is not a root Debian machine")
-    env = dict(os.environ, DEBIAN_FRONTEND="noninteractive")
-    _sh("apt-get", "update", "-qq", env=env)
-    _sh("apt-get", "install", "-y", "-qq", "slurm-wlm", "munge", env=env)
+    for tool in ("slurmctld", "slurmd", "sbatch"):
+        debian_program(tool, "slurm-wlm", "SLURM test", "munge")
+    debian_program("munged", "munge", "SLURM test")
 
 
 def _conf(state: Path, host: str) -> str:
