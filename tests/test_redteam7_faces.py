@@ -309,3 +309,50 @@ def test_pet_fused_in_colour_with_a_head_ct_is_withheld_plain_pet_is_not():
     for ext in ((256.0, 256.0, 200.0), (256.0, 256.0, 3.0)):
         assert decide(ImageFacts(extent_mm=ext, picture=fused, **base), FACE).method == "withhold"
         assert decide(ImageFacts(extent_mm=ext, **base), FACE).method == "none"
+
+
+@pytest.mark.usefixtures("memo_ants")
+def test_ct_head_stored_under_a_pet_label_is_defaced_a_pet_is_not(tmp_path):
+    """The CT-like demo head stored under the PET SOP class with Modality PT was 'modality PT,
+    neither MR nor CT' and released with its face. A series under a PET label whose values are
+    Hounsfield units (a fifth of them air, a twentieth soft tissue) is a CT: defaced. The demo
+    head's intensities as PET activity (nothing below zero) are left as they were."""
+    pet = "1.2.840.10008.5.1.4.1.1.128"
+    series = {"PT1-ct-values": _relabelled(head_series(modality="CT"), Modality="PT", SOPClassUID=pet),
+              "PT2-pet": _relabelled(head_series(), Modality="PT", SOPClassUID=pet)}
+    out, restricted = _unit(tmp_path, series)
+    before = {label: _released(out, label) for label in series}
+    _run(out, restricted)
+    report = _report(restricted)
+    assert report["PT1-ct-values"]["method"] == "deface", report["PT1-ct-values"]
+    assert "CT values under a PET label" in report["PT1-ct-values"]["reason"]
+    ct = read_volume(_released(out, "PT1-ct-values")).astype(np.int32) - 1024
+    ct0 = read_volume(before["PT1-ct-values"]).astype(np.int32) - 1024
+    ref_mask, _ = _reference_mask()
+    assert np.mean(ct[ref_mask & (ct0 > -400)] == -1000) > 0.99       # the face region is air now
+    assert report["PT2-pet"]["method"] == "none" and _released(out, "PT2-pet") == before["PT2-pet"]
+
+
+@pytest.mark.usefixtures("memo_ants")
+def test_converted_ct_head_under_a_pet_label_is_defaced(tmp_path):
+    """The same CT head under a PET label, converted to a BIDS ``_pet`` image: the converted image
+    decides for its series, and it was 'modality PT, neither MR nor CT'. Its values are Hounsfield
+    units: defaced, the NIfTI's face region air."""
+    import gzip
+    ct_series = _relabelled(head_series(modality="CT"), Modality="PT", SOPClassUID="1.2.840.10008.5.1.4.1.1.128")
+    out, restricted = _unit(tmp_path, {"PT1-ct": ct_series})
+    vol = _volume(ct_series)
+    pet = out / "sub-a/ses-1/pet"
+    pet.mkdir(parents=True)
+    data = np.rint(vol.data).astype(np.int16)
+    assert data.min() <= -900                                       # real values: Hounsfield units
+    (pet / "sub-a_ses-1_pet.nii.gz").write_bytes(gzip.compress(nib.Nifti1Image(data, vol.affine).to_bytes(), mtime=0))
+    (restricted / "convert.json").write_text(json.dumps({"unit": "sub-a", "subjects": [{"subject": "sub-a", "images": [
+        {"nifti": "sub-a/ses-1/pet/sub-a_ses-1_pet.nii.gz", "series": "ses-1/PT1-ct", "suffix": "pet",
+         "modality": "PT", "files": ["sub-a/ses-1/pet/sub-a_ses-1_pet.nii.gz"]}], "not_converted": []}]}))
+    _run(out, restricted)
+    im = json.loads((restricted / "done.json").read_text())["images"][0]
+    assert im["method"] == "deface" and "CT values under a PET label" in im["reason"], im
+    after = np.asarray(nib.load(pet / "sub-a_ses-1_pet.nii.gz").dataobj)
+    removed = after != data
+    assert removed.sum() > 10000 and np.all(after[removed] == -1000)

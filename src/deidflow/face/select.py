@@ -377,6 +377,16 @@ def signed_map(data: np.ndarray) -> bool:
     return bool(counts.min() >= 0.1 * nz.size)
 
 
+def hounsfield(data: np.ndarray) -> bool:
+    """Whether a volume holds CT values: at least a fifth of its voxels at air (-1100 to -500 HU)
+    and a twentieth in soft tissue (-100 to 100 HU). PET activity and SUV are never far below zero."""
+    d = np.asarray(data, np.float32)[::2, ::2, ::2]
+    n = max(d.size, 1)
+    air = np.count_nonzero((d >= -1100) & (d <= -500)) / n
+    soft = np.count_nonzero((d >= -100) & (d <= 100)) / n
+    return air >= 0.2 and soft >= 0.05
+
+
 def label_image(data: np.ndarray) -> bool:
     """Whether a volume is a mask or label image (a segmentation, a region of interest): whole
     numbers only, at most :data:`MAX_LABELS` of them, and piecewise constant (at least
