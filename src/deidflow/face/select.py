@@ -266,7 +266,7 @@ def decide(facts: ImageFacts, face_cfg: Mapping[str, Any]) -> Decision:
     if facts.picture and flat:   # no volume to deface, and a picture can show the face (red-team 6)
         return Decision("withhold", f"{facts.picture} (no 3D coverage: extent {_mm(ext)} mm) can show the face "
                                     "and cannot be defaced")
-    if facts.picture and modality in ("PT", "NM"):   # a fused PET/CT or PET/MR of the head in colour
+    if "colour" in facts.picture and modality in ("PT", "NM"):   # a fused PET/CT or PET/MR of the head
         return Decision("withhold", f"{facts.picture} (PET/CT or PET/MR fusion) can show the face and cannot be "
                                     "defaced")
     if modality and modality not in ("MR", "CT"):
