@@ -41,7 +41,9 @@ def facts(**kw) -> ImageFacts:
 # ------------------------------------------------------------------------------------------ selector
 @pytest.mark.parametrize("kw, method", [
     ({}, "deface"),                                                   # anatomical suffix
-    ({"body_part": "BRAIN", "suffix": "bold"}, "none"),               # a head, but fMRI: not defaced
+    ({"body_part": "BRAIN", "suffix": "bold", "in_plane_mm": 3.75}, "none"),  # a head, but fMRI: not defaced
+    ({"body_part": "BRAIN", "suffix": "bold"}, "pending"),            # at face resolution the volume decides (red-team 7)
+    ({"body_part": "BRAIN", "suffix": "bold", "volumes": 200, "in_plane_mm": 2.0}, "none"),   # a run
     ({"body_part": "KOPF", "suffix": ""}, "deface"),                  # head in German
     ({"body_part": "Schädel", "suffix": ""}, "deface"),               # accents ignored
     ({"body_part": "CRANE", "suffix": ""}, "deface"),
@@ -56,11 +58,14 @@ def facts(**kw) -> ImageFacts:
     ({"body_part": "", "suffix": "", "description": "t1 mprage sag"}, "deface"),
     ({"modality": "CT", "body_part": "HEAD", "suffix": ""}, "deface"),  # head CT
     ({"modality": "US", "body_part": "HEAD"}, "none"),                # neither MR nor CT
-    ({"suffix": "dwi"}, "none"),                                      # diffusion: not defaced
-    ({"suffix": "dwi", "description": "Brain DTI"}, "none"),
-    ({"suffix": "asl"}, "none"), ({"suffix": "phasediff"}, "none"), ({"suffix": "epi"}, "none"),
-    ({"path": "sub-a/anat/sub-a_part-phase_T1w.nii.gz"}, "none"),     # phase image
-    ({"kind": "bold", "body_part": "HEAD", "suffix": ""}, "none"),
+    ({"suffix": "dwi", "in_plane_mm": 3.0, "volumes": 7}, "none"),   # diffusion: not defaced
+    ({"suffix": "dwi", "description": "Brain DTI", "in_plane_mm": 3.5}, "none"),
+    ({"suffix": "asl", "in_plane_mm": 3.5}, "none"), ({"suffix": "phasediff", "in_plane_mm": 3.5}, "none"),
+    ({"suffix": "epi", "in_plane_mm": 3.5}, "none"),
+    ({"path": "sub-a/anat/sub-a_part-phase_T1w.nii.gz", "in_plane_mm": 3.5}, "none"),     # phase image
+    ({"kind": "bold", "body_part": "HEAD", "suffix": "", "in_plane_mm": 3.5}, "none"),
+    ({"suffix": "phasediff"}, "pending"), ({"kind": "dwi", "suffix": "", "in_plane_mm": 1.0}, "pending"),
+    ({"suffix": "asl", "head_shape": True}, "deface"), ({"suffix": "asl", "head_shape": False}, "none"),
     ({"in_plane_mm": 6.0}, "none"),                                   # too coarse for a face
     ({"in_plane_mm": 2.0}, "deface"),
     ({"in_plane_mm": 2.2}, "deface"),                                 # 2.2-5 mm heads still show a face
@@ -830,8 +835,12 @@ def test_face_unit_withholds_what_it_cannot_rewrite(tmp_path, monkeypatch):
         {"relpath": "site/small.mnc", "format": "minc2", "release_dir": "sourcedata/minc", "out_relpath": "m.mnc",
          "primary": ""}]}]}))
     (restricted / "other.json").write_text(json.dumps({"unit": "sub-b", "subjects": []}))
+    # small.mnc has 7-9 mm voxels: since red-team 7 a NIfTI/MINC input's pixel size counts as a DICOM
+    # series' does (too coarse for a face at the default 5 mm), so the limit is raised to select it
+    cfg = copy.deepcopy(FACE)
+    cfg["select"]["max_in_plane_mm"] = 10.0
     counts = face_unit(None, out / "sourcedata/dicom", out, restricted, restricted / "done.json", restricted / "q.jsonl",
-                       {}, FACE, other_done=restricted / "other.json", manifest=restricted / "manifest.json")
+                       {}, cfg, other_done=restricted / "other.json", manifest=restricted / "manifest.json")
     assert counts["withheld"] == 1 and not (out / "sourcedata/minc/sub-b/m.mnc").exists()
     assert json.loads((restricted / "q.jsonl").read_text()) == {
         "file": "site/small.mnc", "reason": "face: minc2 volumes cannot be defaced in place; withheld from the release"}

@@ -169,7 +169,9 @@ def test_2d_pictures_derived_from_a_head_are_withheld(tmp_path):
     """A lateral MIP of the head (MR, DERIVED\\SECONDARY\\MIP, one frame), a rendering as an RGB
     Secondary Capture (DERIVED\\SECONDARY\\3D) and an external-camera photograph (XC) of the head
     were released ('no 3D coverage', 'modality OT'): pictures cannot be defaced, so they are
-    withheld. An original localiser slice and a MIP of a knee are not pictures of a head: released."""
+    withheld. A MIP of a knee is not a picture of a head: released. (An original sagittal localiser
+    slice of the head was released here too; since red-team 7 it is withheld as a facial profile:
+    test_redteam7_faces.)"""
     series = {
         "MR1-mip": [_picture(rgb=False, image_type=["DERIVED", "SECONDARY", "MIP"], modality="MR", sop=MRImageStorage,
                              body_part="HEAD", geometry=True)],
@@ -189,10 +191,11 @@ def test_2d_pictures_derived_from_a_head_are_withheld(tmp_path):
         assert report[label]["method"] == "withhold", report[label]
         assert "can show the face and cannot be defaced" in report[label]["reason"]
         assert _released(out, label) == []
-    for label in ("MR4-localizer", "MR5-knee-mip"):
+    for label in ("MR5-knee-mip",):
         assert report[label]["method"] == "none", report[label]
         assert _released(out, label) == before[label]
-    assert _quarantined(restricted) == {"MR1-mip", "OT2-render-rgb", "XC3-photo"}
+    assert report["MR4-localizer"]["method"] == "withhold" and "facial profile" in report["MR4-localizer"]["reason"]
+    assert _quarantined(restricted) == {"MR1-mip", "OT2-render-rgb", "XC3-photo", "MR4-localizer"}
 
 
 @pytest.mark.usefixtures("memo_ants")
@@ -200,7 +203,8 @@ def test_head_split_into_one_slice_series_is_withheld(tmp_path):
     """The demo head as 96 series of one slice each (a new SeriesInstanceUID per file): every series
     had 'no 3D coverage of a face' and all 96 were released untouched; stacked by position they
     are the head. Withheld together. A localiser split into three one-slice series (sagittal,
-    coronal, axial) is no head and stays."""
+    coronal, axial) is no head: its axial and coronal slices stay, its sagittal slice is withheld
+    as a facial profile (red-team 7)."""
     head = head_series()
     series = {f"MR{100 + k}-slice": _relabelled([b]) for k, b in enumerate(head)}
     for k, iop in ((1, [1, 0, 0, 0, 1, 0]), (2, [1, 0, 0, 0, 0, -1]), (3, [0, 1, 0, 0, 0, -1])):
@@ -211,13 +215,15 @@ def test_head_split_into_one_slice_series_is_withheld(tmp_path):
     _run(out, restricted)
     report = _report(restricted)
     for label in series:
-        if "localizer" in label:
+        if label == "MR3-localizer":   # sagittal: a facial profile since red-team 7
+            assert report[label]["method"] == "withhold" and "facial profile" in report[label]["reason"]
+        elif "localizer" in label:
             assert report[label]["method"] == "none" and _released(out, label) == before[label], report[label]
         else:
             assert report[label]["method"] == "withhold", report[label]
             assert "thin series of a head that together cover a face" in report[label]["reason"]
             assert _released(out, label) == []
-    assert _quarantined(restricted) == {label for label in series if "localizer" not in label}
+    assert _quarantined(restricted) == {label for label in series if "localizer" not in label} | {"MR3-localizer"}
 
 
 @pytest.mark.usefixtures("memo_ants")

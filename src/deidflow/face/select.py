@@ -15,9 +15,15 @@ released by the ``other`` stage. It is treated when, in this order:
    are acquired at a resolution and contrast that do not render a recognisable face, and changing
    their voxels breaks their analysis (:func:`kind_of` tells the kind from the BIDS suffix, the
    DICOM ``ImageType``, EPI time series, and the sequence and description of a series of two or
-   more volumes: one 3D volume is not skipped for its label);
+   more volumes: one 3D volume is not skipped for its description). A label alone does not
+   decide for an image of at most MAX_BARE_VOLUMES volumes with pixels of at most LABEL_FACE_MM
+   and 3D coverage: its volumes do (:func:`head_shape`; a phase or field map is a
+   :func:`signed_map`, no head) — a T1 described ``fMRI run`` or typed ``ADC`` is defaced;
 4. it can render a face: at least ``face.select.min_extent_mm`` along each of its three axes (a
    single slice or a thin slab cannot) and pixels no larger than ``face.select.max_in_plane_mm``;
+   thin sagittal slices of a head (a localiser, a midline slice) show the facial profile and
+   are withheld, as are 2D pictures (:func:`head_picture`; a NIfTI in colour or without
+   scanner geometry);
 5. it shows a head: ``BodyPartExamined`` names a head (``face.select.body_parts``, in any of the
    languages listed there, compared without accents and case, any word of the value), or the
    BIDS suffix is one of ``face.select.suffixes``, or the series description / protocol name
@@ -47,6 +53,8 @@ import numpy as np
 
 MAX_EXTENT_MM = 300.0  # default of face.select.max_extent_mm
 MAX_IN_PLANE_MM = 5.0  # default of face.select.max_in_plane_mm
+LABEL_FACE_MM = 3.0  # pixels at most this large: a label (fMRI, ASL, field map, diffusion, phase) of an image of
+# at most MAX_BARE_VOLUMES volumes does not decide alone, its volume does (real EPI/ASL: 3.4-4 mm; a T1: 0.5-2 mm)
 MAX_BARE_VOLUMES = 6  # a headerless 4D volume with at most this many volumes is echoes / inversions of
 # one head (multi-echo MPRAGE, MP2RAGE, dual-echo PD/T2); diffusion has 7 or more, fMRI many more
 KINDS = ("bold", "dwi", "asl", "fieldmap", "phase")
@@ -97,6 +105,7 @@ class ImageFacts:
     in_plane_mm: float = 0.0      # largest pixel size in mm (0: not known)
     head_shape: bool | None = None  # the volume's shape test (None: not run yet)
     picture: str = ""             # head_picture(): a 2D picture derived from a head, or ""
+    sagittal: bool = False        # its slices are sagittal (a thin one shows the facial profile)
 
 
 @dataclass(frozen=True)
@@ -175,6 +184,17 @@ _PICTURE_TYPES = frozenset(("SECONDARY", "MIP", "MINIP", "MIN_IP", "MAX_IP", "MP
 _COLOUR = ("RGB", "YBR", "PALETTE")
 
 
+PROFILE = "sagittal slices of a head without 3D coverage show the facial profile"
+SAGITTAL_COS = 0.87   # a slice normal within 30 degrees of left-right
+
+
+def sagittal(normal) -> bool:
+    """Whether a slice normal (patient or RAS coordinates) points left-right (within 30 degrees)."""
+    n = np.asarray(normal, float)
+    norm = float(np.linalg.norm(n))
+    return norm > 0 and abs(float(n[0])) / norm >= SAGITTAL_COS
+
+
 MIN_PICTURE_PIXELS = 32  # an image smaller than this on a side cannot show a recognisable face (an icon)
 
 
@@ -186,13 +206,13 @@ def head_picture(attrs: Mapping[str, Any], head_parts, matrix: tuple[int, ...] |
     show the face. Original single slices (localisers) are not pictures, nor are images of fewer
     than :data:`MIN_PICTURE_PIXELS` pixels on a side (``matrix``: rows and columns, when known)."""
     modality = modality_of(attrs)
-    if modality not in ("MR", "CT", "", "XC"):
-        return ""
+    colour = str(attrs.get("PhotometricInterpretation") or "").strip().upper().startswith(_COLOUR)
+    if modality not in ("MR", "CT", "", "XC") and not (modality in ("PT", "NM") and colour):
+        return ""   # a PET in colour is a fusion with CT or MR, whose face outline it shows (red-team 7)
     if matrix and min(matrix[:2]) < MIN_PICTURE_PIXELS:
         return ""
     types = [t.strip().upper() for t in str(attrs.get("ImageType") or "").split("\\")]
     sop = str(attrs.get("SOPClassUID") or "").strip()
-    colour = str(attrs.get("PhotometricInterpretation") or "").strip().upper().startswith(_COLOUR)
     derived = types[:1] == ["DERIVED"] and bool(set(types[1:]) & _PICTURE_TYPES)
     what = ("secondary capture" if sop.startswith(SC_SOP_PREFIX) else "photograph" if modality == "XC" else
             "derived picture (projection, reformat or screen save)" if derived or types[1:2] == ["SECONDARY"] else
@@ -246,6 +266,9 @@ def decide(facts: ImageFacts, face_cfg: Mapping[str, Any]) -> Decision:
     if facts.picture and flat:   # no volume to deface, and a picture can show the face (red-team 6)
         return Decision("withhold", f"{facts.picture} (no 3D coverage: extent {_mm(ext)} mm) can show the face "
                                     "and cannot be defaced")
+    if "colour" in facts.picture and modality in ("PT", "NM"):   # a fused PET/CT or PET/MR of the head
+        return Decision("withhold", f"{facts.picture} (PET/CT or PET/MR fusion) can show the face and cannot be "
+                                    "defaced")
     if modality and modality not in ("MR", "CT"):
         return Decision("none", f"modality {modality}, neither MR nor CT")
     if not modality and facts.suffix and facts.suffix not in suffixes:
@@ -253,16 +276,31 @@ def decide(facts: ImageFacts, face_cfg: Mapping[str, Any]) -> Decision:
     kind = facts.kind
     if not kind:
         kind, _ = kind_of(facts.suffix, facts.path)
+    labelled = ""   # a skipped kind named by a label only, overruled by a head-shaped volume (red-team 7)
     if kind and kind in sel.get("skip", DEFAULT_SKIP):
-        return Decision("none", f"{WHY_KIND.get(kind, kind)}: not defaced (face.select.skip)")
+        skip = f"{WHY_KIND.get(kind, kind)}: not defaced (face.select.skip)"
+        if flat or facts.volumes > MAX_BARE_VOLUMES or facts.in_plane_mm > LABEL_FACE_MM + 1e-3:
+            return Decision("none", skip)
+        if facts.head_shape is None:
+            return Decision("none", f"{skip}, but a few volumes at face resolution: the volume decides", pending=True)
+        if not facts.head_shape:
+            return Decision("none", f"{skip}; the volume is not head-shaped")
+        labelled = (f"labelled {WHY_KIND.get(kind, kind)}, but {facts.volumes} head-shaped volume"
+                    f"{'s' * (facts.volumes != 1)} at face resolution")
+    max_px = float(sel.get("max_in_plane_mm", MAX_IN_PLANE_MM))
+    body = facts.body_part.strip()
+    if flat and facts.sagittal and len(ext) >= 3 and sorted(ext)[1] >= sel["min_extent_mm"] \
+            and (not facts.in_plane_mm or facts.in_plane_mm <= max_px + 1e-3) \
+            and (not body or names_head(body, sel["body_parts"])):   # red-team 7
+        return Decision("withhold", f"{PROFILE} (extent {_mm(ext)} mm) and cannot be defaced")
     if flat:
         return Decision("none", f"no 3D coverage of a face (extent {_mm(ext)} mm)")
-    max_px = float(sel.get("max_in_plane_mm", MAX_IN_PLANE_MM))
     if facts.in_plane_mm and facts.in_plane_mm > max_px + 1e-3:
         return Decision("none", f"pixels of {facts.in_plane_mm:.2f} mm are too coarse to render a face "
                                 f"(face.select.max_in_plane_mm {max_px:g})")
-    body = facts.body_part.strip()
-    if body and names_head(body, sel["body_parts"]):
+    if labelled:
+        why = labelled
+    elif body and names_head(body, sel["body_parts"]):
         why = "body part names a head"
     elif facts.suffix in suffixes and not body:  # T1w & co. name a contrast, not a body part
         why = f"suffix {facts.suffix}"
@@ -294,6 +332,8 @@ def head_shape(data: np.ndarray, zooms, threshold: float) -> tuple[bool, str]:
     zooms = np.asarray(zooms, float)
     step = np.maximum(1, np.round(4.0 / zooms)).astype(int)
     d = data[::step[0], ::step[1], ::step[2]]
+    if signed_map(d):
+        return False, "a signed map (phase or field map: values spread evenly on both sides of zero), no head picture"
     z = zooms * step
     m = ndimage.binary_opening(d > threshold, iterations=1)
     labels, n = ndimage.label(m)
@@ -321,6 +361,54 @@ def head_shape(data: np.ndarray, zooms, threshold: float) -> tuple[bool, str]:
     return mm >= HEAD_RUN_MM, f"{mm:.0f} mm of head-shaped axial sections"
 
 
+def signed_map(data: np.ndarray) -> bool:
+    """Whether a volume is a phase or field map rather than a magnitude picture: between a quarter
+    and three quarters of its non-zero voxels are negative and each quarter of its range (0.5th to
+    99.5th percentile) holds a tenth of them (wrapped phase and its noise fill the range). A
+    magnitude image has no negative values; a CT in Hounsfield units has its air at one end."""
+    nz = np.asarray(data, np.float32)
+    nz = nz[nz != 0]
+    if nz.size < 1000 or not 0.25 <= float((nz < 0).mean()) <= 0.75:
+        return False
+    lo, hi = np.percentile(nz, [0.5, 99.5])
+    if hi <= lo:
+        return False
+    counts, _ = np.histogram(nz, bins=4, range=(float(lo), float(hi)))
+    return bool(counts.min() >= 0.1 * nz.size)
+
+
+def hounsfield(data: np.ndarray) -> bool:
+    """Whether a volume holds CT values: at least a fifth of its voxels at air (-1100 to -500 HU)
+    and a twentieth in soft tissue (-100 to 100 HU). PET activity and SUV are never far below zero."""
+    d = np.asarray(data, np.float32)[::2, ::2, ::2]
+    n = max(d.size, 1)
+    air = np.count_nonzero((d >= -1100) & (d <= -500)) / n
+    soft = np.count_nonzero((d >= -100) & (d <= 100)) / n
+    return air >= 0.2 and soft >= 0.05
+
+
+def label_image(data: np.ndarray) -> bool:
+    """Whether a volume is a mask or label image (a segmentation, a region of interest): whole
+    numbers only, at most :data:`MAX_LABELS` of them, and piecewise constant (at least
+    :data:`LABEL_FLAT` of its non-zero voxels equal their neighbour along each axis). A greyscale
+    head, 8-bit ones too, has noise and gradients everywhere (chris_t1, 8-bit: 0.04)."""
+    d = np.asarray(data)
+    if d.ndim < 3 or min(d.shape[:3]) < 2:
+        return False
+    d = d.reshape(d.shape[:3] + (-1,))[..., 0]
+    if d.dtype.kind == "f" and not np.array_equal(d, np.round(d)):
+        return False
+    nz = d != 0
+    for axis in range(3):
+        a = np.moveaxis(d, axis, 0)
+        m = np.moveaxis(nz, axis, 0)[:-1]
+        if m.any() and float((a[1:] == a[:-1])[m].mean()) < LABEL_FLAT:
+            return False
+    return np.unique(d).size <= MAX_LABELS
+
+
+MAX_LABELS = 1000   # FreeSurfer's aparc+aseg has about 110 labels, numbered up to 2035
+LABEL_FLAT = 0.8
 HEAD_WIDTH_MM = (100.0, 210.0)
 HEAD_DEPTH_MM = (120.0, 260.0)
 HEAD_RUN_MM = 40.0

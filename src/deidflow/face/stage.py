@@ -36,11 +36,13 @@ import numpy as np
 from .. import __version__
 from ..fsutil import QC_SUBDIR, RESTRICTED_FILE_MODE, atomic_write_bytes, atomic_write_text, gzip_bytes, make_restricted_dir
 from . import render
+from ..qc import captions
 from ..errors import PublicError, output_error_of
 from ..formats import VOLUME_FORMATS
 from .apply import GeometryMismatch, Nifti, derived_sidecar, mask_dicom, remap_file, uids_in
-from .select import (MIN_PICTURE_PIXELS, MR_SUFFIXES, SERIES_SUFFIXES, Decision, ImageFacts, decide, extent_mm, head_picture, head_shape, kind_of,
-                     modality_of, names_head, rendering)
+from .select import (MAX_BARE_VOLUMES, MIN_PICTURE_PIXELS, MR_SUFFIXES, PROFILE, SERIES_SUFFIXES, Decision,
+                     ImageFacts, decide, extent_mm, head_picture, head_shape, kind_of, label_image, modality_of,
+                     hounsfield, names_head, rendering, sagittal)
 from .volume import for_backend, reference_volume, removed_value
 
 log = logging.getLogger("deidflow")
@@ -452,14 +454,58 @@ def _describe(entry, subject, keeper: Keeper, dicom_root: Path, series_cache, fa
         body_part=str(attrs.get("BodyPartExamined") or ""),
         description=" ".join(str(attrs.get(k) or "") for k in ("SeriesDescription", "ProtocolName")).strip(),
         extent_mm=extent_mm(shape[:3], zooms), volumes=volumes, kind=kind,
-        in_plane_mm=float(sorted(zooms)[1]) if len(zooms) >= 2 else 0.0,
+        in_plane_mm=float(sorted(zooms)[1]) if len(zooms) >= 2 else 0.0, sagittal=_thin_sagittal(shape, affine),
         picture=head_picture(attrs, face_cfg["select"]["body_parts"], tuple(shape[:2])) if attrs else "")
     sidecar = next((f for f in entry.get("files", ()) if f.endswith(".json")), "")
     why = rendering(attrs, face_cfg["select"]["body_parts"])
     im = _Image(entry, subject, rel, shape, affine, facts, Decision("withhold", why) if why else decide(facts, face_cfg),
                 series_dir if series_dir is not None and series_dir.is_dir() else None, sidecar_rel=sidecar)
+    _pet_holding_ct(im, keeper, face_cfg)
     _shape_test(im, keeper, face_cfg)
     return im
+
+
+def _pet_holding_ct(im: "_Image", keeper: "Keeper", face_cfg) -> None:
+    """A converted image under a PET label (PT, NM) of a head, or of no body part, whose values
+    are Hounsfield units is a CT (red-team 7: a CT head under the PET SOP class kept its face)."""
+    from dataclasses import replace
+    body = im.facts.body_part.strip()
+    if im.facts.modality not in ("PT", "NM") or im.decision.method != "none" or im.facts.picture or \
+            (body and not names_head(body, face_cfg["select"]["body_parts"])):
+        return
+    try:
+        ct = hounsfield(reference_volume(im.load(keeper).real(), im.affine).data)
+    except Exception:  # noqa: BLE001 - a PET that cannot be read here stays as it was
+        ct = False
+    finally:
+        im.nifti = None
+    if ct:
+        im.facts = replace(im.facts, modality="CT")
+        d = decide(im.facts, face_cfg)
+        im.decision = Decision(d.method, f"CT values under a PET label; {d.reason}", d.pending)
+
+
+def _volume_picture(img, spatial) -> str:
+    """What 2D picture a NIfTI file is — colour (RGB) pixels, or no scanner geometry at all
+    (qform and sform codes 0: a photograph or rendering saved as NIfTI) — or "" (red-team 7).
+    A picture without 3D coverage is withheld by :func:`.select.decide`; an icon is no picture."""
+    dims = sorted(int(n) for n in tuple(spatial[:3]) + (1,) * (3 - len(spatial[:3])))
+    if dims[1] < MIN_PICTURE_PIXELS:
+        return ""
+    import nibabel as nib
+    if img.get_data_dtype().names:
+        return "a 2D colour picture"
+    if isinstance(img, nib.Nifti1Pair) and not (int(img.header["qform_code"]) or int(img.header["sform_code"])):
+        return "a 2D picture without scanner geometry"   # (NIfTI-1/2 images and pairs are Nifti1Pairs)
+    return ""
+
+
+def _thin_sagittal(shape, affine: np.ndarray) -> bool:
+    """Whether the thinnest axis of an image (its slices' normal) points left-right."""
+    from .select import sagittal
+    zooms = np.sqrt((np.asarray(affine)[:3, :3] ** 2).sum(axis=0))
+    ext = [float(n) * float(z) for n, z in zip(tuple(shape[:3]) + (1,) * (3 - len(shape[:3])), zooms)]
+    return sagittal(np.asarray(affine)[:3, int(np.argmin(ext))])
 
 
 def _shape_test(im: "_Image", keeper: "Keeper", face_cfg) -> None:
@@ -471,8 +517,14 @@ def _shape_test(im: "_Image", keeper: "Keeper", face_cfg) -> None:
         nii = im.load(keeper) if im.fmt in WRITABLE_FORMATS else None
         if nii is None:
             raise ValueError("not readable here")
-        vol = for_backend(reference_volume(nii.real(), nii.affine), im.facts.modality)
-        ok, why = head_shape(vol.data, vol.zooms, render.skin_threshold(vol.data))
+        real = nii.real()
+        flat = real.reshape(real.shape[:3] + (-1,)) if real.ndim > 3 else real[..., None]
+        # a few volumes: any of them may be the head (a decoy first volume, red-team 7)
+        for k in range(flat.shape[-1] if flat.shape[-1] <= MAX_BARE_VOLUMES else 1):
+            vol = for_backend(reference_volume(flat[..., k], nii.affine), im.facts.modality)
+            ok, why = head_shape(vol.data, vol.zooms, render.skin_threshold(vol.data))
+            if ok:
+                break
     except Exception as exc:  # noqa: BLE001 - it cannot be looked at: it might be a head
         im.decision = Decision(face_cfg["method"], f"labels do not say whether this is a head and the volume "
                                                    f"cannot be read ({type(exc).__name__})")
@@ -554,13 +606,22 @@ def _describe_other(f: Mapping[str, Any], subject: str, rel: str, data_rel: str,
     modality = modality_of(side) or ("MR" if f["format"] == "parrec" or suffix in MR_SUFFIXES else "")
     if suffix in SERIES_SUFFIXES and volumes < 2:
         suffix = ""     # BIDS bold / dwi / asl are 4D: a 3D file so named is no such series (red-team 6)
+    labels = False
+    if suffix and not modality and suffix not in MR_SUFFIXES and suffix not in face_cfg["select"]["suffixes"]:
+        # a derivative's name (_mask, _dseg, ...): a mask or label image shows no face; a greyscale
+        # image so named is what its voxels show, not what its name says (red-team 7)
+        labels = label_image(np.asanyarray(hdr_img.dataobj))
+        suffix = suffix if labels else ""
     body = str(side.get("BodyPartExamined") or "")
     description = " ".join([*(str(side.get(k) or "") for k in ("SeriesDescription", "ProtocolName")),
                             stem_of(name)]).strip()
     facts = ImageFacts(path=rel, suffix=suffix, modality=modality, body_part=body, description=description,
                        extent_mm=extent_mm(spatial[:3], zooms), bare=not (modality or body or suffix),
-                       volumes=volumes)
-    im = _Image({"format": f["format"]}, subject, rel, shape, affine, facts, decide(facts, face_cfg), None,
+                       volumes=volumes, in_plane_mm=float(sorted(zooms)[1]) if len(zooms) >= 2 else 0.0,
+                       sagittal=_thin_sagittal(spatial, affine), picture=_volume_picture(hdr_img, spatial))
+    decision = Decision("none", "a mask or label image (few whole-number values, piecewise constant): no face") \
+        if labels else decide(facts, face_cfg)
+    im = _Image({"format": f["format"]}, subject, rel, shape, affine, facts, decision, None,
                 fmt=f["format"], data_rel=data_rel, sidecar_rel=sidecar_rel)
     _shape_test(im, keeper, face_cfg)
     return im
@@ -819,14 +880,33 @@ def _describe_series(subject: str, folder: Path, keeper: Keeper, face_cfg) -> _S
                        body_part=str(attrs.get("BodyPartExamined") or ""),
                        description=" ".join(str(attrs.get(k) or "") for k in ("SeriesDescription", "ProtocolName")).strip(),
                        extent_mm=dicomvol.extent(stack), volumes=volumes, kind=kind,
-                       in_plane_mm=float(max(stack[0].spacing)), picture=picture)
+                       in_plane_mm=float(max(stack[0].spacing)), picture=picture,
+                       sagittal=any(sagittal(np.cross(st[0].iop[:3], st[0].iop[3:])) for st in stacks))
     ser = _Series(subject, folder, rel, facts, decide(facts, face_cfg), files, stack, sc.unreadable)
+    body = facts.body_part.strip()
+    if facts.modality in ("PT", "NM") and ser.decision.method == "none" and not facts.picture \
+            and (not body or names_head(body, face_cfg["select"]["body_parts"])):
+        try:   # CT values under a PET label (red-team 7): the face outline of a CT, so defaced as one
+            ct = hounsfield(_series_volume(ser).data)
+        except Exception:  # noqa: BLE001 - a PET that cannot be read here stays as it was
+            ct = False
+        if ct:
+            facts = replace(facts, modality="CT")
+            d = decide(facts, face_cfg)
+            ser = _Series(subject, folder, rel, facts, Decision(d.method, f"CT values under a PET label; {d.reason}",
+                                                                d.pending), files, stack, sc.unreadable, volume=ser.volume)
     if kind and ser.decision.method == "none" and "face.select.skip" in ser.decision.reason:
-        ser.decision = Decision("none", f"{ser.decision.reason} ({evidence})")
+        ser.decision = Decision("none", f"{ser.decision.reason} ({evidence})", pending=ser.decision.pending)
     if ser.decision.pending:
         try:
             vol = _series_volume(ser)
             ok, why = head_shape(vol.data, vol.zooms, render.skin_threshold(vol.data))
+            for k in range(1, ser.volume.volumes if ser.volume.volumes <= MAX_BARE_VOLUMES and not ok else 1):
+                later = dicomvol.reconstruct(ser.files, ser.stack, volume=k)   # a decoy first volume (red-team 7)
+                lv = for_backend(reference_volume(later.data, later.affine), facts.modality)
+                ok, why = head_shape(lv.data, lv.zooms, render.skin_threshold(lv.data))
+                if ok:
+                    break
         except Exception as exc:  # noqa: BLE001 - cannot look at it: it might be a head
             ser.decision = Decision(face_cfg["method"], f"labels do not say whether this is a head and the volume "
                                                         f"cannot be read ({_why(exc)})")
@@ -847,7 +927,8 @@ def _split_heads(series: list[_Series], face_cfg) -> None:
     sel = face_cfg["select"]
     groups: dict[tuple, list[_Series]] = {}
     for ser in series:
-        if ser.facts is None or ser.decision.method != "none" or not ser.decision.reason.startswith("no 3D coverage"):
+        if ser.facts is None or not (ser.decision.method == "none" and ser.decision.reason.startswith("no 3D coverage")
+                                     or ser.decision.method == "withhold" and ser.decision.reason.startswith(PROFILE)):
             continue
         body = ser.facts.body_part.strip()
         if ser.facts.modality not in ("MR", "CT", "") or (body and not names_head(body, sel["body_parts"])):
@@ -1047,13 +1128,12 @@ def _qc(rel: str, subject: str, vol, removed: np.ndarray, method: str, backend: 
         center = (vol.data.shape[0] // 2, int(c[1]), int(c[2]))
     shots = [
         (f"{stem}_face-front-before.png", "face_front_before",
-         f"{rel}: skin surface seen from the front, before ({what} by {backend})",
+         captions.FACE_FRONT.format(image=rel, when="before", what=what, backend=backend),
          render.front_view(vol.data, vol.zooms, thr), bool(not face_cfg.get("qc_before_in_release"))),
         (f"{stem}_face-front-after.png", "face_front_after",
-         f"{rel}: skin surface seen from the front, after ({what} by {backend})",
+         captions.FACE_FRONT.format(image=rel, when="after", what=what, backend=backend),
          render.front_view(after, vol.zooms, thr), False),
-        (f"{stem}_face-slices.png", "face_slices",
-         f"{rel}: sagittal, coronal and axial slices after ({what} by {backend}); removed region outlined in red",
+        (f"{stem}_face-slices.png", "face_slices", captions.FACE_SLICES.format(image=rel, what=what, backend=backend),
          render.slices_view(after, removed, vol.zooms, center), False),
     ]
     entries = []

@@ -17,6 +17,7 @@ from pathlib import Path
 import os
 
 from ..fsutil import RESTRICTED_FILE_MODE, atomic_write_bytes, make_restricted_dir, publish_dir
+from ..qc import captions
 from .clean import Outcome
 
 KIND = "pixels_before_after"
@@ -56,7 +57,7 @@ class SubjectPixelsQC:
                 stem = _stem(name)
                 n = len(out.redactions)
                 frames = len({r.frame for r in out.redactions})
-                caption = f"{name}: {n} box(es) blanked in {frames} of {out.frames} frame(s) ({out.action})"
+                caption = captions.PIXELS.format(image=name, boxes=n, frames=frames, total=out.frames, action=out.action)
                 atomic_write_bytes(stage_pub / f"{stem}_after.png", out.after_png)
                 atomic_write_bytes(stage_priv / f"{stem}_before.png", out.before_png, RESTRICTED_FILE_MODE)
                 public.append({"file": f"{stem}_after.png", "caption": caption, "kind": KIND})

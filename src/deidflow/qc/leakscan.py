@@ -36,8 +36,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterable, Iterator, Mapping
 
-from ..fsutil import RESTRICTED_FILE_MODE, atomic_write_bytes, display_path, layout_parents, make_restricted_dir
+from ..fsutil import QC_SUBDIR, RESTRICTED_FILE_MODE, atomic_write_bytes, display_path, layout_parents, make_restricted_dir
 from ..sniff import TIFF_MAGICS
+from . import captions
 from . import identifiers as idmod
 from .identifiers import Matcher, Needle, needles_for, rules
 
@@ -119,7 +120,6 @@ def dataset_files(release: Path) -> list[Path]:
     """Release files that belong to no subject (dataset description, participants table, …).  The
     report's own files (``derivatives/deidflow/qc/report.html`` …) are left out: the dataset gate
     checks them with the report's own words as exceptions; anything else in that folder is not."""
-    from ..fsutil import QC_SUBDIR
     from ..publish import REPORT_FILES
     out = []
     own = Path(release) / QC_SUBDIR
@@ -267,10 +267,17 @@ def _scan_json(data: bytes, rel: str, prefix: str, matcher: Matcher, res: FileSc
     # sidecar's are allow-listed; an object inside a field may be keyed by anything); a key holding
     # a value is named by its position in the locations, which the terminal and restricted lists show
     shown = lambda k: not matcher.find(k.encode("utf-8"))  # noqa: E731
+    qc_index = not prefix and rel.startswith(QC_SUBDIR + "/") and rel.endswith("/index.json")
     for where, text in _json_strings(doc, "", shown):
-        for _, n in matcher.find(text.encode("utf-8")):
-            res.hits.append(_hit(rel, prefix + f"JSON {where or '(top level)'}", n))
+        # a QC caption's own wording is not searched, its values are (captions.values_of)
+        values = captions.values_of(text) if qc_index and _CAPTION.fullmatch(where) else None
+        for part in [text] if values is None else values:
+            for _, n in matcher.find(part.encode("utf-8")):
+                res.hits.append(_hit(rel, prefix + f"JSON {where or '(top level)'}", n))
     _dedupe(res)
+
+
+_CAPTION = re.compile(r"\[\d+\]\.caption")
 
 
 def _json_strings(doc, path: str, shown=lambda k: True) -> Iterator[tuple[str, str]]:

@@ -937,8 +937,8 @@ def _own_words() -> frozenset[bytes]:
 
 # Modules whose fixed texts (decisions and reasons) the report shows: their words are the report's own
 # ("fMRI time series: not defaced" is no leak of a phantom whose PatientID is "fMRI").
-_REASON_MODULES = ("face/select.py", "face/stage.py", "pixels/subject.py", "pixels/policy.py", "publish.py",
-                   "bids/heuristic.py", "formats/stage.py", "pixels/volumes.py")
+_REASON_MODULES = ("face/select.py", "face/stage.py", "qc/captions.py", "pixels/subject.py", "pixels/policy.py",
+                   "publish.py", "bids/heuristic.py", "formats/stage.py", "pixels/volumes.py")
 
 
 def _reason_texts() -> list[str]:
