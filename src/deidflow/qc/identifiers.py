@@ -26,7 +26,8 @@ from pathlib import Path
 from typing import Iterable, Iterator, Mapping
 
 from ..fsutil import RESTRICTED_FILE_MODE, atomic_write_text, make_restricted_dir
-from .folding import FOLD_EXTRA, compressed_views, fold_accents, script_views, utf16_views
+from .folding import (DATE_CHARS, FOLD_EXTRA, base64_views, compressed_views, fold_accents, legacy_views,
+                      script_views, utf16_views)
 
 KINDS = ("name", "date", "datetime", "time", "uid", "id", "path")
 IDENTIFIERS_DIR = "identifiers"
@@ -1424,6 +1425,13 @@ class Matcher:
         """The searched values' characters above Latin-1 (UTF-16 text is read around them)."""
         return self.script_chars
 
+    @staticmethod
+    @lru_cache(maxsize=64)
+    def east_asian_chars(chars: frozenset[str]) -> bool:
+        """Whether searched characters are Japanese, Chinese or Korean: their dates are then also
+        read in legacy CJK encodings (1961年4月23日 in Shift-JIS; ``folding.legacy_views``)."""
+        return any(east_asian(c) for c in chars)
+
     def empty(self) -> bool:
         """Nothing to search for (a subclass may search more than its needles)."""
         return not self.count
@@ -1491,8 +1499,12 @@ class Matcher:
             seen = {(s, e, n.digest) for s, e, n in hits}
             hits += [h for h in born if (h[0], h[1], h[2].digest) not in seen]
         if not folded:  # MULLER^JURGEN written Müller Jürgen; UTF-16 text in binary values
+            chars = self.script_chars_all()
             hits += fold_accents(low, self.spans) + utf16_views(low, self.spans) + \
-                script_views(text, self.spans, self.script_chars_all()) + compressed_views(text, self.spans)
+                script_views(text, self.spans, chars) + compressed_views(text, self.spans) + \
+                legacy_views(text, self.spans, chars | DATE_CHARS if self.dates and self.east_asian_chars(chars)
+                             else chars) + \
+                base64_views(text, self.spans)
         return hits
 
     def _anchored(self, low: bytes, i: int, tok: bytes, hits: list) -> None:
