@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import os
 import re
 import unicodedata
@@ -1574,6 +1575,12 @@ class Matcher:
                     out += [(s, e, n) for n in needles]
         return out
 
+    def numbers(self, values: Iterable[float]) -> list[tuple[int, Needle]]:
+        """(position, needle) of each number in ``values`` (a numeric header field's) that writes an
+        identifier: an MRN or a birth date YYYYMMDD stored as a number is found in the number's
+        digits (:func:`number_text`)."""
+        return [(i, n) for i, v in enumerate(values) if (t := number_text(v)) for _, _, n in self.spans(t, folded=True)]
+
     def find(self, text: bytes | str) -> list[tuple[int, Needle]]:
         """(offset, needle) of every occurrence in ``text`` (bytes, or str searched as UTF-8)."""
         if isinstance(text, str):
@@ -1621,6 +1628,19 @@ class Matcher:
             for k in range(char_at[s], char_at[e] if e < len(char_at) else len(text)):
                 chars[k] = fill
         return "".join(chars)
+
+
+def number_text(value) -> bytes:
+    """A number as the text an identifier stored in a numeric field reads as: an integral value of
+    six digits or more as its digits (4455667.0 -> ``4455667``, 19610423.0 -> ``19610423``); empty
+    for any other (a fraction or a small count holds no identifier the matcher would find in it)."""
+    try:
+        x = float(value)
+    except (TypeError, ValueError, OverflowError):
+        return b""
+    if not math.isfinite(x) or x != int(x) or abs(x) < 100000 or abs(x) >= 1e19:
+        return b""
+    return str(abs(int(x))).encode()
 
 
 def _digest(salt: bytes, value: str) -> str:

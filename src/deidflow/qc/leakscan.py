@@ -53,6 +53,12 @@ _NIFTI2_FIELDS = ((240, 320, "descrip"), (320, 344, "aux_file"), (508, 524, "int
 CHUNK = 1 << 24
 
 
+def _nifti_numbers() -> dict[int, dict[str, tuple[int, str]]]:
+    """The numeric NIfTI-1 and NIfTI-2 header fields a value could be stored in as a number."""
+    from ..formats.nifti import NIFTI1_NUMBERS, NIFTI2_NUMBERS
+    return {1: NIFTI1_NUMBERS, 2: NIFTI2_NUMBERS}
+
+
 @dataclass
 class Hit:
     """One found value: where (file, location) and what (kind, the attribute or field the value
@@ -324,6 +330,11 @@ def _scan_nifti(data: bytes, rel: str, prefix: str, matcher: Matcher, res: FileS
     exts = _nifti_extensions(head, ext_start, e)
     for off, n in matcher.find(head):
         res.hits.append(_hit(rel, prefix + _nifti_location(off, fields, exts, ext_start), n))
+    # an MRN or a birth date stored as a number (intent_p1 …); Analyze has other fields there
+    numbers = _nifti_numbers()[kind] if kind == 2 or head[344:347] in (b"n+1", b"ni1") else {}
+    values = [struct.unpack_from(e + code, head, off)[0] for off, code in numbers.values()]
+    for i, n in matcher.numbers(values):
+        res.hits.append(_hit(rel, prefix + f"NIfTI header field {list(numbers)[i]} (a number)", n))
     body = total - header_end
     if pixel_data and len(data) > header_end:
         for off, n in matcher.find(data[header_end:]):
