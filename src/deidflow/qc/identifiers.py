@@ -1348,6 +1348,23 @@ def _spaced(compact: bytes) -> re.Pattern:
     return re.compile(_SEPARATORS_RE.join(re.escape(bytes([c])) for c in compact))  # how far a written date reaches before and after its year
 
 
+def _year_of_a_date(low: bytes, p: int) -> bool:
+    """Whether the four digits at ``p`` can be the year of a date :func:`dates_in` reads: a number
+    of their own (1961-04-23, 23.4.1961, 1961年), or the first or last four of a number of eight
+    digits (19610423, 23041961); not four digits inside a longer number (a UID, a time stamp, a
+    count), where a window for every searched year cost as much as the rest of the matcher on a
+    Siemens header once the other subjects' birth years were searched."""
+    before = p > 0 and 48 <= low[p - 1] <= 57
+    after = p + 4 < len(low) and 48 <= low[p + 4] <= 57
+    if not before and not after:
+        return True
+    if before and after:
+        return False
+    if after:  # the number starts here: eight digits in all
+        return p + 8 <= len(low) and low[p + 4:p + 8].isdigit() and not (p + 8 < len(low) and 48 <= low[p + 8] <= 57)
+    return p >= 4 and low[p - 4:p].isdigit() and not (p > 4 and 48 <= low[p - 5] <= 57)
+
+
 def anchor(text: bytes) -> tuple[int, bytes] | None:
     """The word a form is found by (:class:`Matcher`): its longest ASCII word, the first of equal
     length, with its offset; None when it has none.  A bounded occurrence of the form in a text
@@ -1532,6 +1549,8 @@ class Matcher:
             pos = [m.start() for m in _YEAR.finditer(low) if m.group() in self.date_years]
         out: list[list[int]] = []
         for p in sorted(pos):
+            if not _year_of_a_date(low, p):
+                continue
             s, e = max(0, p - _DATE_BEFORE), min(len(low), p + 4 + _DATE_AFTER)
             while s > 0 and (48 <= low[s - 1] <= 57 or low[s - 1] == 46):
                 s -= 1  # do not start inside a number
@@ -1669,7 +1688,7 @@ def needles_for(subject: str, entries: Iterable[tuple[str, str, str]], salt: byt
                 if excluded is not None:
                     excluded[rule] += 1
                 continue
-            nkind = "name" if kind.startswith("whole_name") else kind
+            nkind = "name" if kind.startswith("whole_name") else "date" if kind == "date_year4" else kind
             out += [Needle(text, nkind, fld, digest, subject, mode) for text, mode in texts]
             # full width: an ID, and a name form of the name's own Latin words (YAMADA TAROU), not
             # the spellings made of its CJK characters (Wang Xiaoming in pinyin, Hong Gildong)
@@ -1700,15 +1719,18 @@ def full_width_forms(form: str) -> set[bytes]:
 def _searched(kind: str, value: str) -> tuple[tuple[tuple[str, str], str | None, tuple[tuple[bytes, str], ...]], ...]:
     """What :func:`needles_for` searches for one value, whoever it belongs to: per form, its key
     (a subject's forms are searched once), the rule that excludes it or None, and its byte forms
-    with their modes.  Cached: values many subjects share (institution, dates) are worked out once."""
+    with their modes.  Cached: values many subjects share (institution, dates) are worked out once.
+    Kind ``date_year4``: a date in its written forms with a four-digit year (and after a birth
+    word in any form), not in the literal two-digit-year forms (another subject's birth date)."""
     out = []
-    if kind in ("date", "datetime"):
+    if kind in ("date", "datetime", "date_year4"):
         d = value.strip()[:8]
         if len(d) == 8 and d.isdigit():
             rule = excluded_by(d, "date")
-            texts = [] if rule else [(d.encode(), "date")] + [(f.encode(), "literal") for f in _two_digit_year_forms(d)]
+            short = [] if kind == "date_year4" else [(f.encode(), "literal") for f in _two_digit_year_forms(d)]
+            texts = [] if rule else [(d.encode(), "date")] + short
             out.append(((d, "date"), rule, tuple(texts)))
-        if kind == "date":
+        if kind != "datetime":
             return tuple(out)
     for form in sorted(forms(kind, value)):
         rule = excluded_by(form, kind)

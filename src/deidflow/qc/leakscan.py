@@ -780,7 +780,7 @@ def other_units_values(restricted: Path, manifest: Mapping, salt: bytes, only: I
                 if v and v not in mine:
                     ids.setdefault(s, set()).add(("id", fld, v))
             if birth and birth not in mine and len(d := birth.replace("-", "")[:8]) == 8 and d.isdigit():
-                ids.setdefault(s, set()).add(("date", "PatientBirthDate", d))
+                ids.setdefault(s, set()).add(("date_year4", "PatientBirthDate", d))
             if name and name not in mine:
                 if idmod.east_asian(name) and idmod.script_name_anchors(name) is None:
                     # with its IDs (also full width), made now: its CJK forms have no word (kana,
@@ -793,9 +793,9 @@ def other_units_values(restricted: Path, manifest: Mapping, salt: bytes, only: I
     roster = sorted({s for s, *_ in rows if s} | own)
     # a birth date is searched in every written form with its four-digit year and, after a birth
     # word, in any form (DOB 23.04.61); not as a bare two-digit-year form (23.04.61): at thousands of
-    # subjects a third of such dates in a text would be somebody's birth date
-    return ([n for s, e in sorted(ids.items()) for n in needles_for(s, sorted(e), salt, wide=s in wide or None)
-             if not (n.kind == "date" and n.mode == "literal")], names, roster)
+    # subjects a third of such dates in a text would be somebody's birth date (kind date_year4)
+    return ([n for s, e in sorted(ids.items()) for n in needles_for(s, sorted(e), salt, wide=s in wide or None)],
+            names, roster)
 
 
 class UnitMatcher(Matcher):
