@@ -333,3 +333,23 @@ def test_minc1_numeric_attribute_holding_the_birth_date_is_emptied(tmp_path):
         assert float(f.variables["acquisition"].repetition_time) == 0
         assert int(f.variables["pacs"].ref) == 0
         assert float(f.variables["acquisition"].flip_angle) == 9.0
+
+
+# -- other attacks: a name written across a line break, a tab or padded spaces -------------------------
+@pytest.mark.parametrize("text", [b"patient Wu\nLi seen", b"Wu\r\nLi", b"Wu\tLi", b"patient Wu   Li", b"Li,\n   Wu"])
+def test_short_name_across_a_line_break_or_padding_is_found_and_swept(text):
+    """A subject whose name parts are too short to be searched alone (``LI^WU``) is searched as
+    the whole name: written across a wrapped line, a tab or padded spaces it was neither swept nor
+    found."""
+    m = identifiers.matcher_for([("name", "PatientName", "LI^WU")])
+    red = m.redact(text)
+    assert b"Wu" not in red and b"Li" not in red, red
+    assert not m.spans(b"Wu\n\nLin") and not m.spans(b"Wu, and\nLi Na")
+
+
+@pytest.mark.parametrize("text", [b"Erika\nMustermann", b"Mustermann,\r\n   Erika", b"Erika  Mustermann"])
+def test_another_subjects_name_across_a_line_break_is_found_by_the_unit_scan(text):
+    """Another subject's name is searched whole only (its parts are other people's too): across a
+    line break or with padded spaces a unit's scan did not find it (verify found its parts)."""
+    m = leakscan.UnitMatcher([], {"sub-b": "MUSTERMANN^ERIKA"}, SALT)
+    assert {n.owner for _, _, n in m.spans(b"note: " + text + b" seen")} == {"sub-b"}

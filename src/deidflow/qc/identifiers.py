@@ -1331,6 +1331,7 @@ def _uid_component(hay: bytes, s: int, e: int) -> bool:
 
 
 _TOKEN = re.compile(rb"[a-z]+|[0-9]+")
+_WHITE_RUN = re.compile(rb"[ \t\r\n]+")
 _UID_TOKEN = re.compile(rb"[0-9]+(?:\.[0-9]+)+")
 _SPLIT_WORDS = re.compile(r"[\s,;]+")
 _ID_SEPARATOR_BYTES = b" \t\r\n()./_:+-"
@@ -1429,6 +1430,7 @@ class Matcher:
                 if not _index(self.anchors, n):
                     self.substrings.append(n)
         self.anchor_keys = frozenset(self.anchors)
+        self._reach: dict[bytes, int] = {}  # per anchor: its longest form (how far white space is looked for)
         self.uid_keys = frozenset(self.uids)
         self.date_years = frozenset(k[:4] for k in self.dates)
         self.digit_anchor_lengths = sorted({len(t) for t in self.compact_anchors if t.isdigit()})
@@ -1526,14 +1528,44 @@ class Matcher:
         return hits
 
     def _anchored(self, low: bytes, i: int, tok: bytes, hits: list) -> None:
-        """The values anchored on ``tok`` that occur, whole, around its occurrence at ``i``."""
-        for (off, n), forms in self.anchors[tok].items():
+        """The values anchored on ``tok`` that occur, whole, around its occurrence at ``i``; a form
+        of several words also with a line break, a tab or more than one space between them
+        (``Erika\nMustermann``, ``Wu  Li``: a wrapped line, a padded field)."""
+        shapes = self.anchors[tok]
+        for (off, n), forms in shapes.items():
             s = i - off
             if s >= 0 and (found := forms.get(low[s:s + n])):
                 if _bounded(low, s, s + n):
                     hits.extend((s, s + n, needle) for needle in found)
                 elif _uid_component(low, s, s + n):  # root.<accession number>: an ID, not a date
                     hits.extend((s, s + n, needle) for needle in found if needle.kind == "id")
+        reach = self._reach.get(tok)
+        if reach is None:
+            reach = self._reach[tok] = max(n for _, n in shapes)
+        near = low[max(0, i - reach - 4):i + reach + 4]
+        if b"\n" in near or b"\t" in near or b"\r" in near or b"  " in near:
+            self._anchored_loose(low, i, shapes, reach, hits)
+
+    @staticmethod
+    def _anchored_loose(low: bytes, i: int, shapes: dict, reach: int, hits: list) -> None:
+        """:meth:`_anchored` in the text around ``i`` with each run of white space read as one space."""
+        a = max(0, i - 2 * reach - 8)
+        seg = low[a:i + 2 * reach + 8]
+        parts, at, pos = [], [], 0  # at: the offset in low of each byte of the loose reading
+        for m in _WHITE_RUN.finditer(seg):
+            parts += [seg[pos:m.start()], b" "]
+            at += [*range(a + pos, a + m.start()), a + m.start()]
+            pos = m.end()
+        parts.append(seg[pos:])
+        at += range(a + pos, a + len(seg))
+        loose = b"".join(parts)
+        j = at.index(i)
+        for (off, n), forms in shapes.items():
+            s = j - off
+            if s >= 0 and s + n <= len(loose) and (found := forms.get(loose[s:s + n])):
+                start, end = at[s], at[s + n - 1] + 1
+                if low[start:end] != loose[s:s + n] and _bounded(low, start, end):  # (as written: found above)
+                    hits.extend((start, end, needle) for needle in found)
 
     def _date_windows(self, low: bytes) -> list[tuple[int, int]]:
         """Stretches of ``low`` around each occurrence of a searched date's year (a written date
