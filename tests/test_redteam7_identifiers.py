@@ -353,3 +353,15 @@ def test_another_subjects_name_across_a_line_break_is_found_by_the_unit_scan(tex
     line break or with padded spaces a unit's scan did not find it (verify found its parts)."""
     m = leakscan.UnitMatcher([], {"sub-b": "MUSTERMANN^ERIKA"}, SALT)
     assert {n.owner for _, _, n in m.spans(b"note: " + text + b" seen")} == {"sub-b"}
+
+
+@pytest.mark.parametrize("codec", ["utf-8", "shift_jis", "utf-16-le"])
+def test_another_subjects_cjk_name_with_an_ideographic_space_is_found(codec):
+    """Japanese text writes a name with the ideographic space (山田　太郎, U+3000); another
+    subject's CJK name is searched whole with an ASCII space or none, so a unit's scan missed it."""
+    needles = identifiers.needles_for("sub-b", [("whole_name", "PatientName", "YAMADA^TARO=山田^太郎=やまだ^たろう")], SALT)
+    m = leakscan.UnitMatcher(needles, {"sub-c": "王^小明"}, SALT)
+    for text, owner in (("患者：山田　太郎　様", "sub-b"), ("やまだ　たろう", "sub-b"), ("病人 王　小明", "sub-c")):
+        blob = b"\x01\x02" + text.encode(codec) + b"\x00\x07"
+        assert {n.owner for _, _, n in m.spans(blob)} == {owner}, (codec, text)
+    assert not m.spans("山田　花子".encode(codec))

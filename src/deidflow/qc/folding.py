@@ -143,9 +143,39 @@ def _unfold(f: int, marks, starts, end: bool) -> int:
 
 
 def _view_hits(view: bytes, spans: Spans) -> list:
-    """What ``spans`` finds in another reading of a text: as it is and with accents folded (the
-    reading's own views are not taken again)."""
-    return spans(view, folded=True) + fold_accents(view, spans)
+    """What ``spans`` finds in another reading of a text: as it is, with accents folded and with
+    ideographic spaces read as spaces (the reading's own views are not taken again)."""
+    return spans(view, folded=True) + fold_accents(view, spans) + wide_space_views(view, spans)
+
+
+_WIDE_SPACE = "\u3000".encode()  # the ideographic space: 山田　太郎, やまだ　たろう in Japanese text
+
+
+def wide_space_views(text: bytes, spans: Spans) -> list[tuple[int, int, "Needle"]]:
+    """The occurrences ``spans`` finds with each ideographic space (U+3000, UTF-8) of ``text`` read
+    as one space, around those spaces only, at their offsets in ``text``: a CJK name's forms are
+    written with an ASCII space between family and given name (a CJK form is a substring, which
+    has no word to read white space loosely around)."""
+    i = text.find(_WIDE_SPACE)
+    if i < 0:
+        return []
+    out = []
+    while i >= 0:
+        s0, e0 = max(0, i - _FOLD_REACH), i + _FOLD_REACH
+        j = text.find(_WIDE_SPACE, i + 3)
+        while 0 <= j < e0:  # one window for the spaces near each other
+            e0, j = j + _FOLD_REACH, text.find(_WIDE_SPACE, j + 3)
+        window = text[s0:e0]
+        at, pos = [], 0  # the offset in text of each byte of the view (and its end)
+        for k in [m for m in range(len(window)) if window.startswith(_WIDE_SPACE, m)]:
+            at += range(s0 + pos, s0 + k + 1)
+            pos = k + 3
+        at += range(s0 + pos, s0 + len(window) + 1)
+        for s, e, n in spans(window.replace(_WIDE_SPACE, b" "), folded=True):
+            if window.find(_WIDE_SPACE, max(0, at[s] - s0), at[e] - s0) >= 0:  # else found as written
+                out.append((at[s], at[e - 1] + (3 if text.startswith(_WIDE_SPACE, at[e - 1]) else 1), n))
+        i = j
+    return out
 
 
 # UTF-16 text: Latin-1 characters each followed (LE) or preceded (BE) by a zero byte, found in the

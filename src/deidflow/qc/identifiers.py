@@ -28,7 +28,7 @@ from typing import Iterable, Iterator, Mapping
 
 from ..fsutil import RESTRICTED_FILE_MODE, atomic_write_text, make_restricted_dir
 from .folding import (DATE_CHARS, FOLD_EXTRA, base64_views, compressed_views, fold_accents, legacy_views,
-                      script_views, utf16_views)
+                      script_views, utf16_views, wide_space_views)
 
 KINDS = ("name", "date", "datetime", "time", "uid", "id", "path")
 IDENTIFIERS_DIR = "identifiers"
@@ -1520,7 +1520,7 @@ class Matcher:
             hits += [h for h in born if (h[0], h[1], h[2].digest) not in seen]
         if not folded:  # MULLER^JURGEN written Müller Jürgen; UTF-16 text in binary values
             chars = self.script_chars_all()
-            hits += fold_accents(low, self.spans) + utf16_views(low, self.spans) + \
+            hits += fold_accents(low, self.spans) + utf16_views(low, self.spans) + wide_space_views(low, self.spans) + \
                 script_views(text, self.spans, chars) + compressed_views(text, self.spans) + \
                 legacy_views(text, self.spans, chars | DATE_CHARS if self.dates and self.east_asian_chars(chars)
                              else chars) + \
