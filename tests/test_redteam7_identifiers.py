@@ -347,10 +347,12 @@ def test_short_name_across_a_line_break_or_padding_is_found_and_swept(text):
     assert not m.spans(b"Wu\n\nLin") and not m.spans(b"Wu, and\nLi Na")
 
 
-@pytest.mark.parametrize("text", [b"Erika\nMustermann", b"Mustermann,\r\n   Erika", b"Erika  Mustermann"])
+@pytest.mark.parametrize("text", [b"Erika\nMustermann", b"Mustermann,\r\n   Erika", b"Erika  Mustermann",
+                                  b"MUSTERMANN, Prof. Dr. med. Erika", b"Mustermann, Frau Erika"])
 def test_another_subjects_name_across_a_line_break_is_found_by_the_unit_scan(text):
     """Another subject's name is searched whole only (its parts are other people's too): across a
-    line break or with padded spaces a unit's scan did not find it (verify found its parts)."""
+    line break, with padded spaces or with titles between family and given name (German records:
+    ``Müller, Prof. Dr. Hans``) a unit's scan did not find it (verify found its parts)."""
     m = leakscan.UnitMatcher([], {"sub-b": "MUSTERMANN^ERIKA"}, SALT)
     assert {n.owner for _, _, n in m.spans(b"note: " + text + b" seen")} == {"sub-b"}
 

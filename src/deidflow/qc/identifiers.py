@@ -1331,7 +1331,9 @@ def _uid_component(hay: bytes, s: int, e: int) -> bool:
 
 
 _TOKEN = re.compile(rb"[a-z]+|[0-9]+")
-_WHITE_RUN = re.compile(rb"[ \t\r\n]+")
+_TITLES = rb"(?:dr|prof|med|mr|mrs|ms|herr|frau|mme|sig|sra?|univ|doz|pd)\.?"
+_WHITE_RUN = re.compile(rb"[ \t\r\n]+(?:" + _TITLES + rb"[ \t\r\n]+)*")  # read as one space
+_LOOSE_NEAR = re.compile(rb"[\t\r\n]|  |(?<![a-z])" + _TITLES + rb"[ \t\r\n]")  # where that changes a text
 _UID_TOKEN = re.compile(rb"[0-9]+(?:\.[0-9]+)+")
 _SPLIT_WORDS = re.compile(r"[\s,;]+")
 _ID_SEPARATOR_BYTES = b" \t\r\n()./_:+-"
@@ -1542,13 +1544,13 @@ class Matcher:
         reach = self._reach.get(tok)
         if reach is None:
             reach = self._reach[tok] = max(n for _, n in shapes)
-        near = low[max(0, i - reach - 4):i + reach + 4]
-        if b"\n" in near or b"\t" in near or b"\r" in near or b"  " in near:
+        if _LOOSE_NEAR.search(low, max(0, i - reach - 4), i + reach + 4):
             self._anchored_loose(low, i, shapes, reach, hits)
 
     @staticmethod
     def _anchored_loose(low: bytes, i: int, shapes: dict, reach: int, hits: list) -> None:
-        """:meth:`_anchored` in the text around ``i`` with each run of white space read as one space."""
+        """:meth:`_anchored` in the text around ``i`` with each run of white space, and the titles
+        in it (``Mustermann, Prof. Dr. Erika``), read as one space."""
         a = max(0, i - 2 * reach - 8)
         seg = low[a:i + 2 * reach + 8]
         parts, at, pos = [], [], 0  # at: the offset in low of each byte of the loose reading
