@@ -1541,6 +1541,8 @@ class Matcher:
                     hits.extend((s, s + n, needle) for needle in found)
                 elif _uid_component(low, s, s + n):  # root.<accession number>: an ID, not a date
                     hits.extend((s, s + n, needle) for needle in found if needle.kind == "id")
+        if not _bounded(low, i, i + len(tok)):
+            return  # (the anchor of a form found whole is a whole word: "li" in "slice" is none)
         reach = self._reach.get(tok)
         if reach is None:
             reach = self._reach[tok] = max(n for _, n in shapes)
