@@ -1563,7 +1563,10 @@ class Matcher:
         parts.append(seg[pos:])
         at += range(a + pos, a + len(seg))
         loose = b"".join(parts)
-        j = at.index(i)
+        try:
+            j = at.index(i)
+        except ValueError:
+            return  # the anchor is itself a word read as a title (a name "Med")
         for (off, n), forms in shapes.items():
             s = j - off
             if s >= 0 and s + n <= len(loose) and (found := forms.get(loose[s:s + n])):
