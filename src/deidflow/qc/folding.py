@@ -329,23 +329,30 @@ def _decoded(data: bytes, codec: str) -> tuple[str, int]:
     try:
         return data.decode(codec), len(data)
     except UnicodeDecodeError as exc:
-        return data[:exc.start].decode(codec), exc.start
+        try:
+            return data[:exc.start].decode(codec), exc.start
+        except UnicodeDecodeError:  # (a codec that needs what follows to end its prefix)
+            return "", 0
 
 
 def _char_ends(data: bytes, chars: str, codec: str) -> list[int]:
     """The byte offset in ``data`` at which each of ``chars`` (its decoded prefix) ends."""
     import codecs
-    if not codec.startswith("iso2022"):
-        ends, pos = [], 0
-        for c in chars:
-            pos += len(c.encode(codec))
-            ends.append(pos)
-        return ends
-    dec, ends = codecs.getincrementaldecoder(codec)(), []  # escape sequences: fed byte by byte
-    for i in range(len(data)):
-        ends += [i + 1] * len(dec.decode(data[i:i + 1]))
-        if len(ends) >= len(chars):
-            break
+    ends: list[int] = []
+    try:
+        if not codec.startswith("iso2022"):
+            pos = 0
+            for c in chars:
+                pos += len(c.encode(codec))
+                ends.append(pos)
+            return ends
+        dec = codecs.getincrementaldecoder(codec)()  # escape sequences: fed byte by byte
+        for i in range(len(data)):
+            ends += [i + 1] * len(dec.decode(data[i:i + 1]))
+            if len(ends) >= len(chars):
+                break
+    except UnicodeError:  # a character that does not go back: the ones before it are placed
+        pass
     return ends
 
 
