@@ -367,3 +367,14 @@ def test_another_subjects_cjk_name_with_an_ideographic_space_is_found(codec):
         blob = b"\x01\x02" + text.encode(codec) + b"\x00\x07"
         assert {n.owner for _, _, n in m.spans(blob)} == {owner}, (codec, text)
     assert not m.spans("山田　花子".encode(codec))
+
+
+def test_id_and_name_split_over_two_dicom_values_are_found():
+    """An MRN or a short-parted name split over two values of a multi-valued element (``P4455\\667``,
+    ``WU\\LI``): the backslash was no separator, so neither was swept nor found."""
+    m = identifiers.matcher_for([("id", "PatientID", "P4455667"), ("name", "PatientName", "LI^WU")])
+    assert m.redact(b"ref P4455\\667 ok") == b"ref ********* ok"
+    assert m.redact(b"WU\\LI") == b"*****"
+    assert not m.spans(b"P4455\\6678")
+    um = leakscan.UnitMatcher([], {"sub-b": "MUSTERMANN^ERIKA"}, SALT)
+    assert um.spans(b"ERIKA\\MUSTERMANN")

@@ -1332,17 +1332,17 @@ def _uid_component(hay: bytes, s: int, e: int) -> bool:
 
 _TOKEN = re.compile(rb"[a-z]+|[0-9]+")
 _TITLES = rb"(?:dr|prof|med|mr|mrs|ms|herr|frau|mme|sig|sra?|univ|doz|pd)\.?"
-_WHITE_RUN = re.compile(rb"[ \t\r\n]+(?:" + _TITLES + rb"[ \t\r\n]+)*")  # read as one space
-_LOOSE_NEAR = re.compile(rb"[\t\r\n]|  |(?<![a-z])" + _TITLES + rb"[ \t\r\n]")  # where that changes a text
+_WHITE_RUN = re.compile(rb"[ \t\r\n\\]+(?:" + _TITLES + rb"[ \t\r\n]+)*")  # read as one space (\\: two DICOM values)
+_LOOSE_NEAR = re.compile(rb"[\t\r\n\\]|  |(?<![a-z])" + _TITLES + rb"[ \t\r\n]")  # where that changes a text
 _UID_TOKEN = re.compile(rb"[0-9]+(?:\.[0-9]+)+")
 _SPLIT_WORDS = re.compile(r"[\s,;]+")
-_ID_SEPARATOR_BYTES = b" \t\r\n()./_:+-"
+_ID_SEPARATOR_BYTES = b" \t\r\n()./_:+-\\"  # (a backslash: an ID split over two DICOM values)
 _YEAR = re.compile(rb"(?:1[89]|20)[0-9][0-9]")
 _DATE_BEFORE, _DATE_AFTER = 48, 20  # after the year: " 년 4 월 23 일" takes 19 bytes
 # A numeric date with a two-digit year (12.03.61): looked up whole, not by its two-digit tokens
 # (which occur everywhere in binary blobs).
 _SHORT_DATE = re.compile(rb"(?<![0-9.])[0-9]{2}[./-][0-9]{2}[./-][0-9]{2}(?![0-9]|\.[0-9])")
-_SEPARATORS_RE = rb"[" + re.escape(b" \t\r\n()./_:+-") + rb"]*"
+_SEPARATORS_RE = rb"[" + re.escape(_ID_SEPARATOR_BYTES) + rb"]*"
 
 
 @lru_cache(maxsize=4096)
