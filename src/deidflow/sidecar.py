@@ -9,6 +9,9 @@ deidflow knows and its class; a field that is not listed is removed.  Classes:
 ``descriptor``      free text (SeriesDescription, ProtocolName, ImageComments, …): removed, or
                     cleaned with ``clean_descriptors`` — the rule of the DICOM descriptors
 ``label``           short labels BIDS needs (TaskName): kept, always cleaned
+``text``            free text by the BIDS definition (BodyPartDetails, DeepLearningDetails,
+                    Anaesthesia, SampleStaining …): kept, always cleaned like a label (identifiers
+                    and generic patterns: another patient's birth date or MRN in a note too)
 ``device``          kept with ``retain_device_identity``, else removed
 ``institution``     kept with ``retain_institution_identity``, else removed
 ``characteristics`` kept with ``retain_patient_characteristics``, else removed
@@ -39,7 +42,7 @@ from . import dates, textclean
 from .qc.identifiers import IdentifierModel
 
 FIELDS_TABLE = "bids_sidecar_fields.tsv"
-CLASSES = ("keep", "descriptor", "label", "device", "institution", "characteristics", "age",
+CLASSES = ("keep", "descriptor", "label", "text", "device", "institution", "characteristics", "age",
            "datetime", "date", "time", "uid", "remove")
 AGE_CAP_YEARS = 90  # HIPAA Safe Harbor: ages over 89 are aggregated into "90 or older"
 # Sidecar fields whose values are the patient's own identifiers (used to clean kept text).
@@ -174,7 +177,7 @@ def _apply(cls: str, value: Any, opts: frozenset[str], offset: int | None,
         if "clean_descriptors" not in opts:
             return "X", None
         return "C", _clean_values(value, model, generic=True)
-    if cls == "label":
+    if cls in ("label", "text"):
         cleaned = _clean_values(value, model, generic=True)
         return ("K", value) if cleaned == value else ("C", cleaned)
     if cls in ("device", "institution", "characteristics"):

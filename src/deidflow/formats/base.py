@@ -101,6 +101,12 @@ class ScrubContext:
         text = textclean._GENERIC.sub(lambda m: "*" * len(m.group()), raw.decode("latin-1"))
         return text.encode("latin-1")
 
+    def identifying_numbers(self, values: Iterable[float], extra: Iterable[str] = ()) -> list[int]:
+        """The positions in ``values`` (a numeric field's numbers) of those that write one of the
+        subject's identifiers (an MRN, a birth date YYYYMMDD stored as a number)."""
+        model = self.identifier_model(extra)
+        return sorted({i for i, _ in model.matcher.numbers(values)}) if model.entries else []
+
     def pseudonym_of_length(self, n: int, domain: str = "") -> str:
         """The subject pseudonym padded with ``X`` or cut to exactly ``n`` characters (for
         equal-length in-place replacements); keyed, so it is the same for every file."""

@@ -4,7 +4,8 @@ Layout: a 284-byte big-endian header (90 bytes of fields, then unused space), th
 then an optional trailer: five floats of scan parameters (TR, flip angle, TE, TI, FoV) and
 free-form tags (the command lines that made the file, the path of the talairach transform —
 paths and user names that often name the subject).  The header fields and voxel bytes are
-copied unchanged, the unused header space is zeroed, the five scan parameters are kept and
+copied unchanged, the unused header space is zeroed, the five scan parameters are kept (one
+that writes an identifier of the subject, an MRN stored as a number, is zeroed) and
 every tag is dropped.  ``.mgz`` stays gzipped (deterministic: no name, no time stamp).
 """
 from __future__ import annotations
@@ -19,6 +20,7 @@ from ..fsutil import output_stream
 HEADER = 284
 USED = 90
 _TYPES = {0: 1, 1: 4, 3: 4, 4: 2, 10: 2}  # MRI_UCHAR, MRI_INT, MRI_FLOAT, MRI_SHORT, MRI_USHRT
+_PARAMS = ("TR", "flip angle", "TE", "TI", "FoV")
 
 
 def _parse(head: bytes) -> int:
@@ -67,7 +69,11 @@ def scrub(src: Path, dst: Path, ctx: ScrubContext) -> ScrubResult:
                 raise FormatError(f"truncated: {got} of {nbytes} voxel bytes present")
             params = fh.read(20)
             if len(params) == 20:
-                sink.write(params)
+                values = list(struct.unpack(">5f", params))
+                for i in ctx.identifying_numbers(values):  # an MRN or a birth date stored as a number
+                    values[i] = 0.0
+                    res.act(f"scan parameter {_PARAMS[i]}", "emptied (it wrote an identifier)")
+                sink.write(struct.pack(">5f", *values) if values != list(struct.unpack(">5f", params)) else params)
                 res.act("scan parameters (TR, flip angle, TE, TI, FoV)", "kept")
             rest = fh.read(1 << 20)
             if rest:

@@ -169,6 +169,19 @@ def _cap_numeric_age(header: bytearray, start: int, n: int, typ: int, res: Scrub
         res.act(label, "capped")
 
 
+def _without_identifiers(val, ctx: ScrubContext):
+    """Numbers (an array) with each that writes an identifier of the subject (an MRN or a birth
+    date stored as a number) set to 0, in their dtype; None when none does."""
+    if val.dtype.kind not in "iuf" or not val.size:
+        return None
+    hits = ctx.identifying_numbers(val.ravel().tolist())
+    if not hits:
+        return None
+    out = val.copy().ravel()
+    out[hits] = 0
+    return out.reshape(val.shape).astype(val.dtype)
+
+
 def _capped_ages(val):
     """Numeric ages (an array) with every one over 89 years as 90, in their dtype; None when
     none is over 89 (MINC1 header bytes and MINC2 attributes alike)."""
@@ -325,6 +338,12 @@ def _minc1_scrub(src: Path, dst: Path, ctx: ScrubContext) -> ScrubResult:
                 header[start:start + n] = new
         elif act == "age":
             _cap_numeric_age(header, start, n, typ, res, label)
+        elif act == "keep" and (dt := _NC_NUMBERS.get(typ)) and not n % _NC_SIZES[typ]:
+            import numpy as np
+            clean = _without_identifiers(np.frombuffer(bytes(header[start:start + n]), dt), ctx)
+            if clean is not None:
+                header[start:start + n] = clean.tobytes()
+                res.act(label, "emptied (a number wrote an identifier)")
         elif act in ("empty", "pseudonym", "descriptor", "date", "time") and any(header[start:start + n]):
             if act == "time" and ctx.date_policy != "remove":
                 continue
@@ -438,6 +457,10 @@ def _minc2_scrub(src: Path, dst: Path, ctx: ScrubContext) -> ScrubResult:
                             new = new_text(act, raw, ctx, res, label)
                             if new is not None:
                                 obj.attrs.modify(name, np.array(new, dtype=dt))
+                        elif act == "keep" and (clean := _without_identifiers(np.asarray(obj.attrs[name]),
+                                                                                ctx)) is not None:
+                            obj.attrs.modify(name, clean.astype(dt))
+                            res.act(label, "emptied (a number wrote an identifier)")
                         elif act == "keep" or (act == "time" and ctx.date_policy != "remove"):
                             continue
                         elif act == "age":

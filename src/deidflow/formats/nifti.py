@@ -45,6 +45,14 @@ ANALYZE_UNITS = {"vox_units": (56, 4), "cal_units": (60, 8)}
 # Analyze fields NIfTI-1 keeps only as unused room: any bytes in them are emptied (``regular`` may
 # keep the conventional ``r``), so text there travels nowhere.
 NIFTI1_UNUSED = {"extents": (32, 7), "glmax": (140, 8)}  # extents+session_error+regular; glmax+glmin
+# Numeric fields a value could be stored in as a number (an MRN as intent_p1): emptied when one
+# writes an identifier of the subject (``ScrubContext.identifying_numbers``; the leak scan reads
+# them too).  name: (offset, struct code)
+NIFTI1_NUMBERS = {"intent_p1": (56, "f"), "intent_p2": (60, "f"), "intent_p3": (64, "f"), "cal_max": (124, "f"),
+                  "cal_min": (128, "f"), "slice_duration": (132, "f"), "toffset": (136, "f")}
+NIFTI2_NUMBERS = {"intent_p1": (80, "d"), "intent_p2": (88, "d"), "intent_p3": (96, "d"), "cal_max": (192, "d"),
+                  "cal_min": (200, "d"), "slice_duration": (208, "d"), "toffset": (216, "d")}
+NUMBERS = {"nifti1": NIFTI1_NUMBERS, "nifti2": NIFTI2_NUMBERS}
 _PRINTABLE = re.compile(rb"^[\x20-\x7e]{4,}$")
 ORIGINATOR = (253, 10)
 # Fields cleaned instead of emptied with clean_descriptors.
@@ -213,6 +221,12 @@ def _scrub_fields(head: bytearray, layout: _Layout, ctx: ScrubContext, res: Scru
         else:
             head[off:off + n] = bytes(n)
             res.act(name, "emptied")
+    numbers = NUMBERS.get(layout.flavour, {})
+    values = [struct.unpack_from(layout.endian + code, head, off)[0] for off, code in numbers.values()]
+    for i in ctx.identifying_numbers(values):
+        name, (off, code) = list(numbers.items())[i]
+        head[off:off + struct.calcsize(code)] = bytes(struct.calcsize(code))
+        res.act(name, "emptied (it wrote an identifier)")
     if layout.flavour == "nifti1":
         for name, (off, n) in NIFTI1_UNUSED.items():
             raw = bytes(head[off:off + n])

@@ -10,7 +10,10 @@ back to the text's offsets:
 * UTF-16 text (Latin-1 range, either byte order) inside binary values: Windows-based devices keep
   XML and state in UTF-16 (``Z\0e\0b\0…``), which the byte forms of a value never match;
 * UTF-16 text of the other scripts the searched values are written in (``script_views``);
-* zlib and gzip streams inside binary values (``compressed_views``).
+* text in legacy CJK encodings (Shift-JIS, GB18030/GBK, Big5, EUC-JP, EUC-KR, ISO 2022 JIS) around
+  the searched values' own characters (``legacy_views``);
+* zlib and gzip streams inside binary values (``compressed_views``);
+* base64 payloads in kept text (``base64_views``).
 """
 from __future__ import annotations
 
@@ -140,9 +143,39 @@ def _unfold(f: int, marks, starts, end: bool) -> int:
 
 
 def _view_hits(view: bytes, spans: Spans) -> list:
-    """What ``spans`` finds in another reading of a text: as it is and with accents folded (the
-    reading's own views are not taken again)."""
-    return spans(view, folded=True) + fold_accents(view, spans)
+    """What ``spans`` finds in another reading of a text: as it is, with accents folded and with
+    ideographic spaces read as spaces (the reading's own views are not taken again)."""
+    return spans(view, folded=True) + fold_accents(view, spans) + wide_space_views(view, spans)
+
+
+_WIDE_SPACE = "\u3000".encode()  # the ideographic space: 山田　太郎, やまだ　たろう in Japanese text
+
+
+def wide_space_views(text: bytes, spans: Spans) -> list[tuple[int, int, "Needle"]]:
+    """The occurrences ``spans`` finds with each ideographic space (U+3000, UTF-8) of ``text`` read
+    as one space, around those spaces only, at their offsets in ``text``: a CJK name's forms are
+    written with an ASCII space between family and given name (a CJK form is a substring, which
+    has no word to read white space loosely around)."""
+    i = text.find(_WIDE_SPACE)
+    if i < 0:
+        return []
+    out = []
+    while i >= 0:
+        s0, e0 = max(0, i - _FOLD_REACH), i + _FOLD_REACH
+        j = text.find(_WIDE_SPACE, i + 3)
+        while 0 <= j < e0:  # one window for the spaces near each other
+            e0, j = j + _FOLD_REACH, text.find(_WIDE_SPACE, j + 3)
+        window = text[s0:e0]
+        at, pos = [], 0  # the offset in text of each byte of the view (and its end)
+        for k in [m for m in range(len(window)) if window.startswith(_WIDE_SPACE, m)]:
+            at += range(s0 + pos, s0 + k + 1)
+            pos = k + 3
+        at += range(s0 + pos, s0 + len(window) + 1)
+        for s, e, n in spans(window.replace(_WIDE_SPACE, b" "), folded=True):
+            if window.find(_WIDE_SPACE, max(0, at[s] - s0), at[e] - s0) >= 0:  # else found as written
+                out.append((at[s], at[e - 1] + (3 if text.startswith(_WIDE_SPACE, at[e - 1]) else 1), n))
+        i = j
+    return out
 
 
 # UTF-16 text: Latin-1 characters each followed (LE) or preceded (BE) by a zero byte, found in the
@@ -257,6 +290,221 @@ def _script_view(text: bytes, s0: int, e0: int, codec: str, spans: Spans) -> lis
                 ends.append(ends[-1] + len(c.encode("utf-8")))
             at = {o: k for k, o in enumerate(ends)}
             out += [(start + 2 * at[s], start + 2 * at[e], n) for s, e, n in hits if s in at and e in at]
+    return out
+
+
+# Text in the legacy CJK encodings: GB18030/GBK (and GB2312, ISO 2022 IR 58's bytes), Big5,
+# Shift-JIS, EUC-JP and EUC-KR/UHC (ISO 2022 IR 149's bytes) that DICOM's SpecificCharacterSet
+# names or vendors write into private values, and 7-bit ISO 2022 (IR 87, IR 159: JIS).  Found, as
+# the UTF-16 views above, only around the first two bytes of a character the searched values hold
+# (above Latin-1) in one of these encodings, then read from a character boundary before it, decoded
+# and searched as UTF-8.  Every lead byte is >= 0x81: ASCII text never starts a read.
+LEGACY_CODECS = ("gb18030", "big5", "cp932", "euc_jp", "cp949")
+_LEGACY_REACH = 96  # bytes read after the character found
+_LEGACY_BACK = 24  # and before it (the year of 1961年4月23日, a given name before its family name)
+DATE_CHARS = frozenset("年년")  # a written date's year mark: read around it when dates are searched
+
+
+@lru_cache(maxsize=64)
+def _legacy_pairs(chars: frozenset[str]) -> tuple[bytes, dict[bytes, tuple[str, ...]]]:
+    """The first two bytes of each of ``chars`` in each legacy codec (-> those codecs), and a
+    translation table marking the first bytes (L), the second bytes (T) or both (B)."""
+    pairs: dict[bytes, list[str]] = {}
+    for c in chars:
+        for codec in LEGACY_CODECS:
+            try:
+                e = c.encode(codec)
+            except UnicodeEncodeError:
+                continue
+            if len(e) >= 2 and e[0] >= 0x81:
+                pairs.setdefault(e[:2], []).append(codec)
+    firsts, seconds = {p[0] for p in pairs}, {p[1] for p in pairs}
+    table = bytes(ord("B") if b in firsts and b in seconds else ord("L") if b in firsts
+                  else ord("T") if b in seconds else ord(".") for b in range(256))
+    return table, {k: tuple(dict.fromkeys(v)) for k, v in pairs.items()}
+
+
+def _decoded(data: bytes, codec: str) -> tuple[str, int]:
+    """The longest prefix of ``data`` that decodes as ``codec``, decoded, and its length."""
+    try:
+        return data.decode(codec), len(data)
+    except UnicodeDecodeError as exc:
+        try:
+            return data[:exc.start].decode(codec), exc.start
+        except UnicodeDecodeError:  # (a codec that needs what follows to end its prefix)
+            return "", 0
+
+
+def _char_ends(data: bytes, chars: str, codec: str) -> list[int]:
+    """The byte offset in ``data`` at which each of ``chars`` (its decoded prefix) ends."""
+    import codecs
+    ends: list[int] = []
+    try:
+        if not codec.startswith("iso2022"):
+            pos = 0
+            for c in chars:
+                pos += len(c.encode(codec))
+                ends.append(pos)
+            return ends
+        dec = codecs.getincrementaldecoder(codec)()  # escape sequences: fed byte by byte
+        for i in range(len(data)):
+            ends += [i + 1] * len(dec.decode(data[i:i + 1]))
+            if len(ends) >= len(chars):
+                break
+    except UnicodeError:  # a character that does not go back: the ones before it are placed
+        pass
+    return ends
+
+
+def _legacy_view(text: bytes, start: int, end: int, codec: str, spans: Spans) -> tuple[list, list[int]]:
+    """The hits of ``spans`` in ``text[start:end]`` decoded as ``codec`` (as far as it decodes), at
+    their offsets in ``text``, and the offsets at which the characters read start (and the last
+    ends; not for ISO 2022)."""
+    data = text[start:end]
+    chars, _ = _decoded(data, codec)
+    if max(chars, default="\0") <= "\xff":
+        return [], []
+    hits = _view_hits(chars.encode("utf-8"), spans)
+    iso = codec.startswith("iso2022")
+    if iso and not hits:
+        return [], []
+    at, pos = {0: start}, 0  # UTF-8 offset -> offset in text
+    for c, e in zip(chars, _char_ends(data, chars, codec)):
+        pos += len(c.encode("utf-8"))
+        at[pos] = start + e
+    return [(at[s], at[e], n) for s, e, n in hits if s in at and e in at], [] if iso else list(at.values())
+
+
+def legacy_views(text: bytes, spans: Spans, chars: frozenset[str]) -> list[tuple[int, int, "Needle"]]:
+    """The occurrences ``spans`` finds in the stretches of ``text`` (as read, not lower-cased: a
+    second byte may be an ASCII letter) written in a legacy CJK encoding (:data:`LEGACY_CODECS`,
+    7-bit ISO 2022 JIS) that hold one of ``chars``, at their offsets in ``text``."""
+    out: list = []
+    if not chars:
+        return out
+    table, pairs = _legacy_pairs(chars)
+    if pairs:
+        classes = text.translate(table)
+        found = []
+        for pat in (b"LT", b"LB", b"BT", b"BB"):
+            i = classes.find(pat)
+            while i >= 0:
+                found.append(i)
+                i = classes.find(pat, i + 1)
+        read: dict[str, set[int]] = {}  # per codec: the character starts already read
+        for i in sorted(found):
+            for codec in pairs.get(text[i:i + 2], ()):
+                done = read.setdefault(codec, set())
+                if i in done:
+                    continue
+                hits, starts = [], []
+                for q in _boundaries(text, i):
+                    hits, starts = _legacy_view(text, q, i + _LEGACY_REACH, codec, spans)
+                    if i in starts:  # read in step with the character found
+                        break
+                out += hits
+                # a form (at most 48 bytes) that starts before the read's last 48 bytes was read whole
+                done.update(x for x in starts if x <= starts[-1] - 48)
+    # ISO 2022 IR 87 / IR 159: JIS X 0208 / 0212 in 7 bits, switched in and out by escape sequences;
+    # read from a little before the first switch (the year before 年) as far as it decodes
+    k, pos = text.find(b"\x1b$"), 0
+    while k >= 0:
+        start = max(pos, k - _LEGACY_BACK)
+        if start + _decoded(text[start:k + 3], "iso2022_jp_2")[1] < k + 3:
+            start = k  # the bytes before the switch are no ISO 2022 text
+        out += _legacy_view(text, start, k + _ISO2022_READ, "iso2022_jp_2", spans)[0]
+        pos = start + _decoded(text[start:k + _ISO2022_READ], "iso2022_jp_2")[1]
+        k = text.find(b"\x1b$", max(pos, k + 3))
+    return out
+
+
+_ISO2022_READ = 4096
+
+
+def _boundaries(text: bytes, i: int) -> list[int]:
+    """Where to start reading the character at ``i``: at the first and at the last byte below 0x40
+    (digits, space, punctuation: never the second byte of a character in these encodings, so a
+    character starts there) of the :data:`_LEGACY_BACK` bytes before it, then at ``i`` itself."""
+    safe = [q for q in range(max(0, i - _LEGACY_BACK), i) if text[q] < 0x40]
+    return list(dict.fromkeys(safe[:1] + safe[-1:] + [i]))
+
+
+# base64 payloads in kept text (a data URI, XML or JSON a device or a script encoded): the runs of
+# the alphabet (URL-safe too) of at least _B64_MIN characters that decode to text are decoded and
+# searched, and a hit covers the whole run.  Base64 of text has a shape: each group of four encodes
+# three bytes of text (printable ASCII, tab, line ends, a UTF-16 zero byte), which leaves only some
+# letters possible at each of a group's first three places; protocol identifiers (sCoilSelectMeas,
+# aRxCoilSelectData: about 2,600 runs of twelve or more in a 134 kB Siemens header) rarely have it
+# (of 2,512 distinct runs in 149 real Siemens and GE headers, 6 pass and decode to text, none to a
+# name).  The runs are listed in C (translate, split), the test and the decoding are cached per run
+# (a series repeats them), so a header without payloads pays the listing.  zlib and gzip streams
+# (eJ, H4sI) are decoded and inflated whatever their shape.
+_B64_MIN = 8  # characters: six bytes, a bare MRN
+_B64_SHAPE_SHARE = 0.7  # of a run's groups that have the shape of text (UTF-8 beside ASCII lowers it)
+_B64_ALPHABET = frozenset(b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/-_")
+_B64_KEEP = bytes(c if c in _B64_ALPHABET else 32 for c in range(256))
+_B64_VALUE = {c: i for i, c in enumerate(b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/")}
+_B64_VALUE.update({ord("-"): 62, ord("_"): 63})
+_TEXT_BYTES = (0, 9, 10, 13, *range(0x20, 0x7F))
+_TEXT_BYTE_SET = bytes(_TEXT_BYTES)
+
+
+def _b64_place_table(ok: set[int]) -> bytes:
+    return bytes(ord("y") if _B64_VALUE.get(c, -1) in ok else ord("n") for c in range(256))
+
+
+_B64_PLACES = (_b64_place_table({b >> 2 for b in _TEXT_BYTES}),
+               _b64_place_table({(x << 4) | (b >> 4) for x in range(4) for b in _TEXT_BYTES}),
+               _b64_place_table({((b & 15) << 2) | (c >> 6) for b in _TEXT_BYTES for c in _TEXT_BYTES}))
+_B64_URLSAFE = bytes.maketrans(b"-_", b"+/")
+
+
+@lru_cache(maxsize=1 << 14)
+def _b64_payloads(run: bytes) -> tuple[tuple[bytes, bool], ...]:
+    """What ``run`` decodes to at each offset where it is base64 of text (at least two groups, most
+    of them in the shape of base64 of text, and text once decoded), or of a zlib/gzip stream
+    (``packed``): (bytes, packed) each.  Cached: a pure function of the run."""
+    import binascii
+    out = []
+    for phase in range(4):
+        packed = run.startswith((b"eJ", b"H4sI"), phase)
+        groups = (len(run) - phase) // 4
+        if not packed:
+            if groups < 2:
+                continue
+            body = run[phase:phase + 4 * groups]
+            places = [body[k::4].translate(t) for k, t in enumerate(_B64_PLACES)]
+            shaped = sum(a == b == c == 121 for a, b, c in zip(*places))  # 121: "y", each place of text
+            if shaped < _B64_SHAPE_SHARE * groups or (groups <= 3 and shaped < groups):
+                continue
+        body = run[phase:].translate(_B64_URLSAFE)
+        body = body[:-1] if len(body) % 4 == 1 else body + b"=" * (-len(body) % 4)
+        try:
+            raw = binascii.a2b_base64(body)
+        except binascii.Error:
+            continue
+        if packed or len(raw.translate(None, _TEXT_BYTE_SET)) <= (1 - _B64_SHAPE_SHARE) * len(raw):
+            out.append((raw, packed))
+    return tuple(out)
+
+
+def base64_views(text: bytes, spans: Spans) -> list[tuple[int, int, "Needle"]]:
+    """The values ``spans`` finds in the base64 runs of ``text`` (as read, not lower-cased) that
+    decode to text (or to a zlib/gzip stream), each at the span of every occurrence of the run."""
+    out: list = []
+    for run in {r for r in text.translate(_B64_KEEP).split() if len(r) >= _B64_MIN}:
+        found: dict[int, "Needle"] = {}
+        for raw, packed in _b64_payloads(run):
+            hits = compressed_views(raw, spans) if packed else _view_hits(raw, spans) + utf16_views(raw.lower(), spans)
+            found.update((id(n), n) for _, _, n in hits)
+        if found:
+            i = text.find(run)
+            while i >= 0:
+                e = i + len(run)
+                if (not i or text[i - 1] not in _B64_ALPHABET) and (e == len(text) or text[e] not in _B64_ALPHABET):
+                    e += len(text[e:e + 2]) - len(text[e:e + 2].lstrip(b"="))  # and its padding
+                    out += [(i, e, n) for n in found.values()]
+                i = text.find(run, i + 1)
     return out
 
 

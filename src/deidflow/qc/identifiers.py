@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import os
 import re
 import unicodedata
@@ -26,7 +27,8 @@ from pathlib import Path
 from typing import Iterable, Iterator, Mapping
 
 from ..fsutil import RESTRICTED_FILE_MODE, atomic_write_text, make_restricted_dir
-from .folding import FOLD_EXTRA, compressed_views, fold_accents, script_views, utf16_views
+from .folding import (DATE_CHARS, FOLD_EXTRA, base64_views, compressed_views, fold_accents, legacy_views,
+                      script_views, utf16_views, wide_space_views)
 
 KINDS = ("name", "date", "datetime", "time", "uid", "id", "path")
 IDENTIFIERS_DIR = "identifiers"
@@ -1329,21 +1331,41 @@ def _uid_component(hay: bytes, s: int, e: int) -> bool:
 
 
 _TOKEN = re.compile(rb"[a-z]+|[0-9]+")
+_TITLES = rb"(?:dr|prof|med|mr|mrs|ms|herr|frau|mme|sig|sra?|univ|doz|pd)\.?"
+_WHITE_RUN = re.compile(rb"[ \t\r\n\\]+(?:" + _TITLES + rb"[ \t\r\n]+)*")  # read as one space (\\: two DICOM values)
+_LOOSE_NEAR = re.compile(rb"[\t\r\n\\]|  |(?<![a-z])" + _TITLES + rb"[ \t\r\n]")  # where that changes a text
 _UID_TOKEN = re.compile(rb"[0-9]+(?:\.[0-9]+)+")
 _SPLIT_WORDS = re.compile(r"[\s,;]+")
-_ID_SEPARATOR_BYTES = b" \t\r\n()./_:+-"
+_ID_SEPARATOR_BYTES = b" \t\r\n()./_:+-\\"  # (a backslash: an ID split over two DICOM values)
 _YEAR = re.compile(rb"(?:1[89]|20)[0-9][0-9]")
 _DATE_BEFORE, _DATE_AFTER = 48, 20  # after the year: " 년 4 월 23 일" takes 19 bytes
 # A numeric date with a two-digit year (12.03.61): looked up whole, not by its two-digit tokens
 # (which occur everywhere in binary blobs).
 _SHORT_DATE = re.compile(rb"(?<![0-9.])[0-9]{2}[./-][0-9]{2}[./-][0-9]{2}(?![0-9]|\.[0-9])")
-_SEPARATORS_RE = rb"[" + re.escape(b" \t\r\n()./_:+-") + rb"]*"
+_SEPARATORS_RE = rb"[" + re.escape(_ID_SEPARATOR_BYTES) + rb"]*"
 
 
 @lru_cache(maxsize=4096)
 def _spaced(compact: bytes) -> re.Pattern:
     """An ID's letters and digits with any separators between them."""
     return re.compile(_SEPARATORS_RE.join(re.escape(bytes([c])) for c in compact))  # how far a written date reaches before and after its year
+
+
+def _year_of_a_date(low: bytes, p: int) -> bool:
+    """Whether the four digits at ``p`` can be the year of a date :func:`dates_in` reads: a number
+    of their own (1961-04-23, 23.4.1961, 1961年), or the first or last four of a number of eight
+    digits (19610423, 23041961); not four digits inside a longer number (a UID, a time stamp, a
+    count), where a window for every searched year cost as much as the rest of the matcher on a
+    Siemens header once the other subjects' birth years were searched."""
+    before = p > 0 and 48 <= low[p - 1] <= 57
+    after = p + 4 < len(low) and 48 <= low[p + 4] <= 57
+    if not before and not after:
+        return True
+    if before and after:
+        return False
+    if after:  # the number starts here: eight digits in all
+        return p + 8 <= len(low) and low[p + 4:p + 8].isdigit() and not (p + 8 < len(low) and 48 <= low[p + 8] <= 57)
+    return p >= 4 and low[p - 4:p].isdigit() and not (p > 4 and 48 <= low[p - 5] <= 57)
 
 
 def anchor(text: bytes) -> tuple[int, bytes] | None:
@@ -1410,6 +1432,7 @@ class Matcher:
                 if not _index(self.anchors, n):
                     self.substrings.append(n)
         self.anchor_keys = frozenset(self.anchors)
+        self._reach: dict[bytes, int] = {}  # per anchor: its longest form (how far white space is looked for)
         self.uid_keys = frozenset(self.uids)
         self.date_years = frozenset(k[:4] for k in self.dates)
         self.digit_anchor_lengths = sorted({len(t) for t in self.compact_anchors if t.isdigit()})
@@ -1423,6 +1446,13 @@ class Matcher:
     def script_chars_all(self) -> frozenset[str]:
         """The searched values' characters above Latin-1 (UTF-16 text is read around them)."""
         return self.script_chars
+
+    @staticmethod
+    @lru_cache(maxsize=64)
+    def east_asian_chars(chars: frozenset[str]) -> bool:
+        """Whether searched characters are Japanese, Chinese or Korean: their dates are then also
+        read in legacy CJK encodings (1961年4月23日 in Shift-JIS; ``folding.legacy_views``)."""
+        return any(east_asian(c) for c in chars)
 
     def empty(self) -> bool:
         """Nothing to search for (a subclass may search more than its needles)."""
@@ -1491,19 +1521,58 @@ class Matcher:
             seen = {(s, e, n.digest) for s, e, n in hits}
             hits += [h for h in born if (h[0], h[1], h[2].digest) not in seen]
         if not folded:  # MULLER^JURGEN written Müller Jürgen; UTF-16 text in binary values
-            hits += fold_accents(low, self.spans) + utf16_views(low, self.spans) + \
-                script_views(text, self.spans, self.script_chars_all()) + compressed_views(text, self.spans)
+            chars = self.script_chars_all()
+            hits += fold_accents(low, self.spans) + utf16_views(low, self.spans) + wide_space_views(low, self.spans) + \
+                script_views(text, self.spans, chars) + compressed_views(text, self.spans) + \
+                legacy_views(text, self.spans, chars | DATE_CHARS if self.dates and self.east_asian_chars(chars)
+                             else chars) + \
+                base64_views(text, self.spans)
         return hits
 
     def _anchored(self, low: bytes, i: int, tok: bytes, hits: list) -> None:
-        """The values anchored on ``tok`` that occur, whole, around its occurrence at ``i``."""
-        for (off, n), forms in self.anchors[tok].items():
+        """The values anchored on ``tok`` that occur, whole, around its occurrence at ``i``; a form
+        of several words also with a line break, a tab or more than one space between them
+        (``Erika\nMustermann``, ``Wu  Li``: a wrapped line, a padded field)."""
+        shapes = self.anchors[tok]
+        for (off, n), forms in shapes.items():
             s = i - off
             if s >= 0 and (found := forms.get(low[s:s + n])):
                 if _bounded(low, s, s + n):
                     hits.extend((s, s + n, needle) for needle in found)
                 elif _uid_component(low, s, s + n):  # root.<accession number>: an ID, not a date
                     hits.extend((s, s + n, needle) for needle in found if needle.kind == "id")
+        if not _bounded(low, i, i + len(tok)):
+            return  # (the anchor of a form found whole is a whole word: "li" in "slice" is none)
+        reach = self._reach.get(tok)
+        if reach is None:
+            reach = self._reach[tok] = max(n for _, n in shapes)
+        if _LOOSE_NEAR.search(low, max(0, i - reach - 4), i + reach + 4):
+            self._anchored_loose(low, i, shapes, reach, hits)
+
+    @staticmethod
+    def _anchored_loose(low: bytes, i: int, shapes: dict, reach: int, hits: list) -> None:
+        """:meth:`_anchored` in the text around ``i`` with each run of white space, and the titles
+        in it (``Mustermann, Prof. Dr. Erika``), read as one space."""
+        a = max(0, i - 2 * reach - 8)
+        seg = low[a:i + 2 * reach + 8]
+        parts, at, pos = [], [], 0  # at: the offset in low of each byte of the loose reading
+        for m in _WHITE_RUN.finditer(seg):
+            parts += [seg[pos:m.start()], b" "]
+            at += [*range(a + pos, a + m.start()), a + m.start()]
+            pos = m.end()
+        parts.append(seg[pos:])
+        at += range(a + pos, a + len(seg))
+        loose = b"".join(parts)
+        try:
+            j = at.index(i)
+        except ValueError:
+            return  # the anchor is itself a word read as a title (a name "Med")
+        for (off, n), forms in shapes.items():
+            s = j - off
+            if s >= 0 and s + n <= len(loose) and (found := forms.get(loose[s:s + n])):
+                start, end = at[s], at[s + n - 1] + 1
+                if low[start:end] != loose[s:s + n] and _bounded(low, start, end):  # (as written: found above)
+                    hits.extend((start, end, needle) for needle in found)
 
     def _date_windows(self, low: bytes) -> list[tuple[int, int]]:
         """Stretches of ``low`` around each occurrence of a searched date's year (a written date
@@ -1519,6 +1588,8 @@ class Matcher:
             pos = [m.start() for m in _YEAR.finditer(low) if m.group() in self.date_years]
         out: list[list[int]] = []
         for p in sorted(pos):
+            if not _year_of_a_date(low, p):
+                continue
             s, e = max(0, p - _DATE_BEFORE), min(len(low), p + 4 + _DATE_AFTER)
             while s > 0 and (48 <= low[s - 1] <= 57 or low[s - 1] == 46):
                 s -= 1  # do not start inside a number
@@ -1561,6 +1632,12 @@ class Matcher:
                 if e - s > len(text) and _bounded(low, s, e):  # written with separators
                     out += [(s, e, n) for n in needles]
         return out
+
+    def numbers(self, values: Iterable[float]) -> list[tuple[int, Needle]]:
+        """(position, needle) of each number in ``values`` (a numeric header field's) that writes an
+        identifier: an MRN or a birth date YYYYMMDD stored as a number is found in the number's
+        digits (:func:`number_text`)."""
+        return [(i, n) for i, v in enumerate(values) if (t := number_text(v)) for _, _, n in self.spans(t, folded=True)]
 
     def find(self, text: bytes | str) -> list[tuple[int, Needle]]:
         """(offset, needle) of every occurrence in ``text`` (bytes, or str searched as UTF-8)."""
@@ -1611,6 +1688,19 @@ class Matcher:
         return "".join(chars)
 
 
+def number_text(value) -> bytes:
+    """A number as the text an identifier stored in a numeric field reads as: an integral value of
+    six digits or more as its digits (4455667.0 -> ``4455667``, 19610423.0 -> ``19610423``); empty
+    for any other (a fraction or a small count holds no identifier the matcher would find in it)."""
+    try:
+        x = float(value)
+    except (TypeError, ValueError, OverflowError):
+        return b""
+    if not math.isfinite(x) or x != int(x) or abs(x) < 100000 or abs(x) >= 1e19:
+        return b""
+    return str(abs(int(x))).encode()
+
+
 def _digest(salt: bytes, value: str) -> str:
     return hashlib.blake2s(value.encode("utf-8"), key=salt, digest_size=6).hexdigest()
 
@@ -1637,7 +1727,7 @@ def needles_for(subject: str, entries: Iterable[tuple[str, str, str]], salt: byt
                 if excluded is not None:
                     excluded[rule] += 1
                 continue
-            nkind = "name" if kind.startswith("whole_name") else kind
+            nkind = "name" if kind.startswith("whole_name") else "date" if kind == "date_year4" else kind
             out += [Needle(text, nkind, fld, digest, subject, mode) for text, mode in texts]
             # full width: an ID, and a name form of the name's own Latin words (YAMADA TAROU), not
             # the spellings made of its CJK characters (Wang Xiaoming in pinyin, Hong Gildong)
@@ -1668,15 +1758,18 @@ def full_width_forms(form: str) -> set[bytes]:
 def _searched(kind: str, value: str) -> tuple[tuple[tuple[str, str], str | None, tuple[tuple[bytes, str], ...]], ...]:
     """What :func:`needles_for` searches for one value, whoever it belongs to: per form, its key
     (a subject's forms are searched once), the rule that excludes it or None, and its byte forms
-    with their modes.  Cached: values many subjects share (institution, dates) are worked out once."""
+    with their modes.  Cached: values many subjects share (institution, dates) are worked out once.
+    Kind ``date_year4``: a date in its written forms with a four-digit year (and after a birth
+    word in any form), not in the literal two-digit-year forms (another subject's birth date)."""
     out = []
-    if kind in ("date", "datetime"):
+    if kind in ("date", "datetime", "date_year4"):
         d = value.strip()[:8]
         if len(d) == 8 and d.isdigit():
             rule = excluded_by(d, "date")
-            texts = [] if rule else [(d.encode(), "date")] + [(f.encode(), "literal") for f in _two_digit_year_forms(d)]
+            short = [] if kind == "date_year4" else [(f.encode(), "literal") for f in _two_digit_year_forms(d)]
+            texts = [] if rule else [(d.encode(), "date")] + short
             out.append(((d, "date"), rule, tuple(texts)))
-        if kind == "date":
+        if kind != "datetime":
             return tuple(out)
     for form in sorted(forms(kind, value)):
         rule = excluded_by(form, kind)

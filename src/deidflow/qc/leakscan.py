@@ -54,6 +54,12 @@ _NIFTI2_FIELDS = ((240, 320, "descrip"), (320, 344, "aux_file"), (508, 524, "int
 CHUNK = 1 << 24
 
 
+def _nifti_numbers() -> dict[int, dict[str, tuple[int, str]]]:
+    """The numeric NIfTI-1 and NIfTI-2 header fields a value could be stored in as a number."""
+    from ..formats.nifti import NIFTI1_NUMBERS, NIFTI2_NUMBERS
+    return {1: NIFTI1_NUMBERS, 2: NIFTI2_NUMBERS}
+
+
 @dataclass
 class Hit:
     """One found value: where (file, location) and what (kind, the attribute or field the value
@@ -331,6 +337,11 @@ def _scan_nifti(data: bytes, rel: str, prefix: str, matcher: Matcher, res: FileS
     exts = _nifti_extensions(head, ext_start, e)
     for off, n in matcher.find(head):
         res.hits.append(_hit(rel, prefix + _nifti_location(off, fields, exts, ext_start), n))
+    # an MRN or a birth date stored as a number (intent_p1 …); Analyze has other fields there
+    numbers = _nifti_numbers()[kind] if kind == 2 or head[344:347] in (b"n+1", b"ni1") else {}
+    values = [struct.unpack_from(e + code, head, off)[0] for off, code in numbers.values()]
+    for i, n in matcher.numbers(values):
+        res.hits.append(_hit(rel, prefix + f"NIfTI header field {list(numbers)[i]} (a number)", n))
     body = total - header_end
     if pixel_data and len(data) > header_end:
         for off, n in matcher.find(data[header_end:]):
@@ -748,30 +759,35 @@ def unit_needles(restricted: Path, manifest: Mapping, salt: bytes, excluded: Cou
 
 def other_units_values(restricted: Path, manifest: Mapping, salt: bytes, only: Iterable[str] | None = None
                        ) -> tuple[list[Needle], dict[str, str], list[str]]:
-    """The patient IDs and accession numbers (as needles) and the patient names of every subject
-    outside the job unit (from the inventory, read before any job ran), or of those in ``only``:
-    one patient's MRN or name in another unit's file (a mis-filed comparison study, a note naming
-    another patient) is found by that unit's scan, before it is published (:class:`UnitMatcher`).
-    Values one of the unit's own subjects also carries are its own, not another's.  Last, every
-    subject of the inventory: whose values the scan searched (:func:`late_subject_scan`)."""
+    """The patient IDs, accession numbers and birth dates (as needles) and the patient names of
+    every subject outside the job unit (from the inventory, read before any job ran), or of those
+    in ``only``: one patient's MRN, birth date or name in another unit's file (a mis-filed
+    comparison study, a note naming another patient) is found by that unit's scan, before it is
+    published (:class:`UnitMatcher`), as ``deidflow verify`` finds it afterwards.  Values one of
+    the unit's own subjects also carries are its own, not another's.  Last, every subject of the
+    inventory: whose values the scan searched (:func:`late_subject_scan`)."""
     from .. import inventory
     own = {subj["subject"] for subj in manifest["subjects"]}
-    columns = ["subject", "patient_id", "accession", "patient_name"]
+    columns = ["subject", "patient_id", "accession", "patient_name", "birth_date"]
     try:
-        table = inventory.read(restricted, columns=columns)
+        import pyarrow.parquet as pq
+        have = set(pq.ParquetFile(Path(restricted) / "inventory.parquet").schema_arrow.names)
+        table = inventory.read(restricted, columns=[c for c in columns if c in have])
     except FileNotFoundError:  # a library caller's hand-made restricted folder: its own values only
         return [], {}, sorted(own)  # (a damaged inventory fails the job: in a run every job reads it at start anyway)
-    rows = list(zip(*(table[c].to_pylist() for c in columns)))
+    rows = list(zip(*(table[c].to_pylist() if c in have else [None] * table.num_rows for c in columns)))
     mine = {v for s, *values in rows if s in own for v in values if v}
     wanted = None if only is None else set(only)
     ids: dict[str, set[tuple[str, str, str]]] = {}
     names: dict[str, str] = {}
     wide: set[str] = set()  # subjects whose CJK name is in names: their IDs also in full width
-    for s, pid, acc, name in rows:
+    for s, pid, acc, name, birth in rows:
         if s and s not in own and (wanted is None or s in wanted):
             for fld, v in (("PatientID", pid), ("AccessionNumber", acc)):
                 if v and v not in mine:
                     ids.setdefault(s, set()).add(("id", fld, v))
+            if birth and birth not in mine and len(d := birth.replace("-", "")[:8]) == 8 and d.isdigit():
+                ids.setdefault(s, set()).add(("date_year4", "PatientBirthDate", d))
             if name and name not in mine:
                 if idmod.east_asian(name) and idmod.script_name_anchors(name) is None:
                     # with its IDs (also full width), made now: its CJK forms have no word (kana,
@@ -782,14 +798,17 @@ def other_units_values(restricted: Path, manifest: Mapping, salt: bytes, only: I
                     if idmod.east_asian(name):
                         wide.add(s)
     roster = sorted({s for s, *_ in rows if s} | own)
+    # a birth date is searched in every written form with its four-digit year and, after a birth
+    # word, in any form (DOB 23.04.61); not as a bare two-digit-year form (23.04.61): at thousands of
+    # subjects a third of such dates in a text would be somebody's birth date (kind date_year4)
     return ([n for s, e in sorted(ids.items()) for n in needles_for(s, sorted(e), salt, wide=s in wide or None)],
             names, roster)
 
 
 class UnitMatcher(Matcher):
     """The matcher of one job unit's scan: ``needles`` (its subjects' values, every other subject's
-    IDs) and the other subjects' ``names`` searched as written whole (DOE^JOHN, John Doe, Doe, John;
-    a family name or an initial alone, and dates, are shared by many of thousands of subjects).
+    IDs and birth date) and the other subjects' ``names`` searched as written whole (DOE^JOHN, John
+    Doe, Doe, John; a family name or an initial alone is shared by many of thousands of subjects).
     A name's needles are made only when a scanned text holds the word one of its forms is anchored
     on (making 10,000 names into needles cost each unit job about 1 s; a text names few people):
     it finds what one :class:`Matcher` of all of them finds.  ``len`` counts ``needles`` only."""
