@@ -22,8 +22,8 @@ from pathlib import Path
 from typing import Any, Iterable, Mapping
 
 from .errors import EXIT_INCOMPLETE, EXIT_OK, PublicError, UsageError
-from .fsutil import (QC_SUBDIR, RESTRICTED_FILE_MODE, append_line, atomic_write_bytes, atomic_write_text, layout_parents, make_restricted_dir,
-                     publish_dir, remove_tree)
+from .fsutil import (QC_SUBDIR, RESTRICTED_FILE_MODE, append_line, atomic_write_bytes, atomic_write_text, layout_parents,
+                     make_release_dir, make_restricted_dir, publish_dir, release_modes, remove_tree, restricted_modes)
 
 MARKER = "RELEASE_INCOMPLETE"
 MARKER_TEXT = ("This release is incomplete (a deidflow run is under way, or stopped before it finished): "
@@ -77,7 +77,7 @@ def release_subjects(release: Path) -> set[str]:
 def mark_incomplete(release: Path, restricted: Path) -> None:
     """Put the RELEASE_INCOMPLETE marker at the release root (the start of a run)."""
     release, restricted = Path(release), Path(restricted)
-    release.mkdir(parents=True, exist_ok=True)
+    make_release_dir(release)
     if not (release / MARKER).exists():
         make_restricted_dir(restricted)
         atomic_write_text(release / MARKER, MARKER_TEXT, 0o644, scratch_dir(release, restricted))
@@ -126,7 +126,7 @@ def publish_unit(manifest: Path, verify_done: Path, staging: Path, release: Path
         make_restricted_dir(plan_file.parent)
         atomic_write_text(plan_file, json.dumps(plan, indent=1, sort_keys=True) + "\n", RESTRICTED_FILE_MODE)
         plan_file.with_suffix(".progress").unlink(missing_ok=True)
-    release.mkdir(parents=True, exist_ok=True)
+    make_release_dir(release)
     trash = scratch_dir(release, restricted)
     copying = trash.parent != restricted / "tmp"
     progress = plan_file.with_suffix(".progress")  # folders published by copy (other file system)
@@ -142,12 +142,16 @@ def publish_unit(manifest: Path, verify_done: Path, staging: Path, release: Path
                     incoming = Path(tempfile.mkdtemp(dir=make_restricted_dir(trash), prefix=".incoming-")) / "x"
                     try:
                         _copy_tree(src, incoming)
+                        release_modes(incoming)
+                        make_release_dir(release, Path(rel).parent)
                         publish_dir(incoming, dst)
                         append_line(progress, rel)
                     finally:
                         shutil.rmtree(incoming.parent, ignore_errors=True)
                     shutil.rmtree(src)
                 else:
+                    release_modes(src)          # staged files are restricted until this gate
+                    make_release_dir(release, Path(rel).parent)
                     publish_dir(src, dst)
                 test_pause("publish-mid")
             else:
@@ -370,7 +374,7 @@ def publish_dataset(staged: Path, release: Path, restricted: Path, subjects_file
     current = set(Path(subjects_file).read_text().split())
     gone = sorted(release_subjects(release) - current)
     today = _dt.date.today().isoformat()
-    release.mkdir(parents=True, exist_ok=True)
+    make_release_dir(release)
     trash = scratch_dir(release, restricted)
     audit = restricted / WITHDRAWN
     for subject in gone + sorted(set(late) - set(gone)):  # withdrawn, or leaking a later subject's values
@@ -391,9 +395,11 @@ def publish_dataset(staged: Path, release: Path, restricted: Path, subjects_file
             withheld.append(rel)
             (release / rel).unlink(missing_ok=True)
         else:
+            make_release_dir(release, Path(rel).parent)
             atomic_write_bytes(release / rel, p.read_bytes(), 0o644, trash)
             moved.append(rel)
         os.chmod(p, RESTRICTED_FILE_MODE)  # the staged copies are restricted files now
+    make_release_dir(release, QC_SUBDIR)  # Snakemake made it (an output folder) with the run's umask
     for p in report_files:
         atomic_write_bytes(release / QC_SUBDIR / p.name, p.read_bytes(), 0o644, trash)
     record = {"withdrawn": gone, "files": moved, "withheld": withheld, "report": [p.name for p in report_files],
@@ -512,6 +518,8 @@ def _set_aside(release: Path, restricted: Path, rel: str) -> None:
     except shutil.SpecialFileError:  # a FIFO or socket that a rename could not take across file systems
         os.unlink(Path(release) / rel)
         note = "\t(special file, removed)"
+    if os.path.lexists(target):
+        restricted_modes(target)  # restricted now, whatever its modes in the release
     append_line(dest / "moved.tsv", f"{_dt.datetime.now().isoformat(timespec='seconds')}\t{rel}{note}")
 
 
