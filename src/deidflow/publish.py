@@ -13,6 +13,7 @@ anything is written.
 from __future__ import annotations
 
 import datetime as _dt
+import hashlib
 import json
 import os
 import shutil
@@ -166,7 +167,7 @@ def publish_unit(manifest: Path, verify_done: Path, staging: Path, release: Path
         for rel in subject_folders(staging, subject):
             remove_tree(staging / rel, restricted / "tmp" / "publish")  # a later run stages it afresh
     _prune_empty(staging)
-    listing = {rel: folder_listing(release / rel) for folders in plan["publish"].values() for rel in folders}
+    listing = {rel: folder_listing(release / rel, hashes=True) for folders in plan["publish"].values() for rel in folders}
     atomic_write_text(plan_file.with_suffix(".files"), json.dumps(listing, sort_keys=True) + "\n",
                       RESTRICTED_FILE_MODE)
     # quarantine.tsv lists input files: every input file of a withheld subject, with the subject's
@@ -230,10 +231,11 @@ def forget_lost(release: Path, restricted: Path, units: Iterable[str]) -> list[s
     return lost
 
 
-def folder_listing(folder: Path) -> dict[str, list]:
+def folder_listing(folder: Path, hashes: bool = False) -> dict[str, list]:
     """Every entry under ``folder`` (links not followed) -> ``[kind, size, mtime_ns, ctime_ns]``
-    (kind ``f`` file, ``d`` folder, ``l`` link, ``o`` anything else; sizes and times of files only):
-    what :func:`publish_unit` published, to tell later whether the folder is still that."""
+    (kind ``f`` file, ``d`` folder, ``l`` link, ``o`` anything else; sizes and times of files only),
+    with ``hashes`` also each file's SHA-256: what :func:`publish_unit` published, to tell later
+    whether the folder is still that."""
     out: dict[str, list] = {}
     todo = [(os.fspath(folder), "")]
     while todo:
@@ -248,10 +250,15 @@ def folder_listing(folder: Path) -> dict[str, list]:
                     todo.append((e.path, rel + "/"))
                 elif e.is_file(follow_symlinks=False):
                     st = e.stat(follow_symlinks=False)
-                    out[rel] = ["f", st.st_size, st.st_mtime_ns, st.st_ctime_ns]
+                    out[rel] = ["f", st.st_size, st.st_mtime_ns, st.st_ctime_ns, *([_sha256(e.path)] if hashes else [])]
                 else:
                     out[rel] = ["o"]
     return out
+
+
+def _sha256(path: str) -> str:
+    with open(path, "rb") as fh:
+        return hashlib.file_digest(fh, "sha256").hexdigest()
 
 
 def _as_published(release: Path, restricted: Path, plan_file: Path) -> bool:
@@ -260,19 +267,34 @@ def _as_published(release: Path, restricted: Path, plan_file: Path) -> bool:
     moved into ``<restricted>/foreign/`` first, as :func:`set_aside_foreign` does at the top of the
     layout; a file changed, replaced or removed, or no record at all, means False: the unit is
     published again.  Before, a file added inside a published subject folder was found by
-    ``deidflow verify``, but a rerun said "Nothing to be done" and "release complete"."""
+    ``deidflow verify``, but a rerun said "Nothing to be done" and "release complete".
+    A file whose status-change time alone differs (a release copied with ``cp -a`` or ``rsync -a``
+    with its restricted folder, restored from a backup) is compared by its SHA-256 and, when equal,
+    recorded with its new time; a ``touch -r`` edit keeps size and mtime but not the hash."""
+    record_file = plan_file.with_suffix(".files")
     try:
-        record = json.loads(plan_file.with_suffix(".files").read_text())
+        record = json.loads(record_file.read_text())
     except (OSError, ValueError):
         return False
-    same = True
+    same, renewed = True, False
     for rel, published in sorted(record.items()):
         now = folder_listing(release / rel)
         extra = sorted(set(now) - set(published))
         for name in extra:
             if not any(name.startswith(e + "/") for e in extra):  # a folder's contents go with it
                 _set_aside(release, restricted, f"{rel}/{name}")
-        same = same and all(now.get(name) == entry for name, entry in published.items())
+        for name, entry in published.items():
+            cur = now.get(name)
+            if cur == entry[:4]:
+                continue
+            if (same and cur is not None and entry[0] == "f" and len(entry) == 5 and cur[:3] == entry[:3]
+                    and _sha256(os.path.join(release, rel, name)) == entry[4]):
+                entry[3] = cur[3]       # the same bytes, copied: remember the new ctime
+                renewed = True
+                continue
+            same = False
+    if same and renewed:
+        atomic_write_text(record_file, json.dumps(record, sort_keys=True) + "\n", RESTRICTED_FILE_MODE)
     return same
 
 
