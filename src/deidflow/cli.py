@@ -99,7 +99,9 @@ def _effective_config(args: argparse.Namespace) -> dict:
     # Files named in the configuration are relative to where the command runs (Snakemake runs in
     # the restricted folder).
     if isinstance(config.get("key_file"), str) and config["key_file"]:
-        config["key_file"] = str(Path(config["key_file"]).expanduser().resolve())
+        # absolute, links not resolved: /dev/fd/63 of `--key-file <(…)` resolved to a "pipe:[…]"
+        # name that does not exist, so a pipe was reported as "no such file"
+        config["key_file"] = os.path.abspath(os.path.expanduser(config["key_file"]))
     ps = config.get("pseudonym")
     if isinstance(ps, dict) and isinstance(ps.get("mapping_csv"), str) and ps["mapping_csv"]:
         ps["mapping_csv"] = str(Path(ps["mapping_csv"]).expanduser().resolve())
