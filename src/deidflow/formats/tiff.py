@@ -858,9 +858,20 @@ def _no_text(src: Path, keep: list[int]) -> None:
     import tifffile
 
     from ..pixels.screen import page_with_text
+    def page(t, i: int):
+        def read():
+            try:
+                return t.pages[i].asarray()
+            except ValueError:  # a codec tifffile lacks here (JPEG needs imagecodecs): Pillow's libtiff
+                import numpy as np
+                from PIL import Image
+                with Image.open(src) as im:
+                    im.seek(i)
+                    return np.asarray(im.convert("RGB"))
+        return read
     try:
         with tifffile.TiffFile(src) as t:
-            found = page_with_text([t.pages[i].asarray for i in keep])
+            found = page_with_text([page(t, i) for i in keep])
     except Exception as exc:  # a codec tifffile lacks, damaged strips
         raise FormatError(f"TIFF pixels cannot be decoded to screen them for burned-in text ({type(exc).__name__})") \
             from None
