@@ -5,13 +5,13 @@ import json
 import os
 import sys
 
-from deidflow.fsutil import QC_SUBDIR, release_umask
+from deidflow.fsutil import QC_SUBDIR, restricted_umask
 from deidflow.pipeline import prepare, write_run_record
 from deidflow.publish import REPORT_FILES, REPORT_STAGING, finalize_run, mark_incomplete, on_leak_of, write_subjects
 from deidflow.settings import _check_semantics, profile_settings
 
 _check_semantics(config)
-release_umask()  # folders Snakemake makes in the release: 0755 whatever the user's umask
+restricted_umask()  # .snakemake/, logs, job outputs 0600/0700 whatever the umask (the release gate sets 0644/0755)
 PREPARED = prepare(config, main_process=workflow.is_main_process)
 OUT = str(PREPARED.paths.output)
 RESTRICTED = str(PREPARED.paths.restricted)

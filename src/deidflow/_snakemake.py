@@ -6,6 +6,7 @@ second.  Making the timers daemons changes nothing else (they only wake the sche
 the ``deidflow run`` process also saves a second interpreter start."""
 from __future__ import annotations
 
+import stat
 import sys
 import threading
 
@@ -27,10 +28,24 @@ def command_line() -> list[str]:
     return list(sys.argv)
 
 
+def _private_metadata() -> None:
+    """Snakemake gives every record it writes into ``.snakemake/metadata`` and ``incomplete`` mode
+    0660 whatever the umask (``FilePersistence._io_write``'s default); in the restricted folder
+    every file is the owner's alone (0600)."""
+    try:
+        from snakemake.persistence.file import FilePersistence
+    except ImportError:  # another Snakemake layout: its records follow the umask
+        return
+    write = FilePersistence._io_write
+    if write.__defaults__ and len(write.__defaults__) == 1:
+        write.__defaults__ = (stat.S_IRUSR | stat.S_IWUSR,)
+
+
 def run_snakemake(args: list[str]) -> int:
     """``snakemake ARGS``; returns its exit status."""
     global _INVOKED_AS
     threading.Timer = _DaemonTimer  # type: ignore[misc]
+    _private_metadata()
     from snakemake.cli import main as snakemake_main
     argv, sys.argv = sys.argv, ["snakemake", *args]
     _INVOKED_AS = list(argv)

@@ -30,7 +30,7 @@ import yaml
 
 from . import __version__
 from .errors import EXIT_BUG, EXIT_INCOMPLETE, EXIT_INTERRUPTED, EXIT_OK, EXIT_USAGE, PublicError, UsageError
-from .fsutil import RESTRICTED_FILE_MODE, atomic_write_text, make_restricted_dir
+from .fsutil import RESTRICTED_FILE_MODE, atomic_write_text, make_release_dir, make_restricted_dir, restricted_umask
 from .publish import check_folders, current_subjects, release_status, release_subjects
 from .pseudonym import KEY_ENV, MIN_KEY_BYTES, MissingKeyError, ephemeral_key, fingerprint, load_key
 from ._snakemake import run_snakemake
@@ -99,7 +99,9 @@ def _effective_config(args: argparse.Namespace) -> dict:
     # Files named in the configuration are relative to where the command runs (Snakemake runs in
     # the restricted folder).
     if isinstance(config.get("key_file"), str) and config["key_file"]:
-        config["key_file"] = str(Path(config["key_file"]).expanduser().resolve())
+        # absolute, links not resolved: /dev/fd/63 of `--key-file <(…)` resolved to a "pipe:[…]"
+        # name that does not exist, so a pipe was reported as "no such file"
+        config["key_file"] = os.path.abspath(os.path.expanduser(config["key_file"]))
     ps = config.get("pseudonym")
     if isinstance(ps, dict) and isinstance(ps.get("mapping_csv"), str) and ps["mapping_csv"]:
         ps["mapping_csv"] = str(Path(ps["mapping_csv"]).expanduser().resolve())
@@ -274,8 +276,7 @@ def _lock_release(output: Path, *, create: bool) -> int | None:
     if not output.is_dir():
         if not create:
             return None
-        output.mkdir(parents=True, exist_ok=True)
-        os.chmod(output, 0o755)  # a release folder, whatever the umask (as the workflow makes it)
+        make_release_dir(output)  # 0755 whatever the umask (as the workflow makes it)
     fd = os.open(output, os.O_RDONLY | os.O_DIRECTORY)
     try:
         fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
@@ -391,6 +392,7 @@ def run_workflow(config: dict, *, cores: int | str = "all", profile: str | None 
     """Run the Snakemake workflow for ``config`` (checked by :func:`check_run`); return the exit status."""
     global _restricted_log_dir
     paths = resolve_paths(config)
+    restricted_umask()  # .snakemake/, logs and every job's files 0600/0700 (the release gate sets 0644/0755)
     make_restricted_dir(paths.restricted)
     _restricted_log_dir = paths.restricted / "logs"
     # One run per restricted folder: a kernel lock that dies with the process, so a killed run
@@ -559,6 +561,7 @@ def _cmd_inventory(args: argparse.Namespace) -> int:
     from . import inventory, pipeline
     config = _effective_config(args)
     paths, key = check_run(config, args.argv)
+    restricted_umask()
     make_restricted_dir(paths.restricted)
     inv = inventory.build(paths.input, pipeline.pseudonymizer(key, config),
                           previous=paths.restricted / "inventory.parquet",

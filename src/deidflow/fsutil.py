@@ -18,14 +18,17 @@ RESTRICTED_DIR_MODE = 0o700
 RESTRICTED_FILE_MODE = 0o600
 RELEASE_FILE_MODE = 0o644
 RELEASE_DIR_MODE = 0o755
-RELEASE_UMASK = 0o022
+RESTRICTED_UMASK = 0o077
+JOB_TMP = "tmp/jobs"  # restricted: the temporary files of a run's jobs (emptied by the next run)
 
 
-def release_umask() -> None:
-    """Give what this process creates 0644 files and 0755 folders whatever the user's umask: the
-    release is readable by whoever the folder is shared with.  Restricted folders and files are
-    made 0700/0600 explicitly (:func:`make_restricted_dir`, ``RESTRICTED_FILE_MODE``)."""
-    os.umask(RELEASE_UMASK)
+def restricted_umask() -> None:
+    """Make what this process creates 0600 files and 0700 folders whatever the user's umask (000,
+    or 002/022 on a group-shared machine): every file a run writes outside the release gate is
+    restricted — ``.snakemake/``, logs, staging trees before their leak scan, working copies,
+    pictures of faces before defacing, temporary files.  The gate gives what it publishes the
+    release's 0644/0755 (:func:`release_modes`, :func:`make_release_dir`)."""
+    os.umask(RESTRICTED_UMASK)
 
 
 def make_restricted_dir(path: Path) -> Path:
@@ -38,9 +41,83 @@ def make_restricted_dir(path: Path) -> Path:
     return path
 
 
+def make_release_dir(root: Path, rel: str | os.PathLike = "") -> Path:
+    """Create the folder ``root/rel`` (and missing parents) with mode 0755 whatever the umask, and
+    give every folder from ``root`` down to it that mode too (Snakemake creates a job's output
+    folders with the run's umask, 0077)."""
+    root = Path(root)
+    target = root / rel
+    missing, p = [], target
+    while not os.path.lexists(p) and p != p.parent:
+        missing.append(p)
+        p = p.parent
+    for p in reversed(missing):
+        p.mkdir(exist_ok=True)
+    for p in (root, *(root.joinpath(*Path(rel).parts[:k]) for k in range(1, len(Path(rel).parts) + 1))):
+        if stat.S_IMODE(os.stat(p).st_mode) != RELEASE_DIR_MODE:
+            os.chmod(p, RELEASE_DIR_MODE)
+    for p in missing:  # new folders above ``root`` too
+        if stat.S_IMODE(os.stat(p).st_mode) != RELEASE_DIR_MODE:
+            os.chmod(p, RELEASE_DIR_MODE)
+    return target
+
+
+def _set_modes(folder: Path, dir_mode: int, file_mode: int) -> None:
+    """Give ``folder`` and every folder and file under it these modes (links are left alone)."""
+    os.chmod(folder, dir_mode)
+    todo = [os.fspath(folder)]
+    while todo:
+        with os.scandir(todo.pop()) as it:
+            for e in it:
+                if e.is_symlink():
+                    continue
+                if e.is_dir(follow_symlinks=False):
+                    os.chmod(e.path, dir_mode)
+                    todo.append(e.path)
+                else:
+                    os.chmod(e.path, file_mode)
+
+
+def release_modes(folder: Path) -> None:
+    """The release gate's modes for a staged folder about to be published (0755 folders, 0644
+    files): staged files are restricted until their leak scan passed and the gate moves them."""
+    _set_modes(Path(folder), RELEASE_DIR_MODE, RELEASE_FILE_MODE)
+
+
+def restricted_modes(path: Path) -> None:
+    """Restricted modes (0700/0600) for a file or folder moved into the restricted folder."""
+    path = Path(path)
+    if path.is_symlink():
+        return
+    if path.is_dir():
+        _set_modes(path, RESTRICTED_DIR_MODE, RESTRICTED_FILE_MODE)
+    else:
+        os.chmod(path, RESTRICTED_FILE_MODE)
+
+
+def job_tmp(restricted: Path) -> Path:
+    """The folder for a run's temporary files inside the restricted folder (0700)."""
+    return make_restricted_dir(Path(restricted) / JOB_TMP)
+
+
+def use_job_tmp(restricted: Path) -> Path:
+    """Make :func:`job_tmp` this process's temporary folder and its children's (``TMPDIR``): a
+    registration's files, an external program's copy of a head with its face, a decompressed
+    original never land in the system's ``/tmp``, where a killed job leaves them."""
+    folder = job_tmp(restricted)
+    tempfile.tempdir = os.environ["TMPDIR"] = str(folder)
+    return folder
+
+
+def clear_job_tmp(restricted: Path) -> None:
+    """Delete what killed jobs of earlier runs left in :func:`job_tmp` (at the start of a run,
+    before any job of it starts)."""
+    shutil.rmtree(Path(restricted) / JOB_TMP, ignore_errors=True)
+
+
 def atomic_write_bytes(path: Path, data: bytes, mode: int | None = None, tmp_dir: Path | None = None) -> None:
     """Write ``data`` to ``path`` through a temporary file and a rename; the file gets ``mode``, by
-    default :data:`RELEASE_FILE_MODE` (restricted writes name theirs).  The temporary file lies in
+    default :data:`RESTRICTED_FILE_MODE` (writes into the release name theirs).  The temporary file lies in
     ``tmp_dir`` (a folder on the same file system) or else next to ``path``: a write into the
     release names one outside it, so no half-written ``.part`` file is ever seen there."""
     path = Path(path)
@@ -50,7 +127,7 @@ def atomic_write_bytes(path: Path, data: bytes, mode: int | None = None, tmp_dir
     try:
         with os.fdopen(fd, "wb") as fh:
             fh.write(data)
-        os.chmod(tmp, RELEASE_FILE_MODE if mode is None else mode)
+        os.chmod(tmp, RESTRICTED_FILE_MODE if mode is None else mode)
         os.replace(tmp, path)
     except BaseException:
         _unlink_quietly(tmp)

@@ -241,8 +241,8 @@ def main(argv: list[str] | None = None) -> int:
 
 def run(argv: list[str]) -> int:
     """Parse the stage and its arguments and run it in this process."""
-    from .fsutil import release_umask
-    release_umask()  # release files 0644, folders 0755 whatever the user's umask
+    from .fsutil import restricted_umask, use_job_tmp
+    restricted_umask()  # 0600/0700 whatever the user's umask; the release gate sets 0644/0755
     p = argparse.ArgumentParser(prog="python -m deidflow.jobs")
     sub = p.add_subparsers(dest="stage", required=True)
     for name, (func, args, helptext) in STAGES.items():
@@ -251,6 +251,8 @@ def run(argv: list[str]) -> int:
             sp.add_argument(f"--{arg}", required=True)
         sp.set_defaults(func=func)
     args = p.parse_args(argv)
+    if getattr(args, "restricted", None):
+        use_job_tmp(Path(args.restricted))  # temporary files inside the restricted folder, not /tmp
     if os.environ.get("DEIDFLOW_TEST_PAUSE_AT"):  # test hook only (deidflow.publish.PAUSE_ENV)
         from .publish import test_pause
         test_pause(args.stage)

@@ -13,7 +13,7 @@ from typing import Any, Mapping
 
 from . import inventory
 from .batching import plan_units
-from .fsutil import RESTRICTED_FILE_MODE, make_restricted_dir, write_if_changed
+from .fsutil import RESTRICTED_FILE_MODE, clear_job_tmp, make_restricted_dir, write_if_changed
 from .mapping import write_inventory_mappings
 from .pseudonym import Pseudonymizer, fingerprint, load_key, load_mapping
 from .settings import Paths, resolve_paths
@@ -61,7 +61,8 @@ def prepare(config: Mapping[str, Any], *, main_process: bool = True) -> Prepared
         units = _units(counts, config)
         return Prepared(paths, sorted(counts), units, fp, _unit_formats(units, formats))
     make_restricted_dir(paths.restricted)
-    make_restricted_dir(paths.restricted / "staging")  # 0700 like the rest; its contents keep release modes
+    make_restricted_dir(paths.restricted / "staging")  # 0700 like the rest (the release gate sets 0644/0755)
+    clear_job_tmp(paths.restricted)  # what killed jobs of an earlier run left (no job of this run has started)
     _check_fingerprint(paths, fp)
     inv = inventory.build(paths.input, pseudonymizer(key, config),
                           previous=paths.restricted / "inventory.parquet",

@@ -38,7 +38,7 @@ def load_key(key_file: str | os.PathLike | None = None, *, env: dict | None = No
         raw = _read_key_file(path)
         source = f"key file {path}"
     elif env.get(KEY_ENV):
-        raw = env[KEY_ENV].strip().encode("utf-8")
+        raw = env[KEY_ENV].encode("utf-8", "surrogateescape").strip()  # as a key file's bytes are stripped
         source = f"${KEY_ENV}"
     else:
         raise MissingKeyError(
@@ -57,9 +57,9 @@ def _read_key_file(path: Path) -> bytes:
         # O_NONBLOCK: opening a FIFO must not wait for a writer (no effect on a regular file)
         with open(os.open(path, os.O_RDONLY | os.O_NONBLOCK), "rb") as fh:
             if not stat.S_ISREG(os.fstat(fh.fileno()).st_mode):
-                raise MissingKeyError(f"key file {path} is not a regular file (a pipe or a device cannot "
-                                      "serve as one: every job reads the key file again); use a file made by "
-                                      "'deidflow keygen FILE'")
+                raise MissingKeyError(f"key file {path} is not a regular file (a pipe such as --key-file <(…), "
+                                      "or a device, cannot serve as one: every job reads the key file again); "
+                                      "use a file made by 'deidflow keygen FILE'")
             raw = fh.read(MAX_KEY_FILE_BYTES + 1)
     except OSError as exc:
         raise MissingKeyError(f"cannot read key file {path}: {exc.strerror}") from None
@@ -175,4 +175,8 @@ def load_mapping(path: str | os.PathLike) -> dict[str, str]:
             mapping[row["id_old"].strip()] = new
     if len(set(mapping.values())) != len(mapping):
         raise ValueError(f"mapping file {path}: two patients map to the same id_new")
+    if len({v.lower() for v in mapping.values()}) != len(mapping):
+        # sub-AB and sub-ab are one folder on a case-insensitive file system (macOS, exFAT, SMB):
+        # the second patient's publish replaced the first's, or merged into it
+        raise ValueError(f"mapping file {path}: two patients map to id_new labels that differ only in letter case")
     return mapping

@@ -13,6 +13,7 @@ anything is written.
 from __future__ import annotations
 
 import datetime as _dt
+import hashlib
 import json
 import os
 import shutil
@@ -22,8 +23,8 @@ from pathlib import Path
 from typing import Any, Iterable, Mapping
 
 from .errors import EXIT_INCOMPLETE, EXIT_OK, PublicError, UsageError
-from .fsutil import (QC_SUBDIR, RESTRICTED_FILE_MODE, append_line, atomic_write_bytes, atomic_write_text, layout_parents, make_restricted_dir,
-                     publish_dir, remove_tree)
+from .fsutil import (QC_SUBDIR, RESTRICTED_FILE_MODE, append_line, atomic_write_bytes, atomic_write_text, layout_parents,
+                     make_release_dir, make_restricted_dir, publish_dir, release_modes, remove_tree, restricted_modes)
 
 MARKER = "RELEASE_INCOMPLETE"
 MARKER_TEXT = ("This release is incomplete (a deidflow run is under way, or stopped before it finished): "
@@ -77,7 +78,7 @@ def release_subjects(release: Path) -> set[str]:
 def mark_incomplete(release: Path, restricted: Path) -> None:
     """Put the RELEASE_INCOMPLETE marker at the release root (the start of a run)."""
     release, restricted = Path(release), Path(restricted)
-    release.mkdir(parents=True, exist_ok=True)
+    make_release_dir(release)
     if not (release / MARKER).exists():
         make_restricted_dir(restricted)
         atomic_write_text(release / MARKER, MARKER_TEXT, 0o644, scratch_dir(release, restricted))
@@ -126,7 +127,7 @@ def publish_unit(manifest: Path, verify_done: Path, staging: Path, release: Path
         make_restricted_dir(plan_file.parent)
         atomic_write_text(plan_file, json.dumps(plan, indent=1, sort_keys=True) + "\n", RESTRICTED_FILE_MODE)
         plan_file.with_suffix(".progress").unlink(missing_ok=True)
-    release.mkdir(parents=True, exist_ok=True)
+    make_release_dir(release)
     trash = scratch_dir(release, restricted)
     copying = trash.parent != restricted / "tmp"
     progress = plan_file.with_suffix(".progress")  # folders published by copy (other file system)
@@ -142,12 +143,16 @@ def publish_unit(manifest: Path, verify_done: Path, staging: Path, release: Path
                     incoming = Path(tempfile.mkdtemp(dir=make_restricted_dir(trash), prefix=".incoming-")) / "x"
                     try:
                         _copy_tree(src, incoming)
+                        release_modes(incoming)
+                        make_release_dir(release, Path(rel).parent)
                         publish_dir(incoming, dst)
                         append_line(progress, rel)
                     finally:
                         shutil.rmtree(incoming.parent, ignore_errors=True)
                     shutil.rmtree(src)
                 else:
+                    release_modes(src)          # staged files are restricted until this gate
+                    make_release_dir(release, Path(rel).parent)
                     publish_dir(src, dst)
                 test_pause("publish-mid")
             else:
@@ -162,7 +167,7 @@ def publish_unit(manifest: Path, verify_done: Path, staging: Path, release: Path
         for rel in subject_folders(staging, subject):
             remove_tree(staging / rel, restricted / "tmp" / "publish")  # a later run stages it afresh
     _prune_empty(staging)
-    listing = {rel: folder_listing(release / rel) for folders in plan["publish"].values() for rel in folders}
+    listing = {rel: folder_listing(release / rel, hashes=True) for folders in plan["publish"].values() for rel in folders}
     atomic_write_text(plan_file.with_suffix(".files"), json.dumps(listing, sort_keys=True) + "\n",
                       RESTRICTED_FILE_MODE)
     # quarantine.tsv lists input files: every input file of a withheld subject, with the subject's
@@ -226,10 +231,11 @@ def forget_lost(release: Path, restricted: Path, units: Iterable[str]) -> list[s
     return lost
 
 
-def folder_listing(folder: Path) -> dict[str, list]:
+def folder_listing(folder: Path, hashes: bool = False) -> dict[str, list]:
     """Every entry under ``folder`` (links not followed) -> ``[kind, size, mtime_ns, ctime_ns]``
-    (kind ``f`` file, ``d`` folder, ``l`` link, ``o`` anything else; sizes and times of files only):
-    what :func:`publish_unit` published, to tell later whether the folder is still that."""
+    (kind ``f`` file, ``d`` folder, ``l`` link, ``o`` anything else; sizes and times of files only),
+    with ``hashes`` also each file's SHA-256: what :func:`publish_unit` published, to tell later
+    whether the folder is still that."""
     out: dict[str, list] = {}
     todo = [(os.fspath(folder), "")]
     while todo:
@@ -244,10 +250,15 @@ def folder_listing(folder: Path) -> dict[str, list]:
                     todo.append((e.path, rel + "/"))
                 elif e.is_file(follow_symlinks=False):
                     st = e.stat(follow_symlinks=False)
-                    out[rel] = ["f", st.st_size, st.st_mtime_ns, st.st_ctime_ns]
+                    out[rel] = ["f", st.st_size, st.st_mtime_ns, st.st_ctime_ns, *([_sha256(e.path)] if hashes else [])]
                 else:
                     out[rel] = ["o"]
     return out
+
+
+def _sha256(path: str) -> str:
+    with open(path, "rb") as fh:
+        return hashlib.file_digest(fh, "sha256").hexdigest()
 
 
 def _as_published(release: Path, restricted: Path, plan_file: Path) -> bool:
@@ -256,19 +267,34 @@ def _as_published(release: Path, restricted: Path, plan_file: Path) -> bool:
     moved into ``<restricted>/foreign/`` first, as :func:`set_aside_foreign` does at the top of the
     layout; a file changed, replaced or removed, or no record at all, means False: the unit is
     published again.  Before, a file added inside a published subject folder was found by
-    ``deidflow verify``, but a rerun said "Nothing to be done" and "release complete"."""
+    ``deidflow verify``, but a rerun said "Nothing to be done" and "release complete".
+    A file whose status-change time alone differs (a release copied with ``cp -a`` or ``rsync -a``
+    with its restricted folder, restored from a backup) is compared by its SHA-256 and, when equal,
+    recorded with its new time; a ``touch -r`` edit keeps size and mtime but not the hash."""
+    record_file = plan_file.with_suffix(".files")
     try:
-        record = json.loads(plan_file.with_suffix(".files").read_text())
+        record = json.loads(record_file.read_text())
     except (OSError, ValueError):
         return False
-    same = True
+    same, renewed = True, False
     for rel, published in sorted(record.items()):
         now = folder_listing(release / rel)
         extra = sorted(set(now) - set(published))
         for name in extra:
             if not any(name.startswith(e + "/") for e in extra):  # a folder's contents go with it
                 _set_aside(release, restricted, f"{rel}/{name}")
-        same = same and all(now.get(name) == entry for name, entry in published.items())
+        for name, entry in published.items():
+            cur = now.get(name)
+            if cur == entry[:4]:
+                continue
+            if (same and cur is not None and entry[0] == "f" and len(entry) == 5 and cur[:3] == entry[:3]
+                    and _sha256(os.path.join(release, rel, name)) == entry[4]):
+                entry[3] = cur[3]       # the same bytes, copied: remember the new ctime
+                renewed = True
+                continue
+            same = False
+    if same and renewed:
+        atomic_write_text(record_file, json.dumps(record, sort_keys=True) + "\n", RESTRICTED_FILE_MODE)
     return same
 
 
@@ -370,7 +396,7 @@ def publish_dataset(staged: Path, release: Path, restricted: Path, subjects_file
     current = set(Path(subjects_file).read_text().split())
     gone = sorted(release_subjects(release) - current)
     today = _dt.date.today().isoformat()
-    release.mkdir(parents=True, exist_ok=True)
+    make_release_dir(release)
     trash = scratch_dir(release, restricted)
     audit = restricted / WITHDRAWN
     for subject in gone + sorted(set(late) - set(gone)):  # withdrawn, or leaking a later subject's values
@@ -391,9 +417,11 @@ def publish_dataset(staged: Path, release: Path, restricted: Path, subjects_file
             withheld.append(rel)
             (release / rel).unlink(missing_ok=True)
         else:
+            make_release_dir(release, Path(rel).parent)
             atomic_write_bytes(release / rel, p.read_bytes(), 0o644, trash)
             moved.append(rel)
         os.chmod(p, RESTRICTED_FILE_MODE)  # the staged copies are restricted files now
+    make_release_dir(release, QC_SUBDIR)  # Snakemake made it (an output folder) with the run's umask
     for p in report_files:
         atomic_write_bytes(release / QC_SUBDIR / p.name, p.read_bytes(), 0o644, trash)
     record = {"withdrawn": gone, "files": moved, "withheld": withheld, "report": [p.name for p in report_files],
@@ -512,6 +540,8 @@ def _set_aside(release: Path, restricted: Path, rel: str) -> None:
     except shutil.SpecialFileError:  # a FIFO or socket that a rename could not take across file systems
         os.unlink(Path(release) / rel)
         note = "\t(special file, removed)"
+    if os.path.lexists(target):
+        restricted_modes(target)  # restricted now, whatever its modes in the release
     append_line(dest / "moved.tsv", f"{_dt.datetime.now().isoformat(timespec='seconds')}\t{rel}{note}")
 
 

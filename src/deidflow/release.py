@@ -10,8 +10,8 @@ from typing import TYPE_CHECKING, Any, Mapping
 from .dicom import Scrubber, SubjectContext
 from .dicomio import DicomError, deidentify_path
 from .errors import PublicError, output_error_of
-from .fsutil import (QC_SUBDIR, RESTRICTED_FILE_MODE, atomic_write_text, changed_input, csv_text, make_restricted_dir,
-                     publish_dir, staging_dir_for)
+from .fsutil import (QC_SUBDIR, RESTRICTED_FILE_MODE, atomic_write_text, changed_input, csv_text, job_tmp,
+                     make_restricted_dir, publish_dir, staging_dir_for)
 from .profile import build_plan
 from .pseudonym import Pseudonymizer, fingerprint, load_key, load_mapping
 from .qc import identifiers
@@ -128,7 +128,7 @@ def _subject(subj: Mapping[str, Any], input_dir: Path, release_root: Path, restr
                 try:
                     src = input_dir / f["relpath"]
                     if f.get("compression"):  # .dcm.gz: read from a decompressed restricted copy
-                        src = opened.enter_context(decompressed(src, make_restricted_dir(restricted / "tmp")))
+                        src = opened.enter_context(decompressed(src, job_tmp(restricted)))  # emptied by the next run
                     res = deidentify_path(src, stage / f["out_relpath"], scrubber, capture)
                     if why := changed_input(input_dir, f):  # rewritten while it was read
                         (stage / f["out_relpath"]).unlink(missing_ok=True)

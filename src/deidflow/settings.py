@@ -97,6 +97,12 @@ def _check_semantics(config: dict) -> None:
     lo, hi = config["pseudonym"]["date_offset_days"]
     if lo > hi:
         raise ConfigError("config key pseudonym.date_offset_days: first value must not exceed the second")
+    if config["pseudonym"].get("mapping_csv"):
+        from .pseudonym import load_mapping  # a bad table is the user's mistake (exit 2), not a parse crash
+        try:
+            load_mapping(config["pseudonym"]["mapping_csv"])
+        except (ValueError, OSError) as exc:
+            raise ConfigError(f"config key pseudonym.mapping_csv: {getattr(exc, 'strerror', None) or exc}") from None
     if config.get("pixels"):
         from .pixels.policy import check_config  # bad tables or a missing OCR package fail here
         try:

@@ -47,7 +47,7 @@ from .volume import for_backend, reference_volume, removed_value
 
 log = logging.getLogger("deidflow")
 UID_DOMAIN = "deidflow-face"
-RELEASE_FILE_MODE = 0o644
+STAGED_FILE_MODE = RESTRICTED_FILE_MODE  # staged files; the release gate makes them 0644
 
 
 def _sha(data: bytes) -> str:
@@ -111,7 +111,7 @@ class Keeper:
         path = self.root / rel
         if path.exists() and path.stat().st_size == len(data) and path.read_bytes() == data:
             return
-        atomic_write_bytes(path, data, path.stat().st_mode & 0o777 if path.exists() else RELEASE_FILE_MODE)
+        atomic_write_bytes(path, data, path.stat().st_mode & 0o777 if path.exists() else STAGED_FILE_MODE)
 
     def dicom_files(self, folder: Path) -> list[str]:
         """Release-relative paths of the DICOM files of a series folder, withheld ones included."""
@@ -160,7 +160,7 @@ class Keeper:
             cur = path.read_bytes() if path.exists() else None
             if kept.exists() and ((cur is None and want == "withdrawn") or (cur is not None and _sha(cur) == want)):
                 atomic_write_bytes(path, kept.read_bytes(),
-                                   path.stat().st_mode & 0o777 if path.exists() else RELEASE_FILE_MODE)
+                                   path.stat().st_mode & 0o777 if path.exists() else STAGED_FILE_MODE)
                 restored.append(rel)
             rec.unlink()
         return restored
@@ -364,7 +364,7 @@ def face_unit(convert_done: Path | None, dicom_root: Path, release_root: Path, r
         log.info("%s: restored (no longer selected)", rel)
     for subject, entries in sorted(qc.items()):
         _write_qc_index(release_root / QC_SUBDIR / subject / "face", [e for e in entries if not e.get("restricted")],
-                        RELEASE_FILE_MODE)
+                        STAGED_FILE_MODE)
         _write_qc_index(restricted / "qc" / subject / "face", entries, RESTRICTED_FILE_MODE)
     from ..fsutil import csv_text
     atomic_write_text(work / "uids.csv", csv_text([("id_old", "id_new"), *sorted(uid_map.items())]),
@@ -1141,7 +1141,7 @@ def _qc(rel: str, subject: str, vol, removed: np.ndarray, method: str, backend: 
         folder = (restricted / "qc" if private else release_root / QC_SUBDIR) / subject / "face"
         if private:
             make_restricted_dir(folder)
-        atomic_write_bytes(folder / name, render.png_bytes(img), RESTRICTED_FILE_MODE if private else RELEASE_FILE_MODE)
+        atomic_write_bytes(folder / name, render.png_bytes(img), RESTRICTED_FILE_MODE if private else STAGED_FILE_MODE)
         entries.append({"file": name, "caption": caption, "kind": kind, **({"restricted": True} if private else {})})
     return entries
 

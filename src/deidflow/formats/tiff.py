@@ -851,13 +851,27 @@ def extension(path: Path) -> str:
 
 def _no_text(src: Path, keep: list[int]) -> None:
     """A plain TIFF's pages are released with their pixels as they are (scans, screenshots, photos
-    of forms): one that shows text, or cannot be decoded to look, withholds the file."""
+    of forms): one that shows text, or cannot be decoded to look, withholds the file.  So is a
+    tiled TIFF whose first page has at most ``WSI_SCREENED_TILES`` tiles (a label or a scan saved
+    as a few tiles, as DICOM whole-slide images of a few tiles are screened); larger tiled files
+    are slide pyramids of tissue, not screened."""
     import tifffile
 
     from ..pixels.screen import page_with_text
+    def page(t, i: int):
+        def read():
+            try:
+                return t.pages[i].asarray()
+            except ValueError:  # a codec tifffile lacks here (JPEG needs imagecodecs): Pillow's libtiff
+                import numpy as np
+                from PIL import Image
+                with Image.open(src) as im:
+                    im.seek(i)
+                    return np.asarray(im.convert("RGB"))
+        return read
     try:
         with tifffile.TiffFile(src) as t:
-            found = page_with_text([t.pages[i].asarray for i in keep])
+            found = page_with_text([page(t, i) for i in keep])
     except Exception as exc:  # a codec tifffile lacks, damaged strips
         raise FormatError(f"TIFF pixels cannot be decoded to screen them for burned-in text ({type(exc).__name__})") \
             from None
@@ -873,7 +887,8 @@ def scrub(src: Path, dst: Path, ctx: ScrubContext) -> ScrubResult:
         kinds = classify(tf)
         if all(kinds):
             raise FormatError("every page is a label, macro or associated image (nothing to release)")
-        if not tf.pages[0].tiled:
+        from ..pixels.policy import WSI_SCREENED_TILES
+        if not tf.pages[0].tiled or len(tf.pages[0].blocks) <= WSI_SCREENED_TILES:
             _no_text(src, [i for i, kind in enumerate(kinds) if not kind])
         own = _own_values(tf, ctx)
         with open(src, "rb") as fh, Outputs() as out:

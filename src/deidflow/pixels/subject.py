@@ -133,6 +133,9 @@ class SubjectPixels:
                 fact["why"] += "; text found, left for the pixel leak check"
         elif screenable and mode == "auto" and forced:
             clean += [m for m in screenable if m not in clean and not m.tiled]  # a selected file cleans its series
+        if mode != "off" and fact["text_found"] is None:
+            self._screen_tiles([m for m in screenable if m.tiled and m not in clean and not m.entry.get("withheld")],
+                               screenable, fact)
         for m in members:
             if m.entry.get("withheld"):
                 continue
@@ -167,6 +170,23 @@ class SubjectPixels:
             # found[].file indexes ``members`` (the screened files of the series)
             return res
         return None
+
+    def _screen_tiles(self, tiles: list[_Member], screenable: list[_Member], fact: dict) -> None:
+        """Screen the few-tile whole-slide images that are neither screened with their series nor
+        cleaned (``always``, or a series in which a label or another image was selected): text in
+        one withholds it.  They were released unscreened (a label stored as 2 x 2 tiles)."""
+        if not tiles:
+            return
+        part = {"withheld": 0}
+        res = self._screen(tiles, part)
+        fact["withheld"] += part["withheld"]
+        if res is None:
+            return
+        for k in ("screened_frames", "sampled_frames", "outlier_frames", "detector_runs", "screen_seconds",
+                  "text_found"):
+            fact[k] = part[k]
+        fact["found"] = [{**f, "file": screenable.index(tiles[f["file"]])} for f in part["found"]]
+        self._withhold_tiled(screenable, fact)
 
     def _withhold_tiled(self, screened: list[_Member], fact: dict) -> None:
         """A whole-slide image of a few tiles in which the screen found text is withheld: its tiles
