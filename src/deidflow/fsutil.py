@@ -53,10 +53,9 @@ def make_release_dir(root: Path, rel: str | os.PathLike = "") -> Path:
         p = p.parent
     for p in reversed(missing):
         p.mkdir(exist_ok=True)
-    for p in (root, *(root.joinpath(*Path(rel).parts[:k]) for k in range(1, len(Path(rel).parts) + 1))):
-        if stat.S_IMODE(os.stat(p).st_mode) != RELEASE_DIR_MODE:
-            os.chmod(p, RELEASE_DIR_MODE)
-    for p in missing:  # new folders above ``root`` too
+    parts = Path(rel).parts
+    chain = {root, *(root.joinpath(*parts[:k]) for k in range(1, len(parts) + 1))}
+    for p in chain | set(missing):  # new folders above ``root`` too
         if stat.S_IMODE(os.stat(p).st_mode) != RELEASE_DIR_MODE:
             os.chmod(p, RELEASE_DIR_MODE)
     return target

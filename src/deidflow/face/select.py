@@ -46,8 +46,8 @@ from __future__ import annotations
 import fnmatch
 import re
 import unicodedata
-from dataclasses import dataclass
-from typing import Any, Mapping
+from dataclasses import dataclass, replace
+from typing import Any, Callable, Mapping
 
 import numpy as np
 
@@ -385,6 +385,26 @@ def hounsfield(data: np.ndarray) -> bool:
     air = np.count_nonzero((d >= -1100) & (d <= -500)) / n
     soft = np.count_nonzero((d >= -100) & (d <= 100)) / n
     return air >= 0.2 and soft >= 0.05
+
+
+def ct_under_pet_label(facts: ImageFacts, decision: Decision, face_cfg: Mapping[str, Any],
+                       volume: Callable[[], np.ndarray]) -> tuple[ImageFacts, Decision] | None:
+    """The facts and decision of a CT for an image under a PET label (PT, NM) of a head, or of no
+    body part, that its label leaves undefaced and whose values (``volume()``) are Hounsfield units
+    (:func:`hounsfield`; red-team 7: a CT head under the PET SOP class kept its face); None for
+    anything else, and for a volume that cannot be read here (a PET stays as it was)."""
+    body = facts.body_part.strip()
+    if facts.modality not in ("PT", "NM") or decision.method != "none" or facts.picture or \
+            (body and not names_head(body, face_cfg["select"]["body_parts"])):
+        return None
+    try:
+        if not hounsfield(volume()):
+            return None
+    except Exception:  # noqa: BLE001 - a PET that cannot be read here stays as it was
+        return None
+    facts = replace(facts, modality="CT")
+    d = decide(facts, face_cfg)
+    return facts, Decision(d.method, f"CT values under a PET label; {d.reason}", d.pending)
 
 
 def label_image(data: np.ndarray) -> bool:

@@ -41,8 +41,8 @@ from ..errors import PublicError, output_error_of
 from ..formats import VOLUME_FORMATS
 from .apply import GeometryMismatch, Nifti, derived_sidecar, mask_dicom, remap_file, uids_in
 from .select import (MAX_BARE_VOLUMES, MIN_PICTURE_PIXELS, MR_SUFFIXES, PROFILE, SERIES_SUFFIXES, Decision,
-                     ImageFacts, decide, extent_mm, head_picture, head_shape, kind_of, label_image, modality_of,
-                     hounsfield, names_head, rendering, sagittal)
+                     ImageFacts, ct_under_pet_label, decide, extent_mm, head_picture, head_shape, kind_of, label_image,
+                     modality_of, names_head, rendering, sagittal)
 from .volume import for_backend, reference_volume, removed_value
 
 log = logging.getLogger("deidflow")
@@ -466,23 +466,16 @@ def _describe(entry, subject, keeper: Keeper, dicom_root: Path, series_cache, fa
 
 
 def _pet_holding_ct(im: "_Image", keeper: "Keeper", face_cfg) -> None:
-    """A converted image under a PET label (PT, NM) of a head, or of no body part, whose values
-    are Hounsfield units is a CT (red-team 7: a CT head under the PET SOP class kept its face)."""
-    from dataclasses import replace
-    body = im.facts.body_part.strip()
-    if im.facts.modality not in ("PT", "NM") or im.decision.method != "none" or im.facts.picture or \
-            (body and not names_head(body, face_cfg["select"]["body_parts"])):
-        return
-    try:
-        ct = hounsfield(reference_volume(im.load(keeper).real(), im.affine).data)
-    except Exception:  # noqa: BLE001 - a PET that cannot be read here stays as it was
-        ct = False
-    finally:
-        im.nifti = None
-    if ct:
-        im.facts = replace(im.facts, modality="CT")
-        d = decide(im.facts, face_cfg)
-        im.decision = Decision(d.method, f"CT values under a PET label; {d.reason}", d.pending)
+    """A converted image under a PET label holding CT values is decided as a CT
+    (:func:`.select.ct_under_pet_label`)."""
+    def volume() -> np.ndarray:
+        try:
+            return reference_volume(im.load(keeper).real(), im.affine).data
+        finally:
+            im.nifti = None
+    found = ct_under_pet_label(im.facts, im.decision, face_cfg, volume)
+    if found:
+        im.facts, im.decision = found
 
 
 def _volume_picture(img, spatial) -> str:
@@ -883,18 +876,10 @@ def _describe_series(subject: str, folder: Path, keeper: Keeper, face_cfg) -> _S
                        in_plane_mm=float(max(stack[0].spacing)), picture=picture,
                        sagittal=any(sagittal(np.cross(st[0].iop[:3], st[0].iop[3:])) for st in stacks))
     ser = _Series(subject, folder, rel, facts, decide(facts, face_cfg), files, stack, sc.unreadable)
-    body = facts.body_part.strip()
-    if facts.modality in ("PT", "NM") and ser.decision.method == "none" and not facts.picture \
-            and (not body or names_head(body, face_cfg["select"]["body_parts"])):
-        try:   # CT values under a PET label (red-team 7): the face outline of a CT, so defaced as one
-            ct = hounsfield(_series_volume(ser).data)
-        except Exception:  # noqa: BLE001 - a PET that cannot be read here stays as it was
-            ct = False
-        if ct:
-            facts = replace(facts, modality="CT")
-            d = decide(facts, face_cfg)
-            ser = _Series(subject, folder, rel, facts, Decision(d.method, f"CT values under a PET label; {d.reason}",
-                                                                d.pending), files, stack, sc.unreadable, volume=ser.volume)
+    found = ct_under_pet_label(facts, ser.decision, face_cfg, lambda: _series_volume(ser).data)
+    if found:   # CT values under a PET label (red-team 7): the face outline of a CT, so defaced as one
+        facts, decision = found
+        ser = _Series(subject, folder, rel, facts, decision, files, stack, sc.unreadable, volume=ser.volume)
     if kind and ser.decision.method == "none" and "face.select.skip" in ser.decision.reason:
         ser.decision = Decision("none", f"{ser.decision.reason} ({evidence})", pending=ser.decision.pending)
     if ser.decision.pending:
